@@ -1,0 +1,1 @@
+//! dns (placeholder until its work lands).

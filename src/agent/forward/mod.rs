@@ -1,0 +1,1 @@
+//! forward (placeholder until its work lands).

@@ -1,0 +1,1 @@
+//! netif (placeholder until its work lands).
