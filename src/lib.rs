@@ -1,3 +1,6 @@
 //! l4lb: a Layer-4 virtual-IP load balancer for Marathon clusters.
 pub mod agent;
+pub mod alloc;
+pub mod labels;
 pub mod model;
+pub mod source;

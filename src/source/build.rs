@@ -1,0 +1,444 @@
+//! Marathon apps → VIP table (pure). Per app: its labelled ports, their backends by networking
+//! mode and task state ([`app_vips`]); across apps: merge VIPs claimed by several apps,
+//! allocate named-VIP addresses and apply the IP-VIP safety rules ([`assemble`]).
+//!
+//! The per-app step is separate so an event about one app re-computes only that app.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+
+use serde_json::Value;
+
+use super::marathon::types::{App, PortMapping, Task};
+use crate::alloc::{Allocator, Family};
+use crate::labels::{self, IpPolicy, LabelError, VipLabel};
+use crate::model::{Backend, BackendState, Protocol, Vip, VipKey, VipName};
+
+/// A label that did not make it into the table, and why.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Rejection {
+    pub app: String,
+    pub port_index: usize,
+    pub key: String,
+    pub value: String,
+    pub error: String,
+    pub reason: &'static str,
+}
+
+impl Rejection {
+    fn new(app: &str, port_index: usize, key: &str, value: &str, e: &LabelError) -> Self {
+        Rejection {
+            app: app.to_string(),
+            port_index,
+            key: key.to_string(),
+            value: value.to_string(),
+            error: e.to_string(),
+            reason: e.reason(),
+        }
+    }
+}
+
+/// One VIP label on one port of one app, with that port's backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub target: VipLabel,
+    pub protocol: Protocol,
+    pub backends: Vec<Backend>,
+    pub port_index: usize,
+    pub key: String,
+    pub value: String,
+}
+
+/// Everything one app contributes to the table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AppVips {
+    pub app: String,
+    pub entries: Vec<Entry>,
+    pub rejections: Vec<Rejection>,
+    /// Task hosts and backend addresses: an IP VIP equal to one of these is refused.
+    pub cluster_addrs: Vec<IpAddr>,
+    /// Task hosts that did not resolve (their tasks are skipped).
+    pub unresolved_hosts: Vec<String>,
+}
+
+/// How an app's tasks are reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Host,
+    Bridge,
+    Container,
+}
+
+fn mode(app: &App) -> Mode {
+    if let Some(first) = app.networks.as_ref().and_then(|n| n.first()) {
+        return match first.mode.as_deref() {
+            Some("container/bridge") => Mode::Bridge,
+            Some("container") => Mode::Container,
+            _ => Mode::Host,
+        };
+    }
+    match app
+        .container
+        .as_ref()
+        .and_then(|c| c.docker.as_ref())
+        .and_then(|d| d.network.as_deref())
+    {
+        Some("BRIDGE") => Mode::Bridge,
+        Some("USER") => Mode::Container,
+        _ => Mode::Host,
+    }
+}
+
+/// A labelled port, whatever the networking mode.
+struct Port<'a> {
+    protocol: Option<&'a str>,
+    labels: Option<&'a BTreeMap<String, Value>>,
+    mapping: Option<&'a PortMapping>,
+    /// Index into `task.ports` of this port's host port, if it has one.
+    host_port_index: Option<usize>,
+}
+
+fn ports(app: &App, mode: Mode) -> Vec<Port<'_>> {
+    if mode == Mode::Host {
+        return app
+            .port_definitions
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, p)| Port {
+                protocol: p.protocol.as_deref(),
+                labels: p.labels.as_ref(),
+                mapping: None,
+                host_port_index: Some(i),
+            })
+            .collect();
+    }
+    let container = app.container.as_ref();
+    let mappings = container
+        .and_then(|c| c.port_mappings.as_ref())
+        .or_else(|| {
+            container
+                .and_then(|c| c.docker.as_ref())
+                .and_then(|d| d.port_mappings.as_ref())
+        })
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let mut next_host = 0;
+    mappings
+        .iter()
+        .map(|m| {
+            // Bridge mappings always get a host port (hostPort absent means 0: dynamic); in
+            // container mode only mappings that name a hostPort do, and task.ports lists just
+            // those, in order.
+            let has_host = mode == Mode::Bridge || m.host_port.is_some();
+            let host_port_index = has_host.then(|| {
+                next_host += 1;
+                next_host - 1
+            });
+            Port {
+                protocol: m.protocol.as_deref(),
+                labels: m.labels.as_ref(),
+                mapping: Some(m),
+                host_port_index,
+            }
+        })
+        .collect()
+}
+
+fn protocols(p: Option<&str>) -> Vec<Protocol> {
+    let mut out = Vec::new();
+    for part in p.unwrap_or("tcp").split(',') {
+        let proto = match part.trim().to_ascii_lowercase().as_str() {
+            "udp" => Protocol::Udp,
+            _ => Protocol::Tcp,
+        };
+        if !out.contains(&proto) {
+            out.push(proto);
+        }
+    }
+    out
+}
+
+fn task_state(app: &App, task: &Task) -> Option<BackendState> {
+    match task.state.as_deref() {
+        Some("TASK_RUNNING") => {
+            let checked = app.health_checks.as_ref().is_some_and(|h| !h.is_empty());
+            if !checked {
+                return Some(BackendState::Active);
+            }
+            let results = task.health_check_results.as_deref().unwrap_or_default();
+            if !results.is_empty() && results.iter().all(|r| r.alive) {
+                Some(BackendState::Active)
+            } else {
+                Some(BackendState::Draining)
+            }
+        }
+        Some("TASK_KILLING") => Some(BackendState::Draining),
+        _ => None,
+    }
+}
+
+/// The addresses a task serves labelled port `port` on.
+fn task_addrs(
+    mode: Mode,
+    port: &Port<'_>,
+    task: &Task,
+    host: Option<IpAddr>,
+) -> Result<Vec<SocketAddr>, LabelError> {
+    let host_port = |idx: usize| -> Result<SocketAddr, LabelError> {
+        let p = task
+            .ports
+            .as_ref()
+            .and_then(|ps| ps.get(idx))
+            .and_then(|p| u16::try_from(*p).ok())
+            .filter(|p| *p != 0)
+            .ok_or(LabelError::NoTaskPort(idx))?;
+        // A task without a resolvable host is filtered out before we get here.
+        host.map(|h| SocketAddr::new(h, p))
+            .ok_or(LabelError::NoTaskPort(idx))
+    };
+    match (mode, port.host_port_index) {
+        (Mode::Host | Mode::Bridge, Some(i)) => Ok(vec![host_port(i)?]),
+        (Mode::Container, Some(i)) => Ok(vec![host_port(i)?]),
+        (_, None) => {
+            let cport = port
+                .mapping
+                .and_then(|m| m.container_port)
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|p| *p != 0)
+                .ok_or(LabelError::NoTaskPort(0))?;
+            Ok(task
+                .ip_addresses
+                .iter()
+                .flatten()
+                .filter_map(|a| a.ip_address.as_deref()?.parse::<IpAddr>().ok())
+                .map(|ip| SocketAddr::new(ip, cport))
+                .collect())
+        }
+    }
+}
+
+/// What one app contributes: its VIP labels with their backends, and its rejected labels.
+/// `resolve` maps `task.host` to an address (IP literals never reach it).
+pub fn app_vips(app: &App, resolve: &mut dyn FnMut(&str) -> Option<IpAddr>) -> AppVips {
+    let mode = mode(app);
+    let mut out = AppVips {
+        app: app.id.clone(),
+        ..AppVips::default()
+    };
+    let tasks = app.tasks.as_deref().unwrap_or_default();
+    let mut hosts: HashMap<&str, Option<IpAddr>> = HashMap::new();
+    for t in tasks {
+        if let Some(h) = t.host.as_deref() {
+            hosts
+                .entry(h)
+                .or_insert_with(|| h.parse::<IpAddr>().ok().or_else(|| resolve(h)));
+        }
+    }
+    for (h, ip) in &hosts {
+        match ip {
+            Some(ip) => out.cluster_addrs.push(*ip),
+            None => out.unresolved_hosts.push(h.to_string()),
+        }
+    }
+    for (idx, port) in ports(app, mode).iter().enumerate() {
+        let Some(labels) = port.labels else { continue };
+        for (key, value) in labels.iter().filter(|(k, _)| labels::is_vip_key(k)) {
+            let Some(value) = value.as_str() else {
+                let e = LabelError::MissingPort(value.to_string());
+                out.rejections
+                    .push(Rejection::new(&app.id, idx, key, &value.to_string(), &e));
+                continue;
+            };
+            let target = match labels::parse_value(value) {
+                Ok(t) => t,
+                Err(e) => {
+                    out.rejections
+                        .push(Rejection::new(&app.id, idx, key, value, &e));
+                    continue;
+                }
+            };
+            let mut backends = Vec::new();
+            for t in tasks {
+                let Some(state) = task_state(app, t) else {
+                    continue;
+                };
+                let host = t
+                    .host
+                    .as_deref()
+                    .and_then(|h| hosts.get(h).copied().flatten());
+                if host.is_none() && port.host_port_index.is_some() {
+                    continue;
+                }
+                // A task without the port (still staging, old shape) is not a backend.
+                let Ok(addrs) = task_addrs(mode, port, t, host) else {
+                    continue;
+                };
+                for addr in addrs {
+                    out.cluster_addrs.push(addr.ip());
+                    backends.push(Backend {
+                        addr,
+                        state,
+                        app: app.id.clone(),
+                        task: t.id.clone(),
+                    });
+                }
+            }
+            for protocol in protocols(port.protocol) {
+                out.entries.push(Entry {
+                    target: target.clone(),
+                    protocol,
+                    backends: backends.clone(),
+                    port_index: idx,
+                    key: key.clone(),
+                    value: value.to_string(),
+                });
+            }
+        }
+    }
+    out.cluster_addrs.sort();
+    out.cluster_addrs.dedup();
+    out
+}
+
+/// The result of merging every app's contribution.
+#[derive(Debug, Default)]
+pub struct Built {
+    pub vips: Vec<Vip>,
+    pub rejections: Vec<Rejection>,
+}
+
+/// Merge apps into VIPs: the same VIP claimed by several apps is one VIP with the union of
+/// their backends; named VIPs get addresses from `alloc`; IP VIPs pass `policy` and must not
+/// be an address the cluster already uses.
+pub fn assemble<'a>(
+    apps: impl IntoIterator<Item = &'a AppVips>,
+    framework: &str,
+    policy: &IpPolicy,
+    alloc: &mut Allocator,
+) -> Built {
+    let apps: Vec<&AppVips> = apps.into_iter().collect();
+    let cluster: HashSet<IpAddr> = apps
+        .iter()
+        .flat_map(|a| a.cluster_addrs.iter().copied())
+        .collect();
+    let mut rejections: Vec<Rejection> = apps
+        .iter()
+        .flat_map(|a| a.rejections.iter().cloned())
+        .collect();
+
+    // IP VIPs first: they reserve their addresses against named-VIP allocation.
+    let mut ip_vips: Vec<(&AppVips, &Entry, IpAddr, u16)> = Vec::new();
+    let mut named: BTreeMap<String, Vec<(&AppVips, &Entry, u16)>> = BTreeMap::new();
+    for app in &apps {
+        for e in &app.entries {
+            match &e.target {
+                VipLabel::Ip { ip, port } => {
+                    let checked = policy.check(*ip).and_then(|()| {
+                        if cluster.contains(ip) {
+                            Err(LabelError::ClusterAddress(*ip))
+                        } else {
+                            Ok(())
+                        }
+                    });
+                    match checked {
+                        Ok(()) => ip_vips.push((app, e, *ip, *port)),
+                        Err(err) => rejections.push(Rejection::new(
+                            &app.app,
+                            e.port_index,
+                            &e.key,
+                            &e.value,
+                            &err,
+                        )),
+                    }
+                }
+                VipLabel::Named { label, port } => named
+                    .entry(label.clone())
+                    .or_default()
+                    .push((app, e, *port)),
+            }
+        }
+    }
+    let reserved: HashSet<IpAddr> = ip_vips.iter().map(|(_, _, ip, _)| *ip).collect();
+    let mut wants = BTreeSet::new();
+    for (label, uses) in &named {
+        let key = format!("{label}.{framework}");
+        wants.insert((key.clone(), Family::V4));
+        if uses
+            .iter()
+            .any(|(_, e, _)| e.backends.iter().any(|b| b.addr.is_ipv6()))
+        {
+            wants.insert((key, Family::V6));
+        }
+    }
+    let assignment = alloc.assign(&wants, &reserved);
+    let exhausted: HashSet<&str> = assignment
+        .failed
+        .iter()
+        .map(|(n, _, _)| n.as_str())
+        .collect();
+
+    let mut vips: BTreeMap<VipKey, Vip> = BTreeMap::new();
+    let mut add = |key: VipKey, name: Option<VipName>, backends: &[Backend]| {
+        let v = vips.entry(key).or_insert_with(|| Vip {
+            key,
+            name: name.clone(),
+            backends: Vec::new(),
+        });
+        v.backends.extend_from_slice(backends);
+    };
+    for (_, e, ip, port) in &ip_vips {
+        let key = VipKey {
+            ip: *ip,
+            port: *port,
+            protocol: e.protocol,
+        };
+        add(key, None, &e.backends);
+    }
+    for (label, uses) in &named {
+        let key = format!("{label}.{framework}");
+        if exhausted.contains(key.as_str()) {
+            for (app, e, _) in uses {
+                let err = LabelError::Exhausted(label.clone());
+                rejections.push(Rejection::new(
+                    &app.app,
+                    e.port_index,
+                    &e.key,
+                    &e.value,
+                    &err,
+                ));
+            }
+            continue;
+        }
+        let name = VipName {
+            label: label.clone(),
+            framework: framework.to_string(),
+        };
+        for fam in [Family::V4, Family::V6] {
+            let Some(ip) = assignment.addrs.get(&(key.clone(), fam)) else {
+                continue;
+            };
+            for (_, e, port) in uses {
+                let vk = VipKey {
+                    ip: *ip,
+                    port: *port,
+                    protocol: e.protocol,
+                };
+                add(vk, Some(name.clone()), &e.backends);
+            }
+        }
+    }
+    let vips = vips
+        .into_values()
+        .map(|mut v| {
+            v.normalize();
+            v
+        })
+        .collect();
+    rejections.sort();
+    rejections.dedup();
+    Built { vips, rejections }
+}
+
+#[cfg(test)]
+mod tests;

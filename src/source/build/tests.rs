@@ -1,0 +1,331 @@
+use std::collections::HashMap;
+
+use serde_json::json;
+
+use super::*;
+use crate::source::marathon::types::parse_apps;
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/marathon");
+
+fn alloc() -> Allocator {
+    Allocator::new(
+        "11.0.0.0/8".parse().unwrap(),
+        "fd01:c::/64".parse().unwrap(),
+    )
+}
+
+fn resolver() -> impl FnMut(&str) -> Option<IpAddr> {
+    let known: HashMap<&str, IpAddr> = [
+        ("srv4.example.com", "198.18.0.4".parse().unwrap()),
+        ("agent-1", "198.18.1.1".parse().unwrap()),
+    ]
+    .into();
+    move |h| known.get(h).copied()
+}
+
+fn build(apps_json: serde_json::Value) -> Built {
+    let body = serde_json::to_vec(&apps_json).unwrap();
+    let (apps, bad) = parse_apps(&body).unwrap();
+    assert!(bad.is_empty(), "{bad:?}");
+    let mut r = resolver();
+    let contribs: Vec<AppVips> = apps.iter().map(|a| app_vips(a, &mut r)).collect();
+    assemble(&contribs, "marathon", &IpPolicy::default(), &mut alloc())
+}
+
+fn backends(v: &Vip) -> Vec<(String, BackendState)> {
+    v.backends
+        .iter()
+        .map(|b| (b.addr.to_string(), b.state))
+        .collect()
+}
+
+fn task(id: &str, host: &str, ports: &[u32], state: &str) -> serde_json::Value {
+    json!({"id": id, "host": host, "ports": ports, "state": state, "appId": "/x"})
+}
+
+#[test]
+fn every_fixture_parses_and_builds() {
+    for f in [
+        "marathon-docs-examples-app_list.json",
+        "marathon-lb-tests-marathon15_apps.json",
+    ] {
+        let body = std::fs::read(format!("{FIXTURES}/{f}")).unwrap();
+        let (apps, bad) = parse_apps(&body).unwrap();
+        assert!(!apps.is_empty() && bad.is_empty(), "{f}");
+        let mut r = resolver();
+        let c: Vec<_> = apps.iter().map(|a| app_vips(a, &mut r)).collect();
+        // No VIP labels in the raw fixtures: nothing built, nothing rejected.
+        let b = assemble(&c, "marathon", &IpPolicy::default(), &mut alloc());
+        assert!(b.vips.is_empty() && b.rejections.is_empty(), "{f}");
+    }
+    // The task-list fixtures are not app lists: the envelope is refused as a whole.
+    for f in [
+        "marathon-docs-examples-tasks.json",
+        "marathon-docs-examples-app_tasks.json",
+    ] {
+        let body = std::fs::read(format!("{FIXTURES}/{f}")).unwrap();
+        assert!(parse_apps(&body).is_err(), "{f}");
+    }
+}
+
+#[test]
+fn bridge_fixture_uses_host_port_not_bridge_ip() {
+    let body = std::fs::read(format!("{FIXTURES}/marathon-lb-tests-marathon15_apps.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    v["apps"][0]["container"]["portMappings"][0]["labels"] = json!({"VIP_0": "/pywebserver:80"});
+    let b = build(v);
+    assert_eq!(b.vips.len(), 1);
+    let vip = &b.vips[0];
+    assert_eq!(
+        vip.name.as_ref().unwrap().fqdn(),
+        "pywebserver.marathon.l4lb.thisdcos.directory"
+    );
+    assert_eq!(
+        backends(vip),
+        vec![("10.0.2.148:1565".into(), BackendState::Active)]
+    );
+}
+
+#[test]
+fn host_networking_with_health_checks_and_states() {
+    let b = build(json!({"apps": [{
+        "id": "/web",
+        "healthChecks": [{"protocol": "HTTP"}],
+        "portDefinitions": [{"port": 10000, "protocol": "tcp", "labels": {"VIP_0": "/web:80"}}],
+        "tasks": [
+            {"id": "t1", "host": "198.18.0.1", "ports": [31001], "state": "TASK_RUNNING",
+             "healthCheckResults": [{"alive": true}]},
+            {"id": "t2", "host": "198.18.0.2", "ports": [31002], "state": "TASK_RUNNING",
+             "healthCheckResults": [{"alive": false}]},
+            {"id": "t3", "host": "198.18.0.3", "ports": [31003], "state": "TASK_RUNNING"},
+            {"id": "t4", "host": "198.18.0.4", "ports": [31004], "state": "TASK_KILLING",
+             "healthCheckResults": [{"alive": true}]},
+            {"id": "t5", "host": "198.18.0.5", "ports": [31005], "state": "TASK_STAGING"},
+            {"id": "t6", "host": "198.18.0.6", "ports": [31006], "state": "TASK_FAILED"}
+        ]
+    }]}));
+    assert_eq!(b.vips.len(), 1);
+    assert_eq!(
+        backends(&b.vips[0]),
+        vec![
+            ("198.18.0.1:31001".into(), BackendState::Active),
+            ("198.18.0.2:31002".into(), BackendState::Draining),
+            ("198.18.0.3:31003".into(), BackendState::Draining),
+            ("198.18.0.4:31004".into(), BackendState::Draining),
+        ]
+    );
+}
+
+#[test]
+fn container_networking_modes() {
+    let b = build(json!({"apps": [
+        {   // container mode, no host port: task IP and container port.
+            "id": "/c1", "networks": [{"mode": "container", "name": "dcos"}],
+            "container": {"type": "MESOS", "portMappings": [
+                {"containerPort": 8080, "protocol": "tcp", "labels": {"VIP_0": "/c1:80"}}]},
+            "tasks": [{"id": "c1.a", "host": "198.18.1.1", "ports": [], "state": "TASK_RUNNING",
+                       "ipAddresses": [{"ipAddress": "9.0.0.1", "protocol": "IPv4"}]}]
+        },
+        {   // container mode with a host port on the second mapping only: task.ports[0] is it.
+            "id": "/c2", "networks": [{"mode": "container", "name": "dcos"}],
+            "container": {"type": "MESOS", "portMappings": [
+                {"containerPort": 7000, "protocol": "tcp"},
+                {"containerPort": 8080, "hostPort": 0, "protocol": "tcp", "labels": {"VIP_0": "/c2:80"}}]},
+            "tasks": [{"id": "c2.a", "host": "198.18.1.2", "ports": [31555], "state": "TASK_RUNNING",
+                       "ipAddresses": [{"ipAddress": "9.0.0.2", "protocol": "IPv4"}]}]
+        },
+        {   // older docker USER network with container.docker.portMappings.
+            "id": "/c3",
+            "container": {"type": "DOCKER", "docker": {"network": "USER", "portMappings": [
+                {"containerPort": 9090, "protocol": "tcp", "labels": {"VIP_0": "/c3:90"}}]}},
+            "tasks": [{"id": "c3.a", "host": "198.18.1.3", "ports": [], "state": "TASK_RUNNING",
+                       "ipAddresses": [{"ipAddress": "9.0.0.3"}, {"ipAddress": "fd00::3"}]}]
+        },
+        {   // older docker BRIDGE network: host port, never the bridge IP.
+            "id": "/c4",
+            "container": {"type": "DOCKER", "docker": {"network": "BRIDGE", "portMappings": [
+                {"containerPort": 80, "hostPort": 0, "protocol": "tcp", "labels": {"VIP_0": "/c4:80"}}]}},
+            "tasks": [{"id": "c4.a", "host": "agent-1", "ports": [31444], "state": "TASK_RUNNING",
+                       "ipAddresses": [{"ipAddress": "172.17.0.2"}]}]
+        }
+    ]}));
+    let by_label: HashMap<String, Vec<(String, BackendState)>> = b
+        .vips
+        .iter()
+        .filter(|v| v.key.ip.is_ipv4())
+        .map(|v| (v.name.as_ref().unwrap().label.clone(), backends(v)))
+        .collect();
+    let active = BackendState::Active;
+    assert_eq!(by_label["c1"], vec![("9.0.0.1:8080".into(), active)]);
+    assert_eq!(by_label["c2"], vec![("198.18.1.2:31555".into(), active)]);
+    assert_eq!(
+        by_label["c3"],
+        vec![
+            ("9.0.0.3:9090".into(), active),
+            ("[fd00::3]:9090".into(), active)
+        ]
+    );
+    assert_eq!(by_label["c4"], vec![("198.18.1.1:31444".into(), active)]);
+    // c3 has an IPv6 backend, so it also gets an address from the v6 pool.
+    let v6: Vec<_> = b.vips.iter().filter(|v| v.key.ip.is_ipv6()).collect();
+    assert_eq!(v6.len(), 1);
+    assert_eq!(v6[0].name.as_ref().unwrap().label, "c3");
+}
+
+#[test]
+fn multi_port_udp_tcp_and_shared_vips() {
+    let b = build(json!({"apps": [
+        {
+            "id": "/dns",
+            "portDefinitions": [
+                {"port": 0, "protocol": "udp,tcp", "labels": {"VIP_0": "/dns:53"}},
+                {"port": 0, "protocol": "tcp", "labels": {"VIP_1": "/dns:8080", "vip_2": "198.18.9.9:8080"}}
+            ],
+            "tasks": [task("dns.1", "198.18.0.1", &[31001, 31002], "TASK_RUNNING")]
+        },
+        {   // blue/green: same VIP, other app.
+            "id": "/dns-green",
+            "portDefinitions": [{"port": 0, "protocol": "tcp", "labels": {"VIP_0": "dns:53"}}],
+            "tasks": [task("dns-green.1", "198.18.0.2", &[32001], "TASK_RUNNING")]
+        }
+    ]}));
+    let find = |port: u16, proto: Protocol, named: bool| {
+        b.vips
+            .iter()
+            .find(|v| v.key.port == port && v.key.protocol == proto && v.name.is_some() == named)
+            .unwrap_or_else(|| panic!("no vip {port}/{proto} named={named}"))
+    };
+    assert_eq!(
+        backends(find(53, Protocol::Tcp, true)),
+        vec![
+            ("198.18.0.1:31001".into(), BackendState::Active),
+            ("198.18.0.2:32001".into(), BackendState::Active)
+        ]
+    );
+    assert_eq!(backends(find(53, Protocol::Udp, true)).len(), 1);
+    assert_eq!(
+        backends(find(8080, Protocol::Tcp, true)),
+        vec![("198.18.0.1:31002".into(), BackendState::Active)]
+    );
+    assert_eq!(
+        find(8080, Protocol::Tcp, false).key.ip,
+        "198.18.9.9".parse::<IpAddr>().unwrap()
+    );
+    assert_eq!(b.vips.len(), 4);
+    // The TCP and UDP VIPs of one name share the name's address.
+    assert_eq!(
+        find(53, Protocol::Tcp, true).key.ip,
+        find(53, Protocol::Udp, true).key.ip
+    );
+}
+
+#[test]
+fn bad_labels_drop_only_themselves() {
+    let b = build(json!({"apps": [{
+        "id": "/mixed",
+        "portDefinitions": [{"port": 0, "labels": {
+            "VIP_0": "/ok:80", "VIP_1": "missing-port", "VIP_2": "web:0", "VIP_3": "web:70000",
+            "VIP_4": "127.0.0.1:80", "VIP_5": "198.18.0.1:80", "VIP_6": 42, "OTHER": "x"
+        }}],
+        "tasks": [task("m.1", "198.18.0.1", &[31001], "TASK_RUNNING")]
+    }]}));
+    assert_eq!(b.vips.len(), 1);
+    let reasons: Vec<_> = b
+        .rejections
+        .iter()
+        .map(|r| (r.key.as_str(), r.reason))
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            ("VIP_1", "missing_port"),
+            ("VIP_2", "bad_port"),
+            ("VIP_3", "bad_port"),
+            ("VIP_4", "loopback"),
+            ("VIP_5", "cluster_address"),
+            ("VIP_6", "missing_port"),
+        ]
+    );
+}
+
+#[test]
+fn hostnames_resolve_once_and_unresolvable_hosts_are_skipped() {
+    let body = serde_json::to_vec(&json!({"apps": [{
+        "id": "/h",
+        "portDefinitions": [{"port": 0, "labels": {"VIP_0": "/h:80"}}, {"port": 0, "labels": {"VIP_0": "/h:81"}}],
+        "tasks": [
+            task("h.1", "srv4.example.com", &[31001, 31002], "TASK_RUNNING"),
+            task("h.2", "srv4.example.com", &[31003, 31004], "TASK_RUNNING"),
+            task("h.3", "nowhere.invalid", &[31005, 31006], "TASK_RUNNING")
+        ]
+    }]}))
+    .unwrap();
+    let (apps, _) = parse_apps(&body).unwrap();
+    let mut calls = 0;
+    let mut inner = resolver();
+    let mut counting = |h: &str| {
+        calls += 1;
+        inner(h)
+    };
+    let c = app_vips(&apps[0], &mut counting);
+    assert_eq!(calls, 2, "one lookup per distinct host");
+    assert_eq!(c.unresolved_hosts, vec!["nowhere.invalid".to_string()]);
+    let b = assemble([&c], "marathon", &IpPolicy::default(), &mut alloc());
+    assert_eq!(b.vips.len(), 2);
+    for v in &b.vips {
+        assert_eq!(v.backends.len(), 2);
+        assert!(
+            v.backends
+                .iter()
+                .all(|b| b.addr.ip() == "198.18.0.4".parse::<IpAddr>().unwrap())
+        );
+    }
+}
+
+#[test]
+fn unexpected_fields_and_broken_apps() {
+    // One app with a wrong type somewhere we read is skipped; the others stay.
+    let body = br#"{"apps": [
+        {"id": "/good", "newField": {"x": [1,2]}, "portDefinitions": [{"port": 0, "labels": {"VIP_0": "/good:80"}}],
+         "tasks": [{"id": "g.1", "host": "198.18.0.1", "ports": [31001], "state": "TASK_RUNNING", "extra": true}]},
+        {"id": "/bad", "portDefinitions": "not-a-list"}
+    ]}"#;
+    let (apps, bad) = parse_apps(body).unwrap();
+    assert_eq!(apps.len(), 1);
+    assert_eq!(bad.len(), 1);
+    assert!(bad[0].contains("/bad"));
+    for broken in [&b"{\"apps\": ["[..], b"<html>502</html>", b"{}", b"[]"] {
+        assert!(parse_apps(broken).is_err());
+    }
+}
+
+#[test]
+fn named_vip_addresses_are_stable_across_builds() {
+    let mut a = alloc();
+    let mk = |names: &[&str]| -> Vec<AppVips> {
+        let apps: Vec<serde_json::Value> = names
+            .iter()
+            .map(|n| json!({"id": format!("/{n}"), "portDefinitions": [{"port": 0, "labels": {"VIP_0": format!("/{n}:80")}}],
+                           "tasks": [task(&format!("{n}.1"), "198.18.0.1", &[31001], "TASK_RUNNING")]}))
+            .collect();
+        let body = serde_json::to_vec(&json!({"apps": apps})).unwrap();
+        let (apps, _) = parse_apps(&body).unwrap();
+        let mut r = resolver();
+        apps.iter().map(|x| app_vips(x, &mut r)).collect()
+    };
+    let first = assemble(&mk(&["a", "b"]), "marathon", &IpPolicy::default(), &mut a);
+    let second = assemble(
+        &mk(&["z", "b", "c", "a"]),
+        "marathon",
+        &IpPolicy::default(),
+        &mut a,
+    );
+    for v in &first.vips {
+        assert!(
+            second
+                .vips
+                .iter()
+                .any(|w| w.name == v.name && w.key == v.key)
+        );
+    }
+}

@@ -1,0 +1,150 @@
+//! Marathon's REST payloads, read leniently: unknown fields are ignored, every field we use is
+//! optional, and one app that does not parse is skipped on its own (see [`parse_apps`]).
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct App {
+    pub id: String,
+    #[serde(default)]
+    pub port_definitions: Option<Vec<PortDefinition>>,
+    #[serde(default)]
+    pub container: Option<Container>,
+    #[serde(default)]
+    pub networks: Option<Vec<Network>>,
+    #[serde(default)]
+    pub health_checks: Option<Vec<Value>>,
+    #[serde(default)]
+    pub tasks: Option<Vec<Task>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortDefinition {
+    #[serde(default)]
+    pub port: Option<u32>,
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, Value>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Container {
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub docker: Option<Docker>,
+    #[serde(default)]
+    pub port_mappings: Option<Vec<PortMapping>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Docker {
+    #[serde(default)]
+    pub network: Option<String>,
+    #[serde(default)]
+    pub port_mappings: Option<Vec<PortMapping>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortMapping {
+    #[serde(default)]
+    pub container_port: Option<u32>,
+    #[serde(default)]
+    pub host_port: Option<u32>,
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, Value>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Network {
+    #[serde(default)]
+    pub mode: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Task {
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub ports: Option<Vec<u32>>,
+    #[serde(default)]
+    pub state: Option<String>,
+    #[serde(default)]
+    pub ip_addresses: Option<Vec<IpAddressEntry>>,
+    #[serde(default)]
+    pub health_check_results: Option<Vec<HealthCheckResult>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IpAddressEntry {
+    #[serde(default)]
+    pub ip_address: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthCheckResult {
+    #[serde(default)]
+    pub alive: bool,
+}
+
+/// Why a payload was not usable.
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    #[error("payload is not JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("payload has no {0:?} field of the expected shape")]
+    Shape(&'static str),
+}
+
+/// Apps from a `GET /v2/apps?embed=apps.tasks` body. The envelope must parse (otherwise the
+/// caller keeps its last good table); an app inside it that does not is returned as an error
+/// string and skipped alone.
+pub fn parse_apps(body: &[u8]) -> Result<(Vec<App>, Vec<String>), PayloadError> {
+    #[derive(Deserialize)]
+    struct Envelope {
+        apps: Option<Vec<Value>>,
+    }
+    let env: Envelope = serde_json::from_slice(body)?;
+    let raw = env.apps.ok_or(PayloadError::Shape("apps"))?;
+    let mut apps = Vec::with_capacity(raw.len());
+    let mut bad = Vec::new();
+    for v in raw {
+        let id = v
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string();
+        match serde_json::from_value::<App>(v) {
+            Ok(a) => apps.push(a),
+            Err(e) => bad.push(format!("app {id}: {e}")),
+        }
+    }
+    Ok((apps, bad))
+}
+
+/// The app from a `GET /v2/apps/{id}?embed=app.tasks` body (`{"app": {...}}`).
+pub fn parse_app(body: &[u8]) -> Result<App, PayloadError> {
+    #[derive(Deserialize)]
+    struct Envelope {
+        app: Option<App>,
+    }
+    let env: Envelope = serde_json::from_slice(body)?;
+    env.app.ok_or(PayloadError::Shape("app"))
+}
