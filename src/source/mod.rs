@@ -1,6 +1,202 @@
 //! Where VIP tables come from: Marathon (REST snapshot + SSE invalidation), a Marathon-shaped
-//! apps file, or (for agents) a controller's `/v1/vips` watch. Depends on `model`, never on
-//! `agent`.
+//! apps file, or, for agents, a controller's `/v1/vips` watch. Every source publishes whole
+//! tables on a `tokio::sync::watch` channel. Depends on `model`, never on `agent`.
 
 pub mod build;
+pub mod controller;
+pub mod file;
 pub mod marathon;
+pub mod metrics;
+pub mod state;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use self::build::{AppVips, Rejection, app_vips};
+use self::marathon::types::{PayloadError, parse_app, parse_apps};
+use self::metrics::SourceMetrics;
+use self::state::{BuildConfig, TableState};
+use crate::model::{VipTable, unix_ms_now};
+
+/// The sending half every source publishes on.
+pub type TableTx = watch::Sender<Arc<VipTable>>;
+/// The receiving half consumers (API, agent) follow.
+pub type TableRx = watch::Receiver<Arc<VipTable>>;
+
+/// A channel holding the empty version-0 table ("no table yet").
+pub fn table_channel() -> (TableTx, TableRx) {
+    watch::channel(Arc::new(VipTable::default()))
+}
+
+/// Resolves `task.host` names, caching answers (good and bad) for a short while so a table
+/// build looks each host up at most once.
+#[derive(Debug, Clone, Default)]
+pub struct HostCache {
+    inner: Arc<Mutex<HostMap>>,
+}
+
+type HostMap = HashMap<String, (Option<IpAddr>, Instant)>;
+
+const HOST_TTL: Duration = Duration::from_secs(30);
+
+impl HostCache {
+    /// Blocking lookup (run it off the async threads).
+    pub fn resolve(&self, host: &str) -> Option<IpAddr> {
+        if let Ok(map) = self.inner.lock()
+            && let Some((ip, at)) = map.get(host)
+            && at.elapsed() < HOST_TTL
+        {
+            return *ip;
+        }
+        let ip = (host, 0)
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut it| it.next())
+            .map(|sa| sa.ip());
+        if let Ok(mut map) = self.inner.lock() {
+            map.insert(host.to_string(), (ip, Instant::now()));
+        }
+        ip
+    }
+}
+
+/// Parse a whole apps payload into per-app contributions (blocking: JSON and DNS).
+pub fn contributions(
+    body: &[u8],
+    hosts: &HostCache,
+) -> Result<(Vec<AppVips>, Vec<String>), PayloadError> {
+    let (apps, bad) = parse_apps(body)?;
+    let contribs = apps
+        .iter()
+        .map(|a| app_vips(a, &mut |h| hosts.resolve(h)))
+        .collect();
+    Ok((contribs, bad))
+}
+
+/// Why a source update was not applied. The last good table stays in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("bad payload: {0}")]
+    Payload(#[from] PayloadError),
+    #[error("build task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Owns the table state and publishes every new version; shared by the Marathon and file
+/// sources. Heavy work (JSON, DNS, merge) runs on the blocking pool so a big cluster never
+/// stalls the data plane sharing the runtime.
+#[derive(Clone)]
+pub struct Publisher {
+    state: Arc<Mutex<TableState>>,
+    tx: TableTx,
+    metrics: SourceMetrics,
+    hosts: HostCache,
+}
+
+impl Publisher {
+    pub fn new(cfg: BuildConfig, tx: TableTx, metrics: SourceMetrics) -> Self {
+        Publisher {
+            state: Arc::new(Mutex::new(TableState::new(cfg, unix_ms_now()))),
+            tx,
+            metrics,
+            hosts: HostCache::default(),
+        }
+    }
+
+    pub fn metrics(&self) -> &SourceMetrics {
+        &self.metrics
+    }
+
+    /// Every label currently rejected.
+    pub fn rejections(&self) -> Vec<Rejection> {
+        self.state
+            .lock()
+            .map(|s| s.rejections().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Replace every app with those in `body` (a `/v2/apps?embed=apps.tasks` payload).
+    pub async fn snapshot(&self, body: Vec<u8>, changed_at_ms: u64) -> Result<(), SourceError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let (contribs, bad) = contributions(&body, &this.hosts)?;
+            for b in bad {
+                tracing::warn!(error = %b, "skipping an app that does not parse");
+                this.metrics.sync_error("app_parse");
+            }
+            this.report_hosts(&contribs);
+            this.apply(changed_at_ms, |s| s.replace_all(contribs));
+            Ok(())
+        })
+        .await?
+    }
+
+    /// Replace one app from a `/v2/apps/{id}?embed=app.tasks` payload; `None` means the app
+    /// is gone (404).
+    pub async fn app(
+        &self,
+        id: String,
+        body: Option<Vec<u8>>,
+        changed_at_ms: u64,
+    ) -> Result<(), SourceError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            match body {
+                None => this.apply(changed_at_ms, |s| s.remove(&id)),
+                Some(body) => {
+                    let app = parse_app(&body)?;
+                    let c = app_vips(&app, &mut |h| this.hosts.resolve(h));
+                    this.report_hosts(std::slice::from_ref(&c));
+                    this.apply(changed_at_ms, |s| s.upsert(c));
+                }
+            }
+            Ok(())
+        })
+        .await?
+    }
+
+    fn report_hosts(&self, seen: &[AppVips]) {
+        for c in seen {
+            for h in &c.unresolved_hosts {
+                tracing::warn!(host = %h, app = %c.app, "task host does not resolve; its tasks are skipped");
+                self.metrics.unresolved_hosts.inc();
+            }
+        }
+    }
+
+    fn apply(&self, changed_at_ms: u64, change: impl FnOnce(&mut TableState)) {
+        let started = Instant::now();
+        let rebuilt = {
+            let Ok(mut st) = self.state.lock() else {
+                return;
+            };
+            change(&mut st);
+            st.rebuild(changed_at_ms)
+        };
+        self.metrics
+            .table_build_ms
+            .set(started.elapsed().as_millis() as i64);
+        for r in &rebuilt.new_rejections {
+            tracing::warn!(app = %r.app, port_index = r.port_index, key = %r.key, value = %r.value,
+                reason = r.reason, "VIP label rejected: {}", r.error);
+            self.metrics
+                .label_errors
+                .get_or_create(&[("reason", r.reason.to_string())])
+                .inc();
+        }
+        if let Some(t) = rebuilt.table {
+            tracing::info!(
+                version = t.version,
+                vips = t.vips.len(),
+                backends = t.backend_count(),
+                "new VIP table"
+            );
+            self.metrics.observe_table(&t);
+            self.tx.send_replace(t);
+        }
+    }
+}

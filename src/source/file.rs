@@ -1,0 +1,63 @@
+//! The apps-file source: a JSON file in Marathon's `GET /v2/apps?embed=apps.tasks` shape,
+//! re-read whenever its modification time, size or content changes. A bad edit is logged and
+//! counted; the last good table stays.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+use super::Publisher;
+use crate::model::unix_ms_now;
+
+/// Fingerprint recorded while the file cannot be read, so the error is logged once.
+const UNREADABLE: (Option<SystemTime>, u64, u64) = (None, u64::MAX, 0);
+
+/// Watch `path`, polling every `interval`, until `shutdown`.
+pub async fn run(
+    path: PathBuf,
+    interval: Duration,
+    publisher: Publisher,
+    shutdown: CancellationToken,
+) {
+    let mut last: Option<(Option<SystemTime>, u64, u64)> = None;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let body = match tokio::fs::read(&path).await {
+            Ok(b) => b,
+            Err(e) => {
+                if last != Some(UNREADABLE) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot read apps file; keeping the last good table");
+                    publisher.metrics().sync_error("file_read");
+                }
+                last = Some(UNREADABLE);
+                continue;
+            }
+        };
+        let mtime = tokio::fs::metadata(&path)
+            .await
+            .ok()
+            .and_then(|m| m.modified().ok());
+        let fingerprint = (
+            mtime,
+            body.len() as u64,
+            crate::alloc::stable_hash_bytes(&body),
+        );
+        if last == Some(fingerprint) {
+            continue;
+        }
+        last = Some(fingerprint);
+        match publisher.snapshot(body, unix_ms_now()).await {
+            Ok(()) => tracing::debug!(path = %path.display(), "apps file read"),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "apps file unusable; keeping the last good table");
+                publisher.metrics().sync_error("file_payload");
+            }
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! HTTP client for Marathon's REST API with fail-over between several masters and optional
+//! basic or token auth. Credentials are held in a type whose `Debug` never shows them.
+
+use std::fmt;
+use std::time::Duration;
+
+use reqwest::{StatusCode, Url, header};
+
+use super::events::RELEVANT_EVENTS;
+
+/// How to authenticate to Marathon.
+#[derive(Clone, Default)]
+pub enum Auth {
+    #[default]
+    None,
+    /// `user:password`
+    Basic { user: String, password: String },
+    /// DC/OS ACS token, sent as `Authorization: token=<token>`.
+    Token(String),
+}
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Auth::None => f.write_str("None"),
+            Auth::Basic { user, .. } => write!(f, "Basic({user}, <redacted>)"),
+            Auth::Token(_) => f.write_str("Token(<redacted>)"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("request to {url} failed: {source}")]
+    Http {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{url} answered HTTP {status}")]
+    Status { url: String, status: StatusCode },
+    #[error("no Marathon URL configured")]
+    NoMasters,
+}
+
+impl Error {
+    /// Metric label for the error.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Http { source, .. } if source.is_timeout() => "timeout",
+            Error::Http { source, .. } if source.is_connect() => "connect",
+            Error::Http { .. } => "http",
+            Error::Status { status, .. } if status.is_server_error() => "status_5xx",
+            Error::Status { .. } => "status",
+            Error::NoMasters => "config",
+        }
+    }
+}
+
+/// A client over one or more Marathon masters. Requests go to the master that last answered;
+/// on failure the next ones are tried in turn.
+#[derive(Debug, Clone)]
+pub struct Client {
+    masters: Vec<Url>,
+    http: reqwest::Client,
+    stream_http: reqwest::Client,
+    auth: Auth,
+    preferred: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Client {
+    pub fn new(masters: Vec<Url>, auth: Auth, timeout: Duration) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .tcp_keepalive(Duration::from_secs(30))
+            .build()?;
+        // The event stream stays open: no overall timeout, only on connect.
+        let stream_http = reqwest::Client::builder()
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .tcp_keepalive(Duration::from_secs(30))
+            .build()?;
+        Ok(Client {
+            masters,
+            http,
+            stream_http,
+            auth,
+            preferred: Default::default(),
+        })
+    }
+
+    fn authorize(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.auth {
+            Auth::None => rb,
+            Auth::Basic { user, password } => rb.basic_auth(user, Some(password)),
+            Auth::Token(t) => rb.header(header::AUTHORIZATION, format!("token={t}")),
+        }
+    }
+
+    /// Send `path_and_query` to each master in turn, starting with the preferred one; return the
+    /// first response that is a success or a 404 (`Ok(None)` for 404).
+    async fn get(
+        &self,
+        path_and_query: &str,
+        stream: bool,
+    ) -> Result<Option<reqwest::Response>, Error> {
+        if self.masters.is_empty() {
+            return Err(Error::NoMasters);
+        }
+        let n = self.masters.len();
+        let first = self.preferred.load(std::sync::atomic::Ordering::Relaxed) % n;
+        let mut last_err = None;
+        for i in 0..n {
+            let idx = (first + i) % n;
+            let url = match self.masters[idx].join(path_and_query) {
+                Ok(u) => u,
+                Err(_) => continue,
+            };
+            let client = if stream {
+                &self.stream_http
+            } else {
+                &self.http
+            };
+            let mut rb = client.get(url.clone());
+            if stream {
+                rb = rb.header(header::ACCEPT, "text/event-stream");
+            } else {
+                rb = rb.header(header::ACCEPT, "application/json");
+            }
+            let res = self.authorize(rb).send().await;
+            match res {
+                Ok(r) if r.status().is_success() => {
+                    self.preferred
+                        .store(idx, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(Some(r));
+                }
+                Ok(r) if r.status() == StatusCode::NOT_FOUND => {
+                    self.preferred
+                        .store(idx, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(None);
+                }
+                Ok(r) => {
+                    last_err = Some(Error::Status {
+                        url: redact(&url),
+                        status: r.status(),
+                    })
+                }
+                Err(e) => {
+                    last_err = Some(Error::Http {
+                        url: redact(&url),
+                        source: e.without_url(),
+                    })
+                }
+            }
+        }
+        Err(last_err.unwrap_or(Error::NoMasters))
+    }
+
+    async fn body(&self, path_and_query: &str) -> Result<Option<Vec<u8>>, Error> {
+        let Some(r) = self.get(path_and_query, false).await? else {
+            return Ok(None);
+        };
+        let url = redact(r.url());
+        r.bytes()
+            .await
+            .map(|b| Some(b.to_vec()))
+            .map_err(|e| Error::Http {
+                url,
+                source: e.without_url(),
+            })
+    }
+
+    /// `GET /v2/apps?embed=apps.tasks`: every app with its tasks.
+    pub async fn apps(&self) -> Result<Vec<u8>, Error> {
+        self.body("v2/apps?embed=apps.tasks")
+            .await?
+            .ok_or_else(|| Error::Status {
+                url: "/v2/apps".into(),
+                status: StatusCode::NOT_FOUND,
+            })
+    }
+
+    /// `GET /v2/apps/{id}?embed=app.tasks`; `None` when the app does not exist.
+    pub async fn app(&self, id: &str) -> Result<Option<Vec<u8>>, Error> {
+        let id = id.trim_start_matches('/');
+        self.body(&format!("v2/apps/{id}?embed=app.tasks")).await
+    }
+
+    /// Open `GET /v2/events` filtered to the events that can change VIPs.
+    pub async fn events(&self) -> Result<reqwest::Response, Error> {
+        let q: Vec<String> = RELEVANT_EVENTS
+            .iter()
+            .map(|e| format!("event_type={e}"))
+            .collect();
+        self.get(&format!("v2/events?{}", q.join("&")), true)
+            .await?
+            .ok_or_else(|| Error::Status {
+                url: "/v2/events".into(),
+                status: StatusCode::NOT_FOUND,
+            })
+    }
+}
+
+/// A URL fit for logs: no user info, no query.
+fn redact(u: &Url) -> String {
+    let mut u = u.clone();
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    u.set_query(None);
+    u.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_never_in_debug_or_urls() {
+        let a = Auth::Basic {
+            user: "u".into(),
+            password: "hunter2".into(),
+        };
+        assert!(!format!("{a:?}").contains("hunter2"));
+        assert!(!format!("{:?}", Auth::Token("tok".into())).contains("tok"));
+        let u: Url = "http://user:pw@m1:8080/v2/apps?embed=apps.tasks"
+            .parse()
+            .unwrap();
+        assert_eq!(redact(&u), "http://m1:8080/v2/apps");
+    }
+}

@@ -1,0 +1,314 @@
+//! The Marathon sync loop: a full snapshot at start, on every (re)connect of the event stream
+//! and every resync interval; in between, the SSE stream invalidates single apps, which are
+//! re-read alone. Bursts coalesce: while one round of fetches runs, new invalidations collect
+//! into the next round. Every failure keeps the last good table.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use futures::StreamExt;
+use rand::RngExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::client::Client;
+use super::events::{Invalidation, SseDecoder, invalidation};
+use crate::model::unix_ms_now;
+use crate::source::Publisher;
+
+/// How the loop behaves.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    pub resync_interval: Duration,
+    /// Smallest and largest back-off between failed attempts.
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// Apps re-read at once after a burst of events.
+    pub fetch_concurrency: usize,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            resync_interval: Duration::from_secs(30),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(30),
+            fetch_concurrency: 8,
+        }
+    }
+}
+
+/// Exponential back-off with full jitter.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Backoff {
+            min,
+            max,
+            current: min,
+        }
+    }
+
+    /// The next wait: uniformly random in [min, current], then `current` doubles up to max.
+    pub fn next_delay(&mut self) -> Duration {
+        let hi = self.current.max(self.min);
+        let ms = rand::rng().random_range(self.min.as_millis() as u64..=hi.as_millis() as u64);
+        self.current = (self.current * 2).min(self.max);
+        Duration::from_millis(ms)
+    }
+
+    pub fn reset(&mut self) {
+        self.current = self.min;
+    }
+}
+
+/// Messages from the event-stream task to the sync loop.
+#[derive(Debug)]
+enum Signal {
+    /// The stream (re)connected: events may have been missed; take a snapshot.
+    Connected,
+    Invalidate(Invalidation, u64),
+}
+
+/// Run until `shutdown`. Publishes through `publisher`.
+pub async fn run(
+    client: Client,
+    publisher: Publisher,
+    cfg: SyncConfig,
+    shutdown: CancellationToken,
+) {
+    let (tx, mut rx) = mpsc::channel::<Signal>(4096);
+    let stream_task = tokio::spawn(stream_events(
+        client.clone(),
+        publisher.clone(),
+        cfg.clone(),
+        tx,
+        shutdown.clone(),
+    ));
+
+    let mut backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max);
+    // When the next full snapshot is due (now, at start).
+    let mut snapshot_at = tokio::time::Instant::now();
+    let mut snapshot_changed_at = unix_ms_now();
+    let mut dirty: BTreeSet<String> = BTreeSet::new();
+    let mut dirty_since = 0u64;
+
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep_until(snapshot_at) => {
+                match take_snapshot(&client, &publisher, snapshot_changed_at).await {
+                    Ok(()) => {
+                        backoff.reset();
+                        snapshot_at = tokio::time::Instant::now() + cfg.resync_interval;
+                    }
+                    Err(()) => snapshot_at = tokio::time::Instant::now() + backoff.next_delay(),
+                }
+                snapshot_changed_at = unix_ms_now();
+            }
+            sig = rx.recv() => {
+                let Some(sig) = sig else { break };
+                let mut all = false;
+                let mut handle = |s: Signal, dirty: &mut BTreeSet<String>, since: &mut u64| match s {
+                    Signal::Connected => all = true,
+                    Signal::Invalidate(Invalidation::All, at) => {
+                        all = true;
+                        *since = if *since == 0 { at } else { (*since).min(at) };
+                    }
+                    Signal::Invalidate(Invalidation::Apps(apps), at) => {
+                        dirty.extend(apps);
+                        *since = if *since == 0 { at } else { (*since).min(at) };
+                    }
+                    Signal::Invalidate(Invalidation::None, _) => {}
+                };
+                handle(sig, &mut dirty, &mut dirty_since);
+                // Coalesce everything already queued.
+                while let Ok(s) = rx.try_recv() {
+                    handle(s, &mut dirty, &mut dirty_since);
+                }
+                if all {
+                    dirty.clear();
+                    snapshot_changed_at = if dirty_since == 0 { unix_ms_now() } else { dirty_since };
+                    dirty_since = 0;
+                    snapshot_at = tokio::time::Instant::now();
+                    continue;
+                }
+                if dirty.is_empty() {
+                    continue;
+                }
+                let apps = std::mem::take(&mut dirty);
+                let at = std::mem::replace(&mut dirty_since, 0);
+                if refresh_apps(&client, &publisher, apps, at, cfg.fetch_concurrency).await.is_err() {
+                    // An app could not be read: fall back to a snapshot soon.
+                    snapshot_changed_at = at;
+                    snapshot_at = tokio::time::Instant::now() + backoff.next_delay();
+                }
+            }
+        }
+    }
+    stream_task.abort();
+}
+
+async fn take_snapshot(client: &Client, publisher: &Publisher, changed_at: u64) -> Result<(), ()> {
+    let m = publisher.metrics();
+    let body = match client.apps().await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "Marathon snapshot failed; keeping the last good table");
+            m.request("apps", "error");
+            m.sync_error(e.kind());
+            return Err(());
+        }
+    };
+    m.request("apps", "ok");
+    publisher.snapshot(body, changed_at).await.map_err(|e| {
+        tracing::warn!(error = %e, "Marathon snapshot unusable; keeping the last good table");
+        m.sync_error("payload");
+    })
+}
+
+async fn refresh_apps(
+    client: &Client,
+    publisher: &Publisher,
+    apps: BTreeSet<String>,
+    changed_at: u64,
+    concurrency: usize,
+) -> Result<(), ()> {
+    let m = publisher.metrics();
+    let results: Vec<_> = futures::stream::iter(apps)
+        .map(|id| async move {
+            let r = client.app(&id).await;
+            (id, r)
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    let mut ok = true;
+    for (id, r) in results {
+        match r {
+            Ok(body) => {
+                m.request("app", "ok");
+                if let Err(e) = publisher.app(id.clone(), body, changed_at).await {
+                    tracing::warn!(app = %id, error = %e, "app payload unusable; keeping its last good state");
+                    m.sync_error("payload");
+                    ok = false;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(app = %id, error = %e, "reading app failed; keeping its last good state");
+                m.request("app", "error");
+                m.sync_error(e.kind());
+                ok = false;
+            }
+        }
+    }
+    if ok { Ok(()) } else { Err(()) }
+}
+
+async fn stream_events(
+    client: Client,
+    publisher: Publisher,
+    cfg: SyncConfig,
+    tx: mpsc::Sender<Signal>,
+    shutdown: CancellationToken,
+) {
+    let m = publisher.metrics().clone();
+    let mut backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max);
+    loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        match client.events().await {
+            Ok(resp) => {
+                m.request("events", "ok");
+                tracing::info!("Marathon event stream connected");
+                // Events may have been missed before the stream was up: re-read everything.
+                if tx.send(Signal::Connected).await.is_err() {
+                    return;
+                }
+                let connected_at = tokio::time::Instant::now();
+                let mut body = resp.bytes_stream();
+                let mut dec = SseDecoder::default();
+                let mut evs = Vec::new();
+                loop {
+                    let chunk = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        c = body.next() => c,
+                    };
+                    let chunk = match chunk {
+                        Some(Ok(c)) => c,
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e.without_url(), "Marathon event stream broke");
+                            m.sync_error("events_stream");
+                            break;
+                        }
+                        None => {
+                            tracing::warn!("Marathon event stream ended");
+                            m.sync_error("events_eof");
+                            break;
+                        }
+                    };
+                    if dec.feed(&chunk, &mut evs).is_err() {
+                        m.sync_error("events_line_too_long");
+                        break;
+                    }
+                    let now = unix_ms_now();
+                    for ev in evs.drain(..) {
+                        let kind = if ev.event.is_empty() {
+                            "unnamed"
+                        } else {
+                            ev.event.as_str()
+                        };
+                        m.events.get_or_create(&[("type", kind.to_string())]).inc();
+                        let inv = invalidation(&ev);
+                        if inv != Invalidation::None
+                            && tx.send(Signal::Invalidate(inv, now)).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+                if connected_at.elapsed() > Duration::from_secs(10) {
+                    backoff.reset();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open Marathon event stream");
+                m.request("events", "error");
+                m.sync_error(e.kind());
+            }
+        }
+        let wait = backoff.next_delay();
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(1600));
+        let mut prev_cap = Duration::from_millis(100);
+        for _ in 0..10 {
+            let d = b.next_delay();
+            assert!(
+                d >= Duration::from_millis(100) && d <= prev_cap,
+                "{d:?} > {prev_cap:?}"
+            );
+            prev_cap = (prev_cap * 2).min(Duration::from_millis(1600));
+        }
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_millis(100));
+    }
+}

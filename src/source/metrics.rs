@@ -1,0 +1,111 @@
+//! Prometheus metrics of the control plane: table, labels, Marathon requests and events.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::model::{BackendState, VipTable};
+
+/// A single-label label set, e.g. `[("reason", "bad_port")]`.
+pub type Label = [(&'static str, String); 1];
+type Labels2 = [(&'static str, String); 2];
+
+#[derive(Clone, Default)]
+pub struct SourceMetrics {
+    pub table_version: Gauge,
+    pub table_build_ms: Gauge,
+    pub table_changed_at_ms: Gauge,
+    pub vips: Gauge,
+    pub backends: Family<Label, Gauge>,
+    pub label_errors: Family<Label, Counter>,
+    pub requests: Family<Labels2, Counter>,
+    pub sync_errors: Family<Label, Counter>,
+    pub events: Family<Label, Counter>,
+    pub unresolved_hosts: Counter,
+}
+
+impl SourceMetrics {
+    /// Create and register under `registry` (already prefixed `l4lb`).
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = SourceMetrics::default();
+        registry.register(
+            "table_version",
+            "Version of the current VIP table",
+            m.table_version.clone(),
+        );
+        registry.register(
+            "table_build_milliseconds",
+            "Time the last table build took",
+            m.table_build_ms.clone(),
+        );
+        registry.register(
+            "table_changed_at_unix_milliseconds",
+            "When the change behind the current table was seen at the source",
+            m.table_changed_at_ms.clone(),
+        );
+        registry.register("vips", "VIPs in the current table", m.vips.clone());
+        registry.register(
+            "backends",
+            "Backends in the current table by state",
+            m.backends.clone(),
+        );
+        registry.register(
+            "label_errors",
+            "Rejected VIP labels by reason",
+            m.label_errors.clone(),
+        );
+        registry.register(
+            "marathon_requests",
+            "Marathon API requests by kind and outcome",
+            m.requests.clone(),
+        );
+        registry.register(
+            "sync_errors",
+            "Source errors by kind (table kept)",
+            m.sync_errors.clone(),
+        );
+        registry.register(
+            "marathon_events",
+            "Marathon events received by type",
+            m.events.clone(),
+        );
+        registry.register(
+            "unresolved_hosts",
+            "Task hosts that did not resolve (their tasks skipped)",
+            m.unresolved_hosts.clone(),
+        );
+        m
+    }
+
+    pub fn observe_table(&self, t: &VipTable) {
+        self.table_version.set(t.version as i64);
+        self.table_changed_at_ms.set(t.changed_at_ms as i64);
+        self.vips.set(t.vips.len() as i64);
+        let (mut active, mut draining) = (0i64, 0i64);
+        for b in t.vips.values().flat_map(|v| v.backends.iter()) {
+            match b.state {
+                BackendState::Active => active += 1,
+                BackendState::Draining => draining += 1,
+            }
+        }
+        self.backends
+            .get_or_create(&[("state", "active".into())])
+            .set(active);
+        self.backends
+            .get_or_create(&[("state", "draining".into())])
+            .set(draining);
+    }
+
+    pub fn request(&self, kind: &'static str, outcome: &'static str) {
+        self.requests
+            .get_or_create(&[("kind", kind.into()), ("outcome", outcome.into())])
+            .inc();
+    }
+
+    pub fn sync_error(&self, kind: &'static str) {
+        self.sync_errors
+            .get_or_create(&[("kind", kind.into())])
+            .inc();
+    }
+}
