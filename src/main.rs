@@ -1,1 +1,53 @@
-fn main() {}
+//! The `l4lb` binary: parse the command line, start logging and the runtime, hand over to
+//! `l4lb::app`, and map failures to exit codes (64 bad config, 2 missing privilege, 1 other).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use l4lb::app::{self, AppError};
+use l4lb::config::{Cli, LogFormat};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 64 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    init_tracing(cli.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("l4lb: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(app::main(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("l4lb: {e:#}");
+            ExitCode::from(match e {
+                AppError::Config(_) => 64,
+                AppError::Privilege(_) => 2,
+                AppError::Other(_) => 1,
+            })
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

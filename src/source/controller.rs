@@ -11,12 +11,8 @@ use tokio_util::sync::CancellationToken;
 use super::TableTx;
 use super::marathon::sync::Backoff;
 use super::metrics::SourceMetrics;
+use crate::api::{CHANGED_AT_HEADER, INDEX_HEADER};
 use crate::model::wire::{VipJson, table_from_json};
-
-/// Header carrying the table version.
-pub const INDEX_HEADER: &str = "x-l4lb-index";
-/// Header carrying when the change behind the table was seen at the source (Unix ms).
-pub const CHANGED_AT_HEADER: &str = "x-l4lb-changed-at";
 
 #[derive(Debug, Clone)]
 pub struct WatchConfig {

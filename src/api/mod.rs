@@ -1,0 +1,291 @@
+//! The HTTP API of controllers and agents: `GET /v1/vips` (with Consul-style blocking
+//! queries), `/healthz`, `/ready` and `/metrics`. Depends on `model` only; the agent's
+//! per-backend counters come in through the [`BackendStats`] trait.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bytes::Bytes;
+use prometheus_client::registry::Registry;
+use serde::Deserialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::wire::{VipJson, table_to_json};
+use crate::model::{VipKey, VipTable};
+
+/// Table version header (also the blocking-query index).
+pub const INDEX_HEADER: &str = "x-l4lb-index";
+/// When the change behind this table was first seen at the source (Unix ms).
+pub const CHANGED_AT_HEADER: &str = "x-l4lb-changed-at";
+
+/// Live counters of one backend of one VIP, as an agent sees them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackendCounters {
+    pub connections: u64,
+    pub bytes: u64,
+    pub ejected: bool,
+}
+
+/// Where an agent's API reads per-backend counters from.
+pub trait BackendStats: Send + Sync {
+    fn backend(&self, vip: &VipKey, addr: SocketAddr) -> Option<BackendCounters>;
+}
+
+/// A latch that turns true once (first table applied and DNS bound) and false on shutdown.
+#[derive(Debug, Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::SeqCst);
+    }
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Everything the handlers need.
+#[derive(Clone)]
+pub struct ApiState {
+    pub table: watch::Receiver<Arc<VipTable>>,
+    pub registry: Arc<Registry>,
+    pub ready: Readiness,
+    pub stats: Option<Arc<dyn BackendStats>>,
+    /// When set, `/v1/*` and `/metrics` require `Authorization: Bearer <token>`.
+    pub token: Option<Arc<str>>,
+    /// Longest a blocking query may wait.
+    pub max_wait: Duration,
+    /// The serialised body of the latest version, shared by every watcher of a controller.
+    cache: Arc<Mutex<Option<(u64, Bytes)>>>,
+}
+
+impl ApiState {
+    pub fn new(
+        table: watch::Receiver<Arc<VipTable>>,
+        registry: Arc<Registry>,
+        ready: Readiness,
+    ) -> Self {
+        ApiState {
+            table,
+            registry,
+            ready,
+            stats: None,
+            token: None,
+            max_wait: Duration::from_secs(300),
+            cache: Arc::default(),
+        }
+    }
+
+    pub fn with_stats(mut self, stats: Arc<dyn BackendStats>) -> Self {
+        self.stats = Some(stats);
+        self
+    }
+
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token.map(Arc::from);
+        self
+    }
+}
+
+/// The routes.
+pub fn router(state: ApiState) -> Router {
+    let protected = Router::new()
+        .route("/v1/vips", get(vips))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/ready", get(ready))
+        .merge(protected)
+        .with_state(state)
+}
+
+/// Serve on an already-bound listener until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+async fn auth(State(st): State<ApiState>, req: Request, next: Next) -> Response {
+    if let Some(token) = &st.token {
+        let ok = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
+        if !ok {
+            return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response();
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn ready(State(st): State<ApiState>) -> Response {
+    if st.ready.get() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+async fn metrics(State(st): State<ApiState>) -> Response {
+    let mut out = String::new();
+    match prometheus_client::encoding::text::encode(&mut out, &st.registry) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            out,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct VipsQuery {
+    index: Option<u64>,
+    wait: Option<String>,
+}
+
+/// Parse a Consul-style wait: `30s`, `500ms`, `2m`, or bare seconds.
+pub fn parse_wait(s: &str) -> Option<Duration> {
+    crate::config::parse_duration(s).ok()
+}
+
+async fn vips(
+    State(st): State<ApiState>,
+    Query(q): Query<VipsQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let mut rx = st.table.clone();
+    let mut table = rx.borrow_and_update().clone();
+    if let Some(index) = q.index {
+        let wait = q
+            .wait
+            .as_deref()
+            .and_then(parse_wait)
+            .unwrap_or(Duration::from_secs(60))
+            .min(st.max_wait);
+        // An index ahead of ours means we restarted: answer at once so the watcher resyncs.
+        if table.version == index {
+            let deadline = tokio::time::Instant::now() + wait;
+            while table.version <= index {
+                match tokio::time::timeout_at(deadline, rx.changed()).await {
+                    Ok(Ok(())) => table = rx.borrow_and_update().clone(),
+                    _ => break,
+                }
+            }
+        }
+    }
+    let etag = format!("\"{}\"", table.version);
+    if q.index.is_none()
+        && headers
+            .get(header::IF_NONE_MATCH)
+            .is_some_and(|v| v.as_bytes() == etag.as_bytes())
+    {
+        return with_headers(StatusCode::NOT_MODIFIED, Body::empty(), &table, &etag);
+    }
+    let body = match &st.stats {
+        None => cached_body(&st, &table),
+        Some(stats) => Bytes::from(agent_body(&table, stats.as_ref())),
+    };
+    with_headers(StatusCode::OK, Body::from(body), &table, &etag)
+}
+
+fn cached_body(st: &ApiState, table: &VipTable) -> Bytes {
+    if let Ok(c) = st.cache.lock()
+        && let Some((v, b)) = c.as_ref()
+        && *v == table.version
+    {
+        return b.clone();
+    }
+    let body = Bytes::from(serde_json::to_vec(&table_to_json(table)).unwrap_or_default());
+    if let Ok(mut c) = st.cache.lock() {
+        *c = Some((table.version, body.clone()));
+    }
+    body
+}
+
+fn agent_body(table: &VipTable, stats: &dyn BackendStats) -> Vec<u8> {
+    let vips: Vec<VipJson> = table
+        .sorted_for_api()
+        .into_iter()
+        .map(|v| {
+            let mut j = VipJson::from_vip(v);
+            for b in &mut j.backend {
+                let c = stats
+                    .backend(&v.key, SocketAddr::new(b.ip, b.port))
+                    .unwrap_or_default();
+                b.connections = Some(c.connections);
+                b.bytes = Some(c.bytes);
+                b.ejected = Some(c.ejected);
+            }
+            j
+        })
+        .collect();
+    serde_json::to_vec(&vips).unwrap_or_default()
+}
+
+fn with_headers(status: StatusCode, body: Body, table: &VipTable, etag: &str) -> Response {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(INDEX_HEADER, HeaderValue::from(table.version));
+    h.insert(CHANGED_AT_HEADER, HeaderValue::from(table.changed_at_ms));
+    if let Ok(v) = HeaderValue::from_str(etag) {
+        h.insert(header::ETAG, v);
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits() {
+        for (s, want) in [
+            ("30s", Some(30_000)),
+            ("500ms", Some(500)),
+            ("2m", Some(120_000)),
+            ("7", Some(7_000)),
+            ("x", None),
+            ("", None),
+        ] {
+            assert_eq!(parse_wait(s).map(|d| d.as_millis() as u64), want, "{s}");
+        }
+    }
+
+    #[test]
+    fn token_compare() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

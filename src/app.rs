@@ -1,0 +1,299 @@
+//! The one place that wires components together: sources, the agent's data plane, DNS and
+//! the API, around one shutdown token. Each `l4lb` subcommand is a function here.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, ApiState, Readiness};
+use crate::config::{
+    ApiArgs, BuildArgs, CheckArgs, Cli, Command, ConfigError, ControllerArgs, SourceArgs,
+    SourceConfig, VipsArgs,
+};
+use crate::model::wire::{VipJson, table_to_json};
+use crate::source::marathon::{client, sync};
+use crate::source::metrics::SourceMetrics;
+use crate::source::state::TableState;
+use crate::source::{self, Publisher, TableRx};
+
+/// How `l4lb` failed, which decides its exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Privilege(String),
+    #[error("{0:#}")]
+    Other(#[from] anyhow::Error),
+}
+
+pub async fn main(cli: Cli) -> Result<ExitCode, AppError> {
+    match cli.command {
+        Command::Controller(a) => controller(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Agent(a) => agent(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Run(a) => run(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Check(a) => check(a),
+        Command::Vips(a) => vips(a).await,
+    }
+}
+
+/// A registry whose metrics all carry the `l4lb_` prefix.
+pub(crate) fn registry() -> Registry {
+    Registry::with_prefix("l4lb")
+}
+
+/// Cancel `token` on SIGTERM or SIGINT.
+pub(crate) fn cancel_on_signal(token: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+            _ = token.cancelled() => return,
+        }
+        token.cancel();
+    });
+    Ok(())
+}
+
+/// Start the configured source (Marathon or apps file) publishing into a new table channel.
+pub(crate) fn start_source(
+    source: &SourceArgs,
+    build: &BuildArgs,
+    metrics: SourceMetrics,
+    shutdown: &CancellationToken,
+) -> Result<TableRx, AppError> {
+    let src = source.validate()?;
+    let build = build.validate()?;
+    let (tx, rx) = source::table_channel();
+    let publisher = Publisher::new(build, tx, metrics);
+    match src {
+        SourceConfig::File { path, poll } => {
+            tracing::info!(path = %path.display(), "reading apps from file");
+            tokio::spawn(source::file::run(path, poll, publisher, shutdown.clone()));
+        }
+        SourceConfig::Marathon {
+            masters,
+            auth,
+            timeout,
+            resync,
+        } => {
+            let masters_shown: Vec<String> = masters
+                .iter()
+                .map(|u| u.host_str().unwrap_or("?").to_string())
+                .collect();
+            tracing::info!(masters = ?masters_shown, auth = ?auth, "following Marathon");
+            let c = client::Client::new(masters, auth, timeout)
+                .map_err(|e| AppError::Other(anyhow::anyhow!("HTTP client: {e}")))?;
+            let cfg = sync::SyncConfig {
+                resync_interval: resync,
+                ..sync::SyncConfig::default()
+            };
+            tokio::spawn(sync::run(c, publisher, cfg, shutdown.clone()));
+        }
+    }
+    Ok(rx)
+}
+
+/// Bind the API listener and serve `state` on it; returns the bound address.
+pub(crate) async fn start_api(
+    args: &ApiArgs,
+    state: ApiState,
+    shutdown: &CancellationToken,
+) -> Result<std::net::SocketAddr, AppError> {
+    let listener = tokio::net::TcpListener::bind(args.api_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot bind the API on {}: {e}", args.api_listen))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| anyhow::anyhow!("API address: {e}"))?;
+    tracing::info!(%addr, "API listening");
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        if let Err(e) = api::serve(listener, state, token).await {
+            tracing::error!(error = %e, "API server failed");
+        }
+    });
+    Ok(addr)
+}
+
+async fn controller(args: ControllerArgs) -> Result<(), AppError> {
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone())?;
+    let mut reg = registry();
+    let metrics = SourceMetrics::new(&mut reg);
+    let rx = start_source(&args.source, &args.build, metrics, &shutdown)?;
+    let ready = Readiness::default();
+    let state =
+        ApiState::new(rx.clone(), Arc::new(reg), ready.clone()).with_token(args.api.token()?);
+    start_api(&args.api, state, &shutdown).await?;
+    // Ready once the first table is built.
+    let mut first = rx;
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        r = first.wait_for(|t| t.version != 0) => {
+            if r.is_ok() {
+                ready.set(true);
+                tracing::info!("first VIP table built; ready");
+            }
+        }
+    }
+    shutdown.cancelled().await;
+    ready.set(false);
+    // Let in-flight API responses finish.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    Ok(())
+}
+
+async fn agent(_a: crate::config::AgentCmdArgs) -> Result<(), AppError> {
+    Err(anyhow::anyhow!("the agent is not wired yet").into())
+}
+
+async fn run(_a: crate::config::RunArgs) -> Result<(), AppError> {
+    Err(anyhow::anyhow!("run is not wired yet").into())
+}
+
+fn check(args: CheckArgs) -> Result<ExitCode, AppError> {
+    let build = args.build.validate()?;
+    let body = std::fs::read(&args.apps_file).map_err(|source| ConfigError::Read {
+        what: "apps file",
+        path: args.apps_file.clone(),
+        source,
+    })?;
+    let (contribs, bad_apps) = source::contributions(&body, &source::HostCache::default())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.apps_file.display()))?;
+    let mut state = TableState::new(build, 1);
+    state.replace_all(contribs);
+    let table = state.rebuild(0).table.unwrap_or_default();
+    let json = serde_json::to_string_pretty(&table_to_json(&table))
+        .map_err(|e| anyhow::anyhow!("encoding: {e}"))?;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{json}");
+    let mut err = std::io::stderr().lock();
+    let mut rejected = 0;
+    for b in &bad_apps {
+        let _ = writeln!(err, "rejected app: {b}");
+        rejected += 1;
+    }
+    for r in state.rejections() {
+        let _ = writeln!(
+            err,
+            "rejected label: app {} port {} {}={:?}: {} [{}]",
+            r.app, r.port_index, r.key, r.value, r.error, r.reason
+        );
+        rejected += 1;
+    }
+    Ok(if rejected > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn vips(args: VipsArgs) -> Result<ExitCode, AppError> {
+    let base = crate::config::with_trailing_slash(&args.api);
+    let url = base
+        .join("v1/vips")
+        .map_err(|e| anyhow::anyhow!("bad --api URL: {e}"))?;
+    let mut rb = reqwest::Client::new()
+        .get(url.clone())
+        .timeout(Duration::from_secs(10));
+    if let Some(p) = &args.api_token_file {
+        rb = rb.bearer_auth(crate::config::read_secret(p, "API token file")?);
+    }
+    let resp = rb
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach {url}: {}", e.without_url()))?;
+    let status = resp.status();
+    let version = resp
+        .headers()
+        .get(api::INDEX_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("?")
+        .to_string();
+    let body = resp
+        .bytes()
+        .await
+        .map_err(|e| anyhow::anyhow!("reading {url}: {}", e.without_url()))?;
+    if !status.is_success() {
+        return Err(anyhow::anyhow!("{url} answered {status}").into());
+    }
+    let vips: Vec<VipJson> =
+        serde_json::from_slice(&body).map_err(|e| anyhow::anyhow!("{url}: not a VIP list: {e}"))?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let _ = writeln!(out, "{}", String::from_utf8_lossy(&body));
+    } else {
+        let _ = write!(out, "{}", render_vips(&vips, &version));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The `l4lb vips` table, like `ipvsadm -Ln`.
+pub fn render_vips(vips: &[VipJson], version: &str) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(s, "VIP table version {version}: {} VIPs", vips.len());
+    let _ = writeln!(
+        s,
+        "{:<5} {:<46} {:<24} {:<10} {:>7} {:>10}  APP/TASK",
+        "PROTO", "VIP / BACKEND", "ADDRESS", "STATE", "CONNS", "BYTES"
+    );
+    for v in vips {
+        let addr = std::net::SocketAddr::new(v.ip, v.port).to_string();
+        let _ = writeln!(s, "{:<5} {:<46} {:<24}", v.protocol, v.vip, addr);
+        for b in &v.backend {
+            let baddr = std::net::SocketAddr::new(b.ip, b.port).to_string();
+            let state = if b.ejected == Some(true) {
+                format!("{}*", b.state.as_str())
+            } else {
+                b.state.as_str().to_string()
+            };
+            let conns = b
+                .connections
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into());
+            let bytes = b.bytes.map(human_bytes).unwrap_or_else(|| "-".into());
+            let _ = writeln!(
+                s,
+                "{:<5} {:<46} {:<24} {:<10} {:>7} {:>10}  {} {}",
+                "", "  ->", baddr, state, conns, bytes, b.app, b.task
+            );
+        }
+    }
+    s
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < UNITS.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b}B")
+    } else {
+        format!("{v:.1}{}", UNITS[i])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_for_people() {
+        assert_eq!(human_bytes(0), "0B");
+        assert_eq!(human_bytes(1536), "1.5KiB");
+        assert_eq!(human_bytes(3 << 30), "3.0GiB");
+    }
+}

@@ -1,0 +1,475 @@
+//! Command line (clap; every flag also reads `L4LB_<FLAG>`) and its validation into the
+//! settings the components take. Errors here exit 64.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use reqwest::Url;
+
+use crate::labels::IpPolicy;
+use crate::source::marathon::client::Auth;
+use crate::source::state::BuildConfig;
+
+/// Parse `30s`, `500ms`, `2m`, `1h` or bare seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let bad = || format!("{s:?} is not a duration (use e.g. 500ms, 30s, 2m)");
+    let num = |x: &str| x.trim().parse::<u64>().map_err(|_| bad());
+    if let Some(v) = s.strip_suffix("ms") {
+        Ok(Duration::from_millis(num(v)?))
+    } else if let Some(v) = s.strip_suffix('s') {
+        Ok(Duration::from_secs(num(v)?))
+    } else if let Some(v) = s.strip_suffix('m') {
+        Ok(Duration::from_secs(num(v)? * 60))
+    } else if let Some(v) = s.strip_suffix('h') {
+        Ok(Duration::from_secs(num(v)? * 3600))
+    } else {
+        Ok(Duration::from_secs(num(s)?))
+    }
+}
+
+/// `0`/`off`/`none` → None, else a duration.
+fn parse_opt_duration(s: &str) -> Result<Option<Duration>, String> {
+    match s.trim() {
+        "" | "0" | "off" | "none" => Ok(None),
+        other => parse_duration(other).map(Some),
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "l4lb",
+    version,
+    about = "Layer-4 virtual-IP load balancer for Marathon clusters"
+)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "L4LB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Watch Marathon (or an apps file), build the VIP table and serve it to agents.
+    Controller(ControllerArgs),
+    /// Follow controllers; install VIPs, forward TCP/UDP and answer DNS on this host.
+    Agent(AgentCmdArgs),
+    /// Controller and agent in one process.
+    Run(RunArgs),
+    /// Print the VIP table an apps file yields and every rejected label; exit 1 if any.
+    Check(CheckArgs),
+    /// Show a running instance's VIP table for people.
+    Vips(VipsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ControllerArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub build: BuildArgs,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentCmdArgs {
+    /// Controller base URL to follow (repeatable; fail over between them).
+    #[arg(
+        long = "controller",
+        env = "L4LB_CONTROLLER",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub controllers: Vec<Url>,
+    /// How long one blocking watch on a controller may wait.
+    #[arg(long, env = "L4LB_WATCH_WAIT", value_parser = parse_duration, default_value = "30s")]
+    pub watch_wait: Duration,
+    #[command(flatten)]
+    pub agent: AgentArgs,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub build: BuildArgs,
+    #[command(flatten)]
+    pub agent: AgentArgs,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Apps file in Marathon's `GET /v2/apps?embed=apps.tasks` shape.
+    #[arg(long, env = "L4LB_APPS_FILE")]
+    pub apps_file: PathBuf,
+    #[command(flatten)]
+    pub build: BuildArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct VipsArgs {
+    /// API base URL of a running controller, agent or `l4lb run`.
+    #[arg(long, env = "L4LB_API", default_value = "http://127.0.0.1:62080/")]
+    pub api: Url,
+    /// Bearer token file for an API that requires one.
+    #[arg(long, env = "L4LB_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
+    /// Print the raw JSON instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MarathonAuthKind {
+    None,
+    Basic,
+    Token,
+}
+
+#[derive(Debug, Args)]
+pub struct SourceArgs {
+    /// Marathon base URL (repeatable: several masters, fail over between them).
+    #[arg(long = "marathon", env = "L4LB_MARATHON", value_delimiter = ',')]
+    pub marathon: Vec<Url>,
+    /// Read apps from this file (Marathon `/v2/apps?embed=apps.tasks` shape) instead of Marathon.
+    #[arg(long, env = "L4LB_APPS_FILE", conflicts_with = "marathon")]
+    pub apps_file: Option<PathBuf>,
+    /// How often the apps file is checked for changes.
+    #[arg(long, env = "L4LB_APPS_FILE_POLL", value_parser = parse_duration, default_value = "500ms")]
+    pub apps_file_poll: Duration,
+    /// Marathon authentication.
+    #[arg(long, env = "L4LB_MARATHON_AUTH", value_enum, default_value_t = MarathonAuthKind::None)]
+    pub marathon_auth: MarathonAuthKind,
+    /// File holding `user:password` (basic) or the token (token). Never logged.
+    #[arg(long, env = "L4LB_MARATHON_CREDENTIALS_FILE")]
+    pub marathon_credentials_file: Option<PathBuf>,
+    /// Credentials inline (prefer the env var over the flag: flags show in `ps`). Never logged.
+    #[arg(long, env = "L4LB_MARATHON_CREDENTIALS", hide_env_values = true)]
+    pub marathon_credentials: Option<String>,
+    /// Timeout of one Marathon request.
+    #[arg(long, env = "L4LB_MARATHON_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    pub marathon_timeout: Duration,
+    /// Full re-read of Marathon this often, whatever the event stream says.
+    #[arg(long, env = "L4LB_RESYNC_INTERVAL", value_parser = parse_duration, default_value = "30s")]
+    pub resync_interval: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// Framework part of VIP names (`<label>.<framework>.l4lb.thisdcos.directory`).
+    #[arg(long, env = "L4LB_FRAMEWORK", default_value = "marathon")]
+    pub framework: String,
+    /// IPv4 range named VIPs get their addresses from.
+    #[arg(long, env = "L4LB_VIP_CIDR", default_value = "11.0.0.0/8")]
+    pub vip_cidr: Ipv4Net,
+    /// IPv6 range for named VIPs whose backends include IPv6 addresses.
+    #[arg(long, env = "L4LB_VIP_CIDR6", default_value = "fd01:c::/64")]
+    pub vip_cidr6: Ipv6Net,
+    /// Only IP VIPs inside these ranges are accepted (repeatable; default: any).
+    #[arg(
+        long = "allowed-vip-cidr",
+        env = "L4LB_ALLOWED_VIP_CIDR",
+        value_delimiter = ','
+    )]
+    pub allowed_vip_cidr: Vec<IpNet>,
+    /// Accept IP VIPs in 127.0.0.0/8 and ::1 (tests, single-host setups).
+    #[arg(long, env = "L4LB_ALLOW_LOOPBACK_VIPS")]
+    pub allow_loopback_vips: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    /// Address the HTTP API (/v1/vips, /metrics, /healthz, /ready) listens on.
+    #[arg(long, env = "L4LB_API_LISTEN", default_value = "127.0.0.1:62080")]
+    pub api_listen: SocketAddr,
+    /// Require `Authorization: Bearer <token>` (token read from this file) on /v1 and
+    /// /metrics; agents send it to their controllers too.
+    #[arg(long, env = "L4LB_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InterfaceKindArg {
+    Auto,
+    Dummy,
+    Bridge,
+    None,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Link that holds the VIP addresses.
+    #[arg(long, env = "L4LB_INTERFACE", default_value = "minuteman")]
+    pub interface: String,
+    /// dummy, bridge (for kernels without the dummy driver), auto (dummy, else bridge), or
+    /// none (install nothing; serve only VIPs already local, e.g. 127.0.0.0/8).
+    #[arg(long, env = "L4LB_INTERFACE_KIND", value_enum, default_value_t = InterfaceKindArg::Auto)]
+    pub interface_kind: InterfaceKindArg,
+    /// DNS listen address (repeatable; UDP and TCP).
+    #[arg(
+        long = "dns-listen",
+        env = "L4LB_DNS_LISTEN",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:5454"
+    )]
+    pub dns_listen: Vec<SocketAddr>,
+    /// DNS zone of named VIPs.
+    #[arg(long, env = "L4LB_ZONE", default_value = "l4lb.thisdcos.directory")]
+    pub zone: String,
+    /// TTL of VIP answers, seconds.
+    #[arg(long, env = "L4LB_DNS_TTL", default_value_t = 5)]
+    pub dns_ttl: u32,
+    /// Forward names outside the zone to these servers (repeatable); none: REFUSED.
+    #[arg(
+        long = "dns-upstream",
+        env = "L4LB_DNS_UPSTREAM",
+        value_delimiter = ','
+    )]
+    pub dns_upstream: Vec<SocketAddr>,
+    /// Give up on a backend connect after this long (counts against the backend).
+    #[arg(long, env = "L4LB_CONNECT_TIMEOUT", value_parser = parse_duration, default_value = "1s")]
+    pub connect_timeout: Duration,
+    /// Other backends tried after a failed connect before the client is dropped.
+    #[arg(long, env = "L4LB_CONNECT_RETRIES", default_value_t = 2)]
+    pub connect_retries: u32,
+    /// Close TCP connections idle this long (default off).
+    #[arg(long, env = "L4LB_TCP_IDLE_TIMEOUT", value_parser = parse_opt_duration, default_value = "off")]
+    pub tcp_idle_timeout: Option<Duration>,
+    /// Close connections to draining or removed backends after this long (default: never).
+    #[arg(long, env = "L4LB_DRAIN_TIMEOUT", value_parser = parse_opt_duration, default_value = "off")]
+    pub drain_timeout: Option<Duration>,
+    /// Refuse new TCP connections past this many open ones.
+    #[arg(long, env = "L4LB_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+    /// Forget a UDP flow after this long without datagrams.
+    #[arg(long, env = "L4LB_UDP_IDLE_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
+    pub udp_idle_timeout: Duration,
+    /// Most UDP flows at once; new flows past it are dropped.
+    #[arg(long, env = "L4LB_MAX_UDP_SESSIONS", default_value_t = 65_536)]
+    pub max_udp_sessions: usize,
+    /// On SIGTERM, let open connections finish for this long.
+    #[arg(long, env = "L4LB_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "10s")]
+    pub shutdown_grace: Duration,
+}
+
+/// Invalid configuration (exit 64).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("give either --marathon or --apps-file")]
+    NoSource,
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--marathon-auth {0:?} needs --marathon-credentials-file or L4LB_MARATHON_CREDENTIALS")]
+    MissingCredentials(MarathonAuthKind),
+    #[error("basic credentials must look like user:password")]
+    BadBasic,
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Where tables come from.
+#[derive(Debug, Clone)]
+pub enum SourceConfig {
+    Marathon {
+        masters: Vec<Url>,
+        auth: Auth,
+        timeout: Duration,
+        resync: Duration,
+    },
+    File {
+        path: PathBuf,
+        poll: Duration,
+    },
+}
+
+impl SourceArgs {
+    pub fn validate(&self) -> Result<SourceConfig, ConfigError> {
+        if let Some(path) = &self.apps_file {
+            return Ok(SourceConfig::File {
+                path: path.clone(),
+                poll: self.apps_file_poll,
+            });
+        }
+        if self.marathon.is_empty() {
+            return Err(ConfigError::NoSource);
+        }
+        let creds = match (&self.marathon_credentials_file, &self.marathon_credentials) {
+            (Some(p), _) => Some(read_secret(p, "credentials file")?),
+            (None, Some(c)) => Some(c.trim().to_string()),
+            (None, None) => None,
+        };
+        let auth = match (self.marathon_auth, creds) {
+            (MarathonAuthKind::None, _) => Auth::None,
+            (k, None) => return Err(ConfigError::MissingCredentials(k)),
+            (MarathonAuthKind::Basic, Some(c)) => {
+                let (user, password) = c.split_once(':').ok_or(ConfigError::BadBasic)?;
+                Auth::Basic {
+                    user: user.to_string(),
+                    password: password.to_string(),
+                }
+            }
+            (MarathonAuthKind::Token, Some(c)) => Auth::Token(c),
+        };
+        Ok(SourceConfig::Marathon {
+            masters: self.marathon.iter().map(with_trailing_slash).collect(),
+            auth,
+            timeout: self.marathon_timeout,
+            resync: self.resync_interval,
+        })
+    }
+}
+
+impl BuildArgs {
+    pub fn validate(&self) -> Result<BuildConfig, ConfigError> {
+        if self.framework.is_empty() || crate::labels::mangle(&self.framework) != self.framework {
+            return Err(ConfigError::Invalid(format!(
+                "--framework {:?} is not a valid DNS label",
+                self.framework
+            )));
+        }
+        Ok(BuildConfig {
+            framework: self.framework.clone(),
+            policy: IpPolicy {
+                allow_loopback: self.allow_loopback_vips,
+                allowed: self.allowed_vip_cidr.clone(),
+            },
+            vip_cidr: self.vip_cidr,
+            vip_cidr6: self.vip_cidr6,
+        })
+    }
+}
+
+impl ApiArgs {
+    pub fn token(&self) -> Result<Option<String>, ConfigError> {
+        self.api_token_file
+            .as_ref()
+            .map(|p| read_secret(p, "API token file"))
+            .transpose()
+    }
+}
+
+/// Read a secret file, trimmed. The content is never logged.
+pub fn read_secret(path: &PathBuf, what: &'static str) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .map_err(|source| ConfigError::Read {
+            what,
+            path: path.clone(),
+            source,
+        })
+}
+
+/// `Url::join` treats a base without a trailing slash as a file: make every base a directory.
+pub fn with_trailing_slash(u: &Url) -> Url {
+    let mut u = u.clone();
+    if !u.path().ends_with('/') {
+        let p = format!("{}/", u.path());
+        u.set_path(&p);
+    }
+    u
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_flag_has_an_env_var() {
+        fn walk(cmd: &clap::Command) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if a.get_long().is_none() || ["help", "version", "json"].contains(&id) {
+                    continue;
+                }
+                assert!(
+                    a.get_env().is_some(),
+                    "{} --{} has no env var",
+                    cmd.get_name(),
+                    id
+                );
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub);
+            }
+        }
+        walk(&Cli::command());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert!(parse_duration("5x").is_err());
+        assert_eq!(parse_opt_duration("off"), Ok(None));
+    }
+
+    #[test]
+    fn sources() {
+        let cli = Cli::try_parse_from([
+            "l4lb",
+            "controller",
+            "--marathon",
+            "http://m1:8080",
+            "--marathon",
+            "http://m2:8080/marathon",
+        ])
+        .unwrap();
+        let Command::Controller(c) = cli.command else {
+            panic!()
+        };
+        let SourceConfig::Marathon { masters, .. } = c.source.validate().unwrap() else {
+            panic!()
+        };
+        assert_eq!(masters[1].as_str(), "http://m2:8080/marathon/");
+        let cli = Cli::try_parse_from(["l4lb", "controller"]).unwrap();
+        let Command::Controller(c) = cli.command else {
+            panic!()
+        };
+        assert!(matches!(c.source.validate(), Err(ConfigError::NoSource)));
+        let cli = Cli::try_parse_from([
+            "l4lb",
+            "controller",
+            "--marathon",
+            "http://m1",
+            "--marathon-auth",
+            "basic",
+            "--marathon-credentials",
+            "nocolon",
+        ])
+        .unwrap();
+        let Command::Controller(c) = cli.command else {
+            panic!()
+        };
+        assert!(matches!(c.source.validate(), Err(ConfigError::BadBasic)));
+    }
+}
