@@ -1,0 +1,266 @@
+//! A fake Marathon for tests: `/v2/apps?embed=apps.tasks`, `/v2/apps/{id}?embed=app.tasks`
+//! and the SSE `/v2/events`, serving payloads in the shapes of the real fixtures in
+//! `tests/fixtures/marathon/`. The test mutates apps, emits events and injects faults.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+/// How the fake misbehaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    None,
+    /// 200 with a body that is not JSON.
+    Garbage,
+    /// 200 with JSON cut in half.
+    Truncated,
+    /// This HTTP status.
+    Status(u16),
+    /// Never answer (the client's timeout fires).
+    Hang,
+}
+
+struct Inner {
+    apps: BTreeMap<String, Value>,
+    fault: Fault,
+}
+
+/// Handle to a running fake Marathon.
+#[derive(Clone)]
+pub struct FakeMarathon {
+    pub addr: SocketAddr,
+    inner: Arc<Mutex<Inner>>,
+    events: broadcast::Sender<String>,
+    pub apps_requests: Arc<AtomicU64>,
+    pub app_requests: Arc<AtomicU64>,
+    pub event_streams: Arc<AtomicU64>,
+    stop: CancellationToken,
+}
+
+impl FakeMarathon {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(listener).await
+    }
+
+    pub async fn start_on(listener: tokio::net::TcpListener) -> Self {
+        let addr = listener.local_addr().unwrap();
+        let (events, _) = broadcast::channel(1024);
+        let fake = FakeMarathon {
+            addr,
+            inner: Arc::new(Mutex::new(Inner {
+                apps: BTreeMap::new(),
+                fault: Fault::None,
+            })),
+            events,
+            apps_requests: Arc::default(),
+            app_requests: Arc::default(),
+            event_streams: Arc::default(),
+            stop: CancellationToken::new(),
+        };
+        let router = Router::new()
+            .route("/v2/apps", get(apps))
+            .route("/v2/apps/{*id}", get(app))
+            .route("/v2/events", get(events_stream))
+            .with_state(fake.clone());
+        let stop = fake.stop.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+        });
+        fake
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stop serving (open event streams end too).
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    pub fn set_fault(&self, f: Fault) {
+        self.inner.lock().unwrap().fault = f;
+    }
+
+    pub fn put_app(&self, app: Value) {
+        let id = app["id"].as_str().unwrap().to_string();
+        self.inner.lock().unwrap().apps.insert(id, app);
+    }
+
+    pub fn remove_app(&self, id: &str) {
+        self.inner.lock().unwrap().apps.remove(id);
+    }
+
+    pub fn app(&self, id: &str) -> Option<Value> {
+        self.inner.lock().unwrap().apps.get(id).cloned()
+    }
+
+    /// Send one SSE event with `data` as its JSON body.
+    pub fn emit(&self, event_type: &str, data: Value) {
+        let frame = format!("event: {event_type}\ndata: {data}\n\n");
+        let _ = self.events.send(frame);
+    }
+
+    /// A `status_update_event` in the shape of the fixture stream.
+    pub fn emit_status(&self, app_id: &str, task_id: &str, status: &str) {
+        self.emit(
+            "status_update_event",
+            json!({
+                "slaveId": "20150707-153709-201330860-5050-12052-S0",
+                "taskId": task_id, "taskStatus": status, "message": "",
+                "appId": app_id, "host": "198.18.0.1", "ports": [31000],
+                "version": "2015-09-11T22:11:03.156Z",
+                "eventType": "status_update_event", "timestamp": "2015-09-30T12:47:11.286Z"
+            }),
+        );
+    }
+
+    fn fault(&self) -> Fault {
+        self.inner.lock().unwrap().fault
+    }
+}
+
+/// An app with host networking and one labelled port per entry in `vip_labels`, in the shape
+/// of Marathon 1.5's `/v2/apps?embed=apps.tasks`.
+pub fn host_app(id: &str, vip_labels: &[&str], protocol: &str) -> Value {
+    let ports: Vec<Value> = vip_labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            json!({"port": 10000 + i, "protocol": protocol, "name": format!("p{i}"),
+                   "labels": {"VIP_0": l}})
+        })
+        .collect();
+    json!({
+        "id": id, "cmd": "sleep 1000", "instances": 0, "cpus": 0.1, "mem": 32, "disk": 0,
+        "executor": "", "labels": {}, "portDefinitions": ports, "requirePorts": false,
+        "healthChecks": [], "backoffFactor": 1.15, "backoffSeconds": 1,
+        "version": "2017-07-19T17:34:41.967Z",
+        "versionInfo": {"lastScalingAt": "2017-07-19T17:34:41.967Z", "lastConfigChangeAt": "2017-07-19T17:34:41.967Z"},
+        "tasksStaged": 0, "tasksRunning": 0, "tasksHealthy": 0, "tasksUnhealthy": 0,
+        "deployments": [], "tasks": []
+    })
+}
+
+/// A task in the shape of the fixtures (`tasks[]` of Marathon 1.5).
+pub fn task(app_id: &str, n: usize, host: &str, ports: &[u16], state: &str) -> Value {
+    let id = format!(
+        "{}.{n:08x}-6ca8-11e7-beb2-0e2beceebfcc",
+        app_id.trim_start_matches('/').replace('/', "_")
+    );
+    json!({
+        "ipAddresses": [{"ipAddress": "172.17.0.2", "protocol": "IPv4"}],
+        "stagedAt": "2017-07-19T17:34:43.039Z", "startedAt": "2017-07-19T17:35:15.654Z",
+        "state": state, "ports": ports, "version": "2017-07-19T17:34:41.967Z",
+        "id": id, "appId": app_id, "slaveId": "db7b40e2-791c-445f-b373-183e2a648a86-S1",
+        "host": host
+    })
+}
+
+/// Append a task to an app value and bump `tasksRunning`.
+pub fn add_task(app: &mut Value, task: Value) {
+    app["tasks"].as_array_mut().unwrap().push(task);
+    app["tasksRunning"] = json!(app["tasks"].as_array().unwrap().len());
+}
+
+async fn faulty(m: &FakeMarathon, good: Value) -> Response {
+    match m.fault() {
+        Fault::None => (
+            StatusCode::OK,
+            [("content-type", "application/json")],
+            good.to_string(),
+        )
+            .into_response(),
+        Fault::Garbage => {
+            (StatusCode::OK, "<html><body>502 Bad Gateway</body></html>").into_response()
+        }
+        Fault::Truncated => {
+            let s = good.to_string();
+            (StatusCode::OK, s[..s.len() / 2].to_string()).into_response()
+        }
+        Fault::Status(code) => StatusCode::from_u16(code)
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+            .into_response(),
+        Fault::Hang => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            StatusCode::GATEWAY_TIMEOUT.into_response()
+        }
+    }
+}
+
+async fn apps(State(m): State<FakeMarathon>) -> Response {
+    m.apps_requests.fetch_add(1, Ordering::SeqCst);
+    let apps: Vec<Value> = m.inner.lock().unwrap().apps.values().cloned().collect();
+    faulty(&m, json!({ "apps": apps })).await
+}
+
+async fn app(State(m): State<FakeMarathon>, Path(id): Path<String>) -> Response {
+    m.app_requests.fetch_add(1, Ordering::SeqCst);
+    let id = format!("/{}", id.trim_start_matches('/'));
+    match m.app(&id) {
+        Some(a) => faulty(&m, json!({ "app": a })).await,
+        None => (
+            StatusCode::NOT_FOUND,
+            json!({"message": format!("App '{id}' does not exist")}).to_string(),
+        )
+            .into_response(),
+    }
+}
+
+async fn events_stream(State(m): State<FakeMarathon>) -> Response {
+    m.event_streams.fetch_add(1, Ordering::SeqCst);
+    let mut rx = m.events.subscribe();
+    let stop = m.stop.clone();
+    let attached = "event: event_stream_attached\ndata: {\"remoteAddress\":\"127.0.0.1\",\"eventType\":\"event_stream_attached\",\"timestamp\":\"2015-09-30T12:44:30.061Z\"}\n\n".to_string();
+    let stream = async_stream(attached, move |tx| async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                ev = rx.recv() => match ev {
+                    Ok(frame) => if tx.send(Ok(Bytes::from(frame))).await.is_err() { return },
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return,
+                }
+            }
+        }
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(stream)
+        .unwrap()
+}
+
+/// A streaming body fed by a task.
+fn async_stream<F, Fut>(first: String, f: F) -> Body
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<Bytes, Infallible>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let _ = tx.try_send(Ok(Bytes::from(first)));
+    tokio::spawn(f(tx));
+    Body::from_stream(tokio_stream_from(rx))
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Result<Bytes, Infallible>>,
+) -> impl futures::Stream<Item = Result<Bytes, Infallible>> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

@@ -1,0 +1,394 @@
+//! The control plane against a fake Marathon: snapshot, SSE invalidation, blocking watches,
+//! faults that must keep the last good table.
+
+#[path = "common/marathon.rs"]
+mod marathon;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use l4lb::api::{self, ApiState, Readiness};
+use l4lb::model::wire::VipJson;
+use l4lb::source::marathon::client::{Auth, Client};
+use l4lb::source::marathon::sync::{self, SyncConfig};
+use l4lb::source::metrics::SourceMetrics;
+use l4lb::source::state::BuildConfig;
+use l4lb::source::{Publisher, TableRx, table_channel};
+use marathon::{FakeMarathon, Fault, add_task, host_app, task};
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+struct Ctl {
+    api: SocketAddr,
+    rx: TableRx,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Ctl {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn start_controller(urls: &[String], resync: Duration, timeout: Duration) -> Ctl {
+    let mut reg = Registry::with_prefix("l4lb");
+    let metrics = SourceMetrics::new(&mut reg);
+    let (tx, rx) = table_channel();
+    let cfg = BuildConfig {
+        vip_cidr: "198.18.128.0/17".parse().unwrap(),
+        ..BuildConfig::default()
+    };
+    let publisher = Publisher::new(cfg, tx, metrics);
+    let client = Client::new(
+        urls.iter().map(|u| u.parse().unwrap()).collect(),
+        Auth::None,
+        timeout,
+    )
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let sync_cfg = SyncConfig {
+        resync_interval: resync,
+        backoff_min: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(200),
+        ..SyncConfig::default()
+    };
+    tokio::spawn(sync::run(client, publisher, sync_cfg, shutdown.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api_addr = listener.local_addr().unwrap();
+    let state = ApiState::new(rx.clone(), Arc::new(reg), Readiness::default());
+    tokio::spawn(api::serve(listener, state, shutdown.clone()));
+    Ctl {
+        api: api_addr,
+        rx,
+        shutdown,
+    }
+}
+
+/// GET /v1/vips, optionally blocking; returns the index header and the VIPs.
+async fn get_vips(api: SocketAddr, index: Option<u64>, wait: &str) -> (u64, Vec<VipJson>) {
+    let q = index
+        .map(|i| format!("?index={i}&wait={wait}"))
+        .unwrap_or_default();
+    let r = reqwest::get(format!("http://{api}/v1/vips{q}"))
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let idx = r.headers()[api::INDEX_HEADER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    (idx, r.json().await.unwrap())
+}
+
+async fn metrics(api: SocketAddr) -> String {
+    reqwest::get(format!("http://{api}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+async fn wait_version(rx: &mut TableRx, above: u64) -> u64 {
+    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|t| t.version > above))
+        .await
+        .expect("no new table within 10s")
+        .unwrap()
+        .version
+}
+
+fn web_app(n_tasks: usize) -> serde_json::Value {
+    let mut app = host_app("/web", &["/web:80"], "tcp");
+    for i in 0..n_tasks {
+        add_task(
+            &mut app,
+            task(
+                "/web",
+                i,
+                &format!("198.18.0.{}", i + 1),
+                &[31000 + i as u16],
+                "TASK_RUNNING",
+            ),
+        );
+    }
+    app
+}
+
+fn backends(v: &[VipJson]) -> Vec<String> {
+    v.iter()
+        .flat_map(|v| v.backend.iter().map(|b| format!("{}:{}", b.ip, b.port)))
+        .collect()
+}
+
+#[tokio::test]
+async fn scale_up_through_the_event_stream_wakes_a_blocked_watcher() {
+    let fake = FakeMarathon::start().await;
+    fake.put_app(web_app(1));
+    let mut ctl = start_controller(
+        &[fake.url()],
+        Duration::from_secs(300),
+        Duration::from_secs(2),
+    )
+    .await;
+    let v0 = wait_version(&mut ctl.rx, 0).await;
+    // Let the stream connect and its reconnect snapshot settle.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while fake.event_streams.load(Ordering::SeqCst) == 0
+            || fake.apps_requests.load(Ordering::SeqCst) < 2
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (idx, vips) = get_vips(ctl.api, None, "").await;
+    assert!(idx >= v0);
+    assert_eq!(vips.len(), 1);
+    assert_eq!(vips[0].vip, "web.marathon.l4lb.thisdcos.directory:80");
+    assert_eq!(backends(&vips), vec!["198.18.0.1:31000"]);
+
+    let snapshots_before = fake.apps_requests.load(Ordering::SeqCst);
+    let mut delays = Vec::new();
+    let mut index = idx;
+    for n in 1..=100usize {
+        let watcher = tokio::spawn(get_vips(ctl.api, Some(index), "10s"));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let mut app = fake.app("/web").unwrap();
+        let t = task(
+            "/web",
+            n,
+            &format!("198.18.{}.{}", 1 + n / 250, 1 + n % 250),
+            &[31000 + n as u16],
+            "TASK_RUNNING",
+        );
+        let tid = t["id"].as_str().unwrap().to_string();
+        add_task(&mut app, t);
+        fake.put_app(app);
+        let sent = Instant::now();
+        fake.emit_status("/web", &tid, "TASK_RUNNING");
+        let (new_index, vips) = watcher.await.unwrap();
+        delays.push(sent.elapsed());
+        assert!(new_index > index);
+        assert_eq!(backends(&vips).len(), n + 1, "iteration {n}");
+        index = new_index;
+    }
+    // Every change came through single-app reads, not full snapshots.
+    assert_eq!(fake.apps_requests.load(Ordering::SeqCst), snapshots_before);
+    assert!(fake.app_requests.load(Ordering::SeqCst) >= 100);
+    delays.sort();
+    println!(
+        "event -> watcher: median {:?}, worst {:?} over {} changes",
+        delays[delays.len() / 2],
+        delays[delays.len() - 1],
+        delays.len()
+    );
+}
+
+#[tokio::test]
+async fn a_killed_task_leaves_and_a_deleted_app_goes() {
+    let fake = FakeMarathon::start().await;
+    fake.put_app(web_app(2));
+    let mut ctl = start_controller(
+        &[fake.url()],
+        Duration::from_secs(300),
+        Duration::from_secs(2),
+    )
+    .await;
+    let v = wait_version(&mut ctl.rx, 0).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_, vips) = get_vips(ctl.api, None, "").await;
+    assert_eq!(backends(&vips).len(), 2);
+
+    let mut app = fake.app("/web").unwrap();
+    let killed = app["tasks"][1]["id"].as_str().unwrap().to_string();
+    app["tasks"].as_array_mut().unwrap().remove(1);
+    fake.put_app(app);
+    fake.emit_status("/web", &killed, "TASK_KILLED");
+    let v2 = wait_version(&mut ctl.rx, v).await;
+    let (_, vips) = get_vips(ctl.api, None, "").await;
+    assert_eq!(backends(&vips), vec!["198.18.0.1:31000"]);
+
+    fake.remove_app("/web");
+    fake.emit("app_terminated_event", serde_json::json!({"eventType": "app_terminated_event", "appId": "/web", "timestamp": "2014-03-01T23:29:30.158Z"}));
+    wait_version(&mut ctl.rx, v2).await;
+    let (_, vips) = get_vips(ctl.api, None, "").await;
+    assert!(vips.is_empty());
+}
+
+#[tokio::test]
+async fn faults_keep_the_last_good_table_then_recover() {
+    let fake = FakeMarathon::start().await;
+    fake.put_app(web_app(1));
+    let mut ctl = start_controller(
+        &[fake.url()],
+        Duration::from_millis(100),
+        Duration::from_millis(500),
+    )
+    .await;
+    wait_version(&mut ctl.rx, 0).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let good = ctl.rx.borrow().clone();
+
+    for fault in [
+        Fault::Garbage,
+        Fault::Truncated,
+        Fault::Status(503),
+        Fault::Hang,
+    ] {
+        fake.set_fault(fault);
+        let before = fake.apps_requests.load(Ordering::SeqCst);
+        // A change arrives while Marathon is broken: event and resync both fail.
+        let mut app = fake.app("/web").unwrap();
+        app["tasks"] = serde_json::json!([]);
+        fake.put_app(app);
+        fake.emit_status("/web", "x", "TASK_KILLED");
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while fake.apps_requests.load(Ordering::SeqCst) < before + 2 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no resync attempts under {fault:?}"));
+        let now = ctl.rx.borrow().clone();
+        assert_eq!(now.version, good.version, "{fault:?} replaced the table");
+        let (_, vips) = get_vips(ctl.api, None, "").await;
+        assert_eq!(backends(&vips), vec!["198.18.0.1:31000"], "{fault:?}");
+        fake.put_app(web_app(1));
+    }
+    let m = metrics(ctl.api).await;
+    assert!(
+        m.contains("l4lb_sync_errors_total{kind=\"payload\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("l4lb_sync_errors_total{kind=\"timeout\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("l4lb_sync_errors_total{kind=\"status_5xx\"}"),
+        "{m}"
+    );
+
+    // Recovery: the change made during the outage now lands.
+    fake.set_fault(Fault::None);
+    let mut app = fake.app("/web").unwrap();
+    app["tasks"] = serde_json::json!([]);
+    fake.put_app(app);
+    wait_version(&mut ctl.rx, good.version).await;
+    let (_, vips) = get_vips(ctl.api, None, "").await;
+    assert!(backends(&vips).is_empty());
+}
+
+#[tokio::test]
+async fn marathon_going_away_keeps_the_table_and_failover_finds_another_master() {
+    // The first master refuses connections (bound then dropped); the second serves.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let fake = FakeMarathon::start().await;
+    fake.put_app(web_app(3));
+    let mut ctl = start_controller(
+        &[format!("http://{dead}"), fake.url()],
+        Duration::from_millis(100),
+        Duration::from_millis(500),
+    )
+    .await;
+    let v = wait_version(&mut ctl.rx, 0).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let v = ctl.rx.borrow().version.max(v);
+    fake.stop();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(ctl.rx.borrow().version, v);
+    let (idx, vips) = get_vips(ctl.api, None, "").await;
+    assert_eq!(idx, v);
+    assert_eq!(backends(&vips).len(), 3);
+    let m = metrics(ctl.api).await;
+    assert!(
+        m.contains("l4lb_sync_errors_total{kind=\"connect\"}"),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn a_bad_label_drops_only_itself_and_is_counted() {
+    let fake = FakeMarathon::start().await;
+    let mut app = host_app(
+        "/mixed",
+        &["/good:80", "missing-port", "198.18.0.1:80"],
+        "tcp",
+    );
+    add_task(
+        &mut app,
+        task(
+            "/mixed",
+            0,
+            "198.18.0.1",
+            &[31000, 31001, 31002],
+            "TASK_RUNNING",
+        ),
+    );
+    fake.put_app(app);
+    let mut ctl = start_controller(
+        &[fake.url()],
+        Duration::from_secs(300),
+        Duration::from_secs(2),
+    )
+    .await;
+    wait_version(&mut ctl.rx, 0).await;
+    let (_, vips) = get_vips(ctl.api, None, "").await;
+    assert_eq!(vips.len(), 1);
+    assert_eq!(vips[0].vip, "good.marathon.l4lb.thisdcos.directory:80");
+    let m = metrics(ctl.api).await;
+    assert!(
+        m.contains("l4lb_label_errors_total{reason=\"missing_port\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("l4lb_label_errors_total{reason=\"cluster_address\"} 1"),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn etag_and_blocking_query_edges() {
+    let fake = FakeMarathon::start().await;
+    fake.put_app(web_app(1));
+    let mut ctl = start_controller(
+        &[fake.url()],
+        Duration::from_secs(300),
+        Duration::from_secs(2),
+    )
+    .await;
+    wait_version(&mut ctl.rx, 0).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = reqwest::get(format!("http://{}/v1/vips", ctl.api))
+        .await
+        .unwrap();
+    let etag = r.headers()["etag"].clone();
+    let index: u64 = r.headers()[api::INDEX_HEADER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let r2 = reqwest::Client::new()
+        .get(format!("http://{}/v1/vips", ctl.api))
+        .header("if-none-match", etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r2.status(), 304);
+    // No change: the blocking query returns at the end of its wait with the same index.
+    let t = Instant::now();
+    let (same, _) = get_vips(ctl.api, Some(index), "300ms").await;
+    assert_eq!(same, index);
+    assert!(t.elapsed() >= Duration::from_millis(250));
+    // An index from the future (a restarted controller) answers at once.
+    let t = Instant::now();
+    get_vips(ctl.api, Some(index + 1000), "10s").await;
+    assert!(t.elapsed() < Duration::from_secs(2));
+}
