@@ -200,6 +200,34 @@ fn sync_removes_leftovers_and_clear_empties() {
 }
 
 #[test]
+fn ipv6_disabled_is_reported_and_does_not_block_ipv4() {
+    skip_unless_root!();
+    let ns = NetNs::new("netif");
+    ns.run(|| async {
+        Netif::open(LINK, InterfaceKind::Auto).await.expect("open");
+    });
+    ns.exec_ok(&[
+        "sysctl",
+        "-qw",
+        &format!("net.ipv6.conf.{LINK}.disable_ipv6=1"),
+    ]);
+    ns.run(|| async {
+        let netif = Netif::open(LINK, InterfaceKind::Auto)
+            .await
+            .expect("reopen");
+        match netif.sync(&ips(&["198.18.9.1", "2001:2::9"])).await {
+            Err(e @ NetifError::Ipv6Disabled { .. }) => {
+                assert!(!e.to_string().contains("CAP_NET_ADMIN"), "{e}");
+            }
+            other => panic!("expected Ipv6Disabled, got {other:?}"),
+        }
+        // The IPv4 VIP went in regardless.
+        tcp_roundtrip("198.18.9.1".parse().expect("ip")).await;
+    });
+    assert_eq!(addrs_on(&ns, LINK), set(&["198.18.9.1/32"]));
+}
+
+#[test]
 fn host_addresses_exclude_the_vip_link() {
     skip_unless_root!();
     let ns = NetNs::new("netif");

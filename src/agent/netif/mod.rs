@@ -89,6 +89,9 @@ pub enum NetifError {
     /// The name is taken by a link l4lb must not manage (a NIC, a veth, a bridge with ports...).
     #[error("interface {name} exists but {reason}; refusing to manage its addresses")]
     Unsuitable { name: String, reason: String },
+    /// The kernel refused an IPv6 VIP because IPv6 is disabled on the link (`disable_ipv6`).
+    #[error("cannot add {ip} to {link}: IPv6 is disabled on this interface")]
+    Ipv6Disabled { link: String, ip: IpAddr },
     #[error("interface {0} vanished")]
     Vanished(String),
 }
@@ -199,7 +202,8 @@ impl Netif {
     /// Make the addresses on the link exactly `want` (each /32 or /128): add the missing,
     /// remove the extra (left-overs of a previous run, or a VIP installed with another prefix
     /// length). IPv6 link-local addresses the kernel put there are left alone. Returns
-    /// `(added, removed)`. A no-op for `None`.
+    /// `(added, removed)`. A no-op for `None`. `want` is expected to hold VIPs that passed the
+    /// §3 checks (never link-local). On error every other change has still been attempted.
     pub async fn sync(
         &self,
         want: &BTreeSet<IpAddr>,
@@ -213,11 +217,23 @@ impl Netif {
         if plan.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
+        // One bad address must not keep the others off the link: try everything, then
+        // report the first failure (the caller retries the whole sync).
+        let mut first_err = None;
         for net in &plan.to_remove {
-            self.del_one(link, *net).await?;
+            if let Err(e) = self.del_one(link, *net).await {
+                warn!(interface = %link.name, %net, error = %e, "removing address failed");
+                first_err.get_or_insert(e);
+            }
         }
         for ip in &plan.to_add {
-            self.add_one(link, *ip).await?;
+            if let Err(e) = self.add_one(link, *ip).await {
+                warn!(interface = %link.name, %ip, error = %e, "adding VIP address failed");
+                first_err.get_or_insert(e);
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
         }
         let removed: Vec<IpAddr> = plan.to_remove.iter().map(IpNet::addr).collect();
         info!(
@@ -434,6 +450,11 @@ impl Netif {
                 Ok(())
             }
             Err(e) if errno(&e) == Some(EEXIST) => Ok(()),
+            // EACCES here is `disable_ipv6`, not a missing capability (that is EPERM).
+            Err(e) if ip.is_ipv6() && errno(&e) == Some(EACCES) => Err(NetifError::Ipv6Disabled {
+                link: link.name.clone(),
+                ip,
+            }),
             Err(e) => Err(nl_err(format!("adding {ip} to {}", link.name), e)),
         }
     }
@@ -509,6 +530,32 @@ mod tests {
             op: "creating dummy interface minuteman".into(),
         };
         assert!(e.to_string().contains("CAP_NET_ADMIN"), "{e}");
+    }
+
+    fn nack(errno: i32) -> rtnetlink::Error {
+        let mut msg = rtnetlink::packet_core::ErrorMessage::default();
+        msg.code = std::num::NonZeroI32::new(-errno);
+        rtnetlink::Error::NetlinkError(msg)
+    }
+
+    #[test]
+    fn errno_mapping() {
+        assert_eq!(errno(&nack(EEXIST)), Some(EEXIST));
+        assert_eq!(errno(&rtnetlink::Error::RequestFailed), None);
+        for (code, denied) in [
+            (EPERM, true),
+            (EACCES, true),
+            (EEXIST, false),
+            (ENODEV, false),
+        ] {
+            let e = nl_err("op", nack(code));
+            assert_eq!(
+                matches!(e, NetifError::PermissionDenied { .. }),
+                denied,
+                "errno {code}"
+            );
+            assert!(e.to_string().starts_with("op: "), "{e}");
+        }
     }
 
     #[test]
