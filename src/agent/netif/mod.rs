@@ -1,1 +1,572 @@
-//! netif (placeholder until its work lands).
+//! The VIP interface (DESIGN §7): a dummy link (or, where the kernel has no dummy driver, an
+//! empty bridge) that carries every VIP address as a /32 or /128, managed over rtnetlink.
+//!
+//! Owns the link and the addresses on it, and reports the host's other addresses for the
+//! IP-VIP safety check (§3). Depends on nothing else in l4lb; the agent calls [`Netif::sync`]
+//! with the VIP addresses of each table. The reconciliation itself is the pure [`plan`].
+
+mod plan;
+
+pub use plan::{Plan, host_prefix, is_kernel_managed, plan};
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::str::FromStr;
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use netlink_packet_route::address::{
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
+};
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::{AddressMessageBuilder, Handle, LinkBridge, LinkDummy, LinkUnspec};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+/// Which kind of link carries the VIPs (`--interface-kind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum InterfaceKind {
+    /// Dummy if the kernel has the driver, else an empty bridge.
+    Auto,
+    Dummy,
+    Bridge,
+    /// Install nothing; serve only VIPs that are already local (e.g. in 127.0.0.0/8).
+    None,
+}
+
+impl InterfaceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InterfaceKind::Auto => "auto",
+            InterfaceKind::Dummy => "dummy",
+            InterfaceKind::Bridge => "bridge",
+            InterfaceKind::None => "none",
+        }
+    }
+}
+
+impl fmt::Display for InterfaceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `--interface-kind` value that is not `auto`, `dummy`, `bridge` or `none`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown interface kind {0:?} (expected auto, dummy, bridge or none)")]
+pub struct UnknownKind(pub String);
+
+impl FromStr for InterfaceKind {
+    type Err = UnknownKind;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(InterfaceKind::Auto),
+            "dummy" => Ok(InterfaceKind::Dummy),
+            "bridge" => Ok(InterfaceKind::Bridge),
+            "none" => Ok(InterfaceKind::None),
+            _ => Err(UnknownKind(s.to_string())),
+        }
+    }
+}
+
+/// Why an interface operation failed. `main` maps [`NetifError::PermissionDenied`] to exit 2.
+#[derive(Debug, thiserror::Error)]
+pub enum NetifError {
+    #[error("{op}: permission denied (l4lb needs CAP_NET_ADMIN to manage its VIP interface)")]
+    PermissionDenied { op: String },
+    #[error("{op}: {source}")]
+    Netlink {
+        op: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("opening a netlink socket: {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("this kernel does not support {0} interfaces")]
+    Unsupported(InterfaceKind),
+    /// The name is taken by a link l4lb must not manage (a NIC, a veth, a bridge with ports...).
+    #[error("interface {name} exists but {reason}; refusing to manage its addresses")]
+    Unsuitable { name: String, reason: String },
+    /// The kernel refused an IPv6 VIP because IPv6 is disabled on the link (`disable_ipv6`).
+    #[error("cannot add {ip} to {link}: IPv6 is disabled on this interface")]
+    Ipv6Disabled { link: String, ip: IpAddr },
+    #[error("interface {0} vanished")]
+    Vanished(String),
+}
+
+const EPERM: i32 = 1;
+const ENODEV: i32 = 19;
+const EACCES: i32 = 13;
+const EEXIST: i32 = 17;
+const EOPNOTSUPP: i32 = 95;
+const EADDRNOTAVAIL: i32 = 99;
+
+/// The errno of a netlink NACK, if that is what `e` is.
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(msg) => Some(msg.raw_code().abs()),
+        _ => None,
+    }
+}
+
+fn nl_err(op: impl Into<String>, source: rtnetlink::Error) -> NetifError {
+    let op = op.into();
+    match errno(&source) {
+        Some(EPERM | EACCES) => NetifError::PermissionDenied { op },
+        _ => NetifError::Netlink { op, source },
+    }
+}
+
+/// The link being managed (absent for [`InterfaceKind::None`]).
+#[derive(Debug)]
+struct Link {
+    name: String,
+    index: u32,
+}
+
+/// A handle on the VIP interface. Dropping it stops the netlink connection and leaves the
+/// link and its addresses as they are (call [`Netif::clear`] on shutdown).
+pub struct Netif {
+    kind: InterfaceKind,
+    link: Option<Link>,
+    handle: Handle,
+    conn: JoinHandle<()>,
+}
+
+impl fmt::Debug for Netif {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Netif")
+            .field("kind", &self.kind)
+            .field("link", &self.link)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Netif {
+    fn drop(&mut self) {
+        self.conn.abort();
+    }
+}
+
+impl Netif {
+    /// Open (create if missing) link `name` of `kind` and bring it up. `Auto` tries a dummy
+    /// link and falls back to an empty bridge when the kernel has no dummy driver. An existing
+    /// dummy or port-less bridge with that name is reused; any other existing link is refused
+    /// ([`NetifError::Unsuitable`]). `None` installs nothing. Must run inside a tokio runtime.
+    pub async fn open(name: &str, kind: InterfaceKind) -> Result<Self, NetifError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(NetifError::Socket)?;
+        let conn = tokio::spawn(conn);
+        let mut me = Netif {
+            kind,
+            link: None,
+            handle,
+            conn,
+        };
+        if kind == InterfaceKind::None {
+            info!(
+                interface = name,
+                "interface kind none: installing no VIP addresses"
+            );
+            return Ok(me);
+        }
+        let (index, actual) = match me.find_link(name).await? {
+            Some(msg) => me.check_existing(name, kind, &msg).await?,
+            None => me.create(name, kind).await?,
+        };
+        me.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(|e| nl_err(format!("bringing {name} up"), e))?;
+        me.kind = actual;
+        me.link = Some(Link {
+            name: name.to_string(),
+            index,
+        });
+        Ok(me)
+    }
+
+    /// The kind in use: `Dummy`, `Bridge` or `None` (never `Auto`).
+    pub fn kind(&self) -> InterfaceKind {
+        self.kind
+    }
+
+    /// The link's name, or `None` for [`InterfaceKind::None`].
+    pub fn name(&self) -> Option<&str> {
+        self.link.as_ref().map(|l| l.name.as_str())
+    }
+
+    /// Make the addresses on the link exactly `want` (each /32 or /128): add the missing,
+    /// remove the extra (left-overs of a previous run, or a VIP installed with another prefix
+    /// length). IPv6 link-local addresses the kernel put there are left alone. Returns
+    /// `(added, removed)`. A no-op for `None`. `want` is expected to hold VIPs that passed the
+    /// §3 checks (never link-local). On error every other change has still been attempted.
+    pub async fn sync(
+        &self,
+        want: &BTreeSet<IpAddr>,
+    ) -> Result<(Vec<IpAddr>, Vec<IpAddr>), NetifError> {
+        let Some(link) = &self.link else {
+            return Ok((Vec::new(), Vec::new()));
+        };
+        let current = self.link_addresses(link).await?;
+        let nets: BTreeSet<IpNet> = current.iter().map(|(net, _)| *net).collect();
+        let plan = plan(&nets, want);
+        if plan.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        // One bad address must not keep the others off the link: try everything, then
+        // report the first failure (the caller retries the whole sync).
+        let mut first_err = None;
+        for net in &plan.to_remove {
+            if let Err(e) = self.del_one(link, *net).await {
+                warn!(interface = %link.name, %net, error = %e, "removing address failed");
+                first_err.get_or_insert(e);
+            }
+        }
+        for ip in &plan.to_add {
+            if let Err(e) = self.add_one(link, *ip).await {
+                warn!(interface = %link.name, %ip, error = %e, "adding VIP address failed");
+                first_err.get_or_insert(e);
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        let removed: Vec<IpAddr> = plan.to_remove.iter().map(IpNet::addr).collect();
+        info!(
+            interface = %link.name,
+            added = plan.to_add.len(),
+            removed = removed.len(),
+            "VIP addresses synced"
+        );
+        Ok((plan.to_add, removed))
+    }
+
+    /// Add `ips` (as /32 or /128, IPv6 without DAD so they are usable at once). Addresses
+    /// already present are fine. A no-op for `None`.
+    pub async fn add(&self, ips: &[IpAddr]) -> Result<(), NetifError> {
+        let Some(link) = &self.link else {
+            return Ok(());
+        };
+        for ip in ips {
+            self.add_one(link, *ip).await?;
+        }
+        Ok(())
+    }
+
+    /// Remove `ips` from the link, whatever prefix length they carry. Addresses already gone
+    /// are fine. A no-op for `None`.
+    pub async fn remove(&self, ips: &[IpAddr]) -> Result<(), NetifError> {
+        let Some(link) = &self.link else {
+            return Ok(());
+        };
+        if ips.is_empty() {
+            return Ok(());
+        }
+        let gone: BTreeSet<IpAddr> = ips.iter().copied().collect();
+        for (net, _) in self.link_addresses(link).await? {
+            if gone.contains(&net.addr()) {
+                self.del_one(link, net).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every address of this host's interfaces other than the VIP link, used to refuse IP VIPs
+    /// that would hijack a real local address (§3). For `None`: every local address.
+    pub async fn host_addresses(&self) -> Result<BTreeSet<IpAddr>, NetifError> {
+        let skip = self.link.as_ref().map(|l| l.index);
+        let mut out = BTreeSet::new();
+        let mut dump = self.handle.address().get().execute();
+        while let Some(msg) = dump
+            .try_next()
+            .await
+            .map_err(|e| nl_err("listing host addresses", e))?
+        {
+            if Some(msg.header.index) == skip {
+                continue;
+            }
+            if let Some(ip) = local_ip(&msg) {
+                out.insert(ip);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Remove every VIP address from the link (shutdown); the link itself stays.
+    pub async fn clear(&self) -> Result<(), NetifError> {
+        self.sync(&BTreeSet::new()).await.map(drop)
+    }
+
+    async fn find_link(&self, name: &str) -> Result<Option<LinkMessage>, NetifError> {
+        let res = self
+            .handle
+            .link()
+            .get()
+            .match_name(name)
+            .execute()
+            .try_next()
+            .await;
+        match res {
+            Ok(msg) => Ok(msg),
+            Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
+            Err(e) => Err(nl_err(format!("looking up {name}"), e)),
+        }
+    }
+
+    /// Decide whether an existing link may be reused; returns its index and kind.
+    async fn check_existing(
+        &self,
+        name: &str,
+        want: InterfaceKind,
+        msg: &LinkMessage,
+    ) -> Result<(u32, InterfaceKind), NetifError> {
+        let index = msg.header.index;
+        let unsuitable = |reason: String| NetifError::Unsuitable {
+            name: name.to_string(),
+            reason,
+        };
+        let found = match link_kind(msg) {
+            Some(InfoKind::Dummy) => InterfaceKind::Dummy,
+            Some(InfoKind::Bridge) => InterfaceKind::Bridge,
+            Some(other) => return Err(unsuitable(format!("is a {other:?} link"))),
+            None => return Err(unsuitable("is a physical or unknown link".into())),
+        };
+        if want != InterfaceKind::Auto && want != found {
+            return Err(unsuitable(format!("is a {found} link, not {want}")));
+        }
+        if found == InterfaceKind::Bridge {
+            let mut links = self.handle.link().get().execute();
+            while let Some(l) = links
+                .try_next()
+                .await
+                .map_err(|e| nl_err("listing links", e))?
+            {
+                if l.attributes.contains(&LinkAttribute::Controller(index)) {
+                    return Err(unsuitable("is a bridge with ports attached".into()));
+                }
+            }
+        }
+        info!(interface = name, kind = %found, "reusing existing VIP interface");
+        Ok((index, found))
+    }
+
+    async fn create(
+        &self,
+        name: &str,
+        kind: InterfaceKind,
+    ) -> Result<(u32, InterfaceKind), NetifError> {
+        let actual = match kind {
+            InterfaceKind::Dummy | InterfaceKind::Bridge => {
+                self.create_kind(name, kind).await?;
+                kind
+            }
+            _ => match self.create_kind(name, InterfaceKind::Dummy).await {
+                Ok(()) => InterfaceKind::Dummy,
+                Err(NetifError::Unsupported(_)) => {
+                    warn!(
+                        interface = name,
+                        "kernel has no dummy interface driver; using an empty bridge instead"
+                    );
+                    self.create_kind(name, InterfaceKind::Bridge).await?;
+                    InterfaceKind::Bridge
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        let msg = self
+            .find_link(name)
+            .await?
+            .ok_or_else(|| NetifError::Vanished(name.to_string()))?;
+        // Created concurrently by someone else? Then it must pass the same checks.
+        let found = link_kind(&msg);
+        let expect = match actual {
+            InterfaceKind::Dummy => InfoKind::Dummy,
+            _ => InfoKind::Bridge,
+        };
+        if found.as_ref() != Some(&expect) {
+            return self.check_existing(name, actual, &msg).await;
+        }
+        info!(interface = name, kind = %actual, "created VIP interface");
+        Ok((msg.header.index, actual))
+    }
+
+    async fn create_kind(&self, name: &str, kind: InterfaceKind) -> Result<(), NetifError> {
+        let msg = match kind {
+            InterfaceKind::Dummy => LinkDummy::new(name).up().build(),
+            _ => LinkBridge::new(name).up().build(),
+        };
+        match self.handle.link().add(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(EEXIST) => Ok(()),
+            Err(e) if errno(&e) == Some(EOPNOTSUPP) => Err(NetifError::Unsupported(kind)),
+            Err(e) => Err(nl_err(format!("creating {kind} interface {name}"), e)),
+        }
+    }
+
+    /// The addresses on the link with their prefix lengths, and the raw messages.
+    async fn link_addresses(
+        &self,
+        link: &Link,
+    ) -> Result<Vec<(IpNet, AddressMessage)>, NetifError> {
+        let mut out = Vec::new();
+        let mut dump = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(link.index)
+            .execute();
+        while let Some(msg) = dump
+            .try_next()
+            .await
+            .map_err(|e| nl_err(format!("listing addresses of {}", link.name), e))?
+        {
+            if let Some(ip) = local_ip(&msg) {
+                match IpNet::new(ip, msg.header.prefix_len) {
+                    Ok(net) => out.push((net, msg)),
+                    Err(_) => warn!(%ip, prefix = msg.header.prefix_len, "bad prefix length"),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn add_one(&self, link: &Link, ip: IpAddr) -> Result<(), NetifError> {
+        let mut req = self.handle.address().add(link.index, ip, host_prefix(ip));
+        if ip.is_ipv6() {
+            // A port-less bridge may have no carrier: without NODAD the address would sit in
+            // "tentative" state and refuse binds.
+            let m = req.message_mut();
+            m.header.flags |= AddressHeaderFlags::Nodad;
+            m.attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        match req.execute().await {
+            Ok(()) => {
+                debug!(interface = %link.name, %ip, "VIP address added");
+                Ok(())
+            }
+            Err(e) if errno(&e) == Some(EEXIST) => Ok(()),
+            // EACCES here is `disable_ipv6`, not a missing capability (that is EPERM).
+            Err(e) if ip.is_ipv6() && errno(&e) == Some(EACCES) => Err(NetifError::Ipv6Disabled {
+                link: link.name.clone(),
+                ip,
+            }),
+            Err(e) => Err(nl_err(format!("adding {ip} to {}", link.name), e)),
+        }
+    }
+
+    async fn del_one(&self, link: &Link, net: IpNet) -> Result<(), NetifError> {
+        let msg = match net.addr() {
+            IpAddr::V4(a) => AddressMessageBuilder::<Ipv4Addr>::new()
+                .index(link.index)
+                .address(a, net.prefix_len())
+                .build(),
+            IpAddr::V6(a) => AddressMessageBuilder::<Ipv6Addr>::new()
+                .index(link.index)
+                .address(a, net.prefix_len())
+                .build(),
+        };
+        match self.handle.address().del(msg).execute().await {
+            Ok(()) => {
+                debug!(interface = %link.name, %net, "address removed");
+                Ok(())
+            }
+            Err(e) if errno(&e) == Some(EADDRNOTAVAIL) => Ok(()),
+            Err(e) => Err(nl_err(format!("removing {net} from {}", link.name), e)),
+        }
+    }
+}
+
+fn link_kind(msg: &LinkMessage) -> Option<InfoKind> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Kind(k) => Some(k.clone()),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+/// The local address of an address message: `IFA_LOCAL` when present (it differs from
+/// `IFA_ADDRESS` on point-to-point links), else `IFA_ADDRESS`.
+fn local_ip(msg: &AddressMessage) -> Option<IpAddr> {
+    let mut address = None;
+    for attr in &msg.attributes {
+        match attr {
+            AddressAttribute::Local(ip) => return Some(*ip),
+            AddressAttribute::Address(ip) => address = Some(*ip),
+            _ => {}
+        }
+    }
+    address
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_parses_and_prints() {
+        for (s, k) in [
+            ("auto", InterfaceKind::Auto),
+            ("dummy", InterfaceKind::Dummy),
+            ("Bridge", InterfaceKind::Bridge),
+            ("none", InterfaceKind::None),
+        ] {
+            assert_eq!(s.parse::<InterfaceKind>(), Ok(k));
+            assert_eq!(k.to_string(), s.to_ascii_lowercase());
+        }
+        let err = "veth".parse::<InterfaceKind>().unwrap_err();
+        assert!(err.to_string().contains("veth"));
+    }
+
+    #[test]
+    fn permission_errors_name_cap_net_admin() {
+        let e = NetifError::PermissionDenied {
+            op: "creating dummy interface minuteman".into(),
+        };
+        assert!(e.to_string().contains("CAP_NET_ADMIN"), "{e}");
+    }
+
+    fn nack(errno: i32) -> rtnetlink::Error {
+        let mut msg = rtnetlink::packet_core::ErrorMessage::default();
+        msg.code = std::num::NonZeroI32::new(-errno);
+        rtnetlink::Error::NetlinkError(msg)
+    }
+
+    #[test]
+    fn errno_mapping() {
+        assert_eq!(errno(&nack(EEXIST)), Some(EEXIST));
+        assert_eq!(errno(&rtnetlink::Error::RequestFailed), None);
+        for (code, denied) in [
+            (EPERM, true),
+            (EACCES, true),
+            (EEXIST, false),
+            (ENODEV, false),
+        ] {
+            let e = nl_err("op", nack(code));
+            assert_eq!(
+                matches!(e, NetifError::PermissionDenied { .. }),
+                denied,
+                "errno {code}"
+            );
+            assert!(e.to_string().starts_with("op: "), "{e}");
+        }
+    }
+
+    #[test]
+    fn local_ip_prefers_ifa_local() {
+        let mut msg = AddressMessage::default();
+        let peer: IpAddr = "10.0.0.2".parse().unwrap();
+        let local: IpAddr = "10.0.0.1".parse().unwrap();
+        msg.attributes.push(AddressAttribute::Address(peer));
+        assert_eq!(local_ip(&msg), Some(peer));
+        msg.attributes.push(AddressAttribute::Local(local));
+        assert_eq!(local_ip(&msg), Some(local));
+        assert_eq!(local_ip(&AddressMessage::default()), None);
+    }
+}
