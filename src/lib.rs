@@ -1,4 +1,5 @@
 //! l4lb: a Layer-4 virtual-IP load balancer for Marathon clusters.
+#![warn(clippy::unwrap_used)]
 pub mod agent;
 pub mod alloc;
 pub mod api;

@@ -392,3 +392,53 @@ async fn etag_and_blocking_query_edges() {
     get_vips(ctl.api, Some(index + 1000), "10s").await;
     assert!(t.elapsed() < Duration::from_secs(2));
 }
+
+#[tokio::test]
+async fn apps_file_is_reread_on_change_and_a_bad_edit_keeps_the_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("apps.json");
+    let write = |n: usize| {
+        let app = web_app(n);
+        std::fs::write(&path, serde_json::json!({ "apps": [app] }).to_string()).unwrap();
+    };
+    write(1);
+    let mut reg = Registry::with_prefix("l4lb");
+    let metrics = SourceMetrics::new(&mut reg);
+    let (tx, mut rx) = table_channel();
+    let publisher = Publisher::new(BuildConfig::default(), tx, metrics);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(l4lb::source::file::run(
+        path.clone(),
+        Duration::from_millis(20),
+        publisher,
+        shutdown.clone(),
+    ));
+    let v1 = wait_version(&mut rx, 0).await;
+    write(2);
+    let v2 = wait_version(&mut rx, v1).await;
+    assert_eq!(rx.borrow().backend_count(), 2);
+    std::fs::write(&path, "{\"apps\": [ {\"id\": ").unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    std::fs::remove_file(&path).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        rx.borrow().version,
+        v2,
+        "a bad edit or a missing file replaced the table"
+    );
+    assert_eq!(rx.borrow().backend_count(), 2);
+    write(3);
+    wait_version(&mut rx, v2).await;
+    assert_eq!(rx.borrow().backend_count(), 3);
+    let mut m = String::new();
+    prometheus_client::encoding::text::encode(&mut m, &reg).unwrap();
+    assert!(
+        m.contains("l4lb_sync_errors_total{kind=\"file_payload\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("l4lb_sync_errors_total{kind=\"file_read\"} 1"),
+        "{m}"
+    );
+    shutdown.cancel();
+}

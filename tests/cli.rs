@@ -1,0 +1,234 @@
+//! Black-box tests of the real `l4lb` binary: `check`, `controller` on port 0 against a fake
+//! Marathon, exit codes.
+
+#[path = "common/marathon.rs"]
+mod marathon;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_l4lb");
+const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/apps.json");
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Start `l4lb args…` and wait for its "API listening" log line; return the API address.
+fn start(args: &[&str]) -> (Proc, SocketAddr) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("addr=").nth(1)
+                && line.contains("API listening")
+            {
+                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("no API address logged")
+        .parse()
+        .unwrap();
+    (Proc(child), addr)
+}
+
+fn sigterm(p: &Proc) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(p.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+}
+
+fn wait_exit(p: &mut Proc, within: Duration) -> std::process::ExitStatus {
+    let t = Instant::now();
+    loop {
+        if let Some(s) = p.0.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            t.elapsed() < within,
+            "process did not exit within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn check_prints_the_table_and_fails_on_rejected_labels() {
+    let out = Command::new(BIN)
+        .args(["check", "--apps-file", EXAMPLE])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let vips: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = vips
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["vip"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            "198.18.5.5:80",
+            "echo.marathon.l4lb.thisdcos.directory:5000",
+            "hello.marathon.l4lb.thisdcos.directory:80"
+        ]
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("apps.json");
+    let mut app = marathon::host_app("/bad", &["/fine:80", "web:70000", "127.0.0.1:80"], "tcp");
+    marathon::add_task(
+        &mut app,
+        marathon::task(
+            "/bad",
+            0,
+            "198.18.0.1",
+            &[31000, 31001, 31002],
+            "TASK_RUNNING",
+        ),
+    );
+    std::fs::write(&bad, serde_json::json!({ "apps": [app] }).to_string()).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--apps-file", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("[bad_port]") && err.contains("[loopback]"),
+        "{err}"
+    );
+    let vips: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(vips.as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn bad_configuration_exits_64() {
+    for args in [
+        vec!["controller"],
+        vec!["controller", "--marathon", "not a url"],
+        vec![
+            "controller",
+            "--apps-file",
+            "x",
+            "--vip-cidr",
+            "300.0.0.0/8",
+        ],
+        vec!["nonsense"],
+    ] {
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(64),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_binary_serves_marathon_vips_and_stops_on_sigterm() {
+    let fake = marathon::FakeMarathon::start().await;
+    let mut app = marathon::host_app("/web", &["/web:80"], "tcp");
+    marathon::add_task(
+        &mut app,
+        marathon::task("/web", 0, "198.18.0.1", &[31000], "TASK_RUNNING"),
+    );
+    fake.put_app(app);
+    let url = fake.url();
+    let (mut proc, api) = tokio::task::spawn_blocking(move || {
+        start(&[
+            "controller",
+            "--marathon",
+            &url,
+            "--api-listen",
+            "127.0.0.1:0",
+            "--vip-cidr",
+            "198.18.128.0/17",
+        ])
+    })
+    .await
+    .unwrap();
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = client
+            .get(format!("http://{api}/ready"))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let vips: serde_json::Value = client
+        .get(format!("http://{api}/v1/vips"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(vips[0]["vip"], "web.marathon.l4lb.thisdcos.directory:80");
+    assert_eq!(vips[0]["backend"][0]["port"], 31000);
+    let m = client
+        .get(format!("http://{api}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("l4lb_vips 1"), "{m}");
+    assert!(
+        m.contains("l4lb_marathon_requests_total{kind=\"apps\",outcome=\"ok\"}"),
+        "{m}"
+    );
+
+    // `l4lb vips` renders the same table for people.
+    let out = Command::new(BIN)
+        .args(["vips", "--api", &format!("http://{api}")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        text.contains("web.marathon.l4lb.thisdcos.directory:80")
+            && text.contains("198.18.0.1:31000"),
+        "{text}"
+    );
+
+    sigterm(&proc);
+    let status = tokio::task::spawn_blocking(move || wait_exit(&mut proc, Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
