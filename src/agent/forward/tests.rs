@@ -1,0 +1,1 @@
+//! Loopback tests of the forwarder with real sockets.
