@@ -161,7 +161,9 @@ impl UdpVip {
                     None => return,
                 },
             };
-            match up.try_send(data) {
+            // Straight to the non-blocking socket: a fresh tokio socket has no cached write
+            // readiness yet, so `try_send` would refuse the first datagram.
+            match socket2::SockRef::from(&*up).send(data) {
                 Ok(n) => {
                     backend.add_bytes(n as u64);
                     return;
@@ -266,7 +268,9 @@ async fn relay_replies(
             Ok(n) => {
                 ctx.metrics.udp_b2c.inc();
                 backend.add_bytes(n as u64);
-                if let Err(e) = vip_socket.try_send_to(&buf[..n], client) {
+                if let Err(e) =
+                    socket2::SockRef::from(&*vip_socket).send_to(&buf[..n], &client.into())
+                {
                     tracing::debug!(%client, error = %e, "UDP reply dropped");
                 }
                 let Some(flows) = flows.upgrade() else { return };
