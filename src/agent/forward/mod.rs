@@ -205,6 +205,10 @@ pub struct ForwardStats {
 }
 
 impl ForwardStats {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<VipKey, Arc<VipShared>>> {
+        self.vips.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Numbers for `backend` of `vip`, if both are currently served.
     pub fn backend(&self, vip: &VipKey, backend: SocketAddr) -> Option<BackendStats> {
         let vips = self.vips.read().unwrap_or_else(PoisonError::into_inner);
@@ -237,6 +241,8 @@ struct LiveVip {
     shared: Arc<VipShared>,
     /// Cancels this VIP's accept loop (or UDP loop).
     stop: CancellationToken,
+    /// That loop; it closes the listener (or socket) when it returns.
+    task: tokio::task::JoinHandle<()>,
     udp: Option<Arc<udp::io::UdpVip>>,
 }
 
@@ -288,20 +294,17 @@ impl Forwarder {
         let ctx = &self.ctx;
         let drain = ctx.cfg.drain_timeout;
         let kill = || ctx.hard_kill.child_token();
-        let mut stats = self
-            .stats
-            .vips
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
 
+        let mut stopped = Vec::new();
         for key in &d.removed {
             if let Some(live) = self.live.remove(key) {
                 live.stop.cancel();
+                stopped.push(live.task);
                 live.shared.retire(drain);
                 if let Some(u) = &live.udp {
                     u.drop_all();
                 }
-                stats.remove(key);
+                self.stats.write().remove(key);
                 report.removed.push(*key);
             }
         }
@@ -325,26 +328,32 @@ impl Forwarder {
             let stop = self.accept_stop.child_token();
             let bound = match key.protocol {
                 Protocol::Tcp => tcp::bind(key.socket_addr()).map(|listener| {
-                    ctx.tracker.spawn(tcp::accept_loop(
+                    let task = ctx.tracker.spawn(tcp::accept_loop(
                         Arc::clone(ctx),
                         Arc::clone(&shared),
                         listener,
                         stop.clone(),
                     ));
-                    None
+                    (task, None)
                 }),
                 Protocol::Udp => {
                     udp::io::UdpVip::bind(Arc::clone(ctx), Arc::clone(&shared)).map(|u| {
                         let u = Arc::new(u);
-                        ctx.tracker.spawn(Arc::clone(&u).run(stop.clone()));
-                        Some(u)
+                        let task = ctx.tracker.spawn(Arc::clone(&u).run(stop.clone()));
+                        (task, Some(u))
                     })
                 }
             };
             match bound {
-                Ok(udp) => {
-                    stats.insert(*key, Arc::clone(&shared));
-                    self.live.insert(*key, LiveVip { shared, stop, udp });
+                Ok((task, udp)) => {
+                    self.stats.write().insert(*key, Arc::clone(&shared));
+                    let live = LiveVip {
+                        shared,
+                        stop,
+                        task,
+                        udp,
+                    };
+                    self.live.insert(*key, live);
                     report.bound.push(*key);
                 }
                 Err(e) => {
@@ -354,7 +363,13 @@ impl Forwarder {
                 }
             }
         }
-        drop(stats);
+        // Removed VIPs stop accepting before apply returns, so their listeners are closed
+        // (and their addresses free to bind again) when the caller sees the report.
+        for task in stopped {
+            if let Err(e) = task.await {
+                tracing::warn!(error = %e, "VIP loop ended abnormally");
+            }
+        }
         let mut next = table.clone();
         for key in failed_keys {
             next.vips.remove(&key);

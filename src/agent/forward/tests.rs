@@ -589,3 +589,50 @@ async fn apply_of_unchanged_table_is_a_no_op() {
     assert_eq!(b.id, open(key).await.1);
     fwd.shutdown(Duration::from_secs(1)).await;
 }
+
+/// A one-backend change on a 10,000-VIP table touches one VIP: no rebind, no rebuild.
+#[tokio::test]
+async fn apply_of_one_change_on_a_large_table_is_cheap() {
+    const N: u32 = 10_000;
+    let port = {
+        let l = std::net::TcpListener::bind("127.10.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let key = |i: u32| VipKey {
+        ip: std::net::Ipv4Addr::from(0x7f0a_0000 + i + 1).into(),
+        port,
+        protocol: Protocol::Tcp,
+    };
+    let bk = |i: u32, j: u32| -> SocketAddr {
+        SocketAddr::new(
+            std::net::Ipv4Addr::from(0x0a00_0000 + i * 4 + j).into(),
+            8080,
+        )
+    };
+    let vips = |changed: Option<u32>| {
+        (0..N).map(move |i| {
+            let mut addrs = vec![bk(i, 0), bk(i, 1), bk(i, 2)];
+            if changed == Some(i) {
+                addrs.push(bk(i, 3));
+            }
+            vip(key(i), &active(&addrs))
+        })
+    };
+    let (mut fwd, _) = forwarder(ForwardConfig::default());
+    let t1 = VipTable::new(1, vips(None));
+    let start = std::time::Instant::now();
+    let r = fwd.apply(&t1).await;
+    let bind_all = start.elapsed();
+    assert_eq!(r.bound.len(), N as usize, "{:?}", r.failed.first());
+
+    let t2 = VipTable::new(2, vips(Some(N / 2))).share_with(&t1);
+    let start = std::time::Instant::now();
+    let r = fwd.apply(&t2).await;
+    let one_change = start.elapsed();
+    assert!(r.bound.is_empty() && r.removed.is_empty() && r.failed.is_empty());
+    assert!(fwd.stats().backend(&key(N / 2), bk(N / 2, 3)).is_some());
+    eprintln!("apply: {N} VIPs bound in {bind_all:?}; one-backend change in {one_change:?}");
+    // Debug build, shared CI machine: generous, but far below a rebuild.
+    assert!(one_change < bind_all / 10, "{one_change:?} vs {bind_all:?}");
+    fwd.shutdown(Duration::from_secs(1)).await;
+}
