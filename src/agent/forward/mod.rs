@@ -230,6 +230,8 @@ struct Ctx {
     /// One permit per open TCP connection (`max_connections`).
     permits: Arc<Semaphore>,
     pipes: tcp::PipePool,
+    /// Use splice(2) (off only in tests, to exercise the copy fallback).
+    splice: bool,
     /// Cancelled when the shutdown grace ends: every connection closes.
     hard_kill: CancellationToken,
     /// Accept loops and connections, for the bounded drain at shutdown.
@@ -270,6 +272,7 @@ impl Forwarder {
                 metrics,
                 permits,
                 pipes: tcp::PipePool::new(256),
+                splice: true,
                 hard_kill: CancellationToken::new(),
                 tracker: TaskTracker::new(),
             }),
@@ -376,6 +379,15 @@ impl Forwarder {
         }
         self.current = next;
         report
+    }
+
+    /// Copy instead of splicing, to test the fallback path. Call before the first apply.
+    #[cfg(test)]
+    fn without_splice(mut self) -> Self {
+        if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
+            ctx.splice = false;
+        }
+        self
     }
 
     /// A read-only stats handle for the HTTP API.

@@ -308,7 +308,12 @@ async fn pump(
         dir.inc_by(n as u64);
         activity.touch();
     };
-    match ctx.pipes.take() {
+    let pipe = if ctx.splice {
+        ctx.pipes.take()
+    } else {
+        Err(io::Error::other("splice disabled"))
+    };
+    match pipe {
         Ok(pipe) => match splice_loop(from, to, &pipe, &count).await {
             Ok(()) => ctx.pipes.put(pipe),
             Err(SpliceEnd::Io(e)) => return Err(e),

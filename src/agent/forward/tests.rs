@@ -375,9 +375,21 @@ async fn tcp_connection_cap_refuses_cleanly() {
 
 #[tokio::test]
 async fn tcp_half_close_still_delivers_the_reply() {
+    half_close(true).await;
+}
+
+#[tokio::test]
+async fn tcp_half_close_with_copy_fallback() {
+    half_close(false).await;
+}
+
+async fn half_close(splice: bool) {
     let b = TcpBackend::start(4).await;
     let key = free_tcp_vip();
     let (mut fwd, _) = forwarder(ForwardConfig::default());
+    if !splice {
+        fwd = fwd.without_splice();
+    }
     fwd.apply(&table(1, vec![vip(key, &active(&[b.addr]))]))
         .await;
     let mut s = TcpStream::connect(key.socket_addr()).await.unwrap();
@@ -391,16 +403,27 @@ async fn tcp_half_close_still_delivers_the_reply() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_large_transfer_is_byte_exact() {
-    const LEN: usize = 64 << 20;
+    large_transfer(64 << 20, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_large_transfer_with_copy_fallback() {
+    large_transfer(8 << 20, false).await;
+}
+
+async fn large_transfer(len: usize, splice: bool) {
     let b = TcpBackend::start(0).await;
     let key = free_tcp_vip();
     let (mut fwd, m) = forwarder(ForwardConfig::default());
+    if !splice {
+        fwd = fwd.without_splice();
+    }
     fwd.apply(&table(1, vec![vip(key, &active(&[b.addr]))]))
         .await;
     let (s, _) = open(key).await;
     let (mut r, mut w) = s.into_split();
     // A cheap deterministic pattern that is not periodic at any small size.
-    let data: Vec<u8> = (0..LEN as u64)
+    let data: Vec<u8> = (0..len as u64)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
     let data = std::sync::Arc::new(data);
@@ -409,16 +432,16 @@ async fn tcp_large_transfer_is_byte_exact() {
         w.write_all(&d2).await.unwrap();
         w.shutdown().await.unwrap();
     });
-    let mut got = Vec::with_capacity(LEN);
+    let mut got = Vec::with_capacity(len);
     timeout(Duration::from_secs(120), r.read_to_end(&mut got))
         .await
         .unwrap()
         .unwrap();
     writer.await.unwrap();
-    assert_eq!(got.len(), LEN);
+    assert_eq!(got.len(), len);
     assert!(got == *data, "payload differs");
-    assert_eq!(m.bytes_c2b.get(), LEN as u64);
-    assert_eq!(m.bytes_b2c.get(), LEN as u64 + 3);
+    assert_eq!(m.bytes_c2b.get(), len as u64);
+    assert_eq!(m.bytes_b2c.get(), len as u64 + 3);
     fwd.shutdown(Duration::from_secs(1)).await;
 }
 
@@ -634,5 +657,106 @@ async fn apply_of_one_change_on_a_large_table_is_cheap() {
     eprintln!("apply: {N} VIPs bound in {bind_all:?}; one-backend change in {one_change:?}");
     // Debug build, shared CI machine: generous, but far below a rebuild.
     assert!(one_change < bind_all / 10, "{one_change:?} vs {bind_all:?}");
+    fwd.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn tcp_idle_timeout_closes_quiet_connections() {
+    let b = TcpBackend::start(0).await;
+    let key = free_tcp_vip();
+    let cfg = ForwardConfig {
+        tcp_idle_timeout: Some(Duration::from_millis(200)),
+        ..ForwardConfig::default()
+    };
+    let (mut fwd, m) = forwarder(cfg);
+    fwd.apply(&table(1, vec![vip(key, &active(&[b.addr]))]))
+        .await;
+    let (mut s, _) = open(key).await;
+    // Traffic keeps it open past the timeout...
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        echo(&mut s, b"tick").await;
+    }
+    // ...silence closes it.
+    let mut buf = [0u8; 8];
+    let n = timeout(Duration::from_secs(3), s.read(&mut buf))
+        .await
+        .expect("idle connection not closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(m.connections_active.get(), 0);
+    fwd.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn metrics_are_exported_with_the_l4lb_prefix() {
+    let mut reg = Registry::default();
+    let m = ForwardMetrics::new(&mut reg);
+    let b = TcpBackend::start(0).await;
+    let dead = TcpBackend::start(1).await;
+    dead.kill();
+    tokio::task::yield_now().await;
+    let key = free_tcp_vip();
+    let mut fwd = Forwarder::new(ForwardConfig::default(), m, CancellationToken::new());
+    fwd.apply(&table(1, vec![vip(key, &active(&[b.addr, dead.addr]))]))
+        .await;
+    for _ in 0..10 {
+        let (mut s, id) = open(key).await;
+        assert_eq!(id, 0);
+        echo(&mut s, b"m").await;
+    }
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+    for want in [
+        "l4lb_connections_total 10",
+        "l4lb_connections_active",
+        "l4lb_connections_refused_total 0",
+        "l4lb_bytes_total{direction=\"client_to_backend\"}",
+        "l4lb_bytes_total{direction=\"backend_to_client\"}",
+        "l4lb_udp_sessions_active",
+        "l4lb_udp_datagrams_total{direction=\"client_to_backend\"}",
+    ] {
+        assert!(out.contains(want), "missing {want} in\n{out}");
+    }
+    let failed = format!(
+        "l4lb_backend_connect_failures_total{{backend=\"{}\"}} 1",
+        dead.addr
+    );
+    let ejected = format!(
+        "l4lb_backend_ejections_total{{backend=\"{}\"}} 1",
+        dead.addr
+    );
+    assert!(out.contains(&failed), "{out}");
+    assert!(out.contains(&ejected), "{out}");
+    fwd.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn tcp_over_ipv6_loopback() {
+    let Ok(probe) = std::net::TcpListener::bind("[::1]:0") else {
+        eprintln!("no IPv6 loopback; skipped");
+        return;
+    };
+    let port = probe.local_addr().unwrap().port();
+    drop(probe);
+    let l = TcpListener::bind("[::1]:0").await.unwrap();
+    let baddr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let _ = s.write_all(b"b6\n").await;
+        }
+    });
+    let key = VipKey {
+        ip: "::1".parse().unwrap(),
+        port,
+        protocol: Protocol::Tcp,
+    };
+    let (mut fwd, _) = forwarder(ForwardConfig::default());
+    let r = fwd
+        .apply(&table(1, vec![vip(key, &active(&[baddr]))]))
+        .await;
+    assert_eq!(r.bound, vec![key], "{:?}", r.failed);
+    assert_eq!(open(key).await.1, 6);
     fwd.shutdown(Duration::from_secs(1)).await;
 }
