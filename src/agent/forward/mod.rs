@@ -50,7 +50,8 @@ pub struct ForwardConfig {
     pub max_connections: usize,
     /// A UDP session with no datagram either way for this long expires.
     pub udp_idle_timeout: Duration,
-    /// Cap on UDP sessions per VIP; past it datagrams from new clients are dropped and counted.
+    /// Global cap on UDP sessions (each holds a socket); past it datagrams from new clients
+    /// are dropped and counted, existing sessions are unaffected.
     pub max_udp_sessions: usize,
 }
 
@@ -229,6 +230,8 @@ struct Ctx {
     metrics: ForwardMetrics,
     /// One permit per open TCP connection (`max_connections`).
     permits: Arc<Semaphore>,
+    /// One permit per UDP session (`max_udp_sessions`).
+    udp_permits: Arc<Semaphore>,
     pipes: tcp::PipePool,
     /// Use splice(2) (off only in tests, to exercise the copy fallback).
     splice: bool,
@@ -266,11 +269,15 @@ impl Forwarder {
         let permits = Arc::new(Semaphore::new(
             cfg.max_connections.min(Semaphore::MAX_PERMITS),
         ));
+        let udp_permits = Arc::new(Semaphore::new(
+            cfg.max_udp_sessions.min(Semaphore::MAX_PERMITS),
+        ));
         Forwarder {
             ctx: Arc::new(Ctx {
                 cfg,
                 metrics,
                 permits,
+                udp_permits,
                 pipes: tcp::PipePool::new(256),
                 splice: true,
                 hard_kill: CancellationToken::new(),
@@ -414,5 +421,13 @@ impl Forwarder {
             self.ctx.hard_kill.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), self.ctx.tracker.wait()).await;
         }
+    }
+}
+
+impl Drop for Forwarder {
+    /// A forwarder nobody can update any more stops accepting; open connections continue
+    /// (use [`Forwarder::shutdown`] for a bounded drain).
+    fn drop(&mut self) {
+        self.accept_stop.cancel();
     }
 }

@@ -597,6 +597,20 @@ async fn udp_session_cap_refuses_new_clients() {
     );
     assert_eq!(m.udp_sessions_refused.get(), 1);
     assert_eq!(udp_ask(&c1, key, "c").await, "b0:c");
+    // The cap is global: another UDP VIP is refused too.
+    let key2 = free_udp_vip();
+    fwd.apply(&table(
+        2,
+        vec![vip(key, &active(&[b.addr])), vip(key2, &active(&[b.addr]))],
+    ))
+    .await;
+    c2.send_to(b"d", key2.socket_addr()).await.unwrap();
+    assert!(
+        timeout(Duration::from_millis(200), c2.recv_from(&mut buf))
+            .await
+            .is_err()
+    );
+    assert_eq!(m.udp_sessions_refused.get(), 2);
     fwd.shutdown(Duration::from_secs(1)).await;
 }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
 use tokio::net::UdpSocket;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +30,7 @@ pub(crate) struct SessionIo {
     backend: Arc<BackendShared>,
     replies: JoinHandle<()>,
     ctx: Arc<Ctx>,
+    _permit: OwnedSemaphorePermit,
 }
 
 impl SessionIo {
@@ -37,6 +39,7 @@ impl SessionIo {
         backend: Arc<BackendShared>,
         replies: JoinHandle<()>,
         ctx: Arc<Ctx>,
+        permit: OwnedSemaphorePermit,
     ) -> Self {
         backend.active.fetch_add(1, Ordering::Relaxed);
         ctx.metrics.udp_sessions_active.inc();
@@ -45,6 +48,7 @@ impl SessionIo {
             backend,
             replies,
             ctx,
+            _permit: permit,
         }
     }
 }
@@ -186,6 +190,9 @@ impl UdpVip {
         client: SocketAddr,
         now: Instant,
     ) -> Option<(Arc<UdpSocket>, Arc<BackendShared>)> {
+        // An expired session of this client goes first, so it does not hold a permit.
+        let stale = lock(&self.flows).remove(client);
+        drop(stale);
         let set = self.vip.set.load();
         let backend = {
             let mut rng = rand::rng();
@@ -193,6 +200,11 @@ impl UdpVip {
         };
         let Some(backend) = backend else {
             self.ctx.metrics.udp_sessions_refused.inc();
+            return None;
+        };
+        let Ok(permit) = Arc::clone(&self.ctx.udp_permits).try_acquire_owned() else {
+            self.ctx.metrics.udp_sessions_refused.inc();
+            tracing::debug!(vip = %self.vip.key, "UDP session refused: at --max-udp-sessions");
             return None;
         };
         let up = match connect_upstream(backend.addr) {
@@ -215,6 +227,7 @@ impl UdpVip {
             Arc::clone(&backend),
             replies,
             Arc::clone(&self.ctx),
+            permit,
         );
         let replaced = lock(&self.flows).insert(client, backend.addr, io, now);
         match replaced {
