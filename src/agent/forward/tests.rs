@@ -774,3 +774,54 @@ async fn tcp_over_ipv6_loopback() {
     assert_eq!(open(key).await.1, 6);
     fwd.shutdown(Duration::from_secs(1)).await;
 }
+
+/// A listener whose accept queue is full drops SYNs: connects to it time out.
+fn blackhole() -> (socket2::Socket, Vec<std::net::TcpStream>, SocketAddr) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    s.listen(0).unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(c) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)) {
+            fillers.push(c);
+        }
+    }
+    (s, fillers, addr)
+}
+
+#[tokio::test]
+async fn tcp_connect_timeouts_are_retried_and_eject() {
+    let good = TcpBackend::start(0).await;
+    let (_hole, _fillers, hole) = blackhole();
+    let key = free_tcp_vip();
+    let cfg = ForwardConfig {
+        connect_timeout: Duration::from_millis(100),
+        ..ForwardConfig::default()
+    };
+    let (mut fwd, m) = forwarder(cfg);
+    fwd.apply(&table(1, vec![vip(key, &active(&[good.addr, hole]))]))
+        .await;
+    for _ in 0..20 {
+        let (mut s, id) = open(key).await;
+        assert_eq!(id, 0);
+        echo(&mut s, b"t").await;
+    }
+    // Timeouts count one by one: the black hole is ejected after FAILURES_TO_EJECT.
+    let st = fwd.stats().backend(&key, hole).unwrap();
+    assert!(st.ejected, "{st:?}");
+    assert_eq!(
+        m.connect_failures
+            .get_or_create(&BackendLabels {
+                backend: hole.to_string()
+            })
+            .get(),
+        u64::from(balancer::FAILURES_TO_EJECT)
+    );
+    assert_eq!(
+        m.connections_retried.get(),
+        u64::from(balancer::FAILURES_TO_EJECT)
+    );
+    fwd.shutdown(Duration::from_secs(1)).await;
+}
