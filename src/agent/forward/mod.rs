@@ -256,7 +256,8 @@ struct LiveVip {
 pub struct Forwarder {
     ctx: Arc<Ctx>,
     accept_stop: CancellationToken,
-    /// What is served: the last applied table minus VIPs that failed to bind.
+    /// What is served: the last applied table minus VIPs that failed to bind (which the next
+    /// diff then sees as added again).
     current: VipTable,
     live: HashMap<VipKey, LiveVip>,
     stats: ForwardStats,
@@ -293,12 +294,15 @@ impl Forwarder {
     /// Make the forwarder serve exactly `table`: bind every VIP not yet bound, update the
     /// backend sets of VIPs that stay without touching their listener or the flows to
     /// staying backends, and close the listeners of VIPs that are gone (their open
-    /// connections keep running). Costs O(changed VIPs + their backends) plus one linear diff.
+    /// connections keep running). Costs O(changed VIPs + their backends) plus one linear
+    /// diff, which skips VIPs shared by pointer with the previous table (build tables with
+    /// [`VipTable::share_with`] to get that fast path).
     pub async fn apply(&mut self, table: &VipTable) -> ApplyReport {
         let d = diff(&self.current, table);
         let mut report = ApplyReport::default();
+        self.current.version = table.version;
+        self.current.changed_at_ms = table.changed_at_ms;
         if d.is_empty() {
-            self.current = table.clone();
             return report;
         }
         let ctx = &self.ctx;
@@ -307,6 +311,7 @@ impl Forwarder {
 
         let mut stopped = Vec::new();
         for key in &d.removed {
+            self.current.vips.remove(key);
             if let Some(live) = self.live.remove(key) {
                 live.stop.cancel();
                 stopped.push(live.task);
@@ -323,12 +328,12 @@ impl Forwarder {
             else {
                 continue;
             };
+            self.current.vips.insert(change.key, Arc::clone(vip));
             let c = live.shared.update(vip, &ctx.metrics, drain, kill);
             if let Some(u) = &live.udp {
                 u.drop_backends(&c.removed);
             }
         }
-        let mut failed_keys = Vec::new();
         for key in &d.added {
             let Some(vip) = table.vips.get(key) else {
                 continue;
@@ -364,11 +369,11 @@ impl Forwarder {
                         udp,
                     };
                     self.live.insert(*key, live);
+                    self.current.vips.insert(*key, Arc::clone(vip));
                     report.bound.push(*key);
                 }
                 Err(e) => {
                     tracing::warn!(vip = %key, error = %e, "cannot bind VIP");
-                    failed_keys.push(*key);
                     report.failed.push((*key, e));
                 }
             }
@@ -380,11 +385,6 @@ impl Forwarder {
                 tracing::warn!(error = %e, "VIP loop ended abnormally");
             }
         }
-        let mut next = table.clone();
-        for key in failed_keys {
-            next.vips.remove(&key);
-        }
-        self.current = next;
         report
     }
 
