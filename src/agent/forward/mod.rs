@@ -85,6 +85,7 @@ pub struct ForwardMetrics {
     connections: Counter,
     connections_active: Gauge,
     connections_refused: Counter,
+    connections_no_backend: Counter,
     connections_retried: Counter,
     bytes_c2b: Counter,
     bytes_b2c: Counter,
@@ -111,6 +112,7 @@ impl ForwardMetrics {
             connections: Counter::default(),
             connections_active: Gauge::default(),
             connections_refused: Counter::default(),
+            connections_no_backend: Counter::default(),
             connections_retried: Counter::default(),
             bytes_c2b: bytes.get_or_create_owned(&C2B),
             bytes_b2c: bytes.get_or_create_owned(&B2C),
@@ -133,8 +135,13 @@ impl ForwardMetrics {
         );
         registry.register(
             "l4lb_connections_refused",
-            "TCP connections closed at once: over --max-connections or no backend",
+            "TCP connections closed at once for being over --max-connections",
             m.connections_refused.clone(),
+        );
+        registry.register(
+            "l4lb_connections_no_backend",
+            "TCP connections closed because no backend could be reached",
+            m.connections_no_backend.clone(),
         );
         registry.register(
             "l4lb_connections_retried",

@@ -55,9 +55,18 @@ pub(super) async fn accept_loop(
         let client = match accepted {
             Ok((client, _)) => client,
             Err(e) => {
-                // EMFILE and friends: back off a little rather than spin.
-                tracing::warn!(vip = %vip.key, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Out of descriptors or memory: back off a little rather than spin. Other
+                // errors (a client that gave up in the backlog) concern one connection only.
+                let exhausted = matches!(
+                    e.raw_os_error().map(Errno::from_raw),
+                    Some(Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM)
+                );
+                if exhausted {
+                    tracing::warn!(vip = %vip.key, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                } else {
+                    tracing::debug!(vip = %vip.key, error = %e, "accept failed");
+                }
                 continue;
             }
         };
@@ -109,7 +118,7 @@ fn tune(s: &TcpStream) {
 async fn handle(ctx: &Ctx, vip: &VipShared, client: TcpStream) {
     tune(&client);
     let Some((guard, upstream)) = connect_upstream(ctx, vip).await else {
-        ctx.metrics.connections_refused.inc();
+        ctx.metrics.connections_no_backend.inc();
         return;
     };
     ctx.metrics.connections_active.inc();

@@ -229,7 +229,8 @@ async fn tcp_all_backends_dead_fails_cleanly() {
     let mut buf = [0u8; 8];
     let n = timeout(T, s.read(&mut buf)).await.unwrap().unwrap_or(0);
     assert_eq!(n, 0);
-    assert_eq!(m.connections_refused.get(), 1);
+    assert_eq!(m.connections_no_backend.get(), 1);
+    assert_eq!(m.connections_refused.get(), 0);
     fwd.shutdown(Duration::from_secs(1)).await;
 }
 
@@ -726,6 +727,7 @@ async fn metrics_are_exported_with_the_l4lb_prefix() {
         "l4lb_connections_total 10",
         "l4lb_connections_active",
         "l4lb_connections_refused_total 0",
+        "l4lb_connections_no_backend_total 0",
         "l4lb_bytes_total{direction=\"client_to_backend\"}",
         "l4lb_bytes_total{direction=\"backend_to_client\"}",
         "l4lb_udp_sessions_active",

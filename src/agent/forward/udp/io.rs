@@ -1,6 +1,10 @@
 //! The UDP shell: one socket per VIP bound to the VIP address (so replies leave from it); per
 //! client session a connected upstream socket to one backend and a task relaying its replies
 //! back through the VIP socket. Drives the pure [`FlowTable`].
+//!
+//! Sessions to a backend that leaves the table are dropped at once; sessions to a backend
+//! that turns draining continue until idle. A refused send or receive (ICMP port
+//! unreachable) ends the session and counts against the backend's health.
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -83,6 +87,8 @@ fn bind_socket(addr: SocketAddr, reuse: bool) -> io::Result<UdpSocket> {
     }
     if reuse {
         sock.set_reuse_address(true)?;
+        // Absorb bursts on the shared VIP socket; the kernel may clamp this, which is fine.
+        let _ = sock.set_recv_buffer_size(4 << 20);
     }
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
