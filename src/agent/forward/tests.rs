@@ -827,3 +827,57 @@ async fn tcp_connect_timeouts_are_retried_and_eject() {
     );
     fwd.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test]
+async fn udp_dead_backend_session_moves_to_a_live_one() {
+    let bs = [UdpBackend::start(0).await, UdpBackend::start(1).await];
+    let key = free_udp_vip();
+    let (mut fwd, _) = forwarder(ForwardConfig::default());
+    let addrs: Vec<_> = bs.iter().map(|b| b.addr).collect();
+    fwd.apply(&table(1, vec![vip(key, &active(&addrs))])).await;
+    let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let first = udp_ask(&c, key, "x").await;
+    let id: usize = first[1..2].parse().unwrap();
+    bs[id].task.abort();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The datagram that meets the dead backend is lost (ICMP ends the session); a retry by
+    // the client reaches the live backend.
+    let mut buf = [0u8; 64];
+    let mut moved = None;
+    for _ in 0..10 {
+        c.send_to(b"y", key.socket_addr()).await.unwrap();
+        if let Ok(r) = timeout(Duration::from_millis(200), c.recv_from(&mut buf)).await {
+            let (n, _) = r.unwrap();
+            moved = Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+            break;
+        }
+    }
+    assert_eq!(moved, Some(format!("b{}:y", 1 - id)));
+    assert!(fwd.stats().backend(&key, bs[id].addr).unwrap().ejected);
+    fwd.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn tcp_backend_active_again_cancels_its_drain_timeout() {
+    let b = TcpBackend::start(0).await;
+    let key = free_tcp_vip();
+    let cfg = ForwardConfig {
+        drain_timeout: Some(Duration::from_millis(200)),
+        ..ForwardConfig::default()
+    };
+    let (mut fwd, _) = forwarder(cfg);
+    fwd.apply(&table(1, vec![vip(key, &active(&[b.addr]))]))
+        .await;
+    let (mut held, _) = open(key).await;
+    fwd.apply(&table(
+        2,
+        vec![vip(key, &[(b.addr, BackendState::Draining)])],
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    fwd.apply(&table(3, vec![vip(key, &active(&[b.addr]))]))
+        .await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    echo(&mut held, b"survived").await;
+    fwd.shutdown(Duration::from_secs(1)).await;
+}
