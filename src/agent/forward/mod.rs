@@ -305,8 +305,12 @@ impl Forwarder {
     /// diff, which skips VIPs shared by pointer with the previous table (build tables with
     /// [`VipTable::share_with`] to get that fast path).
     pub async fn apply(&mut self, table: &VipTable) -> ApplyReport {
-        let d = diff(&self.current, table);
         let mut report = ApplyReport::default();
+        if self.accept_stop.is_cancelled() {
+            // Shutting down: bind nothing new (it would not accept anyway).
+            return report;
+        }
+        let d = diff(&self.current, table);
         self.current.version = table.version;
         self.current.changed_at_ms = table.changed_at_ms;
         if d.is_empty() {

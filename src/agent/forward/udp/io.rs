@@ -26,6 +26,8 @@ use crate::agent::forward::state::{BackendShared, VipShared};
 
 /// Largest datagram relayed.
 const MAX_DATAGRAM: usize = 65_536;
+/// Datagrams read per wake-up of a VIP socket beyond the first.
+const BATCH: usize = 63;
 
 /// The I/O half of one session; dropping it closes the session.
 #[derive(Debug)]
@@ -145,7 +147,16 @@ impl UdpVip {
                     drop(gone);
                 }
                 r = self.socket.recv_from(&mut buf) => match r {
-                    Ok((n, client)) => self.on_datagram(&buf[..n], client),
+                    Ok((n, client)) => {
+                        self.on_datagram(&buf[..n], client);
+                        // Take what else is queued without another trip through the reactor.
+                        for _ in 0..BATCH {
+                            match self.socket.try_recv_from(&mut buf) {
+                                Ok((n, client)) => self.on_datagram(&buf[..n], client),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     Err(e) => {
                         // ICMP errors for earlier replies surface here; nothing to do.
                         tracing::debug!(vip = %self.vip.key, error = %e, "UDP recv");
