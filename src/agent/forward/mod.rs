@@ -1,1 +1,444 @@
-//! forward (placeholder until its work lands).
+//! The data-plane forwarder: one TCP listener or UDP socket per VIP, moving client traffic to
+//! the VIP's backends.
+//!
+//! [`Forwarder::apply`] makes the forwarder serve exactly a [`VipTable`], touching only what the
+//! [`diff`] from the previous table says changed: per-VIP backend sets are swapped atomically
+//! (the accept paths read them without locks) and backends that stay keep their connections,
+//! sessions, counters and health. Pure cores ([`balancer`], [`udp::flows`]) take `now` and own
+//! no sockets; [`tcp`] and `udp::io` are the I/O shells. Depends on `model` only, never on
+//! `source`.
+
+pub mod balancer;
+mod state;
+mod tcp;
+pub mod udp;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::model::{Protocol, VipKey, VipTable, diff};
+use state::VipShared;
+
+/// Tunables of the forwarder (the agent's `--connect-timeout` and friends).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardConfig {
+    /// How long one TCP connect to a backend may take.
+    pub connect_timeout: Duration,
+    /// Further backends tried after a failed connect, for one client connection.
+    pub connect_retries: u32,
+    /// Close a TCP connection with no bytes in either direction for this long.
+    pub tcp_idle_timeout: Option<Duration>,
+    /// Close connections to a backend this long after it turned draining or left.
+    pub drain_timeout: Option<Duration>,
+    /// Global cap on open TCP connections; past it new ones are closed at once and counted.
+    pub max_connections: usize,
+    /// A UDP session with no datagram either way for this long expires.
+    pub udp_idle_timeout: Duration,
+    /// Global cap on UDP sessions (each holds a socket); past it datagrams from new clients
+    /// are dropped and counted, existing sessions are unaffected.
+    pub max_udp_sessions: usize,
+}
+
+impl Default for ForwardConfig {
+    fn default() -> Self {
+        ForwardConfig {
+            connect_timeout: Duration::from_secs(1),
+            connect_retries: 2,
+            tcp_idle_timeout: None,
+            drain_timeout: None,
+            max_connections: 100_000,
+            udp_idle_timeout: Duration::from_secs(30),
+            max_udp_sessions: 65_536,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BackendLabels {
+    backend: String,
+}
+
+/// The forwarder's Prometheus metrics (all `l4lb_`-prefixed). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ForwardMetrics {
+    connections: Counter,
+    connections_active: Gauge,
+    connections_refused: Counter,
+    connections_no_backend: Counter,
+    connections_retried: Counter,
+    bytes_c2b: Counter,
+    bytes_b2c: Counter,
+    connect_failures: Family<BackendLabels, Counter>,
+    ejections: Family<BackendLabels, Counter>,
+    udp_sessions_active: Gauge,
+    udp_sessions_refused: Counter,
+    udp_c2b: Counter,
+    udp_b2c: Counter,
+}
+
+const C2B: DirectionLabels = DirectionLabels {
+    direction: "client_to_backend",
+};
+const B2C: DirectionLabels = DirectionLabels {
+    direction: "backend_to_client",
+};
+
+impl ForwardMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let bytes = Family::<DirectionLabels, Counter>::default();
+        let datagrams = Family::<DirectionLabels, Counter>::default();
+        let m = ForwardMetrics {
+            connections: Counter::default(),
+            connections_active: Gauge::default(),
+            connections_refused: Counter::default(),
+            connections_no_backend: Counter::default(),
+            connections_retried: Counter::default(),
+            bytes_c2b: bytes.get_or_create_owned(&C2B),
+            bytes_b2c: bytes.get_or_create_owned(&B2C),
+            connect_failures: Family::default(),
+            ejections: Family::default(),
+            udp_sessions_active: Gauge::default(),
+            udp_sessions_refused: Counter::default(),
+            udp_c2b: datagrams.get_or_create_owned(&C2B),
+            udp_b2c: datagrams.get_or_create_owned(&B2C),
+        };
+        registry.register(
+            "l4lb_connections",
+            "TCP connections accepted on VIPs (including refused ones)",
+            m.connections.clone(),
+        );
+        registry.register(
+            "l4lb_connections_active",
+            "Open TCP connections through VIPs",
+            m.connections_active.clone(),
+        );
+        registry.register(
+            "l4lb_connections_refused",
+            "TCP connections closed at once for being over --max-connections",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "l4lb_connections_no_backend",
+            "TCP connections closed because no backend could be reached",
+            m.connections_no_backend.clone(),
+        );
+        registry.register(
+            "l4lb_connections_retried",
+            "Backend connects retried on another backend after a failure",
+            m.connections_retried.clone(),
+        );
+        registry.register("l4lb_bytes", "Bytes forwarded over TCP", bytes);
+        registry.register(
+            "l4lb_backend_connect_failures",
+            "Failed or timed-out connects per backend",
+            m.connect_failures.clone(),
+        );
+        registry.register(
+            "l4lb_backend_ejections",
+            "Passive-health ejections per backend",
+            m.ejections.clone(),
+        );
+        registry.register(
+            "l4lb_udp_sessions_active",
+            "Open UDP sessions",
+            m.udp_sessions_active.clone(),
+        );
+        registry.register(
+            "l4lb_udp_sessions_refused",
+            "UDP datagrams from new clients dropped over --max-udp-sessions or with no backend",
+            m.udp_sessions_refused.clone(),
+        );
+        registry.register("l4lb_udp_datagrams", "UDP datagrams forwarded", datagrams);
+        m
+    }
+
+    fn backend_counters(&self, addr: SocketAddr) -> (Counter, Counter) {
+        let l = BackendLabels {
+            backend: addr.to_string(),
+        };
+        (
+            self.connect_failures.get_or_create_owned(&l),
+            self.ejections.get_or_create_owned(&l),
+        )
+    }
+}
+
+/// What one [`Forwarder::apply`] did.
+#[derive(Debug, Default)]
+pub struct ApplyReport {
+    /// VIPs newly bound by this apply (advertise them).
+    pub bound: Vec<VipKey>,
+    /// VIPs that could not be bound; the next apply tries them again.
+    pub failed: Vec<(VipKey, std::io::Error)>,
+    /// VIPs no longer served (stop advertising them).
+    pub removed: Vec<VipKey>,
+}
+
+/// Live numbers for one backend of one VIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendStats {
+    /// Open TCP connections (or UDP sessions).
+    pub active_connections: u64,
+    /// Bytes forwarded, both directions.
+    pub bytes: u64,
+    /// Ejected by passive health right now.
+    pub ejected: bool,
+}
+
+/// Read-only view of the forwarder's per-backend numbers, for the HTTP API.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardStats {
+    vips: Arc<RwLock<HashMap<VipKey, Arc<VipShared>>>>,
+}
+
+impl ForwardStats {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<VipKey, Arc<VipShared>>> {
+        self.vips.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Numbers for `backend` of `vip`, if both are currently served.
+    pub fn backend(&self, vip: &VipKey, backend: SocketAddr) -> Option<BackendStats> {
+        let vips = self.vips.read().unwrap_or_else(PoisonError::into_inner);
+        let set = vips.get(vip)?.set.load();
+        let (b, _) = set.get(backend)?;
+        Some(BackendStats {
+            active_connections: b.active.load(Ordering::Relaxed),
+            bytes: b.bytes.load(Ordering::Relaxed),
+            ejected: b.is_ejected(Instant::now()),
+        })
+    }
+}
+
+/// Shared by every task of the forwarder.
+#[derive(Debug)]
+struct Ctx {
+    cfg: ForwardConfig,
+    metrics: ForwardMetrics,
+    /// One permit per open TCP connection (`max_connections`).
+    permits: Arc<Semaphore>,
+    /// One permit per UDP session (`max_udp_sessions`).
+    udp_permits: Arc<Semaphore>,
+    pipes: tcp::PipePool,
+    /// Use splice(2) (off only in tests, to exercise the copy fallback).
+    splice: bool,
+    /// Cancelled when the shutdown grace ends: every connection closes.
+    hard_kill: CancellationToken,
+    /// Accept loops and connections, for the bounded drain at shutdown.
+    tracker: TaskTracker,
+}
+
+#[derive(Debug)]
+struct LiveVip {
+    shared: Arc<VipShared>,
+    /// Cancels this VIP's accept loop (or UDP loop).
+    stop: CancellationToken,
+    /// That loop; it closes the listener (or socket) when it returns.
+    task: tokio::task::JoinHandle<()>,
+    udp: Option<Arc<udp::io::UdpVip>>,
+}
+
+/// Serves the VIPs of the last applied table. Owned by the agent orchestrator.
+#[derive(Debug)]
+pub struct Forwarder {
+    ctx: Arc<Ctx>,
+    accept_stop: CancellationToken,
+    /// What is served: the last applied table minus VIPs that failed to bind (which the next
+    /// diff then sees as added again).
+    current: VipTable,
+    live: HashMap<VipKey, LiveVip>,
+    stats: ForwardStats,
+}
+
+impl Forwarder {
+    /// A forwarder serving nothing yet. Cancelling `shutdown` stops every accept loop (the
+    /// drain itself is [`Forwarder::shutdown`]'s job).
+    pub fn new(cfg: ForwardConfig, metrics: ForwardMetrics, shutdown: CancellationToken) -> Self {
+        let permits = Arc::new(Semaphore::new(
+            cfg.max_connections.min(Semaphore::MAX_PERMITS),
+        ));
+        let udp_permits = Arc::new(Semaphore::new(
+            cfg.max_udp_sessions.min(Semaphore::MAX_PERMITS),
+        ));
+        Forwarder {
+            ctx: Arc::new(Ctx {
+                cfg,
+                metrics,
+                permits,
+                udp_permits,
+                pipes: tcp::PipePool::new(256),
+                splice: true,
+                hard_kill: CancellationToken::new(),
+                tracker: TaskTracker::new(),
+            }),
+            accept_stop: shutdown.child_token(),
+            current: VipTable::default(),
+            live: HashMap::new(),
+            stats: ForwardStats::default(),
+        }
+    }
+
+    /// Make the forwarder serve exactly `table`: bind every VIP not yet bound, update the
+    /// backend sets of VIPs that stay without touching their listener or the flows to
+    /// staying backends, and close the listeners of VIPs that are gone (their open
+    /// connections keep running). Costs O(changed VIPs + their backends) plus one linear
+    /// diff, which skips VIPs shared by pointer with the previous table (build tables with
+    /// [`VipTable::share_with`] to get that fast path).
+    pub async fn apply(&mut self, table: &VipTable) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        if self.accept_stop.is_cancelled() {
+            // Shutting down: bind nothing new (it would not accept anyway).
+            return report;
+        }
+        let d = diff(&self.current, table);
+        self.current.version = table.version;
+        self.current.changed_at_ms = table.changed_at_ms;
+        if d.is_empty() {
+            return report;
+        }
+        let ctx = &self.ctx;
+        let drain = ctx.cfg.drain_timeout;
+        let kill = || ctx.hard_kill.child_token();
+
+        let mut stopped = Vec::new();
+        for key in &d.removed {
+            self.current.vips.remove(key);
+            if let Some(live) = self.live.remove(key) {
+                live.stop.cancel();
+                stopped.push(live.task);
+                live.shared.retire(drain);
+                if let Some(u) = &live.udp {
+                    u.drop_all();
+                }
+                self.stats.write().remove(key);
+                report.removed.push(*key);
+            }
+        }
+        for change in &d.changed {
+            let (Some(live), Some(vip)) = (self.live.get(&change.key), table.vips.get(&change.key))
+            else {
+                continue;
+            };
+            self.current.vips.insert(change.key, Arc::clone(vip));
+            let c = live.shared.update(vip, &ctx.metrics, drain, kill);
+            if let Some(u) = &live.udp {
+                u.drop_backends(&c.removed);
+            }
+        }
+        for key in &d.added {
+            let Some(vip) = table.vips.get(key) else {
+                continue;
+            };
+            let shared = Arc::new(VipShared::new(*key));
+            shared.update(vip, &ctx.metrics, drain, kill);
+            let stop = self.accept_stop.child_token();
+            let bound = match key.protocol {
+                Protocol::Tcp => tcp::bind(key.socket_addr()).map(|listener| {
+                    let task = ctx.tracker.spawn(tcp::accept_loop(
+                        Arc::clone(ctx),
+                        Arc::clone(&shared),
+                        listener,
+                        stop.clone(),
+                    ));
+                    (task, None)
+                }),
+                Protocol::Udp => {
+                    udp::io::UdpVip::bind(Arc::clone(ctx), Arc::clone(&shared)).map(|u| {
+                        let u = Arc::new(u);
+                        let task = ctx.tracker.spawn(Arc::clone(&u).run(stop.clone()));
+                        (task, Some(u))
+                    })
+                }
+            };
+            match bound {
+                Ok((task, udp)) => {
+                    self.stats.write().insert(*key, Arc::clone(&shared));
+                    let live = LiveVip {
+                        shared,
+                        stop,
+                        task,
+                        udp,
+                    };
+                    self.live.insert(*key, live);
+                    self.current.vips.insert(*key, Arc::clone(vip));
+                    report.bound.push(*key);
+                }
+                Err(e) => {
+                    tracing::warn!(vip = %key, error = %e, "cannot bind VIP");
+                    report.failed.push((*key, e));
+                }
+            }
+        }
+        // Removed VIPs stop accepting before apply returns, so their listeners are closed
+        // (and their addresses free to bind again) when the caller sees the report.
+        for task in stopped {
+            if let Err(e) = task.await {
+                tracing::warn!(error = %e, "VIP loop ended abnormally");
+            }
+        }
+        report
+    }
+
+    /// Copy instead of splicing, to test the fallback path. Call before the first apply.
+    #[cfg(test)]
+    fn without_splice(mut self) -> Self {
+        if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
+            ctx.splice = false;
+        }
+        self
+    }
+
+    /// A read-only stats handle for the HTTP API.
+    pub fn stats(&self) -> ForwardStats {
+        self.stats.clone()
+    }
+
+    /// Stop accepting everywhere, let open TCP connections finish for up to `grace`, then
+    /// close whatever is left.
+    pub async fn shutdown(self, grace: Duration) {
+        self.accept_stop.cancel();
+        for live in self.live.values() {
+            live.shared.retire(None);
+        }
+        self.ctx.tracker.close();
+        if tokio::time::timeout(grace, self.ctx.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::info!(
+                open = self.ctx.tracker.len(),
+                "shutdown grace over; closing open connections"
+            );
+            self.ctx.hard_kill.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.ctx.tracker.wait()).await;
+        }
+    }
+}
+
+impl Drop for Forwarder {
+    /// A forwarder nobody can update any more stops accepting; open connections continue
+    /// (use [`Forwarder::shutdown`] for a bounded drain).
+    fn drop(&mut self) {
+        self.accept_stop.cancel();
+    }
+}

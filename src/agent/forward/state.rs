@@ -1,0 +1,225 @@
+//! Shared per-VIP and per-backend state that the accept paths read without locks.
+//!
+//! A VIP's backend set is an immutable [`BackendSet`] behind an `ArcSwap`: `apply` builds a new
+//! one (reusing the [`BackendShared`] of every backend that stays, so its counters, health and
+//! open connections carry over) and swaps it in. Nothing here does I/O.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use arc_swap::ArcSwap;
+use prometheus_client::metrics::counter::Counter;
+use rand::Rng;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::ForwardMetrics;
+use super::balancer::{self, Candidate, Failure, Health};
+use crate::model::{BackendState, Vip, VipKey};
+
+/// One backend of one VIP, shared by the set, its connections and the stats handle.
+#[derive(Debug)]
+pub(crate) struct BackendShared {
+    pub(crate) addr: SocketAddr,
+    /// Open TCP connections (or UDP sessions), including connects in flight.
+    pub(crate) active: AtomicU64,
+    /// Bytes moved in both directions.
+    pub(crate) bytes: AtomicU64,
+    health: Mutex<Health>,
+    /// Cancelled when the drain timeout of this backend expires; connections then close.
+    kill: Mutex<CancellationToken>,
+    /// Bumped on every drain start/stop so a stale drain timer does nothing.
+    drain_gen: AtomicU64,
+    connect_failures: Counter,
+    ejections: Counter,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl BackendShared {
+    pub(crate) fn new(addr: SocketAddr, metrics: &ForwardMetrics, kill: CancellationToken) -> Self {
+        let (connect_failures, ejections) = metrics.backend_counters(addr);
+        BackendShared {
+            addr,
+            active: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            health: Mutex::new(Health::default()),
+            kill: Mutex::new(kill),
+            drain_gen: AtomicU64::new(0),
+            connect_failures,
+            ejections,
+        }
+    }
+
+    pub(crate) fn is_ejected(&self, now: Instant) -> bool {
+        lock(&self.health).is_ejected(now)
+    }
+
+    pub(crate) fn record_failure(&self, now: Instant, kind: Failure) {
+        self.connect_failures.inc();
+        if lock(&self.health).record_failure(now, kind) {
+            self.ejections.inc();
+            tracing::info!(backend = %self.addr, "backend ejected after connect failure");
+        }
+    }
+
+    pub(crate) fn record_success(&self) {
+        lock(&self.health).record_success();
+    }
+
+    pub(crate) fn kill_token(&self) -> CancellationToken {
+        lock(&self.kill).clone()
+    }
+
+    pub(crate) fn add_bytes(&self, n: u64) {
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Start draining: after `timeout` (if any) the open connections are closed, unless the
+    /// backend turns active again first. Must run inside a tokio runtime.
+    pub(crate) fn begin_drain(self: &Arc<Self>, timeout: Option<std::time::Duration>) {
+        let generation = self.drain_gen.fetch_add(1, Ordering::AcqRel) + 1;
+        let Some(timeout) = timeout else { return };
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            if let Some(me) = me.upgrade()
+                && me.drain_gen.load(Ordering::Acquire) == generation
+            {
+                me.kill_token().cancel();
+            }
+        });
+    }
+
+    /// Stop draining (the backend is active again): a pending drain timer does nothing, and
+    /// new connections get a fresh kill token.
+    pub(crate) fn end_drain(&self, fresh: impl FnOnce() -> CancellationToken) {
+        self.drain_gen.fetch_add(1, Ordering::AcqRel);
+        let mut k = lock(&self.kill);
+        if k.is_cancelled() {
+            *k = fresh();
+        }
+    }
+}
+
+/// A VIP's backends at one moment, sorted by address.
+#[derive(Debug, Default)]
+pub(crate) struct BackendSet {
+    pub(crate) entries: Vec<(Arc<BackendShared>, BackendState)>,
+}
+
+impl BackendSet {
+    pub(crate) fn get(&self, addr: SocketAddr) -> Option<&(Arc<BackendShared>, BackendState)> {
+        self.entries
+            .binary_search_by(|(b, _)| b.addr.cmp(&addr))
+            .ok()
+            .map(|i| &self.entries[i])
+    }
+
+    /// Pick a backend for a new flow, avoiding those in `tried`.
+    pub(crate) fn choose<R: Rng + ?Sized>(
+        &self,
+        tried: &[SocketAddr],
+        now: Instant,
+        rng: &mut R,
+    ) -> Option<Arc<BackendShared>> {
+        let cands: Vec<Candidate> = self
+            .entries
+            .iter()
+            .map(|(b, state)| Candidate {
+                draining: *state != BackendState::Active,
+                ejected: b.is_ejected(now),
+                excluded: tried.contains(&b.addr),
+                load: b.active.load(Ordering::Relaxed),
+            })
+            .collect();
+        balancer::pick(&cands, rng).map(|i| Arc::clone(&self.entries[i].0))
+    }
+}
+
+/// What `apply` changed in one VIP's backend set.
+#[derive(Debug, Default)]
+pub(crate) struct SetChange {
+    /// Backends no longer in the set.
+    pub(crate) removed: Vec<Arc<BackendShared>>,
+}
+
+/// One VIP's live state.
+#[derive(Debug)]
+pub(crate) struct VipShared {
+    pub(crate) key: VipKey,
+    pub(crate) set: ArcSwap<BackendSet>,
+}
+
+impl VipShared {
+    pub(crate) fn new(key: VipKey) -> Self {
+        VipShared {
+            key,
+            set: ArcSwap::from_pointee(BackendSet::default()),
+        }
+    }
+
+    /// Make the set match `vip`, keeping the shared state of backends that stay, and start
+    /// or stop draining as states change. Costs O(backends of this VIP).
+    pub(crate) fn update(
+        &self,
+        vip: &Vip,
+        metrics: &ForwardMetrics,
+        drain_timeout: Option<std::time::Duration>,
+        kill: impl Fn() -> CancellationToken,
+    ) -> SetChange {
+        let old = self.set.load_full();
+        let mut entries = Vec::with_capacity(vip.backends.len());
+        for b in &vip.backends {
+            let shared = match old.get(b.addr) {
+                Some((shared, old_state)) => {
+                    match (*old_state, b.state) {
+                        (BackendState::Active, BackendState::Draining) => {
+                            shared.begin_drain(drain_timeout)
+                        }
+                        (BackendState::Draining, BackendState::Active) => shared.end_drain(&kill),
+                        _ => {}
+                    }
+                    Arc::clone(shared)
+                }
+                None => {
+                    let shared = Arc::new(BackendShared::new(b.addr, metrics, kill()));
+                    if b.state == BackendState::Draining {
+                        shared.begin_drain(drain_timeout);
+                    }
+                    shared
+                }
+            };
+            entries.push((shared, b.state));
+        }
+        // `vip.backends` is sorted and unique by address (VipTable::new normalizes).
+        entries.sort_by_key(|(b, _)| b.addr);
+        entries.dedup_by_key(|(b, _)| b.addr);
+        let new = BackendSet { entries };
+        let mut removed = Vec::new();
+        for (b, state) in &old.entries {
+            if new.get(b.addr).is_none() {
+                // A backend that was already draining keeps its running drain timer.
+                if *state == BackendState::Active {
+                    b.begin_drain(drain_timeout);
+                }
+                removed.push(Arc::clone(b));
+            }
+        }
+        self.set.store(Arc::new(new));
+        SetChange { removed }
+    }
+
+    /// The VIP is gone: every backend drains.
+    pub(crate) fn retire(&self, drain_timeout: Option<std::time::Duration>) {
+        let old = self.set.swap(Arc::new(BackendSet::default()));
+        for (b, state) in &old.entries {
+            if *state == BackendState::Active {
+                b.begin_drain(drain_timeout);
+            }
+        }
+    }
+}
