@@ -124,52 +124,52 @@ impl ForwardMetrics {
             udp_b2c: datagrams.get_or_create_owned(&B2C),
         };
         registry.register(
-            "l4lb_connections",
+            "connections",
             "TCP connections accepted on VIPs (including refused ones)",
             m.connections.clone(),
         );
         registry.register(
-            "l4lb_connections_active",
+            "connections_active",
             "Open TCP connections through VIPs",
             m.connections_active.clone(),
         );
         registry.register(
-            "l4lb_connections_refused",
+            "connections_refused",
             "TCP connections closed at once for being over --max-connections",
             m.connections_refused.clone(),
         );
         registry.register(
-            "l4lb_connections_no_backend",
+            "connections_no_backend",
             "TCP connections closed because no backend could be reached",
             m.connections_no_backend.clone(),
         );
         registry.register(
-            "l4lb_connections_retried",
+            "connections_retried",
             "Backend connects retried on another backend after a failure",
             m.connections_retried.clone(),
         );
-        registry.register("l4lb_bytes", "Bytes forwarded over TCP", bytes);
+        registry.register("bytes", "Bytes forwarded over TCP", bytes);
         registry.register(
-            "l4lb_backend_connect_failures",
+            "backend_connect_failures",
             "Failed or timed-out connects per backend",
             m.connect_failures.clone(),
         );
         registry.register(
-            "l4lb_backend_ejections",
+            "backend_ejections",
             "Passive-health ejections per backend",
             m.ejections.clone(),
         );
         registry.register(
-            "l4lb_udp_sessions_active",
+            "udp_sessions_active",
             "Open UDP sessions",
             m.udp_sessions_active.clone(),
         );
         registry.register(
-            "l4lb_udp_sessions_refused",
+            "udp_sessions_refused",
             "UDP datagrams from new clients dropped over --max-udp-sessions or with no backend",
             m.udp_sessions_refused.clone(),
         );
-        registry.register("l4lb_udp_datagrams", "UDP datagrams forwarded", datagrams);
+        registry.register("udp_datagrams", "UDP datagrams forwarded", datagrams);
         m
     }
 

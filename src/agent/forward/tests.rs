@@ -112,7 +112,7 @@ fn table(version: u64, vips: Vec<Vip>) -> VipTable {
 }
 
 fn forwarder(cfg: ForwardConfig) -> (Forwarder, ForwardMetrics) {
-    let mut reg = Registry::default();
+    let mut reg = Registry::with_prefix("l4lb");
     let m = ForwardMetrics::new(&mut reg);
     (Forwarder::new(cfg, m.clone(), CancellationToken::new()), m)
 }
@@ -706,7 +706,7 @@ async fn tcp_idle_timeout_closes_quiet_connections() {
 
 #[tokio::test]
 async fn metrics_are_exported_with_the_l4lb_prefix() {
-    let mut reg = Registry::default();
+    let mut reg = Registry::with_prefix("l4lb");
     let m = ForwardMetrics::new(&mut reg);
     let b = TcpBackend::start(0).await;
     let dead = TcpBackend::start(1).await;
