@@ -10,10 +10,17 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState, Readiness};
+use crate::agent::dns::{DnsCatalog, DnsConfig, DnsMetrics};
+use crate::agent::forward::{ForwardConfig, ForwardMetrics, ForwardStats, Forwarder};
+use crate::agent::netif::{InterfaceKind, Netif, NetifError};
+use crate::agent::{Agent, AgentMetrics};
+use crate::api::{BackendCounters, BackendStats};
 use crate::config::{
-    ApiArgs, BuildArgs, CheckArgs, Cli, Command, ConfigError, ControllerArgs, SourceArgs,
-    SourceConfig, VipsArgs,
+    AgentArgs, AgentCmdArgs, ApiArgs, BuildArgs, CheckArgs, Cli, Command, ConfigError,
+    ControllerArgs, InterfaceKindArg, RunArgs, SourceArgs, SourceConfig, VipsArgs,
 };
+use crate::model::VipKey;
+use crate::source::controller::WatchConfig;
 use crate::model::wire::{VipJson, table_to_json};
 use crate::source::marathon::{client, sync};
 use crate::source::metrics::SourceMetrics;
@@ -151,12 +158,146 @@ async fn controller(args: ControllerArgs) -> Result<(), AppError> {
     Ok(())
 }
 
-async fn agent(_a: crate::config::AgentCmdArgs) -> Result<(), AppError> {
-    Err(anyhow::anyhow!("the agent is not wired yet").into())
+async fn agent(args: AgentCmdArgs) -> Result<(), AppError> {
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone())?;
+    let mut reg = registry();
+    let metrics = SourceMetrics::new(&mut reg);
+    let (tx, rx) = source::table_channel();
+    let watch = WatchConfig {
+        controllers: args.controllers.iter().map(crate::config::with_trailing_slash).collect(),
+        wait: args.watch_wait,
+        token: args.api.token()?,
+        backoff_min: Duration::from_millis(100),
+        backoff_max: Duration::from_secs(10),
+    };
+    tokio::spawn(source::controller::run(watch, tx, metrics, shutdown.clone()));
+    data_plane(&args.agent, &args.api, reg, rx, shutdown).await
 }
 
-async fn run(_a: crate::config::RunArgs) -> Result<(), AppError> {
-    Err(anyhow::anyhow!("run is not wired yet").into())
+async fn run(args: RunArgs) -> Result<(), AppError> {
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone())?;
+    let mut reg = registry();
+    let metrics = SourceMetrics::new(&mut reg);
+    let rx = start_source(&args.source, &args.build, metrics, &shutdown)?;
+    data_plane(&args.agent, &args.api, reg, rx, shutdown).await
+}
+
+/// Adapts the forwarder's counters to the API's view.
+struct ForwardCounters(ForwardStats);
+
+impl BackendStats for ForwardCounters {
+    fn backend(&self, vip: &VipKey, addr: std::net::SocketAddr) -> Option<BackendCounters> {
+        self.0.backend(vip, addr).map(|s| BackendCounters {
+            connections: s.active_connections,
+            bytes: s.bytes,
+            ejected: s.ejected,
+        })
+    }
+}
+
+fn interface_kind(k: InterfaceKindArg) -> InterfaceKind {
+    match k {
+        InterfaceKindArg::Auto => InterfaceKind::Auto,
+        InterfaceKindArg::Dummy => InterfaceKind::Dummy,
+        InterfaceKindArg::Bridge => InterfaceKind::Bridge,
+        InterfaceKindArg::None => InterfaceKind::None,
+    }
+}
+
+/// Interface, DNS, forwarder and API around `tables`, until `shutdown` and the drain end.
+async fn data_plane(
+    args: &AgentArgs,
+    api_args: &ApiArgs,
+    mut reg: Registry,
+    tables: TableRx,
+    shutdown: CancellationToken,
+) -> Result<(), AppError> {
+    let netif = Netif::open(&args.interface, interface_kind(args.interface_kind))
+        .await
+        .map_err(|e| match e {
+            NetifError::PermissionDenied { .. } => AppError::Privilege(e.to_string()),
+            other => AppError::Other(anyhow::anyhow!("interface {}: {other}", args.interface)),
+        })?;
+    tracing::info!(interface = %args.interface, kind = netif.kind().as_str(), "VIP interface ready");
+
+    let dns_cfg = DnsConfig {
+        zone: args.zone.trim_end_matches('.').to_ascii_lowercase(),
+        ttl: args.dns_ttl,
+        upstreams: args.dns_upstream.clone(),
+        ..DnsConfig::default()
+    };
+    let catalog = DnsCatalog::new(&dns_cfg);
+    let mut udp = Vec::new();
+    let mut tcp = Vec::new();
+    for addr in &args.dns_listen {
+        let u = tokio::net::UdpSocket::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot bind DNS on udp {addr}: {e}"))?;
+        // TCP on the same port as UDP (port 0 picks one for both).
+        let port = u.local_addr().map(|a| a.port()).unwrap_or(addr.port());
+        let t = tokio::net::TcpListener::bind(std::net::SocketAddr::new(addr.ip(), port))
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot bind DNS on tcp {addr}: {e}"))?;
+        if let Ok(a) = u.local_addr() {
+            tracing::info!(addr = %a, "DNS listening");
+        }
+        udp.push(u);
+        tcp.push(t);
+    }
+    let dns_metrics = DnsMetrics::new(&mut reg);
+    let forward_metrics = ForwardMetrics::new(&mut reg);
+    let agent_metrics = AgentMetrics::new(&mut reg);
+
+    let fwd_cfg = ForwardConfig {
+        connect_timeout: args.connect_timeout,
+        connect_retries: args.connect_retries,
+        tcp_idle_timeout: args.tcp_idle_timeout,
+        drain_timeout: args.drain_timeout,
+        max_connections: args.max_connections,
+        udp_idle_timeout: args.udp_idle_timeout,
+        max_udp_sessions: args.max_udp_sessions,
+    };
+    let forwarder = Forwarder::new(fwd_cfg, forward_metrics, shutdown.clone());
+    let stats = forwarder.stats();
+    let agent = Agent::new(netif, forwarder, catalog.clone(), agent_metrics);
+    let applied = agent.applied();
+
+    // The API and DNS outlive the drain: /ready must say 503 while connections finish.
+    let api_stop = CancellationToken::new();
+    let dns_stop = CancellationToken::new();
+    let ready = Readiness::default();
+    let state = ApiState::new(applied, Arc::new(reg), ready.clone())
+        .with_stats(Arc::new(ForwardCounters(stats)))
+        .with_token(api_args.token()?);
+    start_api(api_args, state, &api_stop).await?;
+    let dns_task = tokio::spawn(crate::agent::dns::serve(dns_cfg, catalog, udp, tcp, dns_metrics, dns_stop.clone()));
+
+    let ready_on_apply = ready.clone();
+    let grace = args.shutdown_grace;
+    let agent_task = tokio::spawn(agent.run(
+        tables,
+        move |t| {
+            if !ready_on_apply.get() {
+                tracing::info!(version = t.version, "first table applied; ready");
+            }
+            ready_on_apply.set(true);
+        },
+        grace,
+        shutdown.clone(),
+    ));
+    shutdown.cancelled().await;
+    ready.set(false);
+    if let Err(e) = agent_task.await {
+        tracing::error!(error = %e, "agent task failed");
+    }
+    dns_stop.cancel();
+    let _ = dns_task.await;
+    api_stop.cancel();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tracing::info!("stopped");
+    Ok(())
 }
 
 fn check(args: CheckArgs) -> Result<ExitCode, AppError> {

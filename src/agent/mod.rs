@@ -1,7 +1,262 @@
 //! The data plane on every host: VIP addresses on the local interface (`netif`), the TCP/UDP
-//! forwarder (`forward`) and the embedded DNS (`dns`). Consumes `model::VipTable`; never
-//! imports `source`.
+//! forwarder (`forward`) and the embedded DNS (`dns`), driven by [`Agent`], which applies each
+//! new `VipTable` in the order that never advertises a VIP before it works:
+//! address installed → listener bound → name answered; removal runs the other way.
+//! Consumes `model::VipTable` from a watch channel; never imports `source`.
 
 pub mod dns;
 pub mod forward;
 pub mod netif;
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{VipKey, VipTable, unix_ms_now};
+use dns::DnsCatalog;
+use forward::Forwarder;
+use netif::{InterfaceKind, Netif};
+
+/// The agent's own metrics (apply and propagation).
+#[derive(Debug, Clone)]
+pub struct AgentMetrics {
+    applied_version: Gauge,
+    apply_seconds: Histogram,
+    propagation_seconds: Histogram,
+    vips_live: Gauge,
+    refused_ip_vips: Counter,
+    netif_errors: Counter,
+}
+
+impl AgentMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let buckets = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+        let m = AgentMetrics {
+            applied_version: Gauge::default(),
+            apply_seconds: Histogram::new(buckets),
+            propagation_seconds: Histogram::new(buckets),
+            vips_live: Gauge::default(),
+            refused_ip_vips: Counter::default(),
+            netif_errors: Counter::default(),
+        };
+        registry.register("applied_table_version", "Version of the table this agent applied last", m.applied_version.clone());
+        registry.register("table_apply_seconds", "Time to apply a new table (addresses, listeners, DNS)", m.apply_seconds.clone());
+        registry.register(
+            "propagation_delay_seconds",
+            "From a change seen at the source to the table applied here",
+            m.propagation_seconds.clone(),
+        );
+        registry.register("vips_live", "VIPs bound and answered on this agent", m.vips_live.clone());
+        registry.register(
+            "ip_vips_refused",
+            "IP VIPs refused on this host because they are one of its own addresses",
+            m.refused_ip_vips.clone(),
+        );
+        registry.register("interface_errors", "Failed address changes on the VIP interface", m.netif_errors.clone());
+        m
+    }
+}
+
+/// Owns the data plane of one host.
+pub struct Agent {
+    netif: Netif,
+    forwarder: Forwarder,
+    dns: DnsCatalog,
+    metrics: AgentMetrics,
+    /// What is applied (published for the API): the table minus refused and unbindable VIPs.
+    applied: watch::Sender<Arc<VipTable>>,
+    /// VIPs that failed to bind on the last apply (retried).
+    failed: HashSet<VipKey>,
+    /// IP VIPs refused here so far (logged once each).
+    refused: HashSet<VipKey>,
+    last: Arc<VipTable>,
+}
+
+impl Agent {
+    pub fn new(netif: Netif, forwarder: Forwarder, dns: DnsCatalog, metrics: AgentMetrics) -> Self {
+        let (applied, _) = watch::channel(Arc::new(VipTable::default()));
+        Agent {
+            netif,
+            forwarder,
+            dns,
+            metrics,
+            applied,
+            failed: HashSet::new(),
+            refused: HashSet::new(),
+            last: Arc::new(VipTable::default()),
+        }
+    }
+
+    /// The applied tables, for the API.
+    pub fn applied(&self) -> watch::Receiver<Arc<VipTable>> {
+        self.applied.subscribe()
+    }
+
+    /// Apply `table`. Never fails: every problem is logged and counted, and what can be served
+    /// is served.
+    pub async fn apply(&mut self, table: Arc<VipTable>) {
+        let started = Instant::now();
+        let table = self.refuse_host_addresses(table).await;
+
+        // 1. Stop answering names of VIPs that are going away (and of failed ones).
+        let staying = table.vips.values().filter(|v| {
+            self.last.vips.contains_key(&v.key) && !self.failed.contains(&v.key)
+        });
+        self.dns.publish(staying.map(|v| &**v));
+
+        // 2. Install the addresses of every VIP (before binding).
+        let want: BTreeSet<IpAddr> = table.vips.keys().map(|k| k.ip).collect();
+        if self.netif.kind() != InterfaceKind::None {
+            let have: BTreeSet<IpAddr> = self.last.vips.keys().map(|k| k.ip).collect();
+            let new: Vec<IpAddr> = want.difference(&have).copied().collect();
+            if !new.is_empty()
+                && let Err(e) = self.netif.add(&new).await
+            {
+                tracing::warn!(error = %e, "cannot install VIP addresses");
+                self.metrics.netif_errors.inc();
+            }
+        }
+
+        // 3. Bind listeners for new VIPs, update backends, close removed listeners.
+        let report = self.forwarder.apply(&table).await;
+        self.failed = report.failed.iter().map(|(k, _)| *k).collect();
+
+        // 4. Answer every VIP that is live.
+        let live = table.vips.values().filter(|v| !self.failed.contains(&v.key));
+        self.dns.publish(live.map(|v| &**v));
+
+        // 5. Remove addresses no VIP uses any more (and left-overs from earlier runs).
+        if self.netif.kind() != InterfaceKind::None
+            && let Err(e) = self.netif.sync(&want).await
+        {
+            tracing::warn!(error = %e, "cannot reconcile VIP addresses");
+            self.metrics.netif_errors.inc();
+        }
+
+        let mut applied = (*table).clone();
+        for k in &self.failed {
+            applied.vips.remove(k);
+        }
+        self.metrics.vips_live.set(applied.vips.len() as i64);
+        self.metrics.applied_version.set(table.version as i64);
+        self.metrics.apply_seconds.observe(started.elapsed().as_secs_f64());
+        if table.changed_at_ms > 0 {
+            let delay_ms = unix_ms_now().saturating_sub(table.changed_at_ms);
+            self.metrics.propagation_seconds.observe(delay_ms as f64 / 1000.0);
+        }
+        tracing::info!(
+            version = table.version,
+            live = applied.vips.len(),
+            bound = report.bound.len(),
+            removed = report.removed.len(),
+            failed = report.failed.len(),
+            apply_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "table applied"
+        );
+        self.applied.send_replace(Arc::new(applied));
+        self.last = table;
+    }
+
+    /// Drop IP VIPs that are an address of one of this host's interfaces (DESIGN §3).
+    async fn refuse_host_addresses(&mut self, table: Arc<VipTable>) -> Arc<VipTable> {
+        if self.netif.kind() == InterfaceKind::None {
+            // Nothing is installed: VIPs are expected to be local already.
+            return table;
+        }
+        let host = match self.netif.host_addresses().await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list host addresses");
+                self.metrics.netif_errors.inc();
+                return table;
+            }
+        };
+        let bad: Vec<VipKey> = table
+            .vips
+            .values()
+            .filter(|v| v.name.is_none() && host.contains(&v.key.ip))
+            .map(|v| v.key)
+            .collect();
+        if bad.is_empty() {
+            return table;
+        }
+        let mut t = (*table).clone();
+        for k in bad {
+            t.vips.remove(&k);
+            if self.refused.insert(k) {
+                tracing::warn!(vip = %k, "IP VIP refused: it is an address of this host");
+                self.metrics.refused_ip_vips.inc();
+            }
+        }
+        Arc::new(t)
+    }
+
+    /// Follow `tables` until `shutdown`, then drain: stop answering, stop accepting, let open
+    /// connections finish for `grace`, remove the VIP addresses.
+    pub async fn run(
+        mut self,
+        mut tables: watch::Receiver<Arc<VipTable>>,
+        on_applied: impl Fn(&VipTable),
+        grace: Duration,
+        shutdown: CancellationToken,
+    ) {
+        // Left-overs from a previous run go before anything is served.
+        if self.netif.kind() != InterfaceKind::None
+            && let Err(e) = self.netif.sync(&BTreeSet::new()).await
+        {
+            tracing::warn!(error = %e, "cannot clear left-over VIP addresses");
+        }
+        let retry_every = Duration::from_secs(2);
+        loop {
+            let first = tables.borrow_and_update().clone();
+            if first.version != 0 {
+                break;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return self.stop(grace).await,
+                r = tables.changed() => if r.is_err() { return self.stop(grace).await },
+            }
+        }
+        let t = tables.borrow_and_update().clone();
+        self.apply(t).await;
+        on_applied(&self.last);
+        loop {
+            let retry = !self.failed.is_empty();
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = tables.changed() => {
+                    if r.is_err() { break }
+                    let t = tables.borrow_and_update().clone();
+                    self.apply(t).await;
+                    on_applied(&self.last);
+                }
+                _ = tokio::time::sleep(retry_every), if retry => {
+                    let t = Arc::clone(&self.last);
+                    self.apply(t).await;
+                }
+            }
+        }
+        self.stop(grace).await;
+    }
+
+    async fn stop(self, grace: Duration) {
+        self.dns.publish(std::iter::empty());
+        tracing::info!(grace_ms = grace.as_millis() as u64, "draining connections");
+        self.forwarder.shutdown(grace).await;
+        if self.netif.kind() != InterfaceKind::None {
+            if let Err(e) = self.netif.clear().await {
+                tracing::warn!(error = %e, "cannot remove VIP addresses");
+            } else {
+                tracing::info!("VIP addresses removed");
+            }
+        }
+    }
+}
