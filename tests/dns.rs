@@ -99,14 +99,27 @@ fn query(id: u16, name: &str, t: RecordType) -> Message {
     m
 }
 
-async fn udp_raw(server: SocketAddr, bytes: &[u8]) -> Option<Vec<u8>> {
+/// Send `bytes` and wait up to `wait` for one datagram back.
+async fn udp_raw_wait(server: SocketAddr, bytes: &[u8], wait: Duration) -> Option<Vec<u8>> {
     let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
     sock.send_to(bytes, server).await.expect("send");
     let mut buf = vec![0u8; 65_535];
-    match tokio::time::timeout(Duration::from_millis(500), sock.recv_from(&mut buf)).await {
+    match tokio::time::timeout(wait, sock.recv_from(&mut buf)).await {
         Ok(Ok((n, _))) => Some(buf[..n].to_vec()),
         _ => None,
     }
+}
+
+/// Send `bytes` and wait for an answer (generously: the machine may be busy).
+async fn udp_raw(server: SocketAddr, bytes: &[u8]) -> Option<Vec<u8>> {
+    udp_raw_wait(server, bytes, Duration::from_secs(5)).await
+}
+
+/// Whether the server stays silent (drops the packet).
+async fn udp_dropped(server: SocketAddr, bytes: &[u8]) -> bool {
+    udp_raw_wait(server, bytes, Duration::from_millis(300))
+        .await
+        .is_none()
 }
 
 async fn udp_query(server: SocketAddr, q: &Message) -> Message {
@@ -212,11 +225,11 @@ async fn malformed_and_refused() {
         (r.metadata.id, r.metadata.response_code),
         (77, ResponseCode::FormErr)
     );
-    assert!(udp_raw(s.udp, &q[..5]).await.is_none());
+    assert!(udp_dropped(s.udp, &q[..5]).await);
     // A response sent to us: dropped.
     let mut resp = q.clone();
     resp[2] |= 0x80;
-    assert!(udp_raw(s.udp, &resp).await.is_none());
+    assert!(udp_dropped(s.udp, &resp).await);
     // Still serving.
     udp_query(s.udp, &query(4, WEB, RecordType::A)).await;
     s.stop().await;
@@ -268,11 +281,20 @@ async fn truncated_over_udp_full_over_tcp() {
 /// A tiny upstream: answers A queries with 192.0.2.1 over UDP and TCP. With `truncate_udp`, a
 /// UDP answer carries only TC.
 async fn upstream(truncate_udp: bool) -> (SocketAddr, CancellationToken) {
-    let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
-    let addr = udp.local_addr().expect("addr");
-    let tcp = TcpListener::bind(addr)
-        .await
-        .expect("bind tcp on the same port");
+    // UDP and TCP on the same port; another test may hold that TCP port, so retry.
+    let mut attempt = 0;
+    let (udp, tcp, addr) = loop {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let addr = udp.local_addr().expect("addr");
+        match TcpListener::bind(addr).await {
+            Ok(tcp) => break (udp, tcp, addr),
+            Err(e) if attempt < 50 => {
+                attempt += 1;
+                eprintln!("port {addr} busy for TCP ({e}); retrying");
+            }
+            Err(e) => panic!("no port free for UDP and TCP: {e}"),
+        }
+    };
     let stop = CancellationToken::new();
     fn answer(req: &[u8]) -> Option<Message> {
         let req = Message::from_vec(req).ok()?;
@@ -370,11 +392,10 @@ async fn silent_upstream_gives_servfail_and_a_live_one_wins() {
     let t0 = Instant::now();
     let r = udp_query(s.udp, &query(9, "example.net.", RecordType::A)).await;
     assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
-    assert!(
-        t0.elapsed() < Duration::from_millis(450),
-        "{:?}",
-        t0.elapsed()
-    );
+    // At the timeout, not before; within it plus slack for a busy machine.
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(280), "{took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
     assert_eq!(s.metrics.upstream_failure_count(), 1);
     s.stop().await;
 
@@ -390,7 +411,7 @@ async fn silent_upstream_gives_servfail_and_a_live_one_wins() {
         let t0 = Instant::now();
         let r = udp_query(s.udp, &query(id, "example.net.", RecordType::A)).await;
         assert_eq!(a_records(&r), ["192.0.2.1"]);
-        assert!(t0.elapsed() < Duration::from_millis(400));
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     }
     drop(silent);
     s.stop().await;
@@ -527,5 +548,98 @@ async fn dig_against_the_server() {
     assert!(out.contains("status: NXDOMAIN"), "{out}");
     assert!(out.contains("flags: qr aa rd"), "{out}");
     assert!(out.contains("SOA\tns.dclb.thisdcos.directory."), "{out}");
+    s.stop().await;
+}
+
+/// In-process cost of answering (parse, look up, encode) against 1,000 named VIPs. Run with
+/// `cargo test --release --test dns -- --ignored --nocapture bench_`.
+#[test]
+#[ignore = "benchmark; run in release"]
+fn bench_answer_packet() {
+    let cat = DnsCatalog::new(&DnsConfig::default());
+    let vips: Vec<Vip> = (0..1000u32)
+        .map(|i| {
+            let ip = format!("11.0.{}.{}", i / 256, i % 256);
+            named(&format!("app{i}"), &ip, 80, Protocol::Tcp)
+        })
+        .collect();
+    let t0 = Instant::now();
+    cat.publish(&vips);
+    println!("publish 1000 VIPs: {:?}", t0.elapsed());
+    for (what, name, t) in [
+        (
+            "A hit",
+            "app500.marathon.l4lb.thisdcos.directory.",
+            RecordType::A,
+        ),
+        (
+            "NXDOMAIN",
+            "nope.marathon.l4lb.thisdcos.directory.",
+            RecordType::A,
+        ),
+        (
+            "SRV",
+            "_app7._tcp.marathon.l4lb.thisdcos.directory.",
+            RecordType::SRV,
+        ),
+        ("REFUSED", "example.com.", RecordType::A),
+    ] {
+        let q = query(1, name, t).to_vec().expect("encode");
+        let n = 200_000;
+        let t0 = Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(l4lb::agent::dns::answer_packet(
+                &cat,
+                std::hint::black_box(&q),
+                true,
+            ));
+        }
+        let per = t0.elapsed() / n;
+        println!(
+            "{what:>9}: {per:?}/query ({:.0} queries/s on one core)",
+            1e9 / per.as_nanos() as f64
+        );
+    }
+}
+
+/// End to end over UDP with dnsperf (skipped if not installed). Run with
+/// `cargo test --release --test dns -- --ignored --nocapture dnsperf`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+#[ignore = "benchmark; run in release"]
+async fn dnsperf_udp() {
+    if !std::path::Path::new("/usr/bin/dnsperf").exists() {
+        eprintln!("dnsperf not installed; skipping");
+        return;
+    }
+    let s = Server::start(DnsConfig::default()).await;
+    let dir = std::env::temp_dir().join(format!("l4lb-dnsperf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let data = dir.join("queries.txt");
+    std::fs::write(
+        &data,
+        "web.marathon.l4lb.thisdcos.directory A\n\
+         web.marathon.l4lb.thisdcos.directory AAAA\n\
+         nope.marathon.l4lb.thisdcos.directory A\n\
+         _web._tcp.marathon.l4lb.thisdcos.directory SRV\n",
+    )
+    .expect("write queries");
+    let out = tokio::process::Command::new("/usr/bin/dnsperf")
+        .args(["-s", "127.0.0.1", "-p"])
+        .arg(s.udp.port().to_string())
+        .args(["-d"])
+        .arg(&data)
+        .args(["-l", "5", "-c", "4", "-Q", "1000000"])
+        .output()
+        .await
+        .expect("run dnsperf");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in text.lines().filter(|l| {
+        l.contains("Queries per second")
+            || l.contains("Queries lost")
+            || l.contains("Average Latency")
+    }) {
+        println!("{}", line.trim());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     s.stop().await;
 }

@@ -55,10 +55,10 @@ pub(crate) fn handle(
         return (Outcome::Drop, classic);
     }
     match Message::from_vec(bytes) {
-        Ok(req) => (
-            respond(snap, &req, can_forward),
-            size_limit(req.edns.as_ref(), transport),
-        ),
+        Ok(req) => {
+            let limit = size_limit(req.edns.as_ref(), transport);
+            (respond(snap, req, can_forward), limit)
+        }
         Err(_) => {
             let mut resp = Message::error_msg(
                 header.metadata.id,
@@ -91,7 +91,8 @@ fn response_to(req: &Message, rcode: ResponseCode) -> Message {
 }
 
 /// Answer a parsed request (a query, not a response).
-pub(crate) fn respond(snap: &Snapshot, req: &Message, can_forward: bool) -> Outcome {
+pub(crate) fn respond(snap: &Snapshot, owned: Message, can_forward: bool) -> Outcome {
+    let req = &owned;
     if req.metadata.message_type == MessageType::Response {
         return Outcome::Drop;
     }
@@ -111,7 +112,7 @@ pub(crate) fn respond(snap: &Snapshot, req: &Message, can_forward: bool) -> Outc
             return Outcome::Reply(response_to(req, ResponseCode::NotImp));
         }
         if can_forward {
-            return Outcome::Forward(req.clone());
+            return Outcome::Forward(owned);
         }
         return Outcome::Reply(response_to(req, ResponseCode::Refused));
     };
@@ -336,7 +337,7 @@ mod tests {
     }
 
     fn reply(snap: &Snapshot, req: &Message, can_forward: bool) -> Message {
-        match respond(snap, req, can_forward) {
+        match respond(snap, req.clone(), can_forward) {
             Outcome::Reply(m) => m,
             other => panic!("expected a reply, got {other:?}"),
         }
@@ -465,7 +466,7 @@ mod tests {
         let cat = catalog();
         let snap = cat.load();
         let req = query("example.com.", RecordType::A);
-        assert!(matches!(respond(&snap, &req, true), Outcome::Forward(m) if m == req));
+        assert!(matches!(respond(&snap, req.clone(), true), Outcome::Forward(m) if m == req));
         // In-zone names are never forwarded, and advertise recursion when it is available.
         let req = query("web.marathon.l4lb.thisdcos.directory.", RecordType::A);
         assert!(reply(&snap, &req, true).metadata.recursion_available);

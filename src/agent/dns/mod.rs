@@ -49,6 +49,23 @@ impl Default for DnsConfig {
     }
 }
 
+/// Answer one query packet from the catalog alone, as the server would with no upstreams
+/// (names outside the zones get REFUSED), within the UDP (`udp`) or TCP size limit. `None`:
+/// the packet is dropped (a response, or shorter than a header). The server's pure core,
+/// exposed for benchmarks and embedding.
+pub fn answer_packet(catalog: &DnsCatalog, bytes: &[u8], udp: bool) -> Option<Vec<u8>> {
+    let transport = if udp {
+        answer::Transport::Udp
+    } else {
+        answer::Transport::Tcp
+    };
+    let snap = catalog.load();
+    match answer::handle(&snap, bytes, false, transport) {
+        (answer::Outcome::Reply(resp), limit) => answer::encode(&resp, limit),
+        _ => None,
+    }
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct QueryLabels {
     r#type: &'static str,
