@@ -2,7 +2,7 @@
 //! A/AAAA/SRV/SOA/NS for live named VIPs from a map swapped atomically with each table, and
 //! forwarding everything else to upstream resolvers (or refusing it).
 //!
-//! - [`catalog`]: the name map ([`DnsCatalog`], published by the agent).
+//! - `catalog`: the name map ([`DnsCatalog`], published by the agent).
 //! - `answer`: pure: parsed query + catalog snapshot → response.
 //! - `forward`: upstream forwarding (two at once, TCP retry on truncation).
 //! - `server`: the UDP/TCP I/O shells ([`serve`]).
@@ -10,7 +10,7 @@
 //! Depends on `model` only; knows nothing of `source`, `netif` or `forward` (the data plane).
 
 mod answer;
-pub mod catalog;
+mod catalog;
 mod forward;
 mod server;
 
@@ -139,5 +139,48 @@ impl DnsMetrics {
     /// Upstream failures so far.
     pub fn upstream_failure_count(&self) -> u64 {
         self.upstream_failures.get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_registered_with_their_names() {
+        let mut registry = Registry::default();
+        let m = DnsMetrics::new(&mut registry);
+        m.query("A", "NOERROR");
+        m.query("A", "NOERROR");
+        m.forwarded();
+        m.upstream_failure();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        for want in [
+            "l4lb_dns_queries_total{type=\"A\",rcode=\"NOERROR\"} 2",
+            "l4lb_dns_forwarded_total 1",
+            "l4lb_dns_upstream_failures_total 1",
+        ] {
+            assert!(text.contains(want), "{want} missing from\n{text}");
+        }
+        assert_eq!(m.queries_with("A", "NOERROR"), 2);
+    }
+
+    #[test]
+    fn answer_packet_answers_and_drops() {
+        use hickory_proto::op::{Message, Query, ResponseCode};
+        use hickory_proto::rr::{Name, RecordType};
+        let cat = DnsCatalog::new(&DnsConfig::default());
+        let mut q = Message::query();
+        q.add_query(Query::query(
+            Name::from_ascii("l4lb.thisdcos.directory.").expect("name"),
+            RecordType::SOA,
+        ));
+        let bytes = q.to_vec().expect("encode");
+        let out = answer_packet(&cat, &bytes, true).expect("an answer");
+        let resp = Message::from_vec(&out).expect("parse");
+        assert_eq!(resp.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(resp.answers.len(), 1);
+        assert!(answer_packet(&cat, &bytes[..4], true).is_none());
     }
 }
