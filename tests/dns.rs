@@ -604,7 +604,7 @@ fn bench_answer_packet() {
 
 /// End to end over UDP with dnsperf (skipped if not installed). Run with
 /// `cargo test --release --test dns -- --ignored --nocapture dnsperf`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark; run in release"]
 async fn dnsperf_udp() {
     if !std::path::Path::new("/usr/bin/dnsperf").exists() {

@@ -85,15 +85,23 @@ pub async fn serve_with_limits(
     });
     let tracker = TaskTracker::new();
     let forwards = Arc::new(Semaphore::new(limits.max_forwards_in_flight));
+    // Several receive loops share each socket so a multi-threaded runtime answers on every
+    // core (tokio sockets take `&self`; each datagram goes to exactly one loop).
+    let loops = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .clamp(1, 4);
     for sock in udp {
-        tracing::info!(addr = ?sock.local_addr().ok(), "DNS serving UDP");
-        tracker.spawn(udp_loop(
-            Arc::new(sock),
-            shared.clone(),
-            forwards.clone(),
-            tracker.clone(),
-            shutdown.clone(),
-        ));
+        tracing::info!(addr = ?sock.local_addr().ok(), loops, "DNS serving UDP");
+        let sock = Arc::new(sock);
+        for _ in 0..loops {
+            tracker.spawn(udp_loop(
+                sock.clone(),
+                shared.clone(),
+                forwards.clone(),
+                tracker.clone(),
+                shutdown.clone(),
+            ));
+        }
     }
     let conns = Arc::new(Semaphore::new(limits.max_tcp_connections));
     for listener in tcp {
