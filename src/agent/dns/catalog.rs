@@ -418,4 +418,39 @@ mod tests {
         assert!(cat.load().get(&k).is_none());
         assert_eq!(cat.serial(), 3);
     }
+
+    #[test]
+    fn invalid_names_are_skipped_not_fatal() {
+        let cat = DnsCatalog::new(&DnsConfig::default());
+        let long_label = named(&"x".repeat(64), "11.0.0.1", 80, Protocol::Tcp);
+        let long_name = named(
+            &vec!["y".repeat(60); 4].join("."),
+            "11.0.0.2",
+            80,
+            Protocol::Tcp,
+        );
+        let empty = named("", "11.0.0.3", 80, Protocol::Tcp);
+        let ok = named("ok", "11.0.0.4", 80, Protocol::Udp);
+        cat.publish([&long_label, &long_name, &empty, &ok]);
+        let s = cat.load();
+        assert!(s.get(&key("ok.marathon")).is_some());
+        assert!(s.get(&key("_ok._udp.marathon")).is_some());
+        assert!(
+            s.nodes.len() <= 6,
+            "{:?}",
+            s.nodes.keys().collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn invalid_zone_falls_back_to_default() {
+        let cat = DnsCatalog::new(&DnsConfig {
+            zone: "..".into(),
+            ..DnsConfig::default()
+        });
+        let mut k = Vec::new();
+        let n = Name::from_ascii("l4lb.thisdcos.directory.").expect("name");
+        assert!(cat.load().locate(&n, &mut k).is_some());
+        assert_eq!(cat.load().zones.len(), 4);
+    }
 }
