@@ -203,11 +203,19 @@ async fn udp_and_pipelined_tcp() {
     assert_eq!(a_records(&r11), ["fd01:c::1"]);
     assert_eq!(r12.answers.len(), 2);
     assert_eq!(r12.additionals.len(), 2);
-    // The connection stays usable.
+    // The connection stays usable, also when a query arrives in pieces.
     tcp_send(&mut conn, &query(13, WEB, RecordType::A)).await;
     assert_eq!(tcp_recv(&mut conn).await.metadata.id, 13);
+    let b = query(14, WEB, RecordType::A).to_vec().expect("encode");
+    let mut framed = (b.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&b);
+    for piece in [&framed[..1], &framed[1..7], &framed[7..]] {
+        conn.write_all(piece).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(tcp_recv(&mut conn).await.metadata.id, 14);
 
-    assert_eq!(s.metrics.queries_with("A", "NOERROR"), 3);
+    assert_eq!(s.metrics.queries_with("A", "NOERROR"), 4);
     assert_eq!(s.metrics.queries_with("A", "NXDOMAIN"), 1);
     s.stop().await;
 }
@@ -397,6 +405,25 @@ async fn silent_upstream_gives_servfail_and_a_live_one_wins() {
     assert!(took >= Duration::from_millis(280), "{took:?}");
     assert!(took < Duration::from_secs(2), "{took:?}");
     assert_eq!(s.metrics.upstream_failure_count(), 1);
+
+    // Pipelined over TCP: the local answer is not held up behind the slow forwarded one.
+    let mut conn = TcpStream::connect(s.tcp).await.expect("connect");
+    let mut both = Vec::new();
+    for q in [
+        query(20, "example.net.", RecordType::A),
+        query(21, WEB, RecordType::A),
+    ] {
+        let b = q.to_vec().expect("encode");
+        both.extend_from_slice(&(b.len() as u16).to_be_bytes());
+        both.extend_from_slice(&b);
+    }
+    conn.write_all(&both).await.expect("write");
+    let first = tcp_recv(&mut conn).await;
+    let second = tcp_recv(&mut conn).await;
+    assert_eq!(first.metadata.id, 21);
+    assert_eq!(a_records(&first), ["11.0.0.1"]);
+    assert_eq!(second.metadata.id, 20);
+    assert_eq!(second.metadata.response_code, ResponseCode::ServFail);
     s.stop().await;
 
     // Two upstreams at once: the silent one does not delay the live one.

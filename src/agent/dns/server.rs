@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use hickory_proto::op::{Message, ResponseCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -276,42 +278,83 @@ async fn tcp_accept_loop(
     }
 }
 
-/// Serve one TCP connection: read length-prefixed queries and answer each in order until EOF,
-/// idle timeout, an error or shutdown.
+/// Forwarded queries in flight on one TCP connection; past it the connection stops reading
+/// until one completes.
+const MAX_TCP_PIPELINE: usize = 16;
+
+/// Serve one TCP connection until EOF, idle timeout, an error or shutdown: read
+/// length-prefixed queries, answer local ones at once in arrival order, and write forwarded
+/// ones as their upstream answers arrive (RFC 7766 §6.2.1.1 allows out-of-order answers), so
+/// a slow upstream does not hold up answers from the catalog.
 async fn tcp_conn(
     mut stream: TcpStream,
     shared: &Shared,
     idle: Duration,
     shutdown: &CancellationToken,
 ) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(512);
+    let mut inbuf = bytes::BytesMut::with_capacity(1024);
+    let mut pending = FuturesUnordered::new();
+    let idle_timer = tokio::time::sleep(idle);
+    tokio::pin!(idle_timer);
     loop {
-        let len = tokio::select! {
+        // Answer every complete query already buffered.
+        while let Some(frame) = next_frame(&mut inbuf) {
+            idle_timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + idle);
+            match process(shared, &frame, Transport::Tcp) {
+                Step::Nothing => {}
+                Step::Send(out) => write_framed(&mut stream, &out).await?,
+                Step::Forward(req, limit) => {
+                    pending.push(async move { forward(shared, &req, limit, Transport::Tcp).await })
+                }
+            }
+            if pending.len() >= MAX_TCP_PIPELINE {
+                break;
+            }
+        }
+        tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            r = tokio::time::timeout(idle, stream.read_u16()) => match r {
-                Err(_) => return Ok(()),
-                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-                Ok(r) => r? as usize,
-            },
-        };
-        buf.resize(len, 0);
-        tokio::time::timeout(idle, stream.read_exact(&mut buf))
-            .await
-            .map_err(|_| std::io::ErrorKind::TimedOut)??;
-        let out = match process(shared, &buf, Transport::Tcp) {
-            Step::Nothing => continue,
-            Step::Send(out) => out,
-            Step::Forward(req, limit) => match forward(shared, &req, limit, Transport::Tcp).await {
-                Some(out) => out,
-                None => continue,
-            },
-        };
-        let Ok(len) = u16::try_from(out.len()) else {
-            continue;
-        };
-        let mut framed = Vec::with_capacity(out.len() + 2);
-        framed.extend_from_slice(&len.to_be_bytes());
-        framed.extend_from_slice(&out);
-        stream.write_all(&framed).await?;
+            Some(out) = pending.next(), if !pending.is_empty() => {
+                if let Some(out) = out {
+                    write_framed(&mut stream, &out).await?;
+                }
+            }
+            // `read_buf` is cancel-safe: bytes are either in `inbuf` or still in the socket.
+            r = stream.read_buf(&mut inbuf), if pending.len() < MAX_TCP_PIPELINE => {
+                if r? == 0 {
+                    // EOF: finish what is in flight, then close.
+                    while let Some(out) = pending.next().await {
+                        if let Some(out) = out {
+                            write_framed(&mut stream, &out).await?;
+                        }
+                    }
+                    return Ok(());
+                }
+            }
+            _ = &mut idle_timer, if pending.is_empty() => return Ok(()),
+        }
     }
+}
+
+/// Split one length-prefixed message off the front of `buf`, if complete.
+fn next_frame(buf: &mut bytes::BytesMut) -> Option<bytes::BytesMut> {
+    let len = u16::from_be_bytes([*buf.first()?, *buf.get(1)?]) as usize;
+    if buf.len() < 2 + len {
+        buf.reserve(2 + len - buf.len());
+        return None;
+    }
+    let mut frame = buf.split_to(2 + len);
+    let _ = frame.split_to(2);
+    Some(frame)
+}
+
+async fn write_framed(stream: &mut TcpStream, out: &[u8]) -> std::io::Result<()> {
+    let Ok(len) = u16::try_from(out.len()) else {
+        return Ok(());
+    };
+    let mut framed = Vec::with_capacity(out.len() + 2);
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(out);
+    stream.write_all(&framed).await
 }
