@@ -670,3 +670,19 @@ async fn dnsperf_udp() {
     let _ = std::fs::remove_dir_all(&dir);
     s.stop().await;
 }
+
+#[tokio::test]
+async fn serve_needs_a_socket() {
+    let cfg = DnsConfig::default();
+    let err = l4lb::agent::dns::serve(
+        cfg.clone(),
+        DnsCatalog::new(&cfg),
+        vec![],
+        vec![],
+        DnsMetrics::new(&mut Registry::default()),
+        CancellationToken::new(),
+    )
+    .await
+    .expect_err("no sockets");
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+}

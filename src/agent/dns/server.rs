@@ -70,7 +70,8 @@ pub async fn serve(
     .await
 }
 
-/// [`serve`] with explicit limits. Returns once every socket loop and connection has stopped.
+/// [`serve`] with explicit limits. Returns once every socket loop and connection has stopped;
+/// fails at once (InvalidInput) if given no socket at all.
 pub async fn serve_with_limits(
     cfg: DnsConfig,
     catalog: DnsCatalog,
@@ -80,6 +81,12 @@ pub async fn serve_with_limits(
     shutdown: CancellationToken,
     limits: ServerLimits,
 ) -> std::io::Result<()> {
+    if udp.is_empty() && tcp.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "DNS: no UDP or TCP socket to serve on",
+        ));
+    }
     let shared = Arc::new(Shared {
         catalog,
         forwarder: Forwarder::new(&cfg.upstreams, cfg.upstream_timeout),
