@@ -1,1 +1,186 @@
-//! dns (placeholder until its work lands).
+//! The embedded DNS (DESIGN.md §8): authoritative for the VIP zone and its aliases, answering
+//! A/AAAA/SRV/SOA/NS for live named VIPs from a map swapped atomically with each table, and
+//! forwarding everything else to upstream resolvers (or refusing it).
+//!
+//! - `catalog`: the name map ([`DnsCatalog`], published by the agent).
+//! - `answer`: pure: parsed query + catalog snapshot → response.
+//! - `forward`: upstream forwarding (two at once, TCP retry on truncation).
+//! - `server`: the UDP/TCP I/O shells ([`serve`]).
+//!
+//! Depends on `model` only; knows nothing of `source`, `netif` or `forward` (the data plane).
+
+mod answer;
+mod catalog;
+mod forward;
+mod server;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+pub use catalog::{DnsCatalog, ZONE_ALIASES};
+pub use server::{ServerLimits, serve, serve_with_limits};
+
+/// DNS settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// The primary zone, default `l4lb.thisdcos.directory`; [`ZONE_ALIASES`] are served too.
+    pub zone: String,
+    /// TTL of every record served (and the negative-caching TTL), seconds.
+    pub ttl: u32,
+    /// Resolvers for names outside the zones; empty: such queries get REFUSED.
+    pub upstreams: Vec<SocketAddr>,
+    /// How long to wait for an upstream answer before answering SERVFAIL.
+    pub upstream_timeout: Duration,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            zone: crate::model::DEFAULT_ZONE.to_string(),
+            ttl: 5,
+            upstreams: Vec::new(),
+            upstream_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Answer one query packet from the catalog alone, as the server would with no upstreams
+/// (names outside the zones get REFUSED), within the UDP (`udp`) or TCP size limit. `None`:
+/// the packet is dropped (a response, or shorter than a header). The server's pure core,
+/// exposed for benchmarks and embedding.
+pub fn answer_packet(catalog: &DnsCatalog, bytes: &[u8], udp: bool) -> Option<Vec<u8>> {
+    let transport = if udp {
+        answer::Transport::Udp
+    } else {
+        answer::Transport::Tcp
+    };
+    let snap = catalog.load();
+    match answer::handle(&snap, bytes, false, transport) {
+        (answer::Outcome::Reply(resp), limit) => answer::encode(&resp, limit),
+        _ => None,
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueryLabels {
+    r#type: &'static str,
+    rcode: &'static str,
+}
+
+/// DNS metrics: `l4lb_dns_queries_total{type,rcode}`, `l4lb_dns_forwarded_total`,
+/// `l4lb_dns_upstream_failures_total`. Cheap to clone (shared counters).
+#[derive(Debug, Clone, Default)]
+pub struct DnsMetrics {
+    queries: Family<QueryLabels, Counter>,
+    forwarded: Counter,
+    upstream_failures: Counter,
+}
+
+impl DnsMetrics {
+    /// Create the metrics and register them (the registry adds the `l4lb_` prefix only if it
+    /// was made with one, so the names here carry it).
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = DnsMetrics::default();
+        registry.register(
+            "l4lb_dns_queries",
+            "DNS queries answered, by query type and response code",
+            m.queries.clone(),
+        );
+        registry.register(
+            "l4lb_dns_forwarded",
+            "DNS queries forwarded to upstream resolvers",
+            m.forwarded.clone(),
+        );
+        registry.register(
+            "l4lb_dns_upstream_failures",
+            "Forwarded DNS queries that got no usable upstream answer (answered SERVFAIL)",
+            m.upstream_failures.clone(),
+        );
+        m
+    }
+
+    pub(crate) fn query(&self, qtype: &'static str, rcode: &'static str) {
+        self.queries
+            .get_or_create(&QueryLabels {
+                r#type: qtype,
+                rcode,
+            })
+            .inc();
+    }
+
+    pub(crate) fn forwarded(&self) {
+        self.forwarded.inc();
+    }
+
+    pub(crate) fn upstream_failure(&self) {
+        self.upstream_failures.inc();
+    }
+
+    /// Queries counted so far with this type and rcode label (for tests and the API).
+    pub fn queries_with(&self, qtype: &'static str, rcode: &'static str) -> u64 {
+        self.queries
+            .get_or_create(&QueryLabels {
+                r#type: qtype,
+                rcode,
+            })
+            .get()
+    }
+
+    /// Queries forwarded so far.
+    pub fn forwarded_count(&self) -> u64 {
+        self.forwarded.get()
+    }
+
+    /// Upstream failures so far.
+    pub fn upstream_failure_count(&self) -> u64 {
+        self.upstream_failures.get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_registered_with_their_names() {
+        let mut registry = Registry::default();
+        let m = DnsMetrics::new(&mut registry);
+        m.query("A", "NOERROR");
+        m.query("A", "NOERROR");
+        m.forwarded();
+        m.upstream_failure();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        for want in [
+            "l4lb_dns_queries_total{type=\"A\",rcode=\"NOERROR\"} 2",
+            "l4lb_dns_forwarded_total 1",
+            "l4lb_dns_upstream_failures_total 1",
+        ] {
+            assert!(text.contains(want), "{want} missing from\n{text}");
+        }
+        assert_eq!(m.queries_with("A", "NOERROR"), 2);
+    }
+
+    #[test]
+    fn answer_packet_answers_and_drops() {
+        use hickory_proto::op::{Message, Query, ResponseCode};
+        use hickory_proto::rr::{Name, RecordType};
+        let cat = DnsCatalog::new(&DnsConfig::default());
+        let mut q = Message::query();
+        q.add_query(Query::query(
+            Name::from_ascii("l4lb.thisdcos.directory.").expect("name"),
+            RecordType::SOA,
+        ));
+        let bytes = q.to_vec().expect("encode");
+        let out = answer_packet(&cat, &bytes, true).expect("an answer");
+        let resp = Message::from_vec(&out).expect("parse");
+        assert_eq!(resp.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(resp.answers.len(), 1);
+        assert!(answer_packet(&cat, &bytes[..4], true).is_none());
+    }
+}

@@ -1,0 +1,456 @@
+//! The name map the DNS answers from: an immutable [`Snapshot`] built at publish time and
+//! swapped atomically (arc-swap) into a [`DnsCatalog`]. Queries do one `load()` and one hash
+//! lookup; no locks on the query path. Depends on `model` and hickory-proto only.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use hickory_proto::rr::rdata::{NS, SOA};
+use hickory_proto::rr::{Name, RData, Record};
+
+use super::DnsConfig;
+use crate::model::{DEFAULT_ZONE, Protocol, Vip};
+
+/// Zones answered besides `DnsConfig::zone` (DC/OS compatible aliases).
+pub const ZONE_ALIASES: [&str; 3] = [
+    "dclb.thisdcos.directory",
+    "l4lb.thisdcos.global",
+    "dclb.thisdcos.global",
+];
+
+/// One zone we are authoritative for, with its prepared apex records.
+#[derive(Debug)]
+pub(crate) struct Zone {
+    /// Lowercase, fully qualified apex.
+    pub(crate) apex: Name,
+    /// Apex labels, lowercase, in wire order.
+    labels: Vec<Box<[u8]>>,
+    pub(crate) soa: Record,
+    pub(crate) ns: Record,
+}
+
+/// An SRV target: one port of one named VIP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SrvTarget {
+    pub(crate) port: u16,
+    /// The VIP name relative to the zone (`web.marathon`), not fully qualified.
+    pub(crate) host: Name,
+    pub(crate) v4: Vec<Ipv4Addr>,
+    pub(crate) v6: Vec<Ipv6Addr>,
+}
+
+/// What lives at a name inside a zone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Node {
+    /// The zone apex: SOA and NS.
+    Apex,
+    /// A named VIP: its addresses (sorted, unique).
+    Host {
+        v4: Vec<Ipv4Addr>,
+        v6: Vec<Ipv6Addr>,
+    },
+    /// `_<label>._<proto>.<framework>`: one target per port.
+    Srv(Vec<SrvTarget>),
+    /// An empty non-terminal (`marathon`, `_tcp.marathon`): exists, holds no records.
+    Empty,
+}
+
+/// The immutable name map served between two publishes.
+#[derive(Debug)]
+pub(crate) struct Snapshot {
+    /// Longest apex first, so nested zones match the most specific one.
+    pub(crate) zones: Vec<Zone>,
+    /// Key: the name relative to the zone, lowercase, as length-prefixed labels (see [`key_of`]).
+    pub(crate) nodes: HashMap<Vec<u8>, Node>,
+    pub(crate) ttl: u32,
+    pub(crate) serial: u32,
+}
+
+/// The wire-style key of a relative name: each label as a length byte then its lowercase bytes.
+/// Unambiguous even for labels holding dots or binary.
+pub(crate) fn key_of<'a>(labels: impl Iterator<Item = &'a [u8]>, out: &mut Vec<u8>) {
+    out.clear();
+    for label in labels {
+        out.push(label.len() as u8);
+        out.extend(label.iter().map(u8::to_ascii_lowercase));
+    }
+}
+
+impl Snapshot {
+    /// Which zone `name` is in (index into `zones`) and its key relative to that zone, written
+    /// into `key`. `None` outside every zone.
+    pub(crate) fn locate(&self, name: &Name, key: &mut Vec<u8>) -> Option<usize> {
+        let n = name.num_labels() as usize;
+        for (i, zone) in self.zones.iter().enumerate() {
+            let k = zone.labels.len();
+            if n < k {
+                continue;
+            }
+            let tail_matches = name
+                .iter()
+                .skip(n - k)
+                .zip(zone.labels.iter())
+                .all(|(a, b)| a.eq_ignore_ascii_case(b));
+            if tail_matches {
+                key_of(name.iter().take(n - k), key);
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    pub(crate) fn get(&self, key: &[u8]) -> Option<&Node> {
+        self.nodes.get(key)
+    }
+
+    fn build(zone_names: &[Name], ttl: u32, serial: u32, vips: &[&Vip]) -> Snapshot {
+        let zones = zone_names
+            .iter()
+            .map(|apex| make_zone(apex, ttl, serial))
+            .collect();
+        let mut hosts: HashMap<Vec<u8>, (Name, BTreeSet<IpAddr>)> = HashMap::new();
+        // (srv key) -> (host key, port)
+        let mut srvs: HashMap<Vec<u8>, BTreeSet<(Vec<u8>, u16)>> = HashMap::new();
+        let mut key = Vec::new();
+        for vip in vips {
+            let Some(vn) = &vip.name else { continue };
+            let Ok(host) = Name::from_ascii(format!("{}.{}", vn.label, vn.framework)) else {
+                tracing::warn!(label = %vn.label, framework = %vn.framework, "VIP name is not a valid DNS name; not served");
+                continue;
+            };
+            let proto = match vip.key.protocol {
+                Protocol::Tcp => "_tcp",
+                Protocol::Udp => "_udp",
+            };
+            let Ok(srv) = Name::from_ascii(format!("_{}.{proto}.{}", vn.label, vn.framework))
+            else {
+                tracing::warn!(label = %vn.label, "SRV name is not a valid DNS name; not served");
+                continue;
+            };
+            // Both must fit inside every zone: check against the longest apex.
+            let longest = zone_names.iter().map(Name::len).max().unwrap_or(0);
+            if srv.len().max(host.len()) + longest > 254 {
+                tracing::warn!(label = %vn.label, "VIP name too long for DNS; not served");
+                continue;
+            }
+            key_of(host.iter(), &mut key);
+            let host_key = key.clone();
+            hosts
+                .entry(host_key.clone())
+                .or_insert_with(|| (host.clone(), BTreeSet::new()))
+                .1
+                .insert(vip.key.ip);
+            key_of(srv.iter(), &mut key);
+            srvs.entry(key.clone())
+                .or_default()
+                .insert((host_key, vip.key.port));
+        }
+
+        let mut nodes: HashMap<Vec<u8>, Node> = HashMap::new();
+        nodes.insert(Vec::new(), Node::Apex);
+        let split = |ips: &BTreeSet<IpAddr>| {
+            let mut v4 = Vec::new();
+            let mut v6 = Vec::new();
+            for ip in ips {
+                match ip {
+                    IpAddr::V4(a) => v4.push(*a),
+                    IpAddr::V6(a) => v6.push(*a),
+                }
+            }
+            (v4, v6)
+        };
+        for (key, targets) in &srvs {
+            let targets = targets
+                .iter()
+                .filter_map(|(host_key, port)| {
+                    let (host, ips) = hosts.get(host_key)?;
+                    let (v4, v6) = split(ips);
+                    Some(SrvTarget {
+                        port: *port,
+                        host: host.clone(),
+                        v4,
+                        v6,
+                    })
+                })
+                .collect();
+            nodes.insert(key.clone(), Node::Srv(targets));
+        }
+        for (key, (_, ips)) in &hosts {
+            let (v4, v6) = split(ips);
+            nodes.insert(key.clone(), Node::Host { v4, v6 });
+        }
+        // Every proper ancestor of a name is an empty non-terminal unless it holds records.
+        let keys: Vec<Vec<u8>> = nodes.keys().cloned().collect();
+        for k in keys {
+            let mut rest = k.as_slice();
+            while let Some((&len, tail)) = rest.split_first() {
+                rest = tail.get(len as usize..).unwrap_or(&[]);
+                nodes.entry(rest.to_vec()).or_insert(Node::Empty);
+            }
+        }
+        Snapshot {
+            zones,
+            nodes,
+            ttl,
+            serial,
+        }
+    }
+}
+
+fn make_zone(apex: &Name, ttl: u32, serial: u32) -> Zone {
+    let ns_name = apex
+        .clone()
+        .prepend_label("ns")
+        .unwrap_or_else(|_| apex.clone());
+    let rname = apex
+        .clone()
+        .prepend_label("hostmaster")
+        .unwrap_or_else(|_| apex.clone());
+    // Refresh/retry/expire are for secondaries (we have none); minimum is the negative-caching
+    // TTL, kept as short as the positive TTL so a new VIP is seen quickly.
+    let soa = SOA::new(ns_name.clone(), rname, serial, 60, 30, 86_400, ttl);
+    Zone {
+        apex: apex.clone(),
+        labels: apex.iter().map(|l| l.to_ascii_lowercase().into()).collect(),
+        soa: Record::from_rdata(apex.clone(), ttl, RData::SOA(soa)),
+        ns: Record::from_rdata(apex.clone(), ttl, RData::NS(NS(ns_name))),
+    }
+}
+
+/// Parse a zone name; `None` if it is not a valid domain name.
+fn parse_zone(s: &str) -> Option<Name> {
+    let s = s.trim().trim_end_matches('.').to_ascii_lowercase();
+    if s.is_empty() {
+        return None;
+    }
+    let mut name = Name::from_ascii(&s).ok()?;
+    name.set_fqdn(true);
+    Some(name)
+}
+
+struct Inner {
+    current: ArcSwap<Snapshot>,
+    zone_names: Vec<Name>,
+    ttl: u32,
+    serial: AtomicU32,
+    /// Serialises publishers so serials and snapshots go out in the same order. Never taken on
+    /// the query path.
+    publish: Mutex<()>,
+}
+
+/// The names served, swapped atomically with each table. Clone + Send + Sync; clones share
+/// the same map.
+#[derive(Clone)]
+pub struct DnsCatalog {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for DnsCatalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let snap = self.inner.current.load();
+        f.debug_struct("DnsCatalog")
+            .field("zones", &self.inner.zone_names)
+            .field("names", &snap.nodes.len())
+            .field("serial", &snap.serial)
+            .finish()
+    }
+}
+
+impl DnsCatalog {
+    /// An empty catalog (only the zone apexes) for `cfg.zone` and its aliases. An invalid
+    /// `cfg.zone` is logged and replaced by the default zone.
+    pub fn new(cfg: &DnsConfig) -> Self {
+        let primary = parse_zone(&cfg.zone).unwrap_or_else(|| {
+            tracing::error!(zone = %cfg.zone, "invalid DNS zone; using {DEFAULT_ZONE}");
+            parse_zone(DEFAULT_ZONE).unwrap_or_else(Name::root)
+        });
+        let mut zone_names = vec![primary];
+        for alias in ZONE_ALIASES {
+            if let Some(z) = parse_zone(alias)
+                && !zone_names.contains(&z)
+            {
+                zone_names.push(z);
+            }
+        }
+        zone_names.sort_by_key(|z| std::cmp::Reverse(z.num_labels()));
+        let serial = 1;
+        let snap = Snapshot::build(&zone_names, cfg.ttl, serial, &[]);
+        DnsCatalog {
+            inner: Arc::new(Inner {
+                current: ArcSwap::from_pointee(snap),
+                zone_names,
+                ttl: cfg.ttl,
+                serial: AtomicU32::new(serial),
+                publish: Mutex::new(()),
+            }),
+        }
+    }
+
+    /// Replace the served names with exactly these VIPs (the caller passes only VIPs that are
+    /// live: address installed and listener bound). IP VIPs (name `None`) are ignored. Bumps
+    /// the SOA serial.
+    pub fn publish<'a>(&self, live: impl IntoIterator<Item = &'a Vip>) {
+        let vips: Vec<&Vip> = live.into_iter().collect();
+        let _guard = self
+            .inner
+            .publish
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let serial = self
+            .inner
+            .serial
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_add(1);
+        let snap = Snapshot::build(&self.inner.zone_names, self.inner.ttl, serial, &vips);
+        self.inner.current.store(Arc::new(snap));
+    }
+
+    /// The current snapshot (one atomic load).
+    pub(crate) fn load(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.inner.current.load()
+    }
+
+    /// The current SOA serial.
+    pub fn serial(&self) -> u32 {
+        self.inner.current.load().serial
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{VipKey, VipName};
+
+    pub(crate) fn named(label: &str, ip: &str, port: u16, protocol: Protocol) -> Vip {
+        Vip {
+            key: VipKey {
+                ip: ip.parse().expect("ip"),
+                port,
+                protocol,
+            },
+            name: Some(VipName {
+                label: label.into(),
+                framework: "marathon".into(),
+            }),
+            backends: vec![],
+        }
+    }
+
+    fn key(s: &str) -> Vec<u8> {
+        let mut k = Vec::new();
+        if !s.is_empty() {
+            key_of(Name::from_ascii(s).expect("name").iter(), &mut k);
+        }
+        k
+    }
+
+    #[test]
+    fn builds_hosts_srv_and_empty_non_terminals() {
+        let cat = DnsCatalog::new(&DnsConfig::default());
+        let a = named("api.hello-world", "11.0.0.1", 80, Protocol::Tcp);
+        let b = named("api.hello-world", "11.0.0.1", 443, Protocol::Tcp);
+        let c = named("api.hello-world", "fd01:c::1", 80, Protocol::Tcp);
+        let mut ip_vip = a.clone();
+        ip_vip.name = None;
+        ip_vip.key.ip = "10.9.9.9".parse().expect("ip");
+        cat.publish([&a, &b, &c, &ip_vip]);
+        let s = cat.load();
+        assert_eq!(s.serial, 2);
+        assert_eq!(
+            s.get(&key("api.hello-world.marathon")),
+            Some(&Node::Host {
+                v4: vec!["11.0.0.1".parse().expect("ip")],
+                v6: vec!["fd01:c::1".parse().expect("ip")],
+            })
+        );
+        let Some(Node::Srv(t)) = s.get(&key("_api.hello-world._tcp.marathon")) else {
+            panic!("no srv")
+        };
+        assert_eq!(t.iter().map(|t| t.port).collect::<Vec<_>>(), vec![80, 443]);
+        for ent in ["marathon", "hello-world.marathon", "_tcp.marathon"] {
+            assert_eq!(s.get(&key(ent)), Some(&Node::Empty), "{ent}");
+        }
+        assert_eq!(s.get(&key("")), Some(&Node::Apex));
+        assert_eq!(s.get(&key("x.api.hello-world.marathon")), None);
+        assert_eq!(s.get(&key("_udp.marathon")), None);
+        // IP VIPs are not served; only names and their ancestors are.
+        assert_eq!(s.nodes.len(), 7);
+    }
+
+    #[test]
+    fn locate_matches_zone_and_aliases_case_insensitively() {
+        let cat = DnsCatalog::new(&DnsConfig::default());
+        let s = cat.load();
+        let mut k = Vec::new();
+        for (name, inside) in [
+            ("Web.Marathon.L4LB.thisdcos.directory.", true),
+            ("web.marathon.dclb.thisdcos.global.", true),
+            ("l4lb.thisdcos.directory.", true),
+            ("thisdcos.directory.", false),
+            ("example.com.", false),
+            (".", false),
+        ] {
+            let n = Name::from_ascii(name).expect("name");
+            assert_eq!(s.locate(&n, &mut k).is_some(), inside, "{name}");
+            if name.starts_with("Web") {
+                assert_eq!(k, key("web.marathon"));
+            }
+        }
+    }
+
+    #[test]
+    fn custom_zone_and_publish_replaces_everything() {
+        let cfg = DnsConfig {
+            zone: "VIPs.Example.".into(),
+            ..DnsConfig::default()
+        };
+        let cat = DnsCatalog::new(&cfg);
+        cat.publish([&named("web", "11.0.0.1", 80, Protocol::Tcp)]);
+        let mut k = Vec::new();
+        let n = Name::from_ascii("web.marathon.vips.example.").expect("name");
+        let s = cat.load();
+        assert!(s.locate(&n, &mut k).is_some());
+        assert!(s.get(&k).is_some());
+        cat.publish([]);
+        assert!(cat.load().get(&k).is_none());
+        assert_eq!(cat.serial(), 3);
+    }
+
+    #[test]
+    fn invalid_names_are_skipped_not_fatal() {
+        let cat = DnsCatalog::new(&DnsConfig::default());
+        let long_label = named(&"x".repeat(64), "11.0.0.1", 80, Protocol::Tcp);
+        let long_name = named(
+            &vec!["y".repeat(60); 4].join("."),
+            "11.0.0.2",
+            80,
+            Protocol::Tcp,
+        );
+        let empty = named("", "11.0.0.3", 80, Protocol::Tcp);
+        let ok = named("ok", "11.0.0.4", 80, Protocol::Udp);
+        cat.publish([&long_label, &long_name, &empty, &ok]);
+        let s = cat.load();
+        assert!(s.get(&key("ok.marathon")).is_some());
+        assert!(s.get(&key("_ok._udp.marathon")).is_some());
+        assert!(
+            s.nodes.len() <= 6,
+            "{:?}",
+            s.nodes.keys().collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn invalid_zone_falls_back_to_default() {
+        let cat = DnsCatalog::new(&DnsConfig {
+            zone: "..".into(),
+            ..DnsConfig::default()
+        });
+        let mut k = Vec::new();
+        let n = Name::from_ascii("l4lb.thisdcos.directory.").expect("name");
+        assert!(cat.load().locate(&n, &mut k).is_some());
+        assert_eq!(cat.load().zones.len(), 4);
+    }
+}

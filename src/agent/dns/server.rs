@@ -1,0 +1,367 @@
+//! The DNS I/O shells: UDP receive loops and TCP connections (2-byte length prefix, pipelined
+//! queries answered in order, idle timeout, a cap on concurrent connections), all on sockets
+//! the caller bound, until the shutdown token is cancelled. Answers come from `answer`;
+//! forwarding from `forward`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use hickory_proto::op::{Message, ResponseCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::answer::{self, Outcome, Transport};
+use super::forward::Forwarder;
+use super::{DnsCatalog, DnsConfig, DnsMetrics};
+
+/// Resource limits of the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Concurrent TCP connections; further ones are closed at once.
+    pub max_tcp_connections: usize,
+    /// A TCP connection with no complete query for this long is closed.
+    pub tcp_idle_timeout: Duration,
+    /// Forwarded UDP queries in flight; past it new ones get SERVFAIL at once.
+    pub max_forwards_in_flight: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            max_tcp_connections: 256,
+            tcp_idle_timeout: Duration::from_secs(10),
+            max_forwards_in_flight: 1024,
+        }
+    }
+}
+
+/// Everything a query needs, shared by every task.
+struct Shared {
+    catalog: DnsCatalog,
+    forwarder: Option<Forwarder>,
+    metrics: DnsMetrics,
+}
+
+/// Serve UDP and TCP DNS on already-bound sockets until `shutdown` is cancelled, with the
+/// default [`ServerLimits`].
+pub async fn serve(
+    cfg: DnsConfig,
+    catalog: DnsCatalog,
+    udp: Vec<UdpSocket>,
+    tcp: Vec<TcpListener>,
+    metrics: DnsMetrics,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    serve_with_limits(
+        cfg,
+        catalog,
+        udp,
+        tcp,
+        metrics,
+        shutdown,
+        ServerLimits::default(),
+    )
+    .await
+}
+
+/// [`serve`] with explicit limits. Returns once every socket loop and connection has stopped;
+/// fails at once (InvalidInput) if given no socket at all.
+pub async fn serve_with_limits(
+    cfg: DnsConfig,
+    catalog: DnsCatalog,
+    udp: Vec<UdpSocket>,
+    tcp: Vec<TcpListener>,
+    metrics: DnsMetrics,
+    shutdown: CancellationToken,
+    limits: ServerLimits,
+) -> std::io::Result<()> {
+    if udp.is_empty() && tcp.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "DNS: no UDP or TCP socket to serve on",
+        ));
+    }
+    let shared = Arc::new(Shared {
+        catalog,
+        forwarder: Forwarder::new(&cfg.upstreams, cfg.upstream_timeout),
+        metrics,
+    });
+    let tracker = TaskTracker::new();
+    let forwards = Arc::new(Semaphore::new(limits.max_forwards_in_flight));
+    // Several receive loops share each socket so a multi-threaded runtime answers on every
+    // core (tokio sockets take `&self`; each datagram goes to exactly one loop).
+    let loops = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .clamp(1, 4);
+    for sock in udp {
+        tracing::info!(addr = ?sock.local_addr().ok(), loops, "DNS serving UDP");
+        let sock = Arc::new(sock);
+        for _ in 0..loops {
+            tracker.spawn(udp_loop(
+                sock.clone(),
+                shared.clone(),
+                forwards.clone(),
+                tracker.clone(),
+                shutdown.clone(),
+            ));
+        }
+    }
+    let conns = Arc::new(Semaphore::new(limits.max_tcp_connections));
+    for listener in tcp {
+        tracing::info!(addr = ?listener.local_addr().ok(), "DNS serving TCP");
+        tracker.spawn(tcp_accept_loop(
+            listener,
+            shared.clone(),
+            conns.clone(),
+            limits.tcp_idle_timeout,
+            tracker.clone(),
+            shutdown.clone(),
+        ));
+    }
+    shutdown.cancelled().await;
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
+
+/// The result of processing one packet without I/O: bytes to send now, a query to forward,
+/// or nothing.
+enum Step {
+    Send(Vec<u8>),
+    Forward(Message, usize),
+    Nothing,
+}
+
+/// Answer what can be answered locally, encode within the transport's size limit, count it.
+fn process(shared: &Shared, bytes: &[u8], transport: Transport) -> Step {
+    let snap = shared.catalog.load();
+    let (outcome, limit) = answer::handle(&snap, bytes, shared.forwarder.is_some(), transport);
+    match outcome {
+        Outcome::Drop => Step::Nothing,
+        Outcome::Forward(req) => Step::Forward(req, limit),
+        Outcome::Reply(resp) => {
+            shared.metrics.query(
+                answer::type_label(&resp),
+                answer::rcode_label(resp.metadata.response_code),
+            );
+            answer::encode(&resp, limit).map_or(Step::Nothing, Step::Send)
+        }
+    }
+}
+
+/// Forward `req` and produce the bytes for the client (SERVFAIL on failure), within `limit`.
+async fn forward(
+    shared: &Shared,
+    req: &Message,
+    limit: usize,
+    transport: Transport,
+) -> Option<Vec<u8>> {
+    let forwarder = shared.forwarder.as_ref()?;
+    shared.metrics.forwarded();
+    let qtype = answer::type_label(req);
+    match forwarder.forward(req, transport).await {
+        Ok(bytes) => {
+            let rcode = Message::from_vec(&bytes)
+                .map(|m| m.metadata.response_code)
+                .unwrap_or(ResponseCode::NoError);
+            shared.metrics.query(qtype, answer::rcode_label(rcode));
+            if bytes.len() <= limit {
+                return Some(bytes);
+            }
+            match Message::from_vec(&bytes) {
+                Ok(m) => answer::encode(&m, limit),
+                Err(_) => servfail(req, limit),
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "DNS forwarding failed");
+            shared.metrics.upstream_failure();
+            shared.metrics.query(qtype, "SERVFAIL");
+            servfail(req, limit)
+        }
+    }
+}
+
+fn servfail(req: &Message, limit: usize) -> Option<Vec<u8>> {
+    let mut resp = Message::error_msg(
+        req.metadata.id,
+        req.metadata.op_code,
+        ResponseCode::ServFail,
+    );
+    resp.metadata.recursion_desired = req.metadata.recursion_desired;
+    resp.metadata.recursion_available = true;
+    resp.queries = req.queries.clone();
+    answer::encode(&resp, limit)
+}
+
+async fn udp_loop(
+    sock: Arc<UdpSocket>,
+    shared: Arc<Shared>,
+    forwards: Arc<Semaphore>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    let mut buf = vec![0u8; 65_535];
+    loop {
+        let (n, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = sock.recv_from(&mut buf) => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    // ICMP errors from earlier sends surface here on some systems; not fatal.
+                    tracing::debug!(error = %e, "DNS UDP receive error");
+                    continue;
+                }
+            },
+        };
+        match process(&shared, &buf[..n], Transport::Udp) {
+            Step::Nothing => {}
+            Step::Send(out) => send_udp(&sock, &out, peer).await,
+            Step::Forward(req, limit) => {
+                let Ok(permit) = forwards.clone().try_acquire_owned() else {
+                    shared.metrics.upstream_failure();
+                    if let Some(out) = servfail(&req, limit) {
+                        send_udp(&sock, &out, peer).await;
+                    }
+                    continue;
+                };
+                let (sock, shared) = (sock.clone(), shared.clone());
+                tracker.spawn(async move {
+                    if let Some(out) = forward(&shared, &req, limit, Transport::Udp).await {
+                        send_udp(&sock, &out, peer).await;
+                    }
+                    drop(permit);
+                });
+            }
+        }
+    }
+}
+
+async fn send_udp(sock: &UdpSocket, out: &[u8], peer: SocketAddr) {
+    if let Err(e) = sock.send_to(out, peer).await {
+        tracing::debug!(error = %e, %peer, "DNS UDP send error");
+    }
+}
+
+async fn tcp_accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    conns: Arc<Semaphore>,
+    idle: Duration,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "DNS TCP accept error");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = conns.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "DNS TCP connection limit reached; closing");
+            drop(stream);
+            continue;
+        };
+        let (shared, shutdown) = (shared.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            if let Err(e) = tcp_conn(stream, &shared, idle, &shutdown).await {
+                tracing::debug!(error = %e, %peer, "DNS TCP connection ended");
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Forwarded queries in flight on one TCP connection; past it the connection stops reading
+/// until one completes.
+const MAX_TCP_PIPELINE: usize = 16;
+
+/// Serve one TCP connection until EOF, idle timeout, an error or shutdown: read
+/// length-prefixed queries, answer local ones at once in arrival order, and write forwarded
+/// ones as their upstream answers arrive (RFC 7766 §6.2.1.1 allows out-of-order answers), so
+/// a slow upstream does not hold up answers from the catalog.
+async fn tcp_conn(
+    mut stream: TcpStream,
+    shared: &Shared,
+    idle: Duration,
+    shutdown: &CancellationToken,
+) -> std::io::Result<()> {
+    let mut inbuf = bytes::BytesMut::with_capacity(1024);
+    let mut pending = FuturesUnordered::new();
+    let idle_timer = tokio::time::sleep(idle);
+    tokio::pin!(idle_timer);
+    loop {
+        // Answer every complete query already buffered.
+        while let Some(frame) = next_frame(&mut inbuf) {
+            idle_timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + idle);
+            match process(shared, &frame, Transport::Tcp) {
+                Step::Nothing => {}
+                Step::Send(out) => write_framed(&mut stream, &out).await?,
+                Step::Forward(req, limit) => {
+                    pending.push(async move { forward(shared, &req, limit, Transport::Tcp).await })
+                }
+            }
+            if pending.len() >= MAX_TCP_PIPELINE {
+                break;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            Some(out) = pending.next(), if !pending.is_empty() => {
+                if let Some(out) = out {
+                    write_framed(&mut stream, &out).await?;
+                }
+            }
+            // `read_buf` is cancel-safe: bytes are either in `inbuf` or still in the socket.
+            r = stream.read_buf(&mut inbuf), if pending.len() < MAX_TCP_PIPELINE => {
+                if r? == 0 {
+                    // EOF: finish what is in flight, then close.
+                    while let Some(out) = pending.next().await {
+                        if let Some(out) = out {
+                            write_framed(&mut stream, &out).await?;
+                        }
+                    }
+                    return Ok(());
+                }
+            }
+            _ = &mut idle_timer, if pending.is_empty() => return Ok(()),
+        }
+    }
+}
+
+/// Split one length-prefixed message off the front of `buf`, if complete.
+fn next_frame(buf: &mut bytes::BytesMut) -> Option<bytes::BytesMut> {
+    let len = u16::from_be_bytes([*buf.first()?, *buf.get(1)?]) as usize;
+    if buf.len() < 2 + len {
+        buf.reserve(2 + len - buf.len());
+        return None;
+    }
+    let mut frame = buf.split_to(2 + len);
+    let _ = frame.split_to(2);
+    Some(frame)
+}
+
+async fn write_framed(stream: &mut TcpStream, out: &[u8]) -> std::io::Result<()> {
+    let Ok(len) = u16::try_from(out.len()) else {
+        return Ok(());
+    };
+    let mut framed = Vec::with_capacity(out.len() + 2);
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(out);
+    stream.write_all(&framed).await
+}

@@ -1,0 +1,688 @@
+//! Integration tests of the embedded DNS: a real server on 127.0.0.1 port 0 queried over UDP
+//! and TCP with packets built by hickory-proto (and with `dig` when installed), forwarding to
+//! in-test upstreams, truncation, and publishing while queries run.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Edns, Message, MessageType, Query, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use l4lb::agent::dns::{DnsCatalog, DnsConfig, DnsMetrics, ServerLimits, serve_with_limits};
+use l4lb::model::{Protocol, Vip, VipKey, VipName};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const WEB: &str = "web.marathon.l4lb.thisdcos.directory.";
+
+fn named(label: &str, ip: &str, port: u16, protocol: Protocol) -> Vip {
+    Vip {
+        key: VipKey {
+            ip: ip.parse().expect("ip"),
+            port,
+            protocol,
+        },
+        name: Some(VipName {
+            label: label.into(),
+            framework: "marathon".into(),
+        }),
+        backends: vec![],
+    }
+}
+
+struct Server {
+    udp: SocketAddr,
+    tcp: SocketAddr,
+    catalog: DnsCatalog,
+    metrics: DnsMetrics,
+    shutdown: CancellationToken,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    async fn start(cfg: DnsConfig) -> Server {
+        Server::start_with(cfg, ServerLimits::default()).await
+    }
+
+    async fn start_with(cfg: DnsConfig, limits: ServerLimits) -> Server {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind udp");
+        let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind tcp");
+        let (udp_addr, tcp_addr) = (
+            udp.local_addr().expect("addr"),
+            tcp.local_addr().expect("addr"),
+        );
+        let catalog = DnsCatalog::new(&cfg);
+        catalog.publish(&[
+            named("web", "11.0.0.1", 80, Protocol::Tcp),
+            named("web", "11.0.0.1", 443, Protocol::Tcp),
+            named("web", "fd01:c::1", 80, Protocol::Tcp),
+        ]);
+        let metrics = DnsMetrics::new(&mut Registry::default());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve_with_limits(
+            cfg,
+            catalog.clone(),
+            vec![udp],
+            vec![tcp],
+            metrics.clone(),
+            shutdown.clone(),
+            limits,
+        ));
+        Server {
+            udp: udp_addr,
+            tcp: tcp_addr,
+            catalog,
+            metrics,
+            shutdown,
+            task,
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .expect("serve returns after shutdown")
+            .expect("no panic")
+            .expect("serve ok");
+    }
+}
+
+fn query(id: u16, name: &str, t: RecordType) -> Message {
+    let mut m = Message::query();
+    m.metadata.id = id;
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(Name::from_ascii(name).expect("name"), t));
+    m
+}
+
+/// Send `bytes` and wait up to `wait` for one datagram back.
+async fn udp_raw_wait(server: SocketAddr, bytes: &[u8], wait: Duration) -> Option<Vec<u8>> {
+    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    sock.send_to(bytes, server).await.expect("send");
+    let mut buf = vec![0u8; 65_535];
+    match tokio::time::timeout(wait, sock.recv_from(&mut buf)).await {
+        Ok(Ok((n, _))) => Some(buf[..n].to_vec()),
+        _ => None,
+    }
+}
+
+/// Send `bytes` and wait for an answer (generously: the machine may be busy).
+async fn udp_raw(server: SocketAddr, bytes: &[u8]) -> Option<Vec<u8>> {
+    udp_raw_wait(server, bytes, Duration::from_secs(5)).await
+}
+
+/// Whether the server stays silent (drops the packet).
+async fn udp_dropped(server: SocketAddr, bytes: &[u8]) -> bool {
+    udp_raw_wait(server, bytes, Duration::from_millis(300))
+        .await
+        .is_none()
+}
+
+async fn udp_query(server: SocketAddr, q: &Message) -> Message {
+    let bytes = udp_raw(server, &q.to_vec().expect("encode"))
+        .await
+        .expect("a UDP answer");
+    let resp = Message::from_vec(&bytes).expect("parse");
+    assert_eq!(resp.metadata.id, q.metadata.id);
+    assert_eq!(resp.metadata.message_type, MessageType::Response);
+    resp
+}
+
+async fn tcp_send(stream: &mut TcpStream, q: &Message) {
+    let bytes = q.to_vec().expect("encode");
+    let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&bytes);
+    stream.write_all(&framed).await.expect("write");
+}
+
+async fn tcp_recv(stream: &mut TcpStream) -> Message {
+    let len = stream.read_u16().await.expect("length") as usize;
+    let mut buf = vec![0u8; len];
+    stream.read_exact(&mut buf).await.expect("body");
+    Message::from_vec(&buf).expect("parse")
+}
+
+async fn tcp_query(server: SocketAddr, q: &Message) -> Message {
+    let mut s = TcpStream::connect(server).await.expect("connect");
+    tcp_send(&mut s, q).await;
+    let resp = tcp_recv(&mut s).await;
+    assert_eq!(resp.metadata.id, q.metadata.id);
+    resp
+}
+
+fn a_records(m: &Message) -> Vec<String> {
+    m.answers.iter().map(|r| r.data.to_string()).collect()
+}
+
+#[tokio::test]
+async fn udp_and_pipelined_tcp() {
+    let s = Server::start(DnsConfig::default()).await;
+    let r = udp_query(s.udp, &query(1, WEB, RecordType::A)).await;
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    assert!(r.metadata.authoritative);
+    assert_eq!(a_records(&r), ["11.0.0.1"]);
+
+    let r = udp_query(
+        s.udp,
+        &query(2, "nope.marathon.l4lb.thisdcos.directory.", RecordType::A),
+    )
+    .await;
+    assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(r.authorities.len(), 1);
+
+    // Three queries in one write; three answers in order on the same connection.
+    let mut conn = TcpStream::connect(s.tcp).await.expect("connect");
+    let qs = [
+        query(10, WEB, RecordType::A),
+        query(11, WEB, RecordType::AAAA),
+        query(
+            12,
+            "_web._tcp.marathon.l4lb.thisdcos.directory.",
+            RecordType::SRV,
+        ),
+    ];
+    let mut all = Vec::new();
+    for q in &qs {
+        let b = q.to_vec().expect("encode");
+        all.extend_from_slice(&(b.len() as u16).to_be_bytes());
+        all.extend_from_slice(&b);
+    }
+    conn.write_all(&all).await.expect("write");
+    let r10 = tcp_recv(&mut conn).await;
+    let r11 = tcp_recv(&mut conn).await;
+    let r12 = tcp_recv(&mut conn).await;
+    assert_eq!(
+        (r10.metadata.id, r11.metadata.id, r12.metadata.id),
+        (10, 11, 12)
+    );
+    assert_eq!(a_records(&r10), ["11.0.0.1"]);
+    assert_eq!(a_records(&r11), ["fd01:c::1"]);
+    assert_eq!(r12.answers.len(), 2);
+    assert_eq!(r12.additionals.len(), 2);
+    // The connection stays usable, also when a query arrives in pieces.
+    tcp_send(&mut conn, &query(13, WEB, RecordType::A)).await;
+    assert_eq!(tcp_recv(&mut conn).await.metadata.id, 13);
+    let b = query(14, WEB, RecordType::A).to_vec().expect("encode");
+    let mut framed = (b.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&b);
+    for piece in [&framed[..1], &framed[1..7], &framed[7..]] {
+        conn.write_all(piece).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(tcp_recv(&mut conn).await.metadata.id, 14);
+
+    assert_eq!(s.metrics.queries_with("A", "NOERROR"), 4);
+    assert_eq!(s.metrics.queries_with("A", "NXDOMAIN"), 1);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_and_refused() {
+    let s = Server::start(DnsConfig::default()).await;
+    // No upstreams: REFUSED outside the zone.
+    let r = udp_query(s.udp, &query(3, "example.com.", RecordType::A)).await;
+    assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+    // Header only: FORMERR echoing the id. Shorter than a header: dropped.
+    let q = query(77, WEB, RecordType::A).to_vec().expect("encode");
+    let r = Message::from_vec(&udp_raw(s.udp, &q[..14]).await.expect("an answer")).expect("parse");
+    assert_eq!(
+        (r.metadata.id, r.metadata.response_code),
+        (77, ResponseCode::FormErr)
+    );
+    assert!(udp_dropped(s.udp, &q[..5]).await);
+    // A response sent to us: dropped.
+    let mut resp = q.clone();
+    resp[2] |= 0x80;
+    assert!(udp_dropped(s.udp, &resp).await);
+    // Still serving.
+    udp_query(s.udp, &query(4, WEB, RecordType::A)).await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn truncated_over_udp_full_over_tcp() {
+    let s = Server::start(DnsConfig::default()).await;
+    let vips: Vec<Vip> = (1..=60)
+        .map(|p| named("big", "11.0.0.9", 2000 + p, Protocol::Tcp))
+        .collect();
+    s.catalog.publish(&vips);
+    let q = query(
+        5,
+        "_big._tcp.marathon.l4lb.thisdcos.directory.",
+        RecordType::SRV,
+    );
+    let raw = udp_raw(s.udp, &q.to_vec().expect("encode"))
+        .await
+        .expect("answer");
+    assert!(raw.len() <= 512);
+    let r = Message::from_vec(&raw).expect("parse");
+    assert!(r.metadata.truncation);
+    let r = tcp_query(s.tcp, &q).await;
+    assert!(!r.metadata.truncation);
+    assert_eq!(r.answers.len(), 60);
+    // With EDNS0 and a large buffer the answer fits in 1232 bytes? 60 SRVs do not; it is
+    // truncated at our cap but keeps the OPT record.
+    let mut qe = q.clone();
+    let mut e = Edns::new();
+    e.set_max_payload(4096);
+    qe.set_edns(e);
+    let raw = udp_raw(s.udp, &qe.to_vec().expect("encode"))
+        .await
+        .expect("answer");
+    assert!(raw.len() <= 1232);
+    let r = Message::from_vec(&raw).expect("parse");
+    assert!(r.edns.is_some());
+    // 20 ports fit in an EDNS answer but not in 512 bytes.
+    s.catalog.publish(&vips[..20]);
+    let r = udp_query(s.udp, &qe).await;
+    assert!(!r.metadata.truncation);
+    assert_eq!(r.answers.len(), 20);
+    let r = udp_query(s.udp, &q).await;
+    assert!(r.metadata.truncation);
+    s.stop().await;
+}
+
+/// A tiny upstream: answers A queries with 192.0.2.1 over UDP and TCP. With `truncate_udp`, a
+/// UDP answer carries only TC.
+async fn upstream(truncate_udp: bool) -> (SocketAddr, CancellationToken) {
+    // UDP and TCP on the same port; another test may hold that TCP port, so retry.
+    let mut attempt = 0;
+    let (udp, tcp, addr) = loop {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let addr = udp.local_addr().expect("addr");
+        match TcpListener::bind(addr).await {
+            Ok(tcp) => break (udp, tcp, addr),
+            Err(e) if attempt < 50 => {
+                attempt += 1;
+                eprintln!("port {addr} busy for TCP ({e}); retrying");
+            }
+            Err(e) => panic!("no port free for UDP and TCP: {e}"),
+        }
+    };
+    let stop = CancellationToken::new();
+    fn answer(req: &[u8]) -> Option<Message> {
+        let req = Message::from_vec(req).ok()?;
+        let mut resp = Message::response(req.metadata.id, req.metadata.op_code);
+        resp.metadata.recursion_available = true;
+        resp.add_queries(req.queries.clone());
+        let name = req.queries.first()?.name().clone();
+        resp.add_answer(Record::from_rdata(
+            name,
+            60,
+            RData::A(A([192, 0, 2, 1].into())),
+        ));
+        Some(resp)
+    }
+    let stop2 = stop.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            tokio::select! {
+                _ = stop2.cancelled() => return,
+                r = udp.recv_from(&mut buf) => {
+                    let Ok((n, peer)) = r else { continue };
+                    let Some(mut resp) = answer(&buf[..n]) else { continue };
+                    if truncate_udp {
+                        resp = resp.truncate();
+                    }
+                    let _ = udp.send_to(&resp.to_vec().expect("encode"), peer).await;
+                }
+                r = tcp.accept() => {
+                    let Ok((mut s, _)) = r else { continue };
+                    tokio::spawn(async move {
+                        let len = s.read_u16().await.expect("len") as usize;
+                        let mut b = vec![0u8; len];
+                        s.read_exact(&mut b).await.expect("body");
+                        let out = answer(&b).expect("answer").to_vec().expect("encode");
+                        let mut framed = (out.len() as u16).to_be_bytes().to_vec();
+                        framed.extend_from_slice(&out);
+                        s.write_all(&framed).await.expect("write");
+                    });
+                }
+            }
+        }
+    });
+    (addr, stop)
+}
+
+#[tokio::test]
+async fn forwards_to_upstream_and_retries_over_tcp() {
+    let (good, _g) = upstream(false).await;
+    let s = Server::start(DnsConfig {
+        upstreams: vec![good],
+        upstream_timeout: Duration::from_secs(2),
+        ..DnsConfig::default()
+    })
+    .await;
+    let r = udp_query(s.udp, &query(0xbeef, "example.com.", RecordType::A)).await;
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(a_records(&r), ["192.0.2.1"]);
+    let r = tcp_query(s.tcp, &query(0xcafe, "Example.COM.", RecordType::A)).await;
+    assert_eq!(a_records(&r), ["192.0.2.1"]);
+    assert_eq!(s.metrics.forwarded_count(), 2);
+    // In-zone names are still answered locally.
+    let r = udp_query(s.udp, &query(6, WEB, RecordType::A)).await;
+    assert_eq!(a_records(&r), ["11.0.0.1"]);
+    assert_eq!(s.metrics.forwarded_count(), 2);
+    s.stop().await;
+
+    // An upstream that truncates over UDP: a TCP client gets the full answer via TCP retry, a
+    // UDP client gets TC (and would retry over TCP itself).
+    let (trunc, _t) = upstream(true).await;
+    let s = Server::start(DnsConfig {
+        upstreams: vec![trunc],
+        ..DnsConfig::default()
+    })
+    .await;
+    let r = tcp_query(s.tcp, &query(7, "example.org.", RecordType::A)).await;
+    assert!(!r.metadata.truncation);
+    assert_eq!(a_records(&r), ["192.0.2.1"]);
+    let r = udp_query(s.udp, &query(8, "example.org.", RecordType::A)).await;
+    assert!(r.metadata.truncation);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn silent_upstream_gives_servfail_and_a_live_one_wins() {
+    // Bound but never read: queries to it vanish.
+    let silent = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    let s = Server::start(DnsConfig {
+        upstreams: vec![silent_addr],
+        upstream_timeout: Duration::from_millis(300),
+        ..DnsConfig::default()
+    })
+    .await;
+    let t0 = Instant::now();
+    let r = udp_query(s.udp, &query(9, "example.net.", RecordType::A)).await;
+    assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
+    // At the timeout, not before; within it plus slack for a busy machine.
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(280), "{took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert_eq!(s.metrics.upstream_failure_count(), 1);
+
+    // Pipelined over TCP: the local answer is not held up behind the slow forwarded one.
+    let mut conn = TcpStream::connect(s.tcp).await.expect("connect");
+    let mut both = Vec::new();
+    for q in [
+        query(20, "example.net.", RecordType::A),
+        query(21, WEB, RecordType::A),
+    ] {
+        let b = q.to_vec().expect("encode");
+        both.extend_from_slice(&(b.len() as u16).to_be_bytes());
+        both.extend_from_slice(&b);
+    }
+    conn.write_all(&both).await.expect("write");
+    let first = tcp_recv(&mut conn).await;
+    let second = tcp_recv(&mut conn).await;
+    assert_eq!(first.metadata.id, 21);
+    assert_eq!(a_records(&first), ["11.0.0.1"]);
+    assert_eq!(second.metadata.id, 20);
+    assert_eq!(second.metadata.response_code, ResponseCode::ServFail);
+    s.stop().await;
+
+    // Two upstreams at once: the silent one does not delay the live one.
+    let (good, _g) = upstream(false).await;
+    let s = Server::start(DnsConfig {
+        upstreams: vec![silent_addr, good],
+        upstream_timeout: Duration::from_secs(5),
+        ..DnsConfig::default()
+    })
+    .await;
+    for id in 0..4 {
+        let t0 = Instant::now();
+        let r = udp_query(s.udp, &query(id, "example.net.", RecordType::A)).await;
+        assert_eq!(a_records(&r), ["192.0.2.1"]);
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    }
+    drop(silent);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_swaps_names_while_queries_run() {
+    let s = Server::start(DnsConfig::default()).await;
+    let a = [named("web", "11.0.0.1", 80, Protocol::Tcp)];
+    let b = [
+        named("web", "11.0.0.2", 80, Protocol::Tcp),
+        named("other", "11.0.0.3", 80, Protocol::Tcp),
+    ];
+    let catalog = s.catalog.clone();
+    let stop = CancellationToken::new();
+    let stop2 = stop.clone();
+    let publisher = tokio::spawn(async move {
+        let mut n = 0u32;
+        while !stop2.is_cancelled() {
+            if n.is_multiple_of(2) {
+                catalog.publish(&a);
+            } else {
+                catalog.publish(&b);
+            }
+            n += 1;
+            tokio::task::yield_now().await;
+        }
+        n
+    });
+    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let mut seen = std::collections::BTreeSet::new();
+    let mut buf = vec![0u8; 2048];
+    for id in 0..300u16 {
+        sock.send_to(
+            &query(id, WEB, RecordType::A).to_vec().expect("encode"),
+            s.udp,
+        )
+        .await
+        .expect("send");
+        let (n, _) = tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf))
+            .await
+            .expect("answer in time")
+            .expect("recv");
+        let r = Message::from_vec(&buf[..n]).expect("parse");
+        assert_eq!(r.metadata.id, id);
+        let ans = a_records(&r);
+        assert_eq!(ans.len(), 1, "always exactly one consistent answer");
+        seen.insert(ans[0].clone());
+    }
+    stop.cancel();
+    let publishes = publisher.await.expect("publisher");
+    assert!(publishes > 1);
+    assert!(
+        seen.iter().all(|a| a == "11.0.0.1" || a == "11.0.0.2"),
+        "{seen:?}"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn tcp_connection_cap_and_idle_timeout() {
+    let s = Server::start_with(
+        DnsConfig::default(),
+        ServerLimits {
+            max_tcp_connections: 1,
+            tcp_idle_timeout: Duration::from_millis(300),
+            ..ServerLimits::default()
+        },
+    )
+    .await;
+    let mut first = TcpStream::connect(s.tcp).await.expect("connect");
+    tcp_send(&mut first, &query(1, WEB, RecordType::A)).await;
+    tcp_recv(&mut first).await;
+    // Over the cap: closed without an answer.
+    let mut second = TcpStream::connect(s.tcp).await.expect("connect");
+    let mut b = [0u8; 2];
+    let n = tokio::time::timeout(Duration::from_secs(2), second.read(&mut b))
+        .await
+        .expect("closed promptly")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    // The idle first connection is closed by the server.
+    let n = tokio::time::timeout(Duration::from_secs(2), first.read(&mut b))
+        .await
+        .expect("closed by idle timeout")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    // The slot is free again.
+    tcp_query(s.tcp, &query(2, WEB, RecordType::A)).await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn dig_against_the_server() {
+    if !std::path::Path::new("/usr/bin/dig").exists() {
+        eprintln!("dig not installed; skipping");
+        return;
+    }
+    let s = Server::start(DnsConfig::default()).await;
+    let dig = |args: Vec<String>| async move {
+        let out = tokio::process::Command::new("/usr/bin/dig")
+            .args(args)
+            .output()
+            .await
+            .expect("run dig");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let base = |port: u16| {
+        vec![
+            "@127.0.0.1".to_string(),
+            "-p".into(),
+            port.to_string(),
+            "+time=2".into(),
+            "+tries=1".into(),
+        ]
+    };
+    let mut a = base(s.udp.port());
+    a.extend(["+short".into(), WEB.into(), "A".into()]);
+    assert_eq!(dig(a).await.trim(), "11.0.0.1");
+    let mut srv = base(s.tcp.port());
+    srv.extend([
+        "+tcp".into(),
+        "+short".into(),
+        "_web._tcp.marathon.l4lb.thisdcos.directory".into(),
+        "SRV".into(),
+    ]);
+    assert_eq!(
+        dig(srv).await.trim(),
+        "0 0 80 web.marathon.l4lb.thisdcos.directory.\n0 0 443 web.marathon.l4lb.thisdcos.directory."
+    );
+    let mut nx = base(s.udp.port());
+    nx.extend(["nope.marathon.dclb.thisdcos.directory".into(), "A".into()]);
+    let out = dig(nx).await;
+    assert!(out.contains("status: NXDOMAIN"), "{out}");
+    assert!(out.contains("flags: qr aa rd"), "{out}");
+    assert!(out.contains("SOA\tns.dclb.thisdcos.directory."), "{out}");
+    s.stop().await;
+}
+
+/// In-process cost of answering (parse, look up, encode) against 1,000 named VIPs. Run with
+/// `cargo test --release --test dns -- --ignored --nocapture bench_`.
+#[test]
+#[ignore = "benchmark; run in release"]
+fn bench_answer_packet() {
+    let cat = DnsCatalog::new(&DnsConfig::default());
+    let vips: Vec<Vip> = (0..1000u32)
+        .map(|i| {
+            let ip = format!("11.0.{}.{}", i / 256, i % 256);
+            named(&format!("app{i}"), &ip, 80, Protocol::Tcp)
+        })
+        .collect();
+    let t0 = Instant::now();
+    cat.publish(&vips);
+    println!("publish 1000 VIPs: {:?}", t0.elapsed());
+    for (what, name, t) in [
+        (
+            "A hit",
+            "app500.marathon.l4lb.thisdcos.directory.",
+            RecordType::A,
+        ),
+        (
+            "NXDOMAIN",
+            "nope.marathon.l4lb.thisdcos.directory.",
+            RecordType::A,
+        ),
+        (
+            "SRV",
+            "_app7._tcp.marathon.l4lb.thisdcos.directory.",
+            RecordType::SRV,
+        ),
+        ("REFUSED", "example.com.", RecordType::A),
+    ] {
+        let q = query(1, name, t).to_vec().expect("encode");
+        let n = 200_000;
+        let t0 = Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(l4lb::agent::dns::answer_packet(
+                &cat,
+                std::hint::black_box(&q),
+                true,
+            ));
+        }
+        let per = t0.elapsed() / n;
+        println!(
+            "{what:>9}: {per:?}/query ({:.0} queries/s on one core)",
+            1e9 / per.as_nanos() as f64
+        );
+    }
+}
+
+/// End to end over UDP with dnsperf (skipped if not installed). Run with
+/// `cargo test --release --test dns -- --ignored --nocapture dnsperf`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark; run in release"]
+async fn dnsperf_udp() {
+    if !std::path::Path::new("/usr/bin/dnsperf").exists() {
+        eprintln!("dnsperf not installed; skipping");
+        return;
+    }
+    let s = Server::start(DnsConfig::default()).await;
+    let dir = std::env::temp_dir().join(format!("l4lb-dnsperf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let data = dir.join("queries.txt");
+    std::fs::write(
+        &data,
+        "web.marathon.l4lb.thisdcos.directory A\n\
+         web.marathon.l4lb.thisdcos.directory AAAA\n\
+         nope.marathon.l4lb.thisdcos.directory A\n\
+         _web._tcp.marathon.l4lb.thisdcos.directory SRV\n",
+    )
+    .expect("write queries");
+    let out = tokio::process::Command::new("/usr/bin/dnsperf")
+        .args(["-s", "127.0.0.1", "-p"])
+        .arg(s.udp.port().to_string())
+        .args(["-d"])
+        .arg(&data)
+        .args(["-l", "5", "-c", "4", "-Q", "1000000"])
+        .output()
+        .await
+        .expect("run dnsperf");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in text.lines().filter(|l| {
+        l.contains("Queries per second")
+            || l.contains("Queries lost")
+            || l.contains("Average Latency")
+    }) {
+        println!("{}", line.trim());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn serve_needs_a_socket() {
+    let cfg = DnsConfig::default();
+    let err = l4lb::agent::dns::serve(
+        cfg.clone(),
+        DnsCatalog::new(&cfg),
+        vec![],
+        vec![],
+        DnsMetrics::new(&mut Registry::default()),
+        CancellationToken::new(),
+    )
+    .await
+    .expect_err("no sockets");
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+}
