@@ -9,19 +9,19 @@ use std::time::Duration;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{self, ApiState, Readiness};
 use crate::agent::dns::{DnsCatalog, DnsConfig, DnsMetrics};
 use crate::agent::forward::{ForwardConfig, ForwardMetrics, ForwardStats, Forwarder};
 use crate::agent::netif::{InterfaceKind, Netif, NetifError};
 use crate::agent::{Agent, AgentMetrics};
+use crate::api::{self, ApiState, Readiness};
 use crate::api::{BackendCounters, BackendStats};
 use crate::config::{
     AgentArgs, AgentCmdArgs, ApiArgs, BuildArgs, CheckArgs, Cli, Command, ConfigError,
     ControllerArgs, InterfaceKindArg, RunArgs, SourceArgs, SourceConfig, VipsArgs,
 };
 use crate::model::VipKey;
-use crate::source::controller::WatchConfig;
 use crate::model::wire::{VipJson, table_to_json};
+use crate::source::controller::WatchConfig;
 use crate::source::marathon::{client, sync};
 use crate::source::metrics::SourceMetrics;
 use crate::source::state::TableState;
@@ -165,13 +165,22 @@ async fn agent(args: AgentCmdArgs) -> Result<(), AppError> {
     let metrics = SourceMetrics::new(&mut reg);
     let (tx, rx) = source::table_channel();
     let watch = WatchConfig {
-        controllers: args.controllers.iter().map(crate::config::with_trailing_slash).collect(),
+        controllers: args
+            .controllers
+            .iter()
+            .map(crate::config::with_trailing_slash)
+            .collect(),
         wait: args.watch_wait,
         token: args.api.token()?,
         backoff_min: Duration::from_millis(100),
         backoff_max: Duration::from_secs(10),
     };
-    tokio::spawn(source::controller::run(watch, tx, metrics, shutdown.clone()));
+    tokio::spawn(source::controller::run(
+        watch,
+        tx,
+        metrics,
+        shutdown.clone(),
+    ));
     data_plane(&args.agent, &args.api, reg, rx, shutdown).await
 }
 
@@ -272,7 +281,14 @@ async fn data_plane(
         .with_stats(Arc::new(ForwardCounters(stats)))
         .with_token(api_args.token()?);
     start_api(api_args, state, &api_stop).await?;
-    let dns_task = tokio::spawn(crate::agent::dns::serve(dns_cfg, catalog, udp, tcp, dns_metrics, dns_stop.clone()));
+    let dns_task = tokio::spawn(crate::agent::dns::serve(
+        dns_cfg,
+        catalog,
+        udp,
+        tcp,
+        dns_metrics,
+        dns_stop.clone(),
+    ));
 
     let ready_on_apply = ready.clone();
     let grace = args.shutdown_grace;

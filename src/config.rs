@@ -31,14 +31,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
-/// `0`/`off`/`none` → None, else a duration.
-fn parse_opt_duration(s: &str) -> Result<Option<Duration>, String> {
-    match s.trim() {
-        "" | "0" | "off" | "none" => Ok(None),
-        other => parse_duration(other).map(Some),
-    }
-}
-
 #[derive(Debug, Parser)]
 #[command(
     name = "l4lb",
@@ -250,10 +242,10 @@ pub struct AgentArgs {
     #[arg(long, env = "L4LB_CONNECT_RETRIES", default_value_t = 2)]
     pub connect_retries: u32,
     /// Close TCP connections idle this long (default off).
-    #[arg(long, env = "L4LB_TCP_IDLE_TIMEOUT", value_parser = parse_opt_duration, default_value = "off")]
+    #[arg(long, env = "L4LB_TCP_IDLE_TIMEOUT", value_parser = parse_duration)]
     pub tcp_idle_timeout: Option<Duration>,
     /// Close connections to draining or removed backends after this long (default: never).
-    #[arg(long, env = "L4LB_DRAIN_TIMEOUT", value_parser = parse_opt_duration, default_value = "off")]
+    #[arg(long, env = "L4LB_DRAIN_TIMEOUT", value_parser = parse_duration)]
     pub drain_timeout: Option<Duration>,
     /// Refuse new TCP connections past this many open ones.
     #[arg(long, env = "L4LB_MAX_CONNECTIONS", default_value_t = 100_000)]
@@ -430,7 +422,29 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
         assert!(parse_duration("5x").is_err());
-        assert_eq!(parse_opt_duration("off"), Ok(None));
+    }
+
+    #[test]
+    fn every_subcommand_parses_with_defaults() {
+        for args in [
+            vec!["l4lb", "run", "--apps-file", "x"],
+            vec![
+                "l4lb",
+                "run",
+                "--apps-file",
+                "x",
+                "--tcp-idle-timeout",
+                "5m",
+                "--drain-timeout",
+                "30s",
+            ],
+            vec!["l4lb", "agent", "--controller", "http://c1:62080"],
+            vec!["l4lb", "controller", "--marathon", "http://m1:8080"],
+            vec!["l4lb", "check", "--apps-file", "x"],
+            vec!["l4lb", "vips"],
+        ] {
+            Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        }
     }
 
     #[test]

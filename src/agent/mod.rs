@@ -38,7 +38,9 @@ pub struct AgentMetrics {
 
 impl AgentMetrics {
     pub fn new(registry: &mut Registry) -> Self {
-        let buckets = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+        let buckets = [
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ];
         let m = AgentMetrics {
             applied_version: Gauge::default(),
             apply_seconds: Histogram::new(buckets),
@@ -47,20 +49,36 @@ impl AgentMetrics {
             refused_ip_vips: Counter::default(),
             netif_errors: Counter::default(),
         };
-        registry.register("applied_table_version", "Version of the table this agent applied last", m.applied_version.clone());
-        registry.register("table_apply_seconds", "Time to apply a new table (addresses, listeners, DNS)", m.apply_seconds.clone());
+        registry.register(
+            "applied_table_version",
+            "Version of the table this agent applied last",
+            m.applied_version.clone(),
+        );
+        registry.register(
+            "table_apply_seconds",
+            "Time to apply a new table (addresses, listeners, DNS)",
+            m.apply_seconds.clone(),
+        );
         registry.register(
             "propagation_delay_seconds",
             "From a change seen at the source to the table applied here",
             m.propagation_seconds.clone(),
         );
-        registry.register("vips_live", "VIPs bound and answered on this agent", m.vips_live.clone());
+        registry.register(
+            "vips_live",
+            "VIPs bound and answered on this agent",
+            m.vips_live.clone(),
+        );
         registry.register(
             "ip_vips_refused",
             "IP VIPs refused on this host because they are one of its own addresses",
             m.refused_ip_vips.clone(),
         );
-        registry.register("interface_errors", "Failed address changes on the VIP interface", m.netif_errors.clone());
+        registry.register(
+            "interface_errors",
+            "Failed address changes on the VIP interface",
+            m.netif_errors.clone(),
+        );
         m
     }
 }
@@ -107,9 +125,10 @@ impl Agent {
         let table = self.refuse_host_addresses(table).await;
 
         // 1. Stop answering names of VIPs that are going away (and of failed ones).
-        let staying = table.vips.values().filter(|v| {
-            self.last.vips.contains_key(&v.key) && !self.failed.contains(&v.key)
-        });
+        let staying = table
+            .vips
+            .values()
+            .filter(|v| self.last.vips.contains_key(&v.key) && !self.failed.contains(&v.key));
         self.dns.publish(staying.map(|v| &**v));
 
         // 2. Install the addresses of every VIP (before binding).
@@ -130,7 +149,10 @@ impl Agent {
         self.failed = report.failed.iter().map(|(k, _)| *k).collect();
 
         // 4. Answer every VIP that is live.
-        let live = table.vips.values().filter(|v| !self.failed.contains(&v.key));
+        let live = table
+            .vips
+            .values()
+            .filter(|v| !self.failed.contains(&v.key));
         self.dns.publish(live.map(|v| &**v));
 
         // 5. Remove addresses no VIP uses any more (and left-overs from earlier runs).
@@ -147,10 +169,14 @@ impl Agent {
         }
         self.metrics.vips_live.set(applied.vips.len() as i64);
         self.metrics.applied_version.set(table.version as i64);
-        self.metrics.apply_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .apply_seconds
+            .observe(started.elapsed().as_secs_f64());
         if table.changed_at_ms > 0 {
             let delay_ms = unix_ms_now().saturating_sub(table.changed_at_ms);
-            self.metrics.propagation_seconds.observe(delay_ms as f64 / 1000.0);
+            self.metrics
+                .propagation_seconds
+                .observe(delay_ms as f64 / 1000.0);
         }
         tracing::info!(
             version = table.version,

@@ -87,17 +87,17 @@ impl DnsMetrics {
     pub fn new(registry: &mut Registry) -> Self {
         let m = DnsMetrics::default();
         registry.register(
-            "l4lb_dns_queries",
+            "dns_queries",
             "DNS queries answered, by query type and response code",
             m.queries.clone(),
         );
         registry.register(
-            "l4lb_dns_forwarded",
+            "dns_forwarded",
             "DNS queries forwarded to upstream resolvers",
             m.forwarded.clone(),
         );
         registry.register(
-            "l4lb_dns_upstream_failures",
+            "dns_upstream_failures",
             "Forwarded DNS queries that got no usable upstream answer (answered SERVFAIL)",
             m.upstream_failures.clone(),
         );
@@ -148,7 +148,7 @@ mod tests {
 
     #[test]
     fn metrics_are_registered_with_their_names() {
-        let mut registry = Registry::default();
+        let mut registry = Registry::with_prefix("l4lb");
         let m = DnsMetrics::new(&mut registry);
         m.query("A", "NOERROR");
         m.query("A", "NOERROR");
