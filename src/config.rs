@@ -41,6 +41,9 @@ pub struct Cli {
     /// Log format.
     #[arg(long, global = true, env = "L4LB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Runtime worker threads (default: one per CPU).
+    #[arg(long, global = true, env = "L4LB_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
     #[command(subcommand)]
     pub command: Command,
 }
