@@ -1,0 +1,407 @@
+//! `l4lb run` as a whole: unprivileged on loopback (`--interface-kind none`, VIPs in
+//! 127.0.0.0/8) and as root in a network namespace (bridge fallback, addresses following the
+//! table, real `curl` and `dig`, left-overs reconciled, shutdown removing addresses).
+
+#[path = "common/backends.rs"]
+mod backends;
+#[path = "common/marathon.rs"]
+mod marathon;
+#[path = "common/netns.rs"]
+mod netns;
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use backends::{Log, Proc};
+use marathon::{add_task, host_app, task};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_l4lb");
+
+fn apps_json(apps: Vec<Value>) -> String {
+    serde_json::json!({ "apps": apps }).to_string()
+}
+
+/// An app whose tasks are `backends` (host:port), with one port carrying `labels`.
+fn app(id: &str, labels: &[&str], protocol: &str, backends: &[SocketAddr]) -> Value {
+    let mut a = host_app(id, &labels[..1], protocol);
+    let mut l = serde_json::Map::new();
+    for (i, v) in labels.iter().enumerate() {
+        l.insert(format!("VIP_{i}"), Value::from(*v));
+    }
+    a["portDefinitions"][0]["labels"] = Value::Object(l);
+    for (i, b) in backends.iter().enumerate() {
+        add_task(
+            &mut a,
+            task(id, i, &b.ip().to_string(), &[b.port()], "TASK_RUNNING"),
+        );
+    }
+    a
+}
+
+fn spawn_l4lb(cmd: &mut Command) -> (Proc, Log) {
+    let mut child = cmd
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn l4lb");
+    let log = Log::capture(&mut child);
+    (Proc(child), log)
+}
+
+async fn get(url: &str) -> Result<String, reqwest::Error> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?
+        .get(url)
+        .send()
+        .await?
+        .text()
+        .await
+}
+
+async fn wait_until<F, Fut>(what: &str, within: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let t = Instant::now();
+    while !f().await {
+        assert!(t.elapsed() < within, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Resolve `name` with the embedded DNS (hickory client over UDP).
+async fn resolve(dns: SocketAddr, name: &str) -> Option<std::net::IpAddr> {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    let mut m = Message::query();
+    m.add_query(Query::query(Name::from_ascii(name).ok()?, RecordType::A));
+    m.metadata.recursion_desired = false;
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.ok()?;
+    sock.send_to(&m.to_vec().ok()?, dns).await.ok()?;
+    let mut buf = [0u8; 1500];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let resp = Message::from_vec(&buf[..n]).ok()?;
+    resp.answers.iter().find_map(|r| match &r.data {
+        RData::A(a) => Some(std::net::IpAddr::V4(a.0)),
+        _ => None,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_on_loopback_serves_tcp_udp_dns_and_follows_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("apps.json");
+    let mut web = Vec::new();
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        let (l, a) = backends::tcp_listener("127.0.0.1");
+        tasks.push(backends::http(l, format!("web-{i}")));
+        web.push(a);
+    }
+    let mut udp = Vec::new();
+    for i in 0..2 {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        udp.push(s.local_addr().unwrap());
+        tasks.push(backends::udp_echo(s, format!("echo-{i}")));
+    }
+    let vip_port = {
+        let l = std::net::TcpListener::bind("127.0.0.7:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let write = |web: &[SocketAddr]| {
+        let apps = vec![
+            app(
+                "/web",
+                &["/web:80", &format!("127.0.0.7:{vip_port}")],
+                "tcp",
+                web,
+            ),
+            app("/echo", &["/echo:5000"], "udp", &udp),
+        ];
+        std::fs::write(&file, apps_json(apps)).unwrap();
+    };
+    write(&web);
+
+    let (mut proc, log) = spawn_l4lb(Command::new(BIN).args([
+        "run",
+        "--apps-file",
+        file.to_str().unwrap(),
+        "--apps-file-poll",
+        "50ms",
+        "--interface-kind",
+        "none",
+        "--allow-loopback-vips",
+        "--vip-cidr",
+        "127.128.0.0/16",
+        "--api-listen",
+        "127.0.0.1:0",
+        "--dns-listen",
+        "127.0.0.1:0",
+        "--shutdown-grace",
+        "2s",
+    ]));
+    let api = log.addr("API listening", Duration::from_secs(20));
+    let dns = log.addr("DNS listening", Duration::from_secs(20));
+    wait_until("ready", Duration::from_secs(10), || async {
+        reqwest::get(format!("http://{api}/ready"))
+            .await
+            .map(|r| r.status() == 200)
+            .unwrap_or(false)
+    })
+    .await;
+
+    // DNS gives the named VIP's address; TCP through it reaches every backend, evenly.
+    let ip = resolve(dns, "web.marathon.l4lb.thisdcos.directory")
+        .await
+        .expect("A record");
+    assert!(ip.to_string().starts_with("127.128."), "{ip}");
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..30 {
+        let body = get(&format!("http://{ip}:80/")).await.unwrap();
+        *seen.entry(body.trim().to_string()).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(seen.values().all(|n| *n >= 5), "uneven spread {seen:?}");
+    // The IP VIP too.
+    assert!(
+        get(&format!("http://127.0.0.7:{vip_port}/"))
+            .await
+            .unwrap()
+            .starts_with("web-")
+    );
+
+    // UDP: a client keeps its backend; replies come from the VIP address.
+    let echo_ip = resolve(dns, "echo.marathon.l4lb.thisdcos.directory")
+        .await
+        .expect("echo A");
+    let c = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let vip = SocketAddr::new(echo_ip, 5000);
+    let mut first = None;
+    for i in 0..5 {
+        c.send_to(format!("ping{i}").as_bytes(), vip).await.unwrap();
+        let mut buf = [0u8; 100];
+        let (n, from) = tokio::time::timeout(Duration::from_secs(2), c.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(from, vip);
+        let reply = String::from_utf8_lossy(&buf[..n]).to_string();
+        let (id, rest) = reply.split_once(':').unwrap();
+        assert_eq!(rest, format!("ping{i}"));
+        assert_eq!(*first.get_or_insert(id.to_string()), id);
+    }
+
+    // The agent's /v1/vips shows counters.
+    let vips: Value = reqwest::get(format!("http://{api}/v1/vips"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let total: u64 = vips
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|v| v["backend"].as_array().unwrap().iter())
+        .map(|b| b["bytes"].as_u64().unwrap())
+        .sum();
+    assert!(total > 0, "{vips}");
+
+    // Scale one backend away by editing the file: traffic stops going there.
+    write(&web[..2]);
+    wait_until("two backends", Duration::from_secs(10), || async {
+        let v: Value = reqwest::get(format!("http://{api}/v1/vips"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v.as_array().unwrap().iter().any(|v| {
+            v["vip"].as_str().unwrap().starts_with("web.")
+                && v["backend"].as_array().unwrap().len() == 2
+        })
+    })
+    .await;
+    for _ in 0..20 {
+        let body = get(&format!("http://{ip}:80/")).await.unwrap();
+        assert_ne!(body.trim(), "web-2");
+    }
+
+    // `l4lb vips` shows the agent's table with counters.
+    let out = Command::new(BIN)
+        .args(["vips", "--api", &format!("http://{api}")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("web.marathon.l4lb.thisdcos.directory:80") && text.contains("active"),
+        "{text}"
+    );
+
+    proc.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = tokio::task::spawn_blocking(move || proc.wait_exit(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+    for t in tasks {
+        t.abort();
+    }
+}
+
+fn addrs_on(ns: &netns::NetNs, dev: &str) -> String {
+    String::from_utf8_lossy(&ns.exec(&["ip", "-o", "addr", "show", "dev", dev]).stdout).to_string()
+}
+
+#[test]
+fn root_run_in_a_namespace_installs_follows_and_removes_vip_addresses() {
+    skip_unless_root!();
+    let ns = netns::NetNs::new("agent");
+    // Left-overs of a previous run: the link exists with a stale VIP on it.
+    ns.exec_ok(&["ip", "link", "add", "minuteman", "type", "bridge"]);
+    ns.exec_ok(&["ip", "addr", "add", "198.18.200.200/32", "dev", "minuteman"]);
+    ns.exec_ok(&["ip", "link", "add", "eth0", "type", "bridge"]);
+    ns.exec_ok(&["ip", "addr", "add", "198.18.0.1/15", "dev", "eth0"]);
+    ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Backends listen inside the namespace on the host address.
+    let listeners: Vec<std::net::TcpListener> = ns.run(|| async {
+        (0..2)
+            .map(|_| std::net::TcpListener::bind("198.18.0.1:0").unwrap())
+            .collect()
+    });
+    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let _guard = rt.enter();
+    let servers: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| backends::http(l, format!("task-{i}")))
+        .collect();
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("apps.json");
+    let write = |with_ip_vip: bool| {
+        let labels: Vec<&str> = if with_ip_vip {
+            vec!["/web:80", "198.18.5.5:80"]
+        } else {
+            vec!["/web:80"]
+        };
+        std::fs::write(&file, apps_json(vec![app("/web", &labels, "tcp", &addrs)])).unwrap();
+    };
+    write(true);
+    let mut cmd = ns.command(BIN);
+    cmd.args([
+        "run",
+        "--apps-file",
+        file.to_str().unwrap(),
+        "--apps-file-poll",
+        "50ms",
+        "--vip-cidr",
+        "198.18.128.0/17",
+        "--api-listen",
+        "127.0.0.1:0",
+        "--dns-listen",
+        "127.0.0.1:5454",
+        "--shutdown-grace",
+        "1s",
+    ]);
+    let (mut proc, log) = spawn_l4lb(&mut cmd);
+    log.wait_for("first table applied", Duration::from_secs(20));
+    assert!(log.text().contains("kind=\"bridge\""), "{}", log.text());
+
+    let on = addrs_on(&ns, "minuteman");
+    assert!(
+        !on.contains("198.18.200.200"),
+        "left-over not reconciled: {on}"
+    );
+    assert!(on.contains("198.18.5.5/32"), "{on}");
+    // The real dig resolves the named VIP to an address on the interface; curl reaches it.
+    let dig = ns.exec_ok(&[
+        "dig",
+        "+short",
+        "+tries=1",
+        "+time=2",
+        "-p",
+        "5454",
+        "@127.0.0.1",
+        "web.marathon.l4lb.thisdcos.directory",
+    ]);
+    let vip_ip = String::from_utf8_lossy(&dig.stdout).trim().to_string();
+    assert!(
+        vip_ip.starts_with("198.18.1") || vip_ip.starts_with("198.18.2"),
+        "{vip_ip:?}"
+    );
+    assert!(on.contains(&format!("{vip_ip}/32")), "{on}");
+    let mut seen = std::collections::BTreeSet::new();
+    for url in [
+        format!("http://{vip_ip}/"),
+        "http://198.18.5.5/".to_string(),
+    ] {
+        for _ in 0..10 {
+            let out = ns.exec_ok(&["curl", "-sS", "--max-time", "3", &url]);
+            seen.insert(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        }
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+
+    // The IP VIP leaves the table: its address leaves the interface, the named one stays.
+    write(false);
+    let t = Instant::now();
+    while addrs_on(&ns, "minuteman").contains("198.18.5.5/32") {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "IP VIP address not removed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(addrs_on(&ns, "minuteman").contains(&vip_ip));
+    let out = ns.exec(&["curl", "-sS", "--max-time", "2", "http://198.18.5.5/"]);
+    assert!(!out.status.success(), "removed IP VIP still answers");
+
+    // SIGTERM: exit 0 and the VIP addresses are gone.
+    proc.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = proc.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", log.text());
+    let on = addrs_on(&ns, "minuteman");
+    assert!(
+        !on.contains("198.18."),
+        "addresses left after shutdown: {on}"
+    );
+    for s in servers {
+        s.abort();
+    }
+}
+
+#[test]
+fn missing_cap_net_admin_is_a_one_line_error_and_exit_2() {
+    skip_unless_root!();
+    if Command::new("capsh").arg("--version").output().is_err() {
+        eprintln!("note: capsh not installed; skipping");
+        return;
+    }
+    let ns = netns::NetNs::new("nocap");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("apps.json");
+    std::fs::write(&file, apps_json(vec![])).unwrap();
+    let cmdline = format!(
+        "{BIN} run --apps-file {} --api-listen 127.0.0.1:0 --dns-listen 127.0.0.1:0",
+        file.display()
+    );
+    let out = ns
+        .command("capsh")
+        .args(["--drop=cap_net_admin", "--", "-c", &cmdline])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let last = err.lines().last().unwrap_or("");
+    assert!(last.contains("CAP_NET_ADMIN"), "{err}");
+}
