@@ -32,6 +32,8 @@ fn start(args: &[&str]) -> (Proc, SocketAddr) {
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
+    // Owned before anything can panic, so the child is killed whatever happens.
+    let child = Proc(child);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -47,7 +49,7 @@ fn start(args: &[&str]) -> (Proc, SocketAddr) {
         .expect("no API address logged")
         .parse()
         .unwrap();
-    (Proc(child), addr)
+    (child, addr)
 }
 
 fn sigterm(p: &Proc) {
