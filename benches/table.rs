@@ -45,8 +45,8 @@ fn big_table(vips: usize, backends: usize) -> VipTable {
                         20000 + b as u16,
                     ),
                     state: BackendState::Active,
-                    app: format!("/app{i}"),
-                    task: format!("app{i}.{b}"),
+                    app: format!("/app{i}").into(),
+                    task: format!("app{i}.{b}").into(),
                 })
                 .collect(),
         }),

@@ -66,10 +66,10 @@ impl BackendState {
 pub struct Backend {
     pub addr: SocketAddr,
     pub state: BackendState,
-    /// Marathon app id, e.g. `/web`.
-    pub app: String,
+    /// Marathon app id, e.g. `/web` (shared: cloning a backend allocates nothing).
+    pub app: Arc<str>,
     /// Marathon task id.
-    pub task: String,
+    pub task: Arc<str>,
 }
 
 /// What a VIP listens on: address, port and protocol. The identity of a VIP in a table.
@@ -229,7 +229,7 @@ pub(crate) mod test_util {
             addr: addr.parse().unwrap(),
             state,
             app: "/app".into(),
-            task: format!("app.{addr}"),
+            task: format!("app.{addr}").into(),
         }
     }
 

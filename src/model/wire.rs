@@ -61,8 +61,8 @@ impl VipJson {
                     ip: b.addr.ip(),
                     port: b.addr.port(),
                     state: b.state,
-                    app: b.app.clone(),
-                    task: b.task.clone(),
+                    app: b.app.to_string(),
+                    task: b.task.to_string(),
                     connections: None,
                     bytes: None,
                     ejected: None,
@@ -92,8 +92,8 @@ impl VipJson {
                 .map(|b| Backend {
                     addr: SocketAddr::new(b.ip, b.port),
                     state: b.state,
-                    app: b.app,
-                    task: b.task,
+                    app: b.app.into(),
+                    task: b.task.into(),
                 })
                 .collect(),
         };

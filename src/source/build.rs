@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -227,6 +228,8 @@ pub fn app_vips(app: &App, resolve: &mut dyn FnMut(&str) -> Option<IpAddr>) -> A
         ..AppVips::default()
     };
     let tasks = app.tasks.as_deref().unwrap_or_default();
+    let app_id: Arc<str> = app.id.as_str().into();
+    let task_ids: Vec<Arc<str>> = tasks.iter().map(|t| t.id.as_str().into()).collect();
     let mut hosts: HashMap<&str, Option<IpAddr>> = HashMap::new();
     for t in tasks {
         if let Some(h) = t.host.as_deref() {
@@ -259,7 +262,7 @@ pub fn app_vips(app: &App, resolve: &mut dyn FnMut(&str) -> Option<IpAddr>) -> A
                 }
             };
             let mut backends = Vec::new();
-            for t in tasks {
+            for (ti, t) in tasks.iter().enumerate() {
                 let Some(state) = task_state(app, t) else {
                     continue;
                 };
@@ -279,8 +282,8 @@ pub fn app_vips(app: &App, resolve: &mut dyn FnMut(&str) -> Option<IpAddr>) -> A
                     backends.push(Backend {
                         addr,
                         state,
-                        app: app.id.clone(),
-                        task: t.id.clone(),
+                        app: Arc::clone(&app_id),
+                        task: Arc::clone(&task_ids[ti]),
                     });
                 }
             }
