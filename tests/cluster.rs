@@ -627,7 +627,7 @@ fn s09a_agent_restart_clears_leftovers() {
         20 * SEC,
         Duration::from_millis(5),
         || {
-            (c.get(1, addr).as_deref() == Ok("b")
+            (c.get_quick(1, addr).as_deref() == Ok("b")
                 && !c.minuteman_addrs(1).contains("198.18.200.200/32"))
             .then_some(())
         },

@@ -319,6 +319,7 @@ pub struct Cluster {
     pub controllers: Vec<Option<Proc>>,
     procs: Vec<Proc>,
     next_task: AtomicUsize,
+    tmp: tempfile::TempDir,
     rt: Option<tokio::runtime::Runtime>,
     switch: Switch,
 }
@@ -361,6 +362,7 @@ impl Cluster {
             controllers: Vec::new(),
             procs: Vec::new(),
             next_task: AtomicUsize::new(1),
+            tmp: tempfile::tempdir().unwrap(),
             rt: Some(rt),
             switch,
         };
@@ -603,13 +605,21 @@ impl Cluster {
     pub fn socat_backend(&self, host: usize, port: u16, name: &str) -> Proc {
         let ip = self.hosts[host].ip;
         let body = format!("{name}\n");
-        let reply = format!(
-            "printf 'HTTP/1.0 200 OK\\r\\nContent-Length: {}\\r\\nConnection: close\\r\\n\\r\\n{name}\\n'",
-            body.len()
-        );
+        // A script, so that neither socat's nor the shell's quoting gets in the way. It reads
+        // the request head first (no reset for unread bytes), then answers.
+        let script = self.tmp.path().join(format!("backend-{name}-{port}.sh"));
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\nwhile IFS= read -r l; do [ \"$l\" = \"$(printf '\\r')\" ] && break; [ -z \"$l\" ] && break; done\n\
+                 printf 'HTTP/1.0 200 OK\\r\\nContent-Length: {}\\r\\nConnection: close\\r\\n\\r\\n{name}\\n'\n",
+                body.len()
+            ),
+        )
+        .unwrap();
         let mut cmd = self.hosts[host].ns.command("socat");
         cmd.arg(format!("TCP-LISTEN:{port},bind={ip},fork,reuseaddr"))
-            .arg(format!("SYSTEM:{reply}"));
+            .arg(format!("EXEC:/bin/sh {}", script.display()));
         let mut p = Proc::spawn(&format!("socat {name}"), cmd);
         let addr = SocketAddr::from((ip, port));
         let ns = self.host_ns(host);
@@ -739,6 +749,18 @@ impl Cluster {
         }
     }
 
+    /// Like [`Cluster::get`] but gives up connecting after 200 ms (for polling while a VIP
+    /// address may be missing, when a SYN goes unanswered).
+    pub fn get_quick(&self, i: usize, addr: SocketAddr) -> Result<String, String> {
+        match in_ns(self.hosts[i].name(), || {
+            http_get_timeout(addr, "/", Duration::from_millis(200))
+        }) {
+            Ok((200, b)) => Ok(b.trim().to_string()),
+            Ok((s, b)) => Err(format!("status {s}: {b}")),
+            Err(e) => Err(e),
+        }
+    }
+
     /// A TCP connection from inside host `i` (connect timeout 3 s).
     pub fn connect(&self, i: usize, addr: SocketAddr) -> std::io::Result<TcpStream> {
         in_ns(self.hosts[i].name(), || {
@@ -769,6 +791,8 @@ impl Cluster {
                 w.find(|x| *x == "inet" || *x == "inet6")?;
                 w.next().map(str::to_string)
             })
+            // The kernel's own IPv6 link-local address is not l4lb's business.
+            .filter(|a| !a.starts_with("fe80:"))
             .collect()
     }
 }
@@ -880,7 +904,16 @@ pub fn http_get_in(ns: &str, addr: SocketAddr, path: &str) -> Result<(u16, Strin
 
 /// A blocking HTTP/1.1 `GET path` (Connection: close), from the calling thread's namespace.
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+    http_get_timeout(addr, path, Duration::from_secs(3))
+}
+
+/// [`http_get`] with a given connect timeout.
+pub fn http_get_timeout(
+    addr: SocketAddr,
+    path: &str,
+    connect_timeout: Duration,
+) -> Result<(u16, String), String> {
+    let mut s = TcpStream::connect_timeout(&addr, connect_timeout)
         .map_err(|e| format!("connect {addr}: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
