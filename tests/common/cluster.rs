@@ -749,11 +749,16 @@ impl Cluster {
         }
     }
 
-    /// Like [`Cluster::get`] but gives up connecting after 200 ms (for polling while a VIP
-    /// address may be missing, when a SYN goes unanswered).
+    /// Like [`Cluster::get`] but gives up connecting after 200 ms and reading after 500 ms (for
+    /// polling while a VIP address may be missing, when a SYN goes unanswered or astray).
     pub fn get_quick(&self, i: usize, addr: SocketAddr) -> Result<String, String> {
         match in_ns(self.hosts[i].name(), || {
-            http_get_timeout(addr, "/", Duration::from_millis(200))
+            http_get_timeout(
+                addr,
+                "/",
+                Duration::from_millis(200),
+                Duration::from_millis(500),
+            )
         }) {
             Ok((200, b)) => Ok(b.trim().to_string()),
             Ok((s, b)) => Err(format!("status {s}: {b}")),
@@ -904,7 +909,7 @@ pub fn http_get_in(ns: &str, addr: SocketAddr, path: &str) -> Result<(u16, Strin
 
 /// A blocking HTTP/1.1 `GET path` (Connection: close), from the calling thread's namespace.
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    http_get_timeout(addr, path, Duration::from_secs(3))
+    http_get_timeout(addr, path, Duration::from_secs(3), Duration::from_secs(5))
 }
 
 /// [`http_get`] with a given connect timeout.
@@ -912,10 +917,11 @@ pub fn http_get_timeout(
     addr: SocketAddr,
     path: &str,
     connect_timeout: Duration,
+    read_timeout: Duration,
 ) -> Result<(u16, String), String> {
     let mut s = TcpStream::connect_timeout(&addr, connect_timeout)
         .map_err(|e| format!("connect {addr}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))
+    s.set_read_timeout(Some(read_timeout))
         .map_err(|e| e.to_string())?;
     let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes())
