@@ -15,7 +15,7 @@ mod cluster;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use cluster::{
@@ -337,10 +337,21 @@ fn s05_blue_green_switch_without_failures() {
     let addr = c.vip_addr(0, &vip);
 
     let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    // Wait for at least `n` more requests by the client loops.
+    let more = |n: usize| {
+        let from = done.load(Ordering::SeqCst);
+        wait_for(
+            "client requests",
+            30 * SEC,
+            Duration::from_millis(5),
+            || (done.load(Ordering::SeqCst) >= from + n).then_some(()),
+        );
+    };
     let results = std::thread::scope(|s| {
         let loops: Vec<_> = (0..3)
             .map(|h| {
-                let (c, stop) = (&c, Arc::clone(&stop));
+                let (c, stop, done) = (&c, Arc::clone(&stop), Arc::clone(&done));
                 s.spawn(move || {
                     let mut seen = BTreeMap::<String, usize>::new();
                     let mut failures = Vec::new();
@@ -349,11 +360,13 @@ fn s05_blue_green_switch_without_failures() {
                             Ok(b) => *seen.entry(b).or_default() += 1,
                             Err(e) => failures.push(e),
                         }
+                        done.fetch_add(1, Ordering::SeqCst);
                     }
                     (seen, failures)
                 })
             })
             .collect();
+        more(30);
         c.deploy(app("/bg-green", &["/bg:80"], "tcp", &tasks(&green)));
         c.wait_backends(
             &vip,
@@ -389,6 +402,7 @@ fn s05_blue_green_switch_without_failures() {
                     .then_some(())
             },
         );
+        more(30);
         stop.store(true, Ordering::SeqCst);
         loops
             .into_iter()
