@@ -173,7 +173,7 @@ async fn agent(args: AgentCmdArgs) -> Result<(), AppError> {
         wait: args.watch_wait,
         token: args.api.token()?,
         backoff_min: Duration::from_millis(100),
-        backoff_max: Duration::from_secs(10),
+        backoff_max: Duration::from_secs(2),
     };
     tokio::spawn(source::controller::run(
         watch,

@@ -234,12 +234,8 @@ impl Agent {
         grace: Duration,
         shutdown: CancellationToken,
     ) {
-        // Left-overs from a previous run go before anything is served.
-        if self.netif.kind() != InterfaceKind::None
-            && let Err(e) = self.netif.sync(&BTreeSet::new()).await
-        {
-            tracing::warn!(error = %e, "cannot clear left-over VIP addresses");
-        }
+        // Left-overs of a previous run are reconciled by the first apply (its final sync), so
+        // VIPs that stay across a restart never leave the interface.
         let retry_every = Duration::from_secs(2);
         loop {
             let first = tables.borrow_and_update().clone();
