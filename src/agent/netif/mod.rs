@@ -506,6 +506,28 @@ fn local_ip(msg: &AddressMessage) -> Option<IpAddr> {
     address
 }
 
+/// VIP addresses live on every host, so no host may answer ARP for them on its real links
+/// (another host's client would send VIP traffic here). As kube-proxy does in IPVS mode:
+/// `arp_ignore=1` (answer only for addresses of the incoming link) and `arp_announce=2` (never
+/// source ARP from a VIP). Stricter values already set are kept.
+fn harden_arp() {
+    for (knob, want) in [("arp_ignore", 1u8), ("arp_announce", 2u8)] {
+        let path = format!("/proc/sys/net/ipv4/conf/all/{knob}");
+        let Ok(cur) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        if cur.trim().parse::<u8>().is_ok_and(|v| v >= want) {
+            continue;
+        }
+        match std::fs::write(&path, want.to_string()) {
+            Ok(()) => {
+                info!(sysctl = %path, value = want, "set so that hosts never answer ARP for VIPs")
+            }
+            Err(e) => tracing::warn!(sysctl = %path, error = %e, "cannot harden ARP for VIPs"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -569,27 +591,5 @@ mod tests {
         msg.attributes.push(AddressAttribute::Local(local));
         assert_eq!(local_ip(&msg), Some(local));
         assert_eq!(local_ip(&AddressMessage::default()), None);
-    }
-}
-
-/// VIP addresses live on every host, so no host may answer ARP for them on its real links
-/// (another host's client would send VIP traffic here). As kube-proxy does in IPVS mode:
-/// `arp_ignore=1` (answer only for addresses of the incoming link) and `arp_announce=2` (never
-/// source ARP from a VIP). Stricter values already set are kept.
-fn harden_arp() {
-    for (knob, want) in [("arp_ignore", 1u8), ("arp_announce", 2u8)] {
-        let path = format!("/proc/sys/net/ipv4/conf/all/{knob}");
-        let Ok(cur) = std::fs::read_to_string(&path) else {
-            continue;
-        };
-        if cur.trim().parse::<u8>().is_ok_and(|v| v >= want) {
-            continue;
-        }
-        match std::fs::write(&path, want.to_string()) {
-            Ok(()) => {
-                info!(sysctl = %path, value = want, "set so that hosts never answer ARP for VIPs")
-            }
-            Err(e) => tracing::warn!(sysctl = %path, error = %e, "cannot harden ARP for VIPs"),
-        }
     }
 }
