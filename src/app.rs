@@ -358,7 +358,9 @@ async fn vips(args: VipsArgs) -> Result<ExitCode, AppError> {
     let url = base
         .join("v1/vips")
         .map_err(|e| anyhow::anyhow!("bad --api URL: {e}"))?;
-    let mut rb = reqwest::Client::new()
+    let mut rb = crate::tls::client_builder()
+        .build()
+        .map_err(|e| anyhow::anyhow!("HTTP client: {e}"))?
         .get(url.clone())
         .timeout(Duration::from_secs(10));
     if let Some(p) = &args.api_token_file {

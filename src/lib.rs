@@ -8,3 +8,4 @@ pub mod config;
 pub mod labels;
 pub mod model;
 pub mod source;
+pub mod tls;

@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(cli.log_format);
+    l4lb::tls::init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -97,6 +97,7 @@ async fn resolve(dns: SocketAddr, name: &str) -> Option<std::net::IpAddr> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_on_loopback_serves_tcp_udp_dns_and_follows_the_file() {
+    l4lb::tls::init();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("apps.json");
     let mut web = Vec::new();
@@ -269,6 +270,8 @@ fn root_run_in_a_namespace_installs_follows_and_removes_vip_addresses() {
     ns.exec_ok(&["ip", "addr", "add", "198.18.200.200/32", "dev", "minuteman"]);
     ns.exec_ok(&["ip", "link", "add", "eth0", "type", "bridge"]);
     ns.exec_ok(&["ip", "addr", "add", "198.18.0.1/15", "dev", "eth0"]);
+    // A second address of this host that no task uses: only the agent can know to refuse it.
+    ns.exec_ok(&["ip", "addr", "add", "198.18.0.9/15", "dev", "eth0"]);
     ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
 
     let rt = tokio::runtime::Runtime::new().unwrap();

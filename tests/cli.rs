@@ -156,6 +156,7 @@ fn bad_configuration_exits_64() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_binary_serves_marathon_vips_and_stops_on_sigterm() {
+    l4lb::tls::init();
     let fake = marathon::FakeMarathon::start().await;
     let mut app = marathon::host_app("/web", &["/web:80"], "tcp");
     marathon::add_task(

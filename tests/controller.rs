@@ -125,6 +125,7 @@ fn backends(v: &[VipJson]) -> Vec<String> {
 
 #[tokio::test]
 async fn scale_up_through_the_event_stream_wakes_a_blocked_watcher() {
+    l4lb::tls::init();
     let fake = FakeMarathon::start().await;
     fake.put_app(web_app(1));
     let mut ctl = start_controller(
@@ -190,6 +191,7 @@ async fn scale_up_through_the_event_stream_wakes_a_blocked_watcher() {
 
 #[tokio::test]
 async fn a_killed_task_leaves_and_a_deleted_app_goes() {
+    l4lb::tls::init();
     let fake = FakeMarathon::start().await;
     fake.put_app(web_app(2));
     let mut ctl = start_controller(
@@ -221,6 +223,7 @@ async fn a_killed_task_leaves_and_a_deleted_app_goes() {
 
 #[tokio::test]
 async fn faults_keep_the_last_good_table_then_recover() {
+    l4lb::tls::init();
     let fake = FakeMarathon::start().await;
     fake.put_app(web_app(1));
     let mut ctl = start_controller(
@@ -285,6 +288,7 @@ async fn faults_keep_the_last_good_table_then_recover() {
 
 #[tokio::test]
 async fn marathon_going_away_keeps_the_table_and_failover_finds_another_master() {
+    l4lb::tls::init();
     // The first master refuses connections (bound then dropped); the second serves.
     let dead = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -316,6 +320,7 @@ async fn marathon_going_away_keeps_the_table_and_failover_finds_another_master()
 
 #[tokio::test]
 async fn a_bad_label_drops_only_itself_and_is_counted() {
+    l4lb::tls::init();
     let fake = FakeMarathon::start().await;
     let mut app = host_app(
         "/mixed",
@@ -356,6 +361,7 @@ async fn a_bad_label_drops_only_itself_and_is_counted() {
 
 #[tokio::test]
 async fn etag_and_blocking_query_edges() {
+    l4lb::tls::init();
     let fake = FakeMarathon::start().await;
     fake.put_app(web_app(1));
     let mut ctl = start_controller(
@@ -395,6 +401,7 @@ async fn etag_and_blocking_query_edges() {
 
 #[tokio::test]
 async fn apps_file_is_reread_on_change_and_a_bad_edit_keeps_the_table() {
+    l4lb::tls::init();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("apps.json");
     let write = |n: usize| {

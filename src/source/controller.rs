@@ -42,7 +42,7 @@ pub async fn run(
     metrics: SourceMetrics,
     shutdown: CancellationToken,
 ) {
-    let http = match reqwest::Client::builder()
+    let http = match crate::tls::client_builder()
         .connect_timeout(Duration::from_secs(3))
         .timeout(cfg.wait + Duration::from_secs(10))
         .tcp_keepalive(Duration::from_secs(30))

@@ -70,13 +70,13 @@ pub struct Client {
 
 impl Client {
     pub fn new(masters: Vec<Url>, auth: Auth, timeout: Duration) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
+        let http = crate::tls::client_builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .tcp_keepalive(Duration::from_secs(30))
             .build()?;
         // The event stream stays open: no overall timeout, only on connect.
-        let stream_http = reqwest::Client::builder()
+        let stream_http = crate::tls::client_builder()
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .tcp_keepalive(Duration::from_secs(30))
             .build()?;
