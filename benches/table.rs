@@ -71,12 +71,20 @@ fn benches(c: &mut Criterion) {
     let mut st = TableState::new(BuildConfig::default(), 1);
     st.replace_all(contribs);
     let _ = st.rebuild(0);
-    let one = serde_json::to_vec(&json!({"app": app(77, 11)})).unwrap_or_default();
+    // Alternate between 11 and 10 tasks so every iteration is a real one-backend change.
+    let versions = [
+        serde_json::to_vec(&json!({"app": app(77, 10)})).unwrap_or_default(),
+        serde_json::to_vec(&json!({"app": app(77, 11)})).unwrap_or_default(),
+    ];
+    let mut flip = 0usize;
     g.bench_function("one_app_change_on_10k_vips_x10", |b| {
         b.iter(|| {
-            let a = parse_app(black_box(&one)).unwrap_or_default();
+            flip += 1;
+            let a = parse_app(black_box(&versions[flip % 2])).unwrap_or_default();
             st.upsert(app_vips(&a, &mut |_| None));
-            black_box(st.rebuild(0).table)
+            let t = st.rebuild(0).table;
+            assert!(t.is_some(), "every iteration changes the table");
+            black_box(t)
         })
     });
 

@@ -101,6 +101,8 @@ pub struct Allocator {
     v4: Pool,
     v6: Pool,
     assigned: HashMap<(String, Family), IpAddr>,
+    /// The values of `assigned`, for O(1) probing.
+    used: HashSet<IpAddr>,
 }
 
 /// Result of one allocation round.
@@ -116,6 +118,38 @@ impl Allocator {
             v4: Pool::v4(v4.trunc()),
             v6: Pool::v6(v6.trunc()),
             assigned: HashMap::new(),
+            used: HashSet::new(),
+        }
+    }
+
+    /// The address of one name, allocating it if new (incremental form of [`assign`]).
+    ///
+    /// [`assign`]: Allocator::assign
+    pub fn assign_one(
+        &mut self,
+        name: &str,
+        family: Family,
+        reserved: &HashSet<IpAddr>,
+    ) -> Result<IpAddr, AllocError> {
+        let key = (name.to_string(), family);
+        if let Some(ip) = self.assigned.get(&key) {
+            return Ok(*ip);
+        }
+        let pool = match family {
+            Family::V4 => &self.v4,
+            Family::V6 => &self.v6,
+        };
+        let ip = place(pool, name, &self.used, reserved)
+            .ok_or_else(|| AllocError::Exhausted(format!("{family:?}")))?;
+        self.used.insert(ip);
+        self.assigned.insert(key, ip);
+        Ok(ip)
+    }
+
+    /// Free a name's address (no-op if it has none).
+    pub fn release(&mut self, name: &str, family: Family) {
+        if let Some(ip) = self.assigned.remove(&(name.to_string(), family)) {
+            self.used.remove(&ip);
         }
     }
 
@@ -128,7 +162,8 @@ impl Allocator {
         reserved: &HashSet<IpAddr>,
     ) -> Assignment {
         self.assigned.retain(|k, _| wants.contains(k));
-        let mut used: HashSet<IpAddr> = self.assigned.values().copied().collect();
+        self.used = self.assigned.values().copied().collect();
+        let used = &mut self.used;
         let mut out = Assignment::default();
         for want in wants {
             if let Some(ip) = self.assigned.get(want) {
@@ -139,7 +174,7 @@ impl Allocator {
                 Family::V4 => &self.v4,
                 Family::V6 => &self.v6,
             };
-            match place(pool, &want.0, &used, reserved) {
+            match place(pool, &want.0, used, reserved) {
                 Some(ip) => {
                     used.insert(ip);
                     self.assigned.insert(want.clone(), ip);

@@ -3,15 +3,16 @@
 //! snapshot replaces every app, an event replaces one, and [`TableState::rebuild`] publishes a
 //! new version only when the VIPs actually changed.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::build::{AppVips, Rejection, assemble};
-use crate::alloc::Allocator;
-use crate::labels::IpPolicy;
-use crate::model::VipTable;
+use crate::alloc::{Allocator, Family};
+use crate::labels::{IpPolicy, VipLabel};
+use crate::model::{Backend, Protocol, Vip, VipKey, VipName, VipTable};
 
 /// Settings that shape the table.
 #[derive(Debug, Clone)]
@@ -43,6 +44,30 @@ pub struct Rebuilt {
     pub new_rejections: Vec<Rejection>,
 }
 
+/// The indices the incremental path needs, rebuilt by every full build.
+#[derive(Debug, Default)]
+struct Index {
+    /// Named label → apps that claim it.
+    label_apps: HashMap<String, BTreeSet<String>>,
+    /// Named label → its VIP keys in the current table.
+    label_keys: HashMap<String, Vec<VipKey>>,
+    /// Apps with at least one IP-VIP label.
+    ip_apps: BTreeSet<String>,
+    /// Task hosts and backend addresses, with the number of apps using each.
+    cluster: HashMap<IpAddr, u32>,
+    /// Addresses of accepted IP VIPs (kept out of named-VIP allocation).
+    reserved: HashSet<IpAddr>,
+}
+
+/// Changes since the last rebuild.
+#[derive(Debug)]
+enum Pending {
+    /// Every app may have changed (a snapshot, or the first build).
+    Full,
+    /// These apps changed: (old contribution, new contribution).
+    Apps(Vec<(Option<AppVips>, Option<AppVips>)>),
+}
+
 #[derive(Debug)]
 pub struct TableState {
     cfg: BuildConfig,
@@ -51,6 +76,8 @@ pub struct TableState {
     current: Arc<VipTable>,
     rejections: BTreeSet<Rejection>,
     next_version: u64,
+    index: Index,
+    pending: Pending,
 }
 
 impl TableState {
@@ -65,22 +92,37 @@ impl TableState {
             current: Arc::new(VipTable::default()),
             rejections: BTreeSet::new(),
             next_version: first_version.max(1),
+            index: Index::default(),
+            pending: Pending::Full,
         }
     }
 
     /// Replace every app (a full snapshot).
     pub fn replace_all(&mut self, apps: impl IntoIterator<Item = AppVips>) {
         self.apps = apps.into_iter().map(|a| (a.app.clone(), a)).collect();
+        self.pending = Pending::Full;
     }
 
     /// Replace or add one app.
     pub fn upsert(&mut self, app: AppVips) {
-        self.apps.insert(app.app.clone(), app);
+        let old = self.apps.insert(app.app.clone(), app.clone());
+        if old.as_ref() == Some(&app) {
+            return;
+        }
+        self.note(old, Some(app));
     }
 
     /// Forget one app (deleted in Marathon).
     pub fn remove(&mut self, app_id: &str) {
-        self.apps.remove(app_id);
+        if let Some(old) = self.apps.remove(app_id) {
+            self.note(Some(old), None);
+        }
+    }
+
+    fn note(&mut self, old: Option<AppVips>, new: Option<AppVips>) {
+        if let Pending::Apps(changes) = &mut self.pending {
+            changes.push((old, new));
+        }
     }
 
     pub fn current(&self) -> &Arc<VipTable> {
@@ -92,18 +134,20 @@ impl TableState {
         self.rejections.iter()
     }
 
-    /// Merge all apps into a table; publish it as a new version if it differs.
+    /// Merge the apps into a table; publish it as a new version if it differs. After single-app
+    /// changes only the named VIPs those apps touch are re-merged (cost O(change), not
+    /// O(cluster)); snapshots, IP-VIP apps, cluster-address changes that could affect an IP VIP,
+    /// and allocation failures take the full path.
     pub fn rebuild(&mut self, changed_at_ms: u64) -> Rebuilt {
-        let built = assemble(
-            self.apps.values(),
-            &self.cfg.framework,
-            &self.cfg.policy,
-            &mut self.alloc,
-        );
-        let now: BTreeSet<Rejection> = built.rejections.into_iter().collect();
-        let new_rejections = now.difference(&self.rejections).cloned().collect();
-        self.rejections = now;
-        let candidate = VipTable::new(0, built.vips);
+        let pending = std::mem::replace(&mut self.pending, Pending::Apps(Vec::new()));
+        let incremental = match pending {
+            Pending::Apps(changes) if self.current.version != 0 => self.incremental(changes),
+            _ => None,
+        };
+        let (candidate, new_rejections) = match incremental {
+            Some(r) => r,
+            None => self.full(),
+        };
         let table = if self.current.version != 0 && candidate.same_content(&self.current) {
             None
         } else {
@@ -119,6 +163,203 @@ impl TableState {
             table,
             new_rejections,
         }
+    }
+
+    /// Rebuild through the full path whatever changed (tests compare both paths).
+    #[cfg(test)]
+    fn rebuild_full(&mut self, changed_at_ms: u64) -> Rebuilt {
+        self.pending = Pending::Full;
+        self.rebuild(changed_at_ms)
+    }
+
+    fn full(&mut self) -> (VipTable, Vec<Rejection>) {
+        let built = assemble(
+            self.apps.values(),
+            &self.cfg.framework,
+            &self.cfg.policy,
+            &mut self.alloc,
+        );
+        let now: BTreeSet<Rejection> = built.rejections.into_iter().collect();
+        let new_rejections = now.difference(&self.rejections).cloned().collect();
+        self.rejections = now;
+        let table = VipTable::new(0, built.vips);
+        self.index = self.reindex(&table);
+        (table, new_rejections)
+    }
+
+    fn reindex(&self, table: &VipTable) -> Index {
+        let mut ix = Index::default();
+        for a in self.apps.values() {
+            for e in &a.entries {
+                match &e.target {
+                    VipLabel::Named { label, .. } => {
+                        ix.label_apps
+                            .entry(label.clone())
+                            .or_default()
+                            .insert(a.app.clone());
+                    }
+                    VipLabel::Ip { .. } => {
+                        ix.ip_apps.insert(a.app.clone());
+                    }
+                }
+            }
+            for ip in &a.cluster_addrs {
+                *ix.cluster.entry(*ip).or_default() += 1;
+            }
+        }
+        for v in table.vips.values() {
+            match &v.name {
+                Some(n) => ix
+                    .label_keys
+                    .entry(n.label.clone())
+                    .or_default()
+                    .push(v.key),
+                None => {
+                    ix.reserved.insert(v.key.ip);
+                }
+            }
+        }
+        ix
+    }
+
+    /// Apply single-app changes to the current table; `None` when the full path is needed.
+    fn incremental(
+        &mut self,
+        changes: Vec<(Option<AppVips>, Option<AppVips>)>,
+    ) -> Option<(VipTable, Vec<Rejection>)> {
+        let has_ip = |a: &Option<AppVips>| {
+            a.as_ref().is_some_and(|a| {
+                a.entries
+                    .iter()
+                    .any(|e| matches!(e.target, VipLabel::Ip { .. }))
+            })
+        };
+        let mut labels: BTreeSet<String> = BTreeSet::new();
+        let mut cluster_moved = false;
+        for (old, new) in &changes {
+            if has_ip(old) || has_ip(new) {
+                return None;
+            }
+            for (a, delta) in [(old, -1i64), (new, 1i64)] {
+                let Some(a) = a else { continue };
+                for ip in &a.cluster_addrs {
+                    let n = self.index.cluster.entry(*ip).or_default();
+                    let before = *n;
+                    *n = (i64::from(*n) + delta).max(0) as u32;
+                    cluster_moved |= (before == 0) != (*n == 0);
+                    if *n == 0 {
+                        self.index.cluster.remove(ip);
+                    }
+                }
+                for e in &a.entries {
+                    if let VipLabel::Named { label, .. } = &e.target {
+                        labels.insert(label.clone());
+                        let apps = self.index.label_apps.entry(label.clone()).or_default();
+                        if delta < 0 {
+                            apps.remove(&a.app);
+                        } else {
+                            apps.insert(a.app.clone());
+                        }
+                    }
+                }
+            }
+        }
+        // A host appearing or leaving can accept or refuse an IP VIP: re-check them all.
+        if cluster_moved && !self.index.ip_apps.is_empty() {
+            return None;
+        }
+        let mut vips = self.current.vips.clone();
+        // First merge every touched name and free the names nobody claims any more, so the
+        // allocation below sees the same free addresses the full path would.
+        let mut merged = Vec::new();
+        for label in &labels {
+            let name_key = format!("{label}.{}", self.cfg.framework);
+            for k in self.index.label_keys.remove(label).unwrap_or_default() {
+                vips.remove(&k);
+            }
+            // (port, protocol) → merged backends of every app claiming this name.
+            let mut groups: BTreeMap<(u16, Protocol), Vec<Backend>> = BTreeMap::new();
+            for id in self.index.label_apps.get(label).into_iter().flatten() {
+                let Some(a) = self.apps.get(id) else { continue };
+                for e in &a.entries {
+                    if let VipLabel::Named { label: l, port } = &e.target
+                        && l == label
+                    {
+                        groups
+                            .entry((*port, e.protocol))
+                            .or_default()
+                            .extend(e.backends.iter().cloned());
+                    }
+                }
+            }
+            let wants_v6 = groups.values().flatten().any(|b| b.addr.is_ipv6());
+            if groups.is_empty() {
+                self.index.label_apps.remove(label);
+                self.alloc.release(&name_key, Family::V4);
+            }
+            if !wants_v6 {
+                self.alloc.release(&name_key, Family::V6);
+            }
+            if !groups.is_empty() {
+                merged.push((label, name_key, groups, wants_v6));
+            }
+        }
+        for (label, name_key, groups, wants_v6) in merged {
+            let mut ips = vec![
+                self.alloc
+                    .assign_one(&name_key, Family::V4, &self.index.reserved)
+                    .ok()?,
+            ];
+            if wants_v6 {
+                ips.push(
+                    self.alloc
+                        .assign_one(&name_key, Family::V6, &self.index.reserved)
+                        .ok()?,
+                );
+            }
+            let name = VipName {
+                label: label.clone(),
+                framework: self.cfg.framework.clone(),
+            };
+            let mut keys = Vec::new();
+            for ip in ips {
+                for ((port, protocol), backends) in &groups {
+                    let key = VipKey {
+                        ip,
+                        port: *port,
+                        protocol: *protocol,
+                    };
+                    let mut v = Vip {
+                        key,
+                        name: Some(name.clone()),
+                        backends: backends.clone(),
+                    };
+                    v.normalize();
+                    keys.push(key);
+                    vips.insert(key, Arc::new(v));
+                }
+            }
+            self.index.label_keys.insert(label.clone(), keys);
+        }
+        let mut new_rejections = Vec::new();
+        for (old, new) in changes {
+            for r in old.iter().flat_map(|a| a.rejections.iter()) {
+                self.rejections.remove(r);
+            }
+            for r in new.into_iter().flat_map(|a| a.rejections) {
+                if self.rejections.insert(r.clone()) {
+                    new_rejections.push(r);
+                }
+            }
+        }
+        Some((
+            VipTable {
+                version: 0,
+                changed_at_ms: 0,
+                vips,
+            },
+            new_rejections,
+        ))
     }
 }
 
@@ -161,5 +402,75 @@ mod tests {
         let t = s.rebuild(0).table.unwrap();
         assert_eq!(t.version, 1);
         assert!(t.vips.is_empty());
+    }
+
+    use proptest::prelude::*;
+
+    /// One app: a few named labels (from a small pool, so apps share VIPs), maybe an IP VIP,
+    /// tasks on a few hosts, some of them IPv6.
+    /// (app id, named labels, has an IP VIP, tasks as (host, port, is IPv6)).
+    type AppSpec = (u8, Vec<u8>, bool, Vec<(u8, u16, bool)>);
+
+    fn arb_app() -> impl Strategy<Value = AppSpec> {
+        (
+            0u8..8,
+            prop::collection::vec(0u8..6, 0..3),
+            prop::bool::weighted(0.1),
+            prop::collection::vec((0u8..5, 31000u16..31010, prop::bool::weighted(0.1)), 0..4),
+        )
+    }
+
+    fn app_json(id: u8, labels: &[u8], ip_vip: bool, tasks: &[(u8, u16, bool)]) -> String {
+        let mut l: Vec<String> = labels
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("\"VIP_{i}\":\"/svc{n}:80\""))
+            .collect();
+        if ip_vip {
+            l.push("\"VIP_9\":\"198.18.5.5:80\"".into());
+        }
+        let tasks: Vec<String> = tasks
+            .iter()
+            .enumerate()
+            .map(|(i, (h, p, v6))| {
+                let host = if *v6 { format!("fd00::{h}") } else { format!("198.18.0.{h}") };
+                format!("{{\"id\":\"t{id}.{i}\",\"host\":\"{host}\",\"ports\":[{p}],\"state\":\"TASK_RUNNING\"}}")
+            })
+            .collect();
+        format!(
+            "{{\"apps\":[{{\"id\":\"/app{id}\",\"portDefinitions\":[{{\"port\":0,\"labels\":{{{}}}}}],\"tasks\":[{}]}}]}}",
+            l.join(","),
+            tasks.join(",")
+        )
+    }
+
+    proptest! {
+        /// After any sequence of single-app changes, the incremental path publishes exactly the
+        /// table the full path would.
+        #[test]
+        fn incremental_equals_full(steps in prop::collection::vec((arb_app(), prop::bool::weighted(0.2)), 1..25)) {
+            let cfg = BuildConfig { vip_cidr: "198.18.128.0/26".parse().unwrap(), ..BuildConfig::default() };
+            let mut inc = TableState::new(cfg.clone(), 1);
+            let mut full = TableState::new(cfg, 1);
+            inc.rebuild(0);
+            full.rebuild_full(0);
+            for ((id, labels, ip_vip, tasks), remove) in steps {
+                if remove {
+                    inc.remove(&format!("/app{id}"));
+                    full.remove(&format!("/app{id}"));
+                } else {
+                    let c = contribs(&app_json(id, &labels, ip_vip, &tasks)).remove(0);
+                    inc.upsert(c.clone());
+                    full.upsert(c);
+                }
+                inc.rebuild(0);
+                full.rebuild_full(0);
+                prop_assert!(inc.current().same_content(full.current()),
+                    "incremental {:?}\nfull {:?}", inc.current().vips, full.current().vips);
+                let ri: Vec<_> = inc.rejections().collect();
+                let rf: Vec<_> = full.rejections().collect();
+                prop_assert_eq!(ri, rf);
+            }
+        }
     }
 }
