@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use l4lb::api::{self, ApiState, INDEX_HEADER, Readiness};
 use l4lb::model::{Backend, BackendState, Protocol, Vip, VipKey, VipName, VipTable};
 use prometheus_client::registry::Registry;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 fn env_or(name: &str, default: usize) -> usize {
@@ -105,7 +104,6 @@ fn main() {
         // Every watcher records the highest version it has fully received.
         let received = Arc::new(AtomicUsize::new(0));
         let target = Arc::new(AtomicU64::new(1));
-        let done = Arc::new(Notify::new());
         let body_len = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(AtomicU64::new(0));
         let client = reqwest::Client::builder()
@@ -115,11 +113,10 @@ fn main() {
             .unwrap();
         let t = Instant::now();
         for _ in 0..watchers {
-            let (client, received, target, done, body_len, errors) = (
+            let (client, received, target, body_len, errors) = (
                 client.clone(),
                 Arc::clone(&received),
                 Arc::clone(&target),
-                Arc::clone(&done),
                 Arc::clone(&body_len),
                 Arc::clone(&errors),
             );
@@ -145,17 +142,26 @@ fn main() {
                         .and_then(|h| h.to_str().ok())
                         .and_then(|s| s.parse().ok())
                         .unwrap_or(0);
-                    let Ok(body) = r.bytes().await else {
+                    // Stream the body and drop it chunk by chunk, as a parser would consume
+                    // it; holding 1,000 copies of a 13 MiB body would measure the harness.
+                    let mut r = r;
+                    let mut len = 0u64;
+                    let complete = loop {
+                        match r.chunk().await {
+                            Ok(Some(c)) => len += c.len() as u64,
+                            Ok(None) => break true,
+                            Err(_) => break false,
+                        }
+                    };
+                    if !complete {
                         errors.fetch_add(1, Ordering::Relaxed);
                         continue;
-                    };
-                    body_len.store(body.len() as u64, Ordering::Relaxed);
+                    }
+                    body_len.store(len, Ordering::Relaxed);
                     if v > index {
                         index = v;
-                        if v == target.load(Ordering::Acquire)
-                            && received.fetch_add(1, Ordering::AcqRel) + 1 == watchers
-                        {
-                            done.notify_one();
+                        if v >= target.load(Ordering::Acquire) {
+                            received.fetch_add(1, Ordering::AcqRel);
                         }
                     }
                 }
@@ -182,15 +188,14 @@ fn main() {
             let next = table(version, vips, backends, 1 + r as u16).share_with(&current);
             received.store(0, Ordering::Release);
             target.store(version, Ordering::Release);
-            let notified = done.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
             let t0 = Instant::now();
             tx.send_replace(Arc::new(next.clone()));
-            if tokio::time::timeout(Duration::from_secs(120), notified)
-                .await
-                .is_err()
+            while received.load(Ordering::Acquire) < watchers
+                && t0.elapsed() < Duration::from_secs(120)
             {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            if received.load(Ordering::Acquire) < watchers {
                 eprintln!(
                     "round {r}: only {} of {watchers} got version {version} within 120 s",
                     received.load(Ordering::Acquire)
