@@ -12,6 +12,8 @@
 #   BENCH_OUT       JSON output (default bench-results/latest.json)
 #   BENCH_NO_BUILD  set to skip `cargo build --release`
 #   BENCH_KEEP      set to keep the work directory (logs, configs)
+#   BENCH_PERF      set to `perf record -g` l4lb during its TCP, new-connection, UDP and DNS
+#                   runs; reports go to bench-results/perf-<workload>.txt (perf.data beside)
 #
 # Topology (root needed; everything lives in two throw-away network namespaces, addresses in
 # 198.18.0.0/15 only, no default route, so nothing can leave the machine):
@@ -124,9 +126,10 @@ wait_tcp() {
 # connection costs a proxy two.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 MAXFD=$(ulimit -n)
-if [ "$MAXFD" != unlimited ] && [ "$IDLE" -gt $(((MAXFD - 512) / 2)) ]; then
-    log "open-file limit $MAXFD: idle connections capped at $(((MAXFD - 512) / 2)) (asked $IDLE)"
-    IDLE=$(((MAXFD - 512) / 2))
+[ "$MAXFD" != unlimited ] || MAXFD=1000000
+if [ "$IDLE" -gt $(((MAXFD - 1300) / 2)) ]; then
+    log "open-file limit $MAXFD: idle connections capped at $(((MAXFD - 1300) / 2)) (asked $IDLE)"
+    IDLE=$(((MAXFD - 1300) / 2))
 fi
 
 # --- backends (server namespace, load CPU) ---------------------------------------------------
@@ -185,7 +188,8 @@ grep -q "first table applied; ready" "$WORK/l4lb.log" || die "l4lb not ready: $(
 cat >"$WORK/haproxy.cfg" <<EOF
 global
     nbthread 1
-    maxconn $(((MAXFD - 100) / 2))
+    maxconn $(((MAXFD - 1100) / 2))
+    maxpipes 256
 defaults
     mode tcp
     # l4lb splices; let HAProxy splice too (it does not by default).
@@ -245,6 +249,35 @@ log "up: l4lb $(pid_of l4lb), haproxy $(pid_of haproxy), nginx $(pid_of proxy-ng
 
 RES="$WORK/results.tsv"
 : >"$RES"
+PERF_DIR=$(dirname "$OUT")
+mkdir -p "$PERF_DIR"
+# perf_on NAME / perf_off: profile l4lb (call graphs, cpu-clock: VMs often lack PMU counters).
+perf_on() {
+    PERF_PID=
+    [ -n "${BENCH_PERF:-}" ] || return 0
+    command -v perf >/dev/null || { log "BENCH_PERF: no perf (apt-get install -y linux-perf)"; return 0; }
+    PERF_NAME=$1
+    perf record -q -e cpu-clock -F 1999 -g -p "$(pid_of l4lb)" -o "$PERF_DIR/perf-$1.data" \
+        >/dev/null 2>&1 &
+    PERF_PID=$!
+    PIDS+=("$PERF_PID")
+    sleep 0.3
+}
+perf_off() {
+    [ -n "${PERF_PID:-}" ] || return 0
+    kill -INT "$PERF_PID" 2>/dev/null
+    wait "$PERF_PID" 2>/dev/null || true
+    {
+        echo "### self time"
+        perf report -i "$PERF_DIR/perf-$PERF_NAME.data" --stdio --no-children -g none \
+            --sort symbol --percent-limit 0.8 2>/dev/null | grep -v '^#' | grep -v '^$' | head -45
+        echo "### inclusive (children)"
+        perf report -i "$PERF_DIR/perf-$PERF_NAME.data" --stdio --children -g none \
+            --sort symbol --percent-limit 3 2>/dev/null | grep -v '^#' | grep -v '^$' | head -60
+    } >"$PERF_DIR/perf-$PERF_NAME.txt"
+    log "profile: $PERF_DIR/perf-$PERF_NAME.txt"
+    PERF_PID=
+}
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$RES"; log "$1 $2: $3 $4"; }
 L() { C taskset -c "$LOAD_CPU" "$@"; }
 
@@ -261,7 +294,9 @@ iperf() {
 }
 for par in 1 8; do
     for t in "${TARGETS[@]}"; do
+        [ "$t" = l4lb ] && perf_on "tcp_stream_x$par"
         record "tcp_stream_x$par" "$t" "$(iperf "${TCP_DST[$t]}" "$par")" Gbit/s
+        perf_off
         sleep 0.5
     done
 done
@@ -269,8 +304,10 @@ done
 # --- 2. new TCP connections per second ------------------------------------------------------
 for t in "${TARGETS[@]}"; do
     dst=${WEB_DST[$t]}
+    [ "$t" = l4lb ] && perf_on new_conns
     v=$(L wrk -t1 -c64 -d"${T}s" -H 'Connection: close' "http://$dst/" 2>&1 |
         awk '/Requests\/sec/ {printf "%.0f", $2}')
+    perf_off
     record new_conns "$t" "${v:-null}" conn/s
     sleep 1
 done
@@ -282,12 +319,16 @@ dnsperf_qps() {
         awk '/Queries per second/ {printf "%.0f", $4}'
 }
 record udp_req_resp direct "$(dnsperf_qps 198.18.0.2 5300 "$WORK/bench-query.txt")" q/s
+perf_on udp_req_resp
 record udp_req_resp l4lb "$(dnsperf_qps 198.18.5.5 5300 "$WORK/bench-query.txt")" q/s
+perf_off
 record udp_req_resp haproxy null q/s
 record udp_req_resp nginx "$(dnsperf_qps 198.18.0.1 25300 "$WORK/bench-query.txt")" q/s
 
 # --- 4. embedded DNS vs dnsmasq --------------------------------------------------------------
+perf_on dns_server
 record dns_server l4lb "$(dnsperf_qps 127.0.0.1 5454 "$WORK/names.txt")" q/s
+perf_off
 record dns_server dnsmasq "$(dnsperf_qps 127.0.0.1 5455 "$WORK/names.txt")" q/s
 
 # --- 5. memory per idle connection ----------------------------------------------------------
@@ -295,22 +336,33 @@ rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 idle_per_conn() {
     local pid=$1 dst=$2 before after opened
     before=$(rss_kib "$pid")
+    local fd_before fd_after
+    fd_before=$(ls "/proc/$pid/fd" | wc -l)
     coproc IDLE { exec ip netns exec "$NSC" taskset -c "$LOAD_CPU" python3 "$HERE/idle_conns.py" "${dst%:*}" "${dst#*:}" "$IDLE"; }
     local cpid=$IDLE_PID
     PIDS+=("$cpid")
     read -r line <&"${IDLE[0]}"
-    opened=$(echo "$line" | awk '{print $2}')
     sleep 2
+    # Count what reached the backend: a proxy out of descriptors accepts (in the kernel's
+    # backlog) more than it forwards.
+    opened=$(ip netns exec "$NSS" ss -Htn state established '( sport = :8080 )' | wc -l)
     after=$(rss_kib "$pid")
+    fd_after=$(ls "/proc/$pid/fd" | wc -l)
+    python3 -c "print('%.2f' % (($fd_after - $fd_before) / max($opened, 1)))" >"$WORK/idle-fds-$pid"
     eval "exec ${IDLE[1]}>&-"
     wait "$cpid" 2>/dev/null || true
-    log "idle $dst: $line; RSS ${before} -> ${after} KiB"
+    log "idle $dst: client $line; $opened reached the backend; RSS ${before} -> ${after} KiB"
+    echo "$opened" >"$WORK/idle-reached-$pid"
     python3 -c "print('%.2f' % (($after - $before) / max($opened, 1)))"
     sleep 2
 }
 record idle_conn_mem l4lb "$(idle_per_conn "$(pid_of l4lb)" 198.18.5.5:8080)" KiB/conn
 record idle_conn_mem haproxy "$(idle_per_conn "$(pid_of haproxy)" 198.18.0.1:18080)" KiB/conn
 record idle_conn_mem nginx "$(idle_per_conn "$(pid_of proxy-nginx)" 198.18.0.1:28080)" KiB/conn
+for t in l4lb haproxy proxy-nginx; do
+    record idle_conns_held "${t#proxy-}" "$(cat "$WORK/idle-reached-$(pid_of "$t")")" "of $IDLE"
+    record idle_conn_fds "${t#proxy-}" "$(cat "$WORK/idle-fds-$(pid_of "$t")")" fd/conn
+done
 
 # --- 6. propagation: Marathon event -> first connection on the new backend ------------------
 log "propagation ($CHANGES changes, loopback, fake Marathon)"

@@ -18,7 +18,9 @@ ROWS = [
     ("new_conns", "new TCP conns (wrk, Connection: close)", True, ("haproxy", 1.2)),
     ("udp_req_resp", "UDP req/resp (dnsperf -> dnsmasq)", True, ("nginx", 2.0)),
     ("dns_server", "DNS server (dnsperf)", True, ("dnsmasq", 1.0)),
-    ("idle_conn_mem", "memory per idle TCP conn", False, None),
+    ("idle_conns_held", "idle TCP conns held (reached the backend)", True, None),
+    ("idle_conn_mem", "memory (RSS) per idle TCP conn", False, None),
+    ("idle_conn_fds", "descriptors per idle TCP conn", False, None),
     ("propagation_p50", "propagation Marathon event -> new backend, p50", False, None),
     ("propagation_p99", "propagation Marathon event -> new backend, p99", False, None),
 ]
