@@ -21,8 +21,8 @@ def main() -> int:
     socks = []
     failed = 0
     # A proxy out of descriptors leaves connections in its listen backlog and then the
-    # handshake hangs: give up after a few failures in a row or a minute in all.
-    deadline = time.monotonic() + 60
+    # handshake hangs: give up after a few failures in a row or half a minute in all.
+    deadline = time.monotonic() + 30
     in_a_row = 0
     for _ in range(count):
         if in_a_row >= 3 or time.monotonic() > deadline:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Turn scripts/bench.sh's results.tsv into the printed table and the JSON file.
 
-usage: report.py RESULTS_TSV OUT_JSON PROXY_CPU LOAD_CPU SECONDS ELAPSED
+usage: report.py RESULTS_TSV OUT_JSON PROXY_CPU LOAD_CPU SECONDS ELAPSED [SAMPLES_TSV ROUNDS]
 """
 
 import datetime
@@ -37,6 +37,12 @@ def num(s):
 
 def main() -> int:
     tsv, out, proxy_cpu, load_cpu, seconds, elapsed = sys.argv[1:7]
+    samples = {}
+    if len(sys.argv) > 7:
+        for line in open(sys.argv[7]):
+            key, target, value = line.rstrip("\n").split("\t")
+            samples.setdefault(key, {}).setdefault(target, []).append(num(value))
+    rounds = int(sys.argv[8]) if len(sys.argv) > 8 else 1
     data = {}
     units = {}
     for line in open(tsv):
@@ -98,6 +104,7 @@ def main() -> int:
                 "unit": units[key],
                 "higher_is_better": higher,
                 "values": row,
+                "rounds": samples.get(key),
                 "ratios_l4lb_to": ratios,
                 "target": verdict or None,
             }
@@ -106,7 +113,7 @@ def main() -> int:
     lines.append(
         f"proxies (l4lb --worker-threads 1, haproxy nbthread 1, nginx worker_processes 1) "
         f"pinned to CPU {proxy_cpu}; load generators and backends pinned to CPU {load_cpu}; "
-        f"{seconds} s per measurement; whole run {elapsed} s."
+        f"{seconds} s per measurement, best of {rounds} interleaved rounds; whole run {elapsed} s."
     )
     lines.append("DNS row: 'dnsmasq' is dnsmasq serving the same names; its l4lb/direct column is l4lb/dnsmasq.")
     table = "\n".join(lines)
@@ -125,6 +132,7 @@ def main() -> int:
         "proxy_cpu": int(proxy_cpu),
         "load_cpu": int(load_cpu),
         "seconds_per_measurement": float(seconds),
+        "rounds": rounds,
         "elapsed_seconds": int(elapsed),
         "results": results,
         "table": table,
