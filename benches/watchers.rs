@@ -1,0 +1,229 @@
+//! Controller fan-out: one controller API (`l4lb::api::serve` over a watch channel, as
+//! tests/controller.rs wires it) with 1,000 agents watching it through blocking queries
+//! (`GET /v1/vips?index=N&wait=30s`, one HTTP/1.1 connection each, on loopback). Measures the
+//! time from publishing a new version of a 10,000-VIP table to every watcher having received
+//! the whole body.
+//!
+//! `harness = false`: prints a summary on stderr and one JSON line on stdout.
+//! `BENCH_WATCHERS`, `BENCH_VIPS`, `BENCH_BACKENDS`, `BENCH_ROUNDS` change the sizes.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use l4lb::api::{self, ApiState, INDEX_HEADER, Readiness};
+use l4lb::model::{Backend, BackendState, Protocol, Vip, VipKey, VipName, VipTable};
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Raise this process's soft open-file limit towards `n` (up to the hard limit).
+fn raise_nofile(n: u64) {
+    let hard = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(4).map(str::to_string))
+        })
+        .and_then(|h| h.parse::<u64>().ok())
+        .unwrap_or(n);
+    let _ = std::process::Command::new("prlimit")
+        .args([
+            "--pid",
+            &std::process::id().to_string(),
+            &format!("--nofile={}:{hard}", n.min(hard)),
+        ])
+        .status();
+}
+
+fn table(version: u64, vips: usize, backends: usize, bump: u16) -> VipTable {
+    VipTable::new(
+        version,
+        (0..vips).map(|i| Vip {
+            key: VipKey {
+                ip: Ipv4Addr::from(0xc612_8000u32 + i as u32).into(),
+                port: 80,
+                protocol: Protocol::Tcp,
+            },
+            name: Some(VipName {
+                label: format!("app{i}"),
+                framework: "marathon".into(),
+            }),
+            backends: (0..backends)
+                .map(|b| Backend {
+                    addr: SocketAddr::new(
+                        Ipv4Addr::new(198, 18, (i / 256) as u8, (i % 256) as u8).into(),
+                        // One backend of VIP 0 moves with every version.
+                        20000 + b as u16 + if i == 0 && b == 0 { bump } else { 0 },
+                    ),
+                    state: BackendState::Active,
+                    app: format!("/app{i}"),
+                    task: format!("app{i}.{b}.6ca8-11e7-beb2-0e2beceebfcc"),
+                })
+                .collect(),
+        }),
+    )
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
+}
+
+#[allow(clippy::print_stdout)]
+fn main() {
+    let watchers = env_or("BENCH_WATCHERS", 1000);
+    let vips = env_or("BENCH_VIPS", 10_000);
+    let backends = env_or("BENCH_BACKENDS", 10);
+    let rounds = env_or("BENCH_ROUNDS", 5);
+    raise_nofile(watchers as u64 * 2 + 1024);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("runtime: {e}"));
+    rt.block_on(async move {
+        let (tx, rx) = l4lb::source::table_channel();
+        let mut current = table(1, vips, backends, 0);
+        tx.send_replace(Arc::new(current.clone()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let state = ApiState::new(rx, Arc::new(Registry::default()), Readiness::default());
+        tokio::spawn(api::serve(listener, state, shutdown.clone()));
+
+        // Every watcher records the highest version it has fully received.
+        let received = Arc::new(AtomicUsize::new(0));
+        let target = Arc::new(AtomicU64::new(1));
+        let body_len = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(AtomicU64::new(0));
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(usize::MAX)
+            .timeout(Duration::from_secs(120))
+            .build()
+            .unwrap();
+        let t = Instant::now();
+        for _ in 0..watchers {
+            let (client, received, target, body_len, errors) = (
+                client.clone(),
+                Arc::clone(&received),
+                Arc::clone(&target),
+                Arc::clone(&body_len),
+                Arc::clone(&errors),
+            );
+            tokio::spawn(async move {
+                let mut index = 0u64;
+                loop {
+                    let url = if index == 0 {
+                        format!("http://{addr}/v1/vips")
+                    } else {
+                        format!("http://{addr}/v1/vips?index={index}&wait=30s")
+                    };
+                    let r = match client.get(url).send().await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let v: u64 = r
+                        .headers()
+                        .get(INDEX_HEADER)
+                        .and_then(|h| h.to_str().ok())
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0);
+                    // Stream the body and drop it chunk by chunk, as a parser would consume
+                    // it; holding 1,000 copies of a 13 MiB body would measure the harness.
+                    let mut r = r;
+                    let mut len = 0u64;
+                    let complete = loop {
+                        match r.chunk().await {
+                            Ok(Some(c)) => len += c.len() as u64,
+                            Ok(None) => break true,
+                            Err(_) => break false,
+                        }
+                    };
+                    if !complete {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    body_len.store(len, Ordering::Relaxed);
+                    if v > index {
+                        index = v;
+                        if v >= target.load(Ordering::Acquire) {
+                            received.fetch_add(1, Ordering::AcqRel);
+                        }
+                    }
+                }
+            });
+        }
+        // Everyone has the first version.
+        while received.load(Ordering::Acquire) < watchers {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let initial = t.elapsed();
+        let body = body_len.load(Ordering::Relaxed);
+        eprintln!(
+            "{watchers} watchers fetched the initial {vips}-VIP x {backends}-backend table ({:.1} MiB) in {:.2} s",
+            body as f64 / (1 << 20) as f64,
+            initial.as_secs_f64()
+        );
+        // Give every watcher time to park its blocking query.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        let mut samples = Vec::new();
+        for r in 0..rounds {
+            let version = 2 + r as u64;
+            // As a controller publishes: the new table shares every unchanged VIP.
+            let next = table(version, vips, backends, 1 + r as u16).share_with(&current);
+            received.store(0, Ordering::Release);
+            target.store(version, Ordering::Release);
+            let t0 = Instant::now();
+            tx.send_replace(Arc::new(next.clone()));
+            while received.load(Ordering::Acquire) < watchers
+                && t0.elapsed() < Duration::from_secs(120)
+            {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            if received.load(Ordering::Acquire) < watchers {
+                eprintln!(
+                    "round {r}: only {} of {watchers} got version {version} within 120 s",
+                    received.load(Ordering::Acquire)
+                );
+                break;
+            }
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            eprintln!("round {r}: all {watchers} watchers had version {version} after {ms:.0} ms");
+            samples.push(ms);
+            current = next;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        shutdown.cancel();
+        let mut sorted = samples.clone();
+        sorted.sort_by(f64::total_cmp);
+        println!(
+            "{}",
+            serde_json::json!({
+                "watchers": watchers,
+                "vips": vips,
+                "backends_per_vip": backends,
+                "body_bytes": body,
+                "initial_fetch_ms": (initial.as_secs_f64() * 1e3).round(),
+                "rounds_ms": samples.iter().map(|m| m.round()).collect::<Vec<_>>(),
+                "p50_ms": percentile(&sorted, 0.5).round(),
+                "max_ms": sorted.last().copied().unwrap_or(f64::NAN).round(),
+                "client_errors": errors.load(Ordering::Relaxed),
+            })
+        );
+    });
+}

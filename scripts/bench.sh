@@ -1,0 +1,399 @@
+#!/usr/bin/env bash
+# Data-plane benchmarks of l4lb against a direct connection, HAProxy and nginx `stream`, in the
+# same run, printed as a table of ratios and written as JSON.
+#
+#   scripts/bench.sh                  # full run: 2 rounds x 4 s per measurement, ~4 minutes
+#   BENCH_SECONDS=2 scripts/bench.sh  # shorter
+#
+# Environment:
+#   BENCH_SECONDS   seconds per measurement (default 4)
+#   BENCH_ROUNDS    interleaved rounds per throughput workload, best one counts (default 2)
+#   BENCH_IDLE      idle connections for the memory test (default 10000)
+#   BENCH_CHANGES   backend changes for the propagation test (default 100)
+#   BENCH_OUT       JSON output (default bench-results/latest.json)
+#   BENCH_NO_BUILD  set to skip `cargo build --release`
+#   BENCH_KEEP      set to keep the work directory (logs, configs)
+#   BENCH_PERF      set to `perf record -g` l4lb during its TCP, new-connection, UDP and DNS
+#                   runs; reports go to bench-results/perf-<workload>.txt (perf.data beside)
+#
+# Topology (root needed; everything lives in two throw-away network namespaces, addresses in
+# 198.18.0.0/15 only, no default route, so nothing can leave the machine):
+#
+#   ns "client" 198.18.0.1/30 ==veth== 198.18.0.2/30 ns "server"
+#     load generators (CPU 1)            iperf3 -s, nginx HTTP (tiny body), dnsmasq (CPU 1)
+#     proxy under test (CPU 0):
+#       l4lb   VIP 198.18.5.5 on its "minuteman" bridge, --worker-threads 1
+#       haproxy  198.18.0.1:1xxxx  (mode tcp, nbthread 1)
+#       nginx    198.18.0.1:2xxxx  (stream, worker_processes 1; also UDP)
+#
+# As on a real agent, the client and the proxy share a host and the backend is one veth hop
+# away. "direct" is the client talking to the backend over that same veth.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+HERE="$ROOT/scripts/bench"
+T=${BENCH_SECONDS:-4}
+ROUNDS=${BENCH_ROUNDS:-2}
+IDLE=${BENCH_IDLE:-10000}
+CHANGES=${BENCH_CHANGES:-100}
+OUT=${BENCH_OUT:-$ROOT/bench-results/latest.json}
+PROXY_CPU=0
+LOAD_CPU=1
+if [ "$(nproc)" -lt 2 ]; then LOAD_CPU=0; fi
+
+START=$(date +%s)
+log() { printf '[bench %3ds] %s\n' "$(($(date +%s) - START))" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "needs root (network namespaces, VIP addresses)"
+
+# --- tools -----------------------------------------------------------------------------------
+need_pkgs=()
+for pair in iperf3:iperf3 wrk:wrk haproxy:haproxy nginx:nginx dnsperf:dnsperf dnsmasq:dnsmasq-base \
+    socat:socat ip:iproute2 dig:bind9-dnsutils curl:curl taskset:util-linux python3:python3; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || need_pkgs+=("${pair#*:}")
+done
+[ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need_pkgs+=(libnginx-mod-stream)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    log "installing ${need_pkgs[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+
+if [ -z "${BENCH_NO_BUILD:-}" ]; then
+    log "cargo build --release"
+    (cd "$ROOT" && cargo build --release --quiet)
+fi
+L4LB="$ROOT/target/release/l4lb"
+[ -x "$L4LB" ] || die "no $L4LB"
+
+# --- namespaces and cleanup ------------------------------------------------------------------
+WORK=$(mktemp -d /tmp/l4lb-bench.XXXXXX)
+NSC="l4lbbench-c-$$"
+NSS="l4lbbench-s-$$"
+PIDS=()
+
+cleanup() {
+    local rc=$?
+    set +e
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
+    sleep 0.3
+    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; done
+    ip netns del "$NSC" 2>/dev/null
+    ip netns del "$NSS" 2>/dev/null
+    if [ -n "${BENCH_KEEP:-}" ]; then log "kept $WORK"; else rm -rf "$WORK"; fi
+    exit $rc
+}
+trap cleanup EXIT INT TERM
+
+ip netns add "$NSC"
+ip netns add "$NSS"
+ip link add bench-c netns "$NSC" type veth peer name bench-s netns "$NSS"
+for ns in "$NSC" "$NSS"; do
+    ip -n "$ns" link set lo up
+    ip netns exec "$ns" sysctl -qw net.ipv4.ip_local_port_range="1024 65000" \
+        net.ipv4.tcp_tw_reuse=1 net.core.somaxconn=8192 net.ipv4.tcp_max_syn_backlog=8192
+done
+ip -n "$NSC" addr add 198.18.0.1/30 dev bench-c
+ip -n "$NSS" addr add 198.18.0.2/30 dev bench-s
+ip -n "$NSC" link set bench-c up
+ip -n "$NSS" link set bench-s up
+
+C() { ip netns exec "$NSC" "$@"; }
+S() { ip netns exec "$NSS" "$@"; }
+
+# start NAME NS CPU CMD...: run CMD in the background in namespace NS pinned to CPU; its PID
+# (ip netns exec and taskset both exec) goes to PIDS and to $WORK/NAME.pid, output to NAME.log.
+start() {
+    local name=$1 ns=$2 cpu=$3
+    shift 3
+    ip netns exec "$ns" taskset -c "$cpu" "$@" >"$WORK/$name.log" 2>&1 &
+    local pid=$!
+    PIDS+=("$pid")
+    echo "$pid" >"$WORK/$name.pid"
+}
+pid_of() { cat "$WORK/$1.pid"; }
+
+# wait_port NS PROTO ADDR:PORT
+wait_tcp() {
+    local ns=$1 hostport=$2 i
+    for i in $(seq 1 100); do
+        if ip netns exec "$ns" bash -c "exec 3<>/dev/tcp/${hostport%:*}/${hostport#*:}" 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    die "nothing listens on $hostport in $ns"
+}
+
+# As many descriptors as we may have (containers often cap the hard limit): each idle
+# connection costs a proxy two.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+MAXFD=$(ulimit -n)
+[ "$MAXFD" != unlimited ] || MAXFD=1000000
+if [ "$IDLE" -gt $(((MAXFD - 1300) / 2)) ]; then
+    log "open-file limit $MAXFD: idle connections capped at $(((MAXFD - 1300) / 2)) (asked $IDLE)"
+    IDLE=$(((MAXFD - 1300) / 2))
+fi
+
+# --- backends (server namespace, load CPU) ---------------------------------------------------
+start iperf3 "$NSS" "$LOAD_CPU" iperf3 -s -B 198.18.0.2 -p 5201
+cat >"$WORK/backend-nginx.conf" <<EOF
+worker_processes 1;
+master_process off;
+daemon off;
+worker_rlimit_nofile $MAXFD;
+pid $WORK/backend-nginx.pid.nginx;
+error_log $WORK/backend-nginx.err warn;
+events { worker_connections $((MAXFD - 100)); }
+http {
+    access_log off;
+    client_header_timeout 300s;
+    keepalive_timeout 300s;
+    server {
+        listen 198.18.0.2:8080 backlog=8192 reuseport;
+        location / { return 200 "ok\n"; }
+    }
+}
+EOF
+start backend-nginx "$NSS" "$LOAD_CPU" nginx -p "$WORK" -c "$WORK/backend-nginx.conf"
+start backend-dnsmasq "$NSS" "$LOAD_CPU" dnsmasq -k -C /dev/null -u root --no-resolv --no-hosts \
+    --bind-interfaces --listen-address=198.18.0.2 --port=5300 --pid-file= \
+    --host-record=bench.test,198.18.9.9
+wait_tcp "$NSS" 198.18.0.2:5201
+wait_tcp "$NSS" 198.18.0.2:8080
+
+# --- proxies (client namespace, proxy CPU) ---------------------------------------------------
+# l4lb: IP VIP 198.18.5.5 for each workload, plus named VIPs for the DNS comparison.
+python3 - "$WORK/apps.json" <<'EOF'
+import json, sys
+def app(i, label, vips, proto, port):
+    return {"id": i, "portDefinitions": [{"port": 0, "protocol": proto,
+            "labels": {f"VIP_{n}": v for n, v in enumerate(vips)}}],
+            "tasks": [{"id": f"{i[1:]}.1", "appId": i, "host": "198.18.0.2", "ports": [port],
+                       "state": "TASK_RUNNING"}]}
+apps = [
+    app("/iperf", "iperf", ["198.18.5.5:5201", "/iperf:5201"], "tcp", 5201),
+    app("/web", "web", ["198.18.5.5:8080", "/web:80"], "tcp", 8080),
+    app("/dns", "dns", ["198.18.5.5:5300", "/dns:53"], "udp", 5300),
+]
+json.dump({"apps": apps}, open(sys.argv[1], "w"))
+EOF
+start l4lb "$NSC" "$PROXY_CPU" env RUST_LOG=warn,l4lb=info "$L4LB" --worker-threads 1 run \
+    --apps-file "$WORK/apps.json" --interface-kind auto --api-listen 127.0.0.1:62080 \
+    --dns-listen 127.0.0.1:5454 --vip-cidr 198.18.128.0/17
+for i in $(seq 1 100); do
+    grep -q "first table applied; ready" "$WORK/l4lb.log" 2>/dev/null && break
+    kill -0 "$(pid_of l4lb)" 2>/dev/null || die "l4lb exited: $(tail -5 "$WORK/l4lb.log")"
+    sleep 0.1
+done
+grep -q "first table applied; ready" "$WORK/l4lb.log" || die "l4lb not ready: $(tail -5 "$WORK/l4lb.log")"
+
+cat >"$WORK/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn $(((MAXFD - 1100) / 2))
+    maxpipes 256
+defaults
+    mode tcp
+    # l4lb splices; let HAProxy splice too (it does not by default).
+    option splice-auto
+    timeout connect 1s
+    timeout client 600s
+    timeout server 600s
+listen iperf
+    bind 198.18.0.1:15201
+    server s1 198.18.0.2:5201
+listen web
+    bind 198.18.0.1:18080
+    server s1 198.18.0.2:8080
+EOF
+start haproxy "$NSC" "$PROXY_CPU" haproxy -db -f "$WORK/haproxy.cfg"
+
+cat >"$WORK/proxy-nginx.conf" <<EOF
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes 1;
+master_process off;
+daemon off;
+worker_rlimit_nofile $MAXFD;
+pid $WORK/proxy-nginx.pid.nginx;
+error_log $WORK/proxy-nginx.err warn;
+events { worker_connections $((MAXFD - 100)); }
+stream {
+    proxy_timeout 600s;
+    server { listen 198.18.0.1:25201 backlog=8192; proxy_pass 198.18.0.2:5201; }
+    server { listen 198.18.0.1:28080 backlog=8192; proxy_pass 198.18.0.2:8080; }
+    server { listen 198.18.0.1:25300 udp; proxy_pass 198.18.0.2:5300; proxy_timeout 30s; }
+}
+EOF
+start proxy-nginx "$NSC" "$PROXY_CPU" nginx -p "$WORK" -c "$WORK/proxy-nginx.conf"
+
+# dnsmasq serving the same names as l4lb's embedded DNS, for the DNS comparison.
+mapfile -t NAMES < <(C curl -s http://127.0.0.1:62080/v1/vips |
+    python3 -c 'import json,sys; [print(v["name"]+" "+v["ip"]) for v in json.load(sys.stdin) if v["name"]]')
+[ ${#NAMES[@]} -gt 0 ] || die "l4lb /v1/vips shows no named VIP"
+records=()
+: >"$WORK/names.txt"
+for n in "${NAMES[@]}"; do
+    records+=("--host-record=${n% *},${n#* }")
+    echo "${n% *} A" >>"$WORK/names.txt"
+done
+start dnsmasq "$NSC" "$PROXY_CPU" dnsmasq -k -C /dev/null -u root --no-resolv --no-hosts \
+    --bind-interfaces --listen-address=127.0.0.1 --port=5455 --pid-file= "${records[@]}"
+echo "bench.test A" >"$WORK/bench-query.txt"
+
+wait_tcp "$NSC" 198.18.5.5:8080
+wait_tcp "$NSC" 198.18.0.1:18080
+wait_tcp "$NSC" 198.18.0.1:28080
+sleep 0.5
+C dig +short +time=1 +tries=3 @127.0.0.1 -p 5454 "${NAMES[0]% *}" >/dev/null || die "embedded DNS does not answer"
+C dig +short +time=1 +tries=3 @127.0.0.1 -p 5455 "${NAMES[0]% *}" >/dev/null || die "dnsmasq does not answer"
+C dig +short +time=1 +tries=3 @198.18.5.5 -p 5300 bench.test | grep -q 198.18.9.9 || die "UDP VIP does not answer"
+log "up: l4lb $(pid_of l4lb), haproxy $(pid_of haproxy), nginx $(pid_of proxy-nginx) on CPU $PROXY_CPU; load generators and backends on CPU $LOAD_CPU"
+
+RES="$WORK/results.tsv"
+: >"$RES"
+PERF_DIR=$(dirname "$OUT")
+mkdir -p "$PERF_DIR"
+# perf_on NAME / perf_off: profile l4lb (call graphs, cpu-clock: VMs often lack PMU counters).
+perf_on() {
+    PERF_PID=
+    [ -n "${BENCH_PERF:-}" ] || return 0
+    command -v perf >/dev/null || { log "BENCH_PERF: no perf (apt-get install -y linux-perf)"; return 0; }
+    PERF_NAME=$1
+    perf record -q -e cpu-clock -F 1999 -g -p "$(pid_of l4lb)" -o "$PERF_DIR/perf-$1.data" \
+        >/dev/null 2>&1 &
+    PERF_PID=$!
+    PIDS+=("$PERF_PID")
+    sleep 0.3
+}
+perf_off() {
+    [ -n "${PERF_PID:-}" ] || return 0
+    kill -INT "$PERF_PID" 2>/dev/null
+    wait "$PERF_PID" 2>/dev/null || true
+    {
+        echo "### self time"
+        perf report -i "$PERF_DIR/perf-$PERF_NAME.data" --stdio --no-children -g none \
+            --sort symbol --percent-limit 0.8 2>/dev/null | grep -v '^#' | grep -v '^$' | head -45
+        echo "### inclusive (children)"
+        perf report -i "$PERF_DIR/perf-$PERF_NAME.data" --stdio --children -g none \
+            --sort symbol --percent-limit 3 2>/dev/null | grep -v '^#' | grep -v '^$' | head -60
+    } >"$PERF_DIR/perf-$PERF_NAME.txt"
+    log "profile: $PERF_DIR/perf-$PERF_NAME.txt"
+    PERF_PID=
+}
+record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$RES"; log "$1 $2: $3 $4"; }
+L() { C taskset -c "$LOAD_CPU" "$@"; }
+
+declare -A TCP_DST=([direct]=198.18.0.2:5201 [l4lb]=198.18.5.5:5201 [haproxy]=198.18.0.1:15201 [nginx]=198.18.0.1:25201)
+declare -A WEB_DST=([direct]=198.18.0.2:8080 [l4lb]=198.18.5.5:8080 [haproxy]=198.18.0.1:18080 [nginx]=198.18.0.1:28080)
+TARGETS=(direct l4lb haproxy nginx)
+
+# Every throughput workload runs ROUNDS times, the targets interleaved (direct, l4lb, haproxy,
+# nginx, direct, ...), and the best round counts: interference from other work on the machine
+# only ever lowers a figure. Every round is kept in the JSON.
+SAMPLES="$WORK/samples.tsv"
+: >"$SAMPLES"
+rounds() {
+    local w=$1 unit=$2 fn=$3 r t v best
+    shift 3
+    for r in $(seq 1 "$ROUNDS"); do
+        for t in "$@"; do
+            if [ "$t" = l4lb ] && [ "$r" = 1 ]; then perf_on "$w"; fi
+            v=$("$fn" "$t")
+            perf_off
+            printf '%s\t%s\t%s\n' "$w" "$t" "${v:-null}" >>"$SAMPLES"
+            log "$w $t round $r: ${v:-null} $unit"
+            sleep 0.5
+        done
+    done
+    for t in "$@"; do
+        best=$(awk -F'\t' -v w="$w" -v t="$t" '$1 == w && $2 == t && $3 != "null" {
+            if (!n || $3 + 0 > b + 0) b = $3; n++ } END { print n ? b : "null" }' "$SAMPLES")
+        record "$w" "$t" "$best" "$unit"
+    done
+}
+
+# --- 1. iperf3: one stream, eight streams ----------------------------------------------------
+iperf() {
+    local dst=$1 par=$2
+    L iperf3 -c "${dst%:*}" -p "${dst#*:}" -t "$T" -P "$par" -J 2>/dev/null |
+        python3 -c 'import json,sys; print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9))' ||
+        echo null
+}
+m_tcp1() { iperf "${TCP_DST[$1]}" 1; }
+m_tcp8() { iperf "${TCP_DST[$1]}" 8; }
+rounds tcp_stream_x1 Gbit/s m_tcp1 "${TARGETS[@]}"
+rounds tcp_stream_x8 Gbit/s m_tcp8 "${TARGETS[@]}"
+
+# --- 2. new TCP connections per second ------------------------------------------------------
+m_conns() {
+    L wrk -t1 -c64 -d"${T}s" -H 'Connection: close' "http://${WEB_DST[$1]}/" 2>&1 |
+        awk '/Requests\/sec/ {printf "%.0f", $2}'
+}
+rounds new_conns conn/s m_conns "${TARGETS[@]}"
+
+# --- 3. UDP request/response (dnsperf -> dnsmasq) ------------------------------------------
+dnsperf_qps() {
+    local host=$1 port=$2 file=$3
+    L dnsperf -s "$host" -p "$port" -d "$file" -l "$T" -c 8 -q 200 -t 1 2>&1 |
+        awk '/Queries per second/ {printf "%.0f", $4}'
+}
+declare -A UDP_DST=([direct]=198.18.0.2:5300 [l4lb]=198.18.5.5:5300 [nginx]=198.18.0.1:25300)
+m_udp() { dnsperf_qps "${UDP_DST[$1]%:*}" "${UDP_DST[$1]#*:}" "$WORK/bench-query.txt"; }
+rounds udp_req_resp q/s m_udp direct l4lb nginx
+record udp_req_resp haproxy null q/s
+
+# --- 4. embedded DNS vs dnsmasq --------------------------------------------------------------
+declare -A DNS_PORT=([l4lb]=5454 [dnsmasq]=5455)
+m_dns() { dnsperf_qps 127.0.0.1 "${DNS_PORT[$1]}" "$WORK/names.txt"; }
+rounds dns_server q/s m_dns l4lb dnsmasq
+
+# --- 5. memory per idle connection ----------------------------------------------------------
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+idle_per_conn() {
+    local pid=$1 dst=$2 before after opened
+    before=$(rss_kib "$pid")
+    local fd_before fd_after
+    fd_before=$(ls "/proc/$pid/fd" | wc -l)
+    coproc IDLE { exec ip netns exec "$NSC" taskset -c "$LOAD_CPU" python3 "$HERE/idle_conns.py" "${dst%:*}" "${dst#*:}" "$IDLE"; }
+    local cpid=$IDLE_PID
+    PIDS+=("$cpid")
+    read -r line <&"${IDLE[0]}"
+    sleep 2
+    # Count what reached the backend: a proxy out of descriptors accepts (in the kernel's
+    # backlog) more than it forwards.
+    opened=$(ip netns exec "$NSS" ss -Htn state established '( sport = :8080 )' | wc -l)
+    after=$(rss_kib "$pid")
+    fd_after=$(ls "/proc/$pid/fd" | wc -l)
+    python3 -c "print('%.2f' % (($fd_after - $fd_before) / max($opened, 1)))" >"$WORK/idle-fds-$pid"
+    eval "exec ${IDLE[1]}>&-"
+    wait "$cpid" 2>/dev/null || true
+    log "idle $dst: client $line; $opened reached the backend; RSS ${before} -> ${after} KiB"
+    echo "$opened" >"$WORK/idle-reached-$pid"
+    python3 -c "print('%.2f' % (($after - $before) / max($opened, 1)))"
+    sleep 2
+}
+record idle_conn_mem l4lb "$(idle_per_conn "$(pid_of l4lb)" 198.18.5.5:8080)" KiB/conn
+record idle_conn_mem haproxy "$(idle_per_conn "$(pid_of haproxy)" 198.18.0.1:18080)" KiB/conn
+record idle_conn_mem nginx "$(idle_per_conn "$(pid_of proxy-nginx)" 198.18.0.1:28080)" KiB/conn
+for t in l4lb haproxy proxy-nginx; do
+    record idle_conns_held "${t#proxy-}" "$(cat "$WORK/idle-reached-$(pid_of "$t")")" "of $IDLE"
+    record idle_conn_fds "${t#proxy-}" "$(cat "$WORK/idle-fds-$(pid_of "$t")")" fd/conn
+done
+
+# --- 6. propagation: Marathon event -> first connection on the new backend ------------------
+log "propagation ($CHANGES changes, loopback, fake Marathon)"
+if prop=$(cd "$ROOT" && BENCH_CHANGES=$CHANGES L4LB_BIN="$L4LB" taskset -c "$LOAD_CPU" \
+    cargo bench --quiet --bench propagation 2>"$WORK/propagation.err" | tail -1); then
+    echo "$prop" >"$WORK/propagation.json"
+    record propagation_p50 l4lb "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["p50_ms"])' "$WORK/propagation.json")" ms
+    record propagation_p99 l4lb "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["p99_ms"])' "$WORK/propagation.json")" ms
+else
+    log "propagation failed: $(tail -5 "$WORK/propagation.err")"
+    record propagation_p50 l4lb null ms
+    record propagation_p99 l4lb null ms
+fi
+
+# --- report ----------------------------------------------------------------------------------
+mkdir -p "$(dirname "$OUT")"
+python3 "$HERE/report.py" "$RES" "$OUT" "$PROXY_CPU" "$LOAD_CPU" "$T" "$(($(date +%s) - START))" \
+    "$SAMPLES" "$ROUNDS"

@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Turn scripts/bench.sh's results.tsv into the printed table and the JSON file.
+
+usage: report.py RESULTS_TSV OUT_JSON PROXY_CPU LOAD_CPU SECONDS ELAPSED [SAMPLES_TSV ROUNDS]
+"""
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+
+ROWS = [
+    # key, label, higher is better, (compare to, minimum ratio) target
+    ("tcp_stream_x1", "iperf3 TCP, 1 stream", True, ("direct", 0.8)),
+    ("tcp_stream_x8", "iperf3 TCP, 8 streams", True, None),
+    ("new_conns", "new TCP conns (wrk, Connection: close)", True, ("haproxy", 1.2)),
+    ("udp_req_resp", "UDP req/resp (dnsperf -> dnsmasq)", True, ("nginx", 2.0)),
+    ("dns_server", "DNS server (dnsperf)", True, ("dnsmasq", 1.0)),
+    ("idle_conns_held", "idle TCP conns held (reached the backend)", True, None),
+    ("idle_conn_mem", "memory (RSS) per idle TCP conn", False, None),
+    ("idle_conn_fds", "descriptors per idle TCP conn", False, None),
+    ("propagation_p50", "propagation Marathon event -> new backend, p50", False, None),
+    ("propagation_p99", "propagation Marathon event -> new backend, p99", False, None),
+]
+ABSOLUTE = {"idle_conn_mem": 10.0, "propagation_p99": 200.0}
+COLS = ["direct", "dnsmasq", "l4lb", "haproxy", "nginx"]
+
+
+def num(s):
+    try:
+        return float(s)
+    except ValueError:
+        return None
+
+
+def main() -> int:
+    tsv, out, proxy_cpu, load_cpu, seconds, elapsed = sys.argv[1:7]
+    samples = {}
+    if len(sys.argv) > 7:
+        for line in open(sys.argv[7]):
+            key, target, value = line.rstrip("\n").split("\t")
+            samples.setdefault(key, {}).setdefault(target, []).append(num(value))
+    rounds = int(sys.argv[8]) if len(sys.argv) > 8 else 1
+    data = {}
+    units = {}
+    for line in open(tsv):
+        key, target, value, unit = line.rstrip("\n").split("\t")
+        data.setdefault(key, {})[target] = num(value)
+        units[key] = unit
+
+    def fmt(v):
+        if v is None:
+            return "n/a"
+        return f"{v:.2f}" if v < 100 else f"{v:.0f}"
+
+    results = []
+    lines = []
+    head = f"{'workload':<50} {'unit':<9}" + "".join(f"{c:>9}" for c in COLS)
+    head += f"  {'l4lb/direct':>11} {'l4lb/haproxy':>12} {'l4lb/nginx':>10}  target"
+    lines.append(head)
+    lines.append("-" * len(head))
+    for key, label, higher, target in ROWS:
+        if key not in data:
+            continue
+        row = data[key]
+        l4 = row.get("l4lb")
+        ratios = {}
+        for other in ("direct", "haproxy", "nginx", "dnsmasq"):
+            o = row.get(other)
+            if l4 is not None and o:
+                ratios[other] = l4 / o
+        verdict = ""
+        if target:
+            other, want = target
+            r = ratios.get(other)
+            verdict = f"l4lb >= {want}x {other}: " + (
+                "n/a" if r is None else ("MET" if r >= want else f"MISSED ({r:.2f}x)")
+            )
+        elif key in ABSOLUTE:
+            limit = ABSOLUTE[key]
+            verdict = f"l4lb <= {limit:g} {units[key]}: " + (
+                "n/a" if l4 is None else ("MET" if l4 <= limit else "MISSED")
+            )
+        cells = "".join(f"{fmt(row.get(c)) if c in row else '':>9}" for c in COLS)
+
+        if "direct" not in ratios and "dnsmasq" in ratios:
+            # The DNS row: the baseline is dnsmasq serving the same names.
+            ratios_shown = dict(ratios, direct=ratios["dnsmasq"])
+        else:
+            ratios_shown = ratios
+
+        def rc(k, w):
+            return f"{ratios_shown[k]:>{w}.2f}" if k in ratios_shown else f"{'':>{w}}"
+
+        lines.append(
+            f"{label:<50} {units[key]:<9}{cells}  {rc('direct', 11)} {rc('haproxy', 12)} {rc('nginx', 10)}  {verdict}"
+        )
+        results.append(
+            {
+                "workload": key,
+                "label": label,
+                "unit": units[key],
+                "higher_is_better": higher,
+                "values": row,
+                "rounds": samples.get(key),
+                "ratios_l4lb_to": ratios,
+                "target": verdict or None,
+            }
+        )
+    lines.append("")
+    lines.append(
+        f"proxies (l4lb --worker-threads 1, haproxy nbthread 1, nginx worker_processes 1) "
+        f"pinned to CPU {proxy_cpu}; load generators and backends pinned to CPU {load_cpu}; "
+        f"{seconds} s per measurement, best of {rounds} interleaved rounds; whole run {elapsed} s."
+    )
+    lines.append("DNS row: 'dnsmasq' is dnsmasq serving the same names; its l4lb/direct column is l4lb/dnsmasq.")
+    table = "\n".join(lines)
+    print(table)
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    doc = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "host": {"kernel": platform.release(), "cpus": os.cpu_count()},
+        "proxy_cpu": int(proxy_cpu),
+        "load_cpu": int(load_cpu),
+        "seconds_per_measurement": float(seconds),
+        "rounds": rounds,
+        "elapsed_seconds": int(elapsed),
+        "results": results,
+        "table": table,
+    }
+    with open(out, "w") as f:
+        json.dump(doc, f, indent=2)
+    print(f"\nJSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
