@@ -63,8 +63,8 @@ fn vip(i: usize, backends: usize, port_base: u16) -> Vip {
                     port_base + b as u16,
                 ),
                 state: BackendState::Active,
-                app: format!("/app{i}"),
-                task: format!("app{i}.{b}"),
+                app: format!("/app{i}").into(),
+                task: format!("app{i}.{b}").into(),
             })
             .collect(),
     }

@@ -65,8 +65,8 @@ fn table(version: u64, vips: usize, backends: usize, bump: u16) -> VipTable {
                         20000 + b as u16 + if i == 0 && b == 0 { bump } else { 0 },
                     ),
                     state: BackendState::Active,
-                    app: format!("/app{i}"),
-                    task: format!("app{i}.{b}.6ca8-11e7-beb2-0e2beceebfcc"),
+                    app: format!("/app{i}").into(),
+                    task: format!("app{i}.{b}.6ca8-11e7-beb2-0e2beceebfcc").into(),
                 })
                 .collect(),
         }),
