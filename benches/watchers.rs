@@ -1,6 +1,7 @@
 //! Controller fan-out: one controller API (`l4lb::api::serve` over a watch channel, as
 //! tests/controller.rs wires it) with 1,000 agents watching it through blocking queries
-//! (`GET /v1/vips?index=N&wait=30s`, one HTTP/1.1 connection each, on loopback). Measures the
+//! (`GET /v1/vips/delta?index=N&wait=30s` as agents do, or the whole `/v1/vips` with
+//! `BENCH_FULL=1`; one HTTP/1.1 connection each, on loopback). Measures the
 //! time from publishing a new version of a 10,000-VIP table to every watcher having received
 //! the whole body.
 //!
@@ -86,6 +87,13 @@ fn main() {
     let vips = env_or("BENCH_VIPS", 10_000);
     let backends = env_or("BENCH_BACKENDS", 10);
     let rounds = env_or("BENCH_ROUNDS", 5);
+    // Agents follow `/v1/vips/delta` (only the change); `BENCH_FULL=1` measures plain
+    // `/v1/vips` (the whole table per change, as DC/OS clients poll it).
+    let path = if std::env::var_os("BENCH_FULL").is_some() {
+        "v1/vips"
+    } else {
+        "v1/vips/delta"
+    };
     raise_nofile(watchers as u64 * 2 + 1024);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -106,7 +114,7 @@ fn main() {
         let target = Arc::new(AtomicU64::new(1));
         let body_len = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(AtomicU64::new(0));
-        let client = reqwest::Client::builder()
+        let client = l4lb::tls::client_builder()
             .pool_max_idle_per_host(usize::MAX)
             .timeout(Duration::from_secs(120))
             .build()
@@ -124,9 +132,9 @@ fn main() {
                 let mut index = 0u64;
                 loop {
                     let url = if index == 0 {
-                        format!("http://{addr}/v1/vips")
+                        format!("http://{addr}/{path}")
                     } else {
-                        format!("http://{addr}/v1/vips?index={index}&wait=30s")
+                        format!("http://{addr}/{path}?index={index}&wait=30s")
                     };
                     let r = match client.get(url).send().await {
                         Ok(r) => r,
@@ -214,6 +222,7 @@ fn main() {
         println!(
             "{}",
             serde_json::json!({
+                "path": path,
                 "watchers": watchers,
                 "vips": vips,
                 "backends_per_vip": backends,

@@ -449,3 +449,65 @@ async fn apps_file_is_reread_on_change_and_a_bad_edit_keeps_the_table() {
     );
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn delta_watch_carries_only_the_change_and_falls_back_to_full() {
+    l4lb::tls::init();
+    let fake = FakeMarathon::start().await;
+    fake.put_app(web_app(1));
+    let mut other = host_app("/other", &["/other:90"], "tcp");
+    add_task(
+        &mut other,
+        task("/other", 0, "198.18.0.9", &[32000], "TASK_RUNNING"),
+    );
+    fake.put_app(other);
+    let mut ctl = start_controller(
+        &[fake.url()],
+        Duration::from_secs(300),
+        Duration::from_secs(2),
+    )
+    .await;
+    wait_version(&mut ctl.rx, 0).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let get_delta = |index: u64| {
+        let api = ctl.api;
+        async move {
+            let r = reqwest::get(format!("http://{api}/v1/vips/delta?index={index}&wait=10s"))
+                .await
+                .unwrap();
+            let idx: u64 = r.headers()[api::INDEX_HEADER]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            (idx, r.json::<l4lb::model::wire::DeltaJson>().await.unwrap())
+        }
+    };
+    // From nothing: the full table.
+    let (v1, full) = get_delta(0).await;
+    assert!(full.full);
+    assert_eq!(full.upsert.len(), 2);
+    let mirror = full.clone().apply(&l4lb::model::VipTable::default());
+
+    // A scale-up of /web: the delta holds /web only.
+    let watcher = tokio::spawn(get_delta(v1));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut app = fake.app("/web").unwrap();
+    add_task(
+        &mut app,
+        task("/web", 1, "198.18.0.2", &[31001], "TASK_RUNNING"),
+    );
+    fake.put_app(app);
+    fake.emit_status("/web", "web.1", "TASK_RUNNING");
+    let (v2, d) = watcher.await.unwrap();
+    assert!(v2 > v1 && !d.full && d.from == v1 && d.to == v2);
+    assert_eq!(d.upsert.len(), 1);
+    assert_eq!(d.upsert[0].vip, "web.marathon.l4lb.thisdcos.directory:80");
+    assert!(d.remove.is_empty());
+    let mirror = d.apply(&mirror);
+    assert!(mirror.same_content(&ctl.rx.borrow()));
+
+    // An index this controller never served: the full table again.
+    let (_, again) = get_delta(v1 - 1).await;
+    assert!(again.full);
+}

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::model::wire::{VipJson, table_to_json};
+use crate::model::wire::{DeltaJson, VipJson, table_to_json};
 use crate::model::{VipKey, VipTable};
 
 /// Table version header (also the blocking-query index).
@@ -65,8 +65,62 @@ pub struct ApiState {
     pub token: Option<Arc<str>>,
     /// Longest a blocking query may wait.
     pub max_wait: Duration,
-    /// The serialised body of the latest version, shared by every watcher of a controller.
-    cache: Arc<Mutex<Option<(u64, Bytes)>>>,
+    /// Serialised bodies and recent tables, shared by every watcher of a controller.
+    cache: Arc<Mutex<BodyCache>>,
+}
+
+/// A body computed once per key (version, or from→to), however many watchers wait for it.
+type Shared = Arc<tokio::sync::OnceCell<Bytes>>;
+
+/// Recent tables (so a watcher at version N can get just the change) and serialised bodies.
+#[derive(Default)]
+struct BodyCache {
+    history: std::collections::VecDeque<Arc<VipTable>>,
+    full: Option<(u64, Shared)>,
+    deltas: std::collections::VecDeque<((u64, u64), Shared)>,
+}
+
+/// Tables kept for deltas; a watcher further behind gets the full table.
+const HISTORY: usize = 64;
+/// Delta bodies kept (watchers are normally at one of the last few versions).
+const DELTAS: usize = 16;
+
+impl BodyCache {
+    fn remember(&mut self, t: &Arc<VipTable>) {
+        if self.history.back().is_none_or(|b| b.version < t.version) {
+            self.history.push_back(Arc::clone(t));
+            if self.history.len() > HISTORY {
+                self.history.pop_front();
+            }
+        }
+    }
+
+    fn find(&self, version: u64) -> Option<Arc<VipTable>> {
+        self.history.iter().find(|t| t.version == version).cloned()
+    }
+
+    fn full_cell(&mut self, version: u64) -> Shared {
+        match &self.full {
+            Some((v, cell)) if *v == version => Arc::clone(cell),
+            _ => {
+                let cell = Shared::default();
+                self.full = Some((version, Arc::clone(&cell)));
+                cell
+            }
+        }
+    }
+
+    fn delta_cell(&mut self, key: (u64, u64)) -> Shared {
+        if let Some((_, c)) = self.deltas.iter().find(|(k, _)| *k == key) {
+            return Arc::clone(c);
+        }
+        let cell = Shared::default();
+        self.deltas.push_back((key, Arc::clone(&cell)));
+        if self.deltas.len() > DELTAS {
+            self.deltas.pop_front();
+        }
+        cell
+    }
 }
 
 impl ApiState {
@@ -101,6 +155,7 @@ impl ApiState {
 pub fn router(state: ApiState) -> Router {
     let protected = Router::new()
         .route("/v1/vips", get(vips))
+        .route("/v1/vips/delta", get(vips_delta))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
@@ -174,11 +229,10 @@ pub fn parse_wait(s: &str) -> Option<Duration> {
     crate::config::parse_duration(s).ok()
 }
 
-async fn vips(
-    State(st): State<ApiState>,
-    Query(q): Query<VipsQuery>,
-    headers: HeaderMap,
-) -> Response {
+/// The table to answer with: at once, or (with `index`) once the version differs from it or
+/// the wait ends. An index ahead of ours means we restarted: answer at once so the watcher
+/// resyncs.
+async fn wait_table(st: &ApiState, q: &VipsQuery) -> Arc<VipTable> {
     let mut rx = st.table.clone();
     let mut table = rx.borrow_and_update().clone();
     if let Some(index) = q.index {
@@ -188,7 +242,6 @@ async fn vips(
             .and_then(parse_wait)
             .unwrap_or(Duration::from_secs(60))
             .min(st.max_wait);
-        // An index ahead of ours means we restarted: answer at once so the watcher resyncs.
         if table.version == index {
             let deadline = tokio::time::Instant::now() + wait;
             while table.version <= index {
@@ -199,6 +252,18 @@ async fn vips(
             }
         }
     }
+    if let Ok(mut c) = st.cache.lock() {
+        c.remember(&table);
+    }
+    table
+}
+
+async fn vips(
+    State(st): State<ApiState>,
+    Query(q): Query<VipsQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let table = wait_table(&st, &q).await;
     let etag = format!("\"{}\"", table.version);
     if q.index.is_none()
         && headers
@@ -208,24 +273,57 @@ async fn vips(
         return with_headers(StatusCode::NOT_MODIFIED, Body::empty(), &table, &etag);
     }
     let body = match &st.stats {
-        None => cached_body(&st, &table),
+        None => {
+            let cell = match st.cache.lock() {
+                Ok(mut c) => c.full_cell(table.version),
+                Err(_) => Shared::default(),
+            };
+            let t = Arc::clone(&table);
+            shared_body(cell, move || serde_json::to_vec(&table_to_json(&t))).await
+        }
         Some(stats) => Bytes::from(agent_body(&table, stats.as_ref())),
     };
     with_headers(StatusCode::OK, Body::from(body), &table, &etag)
 }
 
-fn cached_body(st: &ApiState, table: &VipTable) -> Bytes {
-    if let Ok(c) = st.cache.lock()
-        && let Some((v, b)) = c.as_ref()
-        && *v == table.version
-    {
-        return b.clone();
-    }
-    let body = Bytes::from(serde_json::to_vec(&table_to_json(table)).unwrap_or_default());
-    if let Ok(mut c) = st.cache.lock() {
-        *c = Some((table.version, body.clone()));
-    }
-    body
+/// `GET /v1/vips/delta?index=N&wait=…`: like a blocking `/v1/vips`, but the body is a
+/// [`DeltaJson`] from version N (the whole table when N is unknown here), so a one-backend
+/// change costs every watcher a few hundred bytes instead of the whole table.
+async fn vips_delta(State(st): State<ApiState>, Query(q): Query<VipsQuery>) -> Response {
+    let table = wait_table(&st, &q).await;
+    let from = q.index.unwrap_or(0);
+    let base = match st.cache.lock() {
+        Ok(c) if from != 0 => c.find(from),
+        _ => None,
+    };
+    let cell = match st.cache.lock() {
+        Ok(mut c) => c.delta_cell((base.as_ref().map_or(0, |b| b.version), table.version)),
+        Err(_) => Shared::default(),
+    };
+    let t = Arc::clone(&table);
+    let body = shared_body(cell, move || {
+        serde_json::to_vec(&DeltaJson::between(base.as_deref(), &t))
+    })
+    .await;
+    let etag = format!("\"{}\"", table.version);
+    with_headers(StatusCode::OK, Body::from(body), &table, &etag)
+}
+
+/// Serialise once per cell, off the async threads; every other waiter reuses the bytes.
+async fn shared_body<F>(cell: Shared, make: F) -> Bytes
+where
+    F: FnOnce() -> serde_json::Result<Vec<u8>> + Send + 'static,
+{
+    cell.get_or_init(|| async move {
+        tokio::task::spawn_blocking(make)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(Bytes::from)
+            .unwrap_or_default()
+    })
+    .await
+    .clone()
 }
 
 fn agent_body(table: &VipTable, stats: &dyn BackendStats) -> Vec<u8> {

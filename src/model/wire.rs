@@ -124,6 +124,85 @@ pub fn table_from_json(version: u64, vips: Vec<VipJson>) -> VipTable {
     VipTable::new(version, vips.into_iter().map(VipJson::into_vip))
 }
 
+/// A VIP's identity on the wire (for removals in a delta).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct KeyJson {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// What turns version `from` into version `to` (`GET /v1/vips/delta`). With `full`, `upsert`
+/// is the whole table and `remove` is empty (the server no longer had `from`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeltaJson {
+    pub from: u64,
+    pub to: u64,
+    pub full: bool,
+    pub upsert: Vec<VipJson>,
+    pub remove: Vec<KeyJson>,
+}
+
+impl DeltaJson {
+    /// The delta from `old` to `new` (a full one when `old` is `None`).
+    pub fn between(old: Option<&VipTable>, new: &VipTable) -> Self {
+        let Some(old) = old else {
+            return DeltaJson {
+                from: 0,
+                to: new.version,
+                full: true,
+                upsert: table_to_json(new),
+                remove: Vec::new(),
+            };
+        };
+        let d = super::diff(old, new);
+        let upsert = d
+            .added
+            .iter()
+            .chain(d.changed.iter().map(|c| &c.key))
+            .filter_map(|k| new.vips.get(k))
+            .map(|v| VipJson::from_vip(v))
+            .collect();
+        let remove = d
+            .removed
+            .iter()
+            .map(|k| KeyJson {
+                ip: k.ip,
+                port: k.port,
+                protocol: k.protocol,
+            })
+            .collect();
+        DeltaJson {
+            from: old.version,
+            to: new.version,
+            full: false,
+            upsert,
+            remove,
+        }
+    }
+
+    /// Apply to `base` (which must be version `from` unless `full`), giving version `to`.
+    pub fn apply(self, base: &VipTable) -> VipTable {
+        if self.full {
+            return table_from_json(self.to, self.upsert);
+        }
+        let mut t = base.clone();
+        t.version = self.to;
+        for k in self.remove {
+            t.vips.remove(&VipKey {
+                ip: k.ip,
+                port: k.port,
+                protocol: k.protocol,
+            });
+        }
+        for v in self.upsert {
+            let v = v.into_vip();
+            t.vips.insert(v.key, std::sync::Arc::new(v));
+        }
+        t
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,5 +234,36 @@ mod tests {
         let v = t.vips.values().next().unwrap();
         assert_eq!(v.name.as_ref().unwrap().label, "web");
         assert_eq!(v.name.as_ref().unwrap().framework, "marathon");
+    }
+
+    #[test]
+    fn deltas_rebuild_the_new_table() {
+        let a = VipTable::new(
+            1,
+            [
+                vip("11.0.0.1", 80, &["1.1.1.1:1"]),
+                vip("11.0.0.2", 80, &["2.2.2.2:2"]),
+            ],
+        );
+        let b = VipTable::new(
+            2,
+            [
+                vip("11.0.0.2", 80, &["2.2.2.2:2", "3.3.3.3:3"]),
+                vip("11.0.0.3", 80, &[]),
+            ],
+        );
+        let d = DeltaJson::between(Some(&a), &b);
+        assert_eq!(
+            (d.from, d.to, d.full, d.upsert.len(), d.remove.len()),
+            (1, 2, false, 2, 1)
+        );
+        let json = serde_json::to_string(&d).unwrap();
+        let back: DeltaJson = serde_json::from_str(&json).unwrap();
+        let c = back.apply(&a);
+        assert!(c.same_content(&b));
+        assert_eq!(c.version, 2);
+        let full = DeltaJson::between(None, &b);
+        assert!(full.full);
+        assert!(full.apply(&VipTable::default()).same_content(&b));
     }
 }

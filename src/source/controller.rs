@@ -1,5 +1,6 @@
 //! An agent's source: follow one or more controllers with Consul-style blocking queries on
-//! `GET /v1/vips?index=N&wait=…`, failing over between them. When every controller is down
+//! `GET /v1/vips/delta?index=N&wait=…` (only what changed since the version held), failing
+//! over between them. When every controller is down
 //! the last table stays published, so the data plane keeps forwarding.
 
 use std::sync::Arc;
@@ -12,7 +13,8 @@ use super::TableTx;
 use super::marathon::sync::Backoff;
 use super::metrics::SourceMetrics;
 use crate::api::{CHANGED_AT_HEADER, INDEX_HEADER};
-use crate::model::wire::{VipJson, table_from_json};
+use crate::model::VipTable;
+use crate::model::wire::DeltaJson;
 
 #[derive(Debug, Clone)]
 pub struct WatchConfig {
@@ -60,6 +62,8 @@ pub async fn run(
     let mut backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max);
     let mut idx = 0usize;
     let mut index = 0u64;
+    // The controller's own table at `index` (in its numbering), which deltas apply to.
+    let mut mirror = VipTable::default();
     loop {
         let base = &cfg.controllers[idx % cfg.controllers.len()];
         let fut = poll(&http, base, index, &cfg);
@@ -68,12 +72,21 @@ pub async fn run(
             r = fut => r,
         };
         match res {
-            Ok((new_index, changed_at, vips)) => {
+            Ok((new_index, changed_at, delta)) => {
                 metrics.request("vips_watch", "ok");
                 backoff.reset();
+                if !delta.full && delta.from != mirror.version {
+                    // Not a change to what we hold (cannot happen with a sane controller):
+                    // start over with a full read.
+                    index = 0;
+                    mirror = VipTable::default();
+                    continue;
+                }
+                mirror = delta.apply(&mirror);
                 index = new_index;
                 let current = tx.borrow().clone();
-                let mut t = table_from_json(current.version + 1, vips);
+                let mut t = mirror.clone();
+                t.version = current.version + 1;
                 if current.version == 0 || !t.same_content(&current) {
                     t.changed_at_ms = changed_at;
                     let t = Arc::new(t.share_with(&current));
@@ -93,6 +106,7 @@ pub async fn run(
                 metrics.sync_error("controller");
                 idx += 1;
                 index = 0;
+                mirror = VipTable::default();
                 let wait = backoff.next_delay();
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -108,11 +122,11 @@ async fn poll(
     base: &Url,
     index: u64,
     cfg: &WatchConfig,
-) -> Result<(u64, u64, Vec<VipJson>), WatchError> {
+) -> Result<(u64, u64, DeltaJson), WatchError> {
     let mut url = base.clone();
     url.set_path(&format!(
-        "{}v1/vips",
-        base.path().trim_end_matches('/').to_string() + "/"
+        "{}/v1/vips/delta",
+        base.path().trim_end_matches('/')
     ));
     url.set_query(Some(&format!(
         "index={index}&wait={}s",
@@ -136,6 +150,6 @@ async fn poll(
     let new_index = num(INDEX_HEADER);
     let changed_at = num(CHANGED_AT_HEADER);
     let body = resp.bytes().await?;
-    let vips: Vec<VipJson> = serde_json::from_slice(&body).map_err(WatchError::Body)?;
-    Ok((new_index, changed_at, vips))
+    let delta: DeltaJson = serde_json::from_slice(&body).map_err(WatchError::Body)?;
+    Ok((new_index, changed_at, delta))
 }
