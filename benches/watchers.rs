@@ -83,10 +83,12 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 #[allow(clippy::print_stdout)]
 fn main() {
-    let watchers = env_or("BENCH_WATCHERS", 1000);
-    let vips = env_or("BENCH_VIPS", 10_000);
+    // `cargo bench` passes `--bench`; under `cargo test` (CI) run a small smoke configuration.
+    let full = std::env::args().any(|a| a == "--bench");
+    let watchers = env_or("BENCH_WATCHERS", if full { 1000 } else { 20 });
+    let vips = env_or("BENCH_VIPS", if full { 10_000 } else { 100 });
     let backends = env_or("BENCH_BACKENDS", 10);
-    let rounds = env_or("BENCH_ROUNDS", 5);
+    let rounds = env_or("BENCH_ROUNDS", if full { 5 } else { 2 });
     // Agents follow `/v1/vips/delta` (only the change); `BENCH_FULL=1` measures plain
     // `/v1/vips` (the whole table per change, as DC/OS clients poll it).
     let path = if std::env::var_os("BENCH_FULL").is_some() {
