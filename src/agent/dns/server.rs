@@ -210,17 +210,28 @@ async fn udp_loop(
     let mut buf = vec![0u8; 65_535];
     let mut out = Vec::with_capacity(answer::MAX_UDP_PAYLOAD as usize);
     let ra = shared.forwarder.is_some();
+    // One cancellation future for the loop's life (not a fresh waiter per datagram).
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
     loop {
-        let (n, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = sock.recv_from(&mut buf) => match r {
-                Ok(r) => r,
-                Err(e) => {
-                    // ICMP errors from earlier sends surface here on some systems; not fatal.
-                    tracing::debug!(error = %e, "DNS UDP receive error");
-                    continue;
-                }
+        if shutdown.is_cancelled() {
+            return;
+        }
+        // Datagrams already queued are read without a trip through the reactor.
+        let received = match sock.try_recv_from(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => tokio::select! {
+                _ = &mut cancelled => return,
+                r = sock.recv_from(&mut buf) => r,
             },
+            r => r,
+        };
+        let (n, peer) = match received {
+            Ok(r) => r,
+            Err(e) => {
+                // ICMP errors from earlier sends surface here on some systems; not fatal.
+                tracing::debug!(error = %e, "DNS UDP receive error");
+                continue;
+            }
         };
         let query = &buf[..n];
         // Fast path: a pre-encoded answer, no parsing and no allocation.
