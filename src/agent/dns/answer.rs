@@ -607,6 +607,7 @@ mod tests {
 
     fn check_packet(snap: &Snapshot, bytes: &[u8]) {
         for can_forward in [false, true] {
+            super::super::fast::check_against_slow(snap, bytes, can_forward);
             for transport in [Transport::Udp, Transport::Tcp] {
                 let (outcome, limit) = handle(snap, bytes, can_forward, transport);
                 if let Outcome::Reply(resp) = outcome {

@@ -12,6 +12,7 @@ use hickory_proto::rr::rdata::{NS, SOA};
 use hickory_proto::rr::{Name, RData, Record};
 
 use super::DnsConfig;
+use super::fast::FastTable;
 use crate::model::{DEFAULT_ZONE, Protocol, Vip};
 
 /// Zones answered besides `DnsConfig::zone` (DC/OS compatible aliases).
@@ -67,6 +68,8 @@ pub(crate) struct Snapshot {
     pub(crate) nodes: HashMap<Vec<u8>, Node>,
     pub(crate) ttl: u32,
     pub(crate) serial: u32,
+    /// Pre-encoded answers for plain A/AAAA/SRV queries of every name under every zone.
+    pub(crate) fast: FastTable,
 }
 
 /// The wire-style key of a relative name: each label as a length byte then its lowercase bytes.
@@ -107,7 +110,7 @@ impl Snapshot {
     }
 
     fn build(zone_names: &[Name], ttl: u32, serial: u32, vips: &[&Vip]) -> Snapshot {
-        let zones = zone_names
+        let zones: Vec<Zone> = zone_names
             .iter()
             .map(|apex| make_zone(apex, ttl, serial))
             .collect();
@@ -191,11 +194,18 @@ impl Snapshot {
                 nodes.entry(rest.to_vec()).or_insert(Node::Empty);
             }
         }
+        let mut fast = FastTable::default();
+        for zone in &zones {
+            for (key, node) in &nodes {
+                fast.add(key, &zone.labels, ttl, node);
+            }
+        }
         Snapshot {
             zones,
             nodes,
             ttl,
             serial,
+            fast,
         }
     }
 }
@@ -254,6 +264,7 @@ impl std::fmt::Debug for DnsCatalog {
         f.debug_struct("DnsCatalog")
             .field("zones", &self.inner.zone_names)
             .field("names", &snap.nodes.len())
+            .field("fast_answers", &snap.fast.len())
             .field("serial", &snap.serial)
             .finish()
     }

@@ -3,7 +3,8 @@
 //! forwarding everything else to upstream resolvers (or refusing it).
 //!
 //! - `catalog`: the name map ([`DnsCatalog`], published by the agent).
-//! - `answer`: pure: parsed query + catalog snapshot → response.
+//! - `answer`: pure: parsed query + catalog snapshot → response (the reference path).
+//! - `fast`: answers pre-encoded at publish time for plain A/AAAA/SRV queries over UDP.
 //! - `forward`: upstream forwarding (two at once, TCP retry on truncation).
 //! - `server`: the UDP/TCP I/O shells ([`serve`]).
 //!
@@ -11,10 +12,12 @@
 
 mod answer;
 mod catalog;
+mod fast;
 mod forward;
 mod server;
 
 use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -60,6 +63,12 @@ pub fn answer_packet(catalog: &DnsCatalog, bytes: &[u8], udp: bool) -> Option<Ve
         answer::Transport::Tcp
     };
     let snap = catalog.load();
+    if udp {
+        let mut out = Vec::with_capacity(512);
+        if snap.fast.answer(bytes, false, &mut out).is_some() {
+            return Some(out);
+        }
+    }
     match answer::handle(&snap, bytes, false, transport) {
         (answer::Outcome::Reply(resp), limit) => answer::encode(&resp, limit),
         _ => None,
@@ -72,13 +81,41 @@ struct QueryLabels {
     rcode: &'static str,
 }
 
+/// The `type` labels of `l4lb_dns_queries_total` (bounded: see `answer::type_label`).
+const TYPE_LABELS: [&str; 13] = [
+    "none", "A", "AAAA", "SRV", "SOA", "NS", "ANY", "PTR", "MX", "TXT", "CNAME", "HTTPS", "other",
+];
+const TYPE_A_IDX: u8 = 1;
+const TYPE_AAAA_IDX: u8 = 2;
+const TYPE_SRV_IDX: u8 = 3;
+/// The `rcode` labels (see `answer::rcode_label`).
+const RCODE_LABELS: [&str; 8] = [
+    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "BADVERS", "other",
+];
+const RCODE_NOERROR_IDX: u8 = 0;
+const SLOTS: usize = TYPE_LABELS.len() * RCODE_LABELS.len();
+
 /// DNS metrics: `l4lb_dns_queries_total{type,rcode}`, `l4lb_dns_forwarded_total`,
 /// `l4lb_dns_upstream_failures_total`. Cheap to clone (shared counters).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct DnsMetrics {
     queries: Family<QueryLabels, Counter>,
+    /// A handle on the family's counter for each known (type, rcode), taken on first use so
+    /// the query path skips the family's lock and hash (and unused series stay unexported).
+    slots: Arc<[OnceLock<Counter>; SLOTS]>,
     forwarded: Counter,
     upstream_failures: Counter,
+}
+
+impl Default for DnsMetrics {
+    fn default() -> Self {
+        DnsMetrics {
+            queries: Family::default(),
+            slots: Arc::new([const { OnceLock::new() }; SLOTS]),
+            forwarded: Counter::default(),
+            upstream_failures: Counter::default(),
+        }
+    }
 }
 
 impl DnsMetrics {
@@ -105,12 +142,41 @@ impl DnsMetrics {
     }
 
     pub(crate) fn query(&self, qtype: &'static str, rcode: &'static str) {
-        self.queries
-            .get_or_create(&QueryLabels {
-                r#type: qtype,
-                rcode,
-            })
-            .inc();
+        let t = TYPE_LABELS.iter().position(|l| *l == qtype);
+        let r = RCODE_LABELS.iter().position(|l| *l == rcode);
+        match (t, r) {
+            (Some(t), Some(r)) => self.query_slot(t as u8, r as u8),
+            _ => {
+                self.queries
+                    .get_or_create(&QueryLabels {
+                        r#type: qtype,
+                        rcode,
+                    })
+                    .inc();
+            }
+        }
+    }
+
+    /// Count a query by label indices (into [`TYPE_LABELS`] and [`RCODE_LABELS`]).
+    fn query_slot(&self, t: u8, r: u8) {
+        let (t, r) = (t as usize, r as usize);
+        let Some(slot) = self.slots.get(t * RCODE_LABELS.len() + r) else {
+            return;
+        };
+        slot.get_or_init(|| {
+            self.queries
+                .get_or_create(&QueryLabels {
+                    r#type: TYPE_LABELS[t],
+                    rcode: RCODE_LABELS[r],
+                })
+                .clone()
+        })
+        .inc();
+    }
+
+    /// Count a query answered NOERROR by the fast path (`type_idx` into [`TYPE_LABELS`]).
+    pub(crate) fn answered_fast(&self, type_idx: u8) {
+        self.query_slot(type_idx, RCODE_NOERROR_IDX);
     }
 
     pub(crate) fn forwarded(&self) {
