@@ -215,6 +215,28 @@ fn interface_kind(k: InterfaceKindArg) -> InterfaceKind {
     }
 }
 
+/// UDP and TCP DNS sockets on the same address and port. With port 0 the UDP socket picks the
+/// port and TCP follows; if TCP finds that port taken, try again with a new one.
+async fn bind_dns(
+    addr: std::net::SocketAddr,
+) -> Result<(tokio::net::UdpSocket, tokio::net::TcpListener), AppError> {
+    let mut attempts = 0;
+    loop {
+        let u = tokio::net::UdpSocket::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot bind DNS on udp {addr}: {e}"))?;
+        let port = u.local_addr().map(|a| a.port()).unwrap_or(addr.port());
+        match tokio::net::TcpListener::bind(std::net::SocketAddr::new(addr.ip(), port)).await {
+            Ok(t) => return Ok((u, t)),
+            Err(e) if addr.port() == 0 && attempts < 16 => {
+                attempts += 1;
+                tracing::debug!(port, error = %e, "DNS TCP port taken; picking another");
+            }
+            Err(e) => return Err(anyhow::anyhow!("cannot bind DNS on tcp {addr}: {e}").into()),
+        }
+    }
+}
+
 /// Interface, DNS, forwarder and API around `tables`, until `shutdown` and the drain end.
 async fn data_plane(
     args: &AgentArgs,
@@ -241,14 +263,7 @@ async fn data_plane(
     let mut udp = Vec::new();
     let mut tcp = Vec::new();
     for addr in &args.dns_listen {
-        let u = tokio::net::UdpSocket::bind(addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot bind DNS on udp {addr}: {e}"))?;
-        // TCP on the same port as UDP (port 0 picks one for both).
-        let port = u.local_addr().map(|a| a.port()).unwrap_or(addr.port());
-        let t = tokio::net::TcpListener::bind(std::net::SocketAddr::new(addr.ip(), port))
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot bind DNS on tcp {addr}: {e}"))?;
+        let (u, t) = bind_dns(*addr).await?;
         if let Ok(a) = u.local_addr() {
             tracing::info!(addr = %a, "DNS listening");
         }
