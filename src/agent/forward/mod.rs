@@ -35,6 +35,20 @@ use tokio_util::task::TaskTracker;
 use crate::model::{Protocol, VipKey, VipTable, diff};
 use state::VipShared;
 
+/// Size of the per-thread scratch buffer: TCP copies and UDP datagrams pass through it.
+const SCRATCH: usize = 64 * 1024;
+
+thread_local! {
+    /// Scratch space shared by every connection and session on a thread, so an idle one
+    /// holds no buffer. Nothing may keep it across an `.await`.
+    static SCRATCH_BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; SCRATCH]);
+}
+
+/// Run `f` on this thread's scratch buffer ([`SCRATCH`] bytes).
+fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    SCRATCH_BUF.with_borrow_mut(|b| f(b))
+}
+
 /// Tunables of the forwarder (the agent's `--connect-timeout` and friends).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ForwardConfig {

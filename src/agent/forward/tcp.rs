@@ -10,7 +10,6 @@
 //! Errors of this host (out of descriptors, memory or local ports) never count against a
 //! backend: the client is closed and `l4lb_local_errors_total{kind}` counts them.
 
-use std::cell::RefCell;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::OwnedFd;
@@ -27,14 +26,12 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::Ctx;
 use super::balancer::Failure;
 use super::state::{BackendShared, VipShared};
+use super::{Ctx, SCRATCH, with_scratch};
 
 /// A direction whose read fills this many bytes switches from copying to splice.
 const AUTO_SPLICE: usize = 16 * 1024;
-/// Scratch buffer for copying (one per worker thread); reads take at most this much.
-const SCRATCH: usize = 64 * 1024;
 /// Pipe size asked with `F_SETPIPE_SZ`; the kernel default (64 KiB) if refused. Pages are
 /// only allocated while bytes sit in the pipe, so an empty pooled pipe costs little.
 const PIPE_SIZE: usize = 1 << 20;
@@ -570,12 +567,6 @@ async fn splice_once(
     Ok(n)
 }
 
-thread_local! {
-    /// Scratch space for copying; bytes the destination does not take at once move to a
-    /// heap buffer of their own, so nothing here outlives one call.
-    static SCRATCH_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0u8; SCRATCH]);
-}
-
 /// Copy one read's worth (at most `limit` bytes) `from` → `to`. Returns the bytes moved; 0
 /// at EOF.
 async fn copy_once(
@@ -586,7 +577,7 @@ async fn copy_once(
 ) -> io::Result<usize> {
     loop {
         from.readable().await?;
-        let r = SCRATCH_BUF.with_borrow_mut(|buf| -> io::Result<Option<(usize, Vec<u8>)>> {
+        let r = with_scratch(|buf| -> io::Result<Option<(usize, Vec<u8>)>> {
             let buf = &mut buf[..limit.min(SCRATCH)];
             let n = match from.try_read(buf) {
                 Ok(n) => n,

@@ -1015,12 +1015,15 @@ fn tcp_out_of_descriptors_is_a_local_error_not_a_backend_failure() {
 async fn out_of_descriptors() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let b = TcpBackend::start(0).await;
+    let ub = UdpBackend::start(5).await;
     let key = free_tcp_vip();
+    let ukey = free_udp_vip();
     let (mut fwd, m) = forwarder(ForwardConfig::default());
-    fwd.apply(&table(1, vec![vip(key, &active(&[b.addr]))]))
-        .await;
+    let vips = vec![vip(key, &active(&[b.addr])), vip(ukey, &active(&[ub.addr]))];
+    fwd.apply(&table(1, vips)).await;
     let (mut s, _) = open(key).await;
     echo(&mut s, b"warm").await;
+    let uc = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     drop(s);
     // Let that connection close on every side, so no descriptor frees up later.
     while m.connections_active.get() > 0 {
@@ -1087,5 +1090,19 @@ async fn out_of_descriptors() {
     echo(&mut c, b"after").await;
     assert_eq!(m.connections_no_backend.get(), 0);
     assert_eq!(m.connect_failures.get_or_create(&l).get(), 0);
+
+    // No descriptor for a UDP session's upstream socket: the datagram is dropped and
+    // counted, the backend not blamed; the next datagram makes the session.
+    let before = emfile();
+    let filler = fill(0);
+    uc.send_to(b"lost", ukey.socket_addr()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(filler);
+    assert_eq!(emfile(), before + 1);
+    assert_eq!(udp_ask(&uc, ukey, "hi").await, "b5:hi");
+    let ul = BackendLabels {
+        backend: ub.addr.to_string(),
+    };
+    assert_eq!(m.connect_failures.get_or_create(&ul).get(), 0);
     fwd.shutdown(Duration::from_secs(1)).await;
 }
