@@ -35,6 +35,20 @@ use tokio_util::task::TaskTracker;
 use crate::model::{Protocol, VipKey, VipTable, diff};
 use state::VipShared;
 
+/// Size of the per-thread scratch buffer: TCP copies and UDP datagrams pass through it.
+const SCRATCH: usize = 64 * 1024;
+
+thread_local! {
+    /// Scratch space shared by every connection and session on a thread, so an idle one
+    /// holds no buffer. Nothing may keep it across an `.await`.
+    static SCRATCH_BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; SCRATCH]);
+}
+
+/// Run `f` on this thread's scratch buffer ([`SCRATCH`] bytes).
+fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    SCRATCH_BUF.with_borrow_mut(|b| f(b))
+}
+
 /// Tunables of the forwarder (the agent's `--connect-timeout` and friends).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ForwardConfig {
@@ -75,6 +89,11 @@ struct DirectionLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct BackendLabels {
     backend: String,
 }
@@ -91,6 +110,7 @@ pub struct ForwardMetrics {
     bytes_b2c: Counter,
     connect_failures: Family<BackendLabels, Counter>,
     ejections: Family<BackendLabels, Counter>,
+    local_errors: Family<KindLabels, Counter>,
     udp_sessions_active: Gauge,
     udp_sessions_refused: Counter,
     udp_c2b: Counter,
@@ -118,6 +138,7 @@ impl ForwardMetrics {
             bytes_b2c: bytes.get_or_create_owned(&B2C),
             connect_failures: Family::default(),
             ejections: Family::default(),
+            local_errors: Family::default(),
             udp_sessions_active: Gauge::default(),
             udp_sessions_refused: Counter::default(),
             udp_c2b: datagrams.get_or_create_owned(&C2B),
@@ -160,6 +181,12 @@ impl ForwardMetrics {
             m.ejections.clone(),
         );
         registry.register(
+            "local_errors",
+            "Connections closed for lack of local resources (descriptors, memory, ports), \
+             by errno; never counted against a backend",
+            m.local_errors.clone(),
+        );
+        registry.register(
             "udp_sessions_active",
             "Open UDP sessions",
             m.udp_sessions_active.clone(),
@@ -171,6 +198,10 @@ impl ForwardMetrics {
         );
         registry.register("udp_datagrams", "UDP datagrams forwarded", datagrams);
         m
+    }
+
+    fn local_error(&self, kind: &'static str) {
+        self.local_errors.get_or_create(&KindLabels { kind }).inc();
     }
 
     fn backend_counters(&self, addr: SocketAddr) -> (Counter, Counter) {

@@ -1,32 +1,62 @@
 //! TCP forwarding: one accept loop per VIP, and per connection a backend pick with
-//! transparent retry, then zero-copy `splice(2)` through a pipe per direction (a plain copy
-//! where the kernel refuses splice), half-close honoured.
+//! transparent retry, then bytes moved in each direction, half-close honoured.
+//!
+//! A direction starts by copying through a per-thread scratch buffer, so short
+//! request/response traffic never touches a pipe; once a read fills [`AUTO_SPLICE`] bytes the
+//! direction switches to zero-copy `splice(2)` (HAProxy's splice-auto), taking a pipe from the
+//! [`PipePool`] only while bytes are in flight: an idle connection holds its two sockets and
+//! nothing else. Where the kernel refuses splice, the direction keeps copying.
+//!
+//! Errors of this host (out of descriptors, memory or local ports) never count against a
+//! backend: the client is closed and `l4lb_local_errors_total{kind}` counts them.
 
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::fcntl::{OFlag, SpliceFFlags, splice};
+use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
 use prometheus_client::metrics::counter::Counter;
 use socket2::{Domain, SockRef, Socket, TcpKeepalive, Type};
 use tokio::io::Interest;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::Ctx;
 use super::balancer::Failure;
 use super::state::{BackendShared, VipShared};
+use super::{Ctx, SCRATCH, with_scratch};
 
-/// Bytes asked of one splice call; a default pipe holds 64 KiB.
-const CHUNK: usize = 1 << 16;
+/// A direction whose read fills this many bytes switches from copying to splice.
+const AUTO_SPLICE: usize = 16 * 1024;
+/// Pipe size asked with `F_SETPIPE_SZ`; the kernel default (64 KiB) if refused. Pages are
+/// only allocated while bytes sit in the pipe, so an empty pooled pipe costs little. 256
+/// KiB × the pool's 256 pipes is the default per-user pipe budget (`pipe-user-pages-soft`,
+/// past which an unprivileged process only gets tiny pipes); on loopback 1 MiB measured no
+/// faster.
+const PIPE_SIZE: usize = 256 << 10;
+/// How long the accept loop sleeps when the host is out of descriptors or memory.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+fn keepalive() -> TcpKeepalive {
+    TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(6)
+}
+
+/// Keepalive and `TCP_NODELAY` on one socket. On a listener, Linux copies them to every
+/// accepted socket, so only upstream sockets pay these syscalls per connection.
+fn tune(sock: SockRef<'_>) -> io::Result<()> {
+    sock.set_tcp_keepalive(&keepalive())?;
+    sock.set_tcp_nodelay(true)
+}
 
 /// Bind a listening socket on a VIP address (SO_REUSEADDR, so a VIP removed and re-added
-/// right away binds again).
+/// right away binds again), with the options accepted sockets inherit.
 pub(super) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     if addr.is_ipv6() {
@@ -34,9 +64,48 @@ pub(super) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     }
     sock.set_reuse_address(true)?;
     sock.set_nonblocking(true)?;
+    tune(SockRef::from(&sock))?;
     sock.bind(&addr.into())?;
     sock.listen(1024)?;
     TcpListener::from_std(sock.into())
+}
+
+/// The `kind` label of an error that is this host's fault, not a backend's: out of
+/// descriptors, memory or local addresses/ports.
+pub(super) fn local_kind(e: &io::Error) -> Option<&'static str> {
+    match e.raw_os_error().map(Errno::from_raw)? {
+        Errno::EMFILE => Some("emfile"),
+        Errno::ENFILE => Some("enfile"),
+        Errno::ENOBUFS => Some("enobufs"),
+        Errno::ENOMEM => Some("enomem"),
+        Errno::EADDRNOTAVAIL => Some("eaddrnotavail"),
+        _ => None,
+    }
+}
+
+/// How one connect attempt to a backend failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ConnectError {
+    /// This host could not make the connection (the `kind` label): the backend is not to
+    /// blame and another backend would fail the same way.
+    Local(&'static str),
+    /// The backend (or the path to it) failed.
+    Backend(Failure),
+}
+
+impl ConnectError {
+    /// Classify an error of `socket()` (`creating`) or of `connect()`.
+    pub(super) fn classify(e: &io::Error, creating: bool) -> Self {
+        if let Some(kind) = local_kind(e) {
+            ConnectError::Local(kind)
+        } else if creating {
+            ConnectError::Local("socket")
+        } else if e.kind() == io::ErrorKind::ConnectionRefused {
+            ConnectError::Backend(Failure::Refused)
+        } else {
+            ConnectError::Backend(Failure::Other)
+        }
+    }
 }
 
 /// Accept clients on one VIP until `stop` is cancelled; the listener closes on return.
@@ -55,15 +124,16 @@ pub(super) async fn accept_loop(
         let client = match accepted {
             Ok((client, _)) => client,
             Err(e) => {
-                // Out of descriptors or memory: back off a little rather than spin. Other
+                // Out of descriptors or memory: the connection stays in the backlog and the
+                // listener stays readable, so back off a little rather than spin. Other
                 // errors (a client that gave up in the backlog) concern one connection only.
-                let exhausted = matches!(
-                    e.raw_os_error().map(Errno::from_raw),
-                    Some(Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM)
-                );
-                if exhausted {
+                if let Some(kind) = local_kind(&e) {
+                    ctx.metrics.local_error(kind);
                     tracing::warn!(vip = %vip.key, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                    }
                 } else {
                     tracing::debug!(vip = %vip.key, error = %e, "accept failed");
                 }
@@ -86,7 +156,7 @@ pub(super) async fn accept_loop(
 }
 
 /// Counts a backend's open connection (including a connect in flight) while alive.
-struct ActiveGuard(Arc<BackendShared>);
+pub(super) struct ActiveGuard(Arc<BackendShared>);
 
 impl ActiveGuard {
     fn new(b: Arc<BackendShared>) -> Self {
@@ -101,25 +171,18 @@ impl Drop for ActiveGuard {
     }
 }
 
-fn tune(s: &TcpStream) {
-    let sock = SockRef::from(s);
-    let ka = TcpKeepalive::new()
-        .with_time(Duration::from_secs(60))
-        .with_interval(Duration::from_secs(10))
-        .with_retries(6);
-    if let Err(e) = sock
-        .set_tcp_keepalive(&ka)
-        .and_then(|()| s.set_nodelay(true))
-    {
-        tracing::debug!(error = %e, "cannot set keepalive/nodelay");
-    }
-}
-
 async fn handle(ctx: &Ctx, vip: &VipShared, client: TcpStream) {
-    tune(&client);
-    let Some((guard, upstream)) = connect_upstream(ctx, vip).await else {
-        ctx.metrics.connections_no_backend.inc();
-        return;
+    // Keepalive and TCP_NODELAY come from the listener.
+    let (guard, upstream) = match connect_upstream(ctx, vip).await {
+        Ok(up) => up,
+        Err(Unreached::NoBackend) => {
+            ctx.metrics.connections_no_backend.inc();
+            return;
+        }
+        Err(Unreached::Local(kind)) => {
+            ctx.metrics.local_error(kind);
+            return;
+        }
     };
     ctx.metrics.connections_active.inc();
     let backend = Arc::clone(&guard.0);
@@ -161,8 +224,36 @@ async fn handle(ctx: &Ctx, vip: &VipShared, client: TcpStream) {
     drop(guard);
 }
 
-/// Pick and connect, retrying on other backends. `None` when no backend could be reached.
-async fn connect_upstream(ctx: &Ctx, vip: &VipShared) -> Option<(ActiveGuard, TcpStream)> {
+/// Why a client connection got no upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Unreached {
+    /// Every backend tried failed (or there is none).
+    NoBackend,
+    /// This host could not open a connection (the `kind` label); no backend is blamed.
+    Local(&'static str),
+}
+
+/// One connect attempt, socket creation included.
+async fn connect(addr: SocketAddr) -> Result<TcpStream, ConnectError> {
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(|e| ConnectError::classify(&e, true))?;
+    if let Err(e) = tune(SockRef::from(&sock)) {
+        tracing::debug!(error = %e, "cannot set keepalive/nodelay");
+    }
+    sock.connect(addr)
+        .await
+        .map_err(|e| ConnectError::classify(&e, false))
+}
+
+/// Pick and connect, retrying on other backends after backend failures (not local ones).
+pub(super) async fn connect_upstream(
+    ctx: &Ctx,
+    vip: &VipShared,
+) -> Result<(ActiveGuard, TcpStream), Unreached> {
     let set = vip.set.load_full();
     let mut tried: Vec<SocketAddr> = Vec::new();
     for attempt in 0..=ctx.cfg.connect_retries {
@@ -172,38 +263,36 @@ async fn connect_upstream(ctx: &Ctx, vip: &VipShared) -> Option<(ActiveGuard, Tc
         };
         let Some(backend) = backend else {
             tracing::debug!(vip = %vip.key, tried = tried.len(), "no backend left to try");
-            return None;
+            return Err(Unreached::NoBackend);
         };
         if attempt > 0 {
             ctx.metrics.connections_retried.inc();
         }
         tried.push(backend.addr);
         let guard = ActiveGuard::new(Arc::clone(&backend));
-        let failure =
-            match tokio::time::timeout(ctx.cfg.connect_timeout, TcpStream::connect(backend.addr))
-                .await
-            {
-                Ok(Ok(s)) => {
-                    backend.record_success();
-                    tune(&s);
-                    return Some((guard, s));
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(backend = %backend.addr, error = %e, "connect failed");
-                    if e.kind() == io::ErrorKind::ConnectionRefused {
-                        Failure::Refused
-                    } else {
-                        Failure::Other
-                    }
-                }
-                Err(_) => {
-                    tracing::debug!(backend = %backend.addr, "connect timed out");
-                    Failure::Other
-                }
-            };
+        let failure = match tokio::time::timeout(ctx.cfg.connect_timeout, connect(backend.addr))
+            .await
+        {
+            Ok(Ok(s)) => {
+                backend.record_success();
+                return Ok((guard, s));
+            }
+            Ok(Err(ConnectError::Local(kind))) => {
+                tracing::warn!(backend = %backend.addr, kind, "cannot connect: local resources exhausted");
+                return Err(Unreached::Local(kind));
+            }
+            Ok(Err(ConnectError::Backend(f))) => {
+                tracing::debug!(backend = %backend.addr, failure = ?f, "connect failed");
+                f
+            }
+            Err(_) => {
+                tracing::debug!(backend = %backend.addr, "connect timed out");
+                Failure::Other
+            }
+        };
         backend.record_failure(Instant::now(), failure);
     }
-    None
+    Err(Unreached::NoBackend)
 }
 
 /// Last time bytes moved on a connection, for the idle timeout.
@@ -246,13 +335,19 @@ impl Activity {
 pub(super) struct Pipe {
     r: OwnedFd,
     w: OwnedFd,
+    /// Capacity: bytes asked of one splice into it.
+    cap: usize,
 }
 
-/// Empty pipes kept for reuse, so a connection does not cost two `pipe2` calls.
+/// Empty pipes kept for reuse, so moving a burst of bytes does not cost a `pipe2`. A
+/// connection leases a pipe only while bytes are in flight ([`PipePool::lease`]).
 #[derive(Debug)]
 pub(super) struct PipePool {
     pipes: Mutex<Vec<Pipe>>,
+    /// Empty pipes kept at most.
     max: usize,
+    /// Pipes leased right now.
+    leased: AtomicUsize,
 }
 
 impl PipePool {
@@ -260,37 +355,94 @@ impl PipePool {
         PipePool {
             pipes: Mutex::new(Vec::new()),
             max,
+            leased: AtomicUsize::new(0),
         }
     }
 
-    fn take(&self) -> io::Result<Pipe> {
-        if let Some(p) = self
+    /// A pipe, empty; back to the pool on drop unless marked dirty.
+    fn lease(&self) -> io::Result<Lease<'_>> {
+        let pooled = self
             .pipes
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .pop()
-        {
-            return Ok(p);
-        }
-        let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
-        Ok(Pipe { r, w })
+            .pop();
+        let pipe = match pooled {
+            Some(p) => p,
+            None => {
+                let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+                // Larger pipes move more per splice call; keep the default if refused
+                // (over /proc/sys/fs/pipe-max-size or the per-user pipe budget).
+                let cap = fcntl(&w, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32))
+                    .ok()
+                    .and_then(|n| usize::try_from(n).ok())
+                    .unwrap_or(1 << 16);
+                Pipe { r, w, cap }
+            }
+        };
+        self.leased.fetch_add(1, Ordering::Relaxed);
+        Ok(Lease {
+            pool: self,
+            pipe: Some(pipe),
+            dirty: false,
+        })
     }
 
-    /// Return a pipe that is known to be empty.
-    fn put(&self, p: Pipe) {
-        let mut pipes = self.pipes.lock().unwrap_or_else(PoisonError::into_inner);
-        if pipes.len() < self.max {
-            pipes.push(p);
+    /// Pipes leased right now.
+    #[cfg(test)]
+    pub(super) fn leased(&self) -> usize {
+        self.leased.load(Ordering::Relaxed)
+    }
+
+    /// Empty pipes held for reuse.
+    #[cfg(test)]
+    pub(super) fn pooled(&self) -> usize {
+        self.pipes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+/// A pipe taken from a [`PipePool`]. Dropped clean it goes back to the pool (if the pool is
+/// not full); dropped dirty (bytes may be left in it) it is closed.
+struct Lease<'a> {
+    pool: &'a PipePool,
+    pipe: Option<Pipe>,
+    dirty: bool,
+}
+
+impl Lease<'_> {
+    fn pipe(&self) -> &Pipe {
+        // Only `drop` takes it out.
+        self.pipe.as_ref().expect("leased pipe")
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        self.pool.leased.fetch_sub(1, Ordering::Relaxed);
+        if self.dirty {
+            return;
+        }
+        if let Some(p) = self.pipe.take() {
+            let mut pipes = self
+                .pool
+                .pipes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if pipes.len() < self.pool.max {
+                pipes.push(p);
+            }
         }
     }
 }
 
 enum SpliceEnd {
     Io(io::Error),
-    /// The kernel refused splice here; `pending` bytes are still in the pipe.
-    Unsupported {
-        pending: usize,
-    },
+    /// The kernel refused splice here; the bytes that were in the pipe were copied out.
+    Unsupported,
+    /// No pipe could be had (out of descriptors); this round copies instead.
+    NoPipe,
 }
 
 impl From<io::Error> for SpliceEnd {
@@ -301,6 +453,13 @@ impl From<io::Error> for SpliceEnd {
 
 fn unsupported(e: Errno) -> bool {
     matches!(e, Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP)
+}
+
+fn splice_error(e: io::Error) -> Result<(), io::Error> {
+    match e.raw_os_error().map(Errno::from_raw) {
+        Some(errno) if unsupported(errno) => Ok(()),
+        _ => Err(e),
+    }
 }
 
 /// Move bytes `from` → `to` until EOF, then shut down `to`'s write side (half-close).
@@ -317,34 +476,28 @@ async fn pump(
         dir.inc_by(n as u64);
         activity.touch();
     };
-    let pipe = if ctx.splice {
-        ctx.pipes.take()
-    } else {
-        Err(io::Error::other("splice disabled"))
-    };
-    match pipe {
-        Ok(pipe) => match splice_loop(from, to, &pipe, &count).await {
-            Ok(()) => ctx.pipes.put(pipe),
-            Err(SpliceEnd::Io(e)) => return Err(e),
-            Err(SpliceEnd::Unsupported { pending }) => {
-                tracing::debug!("splice refused; copying instead");
-                let mut buf = vec![0u8; pending];
-                let mut got = 0;
-                while got < pending {
-                    match nix::unistd::read(&pipe.r, &mut buf[got..]) {
-                        Ok(0) => break,
-                        Ok(n) => got += n,
-                        Err(e) => return Err(e.into()),
-                    }
+    // Copy until a read fills AUTO_SPLICE bytes, then splice (if allowed and it works).
+    let mut may_splice = ctx.splice;
+    let mut splicing = false;
+    loop {
+        if splicing {
+            match splice_once(&ctx.pipes, from, to, &count).await {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(SpliceEnd::Io(e)) => return Err(e),
+                Err(SpliceEnd::Unsupported) => {
+                    tracing::debug!("splice refused; copying instead");
+                    (may_splice, splicing) = (false, false);
+                    continue;
                 }
-                write_all(to, &buf[..got]).await?;
-                count(got);
-                copy_loop(from, to, &count).await?;
+                // Copy this round; try a pipe again on the next.
+                Err(SpliceEnd::NoPipe) => {}
             }
-        },
-        Err(e) => {
-            tracing::debug!(error = %e, "no pipe for splice; copying instead");
-            copy_loop(from, to, &count).await?;
+        }
+        let limit = if may_splice { AUTO_SPLICE } else { SCRATCH };
+        match copy_once(from, to, limit, &count).await? {
+            0 => break,
+            n => splicing = may_splice && n == limit,
         }
     }
     match SockRef::from(to).shutdown(Shutdown::Write) {
@@ -353,72 +506,103 @@ async fn pump(
     }
 }
 
-async fn splice_loop(
+/// Splice what `from` has (up to a pipe's capacity) to `to`, leasing a pipe only once
+/// `from` is readable and returning it empty. Returns the bytes moved; 0 at EOF.
+async fn splice_once(
+    pool: &PipePool,
     from: &TcpStream,
     to: &TcpStream,
-    pipe: &Pipe,
     count: &impl Fn(usize),
-) -> Result<(), SpliceEnd> {
+) -> Result<usize, SpliceEnd> {
     let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
-    loop {
-        // Fill the (empty) pipe from the source socket.
-        let n = loop {
-            from.readable().await?;
-            let r = from.try_io(Interest::READABLE, || {
-                splice(from, None, &pipe.w, None, CHUNK, flags).map_err(io::Error::from)
-            });
-            match r {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => {
-                    return Err(match e.raw_os_error().map(Errno::from_raw) {
-                        Some(errno) if unsupported(errno) => SpliceEnd::Unsupported { pending: 0 },
-                        _ => SpliceEnd::Io(e),
-                    });
-                }
+    let (mut lease, n) = loop {
+        from.readable().await?;
+        let lease = pool.lease().map_err(|e| {
+            tracing::debug!(error = %e, "no pipe for splice; copying");
+            SpliceEnd::NoPipe
+        })?;
+        let pipe = lease.pipe();
+        let r = from.try_io(Interest::READABLE, || {
+            splice(from, None, &pipe.w, None, pipe.cap, flags).map_err(io::Error::from)
+        });
+        match r {
+            Ok(n) => break (lease, n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                return Err(splice_error(e).map_or_else(SpliceEnd::Io, |()| SpliceEnd::Unsupported));
             }
-        };
-        if n == 0 {
-            return Ok(());
         }
-        // Drain the pipe into the destination socket.
-        let mut pending = n;
-        while pending > 0 {
-            to.writable().await?;
-            let r = to.try_io(Interest::WRITABLE, || {
-                splice(&pipe.r, None, to, None, pending, flags).map_err(io::Error::from)
-            });
-            match r {
-                Ok(m) => {
-                    pending -= m;
-                    count(m);
+    };
+    // From here until the pipe is drained, bytes may sit in it.
+    lease.dirty = true;
+    let mut pending = n;
+    while pending > 0 {
+        to.writable().await?;
+        let pipe = lease.pipe();
+        let r = to.try_io(Interest::WRITABLE, || {
+            splice(&pipe.r, None, to, None, pending, flags).map_err(io::Error::from)
+        });
+        match r {
+            Ok(m) => {
+                pending -= m;
+                count(m);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                splice_error(e)?;
+                // Splice refused on the way out: copy the rest out of the pipe.
+                let mut buf = vec![0u8; pending];
+                let mut got = 0;
+                while got < pending {
+                    match nix::unistd::read(&lease.pipe().r, &mut buf[got..]) {
+                        Ok(0) => break,
+                        Ok(k) => got += k,
+                        Err(e) => return Err(SpliceEnd::Io(e.into())),
+                    }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => {
-                    return Err(match e.raw_os_error().map(Errno::from_raw) {
-                        Some(errno) if unsupported(errno) => SpliceEnd::Unsupported { pending },
-                        _ => SpliceEnd::Io(e),
-                    });
-                }
+                write_all(to, &buf[..got]).await?;
+                count(got);
+                return Err(SpliceEnd::Unsupported);
             }
         }
     }
+    lease.dirty = false;
+    Ok(n)
 }
 
-async fn copy_loop(from: &TcpStream, to: &TcpStream, count: &impl Fn(usize)) -> io::Result<()> {
-    let mut buf = vec![0u8; CHUNK];
+/// Copy one read's worth (at most `limit` bytes) `from` → `to`. Returns the bytes moved; 0
+/// at EOF.
+async fn copy_once(
+    from: &TcpStream,
+    to: &TcpStream,
+    limit: usize,
+    count: &impl Fn(usize),
+) -> io::Result<usize> {
     loop {
         from.readable().await?;
-        let n = match from.try_read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
-        if n == 0 {
-            return Ok(());
+        let r = with_scratch(|buf| -> io::Result<Option<(usize, Vec<u8>)>> {
+            let buf = &mut buf[..limit.min(SCRATCH)];
+            let n = match from.try_read(buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                return Ok(Some((0, Vec::new())));
+            }
+            let w = match to.try_write(&buf[..n]) {
+                Ok(w) => w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err(e),
+            };
+            Ok(Some((n, buf[w..n].to_vec())))
+        })?;
+        let Some((n, rest)) = r else { continue };
+        write_all(to, &rest).await?;
+        if n > 0 {
+            count(n);
         }
-        write_all(to, &buf[..n]).await?;
-        count(n);
+        return Ok(n);
     }
 }
 
@@ -432,4 +616,37 @@ async fn write_all(to: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pipes_are_enlarged_pooled_when_clean_and_closed_when_dirty() {
+        let pool = PipePool::new(1);
+        {
+            let l = pool.lease().unwrap();
+            let p = l.pipe();
+            let size = fcntl(&p.w, FcntlArg::F_GETPIPE_SZ).unwrap() as usize;
+            assert_eq!(p.cap, size);
+            // Unprivileged and over the per-user budget, the kernel may refuse to enlarge.
+            assert!(size >= 1 << 16, "{size}");
+            assert_eq!(pool.leased(), 1);
+        }
+        assert_eq!((pool.pooled(), pool.leased()), (1, 0));
+        {
+            let mut l = pool.lease().unwrap();
+            assert_eq!((pool.pooled(), pool.leased()), (0, 1));
+            l.dirty = true;
+        }
+        assert_eq!(
+            (pool.pooled(), pool.leased()),
+            (0, 0),
+            "dirty pipes are not reused"
+        );
+        let (a, b) = (pool.lease().unwrap(), pool.lease().unwrap());
+        drop((a, b));
+        assert_eq!(pool.pooled(), 1, "the pool stays bounded");
+    }
 }

@@ -881,3 +881,228 @@ async fn tcp_backend_active_again_cancels_its_drain_timeout() {
     echo(&mut held, b"survived").await;
     fwd.shutdown(Duration::from_secs(1)).await;
 }
+
+#[test]
+fn connect_errors_of_this_host_never_blame_the_backend() {
+    use super::balancer::Failure;
+    use super::tcp::ConnectError::{self, Backend, Local};
+    let errno = |e: nix::errno::Errno| std::io::Error::from_raw_os_error(e as i32);
+    use nix::errno::Errno::*;
+    let cases: &[(std::io::Error, bool, ConnectError)] = &[
+        (errno(EMFILE), true, Local("emfile")),
+        (errno(EMFILE), false, Local("emfile")),
+        (errno(ENFILE), true, Local("enfile")),
+        (errno(ENOBUFS), false, Local("enobufs")),
+        (errno(ENOMEM), false, Local("enomem")),
+        (errno(EADDRNOTAVAIL), false, Local("eaddrnotavail")),
+        // Any other failure to create a socket is still this host's.
+        (errno(EAFNOSUPPORT), true, Local("socket")),
+        (errno(ECONNREFUSED), false, Backend(Failure::Refused)),
+        (errno(ETIMEDOUT), false, Backend(Failure::Other)),
+        (errno(EHOSTUNREACH), false, Backend(Failure::Other)),
+        (errno(ENETUNREACH), false, Backend(Failure::Other)),
+    ];
+    for (e, creating, want) in cases {
+        assert_eq!(
+            ConnectError::classify(e, *creating),
+            *want,
+            "{e} {creating}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn accepted_sockets_inherit_keepalive_and_nodelay_from_the_listener() {
+    let l = tcp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = l.local_addr().unwrap();
+    let _c = TcpStream::connect(addr).await.unwrap();
+    let (s, _) = l.accept().await.unwrap();
+    let sock = socket2::SockRef::from(&s);
+    assert!(sock.tcp_nodelay().unwrap());
+    assert!(sock.keepalive().unwrap());
+    assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(60));
+    assert_eq!(
+        sock.tcp_keepalive_interval().unwrap(),
+        Duration::from_secs(10)
+    );
+    assert_eq!(sock.tcp_keepalive_retries().unwrap(), 6);
+}
+
+#[tokio::test]
+async fn tcp_short_exchanges_never_touch_a_pipe() {
+    let b = TcpBackend::start(0).await;
+    let key = free_tcp_vip();
+    let (mut fwd, _) = forwarder(ForwardConfig::default());
+    fwd.apply(&table(1, vec![vip(key, &active(&[b.addr]))]))
+        .await;
+    for _ in 0..20 {
+        let (mut s, _) = open(key).await;
+        echo(&mut s, b"GET / HTTP/1.1\r\n\r\n").await;
+    }
+    assert_eq!(fwd.ctx.pipes.leased(), 0);
+    assert_eq!(fwd.ctx.pipes.pooled(), 0, "no pipe was ever created");
+    fwd.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_idle_connections_hold_no_pipe() {
+    let b = TcpBackend::start(0).await;
+    let key = free_tcp_vip();
+    let (mut fwd, _) = forwarder(ForwardConfig::default());
+    fwd.apply(&table(1, vec![vip(key, &active(&[b.addr]))]))
+        .await;
+    // Bulk both ways (past the auto-splice threshold), then every connection sits idle.
+    let big = vec![7u8; 256 << 10];
+    let mut conns = Vec::new();
+    for _ in 0..20 {
+        let (mut s, _) = open(key).await;
+        let (mut r, mut w) = s.split();
+        let mut got = vec![0u8; big.len()];
+        let (wr, rd) = tokio::join!(w.write_all(&big), timeout(T, r.read_exact(&mut got)));
+        wr.unwrap();
+        rd.unwrap().unwrap();
+        assert!(got == big);
+        conns.push(s);
+    }
+    assert!(
+        fwd.ctx.pipes.pooled() > 0,
+        "bulk traffic went through pipes"
+    );
+    // The last bytes can reach the client just before the forwarder returns its pipe.
+    for _ in 0..100 {
+        if fwd.ctx.pipes.leased() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(fwd.ctx.pipes.leased(), 0, "idle connections hold no pipe");
+    for mut s in conns {
+        echo(&mut s, b"still alive").await;
+    }
+    assert_eq!(fwd.ctx.pipes.leased(), 0);
+    fwd.shutdown(Duration::from_secs(1)).await;
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Runs in a child process (RLIMIT_NOFILE is process-wide): the test re-executes its own
+/// binary with `L4LB_FD_CHILD` set, and the child lowers its limit and exhausts it.
+#[test]
+fn tcp_out_of_descriptors_is_a_local_error_not_a_backend_failure() {
+    const NAME: &str =
+        "agent::forward::tests::tcp_out_of_descriptors_is_a_local_error_not_a_backend_failure";
+    if std::env::var_os("L4LB_FD_CHILD").is_none() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+            .env("L4LB_FD_CHILD", "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "child failed:\n{text}");
+        assert!(text.contains("1 passed"), "child ran no test:\n{text}");
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(out_of_descriptors());
+}
+
+async fn out_of_descriptors() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let b = TcpBackend::start(0).await;
+    let ub = UdpBackend::start(5).await;
+    let key = free_tcp_vip();
+    let ukey = free_udp_vip();
+    let (mut fwd, m) = forwarder(ForwardConfig::default());
+    let vips = vec![vip(key, &active(&[b.addr])), vip(ukey, &active(&[ub.addr]))];
+    fwd.apply(&table(1, vips)).await;
+    let (mut s, _) = open(key).await;
+    echo(&mut s, b"warm").await;
+    let uc = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    drop(s);
+    // Let that connection close on every side, so no descriptor frees up later.
+    while m.connections_active.get() > 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, open_fds() as u64 + 64, hard).unwrap();
+    // Take every descriptor, then give back `free` of them.
+    let fill = |free: usize| {
+        let mut f = Vec::new();
+        while let Ok(x) = std::fs::File::open("/dev/null") {
+            f.push(x);
+        }
+        f.truncate(f.len() - free);
+        f
+    };
+    let emfile = || {
+        m.local_errors
+            .get_or_create(&KindLabels { kind: "emfile" })
+            .get()
+    };
+
+    // No descriptor left for the upstream socket: a local error, no retry, no blame.
+    let filler = fill(0);
+    let live = &fwd.live[&key];
+    let r = tcp::connect_upstream(&fwd.ctx, &live.shared).await;
+    drop(filler);
+    assert!(
+        matches!(r, Err(tcp::Unreached::Local("emfile"))),
+        "{:?}",
+        r.map(|_| ())
+    );
+    let l = BackendLabels {
+        backend: b.addr.to_string(),
+    };
+    assert_eq!(m.connect_failures.get_or_create(&l).get(), 0);
+    assert_eq!(m.connections_retried.get(), 0);
+    let stats = fwd.stats().backend(&key, b.addr).unwrap();
+    assert!(!stats.ejected, "healthy backend was ejected");
+    assert_eq!(stats.active_connections, 0);
+
+    // No descriptor for accept: it backs off instead of spinning, counts, and serves the
+    // client once descriptors are free again.
+    let c = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    c.set_nonblocking(true).unwrap();
+    let filler = fill(0);
+    match c.connect(&key.socket_addr().into()) {
+        Err(e) if e.raw_os_error() != Some(nix::libc::EINPROGRESS) => panic!("{e}"),
+        _ => {}
+    }
+    let mut c = TcpStream::from_std(std::net::TcpStream::from(c)).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let accept_errors = emfile();
+    drop(filler);
+    assert!(
+        (1..=10).contains(&accept_errors),
+        "accept errors in 300 ms: {accept_errors}"
+    );
+    c.writable().await.unwrap();
+    let mut id = [0u8; 3];
+    timeout(T, c.read_exact(&mut id)).await.unwrap().unwrap();
+    assert_eq!(&id, b"b0\n");
+    echo(&mut c, b"after").await;
+    assert_eq!(m.connections_no_backend.get(), 0);
+    assert_eq!(m.connect_failures.get_or_create(&l).get(), 0);
+
+    // No descriptor for a UDP session's upstream socket: the datagram is dropped and
+    // counted, the backend not blamed; the next datagram makes the session.
+    let before = emfile();
+    let filler = fill(0);
+    uc.send_to(b"lost", ukey.socket_addr()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(filler);
+    assert_eq!(emfile(), before + 1);
+    assert_eq!(udp_ask(&uc, ukey, "hi").await, "b5:hi");
+    let ul = BackendLabels {
+        backend: ub.addr.to_string(),
+    };
+    assert_eq!(m.connect_failures.get_or_create(&ul).get(), 0);
+    fwd.shutdown(Duration::from_secs(1)).await;
+}

@@ -20,9 +20,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::flows::FlowTable;
-use crate::agent::forward::Ctx;
 use crate::agent::forward::balancer::Failure;
 use crate::agent::forward::state::{BackendShared, VipShared};
+use crate::agent::forward::{Ctx, with_scratch};
 
 /// Largest datagram relayed.
 const MAX_DATAGRAM: usize = 65_536;
@@ -227,6 +227,9 @@ impl UdpVip {
         let up = match connect_upstream(backend.addr) {
             Ok(up) => Arc::new(up),
             Err(e) => {
+                // Out of descriptors or the like: this host's fault, not the backend's.
+                let kind = crate::agent::forward::tcp::local_kind(&e).unwrap_or("socket");
+                self.ctx.metrics.local_error(kind);
                 tracing::debug!(backend = %backend.addr, error = %e, "UDP upstream socket");
                 return None;
             }
@@ -292,20 +295,28 @@ async fn relay_replies(
     flows: Weak<Flows>,
     backend: Arc<BackendShared>,
 ) {
-    let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
-        match up.recv(&mut buf).await {
-            Ok(n) => {
-                ctx.metrics.udp_b2c.inc();
-                backend.add_bytes(n as u64);
+        // Through the thread's scratch buffer: an idle session holds no 64 KiB of its own.
+        let r = match up.readable().await {
+            Ok(()) => with_scratch(|buf| {
+                let n = up.try_recv(buf)?;
                 if let Err(e) =
                     socket2::SockRef::from(&*vip_socket).send_to(&buf[..n], &client.into())
                 {
                     tracing::debug!(%client, error = %e, "UDP reply dropped");
                 }
+                Ok(n)
+            }),
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(n) => {
+                ctx.metrics.udp_b2c.inc();
+                backend.add_bytes(n as u64);
                 let Some(flows) = flows.upgrade() else { return };
                 lock(&flows).touch(client, Instant::now());
             }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => {
                 if e.kind() == io::ErrorKind::ConnectionRefused {
                     backend.record_failure(Instant::now(), Failure::Refused);
