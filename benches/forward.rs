@@ -5,6 +5,10 @@
 //! hold 10,000 listeners (with `prlimit` on itself: the crate's nix has no `resource`
 //! feature).
 
+#[path = "common/mod.rs"]
+mod common;
+use common::raise_nofile;
+
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -22,27 +26,6 @@ use tokio_util::sync::CancellationToken;
 const VIPS: usize = 10_000;
 const BACKENDS: usize = 10;
 const VIP_PORT: u16 = 28080;
-
-/// Raise this process's soft open-file limit towards `n` (up to the hard limit).
-fn raise_nofile(n: u64) {
-    let hard = std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Max open files"))
-                .and_then(|l| l.split_whitespace().nth(4).map(str::to_string))
-        })
-        .and_then(|h| h.parse::<u64>().ok())
-        .unwrap_or(n);
-    let soft = n.min(hard);
-    let _ = std::process::Command::new("prlimit")
-        .args([
-            "--pid",
-            &std::process::id().to_string(),
-            &format!("--nofile={soft}:{hard}"),
-        ])
-        .status();
-}
 
 fn vip_ip(i: usize) -> IpAddr {
     Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8).into()

@@ -8,6 +8,10 @@
 //! `harness = false`: prints a summary on stderr and one JSON line on stdout.
 //! `BENCH_WATCHERS`, `BENCH_VIPS`, `BENCH_BACKENDS`, `BENCH_ROUNDS` change the sizes.
 
+#[path = "common/mod.rs"]
+mod common;
+use common::raise_nofile;
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -23,26 +27,6 @@ fn env_or(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(default)
-}
-
-/// Raise this process's soft open-file limit towards `n` (up to the hard limit).
-fn raise_nofile(n: u64) {
-    let hard = std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Max open files"))
-                .and_then(|l| l.split_whitespace().nth(4).map(str::to_string))
-        })
-        .and_then(|h| h.parse::<u64>().ok())
-        .unwrap_or(n);
-    let _ = std::process::Command::new("prlimit")
-        .args([
-            "--pid",
-            &std::process::id().to_string(),
-            &format!("--nofile={}:{hard}", n.min(hard)),
-        ])
-        .status();
 }
 
 fn table(version: u64, vips: usize, backends: usize, bump: u16) -> VipTable {

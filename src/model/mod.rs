@@ -233,6 +233,22 @@ pub(crate) mod test_util {
         }
     }
 
+    /// A named VIP (framework `marathon`) without backends.
+    pub(crate) fn named(label: &str, ip: &str, port: u16, protocol: Protocol) -> Vip {
+        Vip {
+            key: VipKey {
+                ip: ip.parse().unwrap(),
+                port,
+                protocol,
+            },
+            name: Some(VipName {
+                label: label.into(),
+                framework: "marathon".into(),
+            }),
+            backends: vec![],
+        }
+    }
+
     pub(crate) fn vip(ip: &str, port: u16, backends: &[&str]) -> Vip {
         Vip {
             key: VipKey {

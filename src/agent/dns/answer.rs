@@ -296,24 +296,10 @@ pub(crate) fn rcode_label(rcode: ResponseCode) -> &'static str {
 mod tests {
     use super::*;
     use crate::agent::dns::{DnsCatalog, DnsConfig};
-    use crate::model::{Protocol, Vip, VipKey, VipName};
+    use crate::model::test_util::named;
+    use crate::model::{Protocol, Vip};
     use hickory_proto::op::Query;
     use proptest::prelude::*;
-
-    fn named(label: &str, ip: &str, port: u16, protocol: Protocol) -> Vip {
-        Vip {
-            key: VipKey {
-                ip: ip.parse().expect("ip"),
-                port,
-                protocol,
-            },
-            name: Some(VipName {
-                label: label.into(),
-                framework: "marathon".into(),
-            }),
-            backends: vec![],
-        }
-    }
 
     fn catalog() -> DnsCatalog {
         let cat = DnsCatalog::new(&DnsConfig::default());

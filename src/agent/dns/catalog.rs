@@ -333,22 +333,7 @@ impl DnsCatalog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{VipKey, VipName};
-
-    pub(crate) fn named(label: &str, ip: &str, port: u16, protocol: Protocol) -> Vip {
-        Vip {
-            key: VipKey {
-                ip: ip.parse().expect("ip"),
-                port,
-                protocol,
-            },
-            name: Some(VipName {
-                label: label.into(),
-                framework: "marathon".into(),
-            }),
-            backends: vec![],
-        }
-    }
+    use crate::model::test_util::named;
 
     fn key(s: &str) -> Vec<u8> {
         let mut k = Vec::new();
