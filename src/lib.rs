@@ -1,5 +1,18 @@
-//! l4lb: a Layer-4 virtual-IP load balancer for Marathon clusters.
+//! l4lb: a Layer-4 virtual-IP load balancer for Marathon clusters, in the style of DC/OS's
+//! minuteman.
+//!
+//! ```text
+//! Marathon ──REST snapshot + SSE──> source ──watch<Arc<VipTable>>──> agent ──> netif (addresses)
+//!   (or an apps file)             (controller)        │                    ├─> forward (TCP splice, UDP)
+//!                                                     └──> api (/v1/vips)  └─> dns
+//! ```
+//!
+//! Sources build immutable, versioned [`model::VipTable`]s and publish them on a
+//! `tokio::sync::watch` channel; the agent applies each as a diff (address → listener → DNS);
+//! the API serves tables and metrics. `source` and `agent` never import each other; `app` is
+//! the only place that wires them.
 #![warn(clippy::unwrap_used)]
+
 pub mod agent;
 pub mod alloc;
 pub mod api;
