@@ -175,13 +175,15 @@ async fn agent(args: AgentCmdArgs) -> Result<(), AppError> {
         backoff_min: Duration::from_millis(100),
         backoff_max: Duration::from_secs(2),
     };
+    // The privileged step first: without CAP_NET_ADMIN, fail before anything else starts.
+    let netif = open_netif(&args.agent).await?;
     tokio::spawn(source::controller::run(
         watch,
         tx,
         metrics,
         shutdown.clone(),
     ));
-    data_plane(&args.agent, &args.api, reg, rx, shutdown).await
+    data_plane(netif, &args.agent, &args.api, reg, rx, shutdown).await
 }
 
 async fn run(args: RunArgs) -> Result<(), AppError> {
@@ -189,8 +191,21 @@ async fn run(args: RunArgs) -> Result<(), AppError> {
     cancel_on_signal(shutdown.clone())?;
     let mut reg = registry();
     let metrics = SourceMetrics::new(&mut reg);
+    let netif = open_netif(&args.agent).await?;
     let rx = start_source(&args.source, &args.build, metrics, &shutdown)?;
-    data_plane(&args.agent, &args.api, reg, rx, shutdown).await
+    data_plane(netif, &args.agent, &args.api, reg, rx, shutdown).await
+}
+
+/// Open (create) the VIP interface; missing privilege is its own error (exit 2).
+async fn open_netif(args: &AgentArgs) -> Result<Netif, AppError> {
+    let netif = Netif::open(&args.interface, interface_kind(args.interface_kind))
+        .await
+        .map_err(|e| match e {
+            NetifError::PermissionDenied { .. } => AppError::Privilege(e.to_string()),
+            other => AppError::Other(anyhow::anyhow!("interface {}: {other}", args.interface)),
+        })?;
+    tracing::info!(interface = %args.interface, kind = netif.kind().as_str(), "VIP interface ready");
+    Ok(netif)
 }
 
 /// Adapts the forwarder's counters to the API's view.
@@ -239,20 +254,13 @@ async fn bind_dns(
 
 /// Interface, DNS, forwarder and API around `tables`, until `shutdown` and the drain end.
 async fn data_plane(
+    netif: Netif,
     args: &AgentArgs,
     api_args: &ApiArgs,
     mut reg: Registry,
     tables: TableRx,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
-    let netif = Netif::open(&args.interface, interface_kind(args.interface_kind))
-        .await
-        .map_err(|e| match e {
-            NetifError::PermissionDenied { .. } => AppError::Privilege(e.to_string()),
-            other => AppError::Other(anyhow::anyhow!("interface {}: {other}", args.interface)),
-        })?;
-    tracing::info!(interface = %args.interface, kind = netif.kind().as_str(), "VIP interface ready");
-
     let dns_cfg = DnsConfig {
         zone: args.zone.trim_end_matches('.').to_ascii_lowercase(),
         ttl: args.dns_ttl,
