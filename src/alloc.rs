@@ -286,7 +286,8 @@ mod tests {
             let w: BTreeSet<_> = names.iter().map(|n| (n.clone(), Family::V4)).collect();
             let mut a = Allocator::new(net, "fd01:c::/64".parse().unwrap());
             let first = a.assign(&w, &HashSet::new());
-            // A fresh allocator fed the names as a set (any insertion order) agrees.
+            // A fresh allocator agrees: a set is always placed in sorted order, so the insertion
+            // order of the input cannot matter (this pins that design, it cannot catch a hash bug).
             let mut rev: Vec<_> = w.iter().cloned().collect();
             rev.reverse();
             let w2: BTreeSet<_> = rev.into_iter().collect();

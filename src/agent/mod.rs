@@ -20,7 +20,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::model::{VipKey, VipTable, unix_ms_now};
+use crate::model::{VipKey, VipTable, diff, unix_ms_now};
 use dns::DnsCatalog;
 use forward::Forwarder;
 use netif::{InterfaceKind, Netif};
@@ -123,13 +123,20 @@ impl Agent {
     pub async fn apply(&mut self, table: Arc<VipTable>) {
         let started = Instant::now();
         let table = self.refuse_host_addresses(table).await;
+        // DNS answers depend only on which VIPs are live and their names, not on backends:
+        // a backend-only change (the common case) leaves the catalog as it is.
+        let d = diff(&self.last, &table);
+        let renamed = d.changed.iter().any(|c| c.name_changed);
+        let failed_before = std::mem::take(&mut self.failed);
 
         // 1. Stop answering names of VIPs that are going away (and of failed ones).
-        let staying = table
-            .vips
-            .values()
-            .filter(|v| self.last.vips.contains_key(&v.key) && !self.failed.contains(&v.key));
-        self.dns.publish(staying.map(|v| &**v));
+        if !d.removed.is_empty() || renamed {
+            let staying = table
+                .vips
+                .values()
+                .filter(|v| self.last.vips.contains_key(&v.key) && !failed_before.contains(&v.key));
+            self.dns.publish(staying.map(|v| &**v));
+        }
 
         // 2. Install the addresses of every VIP (before binding).
         let want: BTreeSet<IpAddr> = table.vips.keys().map(|k| k.ip).collect();
@@ -149,11 +156,13 @@ impl Agent {
         self.failed = report.failed.iter().map(|(k, _)| *k).collect();
 
         // 4. Answer every VIP that is live.
-        let live = table
-            .vips
-            .values()
-            .filter(|v| !self.failed.contains(&v.key));
-        self.dns.publish(live.map(|v| &**v));
+        if !d.added.is_empty() || !d.removed.is_empty() || renamed || self.failed != failed_before {
+            let live = table
+                .vips
+                .values()
+                .filter(|v| !self.failed.contains(&v.key));
+            self.dns.publish(live.map(|v| &**v));
+        }
 
         // 5. Remove addresses no VIP uses any more (and left-overs from earlier runs).
         if self.netif.kind() != InterfaceKind::None
@@ -163,10 +172,15 @@ impl Agent {
             self.metrics.netif_errors.inc();
         }
 
-        let mut applied = (*table).clone();
-        for k in &self.failed {
-            applied.vips.remove(k);
-        }
+        let applied = if self.failed.is_empty() {
+            Arc::clone(&table)
+        } else {
+            let mut t = (*table).clone();
+            for k in &self.failed {
+                t.vips.remove(k);
+            }
+            Arc::new(t)
+        };
         self.metrics.vips_live.set(applied.vips.len() as i64);
         self.metrics.applied_version.set(table.version as i64);
         self.metrics
@@ -187,7 +201,7 @@ impl Agent {
             apply_ms = started.elapsed().as_secs_f64() * 1000.0,
             "table applied"
         );
-        self.applied.send_replace(Arc::new(applied));
+        self.applied.send_replace(applied);
         self.last = table;
     }
 
