@@ -404,10 +404,14 @@ async fn apps_file_is_reread_on_change_and_a_bad_edit_keeps_the_table() {
     l4lb::tls::init();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("apps.json");
-    let write = |n: usize| {
-        let app = web_app(n);
-        std::fs::write(&path, serde_json::json!({ "apps": [app] }).to_string()).unwrap();
+    // Edits land atomically (write + rename, as editors and config management do), so the
+    // 20 ms poller never reads a half-written file and the error counts below are exact.
+    let put = |body: String| {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, body).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
     };
+    let write = |n: usize| put(serde_json::json!({ "apps": [web_app(n)] }).to_string());
     write(1);
     let mut reg = Registry::with_prefix("l4lb");
     let metrics = SourceMetrics::new(&mut reg);
@@ -424,7 +428,7 @@ async fn apps_file_is_reread_on_change_and_a_bad_edit_keeps_the_table() {
     write(2);
     let v2 = wait_version(&mut rx, v1).await;
     assert_eq!(rx.borrow().backend_count(), 2);
-    std::fs::write(&path, "{\"apps\": [ {\"id\": ").unwrap();
+    put("{\"apps\": [ {\"id\": ".to_string());
     tokio::time::sleep(Duration::from_millis(200)).await;
     std::fs::remove_file(&path).unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
