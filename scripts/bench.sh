@@ -13,6 +13,10 @@
 #   BENCH_OUT       JSON output (default bench-results/latest.json)
 #   BENCH_NO_BUILD  set to skip `cargo build --release`
 #   BENCH_KEEP      set to keep the work directory (logs, configs)
+#   BENCH_ONLY      comma-separated workloads to run (tcp, conns, udp, dns, idle, propagation);
+#                   default all. A partial run still writes the JSON, with only those rows.
+#   BENCH_HOLD      set to keep the lab up after the workloads (with BENCH_ONLY=none: set it up
+#                   only) until interrupted, for perf/strace by hand; prints the namespaces
 #   BENCH_PERF      set to `perf record -g` l4lb during its TCP, new-connection, UDP and DNS
 #                   runs; reports go to bench-results/perf-<workload>.txt (perf.data beside)
 #
@@ -40,6 +44,9 @@ OUT=${BENCH_OUT:-$ROOT/bench-results/latest.json}
 PROXY_CPU=0
 LOAD_CPU=1
 if [ "$(nproc)" -lt 2 ]; then LOAD_CPU=0; fi
+
+ONLY=${BENCH_ONLY:-tcp,conns,udp,dns,idle,propagation}
+want() { [[ ",$ONLY," == *",$1,"* ]]; }
 
 START=$(date +%s)
 log() { printf '[bench %3ds] %s\n' "$(($(date +%s) - START))" "$*" >&2; }
@@ -272,10 +279,10 @@ perf_off() {
     {
         echo "### self time"
         perf report -i "$PERF_DIR/perf-$PERF_NAME.data" --stdio --no-children -g none \
-            --sort symbol --percent-limit 0.8 2>/dev/null | grep -v '^#' | grep -v '^$' | head -45
+            --sort symbol --percent-limit 0.8 2>/dev/null | grep -v '^#' | grep -v '^$' | head -45 || true
         echo "### inclusive (children)"
         perf report -i "$PERF_DIR/perf-$PERF_NAME.data" --stdio --children -g none \
-            --sort symbol --percent-limit 3 2>/dev/null | grep -v '^#' | grep -v '^$' | head -60
+            --sort symbol --percent-limit 3 2>/dev/null | grep -v '^#' | grep -v '^$' | head -60 || true
     } >"$PERF_DIR/perf-$PERF_NAME.txt"
     log "profile: $PERF_DIR/perf-$PERF_NAME.txt"
     PERF_PID=
@@ -321,15 +328,17 @@ iperf() {
 }
 m_tcp1() { iperf "${TCP_DST[$1]}" 1; }
 m_tcp8() { iperf "${TCP_DST[$1]}" 8; }
-rounds tcp_stream_x1 Gbit/s m_tcp1 "${TARGETS[@]}"
-rounds tcp_stream_x8 Gbit/s m_tcp8 "${TARGETS[@]}"
+if want tcp; then
+    rounds tcp_stream_x1 Gbit/s m_tcp1 "${TARGETS[@]}"
+    rounds tcp_stream_x8 Gbit/s m_tcp8 "${TARGETS[@]}"
+fi
 
 # --- 2. new TCP connections per second ------------------------------------------------------
 m_conns() {
     L wrk -t1 -c64 -d"${T}s" -H 'Connection: close' "http://${WEB_DST[$1]}/" 2>&1 |
         awk '/Requests\/sec/ {printf "%.0f", $2}'
 }
-rounds new_conns conn/s m_conns "${TARGETS[@]}"
+if want conns; then rounds new_conns conn/s m_conns "${TARGETS[@]}"; fi
 
 # --- 3. UDP request/response (dnsperf -> dnsmasq) ------------------------------------------
 dnsperf_qps() {
@@ -339,13 +348,15 @@ dnsperf_qps() {
 }
 declare -A UDP_DST=([direct]=198.18.0.2:5300 [l4lb]=198.18.5.5:5300 [nginx]=198.18.0.1:25300)
 m_udp() { dnsperf_qps "${UDP_DST[$1]%:*}" "${UDP_DST[$1]#*:}" "$WORK/bench-query.txt"; }
-rounds udp_req_resp q/s m_udp direct l4lb nginx
-record udp_req_resp haproxy null q/s
+if want udp; then
+    rounds udp_req_resp q/s m_udp direct l4lb nginx
+    record udp_req_resp haproxy null q/s
+fi
 
 # --- 4. embedded DNS vs dnsmasq --------------------------------------------------------------
 declare -A DNS_PORT=([l4lb]=5454 [dnsmasq]=5455)
 m_dns() { dnsperf_qps 127.0.0.1 "${DNS_PORT[$1]}" "$WORK/names.txt"; }
-rounds dns_server q/s m_dns l4lb dnsmasq
+if want dns; then rounds dns_server q/s m_dns l4lb dnsmasq; fi
 
 # --- 5. memory per idle connection ----------------------------------------------------------
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
@@ -372,25 +383,34 @@ idle_per_conn() {
     python3 -c "print('%.2f' % (($after - $before) / max($opened, 1)))"
     sleep 2
 }
-record idle_conn_mem l4lb "$(idle_per_conn "$(pid_of l4lb)" 198.18.5.5:8080)" KiB/conn
-record idle_conn_mem haproxy "$(idle_per_conn "$(pid_of haproxy)" 198.18.0.1:18080)" KiB/conn
-record idle_conn_mem nginx "$(idle_per_conn "$(pid_of proxy-nginx)" 198.18.0.1:28080)" KiB/conn
-for t in l4lb haproxy proxy-nginx; do
-    record idle_conns_held "${t#proxy-}" "$(cat "$WORK/idle-reached-$(pid_of "$t")")" "of $IDLE"
-    record idle_conn_fds "${t#proxy-}" "$(cat "$WORK/idle-fds-$(pid_of "$t")")" fd/conn
-done
+if want idle; then
+    record idle_conn_mem l4lb "$(idle_per_conn "$(pid_of l4lb)" 198.18.5.5:8080)" KiB/conn
+    record idle_conn_mem haproxy "$(idle_per_conn "$(pid_of haproxy)" 198.18.0.1:18080)" KiB/conn
+    record idle_conn_mem nginx "$(idle_per_conn "$(pid_of proxy-nginx)" 198.18.0.1:28080)" KiB/conn
+    for t in l4lb haproxy proxy-nginx; do
+        record idle_conns_held "${t#proxy-}" "$(cat "$WORK/idle-reached-$(pid_of "$t")")" "of $IDLE"
+        record idle_conn_fds "${t#proxy-}" "$(cat "$WORK/idle-fds-$(pid_of "$t")")" fd/conn
+    done
+fi
 
 # --- 6. propagation: Marathon event -> first connection on the new backend ------------------
-log "propagation ($CHANGES changes, loopback, fake Marathon)"
-if prop=$(cd "$ROOT" && BENCH_CHANGES=$CHANGES L4LB_BIN="$L4LB" taskset -c "$LOAD_CPU" \
-    cargo bench --quiet --bench propagation 2>"$WORK/propagation.err" | tail -1); then
-    echo "$prop" >"$WORK/propagation.json"
-    record propagation_p50 l4lb "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["p50_ms"])' "$WORK/propagation.json")" ms
-    record propagation_p99 l4lb "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["p99_ms"])' "$WORK/propagation.json")" ms
-else
-    log "propagation failed: $(tail -5 "$WORK/propagation.err")"
-    record propagation_p50 l4lb null ms
-    record propagation_p99 l4lb null ms
+if want propagation; then
+    log "propagation ($CHANGES changes, loopback, fake Marathon)"
+    if prop=$(cd "$ROOT" && BENCH_CHANGES=$CHANGES L4LB_BIN="$L4LB" taskset -c "$LOAD_CPU" \
+        cargo bench --quiet --bench propagation 2>"$WORK/propagation.err" | tail -1); then
+        echo "$prop" >"$WORK/propagation.json"
+        record propagation_p50 l4lb "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["p50_ms"])' "$WORK/propagation.json")" ms
+        record propagation_p99 l4lb "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["p99_ms"])' "$WORK/propagation.json")" ms
+    else
+        log "propagation failed: $(tail -5 "$WORK/propagation.err")"
+        record propagation_p50 l4lb null ms
+        record propagation_p99 l4lb null ms
+    fi
+fi
+
+if [ -n "${BENCH_HOLD:-}" ]; then
+    log "holding: ip netns exec $NSC ... (client, proxies: l4lb $(pid_of l4lb), haproxy $(pid_of haproxy), nginx $(pid_of proxy-nginx)); ip netns exec $NSS ... (backends); Ctrl-C ends"
+    while :; do sleep 3600 & wait $!; done
 fi
 
 # --- report ----------------------------------------------------------------------------------

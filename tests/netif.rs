@@ -65,10 +65,23 @@ async fn tcp_roundtrip(ip: IpAddr) {
         s.read_exact(&mut buf).await.expect("read");
         s.write_all(&buf).await.expect("write");
     });
-    let mut c = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
-        .await
-        .unwrap_or_else(|_| panic!("connect {addr}: timeout"))
-        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    // An IPv6 address's local route is installed by the kernel's addrconf work queue, even
+    // with NODAD; right after other tests deleted many namespaces (rtnl busy) that can lag by
+    // a moment, and a connect meanwhile fails "no route to host". Retry within a deadline.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut c = loop {
+        match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr)).await {
+            Ok(Ok(c)) => break c,
+            Ok(Err(e))
+                if e.raw_os_error() == Some(libc::EHOSTUNREACH)
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(Err(e)) => panic!("connect {addr}: {e}"),
+            Err(_) => panic!("connect {addr}: timeout"),
+        }
+    };
     c.write_all(b"ping").await.expect("write");
     let mut buf = [0u8; 4];
     c.read_exact(&mut buf).await.expect("read");

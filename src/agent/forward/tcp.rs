@@ -12,13 +12,14 @@
 
 use std::io;
 use std::net::{Shutdown, SocketAddr};
-use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
+use nix::sys::socket::MsgFlags;
 use prometheus_client::metrics::counter::Counter;
 use socket2::{Domain, SockRef, Socket, TcpKeepalive, Type};
 use tokio::io::Interest;
@@ -172,8 +173,16 @@ impl Drop for ActiveGuard {
 }
 
 async fn handle(ctx: &Ctx, vip: &VipShared, client: TcpStream) {
-    // Keepalive and TCP_NODELAY come from the listener.
-    let (guard, upstream) = match connect_upstream(ctx, vip).await {
+    // Keepalive and TCP_NODELAY come from the listener. A client that spoke first (most
+    // protocols: HTTP, TLS, PostgreSQL, Redis) usually has its first bytes here already.
+    let early = match early_bytes(&client) {
+        Ok(early) => early,
+        Err(e) => {
+            tracing::debug!(vip = %vip.key, error = %e, "client gone before connect");
+            return;
+        }
+    };
+    let (guard, upstream) = match connect_upstream(ctx, vip, early.is_some()).await {
         Ok(up) => up,
         Err(Unreached::NoBackend) => {
             ctx.metrics.connections_no_backend.inc();
@@ -189,7 +198,17 @@ async fn handle(ctx: &Ctx, vip: &VipShared, client: TcpStream) {
     let kill = backend.kill_token();
     let idle = ctx.cfg.tcp_idle_timeout;
     let activity = Activity::new();
+    let finished = AtomicBool::new(false);
     let work = async {
+        if let Some(bytes) = &early {
+            // The handshake's last ACK rides on these bytes; quick ACKs from here on, as
+            // on any new connection (no Nagle/delayed-ACK stalls with the backend).
+            write_all(&upstream, bytes, false).await?;
+            let _ = SockRef::from(&upstream).set_tcp_quickack(true);
+            backend.add_bytes(bytes.len() as u64);
+            ctx.metrics.bytes_c2b.inc_by(bytes.len() as u64);
+            activity.touch();
+        }
         tokio::try_join!(
             pump(
                 ctx,
@@ -197,7 +216,8 @@ async fn handle(ctx: &Ctx, vip: &VipShared, client: TcpStream) {
                 &upstream,
                 &backend,
                 &ctx.metrics.bytes_c2b,
-                &activity
+                &activity,
+                &finished
             ),
             pump(
                 ctx,
@@ -205,7 +225,8 @@ async fn handle(ctx: &Ctx, vip: &VipShared, client: TcpStream) {
                 &client,
                 &backend,
                 &ctx.metrics.bytes_b2c,
-                &activity
+                &activity,
+                &finished
             ),
         )
     };
@@ -224,6 +245,20 @@ async fn handle(ctx: &Ctx, vip: &VipShared, client: TcpStream) {
     drop(guard);
 }
 
+/// What the client has sent by the time it is accepted (one non-blocking read, straight to
+/// the socket: tokio reports no readiness before the first poll). `None` when nothing has
+/// arrived yet, or the client already closed without a byte (the pump will see that EOF).
+fn early_bytes(client: &TcpStream) -> io::Result<Option<Vec<u8>>> {
+    with_scratch(|buf| {
+        let buf = &mut buf[..AUTO_SPLICE];
+        match nix::sys::socket::recv(client.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
+            Ok(0) | Err(Errno::EAGAIN) => Ok(None),
+            Ok(n) => Ok(Some(buf[..n].to_vec())),
+            Err(e) => Err(e.into()),
+        }
+    })
+}
+
 /// Why a client connection got no upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Unreached {
@@ -233,8 +268,11 @@ pub(super) enum Unreached {
     Local(&'static str),
 }
 
-/// One connect attempt, socket creation included.
-async fn connect(addr: SocketAddr) -> Result<TcpStream, ConnectError> {
+/// One connect attempt, socket creation included. With `data_ready` (client bytes in hand,
+/// written as soon as the connect completes) the handshake's final ACK is delayed so that it
+/// rides on those bytes: one packet fewer per connection (HAProxy's `tcp-smart-connect`).
+/// Never without bytes in hand, or a server-first protocol would wait for the delayed ACK.
+async fn connect(addr: SocketAddr, data_ready: bool) -> Result<TcpStream, ConnectError> {
     let sock = if addr.is_ipv4() {
         TcpSocket::new_v4()
     } else {
@@ -243,6 +281,9 @@ async fn connect(addr: SocketAddr) -> Result<TcpStream, ConnectError> {
     .map_err(|e| ConnectError::classify(&e, true))?;
     if let Err(e) = tune(SockRef::from(&sock)) {
         tracing::debug!(error = %e, "cannot set keepalive/nodelay");
+    }
+    if data_ready {
+        let _ = SockRef::from(&sock).set_tcp_quickack(false);
     }
     sock.connect(addr)
         .await
@@ -253,6 +294,7 @@ async fn connect(addr: SocketAddr) -> Result<TcpStream, ConnectError> {
 pub(super) async fn connect_upstream(
     ctx: &Ctx,
     vip: &VipShared,
+    data_ready: bool,
 ) -> Result<(ActiveGuard, TcpStream), Unreached> {
     let set = vip.set.load_full();
     let mut tried: Vec<SocketAddr> = Vec::new();
@@ -270,8 +312,11 @@ pub(super) async fn connect_upstream(
         }
         tried.push(backend.addr);
         let guard = ActiveGuard::new(Arc::clone(&backend));
-        let failure = match tokio::time::timeout(ctx.cfg.connect_timeout, connect(backend.addr))
-            .await
+        let failure = match tokio::time::timeout(
+            ctx.cfg.connect_timeout,
+            connect(backend.addr, data_ready),
+        )
+        .await
         {
             Ok(Ok(s)) => {
                 backend.record_success();
@@ -462,7 +507,9 @@ fn splice_error(e: io::Error) -> Result<(), io::Error> {
     }
 }
 
-/// Move bytes `from` → `to` until EOF, then shut down `to`'s write side (half-close).
+/// Move bytes `from` → `to` until EOF, then shut down `to`'s write side (half-close). The
+/// direction that finishes second skips the `shutdown`: both sockets are closed right after,
+/// and `close` sends the same FIN.
 async fn pump(
     ctx: &Ctx,
     from: &TcpStream,
@@ -470,6 +517,7 @@ async fn pump(
     backend: &BackendShared,
     dir: &Counter,
     activity: &Activity,
+    finished: &AtomicBool,
 ) -> io::Result<()> {
     let count = |n: usize| {
         backend.add_bytes(n as u64);
@@ -495,10 +543,14 @@ async fn pump(
             }
         }
         let limit = if may_splice { AUTO_SPLICE } else { SCRATCH };
-        match copy_once(from, to, limit, &count).await? {
-            0 => break,
-            n => splicing = may_splice && n == limit,
+        let (n, eof) = copy_once(from, to, limit, &count).await?;
+        if eof {
+            break;
         }
+        splicing = may_splice && n == limit;
+    }
+    if finished.swap(true, Ordering::Relaxed) {
+        return Ok(());
     }
     match SockRef::from(to).shutdown(Shutdown::Write) {
         Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
@@ -560,7 +612,7 @@ async fn splice_once(
                         Err(e) => return Err(SpliceEnd::Io(e.into())),
                     }
                 }
-                write_all(to, &buf[..got]).await?;
+                write_all(to, &buf[..got], false).await?;
                 count(got);
                 return Err(SpliceEnd::Unsupported);
             }
@@ -570,46 +622,87 @@ async fn splice_once(
     Ok(n)
 }
 
-/// Copy one read's worth (at most `limit` bytes) `from` → `to`. Returns the bytes moved; 0
-/// at EOF.
+/// One read of `from` (at most `limit` bytes) copied to `to`. Returns the bytes moved and
+/// whether `from` is at EOF. A read that did not fill the buffer is followed by one more
+/// (it would be the next loop's read anyway): when that one finds EOF, the bytes go out
+/// with `MSG_MORE` so that the FIN that follows rides in the same segment (a response and
+/// its close in one packet, not two).
 async fn copy_once(
     from: &TcpStream,
     to: &TcpStream,
     limit: usize,
     count: &impl Fn(usize),
-) -> io::Result<usize> {
+) -> io::Result<(usize, bool)> {
     loop {
         from.readable().await?;
-        let r = with_scratch(|buf| -> io::Result<Option<(usize, Vec<u8>)>> {
+        let r = with_scratch(|buf| -> io::Result<Option<Copied>> {
             let buf = &mut buf[..limit.min(SCRATCH)];
-            let n = match from.try_read(buf) {
+            let mut n = match from.try_read(buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 Err(e) => return Err(e),
             };
             if n == 0 {
-                return Ok(Some((0, Vec::new())));
+                return Ok(Some(Copied::default()));
             }
-            let w = match to.try_write(&buf[..n]) {
+            let (mut eof, mut after) = (false, None);
+            if n < buf.len() {
+                match from.try_read(&mut buf[n..]) {
+                    Ok(0) => eof = true,
+                    Ok(m) => n += m,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    // Reported once by the kernel: keep it for after these bytes.
+                    Err(e) => after = Some(e),
+                }
+            }
+            let w = match send(to, &buf[..n], eof) {
                 Ok(w) => w,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                 Err(e) => return Err(e),
             };
-            Ok(Some((n, buf[w..n].to_vec())))
+            Ok(Some(Copied {
+                n,
+                rest: buf[w..n].to_vec(),
+                eof,
+                after,
+            }))
         })?;
-        let Some((n, rest)) = r else { continue };
-        write_all(to, &rest).await?;
-        if n > 0 {
-            count(n);
+        let Some(c) = r else { continue };
+        write_all(to, &c.rest, c.eof).await?;
+        if c.n > 0 {
+            count(c.n);
         }
-        return Ok(n);
+        if let Some(e) = c.after {
+            return Err(e);
+        }
+        return Ok((c.n, c.eof || c.n == 0));
     }
 }
 
-async fn write_all(to: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+/// What one [`copy_once`] round read.
+#[derive(Default)]
+struct Copied {
+    n: usize,
+    /// Bytes the first write did not take.
+    rest: Vec<u8>,
+    /// `from` reached EOF right after these bytes.
+    eof: bool,
+    /// An error `from` reported right after these bytes.
+    after: Option<io::Error>,
+}
+
+/// One non-blocking send; `more` holds the bytes back for the FIN that follows.
+fn send(to: &TcpStream, buf: &[u8], more: bool) -> io::Result<usize> {
+    let flags = if more { libc::MSG_MORE } else { 0 };
+    to.try_io(Interest::WRITABLE, || {
+        SockRef::from(to).send_with_flags(buf, flags)
+    })
+}
+
+async fn write_all(to: &TcpStream, mut buf: &[u8], more: bool) -> io::Result<()> {
     while !buf.is_empty() {
         to.writable().await?;
-        match to.try_write(buf) {
+        match send(to, buf, more) {
             Ok(n) => buf = &buf[n..],
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),

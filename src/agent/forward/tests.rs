@@ -1050,7 +1050,7 @@ async fn out_of_descriptors() {
     // No descriptor left for the upstream socket: a local error, no retry, no blame.
     let filler = fill(0);
     let live = &fwd.live[&key];
-    let r = tcp::connect_upstream(&fwd.ctx, &live.shared).await;
+    let r = tcp::connect_upstream(&fwd.ctx, &live.shared, false).await;
     drop(filler);
     assert!(
         matches!(r, Err(tcp::Unreached::Local("emfile"))),
@@ -1105,4 +1105,88 @@ async fn out_of_descriptors() {
     };
     assert_eq!(m.connect_failures.get_or_create(&ul).get(), 0);
     fwd.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A client-first backend: reads one request (up to `\n`), answers `b<id>:<request>`, then
+/// closes at once (`Connection: close`), or with `reset`, aborts (RST right after the reply).
+async fn request_reply_backend(id: u8, reset: bool) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut byte = [0u8; 1];
+                while s.read_exact(&mut byte).await.is_ok() {
+                    req.push(byte[0]);
+                    if byte[0] == b'\n' {
+                        break;
+                    }
+                }
+                let mut reply = format!("b{id}:").into_bytes();
+                reply.extend_from_slice(&req);
+                if s.write_all(&reply).await.is_err() {
+                    return;
+                }
+                if reset {
+                    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn tcp_client_bytes_sent_with_the_connect_arrive_once() {
+    let b = request_reply_backend(3, false).await;
+    let key = free_tcp_vip();
+    let (mut fwd, m) = forwarder(ForwardConfig::default());
+    fwd.apply(&table(1, vec![vip(key, &active(&[b]))])).await;
+    let req = b"GET / HTTP/1.0\n";
+    for early in [true, false] {
+        let mut s = if early {
+            // Connected and written before the forwarder's task runs at all (this runtime has
+            // one thread): the request is in the socket when it is accepted, and goes out
+            // with the handshake's last ACK.
+            let std = std::net::TcpStream::connect(key.socket_addr()).unwrap();
+            std::io::Write::write_all(&mut &std, req).unwrap();
+            std.set_nonblocking(true).unwrap();
+            TcpStream::from_std(std).unwrap()
+        } else {
+            let mut s = TcpStream::connect(key.socket_addr()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            s.write_all(req).await.unwrap();
+            s
+        };
+        let mut got = Vec::new();
+        timeout(T, s.read_to_end(&mut got)).await.unwrap().unwrap();
+        assert_eq!(got, b"b3:GET / HTTP/1.0\n", "early={early}");
+    }
+    assert_eq!(
+        m.bytes_c2b.get(),
+        2 * req.len() as u64,
+        "no byte sent twice"
+    );
+    assert_eq!(m.bytes_b2c.get(), 2 * (req.len() as u64 + 3));
+    fwd.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn tcp_reply_then_close_or_reset_still_delivers_the_reply() {
+    for reset in [false, true] {
+        let b = request_reply_backend(5, reset).await;
+        let key = free_tcp_vip();
+        let (mut fwd, _) = forwarder(ForwardConfig::default());
+        fwd.apply(&table(1, vec![vip(key, &active(&[b]))])).await;
+        for _ in 0..20 {
+            let mut s = TcpStream::connect(key.socket_addr()).await.unwrap();
+            s.write_all(b"ping\n").await.unwrap();
+            let mut got = Vec::new();
+            // After a reset the client may see the reply then an error, never less.
+            let _ = timeout(T, s.read_to_end(&mut got)).await.unwrap();
+            assert_eq!(got, b"b5:ping\n", "reset={reset}");
+        }
+        fwd.shutdown(Duration::from_secs(1)).await;
+    }
 }
