@@ -1190,3 +1190,51 @@ async fn tcp_reply_then_close_or_reset_still_delivers_the_reply() {
         fwd.shutdown(Duration::from_secs(1)).await;
     }
 }
+
+#[tokio::test]
+async fn udp_bursts_from_many_clients_arrive_whole_and_stay_on_their_backend() {
+    let bs = [UdpBackend::start(0).await, UdpBackend::start(1).await];
+    let key = free_udp_vip();
+    let (mut fwd, m) = forwarder(ForwardConfig::default());
+    let addrs: Vec<_> = bs.iter().map(|b| b.addr).collect();
+    fwd.apply(&table(1, vec![vip(key, &active(&addrs))])).await;
+    // Every client fires its whole burst before anyone reads: the VIP socket and the
+    // upstream sockets hold many datagrams at once, so they move in multi-datagram batches
+    // that interleave clients, and past one batch (32).
+    const CLIENTS: usize = 6;
+    const BURST: usize = 50;
+    let mut clients = Vec::new();
+    for c in 0..CLIENTS {
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        clients.push((c, s));
+    }
+    for i in 0..BURST {
+        for (c, s) in &clients {
+            let msg = format!("c{c}-{i}");
+            s.send_to(msg.as_bytes(), key.socket_addr()).await.unwrap();
+        }
+    }
+    for (c, s) in &clients {
+        let mut seen = Vec::new();
+        let mut backend = None;
+        let mut buf = [0u8; 256];
+        while seen.len() < BURST {
+            let (n, from) = timeout(T, s.recv_from(&mut buf)).await.unwrap().unwrap();
+            assert_eq!(from, key.socket_addr());
+            let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let (id, payload) = reply.split_once(':').unwrap();
+            assert_eq!(
+                *backend.get_or_insert(id.to_string()),
+                id,
+                "client {c} moved"
+            );
+            seen.push(payload.to_string());
+        }
+        let want: Vec<String> = (0..BURST).map(|i| format!("c{c}-{i}")).collect();
+        assert_eq!(seen, want, "client {c}: every datagram, in order");
+    }
+    assert_eq!(m.udp_c2b.get(), (CLIENTS * BURST) as u64);
+    assert_eq!(m.udp_b2c.get(), (CLIENTS * BURST) as u64);
+    assert_eq!(m.udp_sessions_active.get(), CLIENTS as i64);
+    fwd.shutdown(Duration::from_secs(1)).await;
+}

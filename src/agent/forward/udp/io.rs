@@ -2,6 +2,9 @@
 //! client session a connected upstream socket to one backend and a task relaying its replies
 //! back through the VIP socket. Drives the pure [`FlowTable`].
 //!
+//! Both directions move datagrams in batches ([`super::batch`]): one `recvmmsg` takes what
+//! is queued, and the datagrams of one session go on in one `sendmmsg`.
+//!
 //! Sessions to a backend that leaves the table are dropped at once; sessions to a backend
 //! that turns draining continue until idle. A refused send or receive (ICMP port
 //! unreachable) ends the session and counts against the backend's health.
@@ -12,22 +15,43 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
+use std::os::fd::AsRawFd;
+
 use socket2::{Domain, Socket, Type};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::batch::{Batch, SLOTS, with_batch};
 use super::flows::FlowTable;
+use crate::agent::forward::Ctx;
 use crate::agent::forward::balancer::Failure;
 use crate::agent::forward::state::{BackendShared, VipShared};
-use crate::agent::forward::{Ctx, with_scratch};
 
-/// Largest datagram relayed.
-const MAX_DATAGRAM: usize = 65_536;
-/// Datagrams read per wake-up of a VIP socket beyond the first.
-const BATCH: usize = 63;
+/// Full batches taken from a VIP socket per wake-up before yielding to other tasks.
+const ROUNDS: usize = 4;
+
+/// `0, 1, …, SLOTS - 1`: every datagram of a batch.
+const ALL: [usize; SLOTS] = {
+    let mut a = [0; SLOTS];
+    let mut i = 0;
+    while i < SLOTS {
+        a[i] = i;
+        i += 1;
+    }
+    a
+};
+
+/// Datagrams of one batch bound for one session.
+struct Group {
+    client: SocketAddr,
+    up: Arc<UdpSocket>,
+    backend: Arc<BackendShared>,
+    which: Vec<usize>,
+}
 
 /// The I/O half of one session; dropping it closes the session.
 #[derive(Debug)]
@@ -133,7 +157,6 @@ impl UdpVip {
 
     /// Relay client datagrams until `stop` is cancelled; then every session closes.
     pub(crate) async fn run(self: Arc<Self>, stop: CancellationToken) {
-        let mut buf = vec![0u8; MAX_DATAGRAM];
         let every = (self.ctx.cfg.udp_idle_timeout / 4)
             .clamp(Duration::from_millis(10), Duration::from_secs(1));
         let mut sweep = tokio::time::interval(every);
@@ -146,41 +169,105 @@ impl UdpVip {
                     let gone = lock(&self.flows).expire(Instant::now());
                     drop(gone);
                 }
-                r = self.socket.recv_from(&mut buf) => match r {
-                    Ok((n, client)) => {
-                        self.on_datagram(&buf[..n], client);
-                        // Take what else is queued without another trip through the reactor.
-                        for _ in 0..BATCH {
-                            match self.socket.try_recv_from(&mut buf) {
-                                Ok((n, client)) => self.on_datagram(&buf[..n], client),
-                                Err(_) => break,
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        // ICMP errors for earlier replies surface here; nothing to do.
-                        tracing::debug!(vip = %self.vip.key, error = %e, "UDP recv");
-                    }
+                r = self.socket.readable() => match r {
+                    Ok(()) => self.drain(),
+                    Err(e) => tracing::debug!(vip = %self.vip.key, error = %e, "UDP readiness"),
                 },
             }
         }
         self.drop_all();
     }
 
-    fn on_datagram(&self, data: &[u8], client: SocketAddr) {
-        self.ctx.metrics.udp_c2b.inc();
+    /// Forward what the VIP socket has queued, a batch at a time, up to [`ROUNDS`] batches.
+    fn drain(&self) {
+        let fd = self.socket.as_raw_fd();
+        for _ in 0..ROUNDS {
+            let r = self.socket.try_io(Interest::READABLE, || {
+                with_batch(|b| {
+                    let n = b.recv(fd)?;
+                    self.forward(b);
+                    Ok(n)
+                })
+            });
+            match r {
+                Ok(SLOTS) => continue,
+                Ok(_) => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // ICMP errors for earlier replies surface here; nothing to do.
+                Err(e) => {
+                    tracing::debug!(vip = %self.vip.key, error = %e, "UDP recv");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Send one received batch on: per session, its datagrams in one `sendmmsg`.
+    fn forward(&self, b: &mut Batch) {
         let now = Instant::now();
-        // Up to two tries: a session whose backend turned out dead is replaced once.
+        let mut groups: Vec<Group> = Vec::new();
+        for i in 0..b.len() {
+            self.ctx.metrics.udp_c2b.inc();
+            let Some(client) = b.datagram(i).1 else {
+                continue;
+            };
+            if let Some(g) = groups.iter_mut().find(|g| g.client == client) {
+                g.which.push(i);
+                continue;
+            }
+            let Some((up, backend)) = self.session(client, now) else {
+                continue;
+            };
+            groups.push(Group {
+                client,
+                up,
+                backend,
+                which: vec![i],
+            });
+        }
+        for g in groups {
+            match b.send(g.up.as_raw_fd(), &g.which, None) {
+                Ok(sent) => {
+                    let bytes: usize = g.which[..sent].iter().map(|&i| b.bytes(i)).sum();
+                    g.backend.add_bytes(bytes as u64);
+                    if sent < g.which.len() {
+                        tracing::debug!(backend = %g.backend.addr, dropped = g.which.len() - sent, "UDP send buffer full");
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    // The backend is gone (ICMP port unreachable): one more try each, on a
+                    // session with a fresh pick.
+                    g.backend.record_failure(now, Failure::Refused);
+                    remove_if_same(&self.flows, g.client, &g.up);
+                    for &i in &g.which {
+                        self.send_one(b.datagram(i).0, g.client, now);
+                    }
+                }
+                Err(e) => {
+                    // Full buffers and the like: drop these datagrams, as UDP may.
+                    tracing::debug!(backend = %g.backend.addr, error = %e, "UDP send");
+                }
+            }
+        }
+    }
+
+    /// The live session of `client`, or a new one.
+    fn session(
+        &self,
+        client: SocketAddr,
+        now: Instant,
+    ) -> Option<(Arc<UdpSocket>, Arc<BackendShared>)> {
+        let existing = lock(&self.flows)
+            .touch(client, now)
+            .map(|s| (Arc::clone(&s.data.upstream), Arc::clone(&s.data.backend)));
+        existing.or_else(|| self.new_session(client, now))
+    }
+
+    /// One datagram, with one more try on a fresh session if its backend refuses.
+    fn send_one(&self, data: &[u8], client: SocketAddr, now: Instant) {
         for _ in 0..2 {
-            let existing = lock(&self.flows)
-                .touch(client, now)
-                .map(|s| (Arc::clone(&s.data.upstream), Arc::clone(&s.data.backend)));
-            let (up, backend) = match existing {
-                Some(x) => x,
-                None => match self.new_session(client, now) {
-                    Some(x) => x,
-                    None => return,
-                },
+            let Some((up, backend)) = self.session(client, now) else {
+                return;
             };
             // Straight to the non-blocking socket: a fresh tokio socket has no cached write
             // readiness yet, so `try_send` would refuse the first datagram.
@@ -194,7 +281,6 @@ impl UdpVip {
                     remove_if_same(&self.flows, client, &up);
                 }
                 Err(e) => {
-                    // Full buffers and the like: drop this datagram, as UDP may.
                     tracing::debug!(backend = %backend.addr, error = %e, "UDP send");
                     return;
                 }
@@ -295,24 +381,30 @@ async fn relay_replies(
     flows: Weak<Flows>,
     backend: Arc<BackendShared>,
 ) {
+    let vip_fd = vip_socket.as_raw_fd();
     loop {
-        // Through the thread's scratch buffer: an idle session holds no 64 KiB of its own.
+        // Through the thread's batch buffers: an idle session holds none of its own.
         let r = match up.readable().await {
-            Ok(()) => with_scratch(|buf| {
-                let n = up.try_recv(buf)?;
-                if let Err(e) =
-                    socket2::SockRef::from(&*vip_socket).send_to(&buf[..n], &client.into())
-                {
-                    tracing::debug!(%client, error = %e, "UDP reply dropped");
-                }
-                Ok(n)
+            Ok(()) => up.try_io(Interest::READABLE, || {
+                with_batch(|b| {
+                    let n = b.recv(up.as_raw_fd())?;
+                    let bytes: usize = (0..n).map(|i| b.bytes(i)).sum();
+                    match b.send(vip_fd, &ALL[..n], Some(client)) {
+                        Ok(sent) if sent < n => {
+                            tracing::debug!(%client, dropped = n - sent, "UDP replies dropped");
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::debug!(%client, error = %e, "UDP replies dropped"),
+                    }
+                    Ok((n, bytes))
+                })
             }),
             Err(e) => Err(e),
         };
         match r {
-            Ok(n) => {
-                ctx.metrics.udp_b2c.inc();
-                backend.add_bytes(n as u64);
+            Ok((n, bytes)) => {
+                ctx.metrics.udp_b2c.inc_by(n as u64);
+                backend.add_bytes(bytes as u64);
                 let Some(flows) = flows.upgrade() else { return };
                 lock(&flows).touch(client, Instant::now());
             }

@@ -1,5 +1,6 @@
 //! UDP forwarding: a pure session table ([`flows`]) and the socket shell that drives it
-//! (`io`).
+//! (`io`), which moves datagrams in `recvmmsg`/`sendmmsg` batches (`batch`).
 
+mod batch;
 pub mod flows;
 pub(super) mod io;
