@@ -409,7 +409,7 @@ if want propagation; then
 fi
 
 if [ -n "${BENCH_HOLD:-}" ]; then
-    log "holding: ip netns exec $NSC ... (client, proxies: l4lb $(pid_of l4lb), haproxy $(pid_of haproxy), nginx $(pid_of proxy-nginx)); ip netns exec $NSS ... (backends); Ctrl-C ends"
+    log "holding: ip netns exec $NSC ... (client, proxies: l4lb $(pid_of l4lb), haproxy $(pid_of haproxy), nginx $(pid_of proxy-nginx)); ip netns exec $NSS ... (backends); Ctrl-C or kill -TERM $$ ends"
     while :; do sleep 3600 & wait $!; done
 fi
 

@@ -1050,7 +1050,7 @@ async fn out_of_descriptors() {
     // No descriptor left for the upstream socket: a local error, no retry, no blame.
     let filler = fill(0);
     let live = &fwd.live[&key];
-    let r = tcp::connect_upstream(&fwd.ctx, &live.shared, false).await;
+    let r = tcp::connect_upstream(&fwd.ctx, &live.shared).await;
     drop(filler);
     assert!(
         matches!(r, Err(tcp::Unreached::Local("emfile"))),
@@ -1147,8 +1147,7 @@ async fn tcp_client_bytes_sent_with_the_connect_arrive_once() {
     for early in [true, false] {
         let mut s = if early {
             // Connected and written before the forwarder's task runs at all (this runtime has
-            // one thread): the request is in the socket when it is accepted, and goes out
-            // with the handshake's last ACK.
+            // one thread): the request is already in the socket when it is accepted.
             let std = std::net::TcpStream::connect(key.socket_addr()).unwrap();
             std::io::Write::write_all(&mut &std, req).unwrap();
             std.set_nonblocking(true).unwrap();
