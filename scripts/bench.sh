@@ -15,6 +15,11 @@
 #   BENCH_KEEP      set to keep the work directory (logs, configs)
 #   BENCH_ONLY      comma-separated workloads to run (tcp, conns, udp, dns, idle, propagation);
 #                   default all. A partial run still writes the JSON, with only those rows.
+#   BENCH_BASE      path to another l4lb binary (say, a build of the previous commit) measured
+#                   in the same run as column "base" (VIP 198.18.5.6) for the TCP, new-connection
+#                   and UDP workloads: an A/B on a noisy machine, under the same scheduler
+#                   group as everything else (start the two side by side by hand and the
+#                   session's autogroup alone skews a stream by ~20%)
 #   BENCH_HOLD      set to keep the lab up after the workloads (with BENCH_ONLY=none: set it up
 #                   only) until interrupted, for perf/strace by hand; prints the namespaces
 #   BENCH_PERF      set to `perf record -g` l4lb during its TCP, new-connection, UDP and DNS
@@ -193,6 +198,19 @@ for i in $(seq 1 100); do
     sleep 0.1
 done
 grep -q "first table applied; ready" "$WORK/l4lb.log" || die "l4lb not ready: $(tail -5 "$WORK/l4lb.log")"
+BASE=${BENCH_BASE:-}
+if [ -n "$BASE" ]; then
+    [ -x "$BASE" ] || die "BENCH_BASE: no executable $BASE"
+    sed 's/198\.18\.5\.5/198.18.5.6/g' "$WORK/apps.json" >"$WORK/apps-base.json"
+    start l4lb-base "$NSC" "$PROXY_CPU" env RUST_LOG=warn,l4lb=info "$BASE" --worker-threads 1 run \
+        --apps-file "$WORK/apps-base.json" --interface l4lbbase --interface-kind auto \
+        --api-listen 127.0.0.1:62081 --dns-listen 127.0.0.1:5464 --vip-cidr 198.18.64.0/18
+    for i in $(seq 1 100); do
+        grep -q "first table applied; ready" "$WORK/l4lb-base.log" 2>/dev/null && break
+        sleep 0.1
+    done
+    grep -q "first table applied; ready" "$WORK/l4lb-base.log" || die "base l4lb not ready: $(tail -5 "$WORK/l4lb-base.log")"
+fi
 
 cat >"$WORK/haproxy.cfg" <<EOF
 global
@@ -290,25 +308,44 @@ perf_off() {
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$RES"; log "$1 $2: $3 $4"; }
 L() { C taskset -c "$LOAD_CPU" "$@"; }
 
-declare -A TCP_DST=([direct]=198.18.0.2:5201 [l4lb]=198.18.5.5:5201 [haproxy]=198.18.0.1:15201 [nginx]=198.18.0.1:25201)
-declare -A WEB_DST=([direct]=198.18.0.2:8080 [l4lb]=198.18.5.5:8080 [haproxy]=198.18.0.1:18080 [nginx]=198.18.0.1:28080)
+declare -A TCP_DST=([direct]=198.18.0.2:5201 [l4lb]=198.18.5.5:5201 [haproxy]=198.18.0.1:15201 [nginx]=198.18.0.1:25201 [base]=198.18.5.6:5201)
+declare -A WEB_DST=([direct]=198.18.0.2:8080 [l4lb]=198.18.5.5:8080 [haproxy]=198.18.0.1:18080 [nginx]=198.18.0.1:28080 [base]=198.18.5.6:8080)
 TARGETS=(direct l4lb haproxy nginx)
+UDP_TARGETS=(direct l4lb nginx)
+if [ -n "$BASE" ]; then TARGETS+=(base); UDP_TARGETS+=(base); fi
 
 # Every throughput workload runs ROUNDS times, the targets interleaved (direct, l4lb, haproxy,
 # nginx, direct, ...), and the best round counts: interference from other work on the machine
 # only ever lowers a figure. Every round is kept in the JSON.
 SAMPLES="$WORK/samples.tsv"
 : >"$SAMPLES"
+# Busy time of the proxy CPU in clock ticks (user+nice+system+irq+softirq; not idle, iowait or
+# steal). Only the proxy under test runs there, and the kernel's work for the packets it sends
+# (the receiver's side included: veth and loopback deliver in the sender's softirq) lands there
+# too, so busy time per unit of work is what the proxy costs, whatever else the machine does.
+cpu_busy() { awk -v c="cpu$PROXY_CPU" '$1 == c { print $2 + $3 + $4 + $7 + $8 }' /proc/stat; }
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+
+# rounds WORKLOAD UNIT FN [COST_UNIT COST_SCALE] -- TARGETS...: with a cost unit, also record
+# the proxy CPU's busy time per unit of work, COST_SCALE µs-per-unit → COST_UNIT (median of
+# the rounds), as WORKLOAD_cpu; "direct" (no proxy) gets none.
 rounds() {
-    local w=$1 unit=$2 fn=$3 r t v best
+    local w=$1 unit=$2 fn=$3 cunit= cscale= r t v best b0 b1
     shift 3
+    if [ "$1" != -- ]; then cunit=$1 cscale=$2; shift 2; fi
+    shift
     for r in $(seq 1 "$ROUNDS"); do
         for t in "$@"; do
             if [ "$t" = l4lb ] && [ "$r" = 1 ]; then perf_on "$w"; fi
+            b0=$(cpu_busy)
             v=$("$fn" "$t")
+            b1=$(cpu_busy)
             perf_off
             printf '%s\t%s\t%s\n' "$w" "$t" "${v:-null}" >>"$SAMPLES"
             log "$w $t round $r: ${v:-null} $unit"
+            if [ -n "$cunit" ] && [ "$t" != direct ] && [ -n "$v" ] && [ "$v" != null ]; then
+                printf '%s_cpu\t%s\t%s\n' "$w" "$t" "$(python3 -c "print('%.2f' % (($b1 - $b0) * $TICK_US / ($v * $T) / $cscale))")" >>"$SAMPLES"
+            fi
             sleep 0.5
         done
     done
@@ -317,6 +354,14 @@ rounds() {
             if (!n || $3 + 0 > b + 0) b = $3; n++ } END { print n ? b : "null" }' "$SAMPLES")
         record "$w" "$t" "$best" "$unit"
     done
+    if [ -n "$cunit" ]; then
+        for t in "$@"; do
+            [ "$t" != direct ] || continue
+            best=$(awk -F'\t' -v w="${w}_cpu" -v t="$t" '$1 == w && $2 == t { print $3 }' "$SAMPLES" |
+                sort -n | awk '{ a[NR] = $1 } END { print NR ? a[int((NR + 1) / 2)] : "null" }')
+            record "${w}_cpu" "$t" "$best" "$cunit"
+        done
+    fi
 }
 
 # --- 1. iperf3: one stream, eight streams ----------------------------------------------------
@@ -329,8 +374,8 @@ iperf() {
 m_tcp1() { iperf "${TCP_DST[$1]}" 1; }
 m_tcp8() { iperf "${TCP_DST[$1]}" 8; }
 if want tcp; then
-    rounds tcp_stream_x1 Gbit/s m_tcp1 "${TARGETS[@]}"
-    rounds tcp_stream_x8 Gbit/s m_tcp8 "${TARGETS[@]}"
+    rounds tcp_stream_x1 Gbit/s m_tcp1 -- "${TARGETS[@]}"
+    rounds tcp_stream_x8 Gbit/s m_tcp8 -- "${TARGETS[@]}"
 fi
 
 # --- 2. new TCP connections per second ------------------------------------------------------
@@ -338,7 +383,7 @@ m_conns() {
     L wrk -t1 -c64 -d"${T}s" -H 'Connection: close' "http://${WEB_DST[$1]}/" 2>&1 |
         awk '/Requests\/sec/ {printf "%.0f", $2}'
 }
-if want conns; then rounds new_conns conn/s m_conns "${TARGETS[@]}"; fi
+if want conns; then rounds new_conns conn/s m_conns "µs/conn" 1 -- "${TARGETS[@]}"; fi
 
 # --- 3. UDP request/response (dnsperf -> dnsmasq) ------------------------------------------
 dnsperf_qps() {
@@ -346,17 +391,17 @@ dnsperf_qps() {
     L dnsperf -s "$host" -p "$port" -d "$file" -l "$T" -c 8 -q 200 -t 1 2>&1 |
         awk '/Queries per second/ {printf "%.0f", $4}'
 }
-declare -A UDP_DST=([direct]=198.18.0.2:5300 [l4lb]=198.18.5.5:5300 [nginx]=198.18.0.1:25300)
+declare -A UDP_DST=([direct]=198.18.0.2:5300 [l4lb]=198.18.5.5:5300 [nginx]=198.18.0.1:25300 [base]=198.18.5.6:5300)
 m_udp() { dnsperf_qps "${UDP_DST[$1]%:*}" "${UDP_DST[$1]#*:}" "$WORK/bench-query.txt"; }
 if want udp; then
-    rounds udp_req_resp q/s m_udp direct l4lb nginx
+    rounds udp_req_resp q/s m_udp "µs/query" 1 -- "${UDP_TARGETS[@]}"
     record udp_req_resp haproxy null q/s
 fi
 
 # --- 4. embedded DNS vs dnsmasq --------------------------------------------------------------
 declare -A DNS_PORT=([l4lb]=5454 [dnsmasq]=5455)
 m_dns() { dnsperf_qps 127.0.0.1 "${DNS_PORT[$1]}" "$WORK/names.txt"; }
-if want dns; then rounds dns_server q/s m_dns l4lb dnsmasq; fi
+if want dns; then rounds dns_server q/s m_dns -- l4lb dnsmasq; fi
 
 # --- 5. memory per idle connection ----------------------------------------------------------
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }

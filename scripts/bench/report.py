@@ -16,7 +16,9 @@ ROWS = [
     ("tcp_stream_x1", "iperf3 TCP, 1 stream", True, ("direct", 0.8)),
     ("tcp_stream_x8", "iperf3 TCP, 8 streams", True, None),
     ("new_conns", "new TCP conns (wrk, Connection: close)", True, ("haproxy", 1.2)),
+    ("new_conns_cpu", "  proxy CPU per new conn (median)", False, None),
     ("udp_req_resp", "UDP req/resp (dnsperf -> dnsmasq)", True, ("nginx", 2.0)),
+    ("udp_req_resp_cpu", "  proxy CPU per UDP query (median)", False, None),
     ("dns_server", "DNS server (dnsperf)", True, ("dnsmasq", 1.0)),
     ("idle_conns_held", "idle TCP conns held (reached the backend)", True, None),
     ("idle_conn_mem", "memory (RSS) per idle TCP conn", False, None),
@@ -25,7 +27,7 @@ ROWS = [
     ("propagation_p99", "propagation Marathon event -> new backend, p99", False, None),
 ]
 ABSOLUTE = {"idle_conn_mem": 10.0, "propagation_p99": 200.0}
-COLS = ["direct", "dnsmasq", "l4lb", "haproxy", "nginx"]
+COLS = ["direct", "dnsmasq", "l4lb", "haproxy", "nginx", "base"]
 
 
 def num(s):
@@ -57,8 +59,11 @@ def main() -> int:
 
     results = []
     lines = []
-    head = f"{'workload':<50} {'unit':<9}" + "".join(f"{c:>9}" for c in COLS)
-    head += f"  {'l4lb/direct':>11} {'l4lb/haproxy':>12} {'l4lb/nginx':>10}  target"
+    has_base = any("base" in row for row in data.values())
+    cols = COLS if has_base else [c for c in COLS if c != "base"]
+    head = f"{'workload':<50} {'unit':<9}" + "".join(f"{c:>9}" for c in cols)
+    head += f"  {'l4lb/direct':>11} {'l4lb/haproxy':>12} {'l4lb/nginx':>10}"
+    head += f" {'l4lb/base':>9}  target" if has_base else "  target"
     lines.append(head)
     lines.append("-" * len(head))
     for key, label, higher, target in ROWS:
@@ -67,7 +72,7 @@ def main() -> int:
         row = data[key]
         l4 = row.get("l4lb")
         ratios = {}
-        for other in ("direct", "haproxy", "nginx", "dnsmasq"):
+        for other in ("direct", "haproxy", "nginx", "dnsmasq", "base"):
             o = row.get(other)
             if l4 is not None and o:
                 ratios[other] = l4 / o
@@ -83,7 +88,7 @@ def main() -> int:
             verdict = f"l4lb <= {limit:g} {units[key]}: " + (
                 "n/a" if l4 is None else ("MET" if l4 <= limit else "MISSED")
             )
-        cells = "".join(f"{fmt(row.get(c)) if c in row else '':>9}" for c in COLS)
+        cells = "".join(f"{fmt(row.get(c)) if c in row else '':>9}" for c in cols)
 
         if "direct" not in ratios and "dnsmasq" in ratios:
             # The DNS row: the baseline is dnsmasq serving the same names.
@@ -95,7 +100,9 @@ def main() -> int:
             return f"{ratios_shown[k]:>{w}.2f}" if k in ratios_shown else f"{'':>{w}}"
 
         lines.append(
-            f"{label:<50} {units[key]:<9}{cells}  {rc('direct', 11)} {rc('haproxy', 12)} {rc('nginx', 10)}  {verdict}"
+            f"{label:<50} {units[key]:<9}{cells}  {rc('direct', 11)} {rc('haproxy', 12)} {rc('nginx', 10)}"
+            + (f" {rc('base', 9)}" if has_base else "")
+            + f"  {verdict}"
         )
         results.append(
             {
@@ -116,6 +123,8 @@ def main() -> int:
         f"{seconds} s per measurement, best of {rounds} interleaved rounds; whole run {elapsed} s."
     )
     lines.append("DNS row: 'dnsmasq' is dnsmasq serving the same names; its l4lb/direct column is l4lb/dnsmasq.")
+    if has_base:
+        lines.append("'base' is the BENCH_BASE binary, measured in the same rounds as l4lb.")
     table = "\n".join(lines)
     print(table)
 
