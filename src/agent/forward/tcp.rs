@@ -188,7 +188,7 @@ async fn handle(ctx: &Ctx, vip: &VipShared, client: TcpStream) {
     let backend = Arc::clone(&guard.0);
     let kill = backend.kill_token();
     let idle = ctx.cfg.tcp_idle_timeout;
-    let activity = Activity::new();
+    let activity = Activity::new(idle.is_some());
     let finished = AtomicBool::new(false);
     let work = async {
         tokio::try_join!(
@@ -276,7 +276,6 @@ pub(super) async fn connect_upstream(
         if attempt > 0 {
             ctx.metrics.connections_retried.inc();
         }
-        tried.push(backend.addr);
         let guard = ActiveGuard::new(Arc::clone(&backend));
         let failure = match tokio::time::timeout(ctx.cfg.connect_timeout, connect(backend.addr))
             .await
@@ -299,27 +298,34 @@ pub(super) async fn connect_upstream(
             }
         };
         backend.record_failure(Instant::now(), failure);
+        // Only now: the common first-try success allocates nothing.
+        tried.push(backend.addr);
     }
     Err(Unreached::NoBackend)
 }
 
-/// Last time bytes moved on a connection, for the idle timeout.
+/// Last time bytes moved on a connection, for the idle timeout. Without one, nothing is
+/// recorded (no clock read per copy).
 struct Activity {
     base: Instant,
     last_ms: AtomicU64,
+    tracked: bool,
 }
 
 impl Activity {
-    fn new() -> Self {
+    fn new(tracked: bool) -> Self {
         Activity {
             base: Instant::now(),
             last_ms: AtomicU64::new(0),
+            tracked,
         }
     }
 
     fn touch(&self) {
-        let ms = self.base.elapsed().as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
+        if self.tracked {
+            let ms = self.base.elapsed().as_millis() as u64;
+            self.last_ms.store(ms, Ordering::Relaxed);
+        }
     }
 
     /// Resolves once nothing has moved for `idle`; never without a timeout.
