@@ -41,9 +41,10 @@ pub struct Cli {
     /// Log format.
     #[arg(long, global = true, env = "L4LB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// Runtime worker threads (default: one per CPU).
+    /// Runtime worker threads (default: one per CPU this process may run on). With 1, the
+    /// whole process runs on one thread (tokio's current-thread scheduler, no work stealing).
     #[arg(long, global = true, env = "L4LB_WORKER_THREADS")]
-    pub worker_threads: Option<usize>,
+    pub worker_threads: Option<std::num::NonZeroUsize>,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -1,6 +1,7 @@
 //! The `l4lb` binary: parse the command line, start logging and the runtime, hand over to
 //! `l4lb::app`, and map failures to exit codes (64 bad config, 2 missing privilege, 1 other).
 
+use std::num::NonZeroUsize;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -18,10 +19,7 @@ fn main() -> ExitCode {
     };
     init_tracing(cli.log_format);
     l4lb::tls::init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime(cli.worker_threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("l4lb: cannot start the runtime: {e}");
@@ -38,6 +36,24 @@ fn main() -> ExitCode {
                 AppError::Other(_) => 1,
             })
         }
+    }
+}
+
+/// The runtime: `--worker-threads 1` is one thread doing everything (the current-thread
+/// scheduler: no work-stealing queues or cross-thread wake-ups per task); otherwise a
+/// multi-thread runtime with that many workers, or one per CPU this process may use.
+fn runtime(workers: Option<NonZeroUsize>) -> std::io::Result<tokio::runtime::Runtime> {
+    match workers.map(NonZeroUsize::get) {
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
     }
 }
 

@@ -131,7 +131,10 @@ async fn run_on_loopback_serves_tcp_udp_dns_and_follows_the_file() {
     };
     write(&web);
 
+    // One thread for everything (the current-thread runtime); the cluster suite runs two.
     let (mut proc, log) = spawn_l4lb(Command::new(BIN).args([
+        "--worker-threads",
+        "1",
         "run",
         "--apps-file",
         file.to_str().unwrap(),
@@ -165,12 +168,15 @@ async fn run_on_loopback_serves_tcp_udp_dns_and_follows_the_file() {
         .expect("A record");
     assert!(ip.to_string().starts_with("127.128."), "{ip}");
     let mut seen = std::collections::BTreeMap::new();
-    for _ in 0..30 {
+    // Sequential connections often find every backend idle, and then the pick is uniform at
+    // random: with 90 of them, some backend gets fewer than 12 about once in 85,000 runs (30
+    // with a floor of 5: about once in 27, and it failed here once).
+    for _ in 0..90 {
         let body = get(&format!("http://{ip}:80/")).await.unwrap();
         *seen.entry(body.trim().to_string()).or_insert(0) += 1;
     }
     assert_eq!(seen.len(), 3, "{seen:?}");
-    assert!(seen.values().all(|n| *n >= 5), "uneven spread {seen:?}");
+    assert!(seen.values().all(|n| *n >= 12), "uneven spread {seen:?}");
     // The IP VIP too.
     assert!(
         get(&format!("http://127.0.0.7:{vip_port}/"))

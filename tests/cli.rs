@@ -143,6 +143,7 @@ fn bad_configuration_exits_64() {
             "300.0.0.0/8",
         ],
         vec!["nonsense"],
+        vec!["--worker-threads", "0", "check", "--apps-file", "x"],
     ] {
         let out = Command::new(BIN).args(&args).output().unwrap();
         assert_eq!(

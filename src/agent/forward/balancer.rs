@@ -325,7 +325,10 @@ mod tests {
             }
         }
 
-        /// With load tracked as picks accumulate, loads stay within one of each other.
+        /// With load tracked as picks accumulate, loads stay close: after 500 picks the gap
+        /// between the most and least loaded is at most 12 (a simulation of 1.2M runs of this
+        /// picker saw at most 10; gaps above 6 come about 1 run in 3,000, which made a bound
+        /// of 6 flaky). Picking one backend at random would leave gaps of about 20.
         #[test]
         fn pick_balances_load(n in 2usize..8, seed: u64) {
             let mut r = SmallRng::seed_from_u64(seed);
@@ -335,7 +338,7 @@ mod tests {
             }
             let max = cands.iter().map(|c| c.load).max().unwrap_or(0);
             let min = cands.iter().map(|c| c.load).min().unwrap_or(0);
-            prop_assert!(max - min <= 6, "{max} {min}");
+            prop_assert!(max - min <= 12, "{max} {min}");
         }
     }
 }
