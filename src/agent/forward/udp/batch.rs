@@ -57,8 +57,10 @@ impl Batch {
     /// `WouldBlock` when there is none.
     pub(super) fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
         self.got.clear();
-        let mut slices: Vec<[IoSliceMut<'_>; 1]> =
-            self.bufs.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
+        // On the stack: no allocation per call.
+        let mut bufs = self.bufs.iter_mut();
+        let mut slices: [[IoSliceMut<'_>; 1]; SLOTS] =
+            std::array::from_fn(|_| [IoSliceMut::new(bufs.next().map_or(&mut [][..], |b| b))]);
         let res = recvmmsg(
             fd,
             &mut self.recv_hdrs,
@@ -97,18 +99,22 @@ impl Batch {
             return Ok(0);
         }
         let which = &which[..which.len().min(SLOTS)];
-        let slices: Vec<[IoSlice<'_>; 1]> = which
-            .iter()
-            .map(|&i| [IoSlice::new(&self.bufs[i][..self.got[i].0])])
-            .collect();
+        // On the stack: no allocation per call. Only the first `which.len()` are sent.
+        let slices: [[IoSlice<'_>; 1]; SLOTS] = std::array::from_fn(|k| {
+            [IoSlice::new(
+                which
+                    .get(k)
+                    .map_or(&[][..], |&i| &self.bufs[i][..self.got[i].0]),
+            )]
+        });
         let dest: Option<SockaddrStorage> = to.map(SockaddrStorage::from);
-        let addrs: Vec<Option<SockaddrStorage>> = vec![dest; which.len()];
+        let addrs: [Option<SockaddrStorage>; SLOTS] = [dest; SLOTS];
         let none: [ControlMessage<'_>; 0] = [];
         let res = sendmmsg(
             fd,
             &mut self.send_hdrs,
-            slices.iter(),
-            &addrs,
+            slices[..which.len()].iter(),
+            &addrs[..which.len()],
             none,
             MsgFlags::MSG_DONTWAIT,
         )?;

@@ -45,12 +45,19 @@ const ALL: [usize; SLOTS] = {
     a
 };
 
-/// Datagrams of one batch bound for one session.
+/// Datagrams of one batch bound for one session (indices into the batch, in order).
 struct Group {
     client: SocketAddr,
     up: Arc<UdpSocket>,
     backend: Arc<BackendShared>,
-    which: Vec<usize>,
+    which: [usize; SLOTS],
+    len: usize,
+}
+
+impl Group {
+    fn which(&self) -> &[usize] {
+        &self.which[..self.len]
+    }
 }
 
 /// The I/O half of one session; dropping it closes the session.
@@ -205,33 +212,39 @@ impl UdpVip {
     /// Send one received batch on: per session, its datagrams in one `sendmmsg`.
     fn forward(&self, b: &mut Batch) {
         let now = Instant::now();
-        let mut groups: Vec<Group> = Vec::new();
+        // One allocation per batch (not per datagram or per session).
+        let mut groups: Vec<Group> = Vec::with_capacity(b.len());
         for i in 0..b.len() {
             self.ctx.metrics.udp_c2b.inc();
             let Some(client) = b.datagram(i).1 else {
                 continue;
             };
             if let Some(g) = groups.iter_mut().find(|g| g.client == client) {
-                g.which.push(i);
+                // A batch holds at most SLOTS datagrams, so `len` stays in bounds.
+                g.which[g.len] = i;
+                g.len += 1;
                 continue;
             }
             let Some((up, backend)) = self.session(client, now) else {
                 continue;
             };
+            let mut which = [0; SLOTS];
+            which[0] = i;
             groups.push(Group {
                 client,
                 up,
                 backend,
-                which: vec![i],
+                which,
+                len: 1,
             });
         }
         for g in groups {
-            match b.send(g.up.as_raw_fd(), &g.which, None) {
+            match b.send(g.up.as_raw_fd(), g.which(), None) {
                 Ok(sent) => {
-                    let bytes: usize = g.which[..sent].iter().map(|&i| b.bytes(i)).sum();
+                    let bytes: usize = g.which()[..sent].iter().map(|&i| b.bytes(i)).sum();
                     g.backend.add_bytes(bytes as u64);
-                    if sent < g.which.len() {
-                        tracing::debug!(backend = %g.backend.addr, dropped = g.which.len() - sent, "UDP send buffer full");
+                    if sent < g.len {
+                        tracing::debug!(backend = %g.backend.addr, dropped = g.len - sent, "UDP send buffer full");
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
@@ -239,7 +252,7 @@ impl UdpVip {
                     // session with a fresh pick.
                     g.backend.record_failure(now, Failure::Refused);
                     remove_if_same(&self.flows, g.client, &g.up);
-                    for &i in &g.which {
+                    for &i in g.which() {
                         self.send_one(b.datagram(i).0, g.client, now);
                     }
                 }
