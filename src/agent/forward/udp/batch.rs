@@ -24,6 +24,9 @@ pub(super) struct Batch {
     got: Vec<(usize, Option<SocketAddr>)>,
     recv_hdrs: MultiHeaders<SockaddrStorage>,
     send_hdrs: MultiHeaders<SockaddrStorage>,
+    /// Destinations of one `sendmmsg`, reused (a socket address is 128 bytes: too many to
+    /// build a full batch's worth on every call).
+    addrs: Vec<Option<SockaddrStorage>>,
 }
 
 thread_local! {
@@ -50,6 +53,7 @@ impl Batch {
             got: Vec::with_capacity(SLOTS),
             recv_hdrs: MultiHeaders::preallocate(SLOTS, None),
             send_hdrs: MultiHeaders::preallocate(SLOTS, None),
+            addrs: Vec::with_capacity(SLOTS),
         }
     }
 
@@ -108,13 +112,14 @@ impl Batch {
             )]
         });
         let dest: Option<SockaddrStorage> = to.map(SockaddrStorage::from);
-        let addrs: [Option<SockaddrStorage>; SLOTS] = [dest; SLOTS];
+        self.addrs.clear();
+        self.addrs.resize(which.len(), dest);
         let none: [ControlMessage<'_>; 0] = [];
         let res = sendmmsg(
             fd,
             &mut self.send_hdrs,
             slices[..which.len()].iter(),
-            &addrs[..which.len()],
+            &self.addrs,
             none,
             MsgFlags::MSG_DONTWAIT,
         )?;
