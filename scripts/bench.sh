@@ -148,14 +148,21 @@ fi
 
 # --- backends (server namespace, load CPU) ---------------------------------------------------
 start iperf3 "$NSS" "$LOAD_CPU" iperf3 -s -B 198.18.0.2 -p 5201
-cat >"$WORK/backend-nginx.conf" <<EOF
+# nginx_head NAME: the settings both nginx instances share (one worker, in the foreground).
+nginx_head() {
+    cat <<EOF
 worker_processes 1;
 master_process off;
 daemon off;
 worker_rlimit_nofile $MAXFD;
-pid $WORK/backend-nginx.pid.nginx;
-error_log $WORK/backend-nginx.err warn;
+pid $WORK/$1.pid.nginx;
+error_log $WORK/$1.err warn;
 events { worker_connections $((MAXFD - 100)); }
+EOF
+}
+{
+    nginx_head backend-nginx
+    cat <<EOF
 http {
     access_log off;
     client_header_timeout 300s;
@@ -166,6 +173,7 @@ http {
     }
 }
 EOF
+} >"$WORK/backend-nginx.conf"
 start backend-nginx "$NSS" "$LOAD_CPU" nginx -p "$WORK" -c "$WORK/backend-nginx.conf"
 start backend-dnsmasq "$NSS" "$LOAD_CPU" dnsmasq -k -C /dev/null -u root --no-resolv --no-hosts \
     --bind-interfaces --listen-address=198.18.0.2 --port=5300 --pid-file= \
@@ -233,15 +241,10 @@ listen web
 EOF
 start haproxy "$NSC" "$PROXY_CPU" haproxy -db -f "$WORK/haproxy.cfg"
 
-cat >"$WORK/proxy-nginx.conf" <<EOF
-load_module /usr/lib/nginx/modules/ngx_stream_module.so;
-worker_processes 1;
-master_process off;
-daemon off;
-worker_rlimit_nofile $MAXFD;
-pid $WORK/proxy-nginx.pid.nginx;
-error_log $WORK/proxy-nginx.err warn;
-events { worker_connections $((MAXFD - 100)); }
+{
+    echo "load_module /usr/lib/nginx/modules/ngx_stream_module.so;"
+    nginx_head proxy-nginx
+    cat <<EOF
 stream {
     proxy_timeout 600s;
     server { listen 198.18.0.1:25201 backlog=8192; proxy_pass 198.18.0.2:5201; }
@@ -249,6 +252,7 @@ stream {
     server { listen 198.18.0.1:25300 udp; proxy_pass 198.18.0.2:5300; proxy_timeout 30s; }
 }
 EOF
+} >"$WORK/proxy-nginx.conf"
 start proxy-nginx "$NSC" "$PROXY_CPU" nginx -p "$WORK" -c "$WORK/proxy-nginx.conf"
 
 # dnsmasq serving the same names as l4lb's embedded DNS, for the DNS comparison.

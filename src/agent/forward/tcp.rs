@@ -38,7 +38,9 @@ const AUTO_SPLICE: usize = 16 * 1024;
 /// past which an unprivileged process only gets tiny pipes); on loopback 1 MiB measured no
 /// faster.
 const PIPE_SIZE: usize = 256 << 10;
-/// Listen backlog asked for; the kernel caps it at `net.core.somaxconn`.
+/// Listen backlog asked for; the kernel caps it at `net.core.somaxconn`. A burst of connects
+/// must wait in the queue, not have its SYNs dropped: 1024 lost 1–2 of 9,350 connections
+/// opened at once in `scripts/bench.sh`, where HAProxy and nginx lost none.
 const LISTEN_BACKLOG: i32 = 65_535;
 /// How long the accept loop sleeps when the host is out of descriptors or memory.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -68,9 +70,6 @@ pub(super) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     sock.set_nonblocking(true)?;
     tune(SockRef::from(&sock))?;
     sock.bind(&addr.into())?;
-    // As deep a backlog as the host allows (the kernel clamps it to net.core.somaxconn): a
-    // burst of connects must wait in the queue, not have its SYNs dropped. 1024 lost 1–2 of
-    // 9,350 connections opened at once in `scripts/bench.sh`; HAProxy and nginx lost none.
     sock.listen(LISTEN_BACKLOG)?;
     TcpListener::from_std(sock.into())
 }

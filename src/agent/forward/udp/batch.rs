@@ -90,6 +90,21 @@ impl Batch {
         self.got.len()
     }
 
+    /// Send every datagram of the last receive on `fd`, to `to` (see [`Batch::send`]).
+    pub(super) fn send_all(&mut self, fd: RawFd, to: Option<SocketAddr>) -> io::Result<usize> {
+        const ALL: [usize; SLOTS] = {
+            let mut a = [0; SLOTS];
+            let mut i = 0;
+            while i < SLOTS {
+                a[i] = i;
+                i += 1;
+            }
+            a
+        };
+        let n = self.got.len();
+        self.send(fd, &ALL[..n], to)
+    }
+
     /// Send datagrams `which` (indices into the last receive) on `fd`, to `to`, or on a
     /// connected socket with `None`. Returns how many went (a prefix of `which`); an error
     /// only when the first could not.

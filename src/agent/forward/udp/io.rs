@@ -34,17 +34,6 @@ use crate::agent::forward::state::{BackendShared, VipShared};
 /// Full batches taken from a VIP socket per wake-up before yielding to other tasks.
 const ROUNDS: usize = 4;
 
-/// `0, 1, …, SLOTS - 1`: every datagram of a batch.
-const ALL: [usize; SLOTS] = {
-    let mut a = [0; SLOTS];
-    let mut i = 0;
-    while i < SLOTS {
-        a[i] = i;
-        i += 1;
-    }
-    a
-};
-
 /// Datagrams of one batch bound for one session (indices into the batch, in order).
 struct Group {
     client: SocketAddr,
@@ -402,7 +391,7 @@ async fn relay_replies(
                 with_batch(|b| {
                     let n = b.recv(up.as_raw_fd())?;
                     let bytes: usize = (0..n).map(|i| b.bytes(i)).sum();
-                    match b.send(vip_fd, &ALL[..n], Some(client)) {
+                    match b.send_all(vip_fd, Some(client)) {
                         Ok(sent) if sent < n => {
                             tracing::debug!(%client, dropped = n - sent, "UDP replies dropped");
                         }
