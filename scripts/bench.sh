@@ -323,33 +323,61 @@ if [ -n "$BASE" ]; then TARGETS+=(base); UDP_TARGETS+=(base); fi
 # only ever lowers a figure. Every round is kept in the JSON.
 SAMPLES="$WORK/samples.tsv"
 : >"$SAMPLES"
-# Busy time of the proxy CPU in clock ticks (user+nice+system+irq+softirq; not idle, iowait or
-# steal). Only the proxy under test runs there, and the kernel's work for the packets it sends
-# (the receiver's side included: veth and loopback deliver in the sender's softirq) lands there
-# too, so busy time per unit of work is what the proxy costs, whatever else the machine does.
-cpu_busy() { awk -v c="cpu$PROXY_CPU" '$1 == c { print $2 + $3 + $4 + $7 + $8 }' /proc/stat; }
+# CPU accounting, from /proc/stat clock ticks. Busy is user+nice+system+irq+softirq (not idle,
+# iowait or steal); "kernel" is system+irq+softirq. Only the proxy under test runs on the proxy
+# CPU, and the kernel's work for the packets it sends (the receiver's side included: veth and
+# loopback deliver in the sender's softirq) lands there too, so its busy time per unit of work
+# is what the proxy costs, whatever else the machine does. The load CPU's busy share says
+# whether the load generators and backends, rather than the proxy, set the pace.
+# cpu_snap prints: proxy-CPU user ticks, proxy-CPU kernel ticks, load-CPU busy ticks, time in µs.
+cpu_snap() {
+    awk -v p="cpu$PROXY_CPU" -v l="cpu$LOAD_CPU" -v now="$(date +%s%6N)" '
+        $1 == p { pu = $2 + $3; pk = $4 + $7 + $8 }
+        $1 == l { lb = $2 + $3 + $4 + $7 + $8 }
+        END { print pu, pk, lb, now }' /proc/stat
+}
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 
-# rounds WORKLOAD UNIT FN [COST_UNIT COST_SCALE] -- TARGETS...: with a cost unit, also record
-# the proxy CPU's busy time per unit of work, COST_SCALE µs-per-unit → COST_UNIT (median of
-# the rounds), as WORKLOAD_cpu; "direct" (no proxy) gets none.
+# cpu_rows W T VALUE SCALE "SNAP0" "SNAP1": per-round CPU samples of one measurement:
+#   W_busy_proxy, W_busy_load   busy share of each CPU over the measurement, %
+#   W_cpu, W_cpu_kernel         proxy-CPU busy and kernel time per unit of work, µs x SCALE
+#                               (only with SCALE, and not for "direct": no proxy)
+cpu_rows() {
+    local w=$1 t=$2 v=$3 scale=$4
+    python3 - "$w" "$t" "$v" "$scale" "$TICK_US" "$T" $5 $6 >>"$SAMPLES" <<'PY'
+import sys
+w, t, v, scale, tick, secs = sys.argv[1:7]
+pu0, pk0, lb0, t0, pu1, pk1, lb1, t1 = map(float, sys.argv[7:15])
+tick, wall = float(tick), max(t1 - t0, 1.0)
+print(f"{w}_busy_proxy\t{t}\t{100 * (pu1 - pu0 + pk1 - pk0) * tick / wall:.1f}")
+print(f"{w}_busy_load\t{t}\t{100 * (lb1 - lb0) * tick / wall:.1f}")
+if scale and t != "direct" and v not in ("", "null"):
+    units = float(v) * float(secs) * float(scale)
+    print(f"{w}_cpu\t{t}\t{(pu1 - pu0 + pk1 - pk0) * tick / units:.2f}")
+    print(f"{w}_cpu_kernel\t{t}\t{(pk1 - pk0) * tick / units:.2f}")
+PY
+}
+
+# rounds WORKLOAD UNIT FN [COST_UNIT COST_SCALE] -- TARGETS...: run FN for every target, ROUNDS
+# times interleaved, and record the best value of each. Every measurement also samples the CPU
+# (cpu_rows); the medians over the rounds are recorded as WORKLOAD_busy_proxy and
+# WORKLOAD_busy_load (%), and with a cost unit as WORKLOAD_cpu and WORKLOAD_cpu_kernel
+# (µs-per-unit x COST_SCALE, in COST_UNIT).
 rounds() {
-    local w=$1 unit=$2 fn=$3 cunit= cscale= r t v best b0 b1
+    local w=$1 unit=$2 fn=$3 cunit= cscale= r t v best s0 s1 suffix u
     shift 3
     if [ "$1" != -- ]; then cunit=$1 cscale=$2; shift 2; fi
     shift
     for r in $(seq 1 "$ROUNDS"); do
         for t in "$@"; do
             if [ "$t" = l4lb ] && [ "$r" = 1 ]; then perf_on "$w"; fi
-            b0=$(cpu_busy)
+            s0=$(cpu_snap)
             v=$("$fn" "$t")
-            b1=$(cpu_busy)
+            s1=$(cpu_snap)
             perf_off
             printf '%s\t%s\t%s\n' "$w" "$t" "${v:-null}" >>"$SAMPLES"
             log "$w $t round $r: ${v:-null} $unit"
-            if [ -n "$cunit" ] && [ "$t" != direct ] && [ -n "$v" ] && [ "$v" != null ]; then
-                printf '%s_cpu\t%s\t%s\n' "$w" "$t" "$(python3 -c "print('%.2f' % (($b1 - $b0) * $TICK_US / ($v * $T) / $cscale))")" >>"$SAMPLES"
-            fi
+            cpu_rows "$w" "$t" "${v:-null}" "$cscale" "$s0" "$s1"
             sleep 0.5
         done
     done
@@ -358,14 +386,16 @@ rounds() {
             if (!n || $3 + 0 > b + 0) b = $3; n++ } END { print n ? b : "null" }' "$SAMPLES")
         record "$w" "$t" "$best" "$unit"
     done
-    if [ -n "$cunit" ]; then
+    for suffix in busy_proxy busy_load ${cunit:+cpu cpu_kernel}; do
+        u=%
+        case $suffix in cpu*) u=$cunit ;; esac
         for t in "$@"; do
-            [ "$t" != direct ] || continue
-            best=$(awk -F'\t' -v w="${w}_cpu" -v t="$t" '$1 == w && $2 == t { print $3 }' "$SAMPLES" |
+            case $suffix in cpu*) [ "$t" != direct ] || continue ;; esac
+            best=$(awk -F'\t' -v w="${w}_$suffix" -v t="$t" '$1 == w && $2 == t { print $3 }' "$SAMPLES" |
                 sort -n | awk '{ a[NR] = $1 } END { print NR ? a[int((NR + 1) / 2)] : "null" }')
-            record "${w}_cpu" "$t" "$best" "$cunit"
+            record "${w}_$suffix" "$t" "$best" "$u"
         done
-    fi
+    done
 }
 
 # --- 1. iperf3: one stream, eight streams ----------------------------------------------------

@@ -14,11 +14,19 @@ import sys
 ROWS = [
     # key, label, higher is better, (compare to, minimum ratio) target
     ("tcp_stream_x1", "iperf3 TCP, 1 stream", True, ("direct", 0.8)),
+    ("tcp_stream_x1_busy_proxy", "  proxy CPU busy (median)", False, None),
+    ("tcp_stream_x1_busy_load", "  load CPU busy (median)", False, None),
     ("tcp_stream_x8", "iperf3 TCP, 8 streams", True, None),
     ("new_conns", "new TCP conns (wrk, Connection: close)", True, ("haproxy", 1.2)),
     ("new_conns_cpu", "  proxy CPU per new conn (median)", False, None),
+    ("new_conns_cpu_kernel", "    of which kernel (median)", False, None),
+    ("new_conns_busy_proxy", "  proxy CPU busy (median)", False, None),
+    ("new_conns_busy_load", "  load CPU busy (median)", False, None),
     ("udp_req_resp", "UDP req/resp (dnsperf -> dnsmasq)", True, ("nginx", 2.0)),
     ("udp_req_resp_cpu", "  proxy CPU per UDP query (median)", False, None),
+    ("udp_req_resp_cpu_kernel", "    of which kernel (median)", False, None),
+    ("udp_req_resp_busy_proxy", "  proxy CPU busy (median)", False, None),
+    ("udp_req_resp_busy_load", "  load CPU busy (median)", False, None),
     ("dns_server", "DNS server (dnsperf)", True, ("dnsmasq", 1.0)),
     ("idle_conns_held", "idle TCP conns held (reached the backend)", True, None),
     ("idle_conn_mem", "memory (RSS) per idle TCP conn", False, None),
@@ -35,6 +43,46 @@ def num(s):
         return float(s)
     except ValueError:
         return None
+
+
+def limits(data):
+    """What the ratio targets ask of the proxy's one core, next to what the kernel's work alone
+    costs there: a rate whose CPU budget per unit is below the kernel's share cannot be reached
+    by any change to user space. Also how busy both CPUs were during l4lb's runs: a saturated
+    load CPU bounds every path, the direct one included."""
+
+    def get(key, target):
+        return data.get(key, {}).get(target)
+
+    def busy(key):
+        p, l = get(f"{key}_busy_proxy", "l4lb"), get(f"{key}_busy_load", "l4lb")
+        if p is None or l is None:
+            return ""
+        return f" During l4lb's runs: proxy CPU {p:.0f}% busy, load CPU {l:.0f}%."
+
+    out = ["What the targets ask (from this run's figures):"]
+    for key, other, want, unit in (
+        ("new_conns", "haproxy", 1.2, "conn"),
+        ("udp_req_resp", "nginx", 2.0, "query"),
+    ):
+        peer, direct = get(key, other), get(key, "direct")
+        kernel = {t: get(f"{key}_cpu_kernel", t) for t in ("l4lb", "haproxy", "nginx")}
+        if not peer or not direct or kernel["l4lb"] is None:
+            continue
+        goal = want * peer
+        peers = ", ".join(f"{t} {v:.1f}" for t, v in kernel.items() if t != "l4lb" and v is not None)
+        out.append(
+            f"  {key}: {want:g}x {other} = {goal:.0f}/s = {goal / direct:.2f}x direct. One core at "
+            f"that rate has {1e6 / goal:.1f} µs per {unit}; the kernel's work alone costs l4lb "
+            f"{kernel['l4lb']:.1f} ({peers}).{busy(key)}"
+        )
+    x1 = data.get("tcp_stream_x1", {})
+    if x1.get("direct") and x1.get("l4lb"):
+        out.append(
+            f"  tcp_stream_x1: 0.8x direct = {0.8 * x1['direct']:.2f} Gbit/s; l4lb "
+            f"{x1['l4lb']:.2f}.{busy('tcp_stream_x1')}"
+        )
+    return out if len(out) > 1 else []
 
 
 def main() -> int:
@@ -72,7 +120,7 @@ def main() -> int:
         row = data[key]
         l4 = row.get("l4lb")
         ratios = {}
-        for other in ("direct", "haproxy", "nginx", "dnsmasq", "base"):
+        for other in [] if units[key] == "%" else ("direct", "haproxy", "nginx", "dnsmasq", "base"):
             o = row.get(other)
             if l4 is not None and o:
                 ratios[other] = l4 / o
@@ -116,6 +164,8 @@ def main() -> int:
                 "target": verdict or None,
             }
         )
+    lines.append("")
+    lines.extend(limits(data))
     lines.append("")
     lines.append(
         f"proxies (l4lb --worker-threads 1, haproxy nbthread 1, nginx worker_processes 1) "
