@@ -286,9 +286,21 @@ async fn truncated_over_udp_full_over_tcp() {
     s.stop().await;
 }
 
-/// A tiny upstream: answers A queries with 192.0.2.1 over UDP and TCP. With `truncate_udp`, a
-/// UDP answer carries only TC.
-async fn upstream(truncate_udp: bool) -> (SocketAddr, CancellationToken) {
+/// How a test upstream answers over UDP.
+#[derive(Clone, Copy, PartialEq)]
+enum Up {
+    /// An A record, 192.0.2.1.
+    Answer,
+    /// The same, after a delay.
+    AnswerAfter(Duration),
+    /// Only TC set (the full answer comes over TCP).
+    Truncate,
+    /// REFUSED, at once.
+    Refuse,
+}
+
+/// A tiny upstream: answers A queries with 192.0.2.1 over TCP, and over UDP as `up` says.
+async fn upstream(up: Up) -> (SocketAddr, CancellationToken) {
     // UDP and TCP on the same port; another test may hold that TCP port, so retry.
     let mut attempt = 0;
     let (udp, tcp, addr) = loop {
@@ -318,6 +330,7 @@ async fn upstream(truncate_udp: bool) -> (SocketAddr, CancellationToken) {
         Some(resp)
     }
     let stop2 = stop.clone();
+    let udp = std::sync::Arc::new(udp);
     tokio::spawn(async move {
         let mut buf = vec![0u8; 4096];
         loop {
@@ -326,8 +339,14 @@ async fn upstream(truncate_udp: bool) -> (SocketAddr, CancellationToken) {
                 r = udp.recv_from(&mut buf) => {
                     let Ok((n, peer)) = r else { continue };
                     let Some(mut resp) = answer(&buf[..n]) else { continue };
-                    if truncate_udp {
-                        resp = resp.truncate();
+                    match up {
+                        Up::Answer => {}
+                        Up::AnswerAfter(d) => tokio::time::sleep(d).await,
+                        Up::Truncate => resp = resp.truncate(),
+                        Up::Refuse => {
+                            resp.answers.clear();
+                            resp.metadata.response_code = ResponseCode::Refused;
+                        }
                     }
                     let _ = udp.send_to(&resp.to_vec().expect("encode"), peer).await;
                 }
@@ -351,7 +370,7 @@ async fn upstream(truncate_udp: bool) -> (SocketAddr, CancellationToken) {
 
 #[tokio::test]
 async fn forwards_to_upstream_and_retries_over_tcp() {
-    let (good, _g) = upstream(false).await;
+    let (good, _g) = upstream(Up::Answer).await;
     let s = Server::start(DnsConfig {
         upstreams: vec![good],
         upstream_timeout: Duration::from_secs(2),
@@ -372,7 +391,7 @@ async fn forwards_to_upstream_and_retries_over_tcp() {
 
     // An upstream that truncates over UDP: a TCP client gets the full answer via TCP retry, a
     // UDP client gets TC (and would retry over TCP itself).
-    let (trunc, _t) = upstream(true).await;
+    let (trunc, _t) = upstream(Up::Truncate).await;
     let s = Server::start(DnsConfig {
         upstreams: vec![trunc],
         ..DnsConfig::default()
@@ -427,7 +446,7 @@ async fn silent_upstream_gives_servfail_and_a_live_one_wins() {
     s.stop().await;
 
     // Two upstreams at once: the silent one does not delay the live one.
-    let (good, _g) = upstream(false).await;
+    let (good, _g) = upstream(Up::Answer).await;
     let s = Server::start(DnsConfig {
         upstreams: vec![silent_addr, good],
         upstream_timeout: Duration::from_secs(5),
@@ -441,6 +460,60 @@ async fn silent_upstream_gives_servfail_and_a_live_one_wins() {
         assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     }
     drop(silent);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_refusing_upstream_does_not_beat_one_that_answers() {
+    let (refusing, _r) = upstream(Up::Refuse).await;
+    let (slow, _s) = upstream(Up::AnswerAfter(Duration::from_millis(150))).await;
+    let s = Server::start(DnsConfig {
+        upstreams: vec![refusing, slow],
+        upstream_timeout: Duration::from_secs(3),
+        ..DnsConfig::default()
+    })
+    .await;
+    // Both are asked every time; the REFUSED arrives first and the answer wins anyway.
+    for id in 0..4 {
+        let r = udp_query(s.udp, &query(id, "example.net.", RecordType::A)).await;
+        assert_eq!(
+            r.metadata.response_code,
+            ResponseCode::NoError,
+            "query {id}"
+        );
+        assert_eq!(a_records(&r), ["192.0.2.1"]);
+    }
+    s.stop().await;
+
+    // Alone, the refusal is passed on as it is, not turned into SERVFAIL.
+    let s = Server::start(DnsConfig {
+        upstreams: vec![refusing],
+        upstream_timeout: Duration::from_secs(3),
+        ..DnsConfig::default()
+    })
+    .await;
+    let t0 = Instant::now();
+    let r = udp_query(s.udp, &query(9, "example.net.", RecordType::A)).await;
+    assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    s.stop().await;
+
+    // Beside a silent upstream, the refusal is the answer at the deadline.
+    let silent = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let s = Server::start(DnsConfig {
+        upstreams: vec![refusing, silent.local_addr().expect("addr")],
+        upstream_timeout: Duration::from_millis(300),
+        ..DnsConfig::default()
+    })
+    .await;
+    for id in 0..2 {
+        let r = udp_query(s.udp, &query(id, "example.net.", RecordType::A)).await;
+        assert_eq!(
+            r.metadata.response_code,
+            ResponseCode::Refused,
+            "query {id}"
+        );
+    }
     s.stop().await;
 }
 

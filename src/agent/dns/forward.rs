@@ -1,16 +1,20 @@
 //! Forwarding of queries outside our zones to upstream resolvers: the query goes to two
 //! upstreams at once over UDP (one if only one is configured) under a fresh random id from a
-//! fresh ephemeral port; the first matching answer wins. A truncated UDP answer is retried over
-//! TCP to the upstream that sent it when the client itself came over TCP (a UDP client gets the
-//! TC answer and retries over TCP itself). Everything runs under one deadline; the caller
-//! answers SERVFAIL on error.
+//! fresh ephemeral port; the first matching answer that resolves the question (NOERROR or
+//! NXDOMAIN) wins. A SERVFAIL or REFUSED from one upstream waits for the other, so one broken
+//! resolver cannot fail names the other can answer; it is passed on only if nothing better
+//! comes before the deadline. A truncated UDP answer is retried over TCP to the upstream that
+//! sent it when the client itself came over TCP (a UDP client gets the TC answer and retries
+//! over TCP itself). Everything runs under one deadline; the caller answers SERVFAIL on error.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use futures::future::{BoxFuture, FutureExt, select_ok};
+use futures::StreamExt;
+use futures::future::{BoxFuture, FutureExt};
+use futures::stream::FuturesUnordered;
 use hickory_proto::op::{Header, Message, MessageType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -67,32 +71,54 @@ impl Forwarder {
             .collect();
         let bytes = &bytes;
         let upstream_req = &upstream_req;
-        let attempt = async move {
-            let racers: Vec<BoxFuture<'_, Result<Vec<u8>, ForwardError>>> = picks
-                .into_iter()
-                .map(|addr| {
-                    async move {
-                        let answer = udp_exchange(addr, bytes, upstream_req)
+        let mut racers: FuturesUnordered<BoxFuture<'_, Result<Vec<u8>, ForwardError>>> = picks
+            .into_iter()
+            .map(|addr| {
+                async move {
+                    let answer = udp_exchange(addr, bytes, upstream_req)
+                        .await
+                        .map_err(|e| ForwardError::Io(addr, e))?;
+                    if client == Transport::Tcp && is_truncated(&answer) {
+                        return tcp_exchange(addr, bytes, upstream_req)
                             .await
-                            .map_err(|e| ForwardError::Io(addr, e))?;
-                        if client == Transport::Tcp && is_truncated(&answer) {
-                            return tcp_exchange(addr, bytes, upstream_req)
-                                .await
-                                .map_err(|e| ForwardError::Io(addr, e));
-                        }
-                        Ok(answer)
+                            .map_err(|e| ForwardError::Io(addr, e));
                     }
-                    .boxed()
-                })
-                .collect();
-            select_ok(racers).await.map(|(answer, _)| answer)
+                    Ok(answer)
+                }
+                .boxed()
+            })
+            .collect();
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        // An answer that does not resolve the question, kept in case nothing better comes.
+        let mut fallback = None;
+        let mut failed = None;
+        let mut answer = loop {
+            match tokio::time::timeout_at(deadline, racers.next()).await {
+                Ok(Some(Ok(answer))) if resolves(&answer) => break answer,
+                Ok(Some(Ok(answer))) => {
+                    fallback.get_or_insert(answer);
+                }
+                Ok(Some(Err(e))) => failed = Some(e),
+                done => {
+                    break match (fallback, failed) {
+                        (Some(answer), _) => answer,
+                        (None, Some(e)) if done.is_ok() => return Err(e),
+                        _ => return Err(ForwardError::Timeout(self.timeout)),
+                    };
+                }
+            }
         };
-        let mut answer = tokio::time::timeout(self.timeout, attempt)
-            .await
-            .map_err(|_| ForwardError::Timeout(self.timeout))??;
         answer[..2].copy_from_slice(&req.metadata.id.to_be_bytes());
         Ok(answer)
     }
+}
+
+/// Whether `answer` settles the question: NOERROR or NXDOMAIN (a SERVFAIL, REFUSED, NOTIMP or
+/// FORMERR says something about that upstream, not about the name).
+fn resolves(answer: &[u8]) -> bool {
+    answer
+        .get(3)
+        .is_some_and(|flags| matches!(flags & 0x0f, 0 | 3))
 }
 
 fn is_truncated(answer: &[u8]) -> bool {
