@@ -100,6 +100,8 @@ impl Pool {
 pub struct Allocator {
     v4: Pool,
     v6: Pool,
+    /// The two ranges, as configured (for [`Allocator::in_range`]).
+    nets: (Ipv4Net, Ipv6Net),
     assigned: HashMap<(String, Family), IpAddr>,
     /// The values of `assigned`, for O(1) probing.
     used: HashSet<IpAddr>,
@@ -117,8 +119,17 @@ impl Allocator {
         Allocator {
             v4: Pool::v4(v4.trunc()),
             v6: Pool::v6(v6.trunc()),
+            nets: (v4.trunc(), v6.trunc()),
             assigned: HashMap::new(),
             used: HashSet::new(),
+        }
+    }
+
+    /// Whether `ip` lies in one of the ranges named VIPs are given addresses from.
+    pub fn in_range(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(v4) => self.nets.0.contains(&v4),
+            IpAddr::V6(v6) => self.nets.1.contains(&v6),
         }
     }
 

@@ -39,6 +39,12 @@ pub enum LabelError {
     ClusterAddress(IpAddr),
     #[error("IP VIP {0} is an address of this host")]
     HostAddress(IpAddr),
+    #[error(
+        "IP VIP {0} is inside the range named VIPs get addresses from (--vip-cidr, --vip-cidr6)"
+    )]
+    NamedVipRange(IpAddr),
+    #[error("label value {0} is not a string")]
+    NotAString(String),
     #[error("no address left for named VIP {0:?} in the VIP CIDR")]
     Exhausted(String),
     #[error("port index {0} has no host port on the task")]
@@ -60,6 +66,8 @@ impl LabelError {
             LabelError::OutsideAllowed(_) => "outside_allowed_cidr",
             LabelError::ClusterAddress(_) => "cluster_address",
             LabelError::HostAddress(_) => "host_address",
+            LabelError::NamedVipRange(_) => "named_vip_range",
+            LabelError::NotAString(_) => "not_a_string",
             LabelError::Exhausted(_) => "exhausted",
             LabelError::NoTaskPort(_) => "no_task_port",
         }
@@ -87,6 +95,8 @@ pub fn parse_value(value: &str) -> Result<VipLabel, LabelError> {
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(host);
     if let Ok(ip) = bare.parse::<IpAddr>() {
+        // `::ffff:198.18.5.5` is that IPv4 address: one VIP, checked and keyed as IPv4.
+        let ip = ip.to_canonical();
         return Ok(VipLabel::Ip { ip, port });
     }
     let label = mangle(host);
@@ -203,6 +213,14 @@ mod tests {
                 Ok(VipLabel::Ip {
                     ip: "fd01::2".parse().unwrap(),
                     port: 443,
+                }),
+            ),
+            // IPv4-mapped IPv6 is the IPv4 address.
+            (
+                "[::ffff:198.18.5.5]:53",
+                Ok(VipLabel::Ip {
+                    ip: "198.18.5.5".parse().unwrap(),
+                    port: 53,
                 }),
             ),
             (

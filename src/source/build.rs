@@ -244,11 +244,20 @@ pub fn app_vips(app: &App, resolve: &mut dyn FnMut(&str) -> Option<IpAddr>) -> A
             None => out.unresolved_hosts.push(h.to_string()),
         }
     }
+    // Every task's own addresses (container networking), whatever its state and whether or
+    // not a port is labelled: an IP VIP on one of them would take over that task's traffic.
+    out.cluster_addrs.extend(
+        tasks
+            .iter()
+            .flat_map(|t| t.ip_addresses.iter().flatten())
+            .filter_map(|a| a.ip_address.as_deref()?.parse::<IpAddr>().ok())
+            .map(|ip| ip.to_canonical()),
+    );
     for (idx, port) in ports(app, mode).iter().enumerate() {
         let Some(labels) = port.labels else { continue };
         for (key, value) in labels.iter().filter(|(k, _)| labels::is_vip_key(k)) {
             let Some(value) = value.as_str() else {
-                let e = LabelError::MissingPort(value.to_string());
+                let e = LabelError::NotAString(value.to_string());
                 out.rejections
                     .push(Rejection::new(&app.id, idx, key, &value.to_string(), &e));
                 continue;
@@ -340,6 +349,10 @@ pub fn assemble<'a>(
                     let checked = policy.check(*ip).and_then(|()| {
                         if cluster.contains(ip) {
                             Err(LabelError::ClusterAddress(*ip))
+                        } else if alloc.in_range(*ip) {
+                            // Named VIPs own that range: an IP VIP there could land on a
+                            // name's address and take its traffic.
+                            Err(LabelError::NamedVipRange(*ip))
                         } else {
                             Ok(())
                         }

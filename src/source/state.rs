@@ -343,11 +343,14 @@ impl TableState {
         }
         let mut new_rejections = Vec::new();
         for (old, new) in changes {
-            for r in old.iter().flat_map(|a| a.rejections.iter()) {
-                self.rejections.remove(r);
+            // New means not there before, as on the full path: an app that changed but kept
+            // a bad label does not log or count it again.
+            let before: BTreeSet<&Rejection> = old.iter().flat_map(|a| &a.rejections).collect();
+            for r in &before {
+                self.rejections.remove(*r);
             }
             for r in new.into_iter().flat_map(|a| a.rejections) {
-                if self.rejections.insert(r.clone()) {
+                if self.rejections.insert(r.clone()) && !before.contains(&r) {
                     new_rejections.push(r);
                 }
             }
@@ -390,10 +393,30 @@ mod tests {
         let r = s.rebuild(6);
         assert!(r.table.is_none() && r.new_rejections.is_empty());
         assert_eq!(s.rejections().count(), 1);
+        // The same app changed on the incremental path (a task added), the bad label kept:
+        // a new version, and still no new rejection.
+        let two_tasks = ONE.replace(
+            r#"}]}]}"#,
+            r#"},{"id":"w2","host":"198.18.0.2","ports":[31002],"state":"TASK_RUNNING"}]}]}"#,
+        );
+        for (i, json) in [two_tasks.as_str(), ONE].into_iter().enumerate() {
+            s.upsert(contribs(json).remove(0));
+            let r = s.rebuild(10 + i as u64);
+            assert!(r.table.is_some(), "change {i} makes a new table");
+            assert!(
+                r.new_rejections.is_empty(),
+                "change {i}: {:?}",
+                r.new_rejections
+            );
+            assert_eq!(s.rejections().count(), 1);
+        }
         // App removed: empty table, next version.
         s.remove("/web");
         let t = s.rebuild(7).table.unwrap();
-        assert_eq!((t.version, t.vips.len()), (101, 0));
+        assert_eq!((t.version, t.vips.len()), (103, 0));
+        // Back with its bad label: that is new again.
+        s.upsert(contribs(ONE).remove(0));
+        assert_eq!(s.rebuild(8).new_rejections.len(), 1);
     }
 
     #[test]

@@ -225,9 +225,19 @@ fn bad_labels_drop_only_themselves() {
         "id": "/mixed",
         "portDefinitions": [{"port": 0, "labels": {
             "VIP_0": "/ok:80", "VIP_1": "missing-port", "VIP_2": "web:0", "VIP_3": "web:70000",
-            "VIP_4": "127.0.0.1:80", "VIP_5": "198.18.0.1:80", "VIP_6": 42, "OTHER": "x"
+            "VIP_4": "127.0.0.1:80", "VIP_5": "198.18.0.1:80", "VIP_6": 42, "OTHER": "x",
+            "VIP_7": "11.0.0.9:80", "VIP_8": "fd01:c::9:80", "VIP_9": "::ffff:198.18.0.1:80",
+            "VIP_10": "198.18.9.5:80"
         }}],
         "tasks": [task("m.1", "198.18.0.1", &[31001], "TASK_RUNNING")]
+    }, {
+        // No labels; its container address is still the cluster's.
+        "id": "/db",
+        "container": {"type": "MESOS", "portMappings": [{"containerPort": 5432}]},
+        "networks": [{"mode": "container", "name": "dcos"}],
+        "tasks": [{"id": "db.1", "host": "198.18.0.3", "ports": [],
+                   "ipAddresses": [{"ipAddress": "198.18.9.5", "protocol": "IPv4"}],
+                   "state": "TASK_STAGING"}]
     }]}));
     assert_eq!(b.vips.len(), 1);
     let reasons: Vec<_> = b
@@ -239,11 +249,19 @@ fn bad_labels_drop_only_themselves() {
         reasons,
         vec![
             ("VIP_1", "missing_port"),
+            // A container address of a task of an unlabelled app, not yet running (keys sort
+            // as strings).
+            ("VIP_10", "cluster_address"),
             ("VIP_2", "bad_port"),
             ("VIP_3", "bad_port"),
             ("VIP_4", "loopback"),
             ("VIP_5", "cluster_address"),
-            ("VIP_6", "missing_port"),
+            ("VIP_6", "not_a_string"),
+            // Inside the named-VIP ranges (the defaults, 11.0.0.0/8 and fd01:c::/64).
+            ("VIP_7", "named_vip_range"),
+            ("VIP_8", "named_vip_range"),
+            // IPv4-mapped: checked as the IPv4 task host it is.
+            ("VIP_9", "cluster_address"),
         ]
     );
 }
