@@ -171,7 +171,7 @@ async fn agent(args: AgentCmdArgs) -> Result<(), AppError> {
             .map(crate::config::with_trailing_slash)
             .collect(),
         wait: args.watch_wait,
-        token: args.api.token()?,
+        token: args.api.token()?.map(crate::config::Secret::from),
         backoff_min: Duration::from_millis(100),
         backoff_max: Duration::from_secs(2),
     };
@@ -237,11 +237,15 @@ async fn bind_dns(
 ) -> Result<(tokio::net::UdpSocket, tokio::net::TcpListener), AppError> {
     let mut attempts = 0;
     loop {
-        let u = tokio::net::UdpSocket::bind(addr)
-            .await
+        let u = dns_socket(addr, socket2::Type::DGRAM)
+            .and_then(|s| tokio::net::UdpSocket::from_std(s.into()))
             .map_err(|e| anyhow::anyhow!("cannot bind DNS on udp {addr}: {e}"))?;
         let port = u.local_addr().map(|a| a.port()).unwrap_or(addr.port());
-        match tokio::net::TcpListener::bind(std::net::SocketAddr::new(addr.ip(), port)).await {
+        let tcp = std::net::SocketAddr::new(addr.ip(), port);
+        match dns_socket(tcp, socket2::Type::STREAM).and_then(|s| {
+            s.listen(1024)?;
+            tokio::net::TcpListener::from_std(s.into())
+        }) {
             Ok(t) => return Ok((u, t)),
             Err(e) if addr.port() == 0 && attempts < 16 => {
                 attempts += 1;
@@ -250,6 +254,21 @@ async fn bind_dns(
             Err(e) => return Err(anyhow::anyhow!("cannot bind DNS on tcp {addr}: {e}").into()),
         }
     }
+}
+
+/// A non-blocking socket bound to `addr`. An IPv6 one is IPv6 only, so `--dns-listen
+/// 0.0.0.0:53 --dns-listen [::]:53` binds both instead of the second finding the port taken.
+fn dns_socket(addr: std::net::SocketAddr, ty: socket2::Type) -> std::io::Result<socket2::Socket> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), ty, None)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    if ty == socket2::Type::STREAM {
+        s.set_reuse_address(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    Ok(s)
 }
 
 /// Interface, DNS, forwarder and API around `tables`, until `shutdown` and the drain end.
@@ -471,6 +490,24 @@ fn human_bytes(b: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn dns_binds_ipv4_and_ipv6_wildcards_on_one_port() {
+        let (u4, t4) = bind_dns("0.0.0.0:0".parse().unwrap()).await.unwrap();
+        let port = u4.local_addr().unwrap().port();
+        assert_eq!(t4.local_addr().unwrap().port(), port);
+        match bind_dns(std::net::SocketAddr::new("::".parse().unwrap(), port)).await {
+            Ok((u6, t6)) => {
+                assert_eq!(u6.local_addr().unwrap().port(), port);
+                assert_eq!(t6.local_addr().unwrap().port(), port);
+            }
+            // No IPv6 on this host at all: nothing to check.
+            Err(e) if std::net::UdpSocket::bind("[::1]:0").is_err() => {
+                eprintln!("skipped, no IPv6: {e}");
+            }
+            Err(e) => panic!("IPv6 wildcard beside the IPv4 one: {e}"),
+        }
+    }
 
     #[test]
     fn bytes_for_people() {

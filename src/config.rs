@@ -128,7 +128,7 @@ pub struct VipsArgs {
     #[arg(long, env = "L4LB_API_TOKEN_FILE")]
     pub api_token_file: Option<PathBuf>,
     /// Print the raw JSON instead of the table.
-    #[arg(long)]
+    #[arg(long, env = "L4LB_JSON")]
     pub json: bool,
 }
 
@@ -158,7 +158,7 @@ pub struct SourceArgs {
     pub marathon_credentials_file: Option<PathBuf>,
     /// Credentials inline (prefer the env var over the flag: flags show in `ps`). Never logged.
     #[arg(long, env = "L4LB_MARATHON_CREDENTIALS", hide_env_values = true)]
-    pub marathon_credentials: Option<String>,
+    pub marathon_credentials: Option<Secret>,
     /// Timeout of one Marathon request.
     #[arg(long, env = "L4LB_MARATHON_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
     pub marathon_timeout: Duration,
@@ -281,6 +281,8 @@ pub enum ConfigError {
     MissingCredentials(MarathonAuthKind),
     #[error("basic credentials must look like user:password")]
     BadBasic,
+    #[error("{what} {path} is empty")]
+    EmptySecret { what: &'static str, path: PathBuf },
     #[error("{0}")]
     Invalid(String),
 }
@@ -313,7 +315,7 @@ impl SourceArgs {
         }
         let creds = match (&self.marathon_credentials_file, &self.marathon_credentials) {
             (Some(p), _) => Some(read_secret(p, "credentials file")?),
-            (None, Some(c)) => Some(c.trim().to_string()),
+            (None, Some(c)) => Some(c.expose().trim().to_string()),
             (None, None) => None,
         };
         let auth = match (self.marathon_auth, creds) {
@@ -366,15 +368,51 @@ impl ApiArgs {
     }
 }
 
-/// Read a secret file, trimmed. The content is never logged.
+/// Read a secret file, trimmed; an empty one is an error (an empty token would be a
+/// password anyone can guess). The content is never logged.
 pub fn read_secret(path: &PathBuf, what: &'static str) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_string())
-        .map_err(|source| ConfigError::Read {
+    let s = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        what,
+        path: path.clone(),
+        source,
+    })?;
+    match s.trim() {
+        "" => Err(ConfigError::EmptySecret {
             what,
             path: path.clone(),
-            source,
-        })
+        }),
+        t => Ok(t.to_string()),
+    }
+}
+
+/// A secret given on the command line or in the environment: its `Debug` never shows it, so
+/// a configuration struct can be logged whole.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Secret(s)
+    }
 }
 
 /// `Url::join` treats a base without a trailing slash as a file: make every base a directory.
@@ -401,15 +439,16 @@ mod tests {
     fn every_flag_has_an_env_var() {
         fn walk(cmd: &clap::Command) {
             for a in cmd.get_arguments() {
-                let id = a.get_id().as_str();
-                if a.get_long().is_none() || ["help", "version", "json"].contains(&id) {
+                let Some(long) = a.get_long() else { continue };
+                if ["help", "version"].contains(&long) {
                     continue;
                 }
-                assert!(
-                    a.get_env().is_some(),
-                    "{} --{} has no env var",
+                let want = format!("L4LB_{}", long.to_uppercase().replace('-', "_"));
+                assert_eq!(
+                    a.get_env().and_then(|e| e.to_str()),
+                    Some(want.as_str()),
+                    "{} --{long}",
                     cmd.get_name(),
-                    id
                 );
             }
             for sub in cmd.get_subcommands() {
@@ -417,6 +456,45 @@ mod tests {
             }
         }
         walk(&Cli::command());
+    }
+
+    #[test]
+    fn secrets_never_in_debug() {
+        let cli = Cli::try_parse_from([
+            "l4lb",
+            "controller",
+            "--marathon",
+            "http://m1:8080",
+            "--marathon-auth",
+            "basic",
+            "--marathon-credentials",
+            "u:hunter2",
+        ])
+        .unwrap();
+        let shown = format!("{cli:?}");
+        assert!(shown.contains("marathon_credentials"), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        let Command::Controller(c) = cli.command else {
+            panic!()
+        };
+        let SourceConfig::Marathon { auth, .. } = c.source.validate().unwrap() else {
+            panic!()
+        };
+        assert!(matches!(&auth, Auth::Basic { password, .. } if password == "hunter2"));
+        assert!(!format!("{auth:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn empty_secret_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t");
+        std::fs::write(&p, "  \n").unwrap();
+        assert!(matches!(
+            read_secret(&p, "API token file"),
+            Err(ConfigError::EmptySecret { .. })
+        ));
+        std::fs::write(&p, " tok\n").unwrap();
+        assert_eq!(read_secret(&p, "API token file").unwrap(), "tok");
     }
 
     #[test]

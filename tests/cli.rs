@@ -102,6 +102,17 @@ fn check_prints_the_table_and_fails_on_rejected_labels() {
         ]
     );
 
+    // Every flag is also L4LB_<FLAG>.
+    let out = Command::new(BIN)
+        .arg("check")
+        .env("L4LB_APPS_FILE", EXAMPLE)
+        .env("L4LB_FRAMEWORK", "svc")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let vips: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(vips[2]["vip"], "hello.svc.l4lb.thisdcos.directory:80");
+
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("apps.json");
     let mut app = marathon::host_app("/bad", &["/fine:80", "web:70000", "127.0.0.1:80"], "tcp");
@@ -235,4 +246,144 @@ async fn controller_binary_serves_marathon_vips_and_stops_on_sigterm() {
         .await
         .unwrap();
     assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_token_guards_the_api_and_an_agent_follows_with_it() {
+    l4lb::tls::init();
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret-token\n").unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, " \n").unwrap();
+    let apps = dir.path().join("apps.json");
+    let mut app = marathon::host_app("/web", &["/web:80"], "tcp");
+    marathon::add_task(
+        &mut app,
+        marathon::task("/web", 0, "127.0.0.1", &[31000], "TASK_RUNNING"),
+    );
+    std::fs::write(&apps, serde_json::json!({ "apps": [app] }).to_string()).unwrap();
+    let (apps, token, empty) = (
+        apps.to_str().unwrap().to_string(),
+        token.to_str().unwrap().to_string(),
+        empty.to_str().unwrap().to_string(),
+    );
+
+    // An empty token file is a configuration error, not an API anyone can open.
+    let out = Command::new(BIN)
+        .args([
+            "controller",
+            "--apps-file",
+            &apps,
+            "--api-token-file",
+            &empty,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is empty"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (args_apps, args_token) = (apps.clone(), token.clone());
+    let (_ctl, api) = tokio::task::spawn_blocking(move || {
+        start(&[
+            "controller",
+            "--apps-file",
+            &args_apps,
+            "--api-listen",
+            "127.0.0.1:0",
+            "--api-token-file",
+            &args_token,
+            "--vip-cidr",
+            "127.128.0.0/16",
+        ])
+    })
+    .await
+    .unwrap();
+    let client = reqwest::Client::new();
+    let get = |path: &str, auth: Option<&str>| {
+        let mut rb = client.get(format!("http://{api}{path}"));
+        if let Some(a) = auth {
+            rb = rb.header("authorization", a);
+        }
+        async move { rb.send().await.unwrap().status().as_u16() }
+    };
+    // Health and readiness stay open for probes; the table and metrics do not.
+    assert_eq!(get("/healthz", None).await, 200);
+    for path in ["/v1/vips", "/v1/vips/delta?index=0", "/metrics"] {
+        assert_eq!(get(path, None).await, 401, "{path} without a token");
+        assert_eq!(get(path, Some("Bearer wrong")).await, 401, "{path}");
+        assert_eq!(get(path, Some("Basic s3cret-token")).await, 401, "{path}");
+        assert_eq!(get(path, Some("Bearer s3cret-token")).await, 200, "{path}");
+        // The scheme name is case-insensitive (RFC 7235).
+        assert_eq!(get(path, Some("bearer s3cret-token")).await, 200, "{path}");
+    }
+
+    // `l4lb vips` sends the token from its file.
+    let out = Command::new(BIN)
+        .args([
+            "vips",
+            "--api",
+            &format!("http://{api}"),
+            "--api-token-file",
+            &token,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("web.marathon.l4lb.thisdcos.directory:80")
+    );
+
+    // An agent given the same file follows the controller (and guards its own API with it).
+    let ctl_url = format!("http://{api}");
+    let (_agent, agent_api) = tokio::task::spawn_blocking(move || {
+        start(&[
+            "agent",
+            "--controller",
+            &ctl_url,
+            "--api-token-file",
+            &token,
+            "--interface-kind",
+            "none",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--dns-listen",
+            "127.0.0.1:0",
+        ])
+    })
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = client
+            .get(format!("http://{agent_api}/v1/vips"))
+            .bearer_auth("s3cret-token")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let vips: serde_json::Value = r.json().await.unwrap();
+        if vips[0]["vip"] == "web.marathon.l4lb.thisdcos.directory:80" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never got the table: {vips}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = client
+        .get(format!("http://{agent_api}/v1/vips"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
 }

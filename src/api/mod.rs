@@ -182,13 +182,22 @@ async fn auth(State(st): State<ApiState>, req: Request, next: Next) -> Response 
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer)
             .is_some_and(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
         if !ok {
             return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response();
         }
     }
     next.run(req).await
+}
+
+/// The credentials of a `Bearer` authorization value (the scheme name is case-insensitive,
+/// RFC 7235).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim_start())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

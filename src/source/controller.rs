@@ -21,7 +21,7 @@ pub struct WatchConfig {
     pub controllers: Vec<Url>,
     /// How long one blocking query may wait on the controller.
     pub wait: Duration,
-    pub token: Option<String>,
+    pub token: Option<crate::config::Secret>,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
 }
@@ -134,7 +134,7 @@ async fn poll(
     )));
     let mut rb = http.get(url);
     if let Some(t) = &cfg.token {
-        rb = rb.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        rb = rb.header(header::AUTHORIZATION, format!("Bearer {}", t.expose()));
     }
     let resp = rb.send().await?;
     if !resp.status().is_success() {

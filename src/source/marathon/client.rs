@@ -59,7 +59,7 @@ impl Error {
 
 /// A client over one or more Marathon masters. Requests go to the master that last answered;
 /// on failure the next ones are tried in turn.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Client {
     masters: Vec<Url>,
     http: reqwest::Client,
@@ -201,6 +201,17 @@ impl Client {
     }
 }
 
+impl std::fmt::Debug for Client {
+    /// Masters as in logs (no user info, no query); the credentials show as redacted.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let masters: Vec<String> = self.masters.iter().map(redact).collect();
+        f.debug_struct("Client")
+            .field("masters", &masters)
+            .field("auth", &self.auth)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A URL fit for logs: no user info, no query.
 fn redact(u: &Url) -> String {
     let mut u = u.clone();
@@ -226,5 +237,13 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(redact(&u), "http://m1:8080/v2/apps");
+        crate::tls::init();
+        let c = Client::new(vec![u], a, Duration::from_secs(1)).unwrap();
+        let shown = format!("{c:?}");
+        assert!(shown.contains("m1:8080"), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("pw@"),
+            "{shown}"
+        );
     }
 }
