@@ -263,6 +263,130 @@ async fn run_on_loopback_serves_tcp_udp_dns_and_follows_the_file() {
     }
 }
 
+/// The backends of `vip` in the agent's `/v1/vips`, with the index and ETag headers.
+async fn agent_vips(url: &str, vip: &str) -> (u64, String, Option<Vec<Value>>) {
+    let r = reqwest::get(url).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let index = r.headers()["x-l4lb-index"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let etag = r.headers()["etag"].to_str().unwrap().to_string();
+    let vips: Value = r.json().await.unwrap();
+    let backends = vips
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["vip"] == vip)
+        .map(|v| v["backend"].as_array().unwrap().clone());
+    (index, etag, backends)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vip_that_could_not_bind_is_retried_and_the_api_follows_through_the_drain() {
+    l4lb::tls::init();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("apps.json");
+    let (l, web) = backends::tcp_listener("127.0.0.1");
+    let task = backends::http(l, "web-0".to_string());
+    // Something else holds the IP VIP's address and port when l4lb starts.
+    let squatter = std::net::TcpListener::bind("127.0.0.8:0").unwrap();
+    let vip = squatter.local_addr().unwrap();
+    let labels = ["/web:80".to_string(), vip.to_string()];
+    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+    std::fs::write(&file, apps_json(vec![app("/web", &labels, "tcp", &[web])])).unwrap();
+    let (mut proc, log) = spawn_l4lb(Command::new(BIN).args([
+        "run",
+        "--apps-file",
+        file.to_str().unwrap(),
+        "--interface-kind",
+        "none",
+        "--allow-loopback-vips",
+        "--vip-cidr",
+        "127.128.0.0/16",
+        "--api-listen",
+        "127.0.0.1:0",
+        "--dns-listen",
+        "127.0.0.1:0",
+        "--shutdown-grace",
+        "10s",
+    ]));
+    let api = log.addr("API listening", Duration::from_secs(20));
+    let url = format!("http://{api}/v1/vips");
+    wait_until("ready", Duration::from_secs(10), || async {
+        reqwest::get(format!("http://{api}/ready"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let vip_s = vip.to_string();
+    let (index, etag, backends) = agent_vips(&url, &vip_s).await;
+    assert!(
+        backends.is_none(),
+        "a VIP that could not bind is not served"
+    );
+
+    // A watcher blocked on that version wakes when the retry binds it, at the same version.
+    let watch = format!("{url}?index={index}&wait=20s");
+    let watcher = tokio::spawn(async move {
+        let t = Instant::now();
+        let got = agent_vips(&watch, &vip.to_string()).await;
+        (t.elapsed(), got)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(squatter);
+    let (took, (index2, _, backends)) = watcher.await.unwrap();
+    assert_eq!(index2, index);
+    assert!(backends.is_some(), "the watcher did not see the VIP bound");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    // The old tag is stale; the new one holds while nothing changes.
+    let client = reqwest::Client::new();
+    let status = |tag: String| {
+        let r = client.get(&url).header("if-none-match", tag);
+        async move { r.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(status(etag).await, 200);
+    let (_, etag2, _) = agent_vips(&url, &vip_s).await;
+    assert_eq!(status(etag2).await, 304);
+
+    assert!(
+        get(&format!("http://{vip}/"))
+            .await
+            .unwrap()
+            .starts_with("web-0")
+    );
+    // One connection held open: counted by the API, during the drain too.
+    let held = tokio::net::TcpStream::connect(vip).await.unwrap();
+    let connections = |url: String, vip: String| async move {
+        let (_, _, b) = agent_vips(&url, &vip).await;
+        b.and_then(|b| b[0]["connections"].as_u64())
+    };
+    wait_until("one connection", Duration::from_secs(5), || {
+        let f = connections(url.clone(), vip_s.clone());
+        async move { f.await == Some(1) }
+    })
+    .await;
+    proc.signal(nix::sys::signal::Signal::SIGTERM);
+    wait_until("not ready", Duration::from_secs(5), || async {
+        reqwest::get(format!("http://{api}/ready"))
+            .await
+            .is_ok_and(|r| r.status() == 503)
+    })
+    .await;
+    assert_eq!(connections(url.clone(), vip_s.clone()).await, Some(1));
+    assert!(
+        tokio::net::TcpStream::connect(vip).await.is_err(),
+        "still accepting while draining"
+    );
+    drop(held);
+    let status = tokio::task::spawn_blocking(move || proc.wait_exit(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+    task.abort();
+}
+
 fn addrs_on(ns: &netns::NetNs, dev: &str) -> String {
     String::from_utf8_lossy(&ns.exec(&["ip", "-o", "addr", "show", "dev", dev]).stdout).to_string()
 }

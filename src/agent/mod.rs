@@ -186,7 +186,8 @@ impl Agent {
         self.metrics
             .apply_seconds
             .observe(started.elapsed().as_secs_f64());
-        if table.changed_at_ms > 0 {
+        let new_version = table.version != self.last.version;
+        if new_version && table.changed_at_ms > 0 {
             let delay_ms = unix_ms_now().saturating_sub(table.changed_at_ms);
             self.metrics
                 .propagation_seconds
@@ -201,7 +202,10 @@ impl Agent {
             apply_ms = started.elapsed().as_secs_f64() * 1000.0,
             "table applied"
         );
-        self.applied.send_replace(applied);
+        // A retry that bound nothing new changes nothing a watcher of the API can see.
+        if new_version || **self.applied.borrow() != *applied {
+            self.applied.send_replace(applied);
+        }
         self.last = table;
     }
 

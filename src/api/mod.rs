@@ -87,10 +87,24 @@ const DELTAS: usize = 16;
 
 impl BodyCache {
     fn remember(&mut self, t: &Arc<VipTable>) {
-        if self.history.back().is_none_or(|b| b.version < t.version) {
-            self.history.push_back(Arc::clone(t));
-            if self.history.len() > HISTORY {
-                self.history.pop_front();
+        match self.history.back() {
+            Some(b) if b.version > t.version || Arc::ptr_eq(b, t) => {}
+            Some(b) if b.version == t.version => {
+                // The same version with new content: an agent that has now bound a VIP it
+                // had failed to. Bodies made from the old content are stale.
+                let v = t.version;
+                self.history.pop_back();
+                self.history.push_back(Arc::clone(t));
+                self.deltas.retain(|((from, to), _)| *from != v && *to != v);
+                if self.full.as_ref().is_some_and(|(fv, _)| *fv == v) {
+                    self.full = None;
+                }
+            }
+            _ => {
+                self.history.push_back(Arc::clone(t));
+                if self.history.len() > HISTORY {
+                    self.history.pop_front();
+                }
             }
         }
     }
@@ -238,9 +252,9 @@ pub fn parse_wait(s: &str) -> Option<Duration> {
     crate::config::parse_duration(s).ok()
 }
 
-/// The table to answer with: at once, or (with `index`) once the version differs from it or
-/// the wait ends. An index ahead of ours means we restarted: answer at once so the watcher
-/// resyncs.
+/// The table to answer with: at once, or (with `index`) once the version differs from it, or
+/// the content at that version changes (an agent binding a VIP it had failed to), or the wait
+/// ends. An index ahead of ours means we restarted: answer at once so the watcher resyncs.
 async fn wait_table(st: &ApiState, q: &VipsQuery) -> Arc<VipTable> {
     let mut rx = st.table.clone();
     let mut table = rx.borrow_and_update().clone();
@@ -253,10 +267,12 @@ async fn wait_table(st: &ApiState, q: &VipsQuery) -> Arc<VipTable> {
             .min(st.max_wait);
         if table.version == index {
             let deadline = tokio::time::Instant::now() + wait;
-            while table.version <= index {
-                match tokio::time::timeout_at(deadline, rx.changed()).await {
-                    Ok(Ok(())) => table = rx.borrow_and_update().clone(),
-                    _ => break,
+            while let Ok(Ok(())) = tokio::time::timeout_at(deadline, rx.changed()).await {
+                let next = rx.borrow_and_update().clone();
+                let moved = next.version > index || (next.version == index && *next != *table);
+                table = next;
+                if moved {
+                    break;
                 }
             }
         }
@@ -273,7 +289,21 @@ async fn vips(
     headers: HeaderMap,
 ) -> Response {
     let table = wait_table(&st, &q).await;
-    let etag = format!("\"{}\"", table.version);
+    // A controller's body is a function of the version. An agent's also carries live
+    // counters (and, at one version, more VIPs once a failed bind succeeds): its tag is the
+    // version and a hash of the body.
+    let (etag, body) = match &st.stats {
+        None => (format!("\"{}\"", table.version), None),
+        Some(stats) => {
+            let body = agent_body(&table, stats.as_ref());
+            let tag = format!(
+                "\"{}-{:016x}\"",
+                table.version,
+                crate::alloc::stable_hash_bytes(&body)
+            );
+            (tag, Some(Bytes::from(body)))
+        }
+    };
     if q.index.is_none()
         && headers
             .get(header::IF_NONE_MATCH)
@@ -281,7 +311,8 @@ async fn vips(
     {
         return with_headers(StatusCode::NOT_MODIFIED, Body::empty(), &table, &etag);
     }
-    let body = match &st.stats {
+    let body = match body {
+        Some(b) => b,
         None => {
             let cell = match st.cache.lock() {
                 Ok(mut c) => c.full_cell(table.version),
@@ -290,7 +321,6 @@ async fn vips(
             let t = Arc::clone(&table);
             shared_body(cell, move || serde_json::to_vec(&table_to_json(&t))).await
         }
-        Some(stats) => Bytes::from(agent_body(&table, stats.as_ref())),
     };
     with_headers(StatusCode::OK, Body::from(body), &table, &etag)
 }

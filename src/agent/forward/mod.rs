@@ -449,7 +449,7 @@ impl Forwarder {
     pub async fn shutdown(self, grace: Duration) {
         self.accept_stop.cancel();
         for live in self.live.values() {
-            live.shared.retire(None);
+            live.shared.drain_all();
         }
         self.ctx.tracker.close();
         if tokio::time::timeout(grace, self.ctx.tracker.wait())

@@ -214,6 +214,18 @@ impl VipShared {
     }
 
     /// The VIP is gone: every backend drains.
+    /// Shutdown: no new flow goes to any backend, but every backend stays listed, with its
+    /// counters, while its connections drain.
+    pub(crate) fn drain_all(&self) {
+        let old = self.set.load();
+        let entries = old
+            .entries
+            .iter()
+            .map(|(b, _)| (Arc::clone(b), BackendState::Draining))
+            .collect();
+        self.set.store(Arc::new(BackendSet { entries }));
+    }
+
     pub(crate) fn retire(&self, drain_timeout: Option<std::time::Duration>) {
         let old = self.set.swap(Arc::new(BackendSet::default()));
         for (b, state) in &old.entries {
