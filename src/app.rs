@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
@@ -23,7 +25,7 @@ use crate::model::VipKey;
 use crate::model::wire::{VipJson, table_to_json};
 use crate::source::controller::WatchConfig;
 use crate::source::marathon::{client, sync};
-use crate::source::metrics::SourceMetrics;
+use crate::source::metrics::{Label, SourceMetrics};
 use crate::source::state::TableState;
 use crate::source::{self, Publisher, TableRx};
 
@@ -163,6 +165,7 @@ async fn agent(args: AgentCmdArgs) -> Result<(), AppError> {
     cancel_on_signal(shutdown.clone())?;
     let mut reg = registry();
     let metrics = SourceMetrics::new(&mut reg);
+    let label_errors = metrics.label_errors.clone();
     let (tx, rx) = source::table_channel();
     let watch = WatchConfig {
         controllers: args
@@ -183,7 +186,16 @@ async fn agent(args: AgentCmdArgs) -> Result<(), AppError> {
         metrics,
         shutdown.clone(),
     ));
-    data_plane(netif, &args.agent, &args.api, reg, rx, shutdown).await
+    data_plane(
+        netif,
+        &args.agent,
+        &args.api,
+        reg,
+        rx,
+        label_errors,
+        shutdown,
+    )
+    .await
 }
 
 async fn run(args: RunArgs) -> Result<(), AppError> {
@@ -191,9 +203,19 @@ async fn run(args: RunArgs) -> Result<(), AppError> {
     cancel_on_signal(shutdown.clone())?;
     let mut reg = registry();
     let metrics = SourceMetrics::new(&mut reg);
+    let label_errors = metrics.label_errors.clone();
     let netif = open_netif(&args.agent).await?;
     let rx = start_source(&args.source, &args.build, metrics, &shutdown)?;
-    data_plane(netif, &args.agent, &args.api, reg, rx, shutdown).await
+    data_plane(
+        netif,
+        &args.agent,
+        &args.api,
+        reg,
+        rx,
+        label_errors,
+        shutdown,
+    )
+    .await
 }
 
 /// Open (create) the VIP interface; missing privilege is its own error (exit 2).
@@ -278,6 +300,7 @@ async fn data_plane(
     api_args: &ApiArgs,
     mut reg: Registry,
     tables: TableRx,
+    label_errors: Family<Label, Counter>,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
     let dns_cfg = DnsConfig {
@@ -299,7 +322,7 @@ async fn data_plane(
     }
     let dns_metrics = DnsMetrics::new(&mut reg);
     let forward_metrics = ForwardMetrics::new(&mut reg);
-    let agent_metrics = AgentMetrics::new(&mut reg);
+    let agent_metrics = AgentMetrics::new(&mut reg, label_errors);
 
     let fwd_cfg = ForwardConfig {
         connect_timeout: args.connect_timeout,

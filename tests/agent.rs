@@ -423,7 +423,8 @@ fn root_run_in_a_namespace_installs_follows_and_removes_vip_addresses() {
     let file = dir.path().join("apps.json");
     let write = |with_ip_vip: bool| {
         let labels: Vec<&str> = if with_ip_vip {
-            vec!["/web:80", "198.18.5.5:80"]
+            // 198.18.0.9 is this host's: refused here, though the controller cannot know.
+            vec!["/web:80", "198.18.5.5:80", "198.18.0.9:80"]
         } else {
             vec!["/web:80"]
         };
@@ -456,6 +457,14 @@ fn root_run_in_a_namespace_installs_follows_and_removes_vip_addresses() {
         "left-over not reconciled: {on}"
     );
     assert!(on.contains("198.18.5.5/32"), "{on}");
+    assert!(!on.contains("198.18.0.9"), "{on}");
+    let api = log.addr("API listening", Duration::from_secs(1));
+    let metrics = ns.exec_ok(&["curl", "-sS", &format!("http://{api}/metrics")]);
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(
+        metrics.contains("l4lb_label_errors_total{reason=\"host_address\"} 1"),
+        "{metrics}"
+    );
     // The real dig resolves the named VIP to an address on the interface; curl reaches it.
     let dig = ns.exec_ok(&[
         "dig",

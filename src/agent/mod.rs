@@ -14,13 +14,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::labels::LabelError;
 use crate::model::{VipKey, VipTable, diff, unix_ms_now};
+use crate::source::metrics::Label;
 use dns::DnsCatalog;
 use forward::Forwarder;
 use netif::{InterfaceKind, Netif};
@@ -34,10 +37,14 @@ pub struct AgentMetrics {
     vips_live: Gauge,
     refused_ip_vips: Counter,
     netif_errors: Counter,
+    /// The control plane's `label_errors` family (already registered): an IP VIP refused
+    /// here is a label error like any other (`reason="host_address"`).
+    label_errors: Family<Label, Counter>,
 }
 
 impl AgentMetrics {
-    pub fn new(registry: &mut Registry) -> Self {
+    /// Create and register under `registry`; refusals are also counted in `label_errors`.
+    pub fn new(registry: &mut Registry, label_errors: Family<Label, Counter>) -> Self {
         let buckets = [
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
         ];
@@ -48,6 +55,7 @@ impl AgentMetrics {
             vips_live: Gauge::default(),
             refused_ip_vips: Counter::default(),
             netif_errors: Counter::default(),
+            label_errors,
         };
         registry.register(
             "applied_table_version",
@@ -236,8 +244,13 @@ impl Agent {
         for k in bad {
             t.vips.remove(&k);
             if self.refused.insert(k) {
-                tracing::warn!(vip = %k, "IP VIP refused: it is an address of this host");
+                let e = LabelError::HostAddress(k.ip);
+                tracing::warn!(vip = %k, reason = e.reason(), "VIP label refused: {e}");
                 self.metrics.refused_ip_vips.inc();
+                self.metrics
+                    .label_errors
+                    .get_or_create(&[("reason", e.reason().to_string())])
+                    .inc();
             }
         }
         Arc::new(t)

@@ -115,6 +115,8 @@ pub struct ForwardMetrics {
     udp_sessions_refused: Counter,
     udp_c2b: Counter,
     udp_b2c: Counter,
+    udp_bytes_c2b: Counter,
+    udp_bytes_b2c: Counter,
 }
 
 const C2B: DirectionLabels = DirectionLabels {
@@ -128,6 +130,7 @@ impl ForwardMetrics {
     pub fn new(registry: &mut Registry) -> Self {
         let bytes = Family::<DirectionLabels, Counter>::default();
         let datagrams = Family::<DirectionLabels, Counter>::default();
+        let udp_bytes = Family::<DirectionLabels, Counter>::default();
         let m = ForwardMetrics {
             connections: Counter::default(),
             connections_active: Gauge::default(),
@@ -143,6 +146,8 @@ impl ForwardMetrics {
             udp_sessions_refused: Counter::default(),
             udp_c2b: datagrams.get_or_create_owned(&C2B),
             udp_b2c: datagrams.get_or_create_owned(&B2C),
+            udp_bytes_c2b: udp_bytes.get_or_create_owned(&C2B),
+            udp_bytes_b2c: udp_bytes.get_or_create_owned(&B2C),
         };
         registry.register(
             "connections",
@@ -197,6 +202,7 @@ impl ForwardMetrics {
             m.udp_sessions_refused.clone(),
         );
         registry.register("udp_datagrams", "UDP datagrams forwarded", datagrams);
+        registry.register("udp_bytes", "UDP payload bytes forwarded", udp_bytes);
         m
     }
 

@@ -235,6 +235,43 @@ async fn tcp_all_backends_dead_fails_cleanly() {
 }
 
 #[tokio::test]
+async fn tcp_connect_retries_bound_the_backends_one_connection_tries() {
+    // Three dead backends: a refused connect ejects at once, so the number ejected after one
+    // client connection is the number of backends it tried.
+    for (retries, tried) in [(0, 1), (1, 2), (2, 3), (5, 3)] {
+        let bs = [
+            TcpBackend::start(0).await,
+            TcpBackend::start(1).await,
+            TcpBackend::start(2).await,
+        ];
+        for b in &bs {
+            b.kill();
+        }
+        tokio::task::yield_now().await;
+        let key = free_tcp_vip();
+        let cfg = ForwardConfig {
+            connect_retries: retries,
+            ..ForwardConfig::default()
+        };
+        let (mut fwd, m) = forwarder(cfg);
+        let addrs: Vec<_> = bs.iter().map(|b| b.addr).collect();
+        fwd.apply(&table(1, vec![vip(key, &active(&addrs))])).await;
+        let mut s = TcpStream::connect(key.socket_addr()).await.unwrap();
+        let mut buf = [0u8; 8];
+        let n = timeout(T, s.read(&mut buf)).await.unwrap().unwrap_or(0);
+        assert_eq!(n, 0);
+        let ejected = addrs
+            .iter()
+            .filter(|a| fwd.stats().backend(&key, **a).unwrap().ejected)
+            .count();
+        assert_eq!(ejected, tried, "--connect-retries {retries}");
+        assert_eq!(m.connections_retried.get(), tried as u64 - 1, "{retries}");
+        assert_eq!(m.connections_no_backend.get(), 1);
+        fwd.shutdown(Duration::from_secs(1)).await;
+    }
+}
+
+#[tokio::test]
 async fn tcp_draining_backend_keeps_open_connection_gets_no_new_one() {
     let bs = [TcpBackend::start(0).await, TcpBackend::start(1).await];
     let key = free_tcp_vip();
@@ -732,6 +769,7 @@ async fn metrics_are_exported_with_the_l4lb_prefix() {
         "l4lb_bytes_total{direction=\"backend_to_client\"}",
         "l4lb_udp_sessions_active",
         "l4lb_udp_datagrams_total{direction=\"client_to_backend\"}",
+        "l4lb_udp_bytes_total{direction=\"backend_to_client\"}",
     ] {
         assert!(out.contains(want), "missing {want} in\n{out}");
     }
@@ -1207,10 +1245,12 @@ async fn udp_bursts_from_many_clients_arrive_whole_and_stay_on_their_backend() {
         let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         clients.push((c, s));
     }
+    let (mut sent_bytes, mut got_bytes) = (0u64, 0u64);
     for i in 0..BURST {
         for (c, s) in &clients {
             let msg = format!("c{c}-{i}");
             s.send_to(msg.as_bytes(), key.socket_addr()).await.unwrap();
+            sent_bytes += msg.len() as u64;
         }
     }
     for (c, s) in &clients {
@@ -1220,6 +1260,7 @@ async fn udp_bursts_from_many_clients_arrive_whole_and_stay_on_their_backend() {
         while seen.len() < BURST {
             let (n, from) = timeout(T, s.recv_from(&mut buf)).await.unwrap().unwrap();
             assert_eq!(from, key.socket_addr());
+            got_bytes += n as u64;
             let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
             let (id, payload) = reply.split_once(':').unwrap();
             assert_eq!(
@@ -1234,6 +1275,8 @@ async fn udp_bursts_from_many_clients_arrive_whole_and_stay_on_their_backend() {
     }
     assert_eq!(m.udp_c2b.get(), (CLIENTS * BURST) as u64);
     assert_eq!(m.udp_b2c.get(), (CLIENTS * BURST) as u64);
+    assert_eq!(m.udp_bytes_c2b.get(), sent_bytes);
+    assert_eq!(m.udp_bytes_b2c.get(), got_bytes);
     assert_eq!(m.udp_sessions_active.get(), CLIENTS as i64);
     fwd.shutdown(Duration::from_secs(1)).await;
 }

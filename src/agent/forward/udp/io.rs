@@ -232,6 +232,7 @@ impl UdpVip {
                 Ok(sent) => {
                     let bytes: usize = g.which()[..sent].iter().map(|&i| b.bytes(i)).sum();
                     g.backend.add_bytes(bytes as u64);
+                    self.ctx.metrics.udp_bytes_c2b.inc_by(bytes as u64);
                     if sent < g.len {
                         tracing::debug!(backend = %g.backend.addr, dropped = g.len - sent, "UDP send buffer full");
                     }
@@ -276,6 +277,7 @@ impl UdpVip {
             match socket2::SockRef::from(&*up).send(data) {
                 Ok(n) => {
                     backend.add_bytes(n as u64);
+                    self.ctx.metrics.udp_bytes_c2b.inc_by(n as u64);
                     return;
                 }
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
@@ -406,6 +408,7 @@ async fn relay_replies(
         match r {
             Ok((n, bytes)) => {
                 ctx.metrics.udp_b2c.inc_by(n as u64);
+                ctx.metrics.udp_bytes_b2c.inc_by(bytes as u64);
                 backend.add_bytes(bytes as u64);
                 let Some(flows) = flows.upgrade() else { return };
                 lock(&flows).touch(client, Instant::now());
