@@ -238,6 +238,29 @@ mod tests {
     }
 
     #[test]
+    fn collisions_probe_the_next_address_and_wrap_around() {
+        // 198.18.0.0/29 lends .1–.6: six slots. Three names whose hash lands on the last slot
+        // get .6, then (wrapping) .1, then .2, in the order they arrive.
+        let names: Vec<String> = (0..)
+            .map(|i| format!("svc{i}.marathon"))
+            .filter(|n| stable_hash(n) % 6 == 5)
+            .take(3)
+            .collect();
+        let mut a = alloc("198.18.0.0/29");
+        let none = HashSet::new();
+        let got: Vec<String> = names
+            .iter()
+            .map(|n| a.assign_one(n, Family::V4, &none).unwrap().to_string())
+            .collect();
+        assert_eq!(got, ["198.18.0.6", "198.18.0.1", "198.18.0.2"]);
+        // An IP VIP's address is skipped the same way.
+        let mut a = alloc("198.18.0.0/29");
+        let reserved = HashSet::from(["198.18.0.6".parse().unwrap()]);
+        let ip = a.assign_one(&names[0], Family::V4, &reserved).unwrap();
+        assert_eq!(ip.to_string(), "198.18.0.1");
+    }
+
+    #[test]
     fn fixed_hash_values() {
         // Pinned so a change of hash (and so of every VIP address) cannot slip in unnoticed.
         assert_eq!(stable_hash(""), 0xcbf2_9ce4_8422_2325);

@@ -221,6 +221,29 @@ async fn run_on_loopback_serves_tcp_udp_dns_and_follows_the_file() {
         .map(|b| b["bytes"].as_u64().unwrap())
         .sum();
     assert!(total > 0, "{vips}");
+    // Metrics by their exported names, the propagation chain included (the file source stamps
+    // each change; the agent observes the delay when it applies it).
+    let m = get(&format!("http://{api}/metrics")).await.unwrap();
+    for want in [
+        "l4lb_table_version ",
+        "l4lb_applied_table_version ",
+        "l4lb_vips 3",
+        "l4lb_vips_live 3",
+        // Per VIP: web (named and IP) 3 + 3, echo 2.
+        "l4lb_backends{state=\"active\"} 8",
+        "l4lb_table_apply_seconds_count ",
+        "l4lb_connections_total ",
+        "l4lb_udp_bytes_total{direction=\"client_to_backend\"} ",
+        "l4lb_dns_queries_total{",
+    ] {
+        assert!(m.contains(want), "no {want:?} in\n{m}");
+    }
+    let count = m
+        .lines()
+        .find_map(|l| l.strip_prefix("l4lb_propagation_delay_seconds_count "))
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(count >= 1, "propagation never observed:\n{m}");
 
     // Scale one backend away by editing the file: traffic stops going there.
     write(&web[..2]);

@@ -297,6 +297,8 @@ enum Up {
     Truncate,
     /// REFUSED, at once.
     Refuse,
+    /// Forty A records (about 700 bytes), whatever the client can take.
+    Big,
 }
 
 /// A tiny upstream: answers A queries with 192.0.2.1 over TCP, and over UDP as `up` says.
@@ -346,6 +348,16 @@ async fn upstream(up: Up) -> (SocketAddr, CancellationToken) {
                         Up::Refuse => {
                             resp.answers.clear();
                             resp.metadata.response_code = ResponseCode::Refused;
+                        }
+                        Up::Big => {
+                            let name = resp.answers[0].name.clone();
+                            for i in 2..41u8 {
+                                resp.add_answer(Record::from_rdata(
+                                    name.clone(),
+                                    60,
+                                    RData::A(A([192, 0, 2, i].into())),
+                                ));
+                            }
                         }
                     }
                     let _ = udp.send_to(&resp.to_vec().expect("encode"), peer).await;
@@ -460,6 +472,34 @@ async fn silent_upstream_gives_servfail_and_a_live_one_wins() {
         assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     }
     drop(silent);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_large_forwarded_answer_is_truncated_to_what_the_client_can_take() {
+    let (big, _b) = upstream(Up::Big).await;
+    let s = Server::start(DnsConfig {
+        upstreams: vec![big],
+        ..DnsConfig::default()
+    })
+    .await;
+    // No EDNS: at most 512 bytes, with TC so the client retries over TCP.
+    let q = query(1, "example.com.", RecordType::A);
+    let raw = udp_raw(s.udp, &q.to_vec().unwrap())
+        .await
+        .expect("an answer");
+    assert!(raw.len() <= 512, "{} bytes", raw.len());
+    let r = Message::from_vec(&raw).unwrap();
+    assert!(r.metadata.truncation);
+    assert_eq!(r.metadata.id, 1);
+    // With EDNS 4096 the whole answer fits.
+    let mut qe = query(2, "example.com.", RecordType::A);
+    let mut e = Edns::new();
+    e.set_max_payload(4096);
+    qe.set_edns(e);
+    let r = udp_query(s.udp, &qe).await;
+    assert!(!r.metadata.truncation);
+    assert_eq!(r.answers.len(), 40);
     s.stop().await;
 }
 

@@ -285,6 +285,38 @@ mod tests {
     }
 
     #[test]
+    fn api_order_is_by_vip_string_then_protocol() {
+        let t = VipTable::new(
+            1,
+            vec![
+                named("web", "11.0.0.3", 53, Protocol::Udp),
+                vip("11.0.0.9", 80, &[]),
+                named("web", "11.0.0.3", 53, Protocol::Tcp),
+                vip("11.0.0.10", 80, &[]),
+                named("api", "11.0.0.4", 80, Protocol::Tcp),
+                vip("fd01::1", 80, &[]),
+            ],
+        );
+        let order: Vec<String> = t
+            .sorted_for_api()
+            .iter()
+            .map(|v| format!("{} {}", v.vip_string(), v.key.protocol))
+            .collect();
+        // As strings: "11.0.0.10" before "11.0.0.9", "[" after digits, names after both.
+        assert_eq!(
+            order,
+            [
+                "11.0.0.10:80 tcp",
+                "11.0.0.9:80 tcp",
+                "[fd01::1]:80 tcp",
+                "api.marathon.l4lb.thisdcos.directory:80 tcp",
+                "web.marathon.l4lb.thisdcos.directory:53 tcp",
+                "web.marathon.l4lb.thisdcos.directory:53 udp",
+            ]
+        );
+    }
+
+    #[test]
     fn vip_string_named_ip_and_v6() {
         let mut v = vip("11.0.0.1", 80, &[]);
         assert_eq!(v.vip_string(), "11.0.0.1:80");

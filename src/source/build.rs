@@ -388,10 +388,12 @@ pub fn assemble<'a>(
         }
     }
     let assignment = alloc.assign(&wants, &reserved);
-    let exhausted: HashSet<&str> = assignment
+    // Names that got no address, per family: without IPv4 the name is rejected; without
+    // IPv6 it keeps its IPv4 VIPs (and the rejection says IPv6 ran out).
+    let exhausted: HashSet<(&str, Family)> = assignment
         .failed
         .iter()
-        .map(|(n, _, _)| n.as_str())
+        .map(|(n, f, _)| (n.as_str(), *f))
         .collect();
 
     let mut vips: BTreeMap<VipKey, Vip> = BTreeMap::new();
@@ -413,17 +415,23 @@ pub fn assemble<'a>(
     }
     for (label, uses) in &named {
         let key = format!("{label}.{framework}");
-        if exhausted.contains(key.as_str()) {
-            for (app, e, _) in uses {
-                let err = LabelError::Exhausted(label.clone());
-                rejections.push(Rejection::new(
-                    &app.app,
-                    e.port_index,
-                    &e.key,
-                    &e.value,
-                    &err,
-                ));
+        for (fam, cidr) in [(Family::V4, "--vip-cidr"), (Family::V6, "--vip-cidr6")] {
+            if exhausted.contains(&(key.as_str(), fam)) {
+                for (app, e, _) in uses {
+                    let err = LabelError::Exhausted(label.clone(), cidr);
+                    rejections.push(Rejection::new(
+                        &app.app,
+                        e.port_index,
+                        &e.key,
+                        &e.value,
+                        &err,
+                    ));
+                }
             }
+        }
+        if exhausted.contains(&(key.as_str(), Family::V4)) {
+            // A rejected name holds no address at all.
+            alloc.release(&key, Family::V6);
             continue;
         }
         let name = VipName {

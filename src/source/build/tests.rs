@@ -347,3 +347,34 @@ fn named_vip_addresses_are_stable_across_builds() {
         );
     }
 }
+
+#[test]
+fn ipv6_exhaustion_keeps_the_names_ipv4_vips() {
+    // Five names with IPv6 backends, a /126 for their IPv6 addresses: some run out.
+    let apps: Vec<serde_json::Value> = (0..5)
+        .map(|i| {
+            json!({
+                "id": format!("/v6-{i}"),
+                "portDefinitions": [{"port": 0, "labels": {"VIP_0": format!("/v6-{i}:80")}}],
+                "tasks": [task(&format!("t{i}"), &format!("fd00::{}", i + 1), &[31000], "TASK_RUNNING")]
+            })
+        })
+        .collect();
+    let body = serde_json::to_vec(&json!({ "apps": apps })).unwrap();
+    let (apps, _) = parse_apps(&body).unwrap();
+    let contribs: Vec<AppVips> = apps.iter().map(|a| app_vips(a, &mut resolver())).collect();
+    let mut a = Allocator::new(
+        "198.18.128.0/24".parse().unwrap(),
+        "fd01:c::/126".parse().unwrap(),
+    );
+    let b = assemble(&contribs, "marathon", &IpPolicy::default(), &mut a);
+    let v4 = b.vips.iter().filter(|v| v.key.ip.is_ipv4()).count();
+    let v6 = b.vips.iter().filter(|v| v.key.ip.is_ipv6()).count();
+    assert_eq!(v4, 5, "every name keeps its IPv4 VIP");
+    assert!((1..5).contains(&v6), "{v6} IPv6 VIPs");
+    assert_eq!(b.rejections.len(), 5 - v6);
+    for r in &b.rejections {
+        assert_eq!(r.reason, "exhausted");
+        assert!(r.error.contains("--vip-cidr6"), "{}", r.error);
+    }
+}
