@@ -166,13 +166,17 @@ impl Allocator {
 
     /// Assign addresses for exactly `wants`. Names already assigned keep their address; names
     /// no longer wanted free theirs; new names are placed in sorted order, skipping `reserved`
-    /// (addresses used by IP VIPs). A name that does not fit fails alone.
+    /// (addresses used by IP VIPs). A name that does not fit fails alone. A name's IPv6
+    /// address is kept while the name is (its IPv4 is wanted), even when no IPv6 is wanted
+    /// for a while: IPv6 backends that leave and come back find the same AAAA.
     pub fn assign(
         &mut self,
         wants: &BTreeSet<(String, Family)>,
         reserved: &HashSet<IpAddr>,
     ) -> Assignment {
-        self.assigned.retain(|k, _| wants.contains(k));
+        self.assigned.retain(|k, _| {
+            wants.contains(k) || (k.1 == Family::V6 && wants.contains(&(k.0.clone(), Family::V4)))
+        });
         self.used = self.assigned.values().copied().collect();
         let used = &mut self.used;
         let mut out = Assignment::default();

@@ -163,12 +163,14 @@ fn protocols(p: Option<&str>) -> Vec<Protocol> {
 fn task_state(app: &App, task: &Task) -> Option<BackendState> {
     match task.state.as_deref() {
         Some("TASK_RUNNING") => {
-            let checked = app.health_checks.as_ref().is_some_and(|h| !h.is_empty());
-            if !checked {
+            let checks = app.health_checks.as_ref().map_or(0, Vec::len);
+            if checks == 0 {
                 return Some(BackendState::Active);
             }
+            // Marathon reports one result per check once it has run: a check with no result
+            // yet is "not yet checked".
             let results = task.health_check_results.as_deref().unwrap_or_default();
-            if !results.is_empty() && results.iter().all(|r| r.alive) {
+            if results.len() >= checks && results.iter().all(|r| r.alive) {
                 Some(BackendState::Active)
             } else {
                 Some(BackendState::Draining)

@@ -294,10 +294,10 @@ impl TableState {
             }
             let wants_v6 = groups.values().flatten().any(|b| b.addr.is_ipv6());
             if groups.is_empty() {
+                // The name is gone: both its addresses are free. (While it exists its IPv6
+                // address is kept, wanted or not, as on the full path.)
                 self.index.label_apps.remove(label);
                 self.alloc.release(&name_key, Family::V4);
-            }
-            if !wants_v6 {
                 self.alloc.release(&name_key, Family::V6);
             }
             if !groups.is_empty() {
@@ -417,6 +417,66 @@ mod tests {
         // Back with its bad label: that is new again.
         s.upsert(contribs(ONE).remove(0));
         assert_eq!(s.rebuild(8).new_rejections.len(), 1);
+    }
+
+    #[test]
+    fn a_name_keeps_its_ipv6_address_while_its_ipv6_backends_come_and_go() {
+        let app = |name: &str, hosts: &[&str]| {
+            let tasks: Vec<String> = hosts
+                .iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    format!(r#"{{"id":"{name}{i}","host":"{h}","ports":[3100{i}],"state":"TASK_RUNNING"}}"#)
+                })
+                .collect();
+            format!(
+                r#"{{"apps":[{{"id":"/{name}","portDefinitions":[{{"port":0,"labels":{{"VIP_0":"/{name}:5432"}}}}],"tasks":[{}]}}]}}"#,
+                tasks.join(",")
+            )
+        };
+        let v6_of = |t: &VipTable, label: &str| {
+            t.vips
+                .values()
+                .find(|v| v.key.ip.is_ipv6() && v.name.as_ref().is_some_and(|n| n.label == label))
+                .map(|v| v.key.ip)
+        };
+        // Three IPv6 slots, and another name whose hash lands on db's slot.
+        let cfg = BuildConfig {
+            vip_cidr6: "fd01:c::/126".parse().unwrap(),
+            ..BuildConfig::default()
+        };
+        let slot = |label: &str| crate::alloc::stable_hash(&format!("{label}.marathon")) % 3;
+        let other = (0..)
+            .map(|i| format!("o{i}"))
+            .find(|o| slot(o) == slot("db"))
+            .unwrap();
+        for full in [false, true] {
+            let mut s = TableState::new(cfg.clone(), 1);
+            s.replace_all(contribs(&app("db", &["198.18.0.1", "fd00::1"])));
+            let first = v6_of(&s.rebuild(1).table.unwrap(), "db").expect("an AAAA address");
+            // The IPv6 backend leaves: no IPv6 VIP, but the address stays the name's, even
+            // when another name that hashes to it arrives meanwhile.
+            s.upsert(contribs(&app("db", &["198.18.0.1"])).remove(0));
+            s.upsert(contribs(&app(&other, &["fd00::9"])).remove(0));
+            let t = if full {
+                s.rebuild_full(2)
+            } else {
+                s.rebuild(2)
+            }
+            .table
+            .unwrap();
+            assert_eq!(v6_of(&t, "db"), None);
+            assert_ne!(v6_of(&t, &other), Some(first), "full path: {full}");
+            s.upsert(contribs(&app("db", &["198.18.0.1", "fd00::2"])).remove(0));
+            let t = if full {
+                s.rebuild_full(3)
+            } else {
+                s.rebuild(3)
+            }
+            .table
+            .unwrap();
+            assert_eq!(v6_of(&t, "db"), Some(first), "full path: {full}");
+        }
     }
 
     #[test]

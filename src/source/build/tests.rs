@@ -103,15 +103,39 @@ fn host_networking_with_health_checks_and_states() {
             {"id": "t5", "host": "198.18.0.5", "ports": [31005], "state": "TASK_STAGING"},
             {"id": "t6", "host": "198.18.0.6", "ports": [31006], "state": "TASK_FAILED"}
         ]
+    }, {
+        // Two checks: active only once both have reported, alive.
+        "id": "/two",
+        "healthChecks": [{"protocol": "HTTP"}, {"protocol": "TCP"}],
+        "portDefinitions": [{"port": 10001, "protocol": "tcp", "labels": {"VIP_0": "/two:80"}}],
+        "tasks": [
+            {"id": "u1", "host": "198.18.0.1", "ports": [32001], "state": "TASK_RUNNING",
+             "healthCheckResults": [{"alive": true}]},
+            {"id": "u2", "host": "198.18.0.2", "ports": [32002], "state": "TASK_RUNNING",
+             "healthCheckResults": [{"alive": true}, {"alive": true}]}
+        ]
     }]}));
-    assert_eq!(b.vips.len(), 1);
+    assert_eq!(b.vips.len(), 2);
+    let web = b
+        .vips
+        .iter()
+        .find(|v| v.key.port == 80 && backends(v).len() == 4)
+        .unwrap();
     assert_eq!(
-        backends(&b.vips[0]),
+        backends(web),
         vec![
             ("198.18.0.1:31001".into(), BackendState::Active),
             ("198.18.0.2:31002".into(), BackendState::Draining),
             ("198.18.0.3:31003".into(), BackendState::Draining),
             ("198.18.0.4:31004".into(), BackendState::Draining),
+        ]
+    );
+    let two = b.vips.iter().find(|v| backends(v).len() == 2).unwrap();
+    assert_eq!(
+        backends(two),
+        vec![
+            ("198.18.0.1:32001".into(), BackendState::Draining),
+            ("198.18.0.2:32002".into(), BackendState::Active),
         ]
     );
 }
