@@ -45,6 +45,8 @@ pub enum LabelError {
     NamedVipRange(IpAddr),
     #[error("label value {0} is not a string")]
     NotAString(String),
+    #[error("port protocol {0:?} is not tcp, udp or udp,tcp")]
+    BadProtocol(String),
     #[error("no address left for named VIP {0:?} in {1}")]
     Exhausted(String, &'static str),
     #[error("port index {0} has no host port on the task")]
@@ -68,6 +70,7 @@ impl LabelError {
             LabelError::HostAddress(_) => "host_address",
             LabelError::NamedVipRange(_) => "named_vip_range",
             LabelError::NotAString(_) => "not_a_string",
+            LabelError::BadProtocol(_) => "bad_protocol",
             LabelError::Exhausted(..) => "exhausted",
             LabelError::NoTaskPort(_) => "no_task_port",
         }

@@ -146,18 +146,21 @@ fn ports(app: &App, mode: Mode) -> Vec<Port<'_>> {
         .collect()
 }
 
-fn protocols(p: Option<&str>) -> Vec<Protocol> {
+/// The port's `protocol` ("tcp", "udp", "udp,tcp"; absent means tcp). Anything else (say
+/// "sctp") is refused rather than served as TCP.
+fn protocols(p: Option<&str>) -> Result<Vec<Protocol>, LabelError> {
     let mut out = Vec::new();
     for part in p.unwrap_or("tcp").split(',') {
         let proto = match part.trim().to_ascii_lowercase().as_str() {
             "udp" => Protocol::Udp,
-            _ => Protocol::Tcp,
+            "tcp" => Protocol::Tcp,
+            _ => return Err(LabelError::BadProtocol(p.unwrap_or_default().to_string())),
         };
         if !out.contains(&proto) {
             out.push(proto);
         }
     }
-    out
+    Ok(out)
 }
 
 fn task_state(app: &App, task: &Task) -> Option<BackendState> {
@@ -264,7 +267,9 @@ pub fn app_vips(app: &App, resolve: &mut dyn FnMut(&str) -> Option<IpAddr>) -> A
                     .push(Rejection::new(&app.id, idx, key, &value.to_string(), &e));
                 continue;
             };
-            let target = match labels::parse_value(value) {
+            let parsed =
+                protocols(port.protocol).and_then(|ps| Ok((ps, labels::parse_value(value)?)));
+            let (protos, target) = match parsed {
                 Ok(t) => t,
                 Err(e) => {
                     out.rejections
@@ -298,7 +303,7 @@ pub fn app_vips(app: &App, resolve: &mut dyn FnMut(&str) -> Option<IpAddr>) -> A
                     });
                 }
             }
-            for protocol in protocols(port.protocol) {
+            for protocol in protos {
                 out.entries.push(Entry {
                     target: target.clone(),
                     protocol,

@@ -402,3 +402,31 @@ fn ipv6_exhaustion_keeps_the_names_ipv4_vips() {
         assert!(r.error.contains("--vip-cidr6"), "{}", r.error);
     }
 }
+
+#[test]
+fn an_unknown_port_protocol_rejects_its_labels_only() {
+    let b = build(json!({"apps": [{
+        "id": "/p",
+        "portDefinitions": [
+            {"port": 0, "protocol": "sctp", "labels": {"VIP_0": "/p:80"}},
+            {"port": 0, "protocol": "UDP,tcp", "labels": {"VIP_0": "/q:53"}}
+        ],
+        "tasks": [task("p.1", "198.18.0.1", &[31001, 31002], "TASK_RUNNING")]
+    }]}));
+    let reasons: Vec<_> = b
+        .rejections
+        .iter()
+        .map(|r| (r.port_index, r.reason))
+        .collect();
+    assert_eq!(reasons, [(0, "bad_protocol")]);
+    let mut got: Vec<_> = b
+        .vips
+        .iter()
+        .map(|v| (v.name.as_ref().unwrap().label.clone(), v.key.protocol))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [("q".into(), Protocol::Tcp), ("q".into(), Protocol::Udp)]
+    );
+}
