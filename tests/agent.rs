@@ -410,6 +410,82 @@ async fn a_vip_that_could_not_bind_is_retried_and_the_api_follows_through_the_dr
     task.abort();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_refuses_vips_no_listener_may_take_whatever_the_controller_sends() {
+    use l4lb::api::{self, ApiState, Readiness};
+    l4lb::tls::init();
+    let (l, web) = backends::tcp_listener("127.0.0.1");
+    let task = backends::http(l, "web-0".to_string());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // A controller gone wrong: next to a sound VIP, one on the wildcard address (it would
+    // take the port on every address of the host) and one on port 0.
+    let vip = |ip: &str, port: u16| {
+        serde_json::json!({"vip": format!("{ip}:{port}"), "protocol": "tcp", "name": null,
+            "ip": ip, "port": port,
+            "backend": [{"ip": web.ip(), "port": web.port(), "state": "active"}]})
+    };
+    let vips: Vec<l4lb::model::wire::VipJson> = serde_json::from_value(serde_json::json!([
+        vip("127.0.0.9", port),
+        vip("0.0.0.0", port),
+        vip("127.0.0.10", 0),
+    ]))
+    .unwrap();
+    let table = l4lb::model::wire::table_from_json(7, vips);
+    let (_tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(table));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ctl = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let state = ApiState::new(
+        rx,
+        std::sync::Arc::new(prometheus_client::registry::Registry::default()),
+        Readiness::default(),
+    );
+    tokio::spawn(api::serve(listener, state, stop.clone()));
+
+    let (_agent, log) = spawn_l4lb(Command::new(BIN).args([
+        "agent",
+        "--controller",
+        &format!("http://{ctl}"),
+        "--interface-kind",
+        "none",
+        "--api-listen",
+        "127.0.0.1:0",
+        "--dns-listen",
+        "127.0.0.1:0",
+    ]));
+    let api = log.addr("API listening", Duration::from_secs(20));
+    log.wait_for("first table applied", Duration::from_secs(20));
+    let url = format!("http://{api}/v1/vips");
+    let (_, _, sound) = agent_vips(&url, &format!("127.0.0.9:{port}")).await;
+    assert!(sound.is_some());
+    for bad in [format!("0.0.0.0:{port}"), "127.0.0.10:0".to_string()] {
+        assert!(agent_vips(&url, &bad).await.2.is_none(), "{bad} served");
+    }
+    // Nothing took the port on the other loopback addresses.
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+    );
+    assert!(
+        get(&format!("http://127.0.0.9:{port}/"))
+            .await
+            .unwrap()
+            .starts_with("web-0")
+    );
+    let m = get(&format!("http://{api}/metrics")).await.unwrap();
+    for reason in ["unspecified", "bad_port"] {
+        let line = format!("l4lb_label_errors_total{{reason=\"{reason}\"}} 1");
+        assert!(m.contains(&line), "no {line} in\n{m}");
+    }
+    stop.cancel();
+    task.abort();
+}
+
 fn addrs_on(ns: &netns::NetNs, dev: &str) -> String {
     String::from_utf8_lossy(&ns.exec(&["ip", "-o", "addr", "show", "dev", dev]).stdout).to_string()
 }

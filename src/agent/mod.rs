@@ -79,7 +79,8 @@ impl AgentMetrics {
         );
         registry.register(
             "ip_vips_refused",
-            "IP VIPs refused on this host because they are one of its own addresses",
+            "VIPs refused on this host: one of its own addresses, or an address or port no \
+             listener may take (unspecified, multicast, broadcast, port 0)",
             m.refused_ip_vips.clone(),
         );
         registry.register(
@@ -88,6 +89,22 @@ impl AgentMetrics {
             m.netif_errors.clone(),
         );
         m
+    }
+}
+
+/// Why no listener may serve `k`, if so.
+fn unservable(k: &VipKey) -> Option<LabelError> {
+    let ip = k.ip.to_canonical();
+    if ip.is_unspecified() {
+        Some(LabelError::Unspecified(ip))
+    } else if ip.is_multicast() {
+        Some(LabelError::Multicast(ip))
+    } else if matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
+        Some(LabelError::Broadcast(ip))
+    } else if k.port == 0 {
+        Some(LabelError::BadPort("0".into()))
+    } else {
+        None
     }
 }
 
@@ -217,35 +234,39 @@ impl Agent {
         self.last = table;
     }
 
-    /// Drop IP VIPs that are an address of one of this host's interfaces (DESIGN §3).
+    /// Drop VIPs this host must not serve: IP VIPs on an address of one of its interfaces
+    /// (DESIGN §3), and, whatever a controller sends, any VIP on an address or port no
+    /// listener may take (unspecified, multicast, broadcast, port 0): a buggy or hostile
+    /// controller cannot make the agent bind a wildcard.
     async fn refuse_host_addresses(&mut self, table: Arc<VipTable>) -> Arc<VipTable> {
-        if self.netif.kind() == InterfaceKind::None {
-            // Nothing is installed: VIPs are expected to be local already.
-            return table;
-        }
-        let host = match self.netif.host_addresses().await {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list host addresses");
-                self.metrics.netif_errors.inc();
-                return table;
-            }
-        };
-        let bad: Vec<VipKey> = table
+        let mut bad: Vec<(VipKey, LabelError)> = table
             .vips
-            .values()
-            .filter(|v| v.name.is_none() && host.contains(&v.key.ip))
-            .map(|v| v.key)
+            .keys()
+            .filter_map(|k| unservable(k).map(|e| (*k, e)))
             .collect();
+        if self.netif.kind() != InterfaceKind::None {
+            // (With no interface nothing is installed: VIPs are expected to be local already.)
+            match self.netif.host_addresses().await {
+                Ok(host) => bad.extend(
+                    table
+                        .vips
+                        .values()
+                        .filter(|v| v.name.is_none() && host.contains(&v.key.ip))
+                        .map(|v| (v.key, LabelError::HostAddress(v.key.ip))),
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list host addresses");
+                    self.metrics.netif_errors.inc();
+                }
+            }
+        }
         if bad.is_empty() {
             return table;
         }
         let mut t = (*table).clone();
-        for k in bad {
-            t.vips.remove(&k);
-            if self.refused.insert(k) {
-                let e = LabelError::HostAddress(k.ip);
-                tracing::warn!(vip = %k, reason = e.reason(), "VIP label refused: {e}");
+        for (k, e) in bad {
+            if t.vips.remove(&k).is_some() && self.refused.insert(k) {
+                tracing::warn!(vip = %k, reason = e.reason(), "VIP refused: {e}");
                 self.metrics.refused_ip_vips.inc();
                 self.metrics
                     .label_errors

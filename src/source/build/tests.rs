@@ -430,3 +430,214 @@ fn an_unknown_port_protocol_rejects_its_labels_only() {
         [("q".into(), Protocol::Tcp), ("q".into(), Protocol::Udp)]
     );
 }
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    /// Any JSON leaf, plausible or not.
+    fn leaf() -> BoxedStrategy<Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            ".{0,12}".prop_map(Value::from),
+            Just(Value::Array(vec![])),
+            Just(serde_json::json!({})),
+        ]
+        .boxed()
+    }
+
+    fn pick(options: &'static [&'static str]) -> BoxedStrategy<Value> {
+        prop::sample::select(options).prop_map(Value::from).boxed()
+    }
+
+    /// An object whose fields are mostly what Marathon sends, sometimes absent, sometimes
+    /// garbage of another type.
+    fn object(fields: Vec<(&'static str, BoxedStrategy<Value>)>) -> BoxedStrategy<Value> {
+        let per_field: Vec<BoxedStrategy<Option<(String, Value)>>> = fields
+            .into_iter()
+            .map(|(k, good)| {
+                prop_oneof![
+                    8 => good.prop_map(move |v| Some((k.to_string(), v))),
+                    1 => Just(None),
+                    1 => leaf().prop_map(move |v| Some((k.to_string(), v))),
+                ]
+                .boxed()
+            })
+            .collect();
+        per_field
+            .prop_map(|kv| Value::Object(kv.into_iter().flatten().collect()))
+            .boxed()
+    }
+
+    fn array(item: BoxedStrategy<Value>, max: usize) -> BoxedStrategy<Value> {
+        prop::collection::vec(item, 0..max)
+            .prop_map(Value::Array)
+            .boxed()
+    }
+
+    fn port() -> BoxedStrategy<Value> {
+        prop_oneof![(0u32..70_000).prop_map(Value::from), Just(Value::from(-1))].boxed()
+    }
+
+    fn labels() -> BoxedStrategy<Value> {
+        let value = pick(&[
+            "/web:80",
+            "web:80",
+            "/g/api:8080",
+            "198.18.5.5:80",
+            "11.0.0.9:80",
+            "fd00::1:80",
+            "[fd00::5]:53",
+            "::ffff:198.18.0.1:80",
+            "127.0.0.1:80",
+            "x:0",
+            "web:70000",
+            ":",
+            "",
+        ]);
+        prop::collection::vec(
+            (
+                pick(&["VIP_0", "VIP_1", "vip_x", "OTHER"]),
+                prop_oneof![4 => value, 1 => leaf()],
+            ),
+            0..3,
+        )
+        .prop_map(|kv| {
+            Value::Object(
+                kv.into_iter()
+                    .map(|(k, v)| (k.as_str().unwrap_or_default().to_string(), v))
+                    .collect(),
+            )
+        })
+        .boxed()
+    }
+
+    fn mapping() -> BoxedStrategy<Value> {
+        object(vec![
+            ("containerPort", port()),
+            ("hostPort", port()),
+            ("protocol", pick(&["tcp", "udp", "udp,tcp", "sctp"])),
+            ("labels", labels()),
+        ])
+    }
+
+    fn task() -> BoxedStrategy<Value> {
+        object(vec![
+            ("id", pick(&["t.1", "t.2", "t.3"])),
+            (
+                "host",
+                pick(&["198.18.0.1", "198.18.0.2", "fd00::2", "nowhere.invalid", ""]),
+            ),
+            ("ports", array(port(), 3)),
+            (
+                "state",
+                pick(&[
+                    "TASK_RUNNING",
+                    "TASK_KILLING",
+                    "TASK_STAGING",
+                    "TASK_FAILED",
+                ]),
+            ),
+            (
+                "ipAddresses",
+                array(
+                    object(vec![(
+                        "ipAddress",
+                        pick(&["9.0.0.1", "fd00::9", "198.18.5.5", "not an ip"]),
+                    )]),
+                    3,
+                ),
+            ),
+            (
+                "healthCheckResults",
+                array(
+                    object(vec![("alive", any::<bool>().prop_map(Value::from).boxed())]),
+                    3,
+                ),
+            ),
+        ])
+    }
+
+    /// One Marathon app, every part of it perturbed now and then.
+    fn app() -> BoxedStrategy<Value> {
+        object(vec![
+            ("id", pick(&["/a", "/b", "/g/c", ""])),
+            (
+                "portDefinitions",
+                array(
+                    object(vec![
+                        ("port", port()),
+                        ("protocol", pick(&["tcp", "udp", "udp,tcp", "sctp"])),
+                        ("labels", labels()),
+                    ]),
+                    3,
+                ),
+            ),
+            (
+                "container",
+                object(vec![
+                    ("type", pick(&["MESOS", "DOCKER"])),
+                    ("portMappings", array(mapping(), 3)),
+                    (
+                        "docker",
+                        object(vec![
+                            ("network", pick(&["BRIDGE", "USER", "HOST"])),
+                            ("portMappings", array(mapping(), 3)),
+                        ]),
+                    ),
+                ]),
+            ),
+            (
+                "networks",
+                array(
+                    object(vec![(
+                        "mode",
+                        pick(&["host", "container", "container/bridge"]),
+                    )]),
+                    2,
+                ),
+            ),
+            (
+                "healthChecks",
+                array(object(vec![("protocol", pick(&["HTTP", "TCP"]))]), 3),
+            ),
+            ("tasks", array(task(), 4)),
+        ])
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Nothing Marathon sends can panic the controller: a payload parses or is refused,
+        /// a malformed app is skipped, and whatever is built is a valid table.
+        #[test]
+        fn any_marathon_shaped_payload_builds_without_panic(
+            apps in prop::collection::vec(app(), 0..4),
+        ) {
+            let body = serde_json::to_vec(&serde_json::json!({ "apps": apps })).unwrap();
+            let Ok((apps, _bad)) = parse_apps(&body) else { return Ok(()) };
+            let contribs: Vec<AppVips> = apps.iter().map(|a| app_vips(a, &mut |_| None)).collect();
+            // A tiny pool, so exhaustion is exercised too.
+            let mut a = Allocator::new("11.0.0.0/30".parse().unwrap(), "fd01:c::/126".parse().unwrap());
+            let b = assemble(&contribs, "marathon", &IpPolicy::default(), &mut a);
+            for v in &b.vips {
+                prop_assert!(v.key.port != 0);
+                prop_assert!(!v.key.ip.is_unspecified() && !v.key.ip.is_loopback());
+                let sorted = v.backends.windows(2).all(|w| w[0].addr < w[1].addr);
+                prop_assert!(sorted, "backends sorted and unique");
+            }
+        }
+
+        /// Nor can arbitrary bytes.
+        #[test]
+        fn any_bytes_are_refused_or_parsed(body in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = parse_apps(&body);
+            let _ = crate::source::marathon::types::parse_app(&body);
+        }
+    }
+}

@@ -14,6 +14,9 @@ pub struct SseEvent {
 #[derive(Debug, Default)]
 pub struct SseDecoder {
     buf: Vec<u8>,
+    /// How much of `buf` is known to hold no newline: a long line arriving in many small
+    /// chunks is scanned once, not once per chunk.
+    scanned: usize,
     event: String,
     data: String,
 }
@@ -29,8 +32,9 @@ impl SseDecoder {
     pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<SseEvent>) -> Result<(), LineTooLong> {
         self.buf.extend_from_slice(chunk);
         let mut start = 0;
-        while let Some(pos) = self.buf[start..].iter().position(|b| *b == b'\n') {
-            let end = start + pos;
+        let mut from = self.scanned;
+        while let Some(pos) = self.buf[from..].iter().position(|b| *b == b'\n') {
+            let end = from + pos;
             let mut line = &self.buf[start..end];
             if let Some(l) = line.strip_suffix(b"\r") {
                 line = l;
@@ -38,10 +42,13 @@ impl SseDecoder {
             let line = String::from_utf8_lossy(line).into_owned();
             self.line(&line, out);
             start = end + 1;
+            from = start;
         }
         self.buf.drain(..start);
+        self.scanned = self.buf.len();
         if self.buf.len() > MAX_LINE {
             self.buf.clear();
+            self.scanned = 0;
             return Err(LineTooLong);
         }
         Ok(())
@@ -223,6 +230,46 @@ mod tests {
         assert_eq!(seen["pod_created_event"], Invalidation::None);
         assert_eq!(seen["failed_health_check_event"], Invalidation::None);
         assert_eq!(seen.len(), 27);
+    }
+
+    fn decode_in(bytes: &[u8], cuts: &[usize]) -> Vec<SseEvent> {
+        let mut d = SseDecoder::default();
+        let mut out = Vec::new();
+        let mut at = 0;
+        for c in cuts
+            .iter()
+            .map(|c| c % (bytes.len() + 1))
+            .chain([bytes.len()])
+        {
+            if c >= at {
+                d.feed(&bytes[at..c], &mut out).unwrap();
+                at = c;
+            }
+        }
+        out
+    }
+
+    proptest::proptest! {
+        /// Any bytes, cut anywhere: no panic, and the same events as in one piece (and every
+        /// event maps to an invalidation without panicking).
+        #[test]
+        fn any_bytes_any_chunking(
+            bytes in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::sample::select(b"\n\r: eventdat{}\"xy".to_vec()),
+                    proptest::num::u8::ANY,
+                ],
+                0..400,
+            ),
+            mut cuts in proptest::collection::vec(0usize..400, 0..12),
+        ) {
+            cuts.sort_unstable();
+            let whole = decode_in(&bytes, &[]);
+            proptest::prop_assert_eq!(&decode_in(&bytes, &cuts), &whole);
+            for ev in &whole {
+                let _ = invalidation(ev);
+            }
+        }
     }
 
     #[test]
