@@ -307,7 +307,7 @@ async fn data_plane(
         zone: args.zone.trim_end_matches('.').to_ascii_lowercase(),
         ttl: args.dns_ttl,
         upstreams: args.dns_upstream.clone(),
-        ..DnsConfig::default()
+        upstream_timeout: args.dns_upstream_timeout,
     };
     let catalog = DnsCatalog::new(&dns_cfg);
     let mut udp = Vec::new();

@@ -14,6 +14,21 @@ use crate::source::marathon::client::Auth;
 use crate::source::state::BuildConfig;
 
 /// Parse `30s`, `500ms`, `2m`, `1h` or bare seconds.
+/// A DNS server: `ip:port`, `[v6]:port`, or a bare address (port 53).
+pub fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let bare = s
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(s);
+    bare.parse::<std::net::IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 53))
+        .map_err(|_| format!("{s:?} is not an address or address:port"))
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let bad = || format!("{s:?} is not a duration (use e.g. 500ms, 30s, 2m)");
@@ -232,13 +247,18 @@ pub struct AgentArgs {
     /// TTL of VIP answers, seconds.
     #[arg(long, env = "L4LB_DNS_TTL", default_value_t = 5)]
     pub dns_ttl: u32,
-    /// Forward names outside the zone to these servers (repeatable); none: REFUSED.
+    /// Forward names outside the zone to these servers, `ip` or `ip:port` (port 53 by
+    /// default; repeatable); none: REFUSED.
     #[arg(
         long = "dns-upstream",
         env = "L4LB_DNS_UPSTREAM",
-        value_delimiter = ','
+        value_delimiter = ',',
+        value_parser = parse_upstream
     )]
     pub dns_upstream: Vec<SocketAddr>,
+    /// Answer SERVFAIL when no upstream has answered within this long.
+    #[arg(long, env = "L4LB_DNS_UPSTREAM_TIMEOUT", value_parser = parse_duration, default_value = "2s")]
+    pub dns_upstream_timeout: Duration,
     /// Give up on a backend connect after this long (counts against the backend).
     #[arg(long, env = "L4LB_CONNECT_TIMEOUT", value_parser = parse_duration, default_value = "1s")]
     pub connect_timeout: Duration,
@@ -495,6 +515,18 @@ mod tests {
         ));
         std::fs::write(&p, " tok\n").unwrap();
         assert_eq!(read_secret(&p, "API token file").unwrap(), "tok");
+    }
+
+    #[test]
+    fn upstreams() {
+        let ok = |s: &str| parse_upstream(s).unwrap().to_string();
+        assert_eq!(ok("198.18.0.53"), "198.18.0.53:53");
+        assert_eq!(ok("198.18.0.53:5353"), "198.18.0.53:5353");
+        assert_eq!(ok("fd00::53"), "[fd00::53]:53");
+        assert_eq!(ok("[fd00::53]"), "[fd00::53]:53");
+        assert_eq!(ok("[fd00::53]:5353"), "[fd00::53]:5353");
+        assert!(parse_upstream("dns.example").is_err());
+        assert!(parse_upstream("1.2.3.4:99999").is_err());
     }
 
     #[test]

@@ -593,6 +593,41 @@ async fn udp_sessions_move_when_their_backend_leaves() {
 }
 
 #[tokio::test]
+async fn udp_vip_removed_closes_its_socket_and_sessions() {
+    let b = UdpBackend::start(0).await;
+    let key = free_udp_vip();
+    let (mut fwd, m) = forwarder(ForwardConfig::default());
+    let t1 = table(1, vec![vip(key, &active(&[b.addr]))]);
+    fwd.apply(&t1).await;
+    let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    assert_eq!(udp_ask(&c, key, "x").await, "b0:x");
+    assert_eq!(m.udp_sessions_active.get(), 1);
+
+    fwd.apply(&table(2, vec![]).share_with(&t1)).await;
+    // The address is free again: something else can bind it (without SO_REUSEADDR, which the
+    // forwarder's socket had), and what a client sends there reaches that, not a backend.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let taker = loop {
+        match UdpSocket::bind(key.socket_addr()).await {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "VIP socket still open: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    c.send_to(b"after", key.socket_addr()).await.unwrap();
+    let mut buf = [0u8; 16];
+    let (n, _) = timeout(T, taker.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf[..n], b"after");
+    assert_eq!(m.udp_sessions_active.get(), 0);
+    fwd.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
 async fn udp_sessions_expire_when_idle() {
     let b = UdpBackend::start(0).await;
     let key = free_udp_vip();
