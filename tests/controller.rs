@@ -287,6 +287,26 @@ async fn faults_keep_the_last_good_table_then_recover() {
 }
 
 #[tokio::test]
+async fn an_oversized_marathon_answer_is_an_error_not_a_memory_spike() {
+    l4lb::tls::init();
+    let fake = FakeMarathon::start().await;
+    for i in 0..20 {
+        fake.put_app(host_app(&format!("/app-{i}"), &["/web:80"], "tcp"));
+    }
+    let url = fake.url().parse().unwrap();
+    let client = Client::new(vec![url], Auth::None, Duration::from_secs(2)).unwrap();
+    let whole = client.apps().await.unwrap();
+    assert!(whole.len() > 1024, "{}", whole.len());
+    let capped = client.clone().with_max_body(1024);
+    let err = capped.apps().await.unwrap_err();
+    assert_eq!(err.kind(), "too_large", "{err}");
+    assert!(err.to_string().contains("1024"), "{err}");
+    // One byte more than the answer is enough.
+    let exact = client.with_max_body(whole.len());
+    assert_eq!(exact.apps().await.unwrap(), whole);
+}
+
+#[tokio::test]
 async fn marathon_going_away_keeps_the_table_and_failover_finds_another_master() {
     l4lb::tls::init();
     // The first master refuses connections (bound then dropped); the second serves.

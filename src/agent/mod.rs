@@ -260,6 +260,9 @@ impl Agent {
                 }
             }
         }
+        // Forget refusals of VIPs no longer sent (one that comes back is logged again), so
+        // the set stays as small as the table.
+        self.refused.retain(|k| bad.iter().any(|(b, _)| b == k));
         if bad.is_empty() {
             return table;
         }

@@ -34,6 +34,8 @@ enum WatchError {
     Status(StatusCode),
     #[error("body is not a VIP list: {0}")]
     Body(serde_json::Error),
+    #[error("body longer than {0} bytes")]
+    TooLarge(usize),
 }
 
 /// Follow the controllers until `shutdown`, publishing each changed table on `tx` with an
@@ -149,7 +151,18 @@ async fn poll(
     };
     let new_index = num(INDEX_HEADER);
     let changed_at = num(CHANGED_AT_HEADER);
-    let body = resp.bytes().await?;
+    let limit = super::marathon::client::MAX_BODY;
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(WatchError::TooLarge(limit));
+    }
+    let mut resp = resp;
+    let mut body = Vec::new();
+    while let Some(c) = resp.chunk().await? {
+        if body.len() + c.len() > limit {
+            return Err(WatchError::TooLarge(limit));
+        }
+        body.extend_from_slice(&c);
+    }
     let delta: DeltaJson = serde_json::from_slice(&body).map_err(WatchError::Body)?;
     Ok((new_index, changed_at, delta))
 }

@@ -41,6 +41,8 @@ pub enum Error {
     Status { url: String, status: StatusCode },
     #[error("no Marathon URL configured")]
     NoMasters,
+    #[error("{url} sent more than {limit} bytes")]
+    TooLarge { url: String, limit: usize },
 }
 
 impl Error {
@@ -53,6 +55,7 @@ impl Error {
             Error::Status { status, .. } if status.is_server_error() => "status_5xx",
             Error::Status { .. } => "status",
             Error::NoMasters => "config",
+            Error::TooLarge { .. } => "too_large",
         }
     }
 }
@@ -66,7 +69,13 @@ pub struct Client {
     stream_http: reqwest::Client,
     auth: Auth,
     preferred: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    max_body: usize,
 }
+
+/// Largest `/v2/apps` answer read: ten times what 10,000 apps with 3 tasks each send. A
+/// larger one (a broken proxy, say) is an error that keeps the last good table, not an
+/// out-of-memory kill.
+pub const MAX_BODY: usize = 1 << 30;
 
 impl Client {
     pub fn new(masters: Vec<Url>, auth: Auth, timeout: Duration) -> Result<Self, reqwest::Error> {
@@ -86,7 +95,14 @@ impl Client {
             stream_http,
             auth,
             preferred: Default::default(),
+            max_body: MAX_BODY,
         })
+    }
+
+    /// Refuse answers longer than `bytes` (default [`MAX_BODY`]).
+    pub fn with_max_body(mut self, bytes: usize) -> Self {
+        self.max_body = bytes;
+        self
     }
 
     fn authorize(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -160,14 +176,28 @@ impl Client {
         let Some(r) = self.get(path_and_query, false).await? else {
             return Ok(None);
         };
+        let mut r = r;
         let url = redact(r.url());
-        r.bytes()
-            .await
-            .map(|b| Some(b.to_vec()))
-            .map_err(|e| Error::Http {
-                url,
-                source: e.without_url(),
-            })
+        let limit = self.max_body;
+        let too_large = |url: String| Error::TooLarge { url, limit };
+        let declared = r.content_length().unwrap_or(0);
+        if declared > limit as u64 {
+            return Err(too_large(url));
+        }
+        let mut out = Vec::with_capacity(declared as usize);
+        loop {
+            match r.chunk().await {
+                Ok(Some(c)) if out.len() + c.len() > limit => return Err(too_large(url)),
+                Ok(Some(c)) => out.extend_from_slice(&c),
+                Ok(None) => return Ok(Some(out)),
+                Err(e) => {
+                    return Err(Error::Http {
+                        url,
+                        source: e.without_url(),
+                    });
+                }
+            }
+        }
     }
 
     /// `GET /v2/apps?embed=apps.tasks`: every app with its tasks.
