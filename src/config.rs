@@ -456,13 +456,19 @@ mod tests {
     }
 
     #[test]
-    fn every_flag_has_an_env_var() {
+    fn every_flag_has_help_and_an_env_var() {
         fn walk(cmd: &clap::Command) {
             for a in cmd.get_arguments() {
                 let Some(long) = a.get_long() else { continue };
                 if ["help", "version"].contains(&long) {
                     continue;
                 }
+                assert!(
+                    a.get_help()
+                        .is_some_and(|h| !h.to_string().trim().is_empty()),
+                    "{} --{long} has no help",
+                    cmd.get_name()
+                );
                 let want = format!("L4LB_{}", long.to_uppercase().replace('-', "_"));
                 assert_eq!(
                     a.get_env().and_then(|e| e.to_str()),

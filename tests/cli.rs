@@ -387,3 +387,46 @@ async fn api_token_guards_the_api_and_an_agent_follows_with_it() {
         .unwrap();
     assert_eq!(r.status(), 401);
 }
+
+#[test]
+fn log_format_json_writes_one_json_object_per_line() {
+    let mut child = Command::new(BIN)
+        .args([
+            "--log-format",
+            "json",
+            "controller",
+            "--apps-file",
+            EXAMPLE,
+            "--api-listen",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let _proc = Proc(child);
+    let mut seen = Vec::new();
+    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string(), "{line}");
+        let msg = v["fields"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        seen.push(msg.clone());
+        if msg.contains("API listening") {
+            assert!(
+                v["fields"]["addr"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with("127.0.0.1:")),
+                "{line}"
+            );
+            return;
+        }
+        assert!(seen.len() < 100, "no API line in {seen:?}");
+    }
+    panic!("stderr ended before the API line: {seen:?}");
+}
