@@ -33,31 +33,74 @@ pub fn table_channel() -> (TableTx, TableRx) {
 }
 
 /// Resolves `task.host` names, caching answers (good and bad) for a short while so a table
-/// build looks each host up at most once.
-#[derive(Debug, Clone, Default)]
+/// build looks each host up at most once, and the builds that follow within the TTL not at
+/// all. Shared by every app and every build of one source.
+#[derive(Clone)]
 pub struct HostCache {
     inner: Arc<Mutex<HostMap>>,
+    lookup: Arc<Lookup>,
+    ttl: Duration,
 }
+
+/// A blocking name lookup.
+type Lookup = dyn Fn(&str) -> Option<IpAddr> + Send + Sync;
 
 type HostMap = HashMap<String, (Option<IpAddr>, Instant)>;
 
 const HOST_TTL: Duration = Duration::from_secs(30);
 
+impl Default for HostCache {
+    /// The system resolver (`getaddrinfo`), answers kept 30 s.
+    fn default() -> Self {
+        HostCache::with_lookup(
+            |host| {
+                (host, 0)
+                    .to_socket_addrs()
+                    .ok()
+                    .and_then(|mut it| it.next())
+                    .map(|sa| sa.ip())
+            },
+            HOST_TTL,
+        )
+    }
+}
+
+impl std::fmt::Debug for HostCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let cached = self.inner.lock().map(|m| m.len()).unwrap_or(0);
+        f.debug_struct("HostCache")
+            .field("cached", &cached)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
 impl HostCache {
+    /// A cache over `lookup` (blocking), answers kept for `ttl`.
+    pub fn with_lookup(
+        lookup: impl Fn(&str) -> Option<IpAddr> + Send + Sync + 'static,
+        ttl: Duration,
+    ) -> Self {
+        HostCache {
+            inner: Arc::default(),
+            lookup: Arc::new(lookup),
+            ttl,
+        }
+    }
+
     /// Blocking lookup (run it off the async threads).
     pub fn resolve(&self, host: &str) -> Option<IpAddr> {
         if let Ok(map) = self.inner.lock()
             && let Some((ip, at)) = map.get(host)
-            && at.elapsed() < HOST_TTL
+            && at.elapsed() < self.ttl
         {
             return *ip;
         }
-        let ip = (host, 0)
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut it| it.next())
-            .map(|sa| sa.ip());
+        let ip = (self.lookup)(host);
         if let Ok(mut map) = self.inner.lock() {
+            // Forget what expired, so hosts that left the cluster do not stay forever.
+            let ttl = self.ttl;
+            map.retain(|_, (_, at)| at.elapsed() < ttl);
             map.insert(host.to_string(), (ip, Instant::now()));
         }
         ip
@@ -198,5 +241,58 @@ impl Publisher {
             self.metrics.observe_table(&t);
             self.tx.send_replace(t);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const TWO_APPS: &str = r#"{"apps":[
+        {"id":"/a","portDefinitions":[{"port":0,"labels":{"VIP_0":"/a:80"}}],"tasks":[
+            {"id":"a1","host":"node-1.example","ports":[31001],"state":"TASK_RUNNING"},
+            {"id":"a2","host":"gone.example","ports":[31002],"state":"TASK_RUNNING"}]},
+        {"id":"/b","portDefinitions":[{"port":0,"labels":{"VIP_0":"/b:80"}}],"tasks":[
+            {"id":"b1","host":"node-1.example","ports":[31003],"state":"TASK_RUNNING"},
+            {"id":"b2","host":"gone.example","ports":[31004],"state":"TASK_RUNNING"}]}]}"#;
+
+    fn counting(ttl: Duration) -> (HostCache, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = Arc::clone(&calls);
+        let cache = HostCache::with_lookup(
+            move |h| {
+                c.fetch_add(1, Ordering::SeqCst);
+                (h == "node-1.example").then(|| "198.18.0.1".parse().unwrap())
+            },
+            ttl,
+        );
+        (cache, calls)
+    }
+
+    #[test]
+    fn hosts_are_looked_up_once_across_apps_and_builds_failures_included() {
+        let (cache, calls) = counting(Duration::from_secs(30));
+        let (contribs, _) = contributions(TWO_APPS.as_bytes(), &cache).unwrap();
+        // Two names, each looked up once for both apps, the failure too.
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        for c in &contribs {
+            assert_eq!(c.unresolved_hosts, ["gone.example"]);
+            assert_eq!(c.entries[0].backends.len(), 1);
+            assert_eq!(c.entries[0].backends[0].addr.ip().to_string(), "198.18.0.1");
+        }
+        // The next build within the TTL asks nothing.
+        contributions(TWO_APPS.as_bytes(), &cache).unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn expired_answers_are_asked_again() {
+        let (cache, calls) = counting(Duration::ZERO);
+        contributions(TWO_APPS.as_bytes(), &cache).unwrap();
+        contributions(TWO_APPS.as_bytes(), &cache).unwrap();
+        // With no TTL nothing is shared: 2 builds × 2 apps × 2 names (one app asks each of
+        // its names once).
+        assert_eq!(calls.load(Ordering::SeqCst), 8);
     }
 }
