@@ -688,6 +688,33 @@ async fn write_all(to: &TcpStream, mut buf: &[u8], more: bool) -> io::Result<()>
 mod tests {
     use super::*;
 
+    /// Both legs carry keepalive and `TCP_NODELAY`: the client leg inherits them from the
+    /// listener, the backend leg sets them itself.
+    #[tokio::test]
+    async fn both_legs_keepalive_and_nodelay() {
+        let l = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = l.local_addr().unwrap();
+        let (up, accepted) = tokio::join!(connect(addr), l.accept());
+        let up = up.map_err(|_| "connect").unwrap();
+        let (client_leg, _) = accepted.unwrap();
+        for (leg, s) in [("backend", &up), ("client", &client_leg)] {
+            let r = SockRef::from(s);
+            assert!(r.keepalive().unwrap(), "{leg} leg");
+            assert_eq!(
+                r.tcp_keepalive_time().unwrap(),
+                Duration::from_secs(60),
+                "{leg} leg"
+            );
+            assert_eq!(
+                r.tcp_keepalive_interval().unwrap(),
+                Duration::from_secs(10),
+                "{leg} leg"
+            );
+            assert_eq!(r.tcp_keepalive_retries().unwrap(), 6, "{leg} leg");
+            assert!(r.tcp_nodelay().unwrap(), "{leg} leg");
+        }
+    }
+
     #[test]
     fn pipes_are_enlarged_pooled_when_clean_and_closed_when_dirty() {
         let pool = PipePool::new(1);
