@@ -23,7 +23,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::labels::LabelError;
 use crate::model::{VipKey, VipTable, diff, unix_ms_now};
-use crate::source::metrics::Label;
 use dns::DnsCatalog;
 use forward::Forwarder;
 use netif::{InterfaceKind, Netif};
@@ -39,12 +38,16 @@ pub struct AgentMetrics {
     netif_errors: Counter,
     /// The control plane's `label_errors` family (already registered): an IP VIP refused
     /// here is a label error like any other (`reason="host_address"`).
-    label_errors: Family<Label, Counter>,
+    label_errors: Family<ReasonLabel, Counter>,
 }
+
+/// `[("reason", …)]`: the label set of `label_errors` (the same type the control plane uses,
+/// spelled here so that the agent does not import `source`).
+pub type ReasonLabel = [(&'static str, String); 1];
 
 impl AgentMetrics {
     /// Create and register under `registry`; refusals are also counted in `label_errors`.
-    pub fn new(registry: &mut Registry, label_errors: Family<Label, Counter>) -> Self {
+    pub fn new(registry: &mut Registry, label_errors: Family<ReasonLabel, Counter>) -> Self {
         let buckets = [
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
         ];
