@@ -279,6 +279,10 @@ struct Ctx {
     pipes: tcp::PipePool,
     /// Use splice(2) (off only in tests, to exercise the copy fallback).
     splice: bool,
+    /// Tests only: every splice into a socket fails as if the kernel refused it (EINVAL),
+    /// to exercise the fallback that copies out what is already in the pipe.
+    #[cfg(test)]
+    refuse_splice_out: bool,
     /// Cancelled when the shutdown grace ends: every connection closes.
     hard_kill: CancellationToken,
     /// Accept loops and connections, for the bounded drain at shutdown.
@@ -325,6 +329,8 @@ impl Forwarder {
                 udp_permits,
                 pipes: tcp::PipePool::new(256),
                 splice: true,
+                #[cfg(test)]
+                refuse_splice_out: false,
                 hard_kill: CancellationToken::new(),
                 tracker: TaskTracker::new(),
             }),
@@ -441,6 +447,16 @@ impl Forwarder {
     fn without_splice(mut self) -> Self {
         if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
             ctx.splice = false;
+        }
+        self
+    }
+
+    /// Splice in, but have every splice out refused, to test the mid-stream fallback. Call
+    /// before the first apply.
+    #[cfg(test)]
+    fn refusing_splice_out(mut self) -> Self {
+        if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
+            ctx.refuse_splice_out = true;
         }
         self
     }

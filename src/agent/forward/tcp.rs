@@ -502,7 +502,7 @@ async fn pump(
     let mut splicing = false;
     loop {
         if splicing {
-            match splice_once(&ctx.pipes, from, to, &count).await {
+            match splice_once(ctx, from, to, &count).await {
                 Ok(0) => break,
                 Ok(_) => continue,
                 Err(SpliceEnd::Io(e)) => return Err(e),
@@ -534,7 +534,7 @@ async fn pump(
 /// Splice what `from` has (up to a pipe's capacity) to `to`, leasing a pipe only once
 /// `from` is readable and returning it empty. Returns the bytes moved; 0 at EOF.
 async fn splice_once(
-    pool: &PipePool,
+    ctx: &Ctx,
     from: &TcpStream,
     to: &TcpStream,
     count: &impl Fn(usize),
@@ -542,7 +542,7 @@ async fn splice_once(
     let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
     let (mut lease, n) = loop {
         from.readable().await?;
-        let lease = pool.lease().map_err(|e| {
+        let lease = ctx.pipes.lease().map_err(|e| {
             tracing::debug!(error = %e, "no pipe for splice; copying");
             SpliceEnd::NoPipe
         })?;
@@ -565,6 +565,10 @@ async fn splice_once(
         to.writable().await?;
         let pipe = lease.pipe();
         let r = to.try_io(Interest::WRITABLE, || {
+            #[cfg(test)]
+            if ctx.refuse_splice_out {
+                return Err(io::Error::from(Errno::EINVAL));
+            }
             splice(&pipe.r, None, to, None, pending, flags).map_err(io::Error::from)
         });
         match r {

@@ -449,6 +449,18 @@ async fn tcp_large_transfer_with_copy_fallback() {
     large_transfer(8 << 20, false).await;
 }
 
+/// Splice refused on the way out, mid-stream: what is already in the pipe is copied out, then
+/// the direction copies; not a byte lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_large_transfer_when_splice_out_is_refused() {
+    let b = TcpBackend::start(0).await;
+    let key = free_tcp_vip();
+    let (fwd, m) = forwarder(ForwardConfig::default());
+    let fwd = fwd.refusing_splice_out();
+    transfer_through(fwd, key, b.addr, 8 << 20, &m).await;
+    drop(b);
+}
+
 async fn large_transfer(len: usize, splice: bool) {
     let b = TcpBackend::start(0).await;
     let key = free_tcp_vip();
@@ -456,7 +468,18 @@ async fn large_transfer(len: usize, splice: bool) {
     if !splice {
         fwd = fwd.without_splice();
     }
-    fwd.apply(&table(1, vec![vip(key, &active(&[b.addr]))]))
+    transfer_through(fwd, key, b.addr, len, &m).await;
+    drop(b);
+}
+
+async fn transfer_through(
+    mut fwd: Forwarder,
+    key: VipKey,
+    backend: SocketAddr,
+    len: usize,
+    m: &ForwardMetrics,
+) {
+    fwd.apply(&table(1, vec![vip(key, &active(&[backend]))]))
         .await;
     let (s, _) = open(key).await;
     let (mut r, mut w) = s.into_split();
