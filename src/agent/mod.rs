@@ -150,7 +150,7 @@ impl Agent {
     /// is served.
     pub async fn apply(&mut self, table: Arc<VipTable>) {
         let started = Instant::now();
-        let table = self.refuse_host_addresses(table).await;
+        let table = self.refuse_unservable(table).await;
         // DNS answers depend only on which VIPs are live and their names, not on backends:
         // a backend-only change (the common case) leaves the catalog as it is.
         let d = diff(&self.last, &table);
@@ -241,7 +241,7 @@ impl Agent {
     /// (DESIGN §3), and, whatever a controller sends, any VIP on an address or port no
     /// listener may take (unspecified, multicast, broadcast, port 0): a buggy or hostile
     /// controller cannot make the agent bind a wildcard.
-    async fn refuse_host_addresses(&mut self, table: Arc<VipTable>) -> Arc<VipTable> {
+    async fn refuse_unservable(&mut self, table: Arc<VipTable>) -> Arc<VipTable> {
         let mut bad: Vec<(VipKey, LabelError)> = table
             .vips
             .keys()
