@@ -9,6 +9,7 @@
 //! `source`.
 
 pub mod balancer;
+mod splice;
 mod state;
 mod tcp;
 pub mod udp;
@@ -276,13 +277,9 @@ struct Ctx {
     permits: Arc<Semaphore>,
     /// One permit per UDP session (`max_udp_sessions`).
     udp_permits: Arc<Semaphore>,
-    pipes: tcp::PipePool,
+    pipes: splice::PipePool,
     /// Use splice(2) (off only in tests, to exercise the copy fallback).
     splice: bool,
-    /// Tests only: every splice into a socket fails as if the kernel refused it (EINVAL),
-    /// to exercise the fallback that copies out what is already in the pipe.
-    #[cfg(test)]
-    refuse_splice_out: bool,
     /// Cancelled when the shutdown grace ends: every connection closes.
     hard_kill: CancellationToken,
     /// Accept loops and connections, for the bounded drain at shutdown.
@@ -327,10 +324,8 @@ impl Forwarder {
                 metrics,
                 permits,
                 udp_permits,
-                pipes: tcp::PipePool::new(256),
+                pipes: splice::PipePool::new(256),
                 splice: true,
-                #[cfg(test)]
-                refuse_splice_out: false,
                 hard_kill: CancellationToken::new(),
                 tracker: TaskTracker::new(),
             }),
@@ -456,7 +451,7 @@ impl Forwarder {
     #[cfg(test)]
     fn refusing_splice_out(mut self) -> Self {
         if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
-            ctx.refuse_splice_out = true;
+            ctx.pipes.refuse_out = true;
         }
         self
     }
