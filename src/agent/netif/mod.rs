@@ -15,6 +15,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 use futures::TryStreamExt;
+use nix::errno::Errno;
 use ipnet::IpNet;
 use netlink_packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
@@ -96,17 +97,10 @@ pub enum NetifError {
     Vanished(String),
 }
 
-const EPERM: i32 = 1;
-const ENODEV: i32 = 19;
-const EACCES: i32 = 13;
-const EEXIST: i32 = 17;
-const EOPNOTSUPP: i32 = 95;
-const EADDRNOTAVAIL: i32 = 99;
-
 /// The errno of a netlink NACK, if that is what `e` is.
-fn errno(e: &rtnetlink::Error) -> Option<i32> {
+fn errno(e: &rtnetlink::Error) -> Option<Errno> {
     match e {
-        rtnetlink::Error::NetlinkError(msg) => Some(msg.raw_code().abs()),
+        rtnetlink::Error::NetlinkError(msg) => Some(Errno::from_raw(msg.raw_code().abs())),
         _ => None,
     }
 }
@@ -114,7 +108,7 @@ fn errno(e: &rtnetlink::Error) -> Option<i32> {
 fn nl_err(op: impl Into<String>, source: rtnetlink::Error) -> NetifError {
     let op = op.into();
     match errno(&source) {
-        Some(EPERM | EACCES) => NetifError::PermissionDenied { op },
+        Some(Errno::EPERM | Errno::EACCES) => NetifError::PermissionDenied { op },
         _ => NetifError::Netlink { op, source },
     }
 }
@@ -313,7 +307,7 @@ impl Netif {
             .await;
         match res {
             Ok(msg) => Ok(msg),
-            Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
+            Err(e) if errno(&e) == Some(Errno::ENODEV) => Ok(None),
             Err(e) => Err(nl_err(format!("looking up {name}"), e)),
         }
     }
@@ -402,8 +396,8 @@ impl Netif {
         };
         match self.handle.link().add(msg).execute().await {
             Ok(()) => Ok(()),
-            Err(e) if errno(&e) == Some(EEXIST) => Ok(()),
-            Err(e) if errno(&e) == Some(EOPNOTSUPP) => Err(NetifError::Unsupported(kind)),
+            Err(e) if errno(&e) == Some(Errno::EEXIST) => Ok(()),
+            Err(e) if errno(&e) == Some(Errno::EOPNOTSUPP) => Err(NetifError::Unsupported(kind)),
             Err(e) => Err(nl_err(format!("creating {kind} interface {name}"), e)),
         }
     }
@@ -450,9 +444,9 @@ impl Netif {
                 debug!(interface = %link.name, %ip, "VIP address added");
                 Ok(())
             }
-            Err(e) if errno(&e) == Some(EEXIST) => Ok(()),
+            Err(e) if errno(&e) == Some(Errno::EEXIST) => Ok(()),
             // EACCES here is `disable_ipv6`, not a missing capability (that is EPERM).
-            Err(e) if ip.is_ipv6() && errno(&e) == Some(EACCES) => Err(NetifError::Ipv6Disabled {
+            Err(e) if ip.is_ipv6() && errno(&e) == Some(Errno::EACCES) => Err(NetifError::Ipv6Disabled {
                 link: link.name.clone(),
                 ip,
             }),
@@ -476,7 +470,7 @@ impl Netif {
                 debug!(interface = %link.name, %net, "address removed");
                 Ok(())
             }
-            Err(e) if errno(&e) == Some(EADDRNOTAVAIL) => Ok(()),
+            Err(e) if errno(&e) == Some(Errno::EADDRNOTAVAIL) => Ok(()),
             Err(e) => Err(nl_err(format!("removing {net} from {}", link.name), e)),
         }
     }
@@ -555,21 +549,21 @@ mod tests {
         assert!(e.to_string().contains("CAP_NET_ADMIN"), "{e}");
     }
 
-    fn nack(errno: i32) -> rtnetlink::Error {
+    fn nack(errno: Errno) -> rtnetlink::Error {
         let mut msg = rtnetlink::packet_core::ErrorMessage::default();
-        msg.code = std::num::NonZeroI32::new(-errno);
+        msg.code = std::num::NonZeroI32::new(-(errno as i32));
         rtnetlink::Error::NetlinkError(msg)
     }
 
     #[test]
     fn errno_mapping() {
-        assert_eq!(errno(&nack(EEXIST)), Some(EEXIST));
+        assert_eq!(errno(&nack(Errno::EEXIST)), Some(Errno::EEXIST));
         assert_eq!(errno(&rtnetlink::Error::RequestFailed), None);
         for (code, denied) in [
-            (EPERM, true),
-            (EACCES, true),
-            (EEXIST, false),
-            (ENODEV, false),
+            (Errno::EPERM, true),
+            (Errno::EACCES, true),
+            (Errno::EEXIST, false),
+            (Errno::ENODEV, false),
         ] {
             let e = nl_err("op", nack(code));
             assert_eq!(
