@@ -7,7 +7,12 @@
 //! `harness = false`: prints one JSON line (`p50_ms`, `p99_ms`, …) last, for scripts/bench.sh.
 //! `BENCH_CHANGES` sets the number of changes (default 100); `L4LB_BIN` overrides the binary.
 
-#[path = "../tests/common/marathon.rs"]
+#![allow(clippy::unwrap_used)] // a bench that fails should stop at once
+
+// The fake Marathon of the integration tests (a bench cannot import a test crate); this
+// bench uses a part of it.
+#[allow(dead_code, unreachable_pub)]
+#[path = "../tests/it/common/marathon.rs"]
 mod marathon;
 
 use std::io::{BufRead, BufReader};

@@ -1,6 +1,8 @@
 //! Control-plane costs: building a table from a Marathon snapshot, re-building after one app
 //! changed, and diffing two large tables.
 
+#![allow(clippy::unwrap_used)] // a bench that fails should stop at once
+
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};

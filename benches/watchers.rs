@@ -8,7 +8,8 @@
 //! `harness = false`: prints a summary on stderr and one JSON line on stdout.
 //! `BENCH_WATCHERS`, `BENCH_VIPS`, `BENCH_BACKENDS`, `BENCH_ROUNDS` change the sizes.
 
-#[path = "common/mod.rs"]
+#![allow(clippy::unwrap_used)] // a bench that fails should stop at once
+
 mod common;
 use common::raise_nofile;
 

@@ -21,19 +21,9 @@ pub enum AllocError {
     Exhausted(String),
 }
 
-/// FNV-1a, 64 bit: small, fixed and well distributed enough for spreading names over a CIDR.
+/// [`crate::model::stable_hash`] of a name.
 pub fn stable_hash(s: &str) -> u64 {
-    stable_hash_bytes(s.as_bytes())
-}
-
-/// FNV-1a, 64 bit, over bytes.
-pub fn stable_hash_bytes(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+    crate::model::stable_hash(s.as_bytes())
 }
 
 /// One address pool (a CIDR), usable offsets `first..first+size`.

@@ -1,6 +1,9 @@
 //! The one place that wires components together: sources, the agent's data plane, DNS and
-//! the API, around one shutdown token. Each `l4lb` subcommand is a function here.
+//! the API. Each `l4lb` subcommand is a function here that takes its validated
+//! configuration, starts its long-lived tasks in a [`Tasks`] set, waits for a signal (or for
+//! a task to fail), drains in order and reports every task's error.
 
+use std::future::Future;
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -9,24 +12,25 @@ use std::time::Duration;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
-use crate::agent::dns::{DnsCatalog, DnsConfig, DnsMetrics};
-use crate::agent::forward::{ForwardConfig, ForwardMetrics, ForwardStats, Forwarder};
-use crate::agent::netif::{InterfaceKind, Netif, NetifError};
+use crate::agent::dns::{DnsCatalog, DnsMetrics};
+use crate::agent::forward::{ForwardMetrics, ForwardStats, Forwarder};
+use crate::agent::netif::{Netif, NetifError};
 use crate::agent::{Agent, AgentMetrics};
-use crate::api::{self, ApiState, Readiness};
-use crate::api::{BackendCounters, BackendStats};
+use crate::api::{self, ApiState, BackendCounters, BackendStats, Readiness};
 use crate::config::{
-    AgentArgs, AgentCmdArgs, ApiArgs, BuildArgs, CheckArgs, Cli, Command, ConfigError,
-    ControllerArgs, InterfaceKindArg, RunArgs, SourceArgs, SourceConfig, VipsArgs,
+    AgentConfig, ApiConfig, CheckConfig, Config, ConfigError, ControllerConfig, Mode, NodeConfig,
+    RunConfig, SourceConfig, VipsConfig,
 };
+use crate::labels::ReasonLabel;
 use crate::model::VipKey;
 use crate::model::wire::{VipJson, table_to_json};
-use crate::source::controller::WatchConfig;
 use crate::source::marathon::{client, sync};
-use crate::source::metrics::{Label, SourceMetrics};
-use crate::source::state::TableState;
+use crate::source::metrics::SourceMetrics;
+use crate::source::state::{BuildConfig, TableState};
 use crate::source::{self, Publisher, TableRx};
 
 /// How `l4lb` failed, which decides its exit code.
@@ -40,13 +44,13 @@ pub enum AppError {
     Other(#[from] anyhow::Error),
 }
 
-pub async fn main(cli: Cli) -> Result<ExitCode, AppError> {
-    match cli.command {
-        Command::Controller(a) => controller(a).await.map(|()| ExitCode::SUCCESS),
-        Command::Agent(a) => agent(a).await.map(|()| ExitCode::SUCCESS),
-        Command::Run(a) => run(a).await.map(|()| ExitCode::SUCCESS),
-        Command::Check(a) => check(a),
-        Command::Vips(a) => vips(a).await,
+pub async fn main(cfg: Config) -> Result<ExitCode, AppError> {
+    match cfg.mode {
+        Mode::Controller(c) => controller(c).await.map(|()| ExitCode::SUCCESS),
+        Mode::Agent(a) => agent(a).await.map(|()| ExitCode::SUCCESS),
+        Mode::Run(r) => run(r).await.map(|()| ExitCode::SUCCESS),
+        Mode::Check(c) => check(c),
+        Mode::Vips(v) => vips(v).await,
     }
 }
 
@@ -55,37 +59,161 @@ pub(crate) fn registry() -> Registry {
     Registry::with_prefix("l4lb")
 }
 
-/// Cancel `token` on SIGTERM or SIGINT.
-pub(crate) fn cancel_on_signal(token: CancellationToken) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-            _ = token.cancelled() => return,
+/// What a tracked task returns: its name and how it ended.
+type Ended = (&'static str, anyhow::Result<()>);
+
+/// The process's long-lived tasks, in two groups: `main` (sources, the agent) stops on
+/// `shutdown`; `serving` (the API, DNS) stops on its own token once `main` has drained, so
+/// `/ready` says 503 and names resolve while connections finish. A task that fails (or
+/// panics) before shutdown cancels `shutdown`: the process drains and exits 1 rather than
+/// run on without, say, its API or its source.
+struct Tasks {
+    main: JoinSet<Ended>,
+    serving: JoinSet<Ended>,
+    shutdown: CancellationToken,
+    serving_stop: CancellationToken,
+    errors: Vec<String>,
+}
+
+impl Tasks {
+    fn new() -> Self {
+        Tasks {
+            main: JoinSet::new(),
+            serving: JoinSet::new(),
+            shutdown: CancellationToken::new(),
+            serving_stop: CancellationToken::new(),
+            errors: Vec::new(),
         }
-        token.cancel();
-    });
-    Ok(())
+    }
+
+    /// Start a task that stops when `shutdown` is cancelled.
+    fn spawn(
+        &mut self,
+        name: &'static str,
+        f: impl Future<Output = anyhow::Result<()>> + Send + 'static,
+    ) {
+        self.main.spawn(async move { (name, f.await) });
+    }
+
+    /// Start a task that outlives the drain (it is given [`Tasks::serving_stop`]).
+    fn spawn_serving(
+        &mut self,
+        name: &'static str,
+        f: impl Future<Output = anyhow::Result<()>> + Send + 'static,
+    ) {
+        self.serving.spawn(async move { (name, f.await) });
+    }
+
+    /// Cancel `shutdown` on SIGTERM, SIGINT or SIGHUP (a HUP from a closed terminal or a
+    /// careless `kill -HUP` drains like TERM instead of killing the process mid-flight).
+    fn stop_on_signals(&mut self) -> anyhow::Result<()> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let token = self.shutdown.clone();
+        self.spawn("signals", async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+                _ = hup.recv() => tracing::info!("SIGHUP: shutting down"),
+                _ = token.cancelled() => return Ok(()),
+            }
+            token.cancel();
+            Ok(())
+        });
+        Ok(())
+    }
+
+    fn record(&mut self, joined: Result<Ended, tokio::task::JoinError>, early: bool) {
+        let failure = match joined {
+            Ok((_, Ok(()))) => None,
+            Ok((name, Err(e))) => Some(format!("{name}: {e:#}")),
+            Err(e) if e.is_panic() => Some(format!("a task panicked: {e}")),
+            Err(e) => Some(format!("a task was cancelled: {e}")),
+        };
+        if let Some(f) = failure {
+            tracing::error!("{f}");
+            self.errors.push(f);
+            if early {
+                self.shutdown.cancel();
+            }
+        }
+    }
+
+    /// Wait for `shutdown` (a signal, or a task that failed), reaping tasks as they end.
+    async fn until_shutdown(&mut self) {
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                Some(j) = self.main.join_next() => self.record(j, true),
+                Some(j) = self.serving.join_next() => self.record(j, true),
+            }
+        }
+    }
+
+    /// The bounded drain: `main` gets up to `grace`, then `serving` is told to stop and gets
+    /// up to two seconds; what is still running then is aborted and reported. Err lists every
+    /// task that failed or had to be aborted.
+    async fn drain(mut self, grace: Duration) -> Result<(), AppError> {
+        self.shutdown.cancel();
+        let deadline = tokio::time::Instant::now() + grace;
+        while let Ok(Some(j)) = tokio::time::timeout_at(deadline, self.main.join_next()).await {
+            self.record(j, false);
+        }
+        if !self.main.is_empty() {
+            let n = self.main.len();
+            self.main.abort_all();
+            self.errors.push(format!(
+                "{n} task(s) still running after {grace:?}; aborted"
+            ));
+        }
+        self.serving_stop.cancel();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while let Ok(Some(j)) = tokio::time::timeout_at(deadline, self.serving.join_next()).await {
+            self.record(j, false);
+        }
+        if !self.serving.is_empty() {
+            let n = self.serving.len();
+            self.serving.abort_all();
+            self.errors.push(format!(
+                "{n} serving task(s) still running 2s after the drain; aborted"
+            ));
+        }
+        if self.errors.is_empty() {
+            tracing::info!("stopped");
+            Ok(())
+        } else {
+            Err(AppError::Other(anyhow::anyhow!(
+                "{}",
+                self.errors.join("; ")
+            )))
+        }
+    }
 }
 
 /// Start the configured source (Marathon or apps file) publishing into a new table channel.
-pub(crate) fn start_source(
-    source: &SourceArgs,
-    build: &BuildArgs,
+fn start_source(
+    tasks: &mut Tasks,
+    source: SourceConfig,
+    build: BuildConfig,
     metrics: SourceMetrics,
-    shutdown: &CancellationToken,
 ) -> Result<TableRx, AppError> {
-    let src = source.validate()?;
-    let build = build.validate()?;
     let (tx, rx) = source::table_channel();
     let publisher = Publisher::new(build, tx, metrics);
-    match src {
+    let stop = tasks.shutdown.clone();
+    match source {
         SourceConfig::File { path, poll } => {
-            tracing::info!(path = %path.display(), "reading apps from file");
-            tokio::spawn(source::file::run(path, poll, publisher, shutdown.clone()));
+            let span = tracing::info_span!("source", file = %path.display());
+            span.in_scope(|| tracing::info!("reading apps from file"));
+            tasks.spawn(
+                "apps file source",
+                async move {
+                    source::file::run(path, poll, publisher, stop).await;
+                    Ok(())
+                }
+                .instrument(span),
+            );
         }
         SourceConfig::Marathon {
             masters,
@@ -93,140 +221,133 @@ pub(crate) fn start_source(
             timeout,
             resync,
         } => {
-            let masters_shown: Vec<String> = masters
+            let shown: Vec<String> = masters
                 .iter()
                 .map(|u| u.host_str().unwrap_or("?").to_string())
                 .collect();
-            tracing::info!(masters = ?masters_shown, auth = ?auth, "following Marathon");
+            let span = tracing::info_span!("source", marathon = ?shown);
+            span.in_scope(|| tracing::info!(auth = ?auth, "following Marathon"));
             let c = client::Client::new(masters, auth, timeout)
-                .map_err(|e| AppError::Other(anyhow::anyhow!("HTTP client: {e}")))?;
+                .map_err(|e| anyhow::anyhow!("HTTP client: {e}"))?;
             let cfg = sync::SyncConfig {
                 resync_interval: resync,
                 ..sync::SyncConfig::default()
             };
-            tokio::spawn(sync::run(c, publisher, cfg, shutdown.clone()));
+            tasks.spawn(
+                "Marathon source",
+                async move {
+                    sync::run(c, publisher, cfg, stop).await;
+                    Ok(())
+                }
+                .instrument(span),
+            );
         }
     }
     Ok(rx)
 }
 
-/// Bind the API listener and serve `state` on it; returns the bound address.
-pub(crate) async fn start_api(
-    args: &ApiArgs,
-    state: ApiState,
-    shutdown: &CancellationToken,
-) -> Result<std::net::SocketAddr, AppError> {
-    let listener = tokio::net::TcpListener::bind(args.api_listen)
+/// Bind the API listener and serve `state` on it until the serving group stops.
+async fn start_api(tasks: &mut Tasks, cfg: &ApiConfig, state: ApiState) -> Result<(), AppError> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot bind the API on {}: {e}", args.api_listen))?;
+        .map_err(|e| anyhow::anyhow!("cannot bind the API on {}: {e}", cfg.listen))?;
     let addr = listener
         .local_addr()
         .map_err(|e| anyhow::anyhow!("API address: {e}"))?;
     tracing::info!(%addr, "API listening");
-    let token = shutdown.clone();
-    tokio::spawn(async move {
-        if let Err(e) = api::serve(listener, state, token).await {
-            tracing::error!(error = %e, "API server failed");
-        }
-    });
-    Ok(addr)
-}
-
-async fn controller(args: ControllerArgs) -> Result<(), AppError> {
-    let shutdown = CancellationToken::new();
-    cancel_on_signal(shutdown.clone())?;
-    let mut reg = registry();
-    let metrics = SourceMetrics::new(&mut reg);
-    let rx = start_source(&args.source, &args.build, metrics, &shutdown)?;
-    let ready = Readiness::default();
-    let state =
-        ApiState::new(rx.clone(), Arc::new(reg), ready.clone()).with_token(args.api.token()?);
-    start_api(&args.api, state, &shutdown).await?;
-    // Ready once the first table is built.
-    let mut first = rx;
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        r = first.wait_for(|t| t.version != 0) => {
-            if r.is_ok() {
-                ready.set(true);
-                tracing::info!("first VIP table built; ready");
-            }
-        }
-    }
-    shutdown.cancelled().await;
-    ready.set(false);
-    // Let in-flight API responses finish.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stop = tasks.serving_stop.clone();
+    tasks.spawn_serving(
+        "API server",
+        async move { Ok(api::serve(listener, state, stop).await?) }
+            .instrument(tracing::info_span!("api", %addr)),
+    );
     Ok(())
 }
 
-async fn agent(args: AgentCmdArgs) -> Result<(), AppError> {
-    let shutdown = CancellationToken::new();
-    cancel_on_signal(shutdown.clone())?;
-    let mut reg = registry();
-    let metrics = SourceMetrics::new(&mut reg);
-    let label_errors = metrics.label_errors.clone();
-    let (tx, rx) = source::table_channel();
-    let watch = WatchConfig {
-        controllers: args
-            .controllers
-            .iter()
-            .map(crate::config::with_trailing_slash)
-            .collect(),
-        wait: args.watch_wait,
-        token: args.api.token()?.map(crate::config::Secret::from),
-        backoff_min: Duration::from_millis(100),
-        backoff_max: Duration::from_secs(2),
-    };
-    // The privileged step first: without CAP_NET_ADMIN, fail before anything else starts.
-    let netif = open_netif(&args.agent).await?;
-    tokio::spawn(source::controller::run(
-        watch,
-        tx,
-        metrics,
-        shutdown.clone(),
-    ));
-    data_plane(
-        netif,
-        &args.agent,
-        &args.api,
-        reg,
-        rx,
-        label_errors,
-        shutdown,
-    )
-    .await
+fn api_state(table: TableRx, registry: Registry, ready: &Readiness, api: &ApiConfig) -> ApiState {
+    ApiState::new(table, Arc::new(registry), ready.clone())
+        .with_token(api.token.as_ref().map(|t| t.expose().to_string()))
 }
 
-async fn run(args: RunArgs) -> Result<(), AppError> {
-    let shutdown = CancellationToken::new();
-    cancel_on_signal(shutdown.clone())?;
+/// Mark `ready` once `table` holds a version (built, or applied), unless shutdown comes first.
+fn ready_on_first(tasks: &mut Tasks, mut table: TableRx, ready: Readiness, what: &'static str) {
+    let stop = tasks.shutdown.clone();
+    tasks.spawn("readiness", async move {
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            r = table.wait_for(|t| t.version != 0) => {
+                if let Ok(t) = r
+                    && ready.mark_ready()
+                {
+                    tracing::info!(version = t.version, "first table {what}; ready");
+                }
+            }
+        }
+        Ok(())
+    });
+}
+
+async fn controller(cfg: ControllerConfig) -> Result<(), AppError> {
+    let mut tasks = Tasks::new();
+    tasks.stop_on_signals()?;
+    let mut reg = registry();
+    let metrics = SourceMetrics::new(&mut reg);
+    let rx = start_source(&mut tasks, cfg.source, cfg.build, metrics)?;
+    let ready = Readiness::default();
+    start_api(
+        &mut tasks,
+        &cfg.api,
+        api_state(rx.clone(), reg, &ready, &cfg.api),
+    )
+    .await?;
+    ready_on_first(&mut tasks, rx, ready.clone(), "built");
+    tasks.until_shutdown().await;
+    ready.mark_draining();
+    tasks.drain(Duration::from_secs(2)).await
+}
+
+async fn agent(cfg: AgentConfig) -> Result<(), AppError> {
+    let mut tasks = Tasks::new();
+    tasks.stop_on_signals()?;
     let mut reg = registry();
     let metrics = SourceMetrics::new(&mut reg);
     let label_errors = metrics.label_errors.clone();
-    let netif = open_netif(&args.agent).await?;
-    let rx = start_source(&args.source, &args.build, metrics, &shutdown)?;
-    data_plane(
-        netif,
-        &args.agent,
-        &args.api,
-        reg,
-        rx,
-        label_errors,
-        shutdown,
-    )
-    .await
+    // The privileged step first: without CAP_NET_ADMIN, fail before anything else starts.
+    let netif = open_netif(&cfg.node).await?;
+    let (tx, rx) = source::table_channel();
+    let stop = tasks.shutdown.clone();
+    let span = tracing::info_span!("source", controllers = cfg.watch.controllers.len());
+    tasks.spawn(
+        "controller watch",
+        async move {
+            source::controller::run(cfg.watch, tx, metrics, stop).await;
+            Ok(())
+        }
+        .instrument(span),
+    );
+    node(tasks, netif, &cfg.node, &cfg.api, reg, rx, label_errors).await
+}
+
+async fn run(cfg: RunConfig) -> Result<(), AppError> {
+    let mut tasks = Tasks::new();
+    tasks.stop_on_signals()?;
+    let mut reg = registry();
+    let metrics = SourceMetrics::new(&mut reg);
+    let label_errors = metrics.label_errors.clone();
+    let netif = open_netif(&cfg.node).await?;
+    let rx = start_source(&mut tasks, cfg.source, cfg.build, metrics)?;
+    node(tasks, netif, &cfg.node, &cfg.api, reg, rx, label_errors).await
 }
 
 /// Open (create) the VIP interface; missing privilege is its own error (exit 2).
-async fn open_netif(args: &AgentArgs) -> Result<Netif, AppError> {
-    let netif = Netif::open(&args.interface, interface_kind(args.interface_kind))
+async fn open_netif(cfg: &NodeConfig) -> Result<Netif, AppError> {
+    let netif = Netif::open(&cfg.interface, cfg.interface_kind)
         .await
         .map_err(|e| match e {
             NetifError::PermissionDenied { .. } => AppError::Privilege(e.to_string()),
-            other => AppError::Other(anyhow::anyhow!("interface {}: {other}", args.interface)),
+            other => AppError::Other(anyhow::anyhow!("interface {}: {other}", cfg.interface)),
         })?;
-    tracing::info!(interface = %args.interface, kind = netif.kind().as_str(), "VIP interface ready");
+    tracing::info!(interface = %cfg.interface, kind = netif.kind().as_str(), "VIP interface ready");
     Ok(netif)
 }
 
@@ -240,15 +361,6 @@ impl BackendStats for ForwardCounters {
             bytes: s.bytes,
             ejected: s.ejected,
         })
-    }
-}
-
-fn interface_kind(k: InterfaceKindArg) -> InterfaceKind {
-    match k {
-        InterfaceKindArg::Auto => InterfaceKind::Auto,
-        InterfaceKindArg::Dummy => InterfaceKind::Dummy,
-        InterfaceKindArg::Bridge => InterfaceKind::Bridge,
-        InterfaceKindArg::None => InterfaceKind::None,
     }
 }
 
@@ -293,26 +405,20 @@ fn dns_socket(addr: std::net::SocketAddr, ty: socket2::Type) -> std::io::Result<
     Ok(s)
 }
 
-/// Interface, DNS, forwarder and API around `tables`, until `shutdown` and the drain end.
-async fn data_plane(
+/// Interface, DNS, forwarder and API around `tables`, until shutdown and the drain end.
+async fn node(
+    mut tasks: Tasks,
     netif: Netif,
-    args: &AgentArgs,
-    api_args: &ApiArgs,
+    cfg: &NodeConfig,
+    api_cfg: &ApiConfig,
     mut reg: Registry,
     tables: TableRx,
-    label_errors: Family<Label, Counter>,
-    shutdown: CancellationToken,
+    label_errors: Family<ReasonLabel, Counter>,
 ) -> Result<(), AppError> {
-    let dns_cfg = DnsConfig {
-        zone: args.zone.trim_end_matches('.').to_ascii_lowercase(),
-        ttl: args.dns_ttl,
-        upstreams: args.dns_upstream.clone(),
-        upstream_timeout: args.dns_upstream_timeout,
-    };
-    let catalog = DnsCatalog::new(&dns_cfg);
+    let catalog = DnsCatalog::new(&cfg.dns);
     let mut udp = Vec::new();
     let mut tcp = Vec::new();
-    for addr in &args.dns_listen {
+    for addr in &cfg.dns_listen {
         let (u, t) = bind_dns(*addr).await?;
         if let Ok(a) = u.local_addr() {
             tracing::info!(addr = %a, "DNS listening");
@@ -323,66 +429,45 @@ async fn data_plane(
     let dns_metrics = DnsMetrics::new(&mut reg);
     let forward_metrics = ForwardMetrics::new(&mut reg);
     let agent_metrics = AgentMetrics::new(&mut reg, label_errors);
-
-    let fwd_cfg = ForwardConfig {
-        connect_timeout: args.connect_timeout,
-        connect_retries: args.connect_retries,
-        tcp_idle_timeout: args.tcp_idle_timeout,
-        drain_timeout: args.drain_timeout,
-        max_connections: args.max_connections,
-        udp_idle_timeout: args.udp_idle_timeout,
-        max_udp_sessions: args.max_udp_sessions,
-    };
-    let forwarder = Forwarder::new(fwd_cfg, forward_metrics, shutdown.clone());
+    let forwarder = Forwarder::new(cfg.forward.clone(), forward_metrics, tasks.shutdown.clone());
     let stats = forwarder.stats();
     let agent = Agent::new(netif, forwarder, catalog.clone(), agent_metrics);
     let applied = agent.applied();
 
-    // The API and DNS outlive the drain: /ready must say 503 while connections finish.
-    let api_stop = CancellationToken::new();
-    let dns_stop = CancellationToken::new();
     let ready = Readiness::default();
-    let state = ApiState::new(applied, Arc::new(reg), ready.clone())
-        .with_stats(Arc::new(ForwardCounters(stats)))
-        .with_token(api_args.token()?);
-    start_api(api_args, state, &api_stop).await?;
-    let dns_task = tokio::spawn(crate::agent::dns::serve(
-        dns_cfg,
-        catalog,
-        udp,
-        tcp,
-        dns_metrics,
-        dns_stop.clone(),
-    ));
-
-    let ready_on_apply = ready.clone();
-    let grace = args.shutdown_grace;
-    let agent_task = tokio::spawn(agent.run(
-        tables,
-        move |t| {
-            if !ready_on_apply.get() {
-                tracing::info!(version = t.version, "first table applied; ready");
-            }
-            ready_on_apply.set(true);
-        },
-        grace,
-        shutdown.clone(),
-    ));
-    shutdown.cancelled().await;
-    ready.set(false);
-    if let Err(e) = agent_task.await {
-        tracing::error!(error = %e, "agent task failed");
-    }
-    dns_stop.cancel();
-    let _ = dns_task.await;
-    api_stop.cancel();
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    tracing::info!("stopped");
-    Ok(())
+    let state = api_state(applied.clone(), reg, &ready, api_cfg)
+        .with_stats(Arc::new(ForwardCounters(stats)));
+    start_api(&mut tasks, api_cfg, state).await?;
+    let dns_cfg = cfg.dns.clone();
+    let dns_stop = tasks.serving_stop.clone();
+    tasks.spawn_serving(
+        "DNS server",
+        async move {
+            crate::agent::dns::serve(dns_cfg, catalog, udp, tcp, dns_metrics, dns_stop).await?;
+            Ok(())
+        }
+        .instrument(tracing::info_span!("dns")),
+    );
+    // DNS is bound above, so the first applied table is all readiness waits for.
+    ready_on_first(&mut tasks, applied, ready.clone(), "applied");
+    let grace = cfg.shutdown_grace;
+    let stop = tasks.shutdown.clone();
+    tasks.spawn(
+        "agent",
+        async move {
+            agent.run(tables, grace, stop).await;
+            Ok(())
+        }
+        .instrument(tracing::info_span!("agent")),
+    );
+    tasks.until_shutdown().await;
+    ready.mark_draining();
+    // The agent's own drain is bounded by `grace`; give it a little more before aborting.
+    tasks.drain(grace + Duration::from_secs(5)).await
 }
 
-fn check(args: CheckArgs) -> Result<ExitCode, AppError> {
-    let build = args.build.validate()?;
+fn check(args: CheckConfig) -> Result<ExitCode, AppError> {
+    let build = args.build;
     let body = std::fs::read(&args.apps_file).map_err(|source| ConfigError::Read {
         what: "apps file",
         path: args.apps_file.clone(),
@@ -418,9 +503,9 @@ fn check(args: CheckArgs) -> Result<ExitCode, AppError> {
     })
 }
 
-async fn vips(args: VipsArgs) -> Result<ExitCode, AppError> {
-    let base = crate::config::with_trailing_slash(&args.api);
-    let url = base
+async fn vips(args: VipsConfig) -> Result<ExitCode, AppError> {
+    let url = args
+        .api
         .join("v1/vips")
         .map_err(|e| anyhow::anyhow!("bad --api URL: {e}"))?;
     let mut rb = crate::tls::client_builder()
@@ -428,8 +513,8 @@ async fn vips(args: VipsArgs) -> Result<ExitCode, AppError> {
         .map_err(|e| anyhow::anyhow!("HTTP client: {e}"))?
         .get(url.clone())
         .timeout(Duration::from_secs(10));
-    if let Some(p) = &args.api_token_file {
-        rb = rb.bearer_auth(crate::config::read_secret(p, "API token file")?);
+    if let Some(t) = &args.token {
+        rb = rb.bearer_auth(t.expose());
     }
     let resp = rb
         .send()

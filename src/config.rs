@@ -1,7 +1,12 @@
-//! Command line (clap; every flag also reads `L4LB_<FLAG>`) and its validation into the
-//! settings the components take. Errors here exit 64.
+//! The command line (clap; every flag also reads `L4LB_<FLAG>`) and its validation into one
+//! [`Config`]: every flag and combination is checked, and every file it names (credentials,
+//! tokens) read, before the runtime starts or anything on the host is touched. Errors here
+//! exit 64. Names the settings types of the components it configures; none of them imports
+//! this module.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -9,11 +14,16 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use reqwest::Url;
 
+use crate::agent::dns::DnsConfig;
+use crate::agent::forward::ForwardConfig;
+use crate::agent::netif::InterfaceKind;
 use crate::labels::IpPolicy;
+pub use crate::model::Secret;
+pub use crate::model::wire::parse_duration;
+use crate::source::controller::WatchConfig;
 use crate::source::marathon::client::Auth;
 use crate::source::state::BuildConfig;
 
-/// Parse `30s`, `500ms`, `2m`, `1h` or bare seconds.
 /// A DNS server: `ip:port`, `[v6]:port`, or a bare address (port 53).
 pub fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
     let s = s.trim();
@@ -27,23 +37,6 @@ pub fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
     bare.parse::<std::net::IpAddr>()
         .map(|ip| SocketAddr::new(ip, 53))
         .map_err(|_| format!("{s:?} is not an address or address:port"))
-}
-
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let bad = || format!("{s:?} is not a duration (use e.g. 500ms, 30s, 2m)");
-    let num = |x: &str| x.trim().parse::<u64>().map_err(|_| bad());
-    if let Some(v) = s.strip_suffix("ms") {
-        Ok(Duration::from_millis(num(v)?))
-    } else if let Some(v) = s.strip_suffix('s') {
-        Ok(Duration::from_secs(num(v)?))
-    } else if let Some(v) = s.strip_suffix('m') {
-        Ok(Duration::from_secs(num(v)? * 60))
-    } else if let Some(v) = s.strip_suffix('h') {
-        Ok(Duration::from_secs(num(v)? * 3600))
-    } else {
-        Ok(Duration::from_secs(num(s)?))
-    }
 }
 
 #[derive(Debug, Parser)]
@@ -216,14 +209,6 @@ pub struct ApiArgs {
     pub api_token_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum InterfaceKindArg {
-    Auto,
-    Dummy,
-    Bridge,
-    None,
-}
-
 #[derive(Debug, Args)]
 pub struct AgentArgs {
     /// Link that holds the VIP addresses.
@@ -231,8 +216,8 @@ pub struct AgentArgs {
     pub interface: String,
     /// dummy, bridge (for kernels without the dummy driver), auto (dummy, else bridge), or
     /// none (install nothing; serve only VIPs already local, e.g. 127.0.0.0/8).
-    #[arg(long, env = "L4LB_INTERFACE_KIND", value_enum, default_value_t = InterfaceKindArg::Auto)]
-    pub interface_kind: InterfaceKindArg,
+    #[arg(long, env = "L4LB_INTERFACE_KIND", default_value = "auto")]
+    pub interface_kind: InterfaceKind,
     /// DNS listen address (repeatable; UDP and TCP).
     #[arg(
         long = "dns-listen",
@@ -325,6 +310,14 @@ pub enum SourceConfig {
 impl SourceArgs {
     pub fn validate(&self) -> Result<SourceConfig, ConfigError> {
         if let Some(path) = &self.apps_file {
+            if self.marathon_auth != MarathonAuthKind::None
+                || self.marathon_credentials_file.is_some()
+                || self.marathon_credentials.is_some()
+            {
+                return Err(ConfigError::Invalid(
+                    "Marathon credentials given with --apps-file, which reads no Marathon".into(),
+                ));
+            }
             return Ok(SourceConfig::File {
                 path: path.clone(),
                 poll: self.apps_file_poll,
@@ -345,11 +338,14 @@ impl SourceArgs {
                 let (user, password) = c.split_once(':').ok_or(ConfigError::BadBasic)?;
                 Auth::Basic {
                     user: user.to_string(),
-                    password: password.to_string(),
+                    password: Secret::from(password),
                 }
             }
-            (MarathonAuthKind::Token, Some(c)) => Auth::Token(c),
+            (MarathonAuthKind::Token, Some(c)) => Auth::Token(Secret::from(c)),
         };
+        for u in &self.marathon {
+            http_url("--marathon", u)?;
+        }
         Ok(SourceConfig::Marathon {
             masters: self.marathon.iter().map(with_trailing_slash).collect(),
             auth,
@@ -380,17 +376,266 @@ impl BuildArgs {
 }
 
 impl ApiArgs {
-    pub fn token(&self) -> Result<Option<String>, ConfigError> {
-        self.api_token_file
-            .as_ref()
-            .map(|p| read_secret(p, "API token file"))
-            .transpose()
+    pub fn validate(&self) -> Result<ApiConfig, ConfigError> {
+        Ok(ApiConfig {
+            listen: self.api_listen,
+            token: token_file(self.api_token_file.as_ref())?,
+        })
     }
+}
+
+fn token_file(path: Option<&PathBuf>) -> Result<Option<Secret>, ConfigError> {
+    path.map(|p| read_secret(p, "API token file").map(Secret::from))
+        .transpose()
+}
+
+/// `http://` or `https://` with a host: anything else is a typo that would only show up
+/// later as a request error.
+fn http_url(flag: &str, u: &Url) -> Result<(), ConfigError> {
+    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none_or(str::is_empty) {
+        return Err(ConfigError::Invalid(format!(
+            "{flag} {u}: expected an http:// or https:// URL with a host"
+        )));
+    }
+    Ok(())
+}
+
+/// A DNS zone: labels of `[a-z0-9-]`, 1–63 characters, not starting or ending with `-`, 253
+/// characters in all. Returned lowercased, without a trailing dot.
+fn dns_zone(z: &str) -> Result<String, ConfigError> {
+    let zone = z.trim_end_matches('.').to_ascii_lowercase();
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if zone.is_empty() || zone.len() > 253 || !zone.split('.').all(label_ok) {
+        return Err(ConfigError::Invalid(format!(
+            "--zone {z:?} is not a DNS name"
+        )));
+    }
+    Ok(zone)
+}
+
+/// A link name the kernel takes: 1–15 bytes, no `/`, `:` or whitespace, not `.` or `..`.
+fn link_name(name: &str) -> Result<(), ConfigError> {
+    let bad = name.is_empty()
+        || name.len() > 15
+        || name == "."
+        || name == ".."
+        || name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace());
+    if bad {
+        return Err(ConfigError::Invalid(format!(
+            "--interface {name:?} is not a valid link name (1-15 characters, no '/', ':' or spaces)"
+        )));
+    }
+    Ok(())
+}
+
+fn positive(flag: &str, d: Duration) -> Result<Duration, ConfigError> {
+    if d.is_zero() {
+        return Err(ConfigError::Invalid(format!(
+            "{flag} must be longer than 0"
+        )));
+    }
+    Ok(d)
+}
+
+fn at_least_one(flag: &str, n: usize) -> Result<usize, ConfigError> {
+    if n == 0 {
+        return Err(ConfigError::Invalid(format!("{flag} must be at least 1")));
+    }
+    Ok(n)
+}
+
+impl AgentArgs {
+    pub fn validate(&self) -> Result<NodeConfig, ConfigError> {
+        if self.interface_kind != InterfaceKind::None {
+            link_name(&self.interface)?;
+        }
+        if self.dns_listen.is_empty() {
+            return Err(ConfigError::Invalid(
+                "give at least one --dns-listen".into(),
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for a in &self.dns_listen {
+            if a.port() != 0 && !seen.insert(*a) {
+                return Err(ConfigError::Invalid(format!(
+                    "--dns-listen {a} given twice"
+                )));
+            }
+        }
+        for u in &self.dns_upstream {
+            if self.dns_listen.contains(u) {
+                return Err(ConfigError::Invalid(format!(
+                    "--dns-upstream {u} is one of l4lb's own --dns-listen addresses (a forwarding loop)"
+                )));
+            }
+        }
+        Ok(NodeConfig {
+            interface: self.interface.clone(),
+            interface_kind: self.interface_kind,
+            dns_listen: self.dns_listen.clone(),
+            dns: DnsConfig {
+                zone: dns_zone(&self.zone)?,
+                ttl: self.dns_ttl,
+                upstreams: self.dns_upstream.clone(),
+                upstream_timeout: positive("--dns-upstream-timeout", self.dns_upstream_timeout)?,
+            },
+            forward: ForwardConfig {
+                connect_timeout: positive("--connect-timeout", self.connect_timeout)?,
+                connect_retries: self.connect_retries,
+                tcp_idle_timeout: self
+                    .tcp_idle_timeout
+                    .map(|d| positive("--tcp-idle-timeout", d))
+                    .transpose()?,
+                drain_timeout: self.drain_timeout,
+                max_connections: at_least_one("--max-connections", self.max_connections)?,
+                udp_idle_timeout: positive("--udp-idle-timeout", self.udp_idle_timeout)?,
+                max_udp_sessions: at_least_one("--max-udp-sessions", self.max_udp_sessions)?,
+            },
+            shutdown_grace: self.shutdown_grace,
+        })
+    }
+}
+
+impl AgentCmdArgs {
+    pub fn validate(&self) -> Result<AgentConfig, ConfigError> {
+        for u in &self.controllers {
+            http_url("--controller", u)?;
+        }
+        let api = self.api.validate()?;
+        Ok(AgentConfig {
+            watch: WatchConfig {
+                controllers: self.controllers.iter().map(with_trailing_slash).collect(),
+                wait: positive("--watch-wait", self.watch_wait)?,
+                token: api.token.clone(),
+                backoff_min: Duration::from_millis(100),
+                backoff_max: Duration::from_secs(2),
+            },
+            node: self.agent.validate()?,
+            api,
+        })
+    }
+}
+
+impl Cli {
+    /// Check everything and read every file the flags name; nothing is created or bound.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let mode = match &self.command {
+            Command::Controller(a) => Mode::Controller(ControllerConfig {
+                source: a.source.validate()?,
+                build: a.build.validate()?,
+                api: a.api.validate()?,
+            }),
+            Command::Agent(a) => Mode::Agent(a.validate()?),
+            Command::Run(a) => Mode::Run(RunConfig {
+                source: a.source.validate()?,
+                build: a.build.validate()?,
+                node: a.agent.validate()?,
+                api: a.api.validate()?,
+            }),
+            Command::Check(a) => Mode::Check(CheckConfig {
+                apps_file: a.apps_file.clone(),
+                build: a.build.validate()?,
+            }),
+            Command::Vips(a) => {
+                http_url("--api", &a.api)?;
+                Mode::Vips(VipsConfig {
+                    api: with_trailing_slash(&a.api),
+                    token: token_file(a.api_token_file.as_ref())?,
+                    json: a.json,
+                })
+            }
+        };
+        Ok(Config {
+            log_format: self.log_format,
+            worker_threads: self.worker_threads,
+            mode,
+        })
+    }
+}
+
+/// The whole validated configuration of one `l4lb` invocation.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub log_format: LogFormat,
+    /// Runtime workers; `None`: one per CPU, 1: the current-thread scheduler.
+    pub worker_threads: Option<NonZeroUsize>,
+    pub mode: Mode,
+}
+
+/// What this invocation runs.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    Controller(ControllerConfig),
+    Agent(AgentConfig),
+    Run(RunConfig),
+    Check(CheckConfig),
+    Vips(VipsConfig),
+}
+
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    pub source: SourceConfig,
+    pub build: BuildConfig,
+    pub api: ApiConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub watch: WatchConfig,
+    pub node: NodeConfig,
+    pub api: ApiConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub source: SourceConfig,
+    pub build: BuildConfig,
+    pub node: NodeConfig,
+    pub api: ApiConfig,
+}
+
+/// What an agent (or `run`) serves on its host: the VIP interface, DNS and the forwarder.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub interface: String,
+    pub interface_kind: InterfaceKind,
+    pub dns_listen: Vec<SocketAddr>,
+    pub dns: DnsConfig,
+    pub forward: ForwardConfig,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    /// Required (and, by agents, sent) as `Authorization: Bearer`.
+    pub token: Option<Secret>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CheckConfig {
+    pub apps_file: PathBuf,
+    pub build: BuildConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct VipsConfig {
+    pub api: Url,
+    pub token: Option<Secret>,
+    pub json: bool,
 }
 
 /// Read a secret file, trimmed; an empty one is an error (an empty token would be a
 /// password anyone can guess). The content is never logged.
-pub fn read_secret(path: &PathBuf, what: &'static str) -> Result<String, ConfigError> {
+fn read_secret(path: &PathBuf, what: &'static str) -> Result<String, ConfigError> {
     let s = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         what,
         path: path.clone(),
@@ -402,36 +647,6 @@ pub fn read_secret(path: &PathBuf, what: &'static str) -> Result<String, ConfigE
             path: path.clone(),
         }),
         t => Ok(t.to_string()),
-    }
-}
-
-/// A secret given on the command line or in the environment: its `Debug` never shows it, so
-/// a configuration struct can be logged whole.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
-impl std::str::FromStr for Secret {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Secret(s.to_string()))
-    }
-}
-
-impl From<String> for Secret {
-    fn from(s: String) -> Self {
-        Secret(s)
     }
 }
 
@@ -506,7 +721,7 @@ mod tests {
         let SourceConfig::Marathon { auth, .. } = c.source.validate().unwrap() else {
             panic!()
         };
-        assert!(matches!(&auth, Auth::Basic { password, .. } if password == "hunter2"));
+        assert!(matches!(&auth, Auth::Basic { password, .. } if password.expose() == "hunter2"));
         assert!(!format!("{auth:?}").contains("hunter2"));
     }
 
@@ -541,7 +756,10 @@ mod tests {
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
         assert!(parse_duration("5x").is_err());
+        // Too large for a Duration: an error, not an overflow.
+        assert!(parse_duration("99999999999999999999h").is_err());
     }
 
     #[test]

@@ -53,7 +53,16 @@ pub enum LabelError {
     NoTaskPort(usize),
 }
 
+/// The label set of `l4lb_label_errors_total`, `[("reason", …)]`: one counter family that
+/// the control plane and the agent both count into.
+pub type ReasonLabel = [(&'static str, String); 1];
+
 impl LabelError {
+    /// This error's label set in `l4lb_label_errors_total`.
+    pub fn metric_label(&self) -> ReasonLabel {
+        [("reason", self.reason().to_string())]
+    }
+
     /// Short, stable reason string for `l4lb_label_errors_total{reason}`.
     pub fn reason(&self) -> &'static str {
         match self {

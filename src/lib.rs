@@ -11,7 +11,6 @@
 //! `tokio::sync::watch` channel; the agent applies each as a diff (address → listener → DNS);
 //! the API serves tables and metrics. `source` and `agent` never import each other; `app` is
 //! the only place that wires them.
-#![warn(clippy::unwrap_used)]
 
 pub mod agent;
 pub mod alloc;

@@ -1,5 +1,7 @@
-//! The `l4lb` binary: parse the command line, start logging and the runtime, hand over to
-//! `l4lb::app`, and map failures to exit codes (64 bad config, 2 missing privilege, 1 other).
+//! The `l4lb` binary: parse and validate the command line into one `Config` (a bad flag
+//! exits 64 here, before a runtime, a socket or a link exists), start logging and the
+//! runtime, hand over to `l4lb::app`, and map failures to exit codes (64 bad config, 2
+//! missing privilege, 1 other).
 
 use std::num::NonZeroUsize;
 use std::process::ExitCode;
@@ -17,16 +19,23 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    init_tracing(cli.log_format);
+    let config = match cli.validate() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("l4lb: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    init_tracing(config.log_format);
     l4lb::tls::init();
-    let rt = match runtime(cli.worker_threads) {
+    let rt = match runtime(config.worker_threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("l4lb: cannot start the runtime: {e}");
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(app::main(cli)) {
+    match rt.block_on(app::main(config)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("l4lb: {e:#}");

@@ -21,7 +21,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::labels::LabelError;
+use crate::labels::{LabelError, ReasonLabel};
 use crate::model::{VipKey, VipTable, diff, unix_ms_now};
 use dns::DnsCatalog;
 use forward::Forwarder;
@@ -40,10 +40,6 @@ pub struct AgentMetrics {
     /// here is a label error like any other (`reason="host_address"`).
     label_errors: Family<ReasonLabel, Counter>,
 }
-
-/// `[("reason", …)]`: the label set of `label_errors` (the same type the control plane uses,
-/// spelled here so that the agent does not import `source`).
-pub type ReasonLabel = [(&'static str, String); 1];
 
 impl AgentMetrics {
     /// Create and register under `registry`; refusals are also counted in `label_errors`.
@@ -276,7 +272,7 @@ impl Agent {
                 self.metrics.refused_ip_vips.inc();
                 self.metrics
                     .label_errors
-                    .get_or_create(&[("reason", e.reason().to_string())])
+                    .get_or_create(&e.metric_label())
                     .inc();
             }
         }
@@ -288,7 +284,6 @@ impl Agent {
     pub async fn run(
         mut self,
         mut tables: watch::Receiver<Arc<VipTable>>,
-        on_applied: impl Fn(&VipTable),
         grace: Duration,
         shutdown: CancellationToken,
     ) {
@@ -307,7 +302,6 @@ impl Agent {
         }
         let t = tables.borrow_and_update().clone();
         self.apply(t).await;
-        on_applied(&self.last);
         loop {
             let retry = !self.failed.is_empty();
             tokio::select! {
@@ -316,7 +310,6 @@ impl Agent {
                     if r.is_err() { break }
                     let t = tables.borrow_and_update().clone();
                     self.apply(t).await;
-                    on_applied(&self.last);
                 }
                 _ = tokio::time::sleep(retry_every), if retry => {
                     let t = Arc::clone(&self.last);

@@ -3,7 +3,7 @@
 //! per-backend counters come in through the [`BackendStats`] trait.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,10 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::model::wire::{DeltaJson, VipJson, table_to_json};
 use crate::model::{VipKey, VipTable};
 
-/// Table version header (also the blocking-query index).
-pub const INDEX_HEADER: &str = "x-l4lb-index";
-/// When the change behind this table was first seen at the source (Unix ms).
-pub const CHANGED_AT_HEADER: &str = "x-l4lb-changed-at";
+pub use crate::model::wire::{CHANGED_AT_HEADER, INDEX_HEADER};
 
 /// Live counters of one backend of one VIP, as an agent sees them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -41,16 +38,32 @@ pub trait BackendStats: Send + Sync {
     fn backend(&self, vip: &VipKey, addr: SocketAddr) -> Option<BackendCounters>;
 }
 
-/// A latch that turns true once (first table applied and DNS bound) and false on shutdown.
+/// The readiness latch behind `/ready`: starting → ready (once) → draining (for good). Its
+/// only writer is the process's wiring, which marks it ready when the first table is in place
+/// (built on a controller; applied, with DNS bound, on an agent) and draining on shutdown; a
+/// process that drains is never ready again.
 #[derive(Debug, Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness(Arc<AtomicU8>);
+
+const STARTING: u8 = 0;
+const READY: u8 = 1;
+const DRAINING: u8 = 2;
 
 impl Readiness {
-    pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::SeqCst);
+    /// Ready, unless already draining. Returns whether this call made it ready.
+    pub fn mark_ready(&self) -> bool {
+        self.0
+            .compare_exchange(STARTING, READY, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
     }
-    pub fn get(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+
+    /// Not ready from now on.
+    pub fn mark_draining(&self) {
+        self.0.store(DRAINING, Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::SeqCst) == READY
     }
 }
 
@@ -219,7 +232,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn ready(State(st): State<ApiState>) -> Response {
-    if st.ready.get() {
+    if st.ready.is_ready() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
@@ -249,7 +262,7 @@ struct VipsQuery {
 
 /// Parse a Consul-style wait: `30s`, `500ms`, `2m`, or bare seconds.
 pub fn parse_wait(s: &str) -> Option<Duration> {
-    crate::config::parse_duration(s).ok()
+    crate::model::wire::parse_duration(s).ok()
 }
 
 /// The table to answer with: at once, or (with `index`) once the version differs from it, or
@@ -299,7 +312,7 @@ async fn vips(
             let tag = format!(
                 "\"{}-{:016x}\"",
                 table.version,
-                crate::alloc::stable_hash_bytes(&body)
+                crate::model::stable_hash(&body)
             );
             (tag, Some(Bytes::from(body)))
         }
@@ -403,6 +416,19 @@ fn with_headers(status: StatusCode, body: Body, table: &VipTable, etag: &str) ->
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn readiness_latches_once_and_draining_is_final() {
+        let r = super::Readiness::default();
+        assert!(!r.is_ready());
+        assert!(r.mark_ready());
+        assert!(!r.mark_ready(), "only the first call makes it ready");
+        assert!(r.is_ready());
+        r.mark_draining();
+        assert!(!r.is_ready());
+        assert!(!r.mark_ready(), "a draining process is never ready again");
+        assert!(!r.is_ready());
+    }
+
     use super::*;
 
     #[test]

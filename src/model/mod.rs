@@ -5,9 +5,11 @@
 //! none of them.
 
 mod diff;
+mod secret;
 pub mod wire;
 
 pub use diff::{TableDiff, VipChange, diff};
+pub use secret::Secret;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -15,6 +17,17 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+
+/// FNV-1a, 64 bit: small, fixed across processes and versions (names hash to the same VIP
+/// address on every controller), and well distributed enough for spreading names over a CIDR.
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
 
 /// The DNS zone every named VIP lives in (DC/OS compatible).
 pub const DEFAULT_ZONE: &str = "l4lb.thisdcos.directory";

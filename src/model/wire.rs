@@ -2,10 +2,27 @@
 //! controller and agent serialise it, an agent following a controller parses it back.
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use super::{Backend, BackendState, Protocol, Vip, VipKey, VipName, VipTable};
+
+/// Table version header of `/v1/vips` answers (also the blocking-query index).
+pub const INDEX_HEADER: &str = "x-l4lb-index";
+/// When the change behind a table was first seen at the source (Unix ms).
+pub const CHANGED_AT_HEADER: &str = "x-l4lb-changed-at";
+
+/// A duration as flags and the `wait=` query parameter spell it: `500ms`, `30s`, `2m`, `1h`,
+/// `1h30m` (humantime), or bare seconds (`30`, Consul's convention).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration (use e.g. 500ms, 30s, 2m): {e}"))
+}
 
 /// One VIP as it appears in the API.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

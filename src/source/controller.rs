@@ -12,16 +12,17 @@ use tokio_util::sync::CancellationToken;
 use super::TableTx;
 use super::marathon::sync::Backoff;
 use super::metrics::SourceMetrics;
-use crate::api::{CHANGED_AT_HEADER, INDEX_HEADER};
+use crate::model::Secret;
 use crate::model::VipTable;
 use crate::model::wire::DeltaJson;
+use crate::model::wire::{CHANGED_AT_HEADER, INDEX_HEADER};
 
 #[derive(Debug, Clone)]
 pub struct WatchConfig {
     pub controllers: Vec<Url>,
     /// How long one blocking query may wait on the controller.
     pub wait: Duration,
-    pub token: Option<crate::config::Secret>,
+    pub token: Option<Secret>,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
 }

@@ -43,11 +43,7 @@ pub async fn run(
             .await
             .ok()
             .and_then(|m| m.modified().ok());
-        let fingerprint = (
-            mtime,
-            body.len() as u64,
-            crate::alloc::stable_hash_bytes(&body),
-        );
+        let fingerprint = (mtime, body.len() as u64, crate::model::stable_hash(&body));
         if last == Some(fingerprint) {
             continue;
         }

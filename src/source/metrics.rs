@@ -5,6 +5,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::labels::ReasonLabel;
 use crate::model::{BackendState, VipTable};
 
 /// A single-label label set, e.g. `[("reason", "bad_port")]`.
@@ -18,7 +19,7 @@ pub struct SourceMetrics {
     pub table_changed_at_ms: Gauge,
     pub vips: Gauge,
     pub backends: Family<Label, Gauge>,
-    pub label_errors: Family<Label, Counter>,
+    pub label_errors: Family<ReasonLabel, Counter>,
     pub requests: Family<Labels2, Counter>,
     pub sync_errors: Family<Label, Counter>,
     pub events: Family<Label, Counter>,

@@ -15,12 +15,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 use futures::TryStreamExt;
-use nix::errno::Errno;
 use ipnet::IpNet;
 use netlink_packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
 };
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use nix::errno::Errno;
 use rtnetlink::{AddressMessageBuilder, Handle, LinkBridge, LinkDummy, LinkUnspec};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -446,10 +446,12 @@ impl Netif {
             }
             Err(e) if errno(&e) == Some(Errno::EEXIST) => Ok(()),
             // EACCES here is `disable_ipv6`, not a missing capability (that is EPERM).
-            Err(e) if ip.is_ipv6() && errno(&e) == Some(Errno::EACCES) => Err(NetifError::Ipv6Disabled {
-                link: link.name.clone(),
-                ip,
-            }),
+            Err(e) if ip.is_ipv6() && errno(&e) == Some(Errno::EACCES) => {
+                Err(NetifError::Ipv6Disabled {
+                    link: link.name.clone(),
+                    ip,
+                })
+            }
             Err(e) => Err(nl_err(format!("adding {ip} to {}", link.name), e)),
         }
     }

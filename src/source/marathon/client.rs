@@ -1,32 +1,22 @@
 //! HTTP client for Marathon's REST API with fail-over between several masters and optional
 //! basic or token auth. Credentials are held in a type whose `Debug` never shows them.
 
-use std::fmt;
 use std::time::Duration;
 
 use reqwest::{StatusCode, Url, header};
 
 use super::events::RELEVANT_EVENTS;
+use crate::model::Secret;
 
-/// How to authenticate to Marathon.
-#[derive(Clone, Default)]
+/// How to authenticate to Marathon. `Debug` shows no secret.
+#[derive(Debug, Clone, Default)]
 pub enum Auth {
     #[default]
     None,
     /// `user:password`
-    Basic { user: String, password: String },
+    Basic { user: String, password: Secret },
     /// DC/OS ACS token, sent as `Authorization: token=<token>`.
-    Token(String),
-}
-
-impl fmt::Debug for Auth {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Auth::None => f.write_str("None"),
-            Auth::Basic { user, .. } => write!(f, "Basic({user}, <redacted>)"),
-            Auth::Token(_) => f.write_str("Token(<redacted>)"),
-        }
-    }
+    Token(Secret),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,8 +98,8 @@ impl Client {
     fn authorize(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.auth {
             Auth::None => rb,
-            Auth::Basic { user, password } => rb.basic_auth(user, Some(password)),
-            Auth::Token(t) => rb.header(header::AUTHORIZATION, format!("token={t}")),
+            Auth::Basic { user, password } => rb.basic_auth(user, Some(password.expose())),
+            Auth::Token(t) => rb.header(header::AUTHORIZATION, format!("token={}", t.expose())),
         }
     }
 
@@ -259,10 +249,10 @@ mod tests {
     fn secrets_never_in_debug_or_urls() {
         let a = Auth::Basic {
             user: "u".into(),
-            password: "hunter2".into(),
+            password: Secret::from("hunter2"),
         };
         assert!(!format!("{a:?}").contains("hunter2"));
-        assert!(!format!("{:?}", Auth::Token("tok".into())).contains("tok"));
+        assert!(!format!("{:?}", Auth::Token(Secret::from("tok"))).contains("tok"));
         let u: Url = "http://user:pw@m1:8080/v2/apps?embed=apps.tasks"
             .parse()
             .unwrap();

@@ -1,8 +1,7 @@
 //! The control plane against a fake Marathon: snapshot, SSE invalidation, blocking watches,
 //! faults that must keep the last good table.
 
-#[path = "common/marathon.rs"]
-mod marathon;
+use crate::common::marathon;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,37 +1,29 @@
 //! A whole l4lb cluster in network namespaces, for the root end-to-end tests (harness only).
-//!
-//! Include after `netns` and `marathon`:
-//! ```ignore
-//! #[path = "common/netns.rs"] mod netns;
-//! #[path = "common/marathon.rs"] mod marathon;
-//! #[path = "common/cluster.rs"] mod cluster;
-//! ```
+
 //! [`Cluster`] builds a switch, N hosts `198.18.0.N/15`, the fake Marathon (in this process,
 //! listening inside host 1), one or two real `l4lb controller` processes (hosts 1 and 2) and a
 //! real `l4lb agent` on every host. Backends are in-process servers bound inside a host
 //! ([`Backend`]: HTTP and a line echo on one port, or UDP echo) or real `socat` processes
 //! ([`Proc`]). Clients run inside a host: `dig`, `curl`, or Rust sockets created on a thread that
 //! has entered the namespace ([`in_ns`]). Everything started is killed by PID on drop.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sched::{CloneFlags, setns};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::marathon::{FakeMarathon, host_app};
-use crate::netns::{NetNs, Switch};
+use super::marathon::{FakeMarathon, host_app};
+use super::netns::{NetNs, Switch};
+pub use super::process::Proc;
+pub use super::wait_for;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_l4lb");
 /// Port of the controllers' API (on their host address) and of the agents' API (on 127.0.0.1).
@@ -56,141 +48,10 @@ pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
-/// Poll `f` every `every` until it returns `Some` or `within` passes (then panic with `what`).
-#[track_caller]
-pub fn wait_for<T>(
-    what: &str,
-    within: Duration,
-    every: Duration,
-    mut f: impl FnMut() -> Option<T>,
-) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            start.elapsed() < within,
-            "timed out after {within:?} waiting for {what}"
-        );
-        std::thread::sleep(every);
-    }
-}
-
 /// Median and worst of `samples` (sorted in place).
 pub fn median_worst(samples: &mut [Duration]) -> (Duration, Duration) {
     samples.sort();
     (samples[samples.len() / 2], samples[samples.len() - 1])
-}
-
-// ---------------------------------------------------------------------------------------------
-// Processes
-
-/// A child process (usually `ip netns exec <ns> prog`, which execs: the PID is the program's)
-/// whose stderr is collected; SIGKILLed and reaped on drop.
-pub struct Proc {
-    pub what: String,
-    child: Child,
-    exited: Option<ExitStatus>,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    pub fn spawn(what: &str, mut cmd: Command) -> Proc {
-        let mut child = cmd
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Proc {
-            what: what.to_string(),
-            child,
-            exited: None,
-            log,
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Exit status, if it has exited (reaps it).
-    pub fn try_exit(&mut self) -> Option<ExitStatus> {
-        if self.exited.is_none() {
-            self.exited = self.child.try_wait().unwrap();
-        }
-        self.exited
-    }
-
-    /// Send `sig` unless the process has already been reaped (its PID may be reused).
-    pub fn signal(&mut self, sig: Signal) {
-        if self.try_exit().is_none() {
-            let _ = kill(Pid::from_raw(self.pid() as i32), sig);
-        }
-    }
-
-    /// SIGKILL and reap.
-    pub fn kill(&mut self) {
-        self.signal(Signal::SIGKILL);
-        if self.exited.is_none() {
-            self.exited = self.child.wait().ok();
-        }
-    }
-
-    #[track_caller]
-    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        let what = format!("{} to exit", self.what);
-        wait_for(&what, within, Duration::from_millis(10), || self.try_exit())
-    }
-
-    pub fn log_has(&self, needle: &str) -> bool {
-        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
-    }
-
-    pub fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-
-    #[track_caller]
-    pub fn wait_log(&mut self, needle: &str, within: Duration) {
-        let start = Instant::now();
-        while !self.log_has(needle) {
-            if let Some(st) = self.try_exit() {
-                panic!(
-                    "{} exited ({st}) before logging {needle:?}:\n{}",
-                    self.what,
-                    self.log_text()
-                );
-            }
-            assert!(
-                start.elapsed() < within,
-                "{} did not log {needle:?} within {within:?}:\n{}",
-                self.what,
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            eprintln!("---- log of {} ----\n{}", self.what, self.log_text());
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -299,16 +160,6 @@ impl ClusterSpec {
             extra_agent_args: Vec::new(),
         }
     }
-
-    pub fn controller_arg(mut self, a: &str) -> Self {
-        self.extra_controller_args.push(a.to_string());
-        self
-    }
-
-    pub fn agent_arg(mut self, a: &str) -> Self {
-        self.extra_agent_args.push(a.to_string());
-        self
-    }
 }
 
 pub struct Cluster {
@@ -321,7 +172,7 @@ pub struct Cluster {
     next_task: AtomicUsize,
     tmp: tempfile::TempDir,
     rt: Option<tokio::runtime::Runtime>,
-    switch: Switch,
+    _switch: Switch,
 }
 
 impl Cluster {
@@ -364,7 +215,7 @@ impl Cluster {
             next_task: AtomicUsize::new(1),
             tmp: tempfile::tempdir().unwrap(),
             rt: Some(rt),
-            switch,
+            _switch: switch,
         };
         for i in 0..spec.controllers {
             let p = c.spawn_controller(i);
@@ -841,17 +692,17 @@ pub fn app(
     let mut a = host_app(id, labels, protocol);
     for (no, host, port, state) in tasks {
         let ports = vec![*port; labels.len()];
-        crate::marathon::add_task(
+        super::marathon::add_task(
             &mut a,
-            crate::marathon::task(id, *no, &host.to_string(), &ports, state),
+            super::marathon::task(id, *no, &host.to_string(), &ports, state),
         );
     }
     a
 }
 
-/// The task id [`crate::marathon::task`] gives task `no` of `app_id`.
+/// The task id [`super::marathon::task`] gives task `no` of `app_id`.
 pub fn task_id(app_id: &str, no: usize) -> String {
-    crate::marathon::task(app_id, no, "198.18.0.1", &[], "TASK_RUNNING")["id"]
+    super::marathon::task(app_id, no, "198.18.0.1", &[], "TASK_RUNNING")["id"]
         .as_str()
         .unwrap()
         .to_string()

@@ -3,8 +3,7 @@
 //! Built on the `ip` command. Include with `#[path = "common/netns.rs"] mod netns;`.
 //! [`NetNs`] is a throw-away namespace deleted on drop, [`Switch`] joins namespaces through a
 //! bridge over veth pairs, [`NetNs::run`] runs an async closure inside a namespace, and
-//! [`skip_unless_root!`](crate::skip_unless_root) lets a test pass with a note when not root.
-#![allow(dead_code)]
+//! `skip_unless_root!` lets a test pass with a note when not root.
 
 use std::fs::File;
 use std::future::Future;
@@ -17,13 +16,7 @@ use nix::sched::{CloneFlags, setns};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-/// Whether the tests run as root (needed for namespaces, links and addresses).
-pub(crate) fn is_root() -> bool {
-    nix::unistd::Uid::effective().is_root()
-}
-
 /// Return early from a test, with a note on stderr, unless running as root.
-#[macro_export]
 macro_rules! skip_unless_root {
     () => {
         if !::nix::unistd::Uid::effective().is_root() {
@@ -193,10 +186,6 @@ impl Switch {
         ns.exec_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
         ns.exec_ok(&["ip", "link", "set", "br0", "up"]);
         Switch { ns }
-    }
-
-    pub(crate) fn ns(&self) -> &NetNs {
-        &self.ns
     }
 
     /// Join `host` to the switch with a veth pair and give the host end `addr_cidr`

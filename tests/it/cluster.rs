@@ -1,16 +1,11 @@
 //! End-to-end tests of a whole cluster (root only): real `l4lb controller` and `l4lb agent`
 //! processes in network namespaces joined by a bridge, a fake Marathon, real clients (`dig`,
 //! `curl`, sockets inside the namespaces) and backends reached at their host address and port
-//! as Marathon tasks are. Every address is in 198.18.0.0/15. See `tests/common/cluster.rs`.
+//! as Marathon tasks are. Every address is in 198.18.0.0/15. See `common/cluster.rs`.
 
-#[path = "common/netns.rs"]
-mod netns;
+use crate::common::marathon;
 
-#[path = "common/marathon.rs"]
-mod marathon;
-
-#[path = "common/cluster.rs"]
-mod cluster;
+use crate::common::cluster;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;

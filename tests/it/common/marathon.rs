@@ -1,7 +1,6 @@
 //! A fake Marathon for tests: `/v2/apps?embed=apps.tasks`, `/v2/apps/{id}?embed=app.tasks`
 //! and the SSE `/v2/events`, serving payloads in the shapes of the real fixtures in
 //! `tests/fixtures/marathon/`. The test mutates apps, emits events and injects faults.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;

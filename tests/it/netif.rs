@@ -2,8 +2,7 @@
 //! creation and reuse, address reconciliation, real TCP connects to the VIPs, and the error
 //! paths. Each test passes with a note when not run as root.
 
-#[path = "common/netns.rs"]
-mod netns;
+use crate::common::netns;
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
@@ -354,7 +353,7 @@ fn permission_denied_without_cap_net_admin() {
         .arg(&exe)
         .args([
             "--exact",
-            "permission_denied_child",
+            "netif::permission_denied_child",
             "--nocapture",
             "--test-threads=1",
         ])

@@ -2,22 +2,18 @@
 //! 127.0.0.0/8) and as root in a network namespace (bridge fallback, addresses following the
 //! table, real `curl` and `dig`, left-overs reconciled, shutdown removing addresses).
 
-#[path = "common/backends.rs"]
-mod backends;
-#[path = "common/marathon.rs"]
-mod marathon;
-#[path = "common/netns.rs"]
-mod netns;
+use crate::common::backends;
+use crate::common::marathon;
+use crate::common::netns;
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use backends::{Log, Proc};
+use crate::common::BIN;
+use crate::common::process::{Log, Proc};
 use marathon::{add_task, host_app, task};
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_l4lb");
 
 fn apps_json(apps: Vec<Value>) -> String {
     serde_json::json!({ "apps": apps }).to_string()
@@ -41,14 +37,9 @@ fn app(id: &str, labels: &[&str], protocol: &str, backends: &[SocketAddr]) -> Va
 }
 
 fn spawn_l4lb(cmd: &mut Command) -> (Proc, Log) {
-    let mut child = cmd
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn l4lb");
-    let log = Log::capture(&mut child);
-    (Proc(child), log)
+    let p = Proc::spawn("l4lb", cmd);
+    let log = p.log();
+    (p, log)
 }
 
 async fn get(url: &str) -> Result<String, reqwest::Error> {
@@ -277,7 +268,7 @@ async fn run_on_loopback_serves_tcp_udp_dns_and_follows_the_file() {
     );
 
     proc.signal(nix::sys::signal::Signal::SIGTERM);
-    let status = tokio::task::spawn_blocking(move || proc.wait_exit(Duration::from_secs(10)))
+    let status = tokio::task::spawn_blocking(move || proc.exit_within(Duration::from_secs(10)))
         .await
         .unwrap();
     assert_eq!(status.and_then(|s| s.code()), Some(0));
@@ -403,7 +394,7 @@ async fn a_vip_that_could_not_bind_is_retried_and_the_api_follows_through_the_dr
         "still accepting while draining"
     );
     drop(held);
-    let status = tokio::task::spawn_blocking(move || proc.wait_exit(Duration::from_secs(10)))
+    let status = tokio::task::spawn_blocking(move || proc.exit_within(Duration::from_secs(10)))
         .await
         .unwrap();
     assert_eq!(status.and_then(|s| s.code()), Some(0));
@@ -609,7 +600,7 @@ fn root_run_in_a_namespace_installs_follows_and_removes_vip_addresses() {
 
     // SIGTERM: exit 0 and the VIP addresses are gone.
     proc.signal(nix::sys::signal::Signal::SIGTERM);
-    let status = proc.wait_exit(Duration::from_secs(10));
+    let status = proc.exit_within(Duration::from_secs(10));
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", log.text());
     let on = addrs_on(&ns, "minuteman");
     assert!(

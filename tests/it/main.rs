@@ -1,0 +1,14 @@
+//! The integration tests: one test crate (one binary to build and link), a module per area,
+//! all sharing the harness in [`common`]. Root-only tests (network namespaces, real links)
+//! skip with a note when not run as root.
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
+
+#[macro_use]
+mod common;
+
+mod agent;
+mod cli;
+mod cluster;
+mod controller;
+mod dns;
+mod netif;
