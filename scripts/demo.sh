@@ -12,9 +12,21 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "Run: sudo scripts/demo.sh" >&2
   exit 2
 fi
-for tool in ip dig curl socat; do
-  command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install -y iproute2 bind9-dnsutils curl socat" >&2; exit 2; }
+# Install what the tour uses (Debian/Ubuntu), as scripts/bench.sh does.
+missing=()
+for tool in ip:iproute2 dig:bind9-dnsutils curl:curl socat:socat; do
+  command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
 done
+if [ ${#missing[@]} -gt 0 ]; then
+  if command -v apt-get >/dev/null; then
+    echo "==> installing ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "missing ${missing[*]} (and no apt-get to install them)" >&2
+    exit 2
+  fi
+fi
 
 BIN=${L4LB_BIN:-target/release/l4lb}
 if [ ! -x "$BIN" ]; then
@@ -41,8 +53,18 @@ ip netns add "$NS"
 in_ns ip link set lo up
 
 say "backends: three HTTP tasks on 127.0.0.1:18081-18083, two UDP tasks on 18091-18092"
+# Each task is a small HTTP server: it reads the whole request (up to the blank line) and
+# only then answers, with a length and a close, so no client ever sees a reset.
 for i in 1 2 3; do
-  printf '#!/bin/sh\nprintf "HTTP/1.0 200 OK\\r\\nContent-Type: text/plain\\r\\n\\r\\nhello from task %s (127.0.0.1:%s)\\n"\n' "$i" "1808$i" >"$WORK/task$i.sh"
+  cat >"$WORK/task$i.sh" <<TASK
+#!/bin/sh
+cr=\$(printf '\\r')
+while IFS= read -r line; do
+  [ -z "\$line" ] || [ "\$line" = "\$cr" ] && break
+done
+body="hello from task $i (127.0.0.1:1808$i)"
+printf 'HTTP/1.1 200 OK\\r\\nContent-Type: text/plain\\r\\nContent-Length: %d\\r\\nConnection: close\\r\\n\\r\\n%s\\n' \$((\${#body} + 1)) "\$body"
+TASK
   ip netns exec "$NS" socat TCP-LISTEN:1808$i,bind=127.0.0.1,fork,reuseaddr EXEC:"/bin/sh $WORK/task$i.sh" &
   PIDS+=($!)
 done
@@ -79,9 +101,9 @@ say "dig SRV _hello._tcp.marathon.l4lb.thisdcos.directory"
 in_ns dig +short -p 5454 @127.0.0.1 SRV _hello._tcp.marathon.l4lb.thisdcos.directory
 
 say "curl http://hello.marathon.l4lb.thisdcos.directory ($VIP), six times"
-for _ in 1 2 3 4 5 6; do in_ns curl -s "http://$VIP/"; done
+for _ in 1 2 3 4 5 6; do in_ns curl -sf "http://$VIP/"; done
 say "curl the IP VIP http://198.18.5.5/, three times"
-for _ in 1 2 3; do in_ns curl -s http://198.18.5.5/; done
+for _ in 1 2 3; do in_ns curl -sf http://198.18.5.5/; done
 
 ECHO=$(in_ns dig +short -p 5454 @127.0.0.1 echo.marathon.l4lb.thisdcos.directory)
 say "UDP to echo.marathon.l4lb.thisdcos.directory:5000 ($ECHO)"
@@ -97,6 +119,6 @@ for _ in $(seq 1 50); do
   [ "$n" -eq 2 ] && break
   sleep 0.1
 done
-for _ in 1 2 3 4 5 6; do in_ns curl -s "http://$VIP/"; done
+for _ in 1 2 3 4 5 6; do in_ns curl -sf "http://$VIP/"; done
 
 say "done; cleaning up (SIGTERM drains and removes the VIP addresses)"

@@ -445,3 +445,34 @@ fn log_format_json_writes_one_json_object_per_line() {
     }
     assert!(api_line, "no API line in {text}");
 }
+
+/// The README's first command, as a new user runs it: `scripts/demo.sh` (in a namespace of
+/// its own) against the binary under test, three times in a row, each ending 0 with every
+/// curl answered (`curl -f` inside the script) and the UDP VIP answering.
+#[test]
+fn the_demo_runs_clean() {
+    skip_unless_root!();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/demo.sh");
+    for run in 1..=3 {
+        let out = Command::new(script)
+            .env("L4LB_BIN", BIN)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "run {run}: {}\n{text}\n{err}",
+            out.status
+        );
+        for want in [
+            "hello from task",
+            "udp task",
+            "VIP table version",
+            "scale /hello",
+        ] {
+            assert!(text.contains(want), "run {run}: no {want:?} in\n{text}");
+        }
+    }
+}
