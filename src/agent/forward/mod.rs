@@ -32,6 +32,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::model::{Protocol, VipKey, VipTable, diff};
 use state::VipShared;
@@ -390,20 +391,27 @@ impl Forwarder {
             let shared = Arc::new(VipShared::new(*key));
             shared.update(vip, &ctx.metrics, drain, kill);
             let stop = self.accept_stop.child_token();
+            // Every event of this VIP's loop, and of the connections it spawns, carries it.
+            let span = tracing::info_span!("vip", vip = %key);
             let bound = match key.protocol {
                 Protocol::Tcp => tcp::bind(key.socket_addr()).map(|listener| {
-                    let task = ctx.tracker.spawn(tcp::accept_loop(
-                        Arc::clone(ctx),
-                        Arc::clone(&shared),
-                        listener,
-                        stop.clone(),
-                    ));
+                    let task = ctx.tracker.spawn(
+                        tcp::accept_loop(
+                            Arc::clone(ctx),
+                            Arc::clone(&shared),
+                            listener,
+                            stop.clone(),
+                        )
+                        .instrument(span),
+                    );
                     (task, None)
                 }),
                 Protocol::Udp => {
                     udp::io::UdpVip::bind(Arc::clone(ctx), Arc::clone(&shared)).map(|u| {
                         let u = Arc::new(u);
-                        let task = ctx.tracker.spawn(Arc::clone(&u).run(stop.clone()));
+                        let task = ctx
+                            .tracker
+                            .spawn(Arc::clone(&u).run(stop.clone()).instrument(span));
                         (task, Some(u))
                     })
                 }

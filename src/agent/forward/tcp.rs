@@ -23,6 +23,7 @@ use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::balancer::Failure;
 use super::splice::{SpliceEnd, splice_once};
@@ -126,13 +127,13 @@ pub(super) async fn accept_loop(
                 // errors (a client that gave up in the backlog) concern one connection only.
                 if let Some(kind) = local_kind(&e) {
                     ctx.metrics.local_error(kind);
-                    tracing::warn!(vip = %vip.key, error = %e, "accept failed");
+                    tracing::warn!(error = %e, "accept failed");
                     tokio::select! {
                         () = stop.cancelled() => break,
                         () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
                     }
                 } else {
-                    tracing::debug!(vip = %vip.key, error = %e, "accept failed");
+                    tracing::debug!(error = %e, "accept failed");
                 }
                 continue;
             }
@@ -140,15 +141,18 @@ pub(super) async fn accept_loop(
         ctx.metrics.connections.inc();
         let Ok(permit) = Arc::clone(&ctx.permits).try_acquire_owned() else {
             ctx.metrics.connections_refused.inc();
-            tracing::debug!(vip = %vip.key, "connection refused: at --max-connections");
+            tracing::debug!("connection refused: at --max-connections");
             drop(client);
             continue;
         };
         let (c, v) = (Arc::clone(&ctx), Arc::clone(&vip));
-        ctx.tracker.spawn(async move {
-            handle(&c, &v, client).await;
-            drop(permit);
-        });
+        ctx.tracker.spawn(
+            async move {
+                handle(&c, &v, client).await;
+                drop(permit);
+            }
+            .in_current_span(),
+        );
     }
 }
 
@@ -267,7 +271,7 @@ pub(super) async fn connect_upstream(
             set.choose(&tried, Instant::now(), &mut rng)
         };
         let Some(backend) = backend else {
-            tracing::debug!(vip = %vip.key, tried = tried.len(), "no backend left to try");
+            tracing::debug!(tried = tried.len(), "no backend left to try");
             return Err(Unreached::NoBackend);
         };
         if attempt > 0 {

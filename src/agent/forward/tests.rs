@@ -117,6 +117,37 @@ fn forwarder(cfg: ForwardConfig) -> (Forwarder, ForwardMetrics) {
     (Forwarder::new(cfg, m.clone(), CancellationToken::new()), m)
 }
 
+/// The set-up most TCP tests share: `n` echo backends (ids 0..n), a free VIP on loopback
+/// serving all of them as active, and a forwarder with `cfg` that has applied that table.
+struct TcpFixture {
+    bs: Vec<TcpBackend>,
+    key: VipKey,
+    fwd: Forwarder,
+    m: ForwardMetrics,
+    addrs: Vec<SocketAddr>,
+}
+
+impl TcpFixture {
+    async fn new(n: u8, cfg: ForwardConfig) -> Self {
+        let mut bs = Vec::new();
+        for id in 0..n {
+            bs.push(TcpBackend::start(id).await);
+        }
+        let key = free_tcp_vip();
+        let (mut fwd, m) = forwarder(cfg);
+        let addrs: Vec<_> = bs.iter().map(|b| b.addr).collect();
+        let r = fwd.apply(&table(1, vec![vip(key, &active(&addrs))])).await;
+        assert_eq!(r.bound, vec![key], "the VIP binds");
+        TcpFixture {
+            bs,
+            key,
+            fwd,
+            m,
+            addrs,
+        }
+    }
+}
+
 /// Connect to the VIP and read the backend's id line.
 async fn open(vip: VipKey) -> (TcpStream, u8) {
     let mut s = timeout(T, TcpStream::connect(vip.socket_addr()))
@@ -151,17 +182,13 @@ async fn udp_ask(s: &UdpSocket, vip: VipKey, msg: &str) -> String {
 
 #[tokio::test]
 async fn tcp_reaches_every_backend_evenly() {
-    let bs = [
-        TcpBackend::start(0).await,
-        TcpBackend::start(1).await,
-        TcpBackend::start(2).await,
-    ];
-    let key = free_tcp_vip();
-    let (mut fwd, m) = forwarder(ForwardConfig::default());
-    let addrs: Vec<_> = bs.iter().map(|b| b.addr).collect();
-    let r = fwd.apply(&table(1, vec![vip(key, &active(&addrs))])).await;
-    assert_eq!(r.bound, vec![key]);
-    assert!(r.failed.is_empty());
+    let TcpFixture {
+        bs: _bs,
+        key,
+        fwd,
+        m,
+        addrs,
+    } = TcpFixture::new(3, ForwardConfig::default()).await;
 
     let mut hits = [0u32; 3];
     for _ in 0..300 {
@@ -186,15 +213,13 @@ async fn tcp_reaches_every_backend_evenly() {
 
 #[tokio::test]
 async fn tcp_dead_backend_costs_no_client_connection() {
-    let bs = [
-        TcpBackend::start(0).await,
-        TcpBackend::start(1).await,
-        TcpBackend::start(2).await,
-    ];
-    let key = free_tcp_vip();
-    let (mut fwd, m) = forwarder(ForwardConfig::default());
-    let addrs: Vec<_> = bs.iter().map(|b| b.addr).collect();
-    fwd.apply(&table(1, vec![vip(key, &active(&addrs))])).await;
+    let TcpFixture {
+        bs,
+        key,
+        fwd,
+        m,
+        addrs: _,
+    } = TcpFixture::new(3, ForwardConfig::default()).await;
     let (mut warm, _) = open(key).await;
     echo(&mut warm, b"x").await;
 
@@ -273,11 +298,9 @@ async fn tcp_connect_retries_bound_the_backends_one_connection_tries() {
 
 #[tokio::test]
 async fn tcp_draining_backend_keeps_open_connection_gets_no_new_one() {
-    let bs = [TcpBackend::start(0).await, TcpBackend::start(1).await];
-    let key = free_tcp_vip();
-    let (mut fwd, _) = forwarder(ForwardConfig::default());
-    let addrs: Vec<_> = bs.iter().map(|b| b.addr).collect();
-    fwd.apply(&table(1, vec![vip(key, &active(&addrs))])).await;
+    let TcpFixture {
+        bs, key, mut fwd, ..
+    } = TcpFixture::new(2, ForwardConfig::default()).await;
     let (mut held, id) = open(key).await;
     let (drained, other) = (bs[id as usize].addr, bs[1 - id as usize].addr);
 
@@ -508,11 +531,14 @@ async fn transfer_through(
 
 #[tokio::test]
 async fn tcp_shutdown_stops_accepting_and_drains_with_deadline() {
-    let b = TcpBackend::start(0).await;
-    let key = free_tcp_vip();
-    let (mut fwd, _) = forwarder(ForwardConfig::default());
-    fwd.apply(&table(1, vec![vip(key, &active(&[b.addr]))]))
-        .await;
+    let TcpFixture {
+        mut bs,
+        key,
+        fwd,
+        m: _,
+        ..
+    } = TcpFixture::new(1, ForwardConfig::default()).await;
+    let _b = bs.remove(0);
     let (mut held, _) = open(key).await;
     let start = tokio::time::Instant::now();
     fwd.shutdown(Duration::from_millis(300)).await;
@@ -1026,11 +1052,14 @@ async fn accepted_sockets_inherit_keepalive_and_nodelay_from_the_listener() {
 
 #[tokio::test]
 async fn tcp_short_exchanges_never_touch_a_pipe() {
-    let b = TcpBackend::start(0).await;
-    let key = free_tcp_vip();
-    let (mut fwd, _) = forwarder(ForwardConfig::default());
-    fwd.apply(&table(1, vec![vip(key, &active(&[b.addr]))]))
-        .await;
+    let TcpFixture {
+        mut bs,
+        key,
+        fwd,
+        m: _,
+        ..
+    } = TcpFixture::new(1, ForwardConfig::default()).await;
+    let _b = bs.remove(0);
     for _ in 0..20 {
         let (mut s, _) = open(key).await;
         echo(&mut s, b"GET / HTTP/1.1\r\n\r\n").await;
@@ -1042,11 +1071,14 @@ async fn tcp_short_exchanges_never_touch_a_pipe() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_idle_connections_hold_no_pipe() {
-    let b = TcpBackend::start(0).await;
-    let key = free_tcp_vip();
-    let (mut fwd, _) = forwarder(ForwardConfig::default());
-    fwd.apply(&table(1, vec![vip(key, &active(&[b.addr]))]))
-        .await;
+    let TcpFixture {
+        mut bs,
+        key,
+        fwd,
+        m: _,
+        ..
+    } = TcpFixture::new(1, ForwardConfig::default()).await;
+    let _b = bs.remove(0);
     // Bulk both ways (past the auto-splice threshold), then every connection sits idle.
     let big = vec![7u8; 256 << 10];
     let mut conns = Vec::new();

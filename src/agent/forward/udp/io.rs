@@ -27,6 +27,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::batch::{Batch, SLOTS, with_batch};
 use super::flows::FlowTable;
+use tracing::Instrument;
+
 use crate::agent::forward::Ctx;
 use crate::agent::forward::balancer::Failure;
 use crate::agent::forward::state::{BackendShared, VipShared};
@@ -167,7 +169,7 @@ impl UdpVip {
                 }
                 r = self.socket.readable() => match r {
                     Ok(()) => self.drain(),
-                    Err(e) => tracing::debug!(vip = %self.vip.key, error = %e, "UDP readiness"),
+                    Err(e) => tracing::debug!(error = %e, "UDP readiness"),
                 },
             }
         }
@@ -191,7 +193,7 @@ impl UdpVip {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 // ICMP errors for earlier replies surface here; nothing to do.
                 Err(e) => {
-                    tracing::debug!(vip = %self.vip.key, error = %e, "UDP recv");
+                    tracing::debug!(error = %e, "UDP recv");
                     break;
                 }
             }
@@ -311,7 +313,7 @@ impl UdpVip {
         };
         let Ok(permit) = Arc::clone(&self.ctx.udp_permits).try_acquire_owned() else {
             self.ctx.metrics.udp_sessions_refused.inc();
-            tracing::debug!(vip = %self.vip.key, "UDP session refused: at --max-udp-sessions");
+            tracing::debug!("UDP session refused: at --max-udp-sessions");
             return None;
         };
         let up = match connect_upstream(backend.addr) {
@@ -324,14 +326,17 @@ impl UdpVip {
                 return None;
             }
         };
-        let replies = tokio::spawn(relay_replies(
-            Arc::clone(&self.ctx),
-            Arc::clone(&up),
-            Arc::clone(&self.socket),
-            client,
-            Arc::downgrade(&self.flows),
-            Arc::clone(&backend),
-        ));
+        let replies = tokio::spawn(
+            relay_replies(
+                Arc::clone(&self.ctx),
+                Arc::clone(&up),
+                Arc::clone(&self.socket),
+                client,
+                Arc::downgrade(&self.flows),
+                Arc::clone(&backend),
+            )
+            .in_current_span(),
+        );
         let io = SessionIo::new(
             Arc::clone(&up),
             Arc::clone(&backend),
