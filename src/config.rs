@@ -177,7 +177,8 @@ pub struct SourceArgs {
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {
-    /// Framework part of VIP names (`<label>.<framework>.l4lb.thisdcos.directory`).
+    /// Framework part of VIP names (`<label>.<framework>.l4lb.thisdcos.directory`), mangled as
+    /// Mesos-DNS mangles framework names (`My_Framework` serves `my-framework`).
     #[arg(long, env = "L4LB_FRAMEWORK", default_value = "marathon")]
     pub framework: String,
     /// IPv4 range named VIPs get their addresses from.
@@ -357,14 +358,15 @@ impl SourceArgs {
 
 impl BuildArgs {
     pub fn validate(&self) -> Result<BuildConfig, ConfigError> {
-        if self.framework.is_empty() || crate::labels::mangle(&self.framework) != self.framework {
+        let framework = crate::labels::mangle(&self.framework);
+        if framework.is_empty() {
             return Err(ConfigError::Invalid(format!(
-                "--framework {:?} is not a valid DNS label",
+                "--framework {:?} has no letter or digit to make a DNS name of",
                 self.framework
             )));
         }
         Ok(BuildConfig {
-            framework: self.framework.clone(),
+            framework,
             policy: IpPolicy {
                 allow_loopback: self.allow_loopback_vips,
                 allowed: self.allowed_vip_cidr.clone(),
@@ -782,6 +784,31 @@ mod tests {
             vec!["l4lb", "vips"],
         ] {
             Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        }
+    }
+
+    #[test]
+    fn framework_names_are_mangled_not_refused() {
+        for (given, want) in [
+            ("marathon", Some("marathon")),
+            ("My_Framework", Some("my-framework")),
+            ("data.Cassandra", Some("data.cassandra")),
+            ("___", None),
+        ] {
+            let cli = Cli::try_parse_from([
+                "l4lb",
+                "controller",
+                "--marathon",
+                "http://m1",
+                "--framework",
+                given,
+            ])
+            .unwrap();
+            let Command::Controller(c) = cli.command else {
+                panic!()
+            };
+            let got = c.build.validate().ok().map(|b| b.framework);
+            assert_eq!(got.as_deref(), want, "{given}");
         }
     }
 

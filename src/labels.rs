@@ -51,6 +51,10 @@ pub enum LabelError {
     Exhausted(String, &'static str),
     #[error("port index {0} has no host port on the task")]
     NoTaskPort(usize),
+    #[error("legacy label key {0:?} is not VIP_PORT<n>")]
+    LegacyKey(String),
+    #[error("legacy label value {0:?} does not start with tcp:// or udp://")]
+    LegacyScheme(String),
 }
 
 /// The label set of `l4lb_label_errors_total`, `[("reason", …)]`: one counter family that
@@ -82,6 +86,8 @@ impl LabelError {
             LabelError::BadProtocol(_) => "bad_protocol",
             LabelError::Exhausted(..) => "exhausted",
             LabelError::NoTaskPort(_) => "no_task_port",
+            LabelError::LegacyKey(_) => "legacy_key",
+            LabelError::LegacyScheme(_) => "legacy_scheme",
         }
     }
 }
@@ -118,7 +124,9 @@ pub fn parse_value(value: &str) -> Result<VipLabel, LabelError> {
     Ok(VipLabel::Named { label, port })
 }
 
-/// Mesos-DNS mangling of a VIP name into one or more DNS labels joined by `.`.
+/// Mesos-DNS mangling of a VIP or framework name into DNS labels joined by `.`: each
+/// `.`-separated part through Mesos-DNS's `labels.RFC1123` (`records/labels` in
+/// mesosphere/mesos-dns), empty parts dropped (`labels.DomainFrag`).
 pub fn mangle(name: &str) -> String {
     let parts: Vec<String> = name
         .split('.')
@@ -128,24 +136,80 @@ pub fn mangle(name: &str) -> String {
     parts.join(".")
 }
 
+/// Longest DNS label (RFC 1035).
+const MAX_LABEL: usize = 63;
+
+/// Mesos-DNS's `RFC1123(name)`: lower-case ASCII letters and digits kept, `-` `_` (and `.`)
+/// become `-`, everything else dropped; leading dashes trimmed; cut at 63. A dash run at the
+/// cut is dropped and the label keeps filling from what follows the run, up to 63 characters
+/// (Mesos-DNS's `trimCut`), so `a{61}--bcd` is `a{61}bc`, not `a{61}`.
+///
+/// One deviation, where Mesos-DNS's output is not a usable host name: a fill that ends in a
+/// dash (`a{61}--b-c` would give `a{61}b-`) loses its trailing dashes. (Mesos-DNS slices past
+/// the end of a short tail there, which its Go runtime may refuse; we take what there is.)
 fn mangle_part(part: &str) -> String {
-    let lower = part.to_ascii_lowercase();
-    let start = lower
-        .find(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-        .unwrap_or(lower.len());
-    let mut out = String::with_capacity(lower.len() - start);
-    for c in lower[start..].chars() {
-        match c {
-            'a'..='z' | '0'..='9' | '-' => out.push(c),
-            '_' => out.push('-'),
-            _ => {}
-        }
+    let mapped: String = part
+        .chars()
+        .filter_map(|c| match c {
+            'A'..='Z' => Some(c.to_ascii_lowercase()),
+            'a'..='z' | '0'..='9' => Some(c),
+            '-' | '_' | '.' => Some('-'),
+            _ => None,
+        })
+        .collect();
+    let trimmed = mapped.trim_start_matches('-');
+    let size = trimmed.len().min(MAX_LABEL);
+    // ASCII only from here: byte indices are character indices.
+    let head = trimmed[..size].trim_end_matches('-');
+    if head.len() == size {
+        return head.to_string();
     }
-    out.truncate(63);
+    let tail = trimmed[size..].trim_start_matches('-');
+    let fill = &tail[..tail.len().min(size - head.len())];
+    let mut out = format!("{head}{fill}");
     while out.ends_with('-') {
         out.pop();
     }
     out
+}
+
+/// A legacy app- or task-level label `VIP_PORT<n>: "tcp://<name-or-ip>:<port>"` (or `udp://`),
+/// as minuteman and dcos-net honour it: a VIP on `<port>` whose backends are each task's
+/// `n`-th port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegacyVip {
+    /// `n`: which of the task's ports serves it.
+    pub port_index: usize,
+    pub protocol: crate::model::Protocol,
+    pub target: VipLabel,
+}
+
+/// Is this a legacy key (`VIP_PORT…`, any case of the `VIP_PORT` prefix as minuteman reads it)?
+pub fn is_legacy_key(key: &str) -> bool {
+    key.len() >= 8 && key.is_char_boundary(8) && key[..8].eq_ignore_ascii_case("VIP_PORT")
+}
+
+/// Parse a legacy label. The caller checked [`is_legacy_key`].
+pub fn parse_legacy(key: &str, value: &str) -> Result<LegacyVip, LabelError> {
+    let index = key.get(8..).unwrap_or_default();
+    let port_index = match index.parse::<usize>() {
+        Ok(n) if !index.starts_with('+') => n,
+        _ => return Err(LabelError::LegacyKey(key.to_string())),
+    };
+    let value = value.trim();
+    let (scheme, rest) = value
+        .split_once("://")
+        .ok_or_else(|| LabelError::LegacyScheme(value.to_string()))?;
+    let protocol = match scheme.to_ascii_lowercase().as_str() {
+        "tcp" => crate::model::Protocol::Tcp,
+        "udp" => crate::model::Protocol::Udp,
+        _ => return Err(LabelError::LegacyScheme(value.to_string())),
+    };
+    Ok(LegacyVip {
+        port_index,
+        protocol,
+        target: parse_value(rest)?,
+    })
 }
 
 /// The IP-VIP rules a controller can check without knowing the hosts.
@@ -253,13 +317,126 @@ mod tests {
     }
 
     #[test]
-    fn mangling_truncates_and_strips() {
-        let long = "a".repeat(70);
-        assert_eq!(mangle(&long).len(), 63);
-        // Truncation that leaves a trailing '-' strips it.
-        let s = format!("{}-b", "a".repeat(62));
-        assert_eq!(mangle(&s), "a".repeat(62));
-        assert_eq!(mangle("Ünïcode-App"), "ncode-app");
+    fn mangling_equals_mesos_dns() {
+        let a = |n: usize| "a".repeat(n);
+        // (input, Mesos-DNS `DomainFrag(input, ".", RFC1123)`), worked through its `trimCut`.
+        let cases: Vec<(String, String)> = vec![
+            ("web".into(), "web".into()),
+            ("My_App".into(), "my-app".into()),
+            ("--lead".into(), "lead".into()),
+            ("0day".into(), "0day".into()),
+            ("trail--".into(), "trail".into()),
+            ("Ünïcode-App".into(), "ncode-app".into()),
+            ("a.b..c".into(), "a.b.c".into()),
+            ("hello world!".into(), "helloworld".into()),
+            (a(70), a(63)),
+            (a(63), a(63)),
+            // A dash at the cut: dropped, and the label fills up again from what follows.
+            (format!("{}-b", a(62)), format!("{}b", a(62))),
+            (format!("{}--bcd", a(61)), format!("{}bc", a(61))),
+            (format!("{}_-_xyz", a(60)), format!("{}xyz", a(60))),
+            // Only dashes after the cut: the head alone.
+            (format!("{}---", a(62)), a(62)),
+            // A short tail: what there is.
+            (format!("{}--b", a(61)), format!("{}b", a(61))),
+            // The fill itself ends in a dash: dropped (a host name may not end in one).
+            (format!("{}--b-c", a(61)), format!("{}b", a(61))),
+            // Dashes inside the label stay.
+            (
+                format!("{}-{}", a(30), a(40)),
+                format!("{}-{}", a(30), a(32)),
+            ),
+        ];
+        for (input, want) in cases {
+            assert_eq!(mangle(&input), want, "input {input:?}");
+        }
+    }
+
+    #[test]
+    fn legacy_labels() {
+        use crate::model::Protocol::{Tcp, Udp};
+        let ok = |i, p, t: VipLabel| {
+            Ok(LegacyVip {
+                port_index: i,
+                protocol: p,
+                target: t,
+            })
+        };
+        let cases: Vec<(&str, &str, Result<LegacyVip, LabelError>)> = vec![
+            (
+                "VIP_PORT0",
+                "tcp://198.18.5.5:80",
+                ok(
+                    0,
+                    Tcp,
+                    VipLabel::Ip {
+                        ip: "198.18.5.5".parse().unwrap(),
+                        port: 80,
+                    },
+                ),
+            ),
+            (
+                "VIP_PORT2",
+                "udp://dns.corp:53",
+                ok(
+                    2,
+                    Udp,
+                    VipLabel::Named {
+                        label: "dns.corp".into(),
+                        port: 53,
+                    },
+                ),
+            ),
+            (
+                "vip_port1",
+                "TCP:///web:8080",
+                ok(
+                    1,
+                    Tcp,
+                    VipLabel::Named {
+                        label: "web".into(),
+                        port: 8080,
+                    },
+                ),
+            ),
+            (
+                "VIP_PORT",
+                "tcp://web:80",
+                Err(LabelError::LegacyKey("VIP_PORT".into())),
+            ),
+            (
+                "VIP_PORTx",
+                "tcp://web:80",
+                Err(LabelError::LegacyKey("VIP_PORTx".into())),
+            ),
+            (
+                "VIP_PORT+1",
+                "tcp://web:80",
+                Err(LabelError::LegacyKey("VIP_PORT+1".into())),
+            ),
+            (
+                "VIP_PORT0",
+                "web:80",
+                Err(LabelError::LegacyScheme("web:80".into())),
+            ),
+            (
+                "VIP_PORT0",
+                "sctp://web:80",
+                Err(LabelError::LegacyScheme("sctp://web:80".into())),
+            ),
+            (
+                "VIP_PORT0",
+                "tcp://web",
+                Err(LabelError::MissingPort("web".into())),
+            ),
+        ];
+        for (key, value, want) in cases {
+            assert!(is_legacy_key(key), "{key}");
+            assert_eq!(parse_legacy(key, value), want, "{key}={value}");
+        }
+        for key in ["VIP_0", "VIP_POR", "PORT0", "VIP_PÖRT0", ""] {
+            assert!(!is_legacy_key(key), "{key}");
+        }
     }
 
     #[test]
@@ -327,8 +504,11 @@ mod tests {
 
     proptest! {
         #[test]
-        fn never_panics(s in ".*") {
+        fn never_panics(s in ".*", k in ".*") {
             let _ = parse_value(&s);
+            if is_legacy_key(&k) {
+                let _ = parse_legacy(&k, &s);
+            }
         }
 
         #[test]
