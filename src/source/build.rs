@@ -60,6 +60,24 @@ pub struct AppVips {
     pub cluster_addrs: Vec<IpAddr>,
     /// Task hosts that did not resolve (their tasks are skipped).
     pub unresolved_hosts: Vec<String>,
+    /// The framework part of this app's VIP names; `None`: the configured `--framework`
+    /// (Marathon). The Mesos source sets each task's framework name, mangled.
+    pub framework: Option<String>,
+}
+
+impl AppVips {
+    /// The framework this app's names live under.
+    pub fn framework_or<'a>(&'a self, default: &'a str) -> &'a str {
+        self.framework.as_deref().unwrap_or(default)
+    }
+
+    /// The name `label` of this app is served as.
+    pub fn name(&self, label: &str, default_framework: &str) -> VipName {
+        VipName {
+            label: label.to_string(),
+            framework: self.framework_or(default_framework).to_string(),
+        }
+    }
 }
 
 /// How an app's tasks are reached.
@@ -315,9 +333,79 @@ pub fn app_vips(app: &App, resolve: &mut dyn FnMut(&str) -> Option<IpAddr>) -> A
             }
         }
     }
+    legacy_vips(app, tasks, &task_ids, &hosts, &mut out);
     out.cluster_addrs.sort();
     out.cluster_addrs.dedup();
     out
+}
+
+/// App-level legacy labels `VIP_PORT<n>: "tcp://<name-or-ip>:<port>"`: a VIP whose backends
+/// are each task's `n`-th host port (`task.ports[n]` on the task's host). A task without an
+/// `n`-th port is no backend; a label that does not parse is a rejection, never ignored.
+fn legacy_vips(
+    app: &App,
+    tasks: &[Task],
+    task_ids: &[Arc<str>],
+    hosts: &HashMap<&str, Option<IpAddr>>,
+    out: &mut AppVips,
+) {
+    let Some(labels) = &app.labels else { return };
+    let app_id: Arc<str> = app.id.as_str().into();
+    for (key, value) in labels.iter().filter(|(k, _)| labels::is_legacy_key(k)) {
+        let parsed = match value.as_str() {
+            Some(v) => labels::parse_legacy(key, v),
+            None => Err(LabelError::NotAString(value.to_string())),
+        };
+        let text = value
+            .as_str()
+            .map_or_else(|| value.to_string(), str::to_string);
+        let legacy = match parsed {
+            Ok(l) => l,
+            Err(e) => {
+                out.rejections
+                    .push(Rejection::new(&app.id, 0, key, &text, &e));
+                continue;
+            }
+        };
+        let mut backends = Vec::new();
+        for (ti, t) in tasks.iter().enumerate() {
+            let Some(state) = task_state(app, t) else {
+                continue;
+            };
+            let Some(host) = t
+                .host
+                .as_deref()
+                .and_then(|h| hosts.get(h).copied().flatten())
+            else {
+                continue;
+            };
+            let Some(port) = t
+                .ports
+                .as_ref()
+                .and_then(|ps| ps.get(legacy.port_index))
+                .and_then(|p| u16::try_from(*p).ok())
+                .filter(|p| *p != 0)
+            else {
+                continue;
+            };
+            let addr = SocketAddr::new(host, port);
+            out.cluster_addrs.push(addr.ip());
+            backends.push(Backend {
+                addr,
+                state,
+                app: Arc::clone(&app_id),
+                task: Arc::clone(&task_ids[ti]),
+            });
+        }
+        out.entries.push(Entry {
+            target: legacy.target,
+            protocol: legacy.protocol,
+            backends,
+            port_index: legacy.port_index,
+            key: key.clone(),
+            value: text,
+        });
+    }
 }
 
 /// The result of merging every app's contribution.
@@ -348,7 +436,7 @@ pub fn assemble<'a>(
 
     // IP VIPs first: they reserve their addresses against named-VIP allocation.
     let mut ip_vips: Vec<(&AppVips, &Entry, IpAddr, u16)> = Vec::new();
-    let mut named: BTreeMap<String, Vec<(&AppVips, &Entry, u16)>> = BTreeMap::new();
+    let mut named: BTreeMap<VipName, Vec<(&AppVips, &Entry, u16)>> = BTreeMap::new();
     for app in &apps {
         for e in &app.entries {
             match &e.target {
@@ -376,7 +464,7 @@ pub fn assemble<'a>(
                     }
                 }
                 VipLabel::Named { label, port } => named
-                    .entry(label.clone())
+                    .entry(app.name(label, framework))
                     .or_default()
                     .push((app, e, *port)),
             }
@@ -384,8 +472,8 @@ pub fn assemble<'a>(
     }
     let reserved: HashSet<IpAddr> = ip_vips.iter().map(|(_, _, ip, _)| *ip).collect();
     let mut wants = BTreeSet::new();
-    for (label, uses) in &named {
-        let key = format!("{label}.{framework}");
+    for (name, uses) in &named {
+        let key = format!("{}.{}", name.label, name.framework);
         wants.insert((key.clone(), Family::V4));
         if uses
             .iter()
@@ -420,12 +508,12 @@ pub fn assemble<'a>(
         };
         add(key, None, &e.backends);
     }
-    for (label, uses) in &named {
-        let key = format!("{label}.{framework}");
+    for (name, uses) in &named {
+        let key = format!("{}.{}", name.label, name.framework);
         for (fam, cidr) in [(Family::V4, "--vip-cidr"), (Family::V6, "--vip-cidr6")] {
             if exhausted.contains(&(key.as_str(), fam)) {
                 for (app, e, _) in uses {
-                    let err = LabelError::Exhausted(label.clone(), cidr);
+                    let err = LabelError::Exhausted(name.label.clone(), cidr);
                     rejections.push(Rejection::new(
                         &app.app,
                         e.port_index,
@@ -441,10 +529,6 @@ pub fn assemble<'a>(
             alloc.release(&key, Family::V6);
             continue;
         }
-        let name = VipName {
-            label: label.clone(),
-            framework: framework.to_string(),
-        };
         for fam in [Family::V4, Family::V6] {
             let Some(ip) = assignment.addrs.get(&(key.clone(), fam)) else {
                 continue;

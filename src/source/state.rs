@@ -47,10 +47,10 @@ pub struct Rebuilt {
 /// The indices the incremental path needs, rebuilt by every full build.
 #[derive(Debug, Default)]
 struct Index {
-    /// Named label → apps that claim it.
-    label_apps: HashMap<String, BTreeSet<String>>,
-    /// Named label → its VIP keys in the current table.
-    label_keys: HashMap<String, Vec<VipKey>>,
+    /// Name (label and framework) → apps that claim it.
+    label_apps: HashMap<VipName, BTreeSet<String>>,
+    /// Name → its VIP keys in the current table.
+    label_keys: HashMap<VipName, Vec<VipKey>>,
     /// Apps with at least one IP-VIP label.
     ip_apps: BTreeSet<String>,
     /// Task hosts and backend addresses, with the number of apps using each.
@@ -194,7 +194,7 @@ impl TableState {
                 match &e.target {
                     VipLabel::Named { label, .. } => {
                         ix.label_apps
-                            .entry(label.clone())
+                            .entry(a.name(label, &self.cfg.framework))
                             .or_default()
                             .insert(a.app.clone());
                     }
@@ -209,11 +209,7 @@ impl TableState {
         }
         for v in table.vips.values() {
             match &v.name {
-                Some(n) => ix
-                    .label_keys
-                    .entry(n.label.clone())
-                    .or_default()
-                    .push(v.key),
+                Some(n) => ix.label_keys.entry(n.clone()).or_default().push(v.key),
                 None => {
                     ix.reserved.insert(v.key.ip);
                 }
@@ -234,7 +230,7 @@ impl TableState {
                     .any(|e| matches!(e.target, VipLabel::Ip { .. }))
             })
         };
-        let mut labels: BTreeSet<String> = BTreeSet::new();
+        let mut labels: BTreeSet<VipName> = BTreeSet::new();
         let mut cluster_moved = false;
         for (old, new) in &changes {
             if has_ip(old) || has_ip(new) {
@@ -253,8 +249,9 @@ impl TableState {
                 }
                 for e in &a.entries {
                     if let VipLabel::Named { label, .. } = &e.target {
-                        labels.insert(label.clone());
-                        let apps = self.index.label_apps.entry(label.clone()).or_default();
+                        let name = a.name(label, &self.cfg.framework);
+                        labels.insert(name.clone());
+                        let apps = self.index.label_apps.entry(name).or_default();
                         if delta < 0 {
                             apps.remove(&a.app);
                         } else {
@@ -272,18 +269,19 @@ impl TableState {
         // First merge every touched name and free the names nobody claims any more, so the
         // allocation below sees the same free addresses the full path would.
         let mut merged = Vec::new();
-        for label in &labels {
-            let name_key = format!("{label}.{}", self.cfg.framework);
-            for k in self.index.label_keys.remove(label).unwrap_or_default() {
+        for name in &labels {
+            let name_key = format!("{}.{}", name.label, name.framework);
+            for k in self.index.label_keys.remove(name).unwrap_or_default() {
                 vips.remove(&k);
             }
             // (port, protocol) → merged backends of every app claiming this name.
             let mut groups: BTreeMap<(u16, Protocol), Vec<Backend>> = BTreeMap::new();
-            for id in self.index.label_apps.get(label).into_iter().flatten() {
+            for id in self.index.label_apps.get(name).into_iter().flatten() {
                 let Some(a) = self.apps.get(id) else { continue };
                 for e in &a.entries {
                     if let VipLabel::Named { label: l, port } = &e.target
-                        && l == label
+                        && *l == name.label
+                        && a.framework_or(&self.cfg.framework) == name.framework
                     {
                         groups
                             .entry((*port, e.protocol))
@@ -296,15 +294,15 @@ impl TableState {
             if groups.is_empty() {
                 // The name is gone: both its addresses are free. (While it exists its IPv6
                 // address is kept, wanted or not, as on the full path.)
-                self.index.label_apps.remove(label);
+                self.index.label_apps.remove(name);
                 self.alloc.release(&name_key, Family::V4);
                 self.alloc.release(&name_key, Family::V6);
             }
             if !groups.is_empty() {
-                merged.push((label, name_key, groups, wants_v6));
+                merged.push((name, name_key, groups, wants_v6));
             }
         }
-        for (label, name_key, groups, wants_v6) in merged {
+        for (name, name_key, groups, wants_v6) in merged {
             let mut ips = vec![
                 self.alloc
                     .assign_one(&name_key, Family::V4, &self.index.reserved)
@@ -317,10 +315,6 @@ impl TableState {
                         .ok()?,
                 );
             }
-            let name = VipName {
-                label: label.clone(),
-                framework: self.cfg.framework.clone(),
-            };
             let mut keys = Vec::new();
             for ip in ips {
                 for ((port, protocol), backends) in &groups {
@@ -339,7 +333,7 @@ impl TableState {
                     vips.insert(key, Arc::new(v));
                 }
             }
-            self.index.label_keys.insert(label.clone(), keys);
+            self.index.label_keys.insert(name.clone(), keys);
         }
         let mut new_rejections = Vec::new();
         for (old, new) in changes {
@@ -542,7 +536,12 @@ mod tests {
                     inc.remove(&format!("/app{id}"));
                     full.remove(&format!("/app{id}"));
                 } else {
-                    let c = contribs(&app_json(id, &labels, ip_vip, &tasks)).remove(0);
+                    let mut c = contribs(&app_json(id, &labels, ip_vip, &tasks)).remove(0);
+                    // Some apps are another framework's (as the Mesos source makes them):
+                    // the same label there is another name.
+                    if id % 3 == 0 {
+                        c.framework = Some("other".into());
+                    }
                     inc.upsert(c.clone());
                     full.upsert(c);
                 }

@@ -641,3 +641,94 @@ mod fuzz {
         }
     }
 }
+
+#[test]
+fn legacy_app_labels_use_each_tasks_nth_port() {
+    let b = build(json!({"apps": [{
+        "id": "/legacy",
+        "labels": {
+            "VIP_PORT1": "tcp://198.18.7.7:5000",
+            "VIP_PORT0": "udp:///legacy-dns:53",
+            "VIP_PORT5": "tcp://far:80",
+            "VIP_PORTx": "tcp://web:80",
+            "VIP_PORT2": "web:80",
+            "HAPROXY_GROUP": "external"
+        },
+        "portDefinitions": [{"port": 0}, {"port": 0}],
+        "tasks": [
+            task("l.1", "198.18.0.1", &[31001, 31002], "TASK_RUNNING"),
+            task("l.2", "agent-1", &[31003, 31004], "TASK_KILLING"),
+            task("l.3", "198.18.0.2", &[31005], "TASK_RUNNING"),
+            task("l.4", "198.18.0.3", &[31007, 31008], "TASK_STAGING")
+        ]
+    }]}));
+    let by_key: HashMap<String, &Vip> = b.vips.iter().map(|v| (v.key.to_string(), v)).collect();
+    let ip = by_key["198.18.7.7:5000/tcp"];
+    assert!(ip.name.is_none());
+    // The second port of each running or draining task; l.3 has no second port.
+    assert_eq!(
+        backends(ip),
+        [
+            ("198.18.0.1:31002".to_string(), BackendState::Active),
+            ("198.18.1.1:31004".to_string(), BackendState::Draining)
+        ]
+    );
+    let dns = b
+        .vips
+        .iter()
+        .find(|v| v.key.protocol == Protocol::Udp)
+        .unwrap();
+    assert_eq!(
+        dns.name.as_ref().unwrap().fqdn(),
+        "legacy-dns.marathon.l4lb.thisdcos.directory"
+    );
+    assert_eq!(dns.key.port, 53);
+    assert_eq!(backends(dns).len(), 3);
+    // No task has a sixth port: a VIP without backends, as for a port label.
+    let far = b
+        .vips
+        .iter()
+        .find(|v| v.name.as_ref().is_some_and(|n| n.label == "far"))
+        .unwrap();
+    assert!(far.backends.is_empty());
+    let reasons: Vec<_> = b
+        .rejections
+        .iter()
+        .map(|r| (r.key.as_str(), r.reason))
+        .collect();
+    assert_eq!(
+        reasons,
+        [("VIP_PORT2", "legacy_scheme"), ("VIP_PORTx", "legacy_key")]
+    );
+}
+
+#[test]
+fn apps_of_other_frameworks_get_their_own_names() {
+    let body = serde_json::to_vec(&json!({"apps": [
+        {"id": "/a", "portDefinitions": [{"port": 0, "labels": {"VIP_0": "/db:5432"}}],
+         "tasks": [task("a.1", "198.18.0.1", &[31001], "TASK_RUNNING")]},
+        {"id": "/b", "portDefinitions": [{"port": 0, "labels": {"VIP_0": "/db:5432"}}],
+         "tasks": [task("b.1", "198.18.0.2", &[31002], "TASK_RUNNING")]},
+        {"id": "/c", "portDefinitions": [{"port": 0, "labels": {"VIP_0": "/db:5432"}}],
+         "tasks": [task("c.1", "198.18.0.3", &[31003], "TASK_RUNNING")]}
+    ]}))
+    .unwrap();
+    let (apps, _) = parse_apps(&body).unwrap();
+    let mut contribs: Vec<AppVips> = apps.iter().map(|a| app_vips(a, &mut |_| None)).collect();
+    contribs[1].framework = Some("cassandra".into());
+    let b = assemble(&contribs, "marathon", &IpPolicy::default(), &mut alloc());
+    let mut names: Vec<(String, usize)> = b
+        .vips
+        .iter()
+        .map(|v| (v.name.as_ref().unwrap().fqdn(), v.backends.len()))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            ("db.cassandra.l4lb.thisdcos.directory".to_string(), 1),
+            ("db.marathon.l4lb.thisdcos.directory".to_string(), 2)
+        ]
+    );
+    assert_ne!(b.vips[0].key.ip, b.vips[1].key.ip);
+}

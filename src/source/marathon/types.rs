@@ -20,6 +20,9 @@ pub struct App {
     pub health_checks: Option<Vec<Value>>,
     #[serde(default)]
     pub tasks: Option<Vec<Task>>,
+    /// App-level labels: the legacy `VIP_PORT<n>` ones are read from here.
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, Value>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
