@@ -27,7 +27,13 @@ pub struct Rejection {
 }
 
 impl Rejection {
-    fn new(app: &str, port_index: usize, key: &str, value: &str, e: &LabelError) -> Self {
+    pub(super) fn new(
+        app: &str,
+        port_index: usize,
+        key: &str,
+        value: &str,
+        e: &LabelError,
+    ) -> Self {
         Rejection {
             app: app.to_string(),
             port_index,
@@ -166,7 +172,7 @@ fn ports(app: &App, mode: Mode) -> Vec<Port<'_>> {
 
 /// The port's `protocol` ("tcp", "udp", "udp,tcp"; absent means tcp). Anything else (say
 /// "sctp") is refused rather than served as TCP.
-fn protocols(p: Option<&str>) -> Result<Vec<Protocol>, LabelError> {
+pub(super) fn protocols(p: Option<&str>) -> Result<Vec<Protocol>, LabelError> {
     let mut out = Vec::new();
     for part in p.unwrap_or("tcp").split(',') {
         let proto = match part.trim().to_ascii_lowercase().as_str() {

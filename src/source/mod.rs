@@ -6,6 +6,7 @@ pub mod build;
 pub mod controller;
 pub mod file;
 pub mod marathon;
+pub mod mesos;
 pub mod metrics;
 pub mod state;
 

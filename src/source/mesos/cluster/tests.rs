@@ -1,0 +1,367 @@
+use super::*;
+use crate::model::VipTable;
+use crate::source::mesos::types::parse_event;
+use crate::source::state::{BuildConfig, TableState};
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/mesos");
+
+fn events(file: &str) -> Vec<Event> {
+    let text = std::fs::read_to_string(format!("{FIXTURES}/{file}")).unwrap();
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| parse_event(l.as_bytes()).unwrap())
+        .collect()
+}
+
+fn no_dns(_: &str) -> Option<IpAddr> {
+    None
+}
+
+/// The table of the cluster after every event of `file`, built twice: event by event through
+/// the incremental path (only the tasks each event names), and once from scratch. Both must
+/// agree; the incremental one is returned.
+fn replay(file: &str) -> (Cluster, Arc<VipTable>, Vec<Rejection>) {
+    replay_events(file, events(file))
+}
+
+fn replay_events(file: &str, events: Vec<Event>) -> (Cluster, Arc<VipTable>, Vec<Rejection>) {
+    let mut c = Cluster::default();
+    let mut inc = TableState::new(BuildConfig::default(), 1);
+    for ev in events {
+        let (applied, bad) = c.apply(ev);
+        assert!(bad.is_empty(), "{bad:?}");
+        match applied {
+            Applied::Full => inc.replace_all(c.contributions(&mut no_dns)),
+            Applied::Tasks(keys) => {
+                for k in keys {
+                    match c.contribution(&k, &mut no_dns) {
+                        Some(a) => inc.upsert(a),
+                        None => inc.remove(&k),
+                    }
+                }
+            }
+            Applied::Nothing => {}
+        }
+        inc.rebuild(0);
+    }
+    let mut full = TableState::new(BuildConfig::default(), 1);
+    full.replace_all(c.contributions(&mut no_dns));
+    full.rebuild(0);
+    assert!(
+        inc.current().same_content(full.current()),
+        "{file}: incremental {:#?}\nfull {:#?}",
+        inc.current().vips,
+        full.current().vips
+    );
+    let rejections = inc.rejections().cloned().collect();
+    (c, Arc::clone(inc.current()), rejections)
+}
+
+/// (fqdn or IP, key, backends with states), sorted.
+fn summary(t: &VipTable) -> Vec<(String, String, Vec<String>)> {
+    let mut out: Vec<_> = t
+        .vips
+        .values()
+        .map(|v| {
+            let name = v
+                .name
+                .as_ref()
+                .map_or_else(|| v.key.ip.to_string(), |n| n.fqdn());
+            let port = format!("{}/{}", v.key.port, v.key.protocol);
+            let backends = v
+                .backends
+                .iter()
+                .map(|b| format!("{} {:?}", b.addr, b.state))
+                .collect();
+            (name, port, backends)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn s(name: &str, port: &str, backends: &[&str]) -> (String, String, Vec<String>) {
+    (
+        name.to_string(),
+        port.to_string(),
+        backends.iter().map(|b| b.to_string()).collect(),
+    )
+}
+
+fn get_state(file: &str) -> Arc<VipTable> {
+    let body = std::fs::read(format!("{FIXTURES}/{file}")).unwrap();
+    let (c, bad) = Cluster::from_state(super::super::types::parse_get_state(&body).unwrap());
+    assert!(bad.is_empty());
+    let mut st = TableState::new(BuildConfig::default(), 1);
+    st.replace_all(c.contributions(&mut no_dns));
+    st.rebuild(0).table.unwrap()
+}
+
+#[test]
+fn tcp_and_udp_ports_on_host_networking() {
+    // One Marathon task (framework `marathon`), the label on its tcp and its udp discovery
+    // port: two VIPs of one name, the agent's address and the port.
+    assert_eq!(
+        summary(&get_state("tcp-and-udp.json")),
+        [
+            s(
+                "app.marathon.l4lb.thisdcos.directory",
+                "80/tcp",
+                &["172.17.0.3:6416 Active"]
+            ),
+            s(
+                "app.marathon.l4lb.thisdcos.directory",
+                "80/udp",
+                &["172.17.0.3:6416 Active"]
+            ),
+        ]
+    );
+}
+
+#[test]
+fn a_task_without_a_health_result_is_served_and_container_scope_uses_its_ip() {
+    // The task has a health check but no status says `healthy`: served (absent = healthy),
+    // on its container address (network-scope container).
+    assert_eq!(
+        summary(&get_state("unhealthy.json")),
+        [s(
+            "foobar.marathon.l4lb.thisdcos.directory",
+            "80/tcp",
+            &["9.0.1.6:80 Active"]
+        )]
+    );
+}
+
+/// operator-api.json carries no VIP labels: give every discovery port of every task one
+/// (`/<task name>-<port index>:80`) to see where each networking mode's backends land.
+fn labelled(file: &str) -> Vec<Event> {
+    let text = std::fs::read_to_string(format!("{FIXTURES}/{file}")).unwrap();
+    text.lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            if let Some(t) = v.pointer_mut("/task_added/task") {
+                let name = t["name"].as_str().unwrap().to_string();
+                if let Some(ports) = t.pointer_mut("/discovery/ports/ports") {
+                    for (i, p) in ports.as_array_mut().unwrap().iter_mut().enumerate() {
+                        let label =
+                            serde_json::json!({"key": "VIP_0", "value": format!("/{name}-{i}:80")});
+                        match p.pointer_mut("/labels/labels") {
+                            Some(ls) => ls.as_array_mut().unwrap().push(label),
+                            None => p["labels"] = serde_json::json!({"labels": [label]}),
+                        }
+                    }
+                }
+            }
+            serde_json::from_value(v).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn every_networking_mode_of_a_marathon_task() {
+    let (c, t, r) = replay_events("operator-api.json", labelled("operator-api.json"));
+    assert_eq!(c.task_count(), 12);
+    assert!(r.is_empty(), "{r:?}");
+    let m = |n: &str| format!("{n}.marathon.l4lb.thisdcos.directory");
+    let v6 = ["172.19.0.2:8080 Active", "[fd01:b::2:8000:0:2]:8080 Active"];
+    assert_eq!(
+        summary(&t),
+        [
+            // Three tasks of one app name: host, overlay (container IP and port), bridge.
+            s(
+                &m("app-0"),
+                "80/tcp",
+                &[
+                    "9.0.1.3:8080 Active",
+                    "172.17.0.3:2254 Active",
+                    "172.17.0.4:28064 Active"
+                ]
+            ),
+            // Docker bridge: the agent and the host port, not the bridge address.
+            s(
+                &m("docker-on-bridge-0"),
+                "80/tcp",
+                &["172.17.0.4:20560 Active"]
+            ),
+            // Overlay: the address of the latest status with one, not the agent's.
+            s(&m("docker-on-dcos-0"), "80/tcp", &["9.0.2.130:8080 Active"]),
+            s(
+                &m("docker-on-host-0"),
+                "80/tcp",
+                &["172.17.0.4:31168 Active"]
+            ),
+            // Dual-stack overlay: both addresses, so the name has an IPv4 and an IPv6 VIP.
+            s(&m("docker-on-ipv6-0"), "80/tcp", &v6),
+            s(&m("docker-on-ipv6-0"), "80/tcp", &v6),
+            // A container port 0 (none given): no backend.
+            s(&m("none-on-dcos-0"), "80/tcp", &[]),
+            s(&m("none-on-host-0"), "80/tcp", &["172.17.0.4:13977 Active"]),
+            // UCR bridge: the agent and the host port, not 172.31.254.3.
+            s(
+                &m("ucr-on-bridge-0"),
+                "80/tcp",
+                &["172.17.0.3:15263 Active"]
+            ),
+            s(&m("ucr-on-dcos-0"), "80/tcp", &[]),
+            s(&m("ucr-on-host-0"), "80/tcp", &["172.17.0.3:10323 Active"]),
+        ]
+    );
+}
+
+/// The table after each event of `file`.
+fn tables(file: &str) -> Vec<Vec<(String, String, Vec<String>)>> {
+    let mut c = Cluster::default();
+    let mut st = TableState::new(BuildConfig::default(), 1);
+    let mut out = Vec::new();
+    for ev in events(file) {
+        match c.apply(ev).0 {
+            Applied::Full => st.replace_all(c.contributions(&mut no_dns)),
+            Applied::Tasks(keys) => {
+                for k in keys {
+                    match c.contribution(&k, &mut no_dns) {
+                        Some(a) => st.upsert(a),
+                        None => st.remove(&k),
+                    }
+                }
+            }
+            Applied::Nothing => {}
+        }
+        st.rebuild(0);
+        out.push(summary(st.current()));
+    }
+    out
+}
+
+#[test]
+fn an_sdk_scheduler_task_is_drained_killed_and_replaced() {
+    replay("hello-world.json");
+    let t = tables("hello-world.json");
+    let name = "api.hello-world.marathon.l4lb.thisdcos.directory";
+    let old = "172.17.0.4:21872";
+    assert_eq!(t[0], [s(name, "80/tcp", &[&format!("{old} Active")])]);
+    // TASK_KILLING drains; TASK_KILLED forgets the task, and with it the name: through
+    // Mesos a name lives while a task carrying it does (as in dcos-net).
+    assert_eq!(t[1], [s(name, "80/tcp", &[&format!("{old} Draining")])]);
+    assert_eq!(t[2], []);
+    // The replacement is added: the name is back (staging: not yet a backend), then runs.
+    assert_eq!(t[3], [s(name, "80/tcp", &[])]);
+    let new = t[6][0].2.clone();
+    assert_eq!(new.len(), 1);
+    assert!(
+        new[0].ends_with(" Active") && !new[0].starts_with(old),
+        "{new:?}"
+    );
+    // Killed at the end: nothing left to serve, and the name is gone with its last task.
+    assert_eq!(t.last().unwrap(), &Vec::new());
+}
+
+#[test]
+fn an_sdk_service_on_an_overlay_names_under_its_framework() {
+    let (c, t, r) = replay("hello-overlay.json");
+    assert_eq!(c.task_count(), 4);
+    assert!(r.is_empty(), "{r:?}");
+    assert_eq!(
+        summary(&t),
+        [
+            s(
+                "api.hello-world.marathon.l4lb.thisdcos.directory",
+                "80/tcp",
+                &["10.0.0.49:19630 Active"]
+            ),
+            // The SDK's host-networked task: the agent's address.
+            s(
+                "host-vip.hello-world.l4lb.thisdcos.directory",
+                "80/tcp",
+                &["10.0.0.49:4044 Active"]
+            ),
+            // The overlay task (network-scope container): its container address.
+            s(
+                "overlay-vip.hello-world.l4lb.thisdcos.directory",
+                "80/tcp",
+                &["9.0.2.3:4044 Active"]
+            ),
+        ]
+    );
+}
+
+#[test]
+fn tasks_on_recovered_agents_are_served_after_a_master_fail_over() {
+    let (c, t, _) = replay("recovered-agents.json");
+    assert_eq!(c.task_count(), 1);
+    assert_eq!(
+        summary(&t),
+        [s(
+            "web.marathon.l4lb.thisdcos.directory",
+            "10080/tcp",
+            &["172.17.0.4:16424 Active"]
+        )]
+    );
+}
+
+#[test]
+fn health_killing_and_legacy_task_labels() {
+    let state = |healthy: &str, state: &str, labels: &str| {
+        format!(
+            r#"{{"type":"GET_STATE","get_state":{{
+            "get_frameworks":{{"frameworks":[{{"framework_info":{{"id":{{"value":"f1"}},"name":"Data_Cassandra"}}}}]}},
+            "get_agents":{{"agents":[{{"agent_info":{{"id":{{"value":"a1"}},"hostname":"node-1"}}}}]}},
+            "get_tasks":{{"tasks":[{{"name":"node-0","task_id":{{"value":"t1"}},"framework_id":{{"value":"f1"}},
+              "agent_id":{{"value":"a1"}},"state":"{state}",
+              "statuses":[{{"state":"{state}"{healthy}}}],
+              "resources":[{{"name":"ports","type":"RANGES","ranges":{{"range":[{{"begin":9042,"end":9043}}]}}}}],
+              "labels":{{"labels":[{labels}]}},
+              "discovery":{{"name":"node","ports":{{"ports":[{{"number":9042,"protocol":"tcp",
+                "labels":{{"labels":[{{"key":"VIP_0","value":"node:9042"}}]}}}}]}}}}}}]}}}}}}"#
+        )
+    };
+    let build = |body: String| {
+        let (c, _) =
+            Cluster::from_state(super::super::types::parse_get_state(body.as_bytes()).unwrap());
+        let mut st = TableState::new(BuildConfig::default(), 1);
+        // The agent's hostname is a name: resolved through the function given.
+        st.replace_all(
+            c.contributions(&mut |h| (h == "node-1").then(|| "198.18.0.7".parse().unwrap())),
+        );
+        st.rebuild(0);
+        let r: Vec<_> = st.rejections().map(|r| (r.key.clone(), r.reason)).collect();
+        (summary(st.current()), r)
+    };
+    // `Data_Cassandra` is served as Mesos-DNS mangles it.
+    let n = "node.data-cassandra.l4lb.thisdcos.directory";
+    let cases = [
+        ("", "TASK_RUNNING", "Active"),
+        (r#","healthy":true"#, "TASK_RUNNING", "Active"),
+        (r#","healthy":false"#, "TASK_RUNNING", "Draining"),
+        ("", "TASK_KILLING", "Draining"),
+    ];
+    for (healthy, st, want) in cases {
+        let (t, _) = build(state(healthy, st, ""));
+        assert_eq!(
+            t,
+            [s(n, "9042/tcp", &[&format!("198.18.0.7:9042 {want}")])],
+            "{healthy} {st}"
+        );
+    }
+    let (t, _) = build(state("", "TASK_STAGING", ""));
+    assert_eq!(t, [s(n, "9042/tcp", &[])]);
+    // Legacy task labels: the task's n-th port resource on the agent; bad ones rejected.
+    let (t, r) = build(state(
+        "",
+        "TASK_RUNNING",
+        r#"{"key":"VIP_PORT1","value":"udp://198.18.9.9:7000"},{"key":"VIP_PORT7","value":"tcp://x:1"},{"key":"VIP_PORT0","value":"seeds:7000"}"#,
+    ));
+    assert_eq!(
+        t,
+        [
+            s("198.18.9.9", "7000/udp", &["198.18.0.7:9043 Active"]),
+            s(n, "9042/tcp", &["198.18.0.7:9042 Active"]),
+        ]
+    );
+    assert_eq!(
+        r,
+        [
+            ("VIP_PORT0".to_string(), "legacy_scheme"),
+            ("VIP_PORT7".to_string(), "no_task_port")
+        ]
+    );
+}
