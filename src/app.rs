@@ -22,8 +22,8 @@ use crate::agent::netif::{Netif, NetifError};
 use crate::agent::{Agent, AgentMetrics};
 use crate::api::{self, ApiState, BackendCounters, BackendStats, Readiness};
 use crate::config::{
-    AgentConfig, ApiConfig, CheckConfig, Config, ConfigError, ControllerConfig, Mode, NodeConfig,
-    RunConfig, SourceConfig, VipsConfig,
+    AgentConfig, ApiConfig, CheckConfig, CheckFile, Config, ConfigError, ControllerConfig, Mode,
+    NodeConfig, RunConfig, SourceConfig, VipsConfig,
 };
 use crate::labels::ReasonLabel;
 use crate::model::VipKey;
@@ -237,6 +237,30 @@ fn start_source(
                 "Marathon source",
                 async move {
                     sync::run(c, publisher, cfg, stop).await;
+                    Ok(())
+                }
+                .instrument(span),
+            );
+        }
+        SourceConfig::Mesos {
+            masters,
+            auth,
+            timeout,
+        } => {
+            use crate::source::mesos;
+            let shown: Vec<String> = masters
+                .iter()
+                .map(|u| u.host_str().unwrap_or("?").to_string())
+                .collect();
+            let span = tracing::info_span!("source", mesos = ?shown);
+            span.in_scope(|| tracing::info!(auth = ?auth, "following Mesos"));
+            let c = mesos::client::Client::new(masters, auth, timeout)
+                .map_err(|e| anyhow::anyhow!("HTTP client: {e}"))?;
+            let cfg = mesos::sync::SyncConfig::default();
+            tasks.spawn(
+                "Mesos source",
+                async move {
+                    mesos::sync::run(c, publisher, cfg, stop).await;
                     Ok(())
                 }
                 .instrument(span),
@@ -468,13 +492,23 @@ async fn node(
 
 fn check(args: CheckConfig) -> Result<ExitCode, AppError> {
     let build = args.build;
-    let body = std::fs::read(&args.apps_file).map_err(|source| ConfigError::Read {
-        what: "apps file",
-        path: args.apps_file.clone(),
+    let (path, what, mesos) = match &args.file {
+        CheckFile::Apps(p) => (p, "apps file", false),
+        CheckFile::MesosState(p) => (p, "Mesos state file", true),
+    };
+    let body = std::fs::read(path).map_err(|source| ConfigError::Read {
+        what,
+        path: path.clone(),
         source,
     })?;
-    let (contribs, bad_apps) = source::contributions(&body, &source::HostCache::default())
-        .map_err(|e| anyhow::anyhow!("{}: {e}", args.apps_file.display()))?;
+    let hosts = source::HostCache::default();
+    let (contribs, bad_apps) = if mesos {
+        source::mesos::cluster::contributions_of_state(&body, &mut |h| hosts.resolve(h))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+    } else {
+        source::contributions(&body, &hosts)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+    };
     let mut state = TableState::new(build, 1);
     state.replace_all(contribs);
     let table = state.rebuild(0).table.unwrap_or_default();

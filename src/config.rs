@@ -121,8 +121,15 @@ pub struct RunArgs {
 #[derive(Debug, Args)]
 pub struct CheckArgs {
     /// Apps file in Marathon's `GET /v2/apps?embed=apps.tasks` shape.
-    #[arg(long, env = "L4LB_APPS_FILE")]
-    pub apps_file: PathBuf,
+    #[arg(
+        long,
+        env = "L4LB_APPS_FILE",
+        required_unless_present = "mesos_state_file"
+    )]
+    pub apps_file: Option<PathBuf>,
+    /// A Mesos operator API `GET_STATE` answer, checked as the Mesos source reads it.
+    #[arg(long, env = "L4LB_MESOS_STATE_FILE", conflicts_with = "apps_file")]
+    pub mesos_state_file: Option<PathBuf>,
     #[command(flatten)]
     pub build: BuildArgs,
 }
@@ -155,6 +162,12 @@ pub struct SourceArgs {
     /// Read apps from this file (Marathon `/v2/apps?embed=apps.tasks` shape) instead of Marathon.
     #[arg(long, env = "L4LB_APPS_FILE", conflicts_with = "marathon")]
     pub apps_file: Option<PathBuf>,
+    /// Mesos master base URL (repeatable; the leader is followed): every framework's tasks,
+    /// Marathon's included, through the operator API. Not with --marathon or --apps-file
+    /// (Mesos already sees Marathon's apps: one app must not become two VIPs). The
+    /// --marathon-auth and credential flags authenticate to Mesos as well.
+    #[arg(long = "mesos", env = "L4LB_MESOS", value_delimiter = ',', conflicts_with_all = ["marathon", "apps_file"])]
+    pub mesos: Vec<Url>,
     /// How often the apps file is checked for changes.
     #[arg(long, env = "L4LB_APPS_FILE_POLL", value_parser = parse_duration, default_value = "500ms")]
     pub apps_file_poll: Duration,
@@ -274,7 +287,7 @@ pub struct AgentArgs {
 /// Invalid configuration (exit 64).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("give either --marathon or --apps-file")]
+    #[error("give one of --marathon, --mesos or --apps-file")]
     NoSource,
     #[error("cannot read {what} {path}: {source}")]
     Read {
@@ -306,6 +319,11 @@ pub enum SourceConfig {
         path: PathBuf,
         poll: Duration,
     },
+    Mesos {
+        masters: Vec<Url>,
+        auth: Auth,
+        timeout: Duration,
+    },
 }
 
 impl SourceArgs {
@@ -324,7 +342,7 @@ impl SourceArgs {
                 poll: self.apps_file_poll,
             });
         }
-        if self.marathon.is_empty() {
+        if self.marathon.is_empty() && self.mesos.is_empty() {
             return Err(ConfigError::NoSource);
         }
         let creds = match (&self.marathon_credentials_file, &self.marathon_credentials) {
@@ -344,6 +362,16 @@ impl SourceArgs {
             }
             (MarathonAuthKind::Token, Some(c)) => Auth::Token(Secret::from(c)),
         };
+        if !self.mesos.is_empty() {
+            for u in &self.mesos {
+                http_url("--mesos", u)?;
+            }
+            return Ok(SourceConfig::Mesos {
+                masters: self.mesos.iter().map(with_trailing_slash).collect(),
+                auth,
+                timeout: self.marathon_timeout,
+            });
+        }
         for u in &self.marathon {
             http_url("--marathon", u)?;
         }
@@ -543,7 +571,11 @@ impl Cli {
                 api: a.api.validate()?,
             }),
             Command::Check(a) => Mode::Check(CheckConfig {
-                apps_file: a.apps_file.clone(),
+                file: match (&a.apps_file, &a.mesos_state_file) {
+                    (Some(p), _) => CheckFile::Apps(p.clone()),
+                    (None, Some(p)) => CheckFile::MesosState(p.clone()),
+                    (None, None) => return Err(ConfigError::NoSource),
+                },
                 build: a.build.validate()?,
             }),
             Command::Vips(a) => {
@@ -624,8 +656,17 @@ pub struct ApiConfig {
 
 #[derive(Debug, Clone)]
 pub struct CheckConfig {
-    pub apps_file: PathBuf,
+    pub file: CheckFile,
     pub build: BuildConfig,
+}
+
+/// What `l4lb check` reads.
+#[derive(Debug, Clone)]
+pub enum CheckFile {
+    /// Marathon's `GET /v2/apps?embed=apps.tasks` shape.
+    Apps(PathBuf),
+    /// A Mesos operator API `GET_STATE` answer.
+    MesosState(PathBuf),
 }
 
 #[derive(Debug, Clone)]
@@ -850,5 +891,36 @@ mod tests {
             panic!()
         };
         assert!(matches!(c.source.validate(), Err(ConfigError::BadBasic)));
+        let cli = Cli::try_parse_from([
+            "l4lb",
+            "controller",
+            "--mesos",
+            "http://m1:5050,http://m2:5050",
+            "--marathon-auth",
+            "token",
+            "--marathon-credentials",
+            "t0k",
+        ])
+        .unwrap();
+        let Command::Controller(c) = cli.command else {
+            panic!()
+        };
+        let SourceConfig::Mesos { masters, auth, .. } = c.source.validate().unwrap() else {
+            panic!()
+        };
+        assert_eq!(masters.len(), 2);
+        assert!(matches!(auth, Auth::Token(t) if t == "t0k"));
+        // Marathon's apps through both sources would be two VIPs: refused.
+        for other in [["--marathon", "http://m1:8080"], ["--apps-file", "x"]] {
+            let args = [
+                "l4lb",
+                "controller",
+                "--mesos",
+                "http://m1:5050",
+                other[0],
+                other[1],
+            ];
+            assert!(Cli::try_parse_from(args).is_err(), "{other:?}");
+        }
     }
 }

@@ -203,6 +203,36 @@ impl Publisher {
         .await?
     }
 
+    /// Replace every contribution with `contribs` (a source's whole state; blocking: call it
+    /// off the async threads).
+    pub fn replace_contributions(&self, contribs: Vec<AppVips>, changed_at_ms: u64) {
+        self.report_hosts(&contribs);
+        self.apply(changed_at_ms, |s| s.replace_all(contribs));
+    }
+
+    /// Replace (`Some`) or remove (`None`) the contributions named (blocking, as above).
+    pub fn update_contributions(
+        &self,
+        changes: Vec<(String, Option<AppVips>)>,
+        changed_at_ms: u64,
+    ) {
+        let seen: Vec<AppVips> = changes.iter().filter_map(|(_, c)| c.clone()).collect();
+        self.report_hosts(&seen);
+        self.apply(changed_at_ms, |s| {
+            for (id, c) in changes {
+                match c {
+                    Some(c) => s.upsert(c),
+                    None => s.remove(&id),
+                }
+            }
+        });
+    }
+
+    /// The host-name cache every build of this source shares.
+    pub fn hosts(&self) -> &HostCache {
+        &self.hosts
+    }
+
     fn report_hosts(&self, seen: &[AppVips]) {
         for c in seen {
             for h in &c.unresolved_hosts {

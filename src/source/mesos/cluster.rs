@@ -454,6 +454,16 @@ impl Cluster {
     }
 }
 
+/// Every task's contribution in a `GET_STATE` answer (`l4lb check --mesos-state-file`), and
+/// the tasks that did not parse.
+pub fn contributions_of_state(
+    body: &[u8],
+    resolve: &mut dyn FnMut(&str) -> Option<IpAddr>,
+) -> Result<(Vec<AppVips>, Vec<String>), super::types::PayloadError> {
+    let (c, bad) = Cluster::from_state(super::types::parse_get_state(body)?);
+    Ok((c.contributions(resolve), bad))
+}
+
 fn finish(out: &mut AppVips) {
     out.cluster_addrs.sort();
     out.cluster_addrs.dedup();

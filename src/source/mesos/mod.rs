@@ -2,6 +2,8 @@
 //! types, the cluster state kept current event by event (pure), and the sync loop that
 //! subscribes (falling back to `GET_STATE`) and feeds the shared table builder.
 
+pub mod client;
 pub mod cluster;
 pub mod recordio;
+pub mod sync;
 pub mod types;

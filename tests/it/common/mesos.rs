@@ -1,0 +1,250 @@
+//! A fake Mesos master for tests: the operator API v1 `POST /api/v1` with `SUBSCRIBE` (a
+//! chunked RecordIO stream: the script's events one by one, each frame cut into several
+//! chunks, then whatever the test emits) and `GET_STATE`, serving the real payloads of
+//! `tests/fixtures/mesos/`. A master can stand in for a non-leader (307 to the leader), demand
+//! a token, refuse `SUBSCRIBE`, or drop its streams in the middle of a frame.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde_json::Value;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+pub const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/mesos");
+
+/// The lines of a fixture (one JSON document a line).
+pub fn fixture_lines(file: &str) -> Vec<String> {
+    std::fs::read_to_string(format!("{FIXTURES}/{file}"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// RecordIO framing, as a master writes it.
+pub fn frame(record: &str) -> Vec<u8> {
+    let mut out = format!("{}\n", record.len()).into_bytes();
+    out.extend_from_slice(record.as_bytes());
+    out
+}
+
+#[derive(Debug, Clone)]
+enum Msg {
+    Event(String),
+    /// Send half of a frame, then break the connection.
+    Cut,
+}
+
+struct Inner {
+    /// Sent on every subscription, one event at a time (the first is the `SUBSCRIBED`).
+    script: Vec<String>,
+    /// The `GET_STATE` answer.
+    state: Option<String>,
+    /// Not the leader: redirect every call here.
+    leader: Option<SocketAddr>,
+    /// `Authorization` value required.
+    auth: Option<String>,
+    refuse_subscribe: bool,
+}
+
+#[derive(Clone)]
+pub struct FakeMesos {
+    pub addr: SocketAddr,
+    inner: Arc<Mutex<Inner>>,
+    events: broadcast::Sender<Msg>,
+    pub subscribes: Arc<AtomicU64>,
+    pub get_states: Arc<AtomicU64>,
+    pub redirects: Arc<AtomicU64>,
+    pub unauthorized: Arc<AtomicU64>,
+    stop: CancellationToken,
+}
+
+impl FakeMesos {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (events, _) = broadcast::channel(4096);
+        let fake = FakeMesos {
+            addr,
+            inner: Arc::new(Mutex::new(Inner {
+                script: Vec::new(),
+                state: None,
+                leader: None,
+                auth: None,
+                refuse_subscribe: false,
+            })),
+            events,
+            subscribes: Arc::default(),
+            get_states: Arc::default(),
+            redirects: Arc::default(),
+            unauthorized: Arc::default(),
+            stop: CancellationToken::new(),
+        };
+        let router = Router::new()
+            .route("/api/v1", post(api))
+            .with_state(fake.clone());
+        let stop = fake.stop.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+        });
+        fake
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Events every subscription starts with.
+    pub fn set_script(&self, lines: Vec<String>) {
+        self.inner.lock().unwrap().script = lines;
+    }
+
+    pub fn set_state(&self, body: String) {
+        self.inner.lock().unwrap().state = Some(body);
+    }
+
+    /// Answer every call with a 307 to `leader`, as a master that does not lead does.
+    pub fn redirect_to(&self, leader: SocketAddr) {
+        self.inner.lock().unwrap().leader = Some(leader);
+    }
+
+    pub fn require_auth(&self, value: &str) {
+        self.inner.lock().unwrap().auth = Some(value.to_string());
+    }
+
+    pub fn refuse_subscribe(&self, refuse: bool) {
+        self.inner.lock().unwrap().refuse_subscribe = refuse;
+    }
+
+    /// Send one event on every open stream.
+    pub fn emit(&self, line: &str) {
+        let _ = self.events.send(Msg::Event(line.to_string()));
+    }
+
+    /// Break every open stream in the middle of a frame.
+    pub fn cut(&self) {
+        let _ = self.events.send(Msg::Cut);
+    }
+
+    pub fn open_streams(&self) -> usize {
+        self.events.receiver_count()
+    }
+}
+
+/// Send `bytes` in three chunks, pausing between them so they travel separately.
+async fn send_chunked(tx: &mpsc::Sender<Result<Bytes, std::io::Error>>, bytes: Vec<u8>) -> bool {
+    let n = bytes.len();
+    let cuts = [0, n / 3, 2 * n / 3, n];
+    for w in cuts.windows(2) {
+        if w[0] == w[1] {
+            continue;
+        }
+        if tx
+            .send(Ok(Bytes::copy_from_slice(&bytes[w[0]..w[1]])))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    true
+}
+
+async fn api(State(fake): State<FakeMesos>, headers: HeaderMap, body: Bytes) -> Response {
+    let call: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(_) => return StatusCode::BAD_REQUEST.into_response(),
+    };
+    let (script, state, leader, auth, refuse) = {
+        let i = fake.inner.lock().unwrap();
+        (
+            i.script.clone(),
+            i.state.clone(),
+            i.leader,
+            i.auth.clone(),
+            i.refuse_subscribe,
+        )
+    };
+    if let Some(leader) = leader {
+        fake.redirects.fetch_add(1, Ordering::SeqCst);
+        // A real master names the leader without a scheme.
+        return (
+            StatusCode::TEMPORARY_REDIRECT,
+            [(header::LOCATION, format!("//{leader}/api/v1"))],
+        )
+            .into_response();
+    }
+    if let Some(want) = auth {
+        let got = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if got != Some(want.as_str()) {
+            fake.unauthorized.fetch_add(1, Ordering::SeqCst);
+            return StatusCode::UNAUTHORIZED.into_response();
+        }
+    }
+    match call["type"].as_str() {
+        Some("GET_STATE") => {
+            fake.get_states.fetch_add(1, Ordering::SeqCst);
+            match state {
+                Some(s) => ([(header::CONTENT_TYPE, "application/json")], s).into_response(),
+                None => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+            }
+        }
+        Some("SUBSCRIBE") if refuse => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+        Some("SUBSCRIBE") => {
+            fake.subscribes.fetch_add(1, Ordering::SeqCst);
+            let mut events = fake.events.subscribe();
+            let (tx, mut rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
+            tokio::spawn(async move {
+                for line in script {
+                    if !send_chunked(&tx, frame(&line)).await {
+                        return;
+                    }
+                }
+                while let Ok(msg) = events.recv().await {
+                    match msg {
+                        Msg::Event(line) => {
+                            if !send_chunked(&tx, frame(&line)).await {
+                                return;
+                            }
+                        }
+                        Msg::Cut => {
+                            let f = frame(r#"{"type":"HEARTBEAT"}"#);
+                            let _ = tx.send(Ok(Bytes::copy_from_slice(&f[..f.len() / 2]))).await;
+                            let _ = tx
+                                .send(Err(std::io::Error::other("connection dropped")))
+                                .await;
+                            return;
+                        }
+                    }
+                }
+            });
+            let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+            (
+                [(header::CONTENT_TYPE, "application/recordio")],
+                Body::from_stream(stream),
+            )
+                .into_response()
+        }
+        _ => StatusCode::BAD_REQUEST.into_response(),
+    }
+}

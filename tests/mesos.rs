@@ -1,0 +1,287 @@
+//! The Mesos source against a fake master serving the real operator-API payloads: leader
+//! redirects with credentials, events one by one in chunked RecordIO, a stream dropped in the
+//! middle of a frame, `GET_STATE` as the fallback, and the latency from an event to a blocked
+//! `/v1/vips` watcher.
+
+#[path = "common/mesos.rs"]
+mod mesos;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use l4lb::api::{self, ApiState, Readiness};
+use l4lb::model::VipTable;
+use l4lb::model::wire::VipJson;
+use l4lb::source::marathon::client::Auth;
+use l4lb::source::mesos::client::Client;
+use l4lb::source::mesos::sync::{self, SyncConfig};
+use l4lb::source::metrics::SourceMetrics;
+use l4lb::source::state::BuildConfig;
+use l4lb::source::{Publisher, TableRx, table_channel};
+use mesos::{FakeMesos, fixture_lines};
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+struct Ctl {
+    api: SocketAddr,
+    rx: TableRx,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Ctl {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn start_controller(masters: &[String], auth: Auth) -> Ctl {
+    let mut reg = Registry::with_prefix("l4lb");
+    let metrics = SourceMetrics::new(&mut reg);
+    let (tx, rx) = table_channel();
+    let publisher = Publisher::new(BuildConfig::default(), tx, metrics);
+    let client = Client::new(
+        masters.iter().map(|u| u.parse().unwrap()).collect(),
+        auth,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let cfg = SyncConfig {
+        backoff_min: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(200),
+        ..SyncConfig::default()
+    };
+    tokio::spawn(sync::run(client, publisher, cfg, shutdown.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api_addr = listener.local_addr().unwrap();
+    let state = ApiState::new(rx.clone(), Arc::new(reg), Readiness::default());
+    tokio::spawn(api::serve(listener, state, shutdown.clone()));
+    Ctl {
+        api: api_addr,
+        rx,
+        shutdown,
+    }
+}
+
+/// (name or IP, port/protocol, backends with state), sorted.
+fn summary(t: &VipTable) -> Vec<(String, String, Vec<String>)> {
+    let mut out: Vec<_> = t
+        .vips
+        .values()
+        .map(|v| {
+            let name = v
+                .name
+                .as_ref()
+                .map_or_else(|| v.key.ip.to_string(), |n| n.fqdn());
+            let backends = v
+                .backends
+                .iter()
+                .map(|b| format!("{} {:?}", b.addr, b.state))
+                .collect();
+            (name, format!("{}/{}", v.key.port, v.key.protocol), backends)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn s(name: &str, port: &str, backends: &[&str]) -> (String, String, Vec<String>) {
+    (
+        name.into(),
+        port.into(),
+        backends.iter().map(|b| b.to_string()).collect(),
+    )
+}
+
+/// Wait until the published table satisfies `f`.
+async fn wait_table(rx: &mut TableRx, f: impl Fn(&VipTable) -> bool) -> Arc<VipTable> {
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.wait_for(|t| t.version > 0 && f(t)),
+    )
+    .await
+    .expect("no such table within 10 s")
+    .unwrap()
+    .clone()
+}
+
+async fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+const API: &str = "api.hello-world.marathon.l4lb.thisdcos.directory";
+
+#[tokio::test]
+async fn follows_the_leader_with_credentials_and_applies_a_stream_event_by_event() {
+    let leader = FakeMesos::start().await;
+    leader.require_auth("token=s3cret");
+    leader.set_script(fixture_lines("hello-overlay.json"));
+    let follower = FakeMesos::start().await;
+    follower.redirect_to(leader.addr);
+    let mut ctl = start_controller(&[follower.url()], Auth::Token("s3cret".into())).await;
+    let want = [
+        s(API, "80/tcp", &["10.0.0.49:19630 Active"]),
+        s(
+            "host-vip.hello-world.l4lb.thisdcos.directory",
+            "80/tcp",
+            &["10.0.0.49:4044 Active"],
+        ),
+        s(
+            "overlay-vip.hello-world.l4lb.thisdcos.directory",
+            "80/tcp",
+            &["9.0.2.3:4044 Active"],
+        ),
+    ];
+    let t = wait_table(&mut ctl.rx, |t| summary(t) == want).await;
+    assert_eq!(summary(&t), want);
+    assert_eq!(leader.subscribes.load(Ordering::SeqCst), 1);
+    assert_eq!(leader.unauthorized.load(Ordering::SeqCst), 0);
+    assert!(follower.redirects.load(Ordering::SeqCst) >= 1);
+    // The same through the API.
+    let vips: Vec<VipJson> = reqwest::get(format!("http://{}/v1/vips", ctl.api))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut names: Vec<_> = vips.iter().filter_map(|v| v.name.clone()).collect();
+    names.sort();
+    assert_eq!(names, want.iter().map(|w| w.0.clone()).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn wrong_credentials_are_refused_and_nothing_is_published() {
+    let leader = FakeMesos::start().await;
+    leader.require_auth("token=s3cret");
+    leader.set_script(fixture_lines("hello-overlay.json"));
+    leader.set_state(
+        std::fs::read_to_string(format!("{}/tcp-and-udp.json", mesos::FIXTURES)).unwrap(),
+    );
+    let ctl = start_controller(&[leader.url()], Auth::Token("wrong".into())).await;
+    wait_until("two refusals", || {
+        leader.unauthorized.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    assert_eq!(
+        ctl.rx.borrow().version,
+        0,
+        "no table from a master that refused us"
+    );
+}
+
+/// GET /v1/vips blocking on `index`.
+async fn blocking_vips(api: SocketAddr, index: u64) -> Vec<VipJson> {
+    reqwest::get(format!("http://{api}/v1/vips?index={index}&wait=10s"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_event_reaches_a_blocked_watcher_within_milliseconds() {
+    let lines = fixture_lines("hello-world.json");
+    let leader = FakeMesos::start().await;
+    leader.set_script(vec![lines[0].clone()]);
+    let mut ctl = start_controller(&[leader.url()], Auth::None).await;
+    let first = wait_table(&mut ctl.rx, |t| !t.vips.is_empty()).await;
+    assert_eq!(
+        summary(&first),
+        [s(API, "80/tcp", &["172.17.0.4:21872 Active"])]
+    );
+    let mut worst = Duration::ZERO;
+    // TASK_KILLING (draining), then TASK_KILLED (gone): each wakes the watcher.
+    let mut index = first.version;
+    for (line, want) in [(&lines[1], "Draining"), (&lines[2], "")] {
+        let api = ctl.api;
+        let watcher = tokio::spawn(async move { blocking_vips(api, index).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let sent = Instant::now();
+        leader.emit(line);
+        let vips = watcher.await.unwrap();
+        let took = sent.elapsed();
+        worst = worst.max(took);
+        let states: Vec<String> = vips
+            .iter()
+            .flat_map(|v| &v.backend)
+            .map(|b| format!("{:?}", b.state))
+            .collect();
+        if want.is_empty() {
+            assert!(vips.is_empty(), "{vips:?}");
+        } else {
+            assert_eq!(states, [want]);
+        }
+        index = ctl.rx.borrow().version;
+    }
+    eprintln!("event -> blocked watcher: worst {worst:?}");
+    assert!(worst < Duration::from_millis(250), "took {worst:?}");
+}
+
+#[tokio::test]
+async fn a_stream_dropped_mid_frame_reads_the_state_and_subscribes_again() {
+    let lines = fixture_lines("hello-world.json");
+    let leader = FakeMesos::start().await;
+    leader.set_script(vec![lines[0].clone()]);
+    leader.set_state(
+        std::fs::read_to_string(format!("{}/tcp-and-udp.json", mesos::FIXTURES)).unwrap(),
+    );
+    let mut ctl = start_controller(&[leader.url()], Auth::None).await;
+    wait_table(&mut ctl.rx, |t| !t.vips.is_empty()).await;
+    wait_until("the stream", || leader.open_streams() == 1).await;
+    leader.cut();
+    // The state is read at once, then the stream is opened again (its SUBSCRIBED wins).
+    wait_until("GET_STATE and a new SUBSCRIBE", || {
+        leader.get_states.load(Ordering::SeqCst) >= 1 && leader.open_streams() == 1
+    })
+    .await;
+    assert_eq!(leader.subscribes.load(Ordering::SeqCst), 2);
+    let t = wait_table(&mut ctl.rx, |t| {
+        summary(t) == [s(API, "80/tcp", &["172.17.0.4:21872 Active"])]
+    })
+    .await;
+    // Events flow on the new stream.
+    leader.emit(&lines[1]);
+    let t = wait_table(&mut ctl.rx, |n| n.version > t.version).await;
+    assert_eq!(
+        summary(&t),
+        [s(API, "80/tcp", &["172.17.0.4:21872 Draining"])]
+    );
+}
+
+#[tokio::test]
+async fn get_state_is_the_fallback_when_subscribe_is_refused() {
+    let leader = FakeMesos::start().await;
+    leader.refuse_subscribe(true);
+    leader.set_state(
+        std::fs::read_to_string(format!("{}/tcp-and-udp.json", mesos::FIXTURES)).unwrap(),
+    );
+    let mut ctl = start_controller(&[leader.url()], Auth::None).await;
+    let t = wait_table(&mut ctl.rx, |t| !t.vips.is_empty()).await;
+    assert_eq!(
+        summary(&t),
+        [
+            s(
+                "app.marathon.l4lb.thisdcos.directory",
+                "80/tcp",
+                &["172.17.0.3:6416 Active"]
+            ),
+            s(
+                "app.marathon.l4lb.thisdcos.directory",
+                "80/udp",
+                &["172.17.0.3:6416 Active"]
+            ),
+        ]
+    );
+    // It keeps trying to subscribe; once the master accepts, the stream takes over.
+    leader.set_script(fixture_lines("hello-overlay.json"));
+    leader.refuse_subscribe(false);
+    wait_table(&mut ctl.rx, |t| summary(t).iter().any(|v| v.0 == API)).await;
+    assert_eq!(leader.subscribes.load(Ordering::SeqCst), 1);
+}
