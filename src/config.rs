@@ -63,6 +63,8 @@ pub enum LogFormat {
     Json,
 }
 
+// Parsed once at start and matched once: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Watch Marathon (or an apps file), build the VIP table and serve it to agents.

@@ -285,3 +285,60 @@ async fn get_state_is_the_fallback_when_subscribe_is_refused() {
     wait_table(&mut ctl.rx, |t| summary(t).iter().any(|v| v.0 == API)).await;
     assert_eq!(leader.subscribes.load(Ordering::SeqCst), 1);
 }
+
+#[test]
+fn check_reads_a_get_state_file() {
+    let bin = env!("CARGO_BIN_EXE_l4lb");
+    let file = format!("{}/tcp-and-udp.json", mesos::FIXTURES);
+    let out = std::process::Command::new(bin)
+        .args(["check", "--mesos-state-file", &file])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let vips: Vec<VipJson> = serde_json::from_slice(&out.stdout).unwrap();
+    let got: Vec<(String, String)> = vips
+        .iter()
+        .map(|v| (v.vip.clone(), v.protocol.as_str().to_string()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                "app.marathon.l4lb.thisdcos.directory:80".to_string(),
+                "tcp".to_string()
+            ),
+            (
+                "app.marathon.l4lb.thisdcos.directory:80".to_string(),
+                "udp".to_string()
+            ),
+        ]
+    );
+    // A bad label is reported with its task and reason, and fails the check.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("state.json");
+    let body = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("/app:80", "/app:70000");
+    std::fs::write(&bad, body).unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["check", "--mesos-state-file", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("[bad_port]") && err.contains("app.80eefa01"),
+        "{err}"
+    );
+    // Not both files at once.
+    let out = std::process::Command::new(bin)
+        .args(["check", "--mesos-state-file", &file, "--apps-file", &file])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
