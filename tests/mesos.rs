@@ -342,3 +342,73 @@ fn check_reads_a_get_state_file() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+/// A child process killed on drop.
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn controller_binary_follows_mesos() {
+    use std::io::{BufRead, BufReader};
+    let leader = FakeMesos::start().await;
+    leader.set_script(fixture_lines("hello-overlay.json"));
+    let url = leader.url();
+    let (_proc, api) = tokio::task::spawn_blocking(move || {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_l4lb"))
+            .args(["controller", "--mesos", &url, "--api-listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let proc = Proc(child);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("addr=").nth(1)
+                    && line.contains("API listening")
+                {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
+                }
+            }
+        });
+        let addr: SocketAddr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("no API address logged")
+            .parse()
+            .unwrap();
+        (proc, addr)
+    })
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let vips: Vec<VipJson> = reqwest::get(format!("http://{api}/v1/vips"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut names: Vec<String> = vips.iter().filter_map(|v| v.name.clone()).collect();
+        names.sort();
+        if names
+            == [
+                API,
+                "host-vip.hello-world.l4lb.thisdcos.directory",
+                "overlay-vip.hello-world.l4lb.thisdcos.directory",
+            ]
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {names:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(leader.subscribes.load(Ordering::SeqCst), 1);
+}
