@@ -179,6 +179,49 @@ impl Publisher {
         .await?
     }
 
+    /// Replace every app and pod with those in `apps` and `pods` (a `/v2/pods/::status`
+    /// payload; `None`: a Marathon without pods).
+    pub async fn snapshot_with_pods(
+        &self,
+        apps: Vec<u8>,
+        pods: Option<Vec<u8>>,
+        changed_at_ms: u64,
+    ) -> Result<(), SourceError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let (mut contribs, mut bad) = contributions(&apps, &this.hosts)?;
+            if let Some(pods) = pods {
+                let (pods, bad_pods) = marathon::pods::parse_pods(&pods)?;
+                bad.extend(bad_pods);
+                contribs.extend(
+                    pods.iter()
+                        .map(|p| marathon::pods::pod_vips(p, &mut |h| this.hosts.resolve(h))),
+                );
+            }
+            for b in bad {
+                tracing::warn!(error = %b, "skipping an app or pod that does not parse");
+                this.metrics.sync_error("app_parse");
+            }
+            this.report_hosts(&contribs);
+            this.apply(changed_at_ms, |s| s.replace_all(contribs));
+            Ok(())
+        })
+        .await?
+    }
+
+    /// Replace one pod from a `/v2/pods/{id}::status` payload.
+    pub async fn pod(&self, body: Vec<u8>, changed_at_ms: u64) -> Result<(), SourceError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let pod = marathon::pods::parse_pod(&body)?;
+            let c = marathon::pods::pod_vips(&pod, &mut |h| this.hosts.resolve(h));
+            this.report_hosts(std::slice::from_ref(&c));
+            this.apply(changed_at_ms, |s| s.upsert(c));
+            Ok(())
+        })
+        .await?
+    }
+
     /// Replace one app from a `/v2/apps/{id}?embed=app.tasks` payload; `None` means the app
     /// is gone (404).
     pub async fn app(

@@ -206,6 +206,18 @@ impl Client {
         self.body(&format!("v2/apps/{id}?embed=app.tasks")).await
     }
 
+    /// `GET /v2/pods/::status`: every pod with its instances; `None` when this Marathon has
+    /// no pods API (404).
+    pub async fn pods(&self) -> Result<Option<Vec<u8>>, Error> {
+        self.body("v2/pods/::status").await
+    }
+
+    /// `GET /v2/pods/{id}::status`; `None` when the pod does not exist.
+    pub async fn pod(&self, id: &str) -> Result<Option<Vec<u8>>, Error> {
+        let id = id.trim_start_matches('/');
+        self.body(&format!("v2/pods/{id}::status")).await
+    }
+
     /// Open `GET /v2/events` filtered to the events that can change VIPs.
     pub async fn events(&self) -> Result<reqwest::Response, Error> {
         let q: Vec<String> = RELEVANT_EVENTS

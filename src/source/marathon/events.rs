@@ -98,6 +98,9 @@ pub const RELEVANT_EVENTS: &[&str] = &[
     "unhealthy_task_kill_event",
     "unhealthy_instance_kill_event",
     "group_change_success",
+    "pod_created_event",
+    "pod_updated_event",
+    "pod_deleted_event",
 ];
 
 /// What an event asks the controller to re-read.
@@ -134,6 +137,10 @@ pub fn invalidation(ev: &SseEvent) -> Invalidation {
             .map(str::to_string)
             .or_else(|| s("uri").and_then(|u| u.strip_prefix("/v2/apps").map(str::to_string))),
         "instance_changed_event" | "instance_health_changed_event" => s("runSpecId"),
+        // Pods share the apps' id space: the sync loop reads an id as an app, else as a pod.
+        k if k.starts_with("pod_") => {
+            s("uri").and_then(|u| u.strip_prefix("/v2/pods").map(str::to_string))
+        }
         "group_change_success" => return Invalidation::All,
         k if k.starts_with("deployment_") => {
             let apps: Vec<String> = v
@@ -227,7 +234,9 @@ mod tests {
         assert_eq!(seen["deployment_success"], Invalidation::All);
         assert_eq!(seen["group_change_success"], Invalidation::All);
         assert_eq!(seen["framework_message_event"], Invalidation::None);
-        assert_eq!(seen["pod_created_event"], Invalidation::None);
+        assert_eq!(seen["pod_created_event"], app("/my-pod"));
+        assert_eq!(seen["pod_updated_event"], app("/my-pod"));
+        assert_eq!(seen["pod_deleted_event"], app("/my-pod"));
         assert_eq!(seen["failed_health_check_event"], Invalidation::None);
         assert_eq!(seen.len(), 27);
     }

@@ -4,5 +4,6 @@
 
 pub mod client;
 pub mod events;
+pub mod pods;
 pub mod sync;
 pub mod types;

@@ -167,10 +167,25 @@ async fn take_snapshot(client: &Client, publisher: &Publisher, changed_at: u64) 
         }
     };
     m.request("apps", "ok");
-    publisher.snapshot(body, changed_at).await.map_err(|e| {
-        tracing::warn!(error = %e, "Marathon snapshot unusable; keeping the last good table");
-        m.sync_error("payload");
-    })
+    let pods = match client.pods().await {
+        Ok(p) => {
+            m.request("pods", "ok");
+            p
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "Marathon pods snapshot failed; keeping the last good table");
+            m.request("pods", "error");
+            m.sync_error(e.kind());
+            return Err(());
+        }
+    };
+    publisher
+        .snapshot_with_pods(body, pods, changed_at)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "Marathon snapshot unusable; keeping the last good table");
+            m.sync_error("payload");
+        })
 }
 
 async fn refresh_apps(
@@ -183,7 +198,7 @@ async fn refresh_apps(
     let m = publisher.metrics();
     let results: Vec<_> = futures::stream::iter(apps)
         .map(|id| async move {
-            let r = client.app(&id).await;
+            let r = read_app_or_pod(client, &id).await;
             (id, r)
         })
         .buffer_unordered(concurrency.max(1))
@@ -192,7 +207,15 @@ async fn refresh_apps(
     let mut ok = true;
     for (id, r) in results {
         match r {
-            Ok(body) => {
+            Ok(RunSpec::Pod(body)) => {
+                m.request("pod", "ok");
+                if let Err(e) = publisher.pod(body, changed_at).await {
+                    tracing::warn!(pod = %id, error = %e, "pod payload unusable; keeping its last good state");
+                    m.sync_error("payload");
+                    ok = false;
+                }
+            }
+            Ok(RunSpec::App(body)) => {
                 m.request("app", "ok");
                 if let Err(e) = publisher.app(id.clone(), body, changed_at).await {
                     tracing::warn!(app = %id, error = %e, "app payload unusable; keeping its last good state");
@@ -209,6 +232,23 @@ async fn refresh_apps(
         }
     }
     if ok { Ok(()) } else { Err(()) }
+}
+
+/// What an id names: an app (`None`: neither an app nor a pod, gone) or a pod.
+enum RunSpec {
+    App(Option<Vec<u8>>),
+    Pod(Vec<u8>),
+}
+
+/// Read `id` as an app; when no app has it, as a pod (ids are one namespace in Marathon).
+async fn read_app_or_pod(client: &Client, id: &str) -> Result<RunSpec, super::client::Error> {
+    match client.app(id).await? {
+        Some(body) => Ok(RunSpec::App(Some(body))),
+        None => Ok(match client.pod(id).await? {
+            Some(body) => RunSpec::Pod(body),
+            None => RunSpec::App(None),
+        }),
+    }
 }
 
 async fn stream_events(

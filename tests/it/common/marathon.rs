@@ -35,6 +35,8 @@ pub enum Fault {
 
 struct Inner {
     apps: BTreeMap<String, Value>,
+    /// Pod statuses (`/v2/pods/::status` items) by id.
+    pods: BTreeMap<String, Value>,
     fault: Fault,
 }
 
@@ -63,6 +65,7 @@ impl FakeMarathon {
             addr,
             inner: Arc::new(Mutex::new(Inner {
                 apps: BTreeMap::new(),
+                pods: BTreeMap::new(),
                 fault: Fault::None,
             })),
             events,
@@ -75,6 +78,7 @@ impl FakeMarathon {
             .route("/v2/apps", get(apps))
             .route("/v2/apps/{*id}", get(app))
             .route("/v2/events", get(events_stream))
+            .route("/v2/pods/{*rest}", get(pods))
             .with_state(fake.clone());
         let stop = fake.stop.clone();
         tokio::spawn(async move {
@@ -105,6 +109,16 @@ impl FakeMarathon {
 
     pub fn remove_app(&self, id: &str) {
         self.inner.lock().unwrap().apps.remove(id);
+    }
+
+    /// Add or replace a pod (a `PodStatus`, as `/v2/pods/{id}::status` answers).
+    pub fn put_pod(&self, pod: Value) {
+        let id = pod["id"].as_str().unwrap().to_string();
+        self.inner.lock().unwrap().pods.insert(id, pod);
+    }
+
+    pub fn remove_pod(&self, id: &str) {
+        self.inner.lock().unwrap().pods.remove(id);
     }
 
     pub fn app(&self, id: &str) -> Option<Value> {
@@ -218,6 +232,26 @@ async fn app(State(m): State<FakeMarathon>, Path(id): Path<String>) -> Response 
         None => (
             StatusCode::NOT_FOUND,
             json!({"message": format!("App '{id}' does not exist")}).to_string(),
+        )
+            .into_response(),
+    }
+}
+
+/// `/v2/pods/::status` (every pod) and `/v2/pods/{id}::status` (one).
+async fn pods(State(m): State<FakeMarathon>, Path(rest): Path<String>) -> Response {
+    let Some(id) = rest.trim_start_matches('/').strip_suffix("::status") else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    if id.is_empty() {
+        let pods: Vec<Value> = m.inner.lock().unwrap().pods.values().cloned().collect();
+        return faulty(&m, json!(pods)).await;
+    }
+    let pod = m.inner.lock().unwrap().pods.get(&format!("/{id}")).cloned();
+    match pod {
+        Some(p) => faulty(&m, p).await,
+        None => (
+            StatusCode::NOT_FOUND,
+            json!({"message": format!("Pod '/{id}' does not exist")}).to_string(),
         )
             .into_response(),
     }

@@ -1,0 +1,289 @@
+//! Marathon pods (`GET /v2/pods/::status`, `GET /v2/pods/{id}::status`): the VIP labels on
+//! `spec.containers[].endpoints[].labels`, and each instance's backends — the agent and the
+//! endpoint's allocated host port, or (container networking without a host port) each of the
+//! instance's addresses and the endpoint's container port. Pure, read leniently like apps.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::types::{Network, PayloadError};
+use crate::labels::{self, LabelError};
+use crate::model::{Backend, BackendState};
+use crate::source::build::{AppVips, Entry, Rejection, protocols};
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatus {
+    pub id: String,
+    #[serde(default)]
+    pub spec: PodSpec,
+    #[serde(default)]
+    pub instances: Vec<PodInstance>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSpec {
+    #[serde(default)]
+    pub containers: Vec<PodContainer>,
+    #[serde(default)]
+    pub networks: Vec<Network>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodContainer {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+    #[serde(default)]
+    pub health_check: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub container_port: Option<u32>,
+    #[serde(default)]
+    pub host_port: Option<u32>,
+    #[serde(default)]
+    pub protocol: Vec<String>,
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, Value>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodInstance {
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub agent_hostname: Option<String>,
+    #[serde(default)]
+    pub networks: Vec<InstanceNetwork>,
+    #[serde(default)]
+    pub containers: Vec<ContainerStatus>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceNetwork {
+    #[serde(default)]
+    pub addresses: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerStatus {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
+    pub endpoints: Vec<EndpointStatus>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointStatus {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub allocated_host_port: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub value: Option<String>,
+}
+
+/// Pods from a `GET /v2/pods/::status` body (a JSON array); a pod that does not parse is
+/// returned as an error string and skipped alone.
+pub fn parse_pods(body: &[u8]) -> Result<(Vec<PodStatus>, Vec<String>), PayloadError> {
+    let raw: Vec<Value> = serde_json::from_slice(body)?;
+    let mut pods = Vec::with_capacity(raw.len());
+    let mut bad = Vec::new();
+    for v in raw {
+        let id = v
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string();
+        match serde_json::from_value::<PodStatus>(v) {
+            Ok(p) => pods.push(p),
+            Err(e) => bad.push(format!("pod {id}: {e}")),
+        }
+    }
+    Ok((pods, bad))
+}
+
+/// One pod from a `GET /v2/pods/{id}::status` body.
+pub fn parse_pod(body: &[u8]) -> Result<PodStatus, PayloadError> {
+    Ok(serde_json::from_slice(body)?)
+}
+
+/// A pod container's state as a backend, as for app tasks: running and healthy (or without a
+/// health check) → active; running with a check not (yet) reported healthy, or killing →
+/// draining; anything else → none.
+fn container_state(spec: &PodContainer, status: &ContainerStatus) -> Option<BackendState> {
+    match status.status.as_deref() {
+        Some("TASK_RUNNING") => {
+            let healthy = status
+                .conditions
+                .iter()
+                .find(|c| c.name == "healthy")
+                .and_then(|c| c.value.as_deref());
+            match (spec.health_check.is_some(), healthy) {
+                (_, Some("false")) => Some(BackendState::Draining),
+                (true, Some("true")) | (false, _) => Some(BackendState::Active),
+                (true, _) => Some(BackendState::Draining),
+            }
+        }
+        Some("TASK_KILLING") => Some(BackendState::Draining),
+        _ => None,
+    }
+}
+
+/// What one pod contributes, keyed by its id like an app (Marathon's ids are one namespace).
+pub fn pod_vips(pod: &PodStatus, resolve: &mut dyn FnMut(&str) -> Option<IpAddr>) -> AppVips {
+    let mut out = AppVips {
+        app: pod.id.clone(),
+        ..AppVips::default()
+    };
+    let container_mode = pod
+        .spec
+        .networks
+        .first()
+        .is_some_and(|n| n.mode.as_deref() == Some("container"));
+    let pod_id: Arc<str> = pod.id.as_str().into();
+    // Each instance's agent address and own addresses, resolved once.
+    let mut hosts: BTreeMap<&str, Option<IpAddr>> = BTreeMap::new();
+    for i in &pod.instances {
+        if let Some(h) = i.agent_hostname.as_deref() {
+            hosts
+                .entry(h)
+                .or_insert_with(|| h.parse::<IpAddr>().ok().or_else(|| resolve(h)));
+        }
+    }
+    for (h, ip) in &hosts {
+        match ip {
+            Some(ip) => out.cluster_addrs.push(ip.to_canonical()),
+            None => out.unresolved_hosts.push(h.to_string()),
+        }
+    }
+    let instance_ips = |i: &PodInstance| -> Vec<IpAddr> {
+        i.networks
+            .iter()
+            .flat_map(|n| &n.addresses)
+            .filter_map(|a| a.parse::<IpAddr>().ok())
+            .map(|ip| ip.to_canonical())
+            .collect()
+    };
+    out.cluster_addrs
+        .extend(pod.instances.iter().flat_map(instance_ips));
+    let mut index = 0;
+    for c in &pod.spec.containers {
+        for ep in &c.endpoints {
+            let idx = index;
+            index += 1;
+            let Some(labels) = &ep.labels else { continue };
+            let proto = (!ep.protocol.is_empty()).then(|| ep.protocol.join(","));
+            for (key, value) in labels.iter().filter(|(k, _)| labels::is_vip_key(k)) {
+                let text = value
+                    .as_str()
+                    .map_or_else(|| value.to_string(), str::to_string);
+                let parsed = match value.as_str() {
+                    Some(v) => {
+                        protocols(proto.as_deref()).and_then(|ps| Ok((ps, labels::parse_value(v)?)))
+                    }
+                    None => Err(LabelError::NotAString(text.clone())),
+                };
+                let (protos, target) = match parsed {
+                    Ok(p) => p,
+                    Err(e) => {
+                        out.rejections
+                            .push(Rejection::new(&pod.id, idx, key, &text, &e));
+                        continue;
+                    }
+                };
+                let mut backends = Vec::new();
+                for inst in &pod.instances {
+                    let Some(status) = inst.containers.iter().find(|s| s.name == c.name) else {
+                        continue;
+                    };
+                    let Some(state) = container_state(c, status) else {
+                        continue;
+                    };
+                    let host_port = status
+                        .endpoints
+                        .iter()
+                        .find(|e| e.name == ep.name)
+                        .and_then(|e| e.allocated_host_port)
+                        .and_then(|p| u16::try_from(p).ok())
+                        .filter(|p| *p != 0);
+                    let host = inst
+                        .agent_hostname
+                        .as_deref()
+                        .and_then(|h| hosts.get(h).copied().flatten());
+                    let addrs: Vec<SocketAddr> = match (host_port, host) {
+                        (Some(p), Some(h)) => vec![SocketAddr::new(h, p)],
+                        (Some(_), None) => Vec::new(),
+                        (None, _) if container_mode => {
+                            let cport = ep
+                                .container_port
+                                .and_then(|p| u16::try_from(p).ok())
+                                .filter(|p| *p != 0);
+                            match cport {
+                                Some(cp) => instance_ips(inst)
+                                    .into_iter()
+                                    .map(|ip| SocketAddr::new(ip, cp))
+                                    .collect(),
+                                None => Vec::new(),
+                            }
+                        }
+                        (None, _) => Vec::new(),
+                    };
+                    for addr in addrs {
+                        out.cluster_addrs.push(addr.ip());
+                        backends.push(Backend {
+                            addr,
+                            state,
+                            app: Arc::clone(&pod_id),
+                            task: format!("{}.{}", inst.id, c.name).into(),
+                        });
+                    }
+                }
+                for protocol in protos {
+                    out.entries.push(Entry {
+                        target: target.clone(),
+                        protocol,
+                        backends: backends.clone(),
+                        port_index: idx,
+                        key: key.clone(),
+                        value: text.clone(),
+                    });
+                }
+            }
+        }
+    }
+    out.cluster_addrs.sort();
+    out.cluster_addrs.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests;

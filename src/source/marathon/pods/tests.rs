@@ -1,0 +1,102 @@
+use super::*;
+use crate::alloc::Allocator;
+use crate::labels::IpPolicy;
+use crate::source::build::assemble;
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/marathon");
+
+fn resolve(h: &str) -> Option<IpAddr> {
+    (h == "agent-1").then(|| "198.18.1.1".parse().unwrap())
+}
+
+#[test]
+fn pods_publish_endpoint_labels_with_each_instances_backends() {
+    let body = std::fs::read(format!("{FIXTURES}/l4lb-pods-status.json")).unwrap();
+    let (pods, bad) = parse_pods(&body).unwrap();
+    assert!(bad.is_empty(), "{bad:?}");
+    let contribs: Vec<AppVips> = pods.iter().map(|p| pod_vips(p, &mut resolve)).collect();
+    let mut alloc = Allocator::new(
+        "11.0.0.0/8".parse().unwrap(),
+        "fd01:c::/64".parse().unwrap(),
+    );
+    let b = assemble(&contribs, "marathon", &IpPolicy::default(), &mut alloc);
+    let mut got: Vec<(String, String, Vec<String>)> = b
+        .vips
+        .iter()
+        .map(|v| {
+            let name = v
+                .name
+                .as_ref()
+                .map_or_else(|| v.key.ip.to_string(), |n| n.fqdn());
+            let backends = v
+                .backends
+                .iter()
+                .map(|b| format!("{} {:?} {}", b.addr, b.state, b.task))
+                .collect();
+            (name, format!("{}/{}", v.key.port, v.key.protocol), backends)
+        })
+        .collect();
+    got.sort();
+    let s = |n: &str, p: &str, b: &[&str]| {
+        (
+            n.to_string(),
+            p.to_string(),
+            b.iter().map(|x| x.to_string()).collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(
+        got,
+        [
+            // container/bridge: the agent (resolved) and the allocated host port; killing drains.
+            s(
+                "198.18.5.53",
+                "53/tcp",
+                &["198.18.1.1:31053 Draining dns-pod.instance-1.dns"]
+            ),
+            s(
+                "198.18.5.53",
+                "53/udp",
+                &["198.18.1.1:31053 Draining dns-pod.instance-1.dns"]
+            ),
+            // Container networking: the instance address and the container port; a health
+            // check reported healthy → active, unhealthy or not yet reported → draining.
+            s(
+                "db.marathon.l4lb.thisdcos.directory",
+                "5432/tcp",
+                &[
+                    "9.0.1.5:5432 Active db-pod.instance-1.db",
+                    "9.0.1.6:5432 Draining db-pod.instance-2.db",
+                    "9.0.1.7:5432 Draining db-pod.instance-3.db"
+                ]
+            ),
+            // Host networking: the running instance's agent and allocated port; staging is none.
+            s(
+                "web-pod.marathon.l4lb.thisdcos.directory",
+                "80/tcp",
+                &["198.18.0.1:31001 Active web-pod.instance-1.web"]
+            ),
+        ]
+    );
+    let reasons: Vec<_> = b
+        .rejections
+        .iter()
+        .map(|r| (r.app.as_str(), r.key.as_str(), r.reason))
+        .collect();
+    assert_eq!(reasons, [("/dns-pod", "VIP_1", "bad_port")]);
+    // The single-pod answer parses the same way.
+    let one = serde_json::to_vec(&serde_json::from_slice::<Vec<Value>>(&body).unwrap()[1]).unwrap();
+    assert_eq!(
+        pod_vips(&parse_pod(&one).unwrap(), &mut resolve),
+        contribs[1]
+    );
+}
+
+#[test]
+fn broken_pods_are_skipped_alone() {
+    let (pods, bad) =
+        parse_pods(br#"[{"id":"/ok"},{"id":"/bad","spec":{"containers":"x"}},{"nope":1}]"#)
+            .unwrap();
+    assert_eq!(pods.len(), 1);
+    assert_eq!(bad.len(), 2);
+    assert!(parse_pods(b"{}").is_err());
+}

@@ -1,0 +1,112 @@
+//! Marathon pods against the fake Marathon: the snapshot reads `/v2/pods/::status`, a pod event
+//! re-reads that pod alone (`/v2/pods/{id}::status`), and a deleted pod's VIPs go.
+
+#[path = "common/marathon.rs"]
+mod marathon;
+
+use std::time::Duration;
+
+use l4lb::source::marathon::client::{Auth, Client};
+use l4lb::source::marathon::sync::{self, SyncConfig};
+use l4lb::source::metrics::SourceMetrics;
+use l4lb::source::state::BuildConfig;
+use l4lb::source::{Publisher, TableRx, table_channel};
+use marathon::FakeMarathon;
+use prometheus_client::registry::Registry;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+const FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/marathon/l4lb-pods-status.json"
+);
+
+fn start(url: String) -> (TableRx, CancellationToken) {
+    let mut reg = Registry::with_prefix("l4lb");
+    let (tx, rx) = table_channel();
+    let publisher = Publisher::new(BuildConfig::default(), tx, SourceMetrics::new(&mut reg));
+    let client = Client::new(
+        vec![url.parse().unwrap()],
+        Auth::None,
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let cfg = SyncConfig {
+        // No resync during the test: only events may change the table.
+        resync_interval: Duration::from_secs(3600),
+        backoff_min: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(200),
+        ..SyncConfig::default()
+    };
+    tokio::spawn(sync::run(client, publisher, cfg, shutdown.clone()));
+    (rx, shutdown)
+}
+
+/// Named VIPs and their backend counts, sorted.
+fn names(rx: &TableRx) -> Vec<(String, usize)> {
+    let t = rx.borrow();
+    let mut out: Vec<_> = t
+        .vips
+        .values()
+        .filter_map(|v| Some((v.name.as_ref()?.label.clone(), v.backends.len())))
+        .collect();
+    out.sort();
+    out
+}
+
+async fn wait_names(rx: &mut TableRx, want: &[(&str, usize)]) {
+    let want: Vec<(String, usize)> = want.iter().map(|(n, c)| (n.to_string(), *c)).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while names(rx) != want {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still {:?}, want {want:?}",
+            names(rx)
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(200), rx.changed()).await;
+    }
+}
+
+#[tokio::test]
+async fn pods_are_read_with_apps_and_followed_by_their_events() {
+    let fake = FakeMarathon::start().await;
+    let pods: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(FIXTURE).unwrap()).unwrap();
+    for p in &pods {
+        fake.put_pod(p.clone());
+    }
+    let (mut rx, shutdown) = start(fake.url());
+    wait_names(&mut rx, &[("db", 3), ("web-pod", 1)]).await;
+    wait_for_stream(&fake).await;
+    // The second instance of /web-pod starts running: an instance event re-reads the pod.
+    let mut web = pods[0].clone();
+    web["instances"][1]["containers"][0]["status"] = json!("TASK_RUNNING");
+    fake.put_pod(web);
+    fake.emit(
+        "instance_changed_event",
+        json!({"instanceId": "web-pod.instance-2", "condition": "Running", "runSpecId": "/web-pod",
+               "agentId": "S2", "host": "198.18.0.2", "runSpecVersion": "2026-11-29T10:00:00.000Z",
+               "timestamp": "2026-11-29T10:00:01.000Z", "eventType": "instance_changed_event"}),
+    );
+    wait_names(&mut rx, &[("db", 3), ("web-pod", 2)]).await;
+    // The db pod is deleted: its name goes.
+    fake.remove_pod("/db-pod");
+    fake.emit(
+        "pod_deleted_event",
+        json!({"clientIp": "198.18.0.9", "uri": "/v2/pods/db-pod", "eventType": "pod_deleted_event",
+               "timestamp": "2026-11-29T10:00:02.000Z"}),
+    );
+    wait_names(&mut rx, &[("web-pod", 2)]).await;
+    shutdown.cancel();
+}
+
+async fn wait_for_stream(fake: &FakeMarathon) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while fake.event_streams.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no event stream");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The stream is counted when requested; give it a moment to be attached.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
