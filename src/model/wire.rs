@@ -38,6 +38,10 @@ pub struct VipJson {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub framework: Option<String>,
     pub ip: IpAddr,
+    /// A named VIP's IPv6 address when it has one besides `ip` (extra field): `/v1/vips` lists
+    /// a name once per `vip` and `protocol`, as dcos-net does (see [`merge_families`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<IpAddr>,
     pub port: u16,
     pub backend: Vec<BackendJson>,
 }
@@ -70,6 +74,7 @@ impl VipJson {
             label: v.name.as_ref().map(|n| n.label.clone()),
             framework: v.name.as_ref().map(|n| n.framework.clone()),
             ip: v.key.ip,
+            ip6: None,
             port: v.key.port,
             backend: v
                 .backends
@@ -117,6 +122,67 @@ impl VipJson {
         v.normalize();
         v
     }
+
+    /// Back to its VIPs: one, or two for a named entry with `ip6`.
+    pub fn into_vips(mut self) -> Vec<Vip> {
+        match self.ip6.take() {
+            None => vec![self.into_vip()],
+            Some(ip6) => {
+                let mut six = self.clone();
+                six.ip = ip6;
+                vec![self.into_vip(), six.into_vip()]
+            }
+        }
+    }
+}
+
+/// One entry per `vip` and `protocol`: a named VIP's IPv4 and IPv6 entries (adjacent in API
+/// order) become one, `ip` the IPv4 address and `ip6` the IPv6 one. Their backends are the
+/// same set (both addresses forward to every backend); an agent's counters are summed per
+/// backend and `ejected` is true if either says so. IP VIPs are never merged.
+pub fn merge_families(list: Vec<VipJson>) -> Vec<VipJson> {
+    let mut out: Vec<VipJson> = Vec::with_capacity(list.len());
+    for j in list {
+        if let Some(prev) = out.last_mut()
+            && prev.name.is_some()
+            && prev.name == j.name
+            && prev.vip == j.vip
+            && prev.protocol == j.protocol
+            && prev.ip6.is_none()
+            && prev.ip.is_ipv4() != j.ip.is_ipv4()
+        {
+            if prev.ip.is_ipv6() {
+                prev.ip6 = Some(prev.ip);
+                prev.ip = j.ip;
+            } else {
+                prev.ip6 = Some(j.ip);
+            }
+            for b in j.backend {
+                match prev
+                    .backend
+                    .iter_mut()
+                    .find(|p| p.ip == b.ip && p.port == b.port)
+                {
+                    Some(p) => {
+                        let sum = |a: Option<u64>, b: Option<u64>| match (a, b) {
+                            (None, None) => None,
+                            (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+                        };
+                        p.connections = sum(p.connections, b.connections);
+                        p.bytes = sum(p.bytes, b.bytes);
+                        p.ejected = match (p.ejected, b.ejected) {
+                            (None, None) => None,
+                            (a, b) => Some(a.unwrap_or(false) || b.unwrap_or(false)),
+                        };
+                    }
+                    None => prev.backend.push(b),
+                }
+            }
+            continue;
+        }
+        out.push(j);
+    }
+    out
 }
 
 fn split_fqdn(fqdn: &str) -> Option<VipName> {
@@ -130,15 +196,17 @@ fn split_fqdn(fqdn: &str) -> Option<VipName> {
 
 /// The whole table in API order.
 pub fn table_to_json(t: &VipTable) -> Vec<VipJson> {
-    t.sorted_for_api()
-        .into_iter()
-        .map(|v| VipJson::from_vip(v))
-        .collect()
+    merge_families(
+        t.sorted_for_api()
+            .into_iter()
+            .map(|v| VipJson::from_vip(v))
+            .collect(),
+    )
 }
 
 /// Parse an API body back into a table with the given version.
 pub fn table_from_json(version: u64, vips: Vec<VipJson>) -> VipTable {
-    VipTable::new(version, vips.into_iter().map(VipJson::into_vip))
+    VipTable::new(version, vips.into_iter().flat_map(VipJson::into_vips))
 }
 
 /// A VIP's identity on the wire (for removals in a delta).
@@ -212,8 +280,7 @@ impl DeltaJson {
                 protocol: k.protocol,
             });
         }
-        for v in self.upsert {
-            let v = v.into_vip();
+        for v in self.upsert.into_iter().flat_map(VipJson::into_vips) {
             t.vips.insert(v.key, std::sync::Arc::new(v));
         }
         t
@@ -224,6 +291,94 @@ impl DeltaJson {
 mod tests {
     use super::*;
     use crate::model::test_util::*;
+
+    #[test]
+    fn a_dual_stack_name_is_listed_once_per_vip_and_protocol() {
+        let name = Some(VipName {
+            label: "db".into(),
+            framework: "cassandra".into(),
+        });
+        let backends = ["198.18.1.2:9042", "[fd00::2]:9042"];
+        let mut v4 = vip("11.1.2.3", 9042, &backends);
+        let mut v6 = vip("fd01:c::7", 9042, &backends);
+        v4.name = name.clone();
+        v6.name = name;
+        let t = VipTable::new(7, [v4, v6, vip("198.18.5.5", 80, &["198.18.1.3:31002"])]);
+        let json = table_to_json(&t);
+        let entries: Vec<String> = json
+            .iter()
+            .map(|j| {
+                format!(
+                    "{} {:?} {} {:?} {}",
+                    j.vip,
+                    j.name,
+                    j.ip,
+                    j.ip6,
+                    j.backend.len()
+                )
+            })
+            .collect();
+        assert_eq!(
+            entries,
+            [
+                "198.18.5.5:80 None 198.18.5.5 None 1",
+                "db.cassandra.l4lb.thisdcos.directory:9042 Some(\"db.cassandra.l4lb.thisdcos.directory\") 11.1.2.3 Some(fd01:c::7) 2",
+            ]
+        );
+        // An agent or a full delta reads both VIPs back.
+        let back = table_from_json(7, json);
+        assert!(back.same_content(&t));
+        let full = DeltaJson::between(None, &t).apply(&VipTable::default());
+        assert!(full.same_content(&t));
+    }
+
+    #[test]
+    fn agent_counters_of_both_families_are_summed() {
+        let entry = |ip: &str, conns: u64, ejected: bool| VipJson {
+            vip: "db.marathon.l4lb.thisdcos.directory:5432".into(),
+            protocol: crate::model::Protocol::Tcp,
+            name: Some("db.marathon.l4lb.thisdcos.directory".into()),
+            label: Some("db".into()),
+            framework: Some("marathon".into()),
+            ip: ip.parse().unwrap(),
+            ip6: None,
+            port: 5432,
+            backend: vec![BackendJson {
+                ip: "198.18.1.2".parse().unwrap(),
+                port: 5432,
+                state: BackendState::Active,
+                app: "/db".into(),
+                task: "db.1".into(),
+                connections: Some(conns),
+                bytes: Some(conns * 10),
+                ejected: Some(ejected),
+            }],
+        };
+        let merged = merge_families(vec![
+            entry("fd01:c::1", 2, false),
+            entry("11.0.0.1", 3, true),
+        ]);
+        assert_eq!(merged.len(), 1);
+        let m = &merged[0];
+        assert_eq!(
+            (m.ip.to_string(), m.ip6.map(|i| i.to_string())),
+            ("11.0.0.1".into(), Some("fd01:c::1".into()))
+        );
+        let b = &m.backend[0];
+        assert_eq!(
+            (b.connections, b.bytes, b.ejected),
+            (Some(5), Some(50), Some(true))
+        );
+        // Two IPv4 entries of one name (two ports share a `vip` string only if equal) stay apart.
+        assert_eq!(
+            merge_families(vec![
+                entry("11.0.0.1", 1, false),
+                entry("11.0.0.2", 1, false)
+            ])
+            .len(),
+            2
+        );
+    }
 
     #[test]
     fn roundtrip_named_and_ip() {
