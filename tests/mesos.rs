@@ -412,3 +412,50 @@ async fn controller_binary_follows_mesos() {
     }
     assert_eq!(leader.subscribes.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn a_new_leader_after_fail_over_is_found_through_the_configured_masters() {
+    let lines = fixture_lines("hello-world.json");
+    let a = FakeMesos::start().await;
+    a.set_script(vec![lines[0].clone()]);
+    let b = FakeMesos::start().await;
+    b.redirect_to(a.addr);
+    let mut ctl = start_controller(&[b.url()], Auth::None).await;
+    wait_table(&mut ctl.rx, |t| !t.vips.is_empty()).await;
+    assert_eq!(a.subscribes.load(Ordering::SeqCst), 1);
+    // The leader dies; the other master takes over with the state that has the task killing.
+    a.stop();
+    a.cut();
+    b.set_script(vec![lines[0].clone(), lines[1].clone()]);
+    b.lead();
+    let t = wait_table(&mut ctl.rx, |t| {
+        summary(t) == [s(API, "80/tcp", &["172.17.0.4:21872 Draining"])]
+    })
+    .await;
+    assert!(t.version > 0);
+    assert_eq!(b.subscribes.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_silent_stream_is_dropped_after_three_heartbeat_intervals() {
+    let lines = fixture_lines("hello-world.json");
+    // The master promises a heartbeat every 0.2 s and then sends nothing: after three intervals
+    // (at least a second) the stream counts as dead and is opened again.
+    let mut first: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    first["subscribed"]["heartbeat_interval_seconds"] = serde_json::json!(0.2);
+    let leader = FakeMesos::start().await;
+    leader.set_script(vec![first.to_string()]);
+    let started = Instant::now();
+    let mut ctl = start_controller(&[leader.url()], Auth::None).await;
+    wait_table(&mut ctl.rx, |t| !t.vips.is_empty()).await;
+    wait_until("a second subscription", || {
+        leader.subscribes.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    assert!(leader.get_states.load(Ordering::SeqCst) >= 1);
+}

@@ -125,6 +125,11 @@ impl FakeMesos {
         self.inner.lock().unwrap().leader = Some(leader);
     }
 
+    /// Lead from now on (stop redirecting).
+    pub fn lead(&self) {
+        self.inner.lock().unwrap().leader = None;
+    }
+
     pub fn require_auth(&self, value: &str) {
         self.inner.lock().unwrap().auth = Some(value.to_string());
     }
