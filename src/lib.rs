@@ -1,9 +1,10 @@
-//! l4lb: a Layer-4 virtual-IP load balancer for Marathon clusters, in the style of DC/OS's
-//! minuteman.
+//! l4lb: a Layer-4 virtual-IP load balancer for Marathon and Mesos clusters, in the style of
+//! DC/OS's minuteman.
 //!
 //! ```text
 //! Marathon ──REST snapshot + SSE──> source ──watch<Arc<VipTable>>──> agent ──> netif (addresses)
-//!   (or an apps file)             (controller)        │                    ├─> forward (TCP splice, UDP)
+//!   (or Mesos SUBSCRIBE,          (controller)        │                    ├─> forward (TCP splice, UDP)
+//!    or an apps file)                                 │                    │
 //!                                                     └──> api (/v1/vips)  └─> dns
 //! ```
 //!

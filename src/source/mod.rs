@@ -1,6 +1,7 @@
-//! Where VIP tables come from: Marathon (REST snapshot + SSE invalidation), a Marathon-shaped
-//! apps file, or, for agents, a controller's `/v1/vips` watch. Every source publishes whole
-//! tables on a `tokio::sync::watch` channel. Depends on `model`, never on `agent`.
+//! Where VIP tables come from: Marathon (REST snapshot + SSE invalidation, apps and pods), the
+//! Mesos master (operator API `SUBSCRIBE`), a Marathon-shaped apps file, or, for agents, a
+//! controller's `/v1/vips` watch. Every source publishes whole tables on a
+//! `tokio::sync::watch` channel. Depends on `model`, never on `agent`.
 
 pub mod build;
 pub mod controller;

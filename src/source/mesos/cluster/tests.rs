@@ -365,3 +365,150 @@ fn health_killing_and_legacy_task_labels() {
         ]
     );
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    /// One synthetic event over a small world (3 frameworks, 3 agents, 6 tasks, 3 names), so
+    /// that events collide: the same task added twice, updates of unknown tasks, agents and
+    /// frameworks leaving under their tasks.
+    #[derive(Debug, Clone)]
+    enum Ev {
+        Added {
+            task: u8,
+            fw: u8,
+            agent: u8,
+            name: u8,
+            container: bool,
+            v6: bool,
+        },
+        Updated {
+            task: u8,
+            fw: u8,
+            state: u8,
+            healthy: Option<bool>,
+        },
+        AgentAdded(u8),
+        AgentRemoved(u8),
+        FrameworkAdded {
+            fw: u8,
+            name: u8,
+        },
+        FrameworkRemoved(u8),
+        Subscribed,
+    }
+
+    fn arb_ev() -> impl Strategy<Value = Ev> {
+        prop_oneof![
+            4 => (0u8..6, 0u8..3, 0u8..3, 0u8..3, any::<bool>(), prop::bool::weighted(0.2))
+                .prop_map(|(task, fw, agent, name, container, v6)| Ev::Added { task, fw, agent, name, container, v6 }),
+            4 => (0u8..6, 0u8..3, 0u8..5, prop::option::of(any::<bool>()))
+                .prop_map(|(task, fw, state, healthy)| Ev::Updated { task, fw, state, healthy }),
+            1 => (0u8..3).prop_map(Ev::AgentAdded),
+            1 => (0u8..3).prop_map(Ev::AgentRemoved),
+            1 => (0u8..3, 0u8..2).prop_map(|(fw, name)| Ev::FrameworkAdded { fw, name }),
+            1 => (0u8..3).prop_map(Ev::FrameworkRemoved),
+            1 => Just(Ev::Subscribed),
+        ]
+    }
+
+    const STATES: [&str; 5] = [
+        "TASK_STAGING",
+        "TASK_RUNNING",
+        "TASK_KILLING",
+        "TASK_KILLED",
+        "TASK_UNREACHABLE",
+    ];
+
+    fn to_event(ev: &Ev) -> Event {
+        let v = match ev {
+            Ev::Added {
+                task,
+                fw,
+                agent,
+                name,
+                container,
+                v6,
+            } => {
+                let mut labels = vec![json!({"key": "VIP_0", "value": format!("/svc{name}:80")})];
+                if *container {
+                    labels.push(json!({"key": "network-scope", "value": "container"}));
+                }
+                let ip = if *v6 {
+                    format!("fd00::{task}")
+                } else {
+                    format!("198.18.9.{task}")
+                };
+                json!({"type": "TASK_ADDED", "task_added": {"task": {
+                    "name": format!("t{task}"), "task_id": {"value": format!("t{task}")},
+                    "framework_id": {"value": format!("f{fw}")}, "agent_id": {"value": format!("a{agent}")},
+                    "state": "TASK_RUNNING",
+                    "statuses": [{"state": "TASK_RUNNING", "container_status": {"network_infos": [{"ip_addresses": [{"ip_address": ip}]}]}}],
+                    "discovery": {"ports": {"ports": [{"number": 8000 + u32::from(*task), "protocol": "tcp", "labels": {"labels": labels}}]}}}}})
+            }
+            Ev::Updated {
+                task,
+                fw,
+                state,
+                healthy,
+            } => {
+                let mut status = json!({"task_id": {"value": format!("t{task}")}, "state": STATES[*state as usize]});
+                if let Some(h) = healthy {
+                    status["healthy"] = json!(h);
+                }
+                json!({"type": "TASK_UPDATED", "task_updated": {"framework_id": {"value": format!("f{fw}")},
+                       "state": STATES[*state as usize], "status": status}})
+            }
+            Ev::AgentAdded(a) => json!({"type": "AGENT_ADDED", "agent_added": {"agent": {
+                "agent_info": {"id": {"value": format!("a{a}")}, "hostname": format!("198.18.0.{a}")}}}}),
+            Ev::AgentRemoved(a) => {
+                json!({"type": "AGENT_REMOVED", "agent_removed": {"agent_id": {"value": format!("a{a}")}}})
+            }
+            Ev::FrameworkAdded { fw, name } => {
+                json!({"type": "FRAMEWORK_ADDED", "framework_added": {"framework": {
+                "framework_info": {"id": {"value": format!("f{fw}")}, "name": format!("Frame_{name}")}}}})
+            }
+            Ev::FrameworkRemoved(fw) => json!({"type": "FRAMEWORK_REMOVED", "framework_removed": {
+                "framework_info": {"id": {"value": format!("f{fw}")}, "name": "x"}}}),
+            // A fresh state with one agent and one framework, no tasks.
+            Ev::Subscribed => json!({"type": "SUBSCRIBED", "subscribed": {"get_state": {
+                "get_agents": {"agents": [{"agent_info": {"id": {"value": "a0"}, "hostname": "198.18.0.0"}}]},
+                "get_frameworks": {"frameworks": [{"framework_info": {"id": {"value": "f0"}, "name": "marathon"}}]}}}}),
+        };
+        serde_json::from_value(v).unwrap()
+    }
+
+    proptest! {
+        /// Whatever the events, publishing only the tasks each event names gives the table a
+        /// rebuild of every task from the final state gives.
+        #[test]
+        fn events_applied_incrementally_equal_a_full_rebuild(evs in prop::collection::vec(arb_ev(), 1..40)) {
+            let mut c = Cluster::default();
+            let cfg = BuildConfig { vip_cidr: "198.18.128.0/26".parse().unwrap(), ..BuildConfig::default() };
+            let mut inc = TableState::new(cfg.clone(), 1);
+            inc.rebuild(0);
+            for ev in &evs {
+                match c.apply(to_event(ev)).0 {
+                    Applied::Full => inc.replace_all(c.contributions(&mut no_dns)),
+                    Applied::Tasks(keys) => {
+                        for k in keys {
+                            match c.contribution(&k, &mut no_dns) {
+                                Some(a) => inc.upsert(a),
+                                None => inc.remove(&k),
+                            }
+                        }
+                    }
+                    Applied::Nothing => {}
+                }
+                inc.rebuild(0);
+                let mut full = TableState::new(cfg.clone(), 1);
+                full.replace_all(c.contributions(&mut no_dns));
+                full.rebuild(0);
+                prop_assert!(inc.current().same_content(full.current()),
+                    "after {:?}\nincremental {:?}\nfull {:?}", ev, inc.current().vips, full.current().vips);
+            }
+        }
+    }
+}
