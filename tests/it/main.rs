@@ -11,4 +11,6 @@ mod cli;
 mod cluster;
 mod controller;
 mod dns;
+mod mesos;
 mod netif;
+mod pods;

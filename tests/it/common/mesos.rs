@@ -3,7 +3,6 @@
 //! chunks, then whatever the test emits) and `GET_STATE`, serving the real payloads of
 //! `tests/fixtures/mesos/`. A master can stand in for a non-leader (307 to the leader), demand
 //! a token, refuse `SUBSCRIBE`, or drop its streams in the middle of a frame.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

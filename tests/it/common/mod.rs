@@ -1,5 +1,5 @@
 //! The integration tests' harness, shared by every module of the one test crate: a fake
-//! Marathon on the real payloads ([`marathon`]), small real backends ([`backends`]), child
+//! Marathon on the real payloads ([`marathon`]), a fake Mesos master ([`mesos`]), small real backends ([`backends`]), child
 //! processes killed by PID on drop ([`process`]), throw-away network namespaces ([`netns`]) and
 //! a whole cluster in them ([`cluster`]).
 
@@ -8,6 +8,7 @@ pub mod netns;
 pub mod backends;
 pub mod cluster;
 pub mod marathon;
+pub mod mesos;
 pub mod process;
 
 use std::time::{Duration, Instant};

@@ -3,14 +3,14 @@
 //! middle of a frame, `GET_STATE` as the fallback, and the latency from an event to a blocked
 //! `/v1/vips` watcher.
 
-#[path = "common/mesos.rs"]
-mod mesos;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use crate::common::BIN;
+use crate::common::mesos::{self, FakeMesos, fixture_lines};
+use crate::common::process::Proc;
 use l4lb::api::{self, ApiState, Readiness};
 use l4lb::model::VipTable;
 use l4lb::model::wire::VipJson;
@@ -20,7 +20,6 @@ use l4lb::source::mesos::sync::{self, SyncConfig};
 use l4lb::source::metrics::SourceMetrics;
 use l4lb::source::state::BuildConfig;
 use l4lb::source::{Publisher, TableRx, table_channel};
-use mesos::{FakeMesos, fixture_lines};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
@@ -288,7 +287,7 @@ async fn get_state_is_the_fallback_when_subscribe_is_refused() {
 
 #[test]
 fn check_reads_a_get_state_file() {
-    let bin = env!("CARGO_BIN_EXE_l4lb");
+    let bin = BIN;
     let file = format!("{}/tcp-and-udp.json", mesos::FIXTURES);
     let out = std::process::Command::new(bin)
         .args(["check", "--mesos-state-file", &file])
@@ -343,48 +342,17 @@ fn check_reads_a_get_state_file() {
     assert!(!out.status.success());
 }
 
-/// A child process killed on drop.
-struct Proc(std::process::Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test]
 async fn controller_binary_follows_mesos() {
-    use std::io::{BufRead, BufReader};
     let leader = FakeMesos::start().await;
     leader.set_script(fixture_lines("hello-overlay.json"));
     let url = leader.url();
     let (_proc, api) = tokio::task::spawn_blocking(move || {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_l4lb"))
-            .args(["controller", "--mesos", &url, "--api-listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "info")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let proc = Proc(child);
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("addr=").nth(1)
-                    && line.contains("API listening")
-                {
-                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
-                }
-            }
-        });
-        let addr: SocketAddr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("no API address logged")
-            .parse()
-            .unwrap();
-        (proc, addr)
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(["controller", "--mesos", &url, "--api-listen", "127.0.0.1:0"]);
+        let p = Proc::spawn("l4lb", cmd);
+        let addr: SocketAddr = p.log().addr("API listening", Duration::from_secs(20));
+        (p, addr)
     })
     .await
     .unwrap();

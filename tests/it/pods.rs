@@ -1,17 +1,14 @@
 //! Marathon pods against the fake Marathon: the snapshot reads `/v2/pods/::status`, a pod event
 //! re-reads that pod alone (`/v2/pods/{id}::status`), and a deleted pod's VIPs go.
 
-#[path = "common/marathon.rs"]
-mod marathon;
-
 use std::time::Duration;
 
+use crate::common::marathon::FakeMarathon;
 use l4lb::source::marathon::client::{Auth, Client};
 use l4lb::source::marathon::sync::{self, SyncConfig};
 use l4lb::source::metrics::SourceMetrics;
 use l4lb::source::state::BuildConfig;
 use l4lb::source::{Publisher, TableRx, table_channel};
-use marathon::FakeMarathon;
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
