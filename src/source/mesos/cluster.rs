@@ -32,7 +32,9 @@ struct TaskState {
     framework_id: String,
     agent_id: String,
     state: String,
-    /// The latest status's `healthy`; absent means healthy.
+    /// As dcos-net reads it: the newest status's `healthy`; without one, unhealthy when the
+    /// task has a health check (not yet reported) and unknown (served) when it has none. A
+    /// later status without `healthy` keeps the last answer.
     healthy: Option<bool>,
     /// From the latest status that reported container addresses.
     container_ips: Vec<IpAddr>,
@@ -71,7 +73,13 @@ fn container_ips(status: &Status) -> Vec<IpAddr> {
 }
 
 impl TaskState {
-    fn from_task(t: Task) -> Self {
+    fn from_task(mut t: Task) -> Self {
+        // Newest last (Mesos lists them in order; dcos-net sorts by timestamp, so do we).
+        t.statuses.sort_by(|a, b| {
+            a.timestamp
+                .unwrap_or(0.0)
+                .total_cmp(&b.timestamp.unwrap_or(0.0))
+        });
         let latest_ips = t
             .statuses
             .iter()
@@ -98,7 +106,11 @@ impl TaskState {
                 .state
                 .or_else(|| t.statuses.last().and_then(|s| s.state.clone()))
                 .unwrap_or_default(),
-            healthy: t.statuses.last().and_then(|s| s.healthy),
+            healthy: t
+                .statuses
+                .last()
+                .and_then(|s| s.healthy)
+                .or(t.health_check.is_some().then_some(false)),
             container_ips: latest_ips,
             ports: discovery
                 .ports
@@ -118,7 +130,7 @@ impl TaskState {
 
     fn backend_state(&self) -> Option<BackendState> {
         match self.state.as_str() {
-            // Absent `healthy` is healthy, as Mesos and dcos-net read it.
+            // Unknown health (no health check) is healthy, as Mesos and dcos-net read it.
             "TASK_RUNNING" if self.healthy != Some(false) => Some(BackendState::Active),
             "TASK_RUNNING" | "TASK_KILLING" => Some(BackendState::Draining),
             _ => None,
@@ -258,7 +270,9 @@ impl Cluster {
                             if let Some(s) = u.state.or_else(|| u.status.state.clone()) {
                                 t.state = s;
                             }
-                            t.healthy = u.status.healthy;
+                            if let Some(h) = u.status.healthy {
+                                t.healthy = Some(h);
+                            }
                             let ips = container_ips(&u.status);
                             if !ips.is_empty() {
                                 t.container_ips = ips;
@@ -366,7 +380,15 @@ impl Cluster {
             })
         };
         for (idx, (number, protocol, port_labels)) in t.ports.iter().enumerate() {
-            let container = port_labels.get("network-scope") == Some("container");
+            // As dcos-net: `network-scope: host` is the agent's port; `container`, and no
+            // scope at all, the task's own addresses (for a host-networked task Mesos reports
+            // the agent's). A task that reports none, without a scope: the agent.
+            let scope = port_labels.get("network-scope");
+            let container = match scope {
+                Some("container") => true,
+                Some("host") => false,
+                _ => !t.container_ips.is_empty(),
+            };
             for l in port_labels
                 .labels
                 .iter()

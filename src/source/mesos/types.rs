@@ -31,6 +31,9 @@ pub struct Task {
     pub labels: Option<Labels>,
     #[serde(default)]
     pub resources: Vec<Resource>,
+    /// Present when the task has a health check (its content is not read).
+    #[serde(default)]
+    pub health_check: Option<Value>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -43,6 +46,9 @@ pub struct Status {
     pub healthy: Option<bool>,
     #[serde(default)]
     pub container_status: Option<ContainerStatus>,
+    /// Seconds since the epoch; the newest status is the one that counts.
+    #[serde(default)]
+    pub timestamp: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -119,15 +119,15 @@ fn tcp_and_udp_ports_on_host_networking() {
 }
 
 #[test]
-fn a_task_without_a_health_result_is_served_and_container_scope_uses_its_ip() {
-    // The task has a health check but no status says `healthy`: served (absent = healthy),
-    // on its container address (network-scope container).
+fn a_task_whose_health_check_has_not_reported_drains_and_container_scope_uses_its_ip() {
+    // The task has a health check but no status says `healthy`: unhealthy, as dcos-net reads
+    // it (so draining), on its container address (network-scope container).
     assert_eq!(
         summary(&get_state("unhealthy.json")),
         [s(
             "foobar.marathon.l4lb.thisdcos.directory",
             "80/tcp",
-            &["9.0.1.6:80 Active"]
+            &["9.0.1.6:80 Draining"]
         )]
     );
 }
@@ -300,12 +300,17 @@ fn tasks_on_recovered_agents_are_served_after_a_master_fail_over() {
 
 #[test]
 fn health_killing_and_legacy_task_labels() {
-    let state = |healthy: &str, state: &str, labels: &str| {
+    let state_hc = |healthy: &str, state: &str, labels: &str, check: bool| {
+        let check = if check {
+            r#""health_check":{"type":"TCP"},"#
+        } else {
+            ""
+        };
         format!(
             r#"{{"type":"GET_STATE","get_state":{{
             "get_frameworks":{{"frameworks":[{{"framework_info":{{"id":{{"value":"f1"}},"name":"Data_Cassandra"}}}}]}},
             "get_agents":{{"agents":[{{"agent_info":{{"id":{{"value":"a1"}},"hostname":"node-1"}}}}]}},
-            "get_tasks":{{"tasks":[{{"name":"node-0","task_id":{{"value":"t1"}},"framework_id":{{"value":"f1"}},
+            "get_tasks":{{"tasks":[{{{check}"name":"node-0","task_id":{{"value":"t1"}},"framework_id":{{"value":"f1"}},
               "agent_id":{{"value":"a1"}},"state":"{state}",
               "statuses":[{{"state":"{state}"{healthy}}}],
               "resources":[{{"name":"ports","type":"RANGES","ranges":{{"range":[{{"begin":9042,"end":9043}}]}}}}],
@@ -314,6 +319,7 @@ fn health_killing_and_legacy_task_labels() {
                 "labels":{{"labels":[{{"key":"VIP_0","value":"node:9042"}}]}}}}]}}}}}}]}}}}}}"#
         )
     };
+    let state = |healthy: &str, st: &str, labels: &str| state_hc(healthy, st, labels, false);
     let build = |body: String| {
         let (c, _) =
             Cluster::from_state(super::super::types::parse_get_state(body.as_bytes()).unwrap());
@@ -344,6 +350,16 @@ fn health_killing_and_legacy_task_labels() {
     }
     let (t, _) = build(state("", "TASK_STAGING", ""));
     assert_eq!(t, [s(n, "9042/tcp", &[])]);
+    // With a health check: no answer yet is unhealthy (dcos-net), an answer counts.
+    for (healthy, want) in [
+        ("", "Draining"),
+        (r#","healthy":true"#, "Active"),
+        (r#","healthy":false"#, "Draining"),
+    ] {
+        let (t, _) = build(state_hc(healthy, "TASK_RUNNING", "", true));
+        let backend = format!("198.18.0.7:9042 {want}");
+        assert_eq!(t, [s(n, "9042/tcp", &[&backend])], "check, {healthy}");
+    }
     // Legacy task labels: the task's n-th port resource on the agent; bad ones rejected.
     let (t, r) = build(state(
         "",
@@ -511,4 +527,50 @@ mod properties {
             }
         }
     }
+}
+
+#[test]
+fn an_update_without_healthy_keeps_the_last_answer_and_scope_defaults_to_the_task_address() {
+    let ev = |v: serde_json::Value| -> Event { serde_json::from_value(v).unwrap() };
+    let mut c = Cluster::default();
+    c.apply(ev(serde_json::json!({"type": "SUBSCRIBED", "subscribed": {"get_state": {
+        "get_frameworks": {"frameworks": [{"framework_info": {"id": {"value": "f"}, "name": "svc"}}]},
+        "get_agents": {"agents": [{"agent_info": {"id": {"value": "a"}, "hostname": "198.18.0.1"}}]},
+        "get_tasks": {"tasks": [{"name": "t", "task_id": {"value": "t"}, "framework_id": {"value": "f"},
+            "agent_id": {"value": "a"}, "state": "TASK_RUNNING", "health_check": {"type": "HTTP"},
+            // Out of order: the newest (by timestamp) says healthy, on a container address.
+            "statuses": [
+                {"state": "TASK_RUNNING", "timestamp": 2.0, "healthy": true,
+                 "container_status": {"network_infos": [{"ip_addresses": [{"ip_address": "9.0.0.5"}]}]}},
+                {"state": "TASK_STARTING", "timestamp": 1.0}],
+            // No network-scope: the task's own address (dcos-net), not the agent's.
+            "discovery": {"ports": {"ports": [{"number": 80, "protocol": "tcp",
+                "labels": {"labels": [{"key": "VIP_0", "value": "web:80"}]}}]}}}]}}}})));
+    let backends = |c: &Cluster| {
+        let a = c.contribution("f/t", &mut no_dns).unwrap();
+        a.entries[0]
+            .backends
+            .iter()
+            .map(|b| format!("{} {:?}", b.addr, b.state))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(backends(&c), ["9.0.0.5:80 Active"]);
+    let update = |healthy: Option<bool>| {
+        let mut status = serde_json::json!({"task_id": {"value": "t"}, "state": "TASK_RUNNING"});
+        if let Some(h) = healthy {
+            status["healthy"] = serde_json::json!(h);
+        }
+        ev(serde_json::json!({"type": "TASK_UPDATED", "task_updated": {
+            "framework_id": {"value": "f"}, "state": "TASK_RUNNING", "status": status}}))
+    };
+    c.apply(update(Some(false)));
+    assert_eq!(backends(&c), ["9.0.0.5:80 Draining"]);
+    c.apply(update(None));
+    assert_eq!(
+        backends(&c),
+        ["9.0.0.5:80 Draining"],
+        "no answer keeps the last one"
+    );
+    c.apply(update(Some(true)));
+    assert_eq!(backends(&c), ["9.0.0.5:80 Active"]);
 }
