@@ -6,12 +6,12 @@
 //! synthesised `HINFO "RFC8482" ""`; ANY outside our zones is never forwarded and gets NOTIMP.
 //! Zone transfers (AXFR/IXFR) are REFUSED, as are classes other than IN inside the zones.
 
-use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, HINFO, SRV};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 
-use super::catalog::{Node, Snapshot, SrvTarget};
+use super::catalog::{NS_KEY, Node, Snapshot, SrvTarget};
 
 /// Largest UDP payload we advertise and send (DNS Flag Day 2020: no IP fragmentation).
 pub(crate) const MAX_UDP_PAYLOAD: u16 = 1232;
@@ -82,9 +82,11 @@ fn response_to(req: &Message, rcode: ResponseCode) -> Message {
     {
         resp.add_query(q.clone());
     }
-    if req.edns.is_some() {
+    if let Some(theirs) = &req.edns {
         let mut edns = Edns::new();
         edns.set_max_payload(MAX_UDP_PAYLOAD).set_version(0);
+        // RFC 3225 §3: the DO bit is copied into the response.
+        edns.flags_mut().dnssec_ok = theirs.flags().dnssec_ok;
         resp.set_edns(edns);
     }
     resp
@@ -139,7 +141,15 @@ pub(crate) fn respond(snap: &Snapshot, owned: Message, can_forward: bool) -> Out
             resp.add_answer(Record::from_rdata(qname.clone(), ttl, RData::HINFO(hinfo)));
         }
         (Node::Apex, RecordType::SOA) => resp.answers.push(echo(&zone.soa, qname)),
-        (Node::Apex, RecordType::NS) => resp.answers.push(echo(&zone.ns, qname)),
+        (Node::Apex, RecordType::NS) => {
+            resp.answers.push(echo(&zone.ns, qname));
+            // Glue: the nameserver's addresses, so a resolver priming the zone needs no
+            // second query.
+            if let Some(Node::Host { v4, v6 }) = snap.get(NS_KEY) {
+                let ns = zone.ns_name();
+                add_addresses(&mut resp.additionals, &ns, ttl, v4, v6);
+            }
+        }
         (Node::Host { v4, .. }, RecordType::A) => {
             add_addresses(&mut resp.answers, qname, ttl, v4, &[]);
         }
@@ -147,8 +157,9 @@ pub(crate) fn respond(snap: &Snapshot, owned: Message, can_forward: bool) -> Out
             add_addresses(&mut resp.answers, qname, ttl, &[], v6);
         }
         (Node::Srv(targets), RecordType::SRV) => {
-            let apex = zone_apex_of(q, zone_idx, snap);
-            add_srv(&mut resp, qname, apex, ttl, targets);
+            // Targets in the zone (alias) asked about, spelled canonically: not in the 0x20
+            // case of the question, which is the client's to check, not the target's.
+            add_srv(&mut resp, qname, zone.apex.clone(), ttl, targets);
         }
         _ => {}
     }
@@ -157,16 +168,6 @@ pub(crate) fn respond(snap: &Snapshot, owned: Message, can_forward: bool) -> Out
         resp.add_authority(zone.soa.clone());
     }
     Outcome::Reply(resp)
-}
-
-/// The zone apex as the client spelled it (the last labels of the query name), so SRV targets
-/// stay in the alias and case the client asked about.
-fn zone_apex_of(q: &Query, zone_idx: usize, snap: &Snapshot) -> Name {
-    let apex = &snap.zones[zone_idx].apex;
-    let n = apex.num_labels();
-    let mut name = q.name().trim_to(n as usize);
-    name.set_fqdn(true);
-    name
 }
 
 /// `rec` with `owner` as its name (echoes the query's case).
@@ -303,6 +304,10 @@ mod tests {
 
     fn catalog() -> DnsCatalog {
         let cat = DnsCatalog::new(&DnsConfig::default());
+        cat.set_nameservers(&[
+            "198.51.100.1".parse().expect("ip"),
+            "::1".parse().expect("ip"),
+        ]);
         let vips = [
             named("web", "11.0.0.1", 80, Protocol::Tcp),
             named("web", "11.0.0.1", 443, Protocol::Tcp),
@@ -346,7 +351,7 @@ mod tests {
         &'static [&'static str],
     );
 
-    const SOA_L4LB: &str = "l4lb.thisdcos.directory. 5 SOA ns.l4lb.thisdcos.directory. hostmaster.l4lb.thisdcos.directory. 2 60 30 86400 5";
+    const SOA_L4LB: &str = "l4lb.thisdcos.directory. 5 SOA ns.l4lb.thisdcos.directory. hostmaster.l4lb.thisdcos.directory. 3 60 30 86400 1";
 
     #[test]
     fn answers_table() {
@@ -401,9 +406,24 @@ mod tests {
             // Apex.
             ("l4lb.thisdcos.directory.", RecordType::SOA, ResponseCode::NoError, &[SOA_L4LB], &[], &[]),
             ("L4LB.thisdcos.directory.", RecordType::NS, ResponseCode::NoError,
-             &["L4LB.thisdcos.directory. 5 NS ns.l4lb.thisdcos.directory."], &[], &[]),
+             &["L4LB.thisdcos.directory. 3600 NS ns.l4lb.thisdcos.directory."], &[],
+             &["ns.l4lb.thisdcos.directory. 5 A 198.51.100.1", "ns.l4lb.thisdcos.directory. 5 AAAA ::1"]),
             ("dclb.thisdcos.directory.", RecordType::SOA, ResponseCode::NoError,
-             &["dclb.thisdcos.directory. 5 SOA ns.dclb.thisdcos.directory. hostmaster.dclb.thisdcos.directory. 2 60 30 86400 5"], &[], &[]),
+             &["dclb.thisdcos.directory. 5 SOA ns.dclb.thisdcos.directory. hostmaster.dclb.thisdcos.directory. 3 60 30 86400 1"], &[], &[]),
+            // The nameserver's own name, under every alias (BIND and unbound prime with it).
+            ("NS.l4lb.thisdcos.directory.", RecordType::A, ResponseCode::NoError,
+             &["NS.l4lb.thisdcos.directory. 5 A 198.51.100.1"], &[], &[]),
+            ("ns.dclb.thisdcos.global.", RecordType::AAAA, ResponseCode::NoError,
+             &["ns.dclb.thisdcos.global. 5 AAAA ::1"], &[], &[]),
+            ("ns.l4lb.thisdcos.directory.", RecordType::MX, ResponseCode::NoError,
+             &[], &[SOA_L4LB], &[]),
+            // SRV targets spelled canonically whatever the question's case (0x20).
+            ("_WEB._tcp.MARATHON.l4lb.THISDCOS.directory.", RecordType::SRV, ResponseCode::NoError,
+             &["_WEB._tcp.MARATHON.l4lb.THISDCOS.directory. 5 SRV 0 0 80 web.marathon.l4lb.thisdcos.directory.",
+               "_WEB._tcp.MARATHON.l4lb.THISDCOS.directory. 5 SRV 0 0 443 web.marathon.l4lb.thisdcos.directory."],
+             &[],
+             &["web.marathon.l4lb.thisdcos.directory. 5 A 11.0.0.1",
+               "web.marathon.l4lb.thisdcos.directory. 5 AAAA fd01:c::1"]),
             ("l4lb.thisdcos.directory.", RecordType::A, ResponseCode::NoError, &[], &[SOA_L4LB], &[]),
             // ANY: RFC 8482 HINFO for existing names, NODATA for empty non-terminals.
             ("web.marathon.l4lb.thisdcos.directory.", RecordType::ANY, ResponseCode::NoError,
@@ -506,6 +526,15 @@ mod tests {
                 .edns
                 .is_none()
         );
+        // RFC 3225: DO echoed, both ways.
+        for dnssec_ok in [false, true] {
+            let mut e = Edns::new();
+            e.flags_mut().dnssec_ok = dnssec_ok;
+            edns_req.set_edns(e);
+            let resp = reply(&snap, &edns_req, false);
+            let back = Message::from_vec(&encode(&resp, 512).expect("encodes")).expect("parses");
+            assert_eq!(back.edns.map(|e| e.flags().dnssec_ok), Some(dnssec_ok));
+        }
         e.set_version(1);
         edns_req.set_edns(e);
         let bytes = encode(&reply(&snap, &edns_req, false), 512).expect("encodes");

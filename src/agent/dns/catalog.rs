@@ -68,6 +68,9 @@ pub(crate) struct Snapshot {
     pub(crate) nodes: HashMap<Vec<u8>, Node>,
     pub(crate) ttl: u32,
     pub(crate) serial: u32,
+    /// The names published (hosts and SRV names, before the `ns` names and ancestors are
+    /// added), kept so a change of nameserver addresses rebuilds without the VIPs.
+    base: Arc<HashMap<Vec<u8>, Node>>,
     /// Pre-encoded answers for plain A/AAAA/SRV queries of every name under every zone.
     pub(crate) fast: FastTable,
 }
@@ -109,11 +112,8 @@ impl Snapshot {
         self.nodes.get(key)
     }
 
-    fn build(zone_names: &[Name], ttl: u32, serial: u32, vips: &[&Vip]) -> Snapshot {
-        let zones: Vec<Zone> = zone_names
-            .iter()
-            .map(|apex| make_zone(apex, ttl, serial))
-            .collect();
+    /// The host and SRV nodes of `vips` (relative keys), before `ns` names and ancestors.
+    fn collect(zone_names: &[Name], vips: &[&Vip]) -> HashMap<Vec<u8>, Node> {
         let mut hosts: HashMap<Vec<u8>, (Name, BTreeSet<IpAddr>)> = HashMap::new();
         // (srv key) -> (host key, port)
         let mut srvs: HashMap<Vec<u8>, BTreeSet<(Vec<u8>, u16)>> = HashMap::new();
@@ -153,18 +153,6 @@ impl Snapshot {
         }
 
         let mut nodes: HashMap<Vec<u8>, Node> = HashMap::new();
-        nodes.insert(Vec::new(), Node::Apex);
-        let split = |ips: &BTreeSet<IpAddr>| {
-            let mut v4 = Vec::new();
-            let mut v6 = Vec::new();
-            for ip in ips {
-                match ip {
-                    IpAddr::V4(a) => v4.push(*a),
-                    IpAddr::V6(a) => v6.push(*a),
-                }
-            }
-            (v4, v6)
-        };
         for (key, targets) in &srvs {
             let targets = targets
                 .iter()
@@ -185,6 +173,30 @@ impl Snapshot {
             let (v4, v6) = split(ips);
             nodes.insert(key.clone(), Node::Host { v4, v6 });
         }
+        nodes
+    }
+
+    /// The snapshot of `base` (see [`Snapshot::collect`]) with the `ns` name of every zone
+    /// answering `nameservers`, every empty non-terminal, and the fast path's answers.
+    fn build(
+        zone_names: &[Name],
+        ttl: u32,
+        serial: u32,
+        base: Arc<HashMap<Vec<u8>, Node>>,
+        nameservers: &[IpAddr],
+    ) -> Snapshot {
+        let zones: Vec<Zone> = zone_names
+            .iter()
+            .map(|apex| make_zone(apex, ttl, serial))
+            .collect();
+        let mut nodes = (*base).clone();
+        nodes.insert(Vec::new(), Node::Apex);
+        // `ns.<zone>`, the target of the zone's NS and SOA records: stock resolvers that prime
+        // the zone (BIND stub zones, unbound's stub-prime) need its address.
+        let mut ns = BTreeSet::new();
+        ns.extend(nameservers.iter().copied());
+        let (v4, v6) = split(&ns);
+        nodes.insert(NS_KEY.to_vec(), Node::Host { v4, v6 });
         // Every proper ancestor of a name is an empty non-terminal unless it holds records.
         let keys: Vec<Vec<u8>> = nodes.keys().cloned().collect();
         for k in keys {
@@ -205,9 +217,31 @@ impl Snapshot {
             nodes,
             ttl,
             serial,
+            base,
             fast,
         }
     }
+}
+
+/// The key of `ns` relative to a zone: the nameserver name of every zone.
+pub(crate) const NS_KEY: &[u8] = b"\x02ns";
+/// TTL of the zone's NS record (as dcos-net and minuteman: the nameserver set never changes).
+pub(crate) const NS_TTL: u32 = 3600;
+/// The SOA minimum, the negative-caching TTL (RFC 2308): 1 s as dcos-net and minuteman, so a
+/// name looked up just before its app starts is not hidden behind a cached NXDOMAIN.
+pub(crate) const NEGATIVE_TTL: u32 = 1;
+
+/// Addresses sorted and split by family.
+fn split(ips: &BTreeSet<IpAddr>) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for ip in ips {
+        match ip {
+            IpAddr::V4(a) => v4.push(*a),
+            IpAddr::V6(a) => v6.push(*a),
+        }
+    }
+    (v4, v6)
 }
 
 fn make_zone(apex: &Name, ttl: u32, serial: u32) -> Zone {
@@ -219,14 +253,23 @@ fn make_zone(apex: &Name, ttl: u32, serial: u32) -> Zone {
         .clone()
         .prepend_label("hostmaster")
         .unwrap_or_else(|_| apex.clone());
-    // Refresh/retry/expire are for secondaries (we have none); minimum is the negative-caching
-    // TTL, kept as short as the positive TTL so a new VIP is seen quickly.
-    let soa = SOA::new(ns_name.clone(), rname, serial, 60, 30, 86_400, ttl);
+    // Refresh/retry/expire are for secondaries and stub zones (which re-prime every refresh).
+    let soa = SOA::new(ns_name.clone(), rname, serial, 60, 30, 86_400, NEGATIVE_TTL);
     Zone {
         apex: apex.clone(),
         labels: apex.iter().map(|l| l.to_ascii_lowercase().into()).collect(),
         soa: Record::from_rdata(apex.clone(), ttl, RData::SOA(soa)),
-        ns: Record::from_rdata(apex.clone(), ttl, RData::NS(NS(ns_name))),
+        ns: Record::from_rdata(apex.clone(), NS_TTL, RData::NS(NS(ns_name))),
+    }
+}
+
+impl Zone {
+    /// `ns.<apex>`, the zone's nameserver.
+    pub(crate) fn ns_name(&self) -> Name {
+        match &self.ns.data {
+            RData::NS(NS(name)) => name.clone(),
+            _ => self.apex.clone(),
+        }
     }
 }
 
@@ -246,9 +289,9 @@ struct Inner {
     zone_names: Vec<Name>,
     ttl: u32,
     serial: AtomicU32,
-    /// Serialises publishers so serials and snapshots go out in the same order. Never taken on
-    /// the query path.
-    publish: Mutex<()>,
+    /// Serialises publishers so serials and snapshots go out in the same order, and holds the
+    /// addresses `ns.<zone>` answers. Never taken on the query path.
+    publish: Mutex<Vec<IpAddr>>,
 }
 
 /// The names served, swapped atomically with each table. Clone + Send + Sync; clones share
@@ -288,14 +331,14 @@ impl DnsCatalog {
         }
         zone_names.sort_by_key(|z| std::cmp::Reverse(z.num_labels()));
         let serial = 1;
-        let snap = Snapshot::build(&zone_names, cfg.ttl, serial, &[]);
+        let snap = Snapshot::build(&zone_names, cfg.ttl, serial, Arc::default(), &[]);
         DnsCatalog {
             inner: Arc::new(Inner {
                 current: ArcSwap::from_pointee(snap),
                 zone_names,
                 ttl: cfg.ttl,
                 serial: AtomicU32::new(serial),
-                publish: Mutex::new(()),
+                publish: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -305,17 +348,43 @@ impl DnsCatalog {
     /// the SOA serial.
     pub fn publish<'a>(&self, live: impl IntoIterator<Item = &'a Vip>) {
         let vips: Vec<&Vip> = live.into_iter().collect();
-        let _guard = self
+        let base = Arc::new(Snapshot::collect(&self.inner.zone_names, &vips));
+        self.swap(|_| base);
+    }
+
+    /// Answer `ns.<zone>` (the name the zones' NS and SOA records point at) with these
+    /// addresses, e.g. the addresses the server listens on. Bumps the SOA serial.
+    pub fn set_nameservers(&self, addrs: &[IpAddr]) {
+        let addrs = addrs.to_vec();
+        self.swap_with(Some(addrs), |snap| snap.base.clone());
+    }
+
+    fn swap(&self, base: impl FnOnce(&Snapshot) -> Arc<HashMap<Vec<u8>, Node>>) {
+        self.swap_with(None, base);
+    }
+
+    /// Build and store the next snapshot from the current one's `base` (mapped by `base`) and
+    /// the nameserver addresses (replaced when `nameservers` is given).
+    fn swap_with(
+        &self,
+        nameservers: Option<Vec<IpAddr>>,
+        base: impl FnOnce(&Snapshot) -> Arc<HashMap<Vec<u8>, Node>>,
+    ) {
+        let mut ns = self
             .inner
             .publish
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(addrs) = nameservers {
+            *ns = addrs;
+        }
         let serial = self
             .inner
             .serial
             .fetch_add(1, Ordering::Relaxed)
             .wrapping_add(1);
-        let snap = Snapshot::build(&self.inner.zone_names, self.inner.ttl, serial, &vips);
+        let base = base(&self.inner.current.load());
+        let snap = Snapshot::build(&self.inner.zone_names, self.inner.ttl, serial, base, &ns);
         self.inner.current.store(Arc::new(snap));
     }
 
@@ -372,8 +441,31 @@ mod tests {
         assert_eq!(s.get(&key("")), Some(&Node::Apex));
         assert_eq!(s.get(&key("x.api.hello-world.marathon")), None);
         assert_eq!(s.get(&key("_udp.marathon")), None);
-        // IP VIPs are not served; only names and their ancestors are.
-        assert_eq!(s.nodes.len(), 7);
+        // The nameserver's name: no addresses until the server sets them.
+        assert_eq!(
+            s.get(&key("ns")),
+            Some(&Node::Host {
+                v4: vec![],
+                v6: vec![]
+            })
+        );
+        // IP VIPs are not served; only names, their ancestors and `ns` are.
+        assert_eq!(s.nodes.len(), 8);
+        drop(s);
+        cat.set_nameservers(&["198.51.100.2".parse().expect("ip")]);
+        let s = cat.load();
+        assert_eq!(s.serial, 3);
+        assert!(
+            s.get(&key("api.hello-world.marathon")).is_some(),
+            "VIPs kept"
+        );
+        assert_eq!(
+            s.get(&key("ns")),
+            Some(&Node::Host {
+                v4: vec!["198.51.100.2".parse().expect("ip")],
+                v6: vec![]
+            })
+        );
     }
 
     #[test]
@@ -432,7 +524,7 @@ mod tests {
         assert!(s.get(&key("ok.marathon")).is_some());
         assert!(s.get(&key("_ok._udp.marathon")).is_some());
         assert!(
-            s.nodes.len() <= 6,
+            s.nodes.len() <= 7,
             "{:?}",
             s.nodes.keys().collect::<Vec<_>>()
         );

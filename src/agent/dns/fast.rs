@@ -27,14 +27,10 @@ const OPT_RR: [u8; 11] = {
 };
 
 /// One pre-encoded response for the lowercase query name with id 0, RD/CD/RA clear and no OPT.
+/// Names other than the question (SRV targets) are in their canonical, lowercase spelling.
 #[derive(Debug)]
 pub(crate) struct Prepared {
     bytes: Box<[u8]>,
-    /// Where the zone apex appears in `bytes` (SRV targets), to be overwritten with the apex as
-    /// the client spelled it.
-    apex_at: Box<[u16]>,
-    /// Wire length of the apex labels (no root byte).
-    apex_len: u8,
     /// Metrics slot of the query type.
     type_idx: u8,
 }
@@ -164,18 +160,14 @@ impl FastTable {
         out[..2].copy_from_slice(&header[..2]);
         out[2] |= header[2] & 0x01; // RD
         out[3] |= (header[3] & 0x10) | if ra { 0x80 } else { 0 }; // CD, RA
-        // The question as the client spelled it, and the apex in its case wherever it recurs.
-        let qname = &query[12..12 + name_len];
-        out[12..12 + name_len].copy_from_slice(qname);
-        let apex_len = p.apex_len as usize;
-        let apex = &qname[name_len - 1 - apex_len..name_len - 1];
-        for &at in &p.apex_at {
-            let at = at as usize;
-            out[at..at + apex_len].copy_from_slice(apex);
-        }
+        // The question as the client spelled it (answers own it through a pointer).
+        out[12..12 + name_len].copy_from_slice(&query[12..12 + name_len]);
         if arcount == 1 {
             out[11] += 1;
             out.extend_from_slice(&OPT_RR);
+            // RFC 3225 §3: the DO bit is copied from the query's OPT.
+            let last = out.len();
+            out[last - 4] |= query[query.len() - 4] & 0x80;
         }
         Some(Answered {
             len: out.len(),
@@ -229,20 +221,17 @@ fn addresses(qname: &[u8], ttl: u32, v4: &[Ipv4Addr], v6: &[Ipv6Addr], type_idx:
     add_addresses(&mut b, &[0xc0, 12], ttl, v4, v6);
     Prepared {
         bytes: b.into(),
-        apex_at: Box::new([]),
-        apex_len: 0,
         type_idx,
     }
 }
 
 /// SRV answers as `answer::add_srv` builds them: one per target, the target being the VIP
-/// name under the apex as the client spelled it; each target's addresses in additional,
-/// owned by a pointer to the target name of its first SRV record.
+/// name under the canonical apex of the zone asked about; each target's addresses in
+/// additional, owned by a pointer to the target name of its first SRV record.
 fn srv(qname: &[u8], apex: &[Box<[u8]>], ttl: u32, targets: &[SrvTarget]) -> Option<Prepared> {
-    let apex_len: usize = apex.iter().map(|l| l.len() + 1).sum();
     let mut answers = Vec::new();
     let mut additional = Vec::new();
-    let mut apex_at = Vec::new();
+    let mut n = 0;
     // The host whose addresses were added last (as `answer::add_srv` groups them).
     let mut last: Option<&hickory_proto::rr::Name> = None;
     let base = 12 + qname.len() + 4;
@@ -253,7 +242,6 @@ fn srv(qname: &[u8], apex: &[Box<[u8]>], ttl: u32, targets: &[SrvTarget]) -> Opt
             target.push(u8::try_from(label.len()).ok()?);
             target.extend_from_slice(label);
         }
-        let host_len = target.len();
         for label in apex {
             target.push(label.len() as u8);
             target.extend_from_slice(label);
@@ -268,7 +256,7 @@ fn srv(qname: &[u8], apex: &[Box<[u8]>], ttl: u32, targets: &[SrvTarget]) -> Opt
         let target_at = base + answers.len() + 18;
         rdata.extend_from_slice(&target);
         record(&mut answers, &[0xc0, 12], TYPE_SRV, ttl, &rdata);
-        apex_at.push(u16::try_from(target_at + host_len).ok()?);
+        n += 1;
         match last {
             Some(host) if *host == t.host => {}
             _ => {
@@ -280,7 +268,6 @@ fn srv(qname: &[u8], apex: &[Box<[u8]>], ttl: u32, targets: &[SrvTarget]) -> Opt
             }
         }
     }
-    let n = apex_at.len();
     if n == 0 {
         return None;
     }
@@ -291,8 +278,6 @@ fn srv(qname: &[u8], apex: &[Box<[u8]>], ttl: u32, targets: &[SrvTarget]) -> Opt
     }
     Some(Prepared {
         bytes: b.into(),
-        apex_at: apex_at.into(),
-        apex_len: u8::try_from(apex_len).ok()?,
         type_idx: super::TYPE_SRV_IDX,
     })
 }
@@ -569,13 +554,27 @@ mod tests {
                 1 => Just(RecordType::TXT),
             ],
             edns in proptest::option::of((any::<u16>(), any::<bool>())),
+            nameservers in proptest::collection::vec(
+                prop_oneof![
+                    (1u8..4).prop_map(|i| std::net::IpAddr::from([198, 51, 100, i])),
+                    Just(std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST)),
+                ],
+                0..3,
+            ),
             (id, rd, cd, ra) in (any::<u16>(), any::<bool>(), any::<bool>(), any::<bool>()),
         ) {
             let cat = DnsCatalog::new(&DnsConfig::default());
+            cat.set_nameservers(&nameservers);
             cat.publish(vips.iter());
             let snap = cat.load();
-            // Names that exist (hosts, SRV names), their ancestors, and ones that do not.
-            let mut names = vec!["nope.marathon".to_string(), "marathon".into(), String::new()];
+            // Names that exist (hosts, SRV names, the nameserver), their ancestors, and ones
+            // that do not.
+            let mut names = vec![
+                "nope.marathon".to_string(),
+                "marathon".into(),
+                String::new(),
+                "ns".into(),
+            ];
             for v in &vips {
                 let n = v.name.as_ref().expect("named");
                 let proto = match v.key.protocol {

@@ -3,7 +3,7 @@
 //! the caller bound, until the shutdown token is cancelled. Answers come from `answer`;
 //! forwarding from `forward`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,6 +87,11 @@ pub async fn serve_with_limits(
             "DNS: no UDP or TCP socket to serve on",
         ));
     }
+    catalog.set_nameservers(&nameservers(
+        udp.iter()
+            .filter_map(|s| s.local_addr().ok())
+            .chain(tcp.iter().filter_map(|l| l.local_addr().ok())),
+    ));
     let shared = Arc::new(Shared {
         catalog,
         forwarder: Forwarder::new(&cfg.upstreams, cfg.upstream_timeout),
@@ -128,6 +133,21 @@ pub async fn serve_with_limits(
     tracker.close();
     tracker.wait().await;
     Ok(())
+}
+
+/// The addresses `ns.<zone>` answers: the listen addresses, a wildcard one standing for the
+/// loopback address of its family (the one address it surely answers on from this host).
+fn nameservers(listen: impl Iterator<Item = SocketAddr>) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = listen
+        .map(|a| match a.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip.to_canonical(),
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// The result of processing one packet without I/O: bytes to send now, a query to forward,
