@@ -212,6 +212,39 @@ fn sync_removes_leftovers_and_clear_empties() {
 }
 
 #[test]
+fn kept_addresses_survive_sync_and_go_on_clear() {
+    skip_unless_root!();
+    let ns = NetNs::new("netifkeep");
+    ns.run(|| async {
+        let mut netif = Netif::open(LINK, InterfaceKind::Auto).await.expect("open");
+        // The DC/OS DNS addresses: installed at once and bindable on port 53.
+        netif
+            .keep(&["198.51.100.1".parse().expect("ip")])
+            .await
+            .expect("keep");
+        let sock = tokio::net::UdpSocket::bind("198.51.100.1:53")
+            .await
+            .expect("bind the kept address");
+        drop(sock);
+        let (added, removed) = netif.sync(&ips(&["198.18.6.1"])).await.expect("sync");
+        assert_eq!(added, vec!["198.18.6.1".parse::<IpAddr>().expect("ip")]);
+        assert!(removed.is_empty(), "{removed:?}");
+        let (_, removed) = netif.sync(&BTreeSet::new()).await.expect("sync");
+        assert_eq!(removed, vec!["198.18.6.1".parse::<IpAddr>().expect("ip")]);
+    });
+    assert_eq!(addrs_on(&ns, LINK), set(&["198.51.100.1/32"]));
+    ns.run(|| async {
+        let mut netif = Netif::open(LINK, InterfaceKind::Auto).await.expect("open");
+        netif
+            .keep(&["198.51.100.1".parse().expect("ip")])
+            .await
+            .expect("keep");
+        netif.clear().await.expect("clear");
+    });
+    assert!(addrs_on(&ns, LINK).is_empty());
+}
+
+#[test]
 fn ipv6_disabled_is_reported_and_does_not_block_ipv4() {
     skip_unless_root!();
     let ns = NetNs::new("netif");

@@ -6,6 +6,7 @@
 //! - `answer`: pure: parsed query + catalog snapshot → response (the reference path).
 //! - `fast`: answers pre-encoded at publish time for plain A/AAAA/SRV queries over UDP.
 //! - `forward`: upstream forwarding (two at once, TCP retry on truncation).
+//! - `resolv`: the host's resolv.conf: default upstreams, and managing it to point at l4lb.
 //! - `server`: the UDP/TCP I/O shells ([`serve`]).
 //!
 //! Depends on `model` only; knows nothing of `source`, `netif` or `forward` (the data plane).
@@ -14,6 +15,7 @@ mod answer;
 mod catalog;
 mod fast;
 mod forward;
+pub mod resolv;
 mod server;
 
 use std::net::SocketAddr;

@@ -125,6 +125,8 @@ struct Link {
 pub struct Netif {
     kind: InterfaceKind,
     link: Option<Link>,
+    /// Addresses kept on the link besides the VIPs (DNS listen addresses), see [`Netif::keep`].
+    kept: BTreeSet<IpAddr>,
     handle: Handle,
     conn: JoinHandle<()>,
 }
@@ -155,6 +157,7 @@ impl Netif {
         let mut me = Netif {
             kind,
             link: None,
+            kept: BTreeSet::new(),
             handle,
             conn,
         };
@@ -199,7 +202,27 @@ impl Netif {
     /// length). IPv6 link-local addresses the kernel put there are left alone. Returns
     /// `(added, removed)`. A no-op for `None`. `want` is expected to hold VIPs that passed the
     /// §3 checks (never link-local). On error every other change has still been attempted.
+    /// Addresses in [`Netif::keep`] are always wanted.
     pub async fn sync(
+        &self,
+        want: &BTreeSet<IpAddr>,
+    ) -> Result<(Vec<IpAddr>, Vec<IpAddr>), NetifError> {
+        if self.kept.is_subset(want) {
+            return self.sync_exact(want).await;
+        }
+        let want: BTreeSet<IpAddr> = want.union(&self.kept).copied().collect();
+        self.sync_exact(&want).await
+    }
+
+    /// Install `ips` now and keep them on the link through every [`Netif::sync`] until
+    /// [`Netif::clear`]: addresses of l4lb's own that are not VIPs, such as the DNS listen
+    /// addresses DC/OS used (198.51.100.1–3), which must be local before the DNS binds them.
+    pub async fn keep(&mut self, ips: &[IpAddr]) -> Result<(), NetifError> {
+        self.kept.extend(ips.iter().copied());
+        self.add(ips).await
+    }
+
+    async fn sync_exact(
         &self,
         want: &BTreeSet<IpAddr>,
     ) -> Result<(Vec<IpAddr>, Vec<IpAddr>), NetifError> {
@@ -291,9 +314,10 @@ impl Netif {
         Ok(out)
     }
 
-    /// Remove every VIP address from the link (shutdown); the link itself stays.
+    /// Remove every VIP address, and every kept one, from the link (shutdown); the link
+    /// itself stays.
     pub async fn clear(&self) -> Result<(), NetifError> {
-        self.sync(&BTreeSet::new()).await.map(drop)
+        self.sync_exact(&BTreeSet::new()).await.map(drop)
     }
 
     async fn find_link(&self, name: &str) -> Result<Option<LinkMessage>, NetifError> {
