@@ -16,9 +16,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::agent::dns::{DnsCatalog, DnsMetrics};
+use crate::agent::dns::{DnsCatalog, DnsMetrics, resolv};
 use crate::agent::forward::{ForwardMetrics, ForwardStats, Forwarder};
-use crate::agent::netif::{Netif, NetifError};
+use crate::agent::netif::{InterfaceKind, Netif, NetifError};
 use crate::agent::{Agent, AgentMetrics};
 use crate::api::{self, ApiState, BackendCounters, BackendStats, Readiness};
 use crate::config::{
@@ -429,6 +429,50 @@ fn dns_socket(addr: std::net::SocketAddr, ty: socket2::Type) -> std::io::Result<
     Ok(s)
 }
 
+/// Install the DNS listen addresses that are not this host's yet (the DC/OS ones,
+/// 198.51.100.1-3) on the VIP interface, kept there until shutdown, so they can be bound.
+async fn keep_dns_addresses(
+    netif: &mut Netif,
+    listen: &[std::net::SocketAddr],
+) -> Result<(), AppError> {
+    if netif.kind() == InterfaceKind::None {
+        return Ok(());
+    }
+    let host = netif
+        .host_addresses()
+        .await
+        .map_err(|e| anyhow::anyhow!("listing host addresses: {e}"))?;
+    let install = crate::agent::dns::addresses_to_install(listen, &host);
+    if !install.is_empty() {
+        netif
+            .keep(&install)
+            .await
+            .map_err(|e| anyhow::anyhow!("installing DNS listen addresses {install:?}: {e}"))?;
+        tracing::info!(addrs = ?install, "DNS listen addresses installed on the VIP interface");
+    }
+    Ok(())
+}
+
+/// The upstreams: `--dns-upstream` if given, else the nameservers the host's resolv.conf
+/// lists (`host`), never l4lb's own `listen` addresses.
+fn upstreams(
+    cfg: &NodeConfig,
+    host: Option<&resolv::ResolvConf>,
+    listen: &[std::net::SocketAddr],
+) -> Vec<std::net::SocketAddr> {
+    match host {
+        Some(conf) if cfg.dns.upstreams.is_empty() => {
+            for bad in &conf.skipped {
+                tracing::warn!(nameserver = %bad, "resolv.conf nameserver not used (not an address)");
+            }
+            let ups = resolv::upstreams(conf, listen);
+            tracing::info!(path = %cfg.resolv_conf.display(), upstreams = ?ups, "DNS upstreams from resolv.conf");
+            ups
+        }
+        _ => cfg.dns.upstreams.clone(),
+    }
+}
+
 /// Interface, DNS, forwarder and API around `tables`, until shutdown and the drain end.
 async fn node(
     mut tasks: Tasks,
@@ -439,17 +483,40 @@ async fn node(
     tables: TableRx,
     label_errors: Family<ReasonLabel, Counter>,
 ) -> Result<(), AppError> {
-    let catalog = DnsCatalog::new(&cfg.dns);
+    let mut netif = netif;
+    keep_dns_addresses(&mut netif, &cfg.dns_listen).await?;
     let mut udp = Vec::new();
     let mut tcp = Vec::new();
+    let mut listen = Vec::new();
     for addr in &cfg.dns_listen {
         let (u, t) = bind_dns(*addr).await?;
         if let Ok(a) = u.local_addr() {
             tracing::info!(addr = %a, "DNS listening");
+            listen.push(a);
         }
         udp.push(u);
         tcp.push(t);
     }
+    // Restores the file when dropped: on shutdown, and on any early return from here on.
+    let (managed, host_conf) = if cfg.manage_resolv_conf {
+        let (guard, original) = resolv::ManagedResolvConf::install(&cfg.resolv_conf, &listen)
+            .map_err(|e| anyhow::anyhow!("--dns-manage-resolv-conf: {e}"))?;
+        tracing::info!(path = %cfg.resolv_conf.display(), "resolv.conf points at l4lb");
+        (Some(guard), Some(original))
+    } else if cfg.dns.upstreams.is_empty() {
+        match resolv::read_host(&cfg.resolv_conf) {
+            Ok(c) => (None, Some(c)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no upstreams from resolv.conf; names outside the zones get REFUSED");
+                (None, None)
+            }
+        }
+    } else {
+        (None, None)
+    };
+    let mut dns_cfg = cfg.dns.clone();
+    dns_cfg.upstreams = upstreams(cfg, host_conf.as_ref(), &listen);
+    let catalog = DnsCatalog::new(&dns_cfg);
     let dns_metrics = DnsMetrics::new(&mut reg);
     let forward_metrics = ForwardMetrics::new(&mut reg);
     let agent_metrics = AgentMetrics::new(&mut reg, label_errors);
@@ -462,7 +529,6 @@ async fn node(
     let state = api_state(applied.clone(), reg, &ready, api_cfg)
         .with_stats(Arc::new(ForwardCounters(stats)));
     start_api(&mut tasks, api_cfg, state).await?;
-    let dns_cfg = cfg.dns.clone();
     let dns_stop = tasks.serving_stop.clone();
     tasks.spawn_serving(
         "DNS server",
@@ -486,6 +552,13 @@ async fn node(
     );
     tasks.until_shutdown().await;
     ready.mark_draining();
+    // The host's programs go back to their own resolvers before l4lb stops answering.
+    if let Some(guard) = managed {
+        match guard.restore() {
+            Ok(()) => tracing::info!("resolv.conf restored"),
+            Err(e) => tracing::error!(error = %e, "cannot restore resolv.conf"),
+        }
+    }
     // The agent's own drain is bounded by `grace`; give it a little more before aborting.
     tasks.drain(grace + Duration::from_secs(5)).await
 }

@@ -260,6 +260,14 @@ pub struct AgentArgs {
     /// Answer SERVFAIL when no upstream has answered within this long.
     #[arg(long, env = "L4LB_DNS_UPSTREAM_TIMEOUT", value_parser = parse_duration, default_value = "2s")]
     pub dns_upstream_timeout: Duration,
+    /// Without --dns-upstream, forward to the nameservers this file lists (l4lb's own
+    /// port-53 listen addresses excepted).
+    #[arg(long, env = "L4LB_DNS_RESOLV_CONF", default_value = "/etc/resolv.conf")]
+    pub dns_resolv_conf: PathBuf,
+    /// Point --dns-resolv-conf at l4lb's port-53 listen addresses while running (search and
+    /// options kept) and restore the original on exit.
+    #[arg(long, env = "L4LB_DNS_MANAGE_RESOLV_CONF")]
+    pub dns_manage_resolv_conf: bool,
     /// Give up on a backend connect after this long (counts against the backend).
     #[arg(long, env = "L4LB_CONNECT_TIMEOUT", value_parser = parse_duration, default_value = "1s")]
     pub connect_timeout: Duration,
@@ -513,6 +521,8 @@ impl AgentArgs {
             interface: self.interface.clone(),
             interface_kind: self.interface_kind,
             dns_listen: self.dns_listen.clone(),
+            resolv_conf: self.dns_resolv_conf.clone(),
+            manage_resolv_conf: self.dns_manage_resolv_conf,
             dns: DnsConfig {
                 zone: dns_zone(&self.zone)?,
                 ttl: self.dns_ttl,
@@ -644,6 +654,11 @@ pub struct NodeConfig {
     pub interface: String,
     pub interface_kind: InterfaceKind,
     pub dns_listen: Vec<SocketAddr>,
+    /// Without `dns.upstreams`, forward to this file's nameservers.
+    pub resolv_conf: PathBuf,
+    /// Point `resolv_conf` at the port-53 listen addresses while running.
+    pub manage_resolv_conf: bool,
+    /// `upstreams` empty: taken from `resolv_conf` at start.
     pub dns: DnsConfig,
     pub forward: ForwardConfig,
     pub shutdown_grace: Duration,

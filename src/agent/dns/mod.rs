@@ -18,7 +18,8 @@ mod forward;
 pub mod resolv;
 mod server;
 
-use std::net::SocketAddr;
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -52,6 +53,20 @@ impl Default for DnsConfig {
             upstream_timeout: Duration::from_secs(2),
         }
     }
+}
+
+/// The DNS listen addresses l4lb must install before binding them: specific addresses that
+/// are not loopback and not already on one of the host's interfaces (`host`), e.g. the
+/// DC/OS resolver addresses 198.51.100.1-3. Sorted, unique.
+pub fn addresses_to_install(listen: &[SocketAddr], host: &BTreeSet<IpAddr>) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = listen
+        .iter()
+        .map(|a| a.ip().to_canonical())
+        .filter(|ip| !ip.is_unspecified() && !ip.is_loopback() && !host.contains(ip))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Answer one query packet from the catalog alone, as the server would with no upstreams
@@ -232,6 +247,28 @@ mod tests {
             assert!(text.contains(want), "{want} missing from\n{text}");
         }
         assert_eq!(m.queries_with("A", "NOERROR"), 2);
+    }
+
+    #[test]
+    fn only_foreign_specific_listen_addresses_are_installed() {
+        let sa = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        let host: BTreeSet<IpAddr> = ["198.18.0.5".parse().expect("ip")].into();
+        let listen = [
+            sa("198.51.100.2:53"),
+            sa("198.51.100.1:53"),
+            sa("198.51.100.1:5454"),
+            sa("127.0.0.1:53"),
+            sa("0.0.0.0:53"),
+            sa("[::]:53"),
+            sa("[::1]:53"),
+            sa("198.18.0.5:53"),
+            sa("[fd00::53]:53"),
+        ];
+        assert_eq!(
+            addresses_to_install(&listen, &host),
+            ["198.51.100.1", "198.51.100.2", "fd00::53"].map(|s| s.parse::<IpAddr>().expect("ip"))
+        );
+        assert!(addresses_to_install(&[], &host).is_empty());
     }
 
     #[test]

@@ -166,8 +166,9 @@ pub fn render(listen: &[SocketAddr], original: &ResolvConf) -> Result<String, Re
     Ok(text)
 }
 
-/// A resolv.conf l4lb wrote; [`ManagedResolvConf::restore`] puts the original back (call it
-/// on exit; dropping without it leaves l4lb's file, which the next start recognises).
+/// A resolv.conf l4lb wrote; [`ManagedResolvConf::restore`] puts the original back, and so
+/// does dropping it (an early return, a panic). A process killed outright leaves l4lb's file,
+/// which the next start recognises.
 #[derive(Debug)]
 pub struct ManagedResolvConf {
     path: PathBuf,
@@ -175,6 +176,17 @@ pub struct ManagedResolvConf {
     /// The file could not be renamed (a bind mount, as in containers): it was rewritten in
     /// place and is restored the same way.
     in_place: bool,
+    restored: bool,
+}
+
+impl Drop for ManagedResolvConf {
+    fn drop(&mut self) {
+        if !self.restored
+            && let Err(e) = self.put_back()
+        {
+            tracing::error!(error = %e, "cannot restore resolv.conf");
+        }
+    }
 }
 
 impl ManagedResolvConf {
@@ -223,6 +235,7 @@ impl ManagedResolvConf {
                 path: path.into(),
                 backup,
                 in_place,
+                restored: false,
             },
             original,
         ))
@@ -230,7 +243,12 @@ impl ManagedResolvConf {
 
     /// Put the original back: move the backup over the file (or, in place, copy its content
     /// back and remove it).
-    pub fn restore(self) -> Result<(), ResolvError> {
+    pub fn restore(mut self) -> Result<(), ResolvError> {
+        self.restored = true;
+        self.put_back()
+    }
+
+    fn put_back(&self) -> Result<(), ResolvError> {
         if self.in_place {
             let orig = std::fs::read(&self.backup)
                 .map_err(|e| ResolvError::Read(self.backup.clone(), e))?;
@@ -408,10 +426,14 @@ garbage line here
         assert_eq!(std::fs::read_to_string(&path).expect("read"), orig);
         assert!(!backup_path(&path).exists());
 
-        // A run that never restored: its file and backup are there; the next run keeps the
-        // backup as the original and restores it.
+        // Dropped without restore(): restored all the same.
         let (guard, _) = ManagedResolvConf::install(&path, &listen).expect("install");
         drop(guard);
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), orig);
+        // A run killed outright: its file and backup are there; the next run keeps the
+        // backup as the original and restores it.
+        let (guard, _) = ManagedResolvConf::install(&path, &listen).expect("install");
+        std::mem::forget(guard);
         let (guard, original) = ManagedResolvConf::install(&path, &listen).expect("again");
         assert_eq!(original.nameservers, vec![sa("198.18.0.1:53")]);
         guard.restore().expect("restore");
