@@ -162,6 +162,42 @@ impl Vip {
     }
 }
 
+/// A port of a running task, for SRV task names: reachable at the task's host address.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TaskPort {
+    pub port: u16,
+    pub protocol: Protocol,
+    /// The port's name in the app definition, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// One running task, for task names (the Mesos-DNS job). Source-neutral: a Marathon app's
+/// task or a Mesos task.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub id: String,
+    /// The agent's address (`None` when its host name did not resolve).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<IpAddr>,
+    /// The task's own addresses (container networking), if any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub container: Vec<IpAddr>,
+    /// Host ports, in the app's port order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<TaskPort>,
+}
+
+/// The running tasks of one app (every app, labelled or not), sorted by id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct AppTasks {
+    /// The task name as Mesos knows it: Marathon names an app `/a/b/web`'s tasks `web.b.a`.
+    /// DNS mangles it into one label (`web-b-a`), as Mesos-DNS does.
+    pub name: String,
+    pub framework: String,
+    pub tasks: Vec<TaskRecord>,
+}
+
 /// An immutable, versioned VIP table. Cheap to clone (VIPs are shared `Arc`s), so a new table
 /// that differs in one VIP shares every other VIP with its predecessor.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -172,6 +208,8 @@ pub struct VipTable {
     /// seen at the source; used for the propagation-delay metric. 0 when unknown.
     pub changed_at_ms: u64,
     pub vips: BTreeMap<VipKey, Arc<Vip>>,
+    /// Running tasks per app (key: the app's id at its source, `/a/b/web`), for task names.
+    pub apps: BTreeMap<String, Arc<AppTasks>>,
 }
 
 impl VipTable {
@@ -187,7 +225,14 @@ impl VipTable {
             version,
             changed_at_ms: 0,
             vips,
+            apps: BTreeMap::new(),
         }
+    }
+
+    /// The same table with these apps' tasks.
+    pub fn with_apps(mut self, apps: impl IntoIterator<Item = (String, Arc<AppTasks>)>) -> Self {
+        self.apps = apps.into_iter().collect();
+        self
     }
 
     /// Same VIPs as `self` (by value), ignoring version and timestamps.
@@ -198,6 +243,7 @@ impl VipTable {
                 .iter()
                 .zip(other.vips.iter())
                 .all(|((ka, a), (kb, b))| ka == kb && (Arc::ptr_eq(a, b) || a == b))
+            && self.apps == other.apps
     }
 
     /// Reuse the `Arc` of every VIP that is unchanged from `prev`, so later diffs can skip it
@@ -208,6 +254,13 @@ impl VipTable {
                 && (Arc::ptr_eq(old, vip) || **old == **vip)
             {
                 *vip = Arc::clone(old);
+            }
+        }
+        for (app, tasks) in self.apps.iter_mut() {
+            if let Some(old) = prev.apps.get(app)
+                && (Arc::ptr_eq(old, tasks) || **old == **tasks)
+            {
+                *tasks = Arc::clone(old);
             }
         }
         self

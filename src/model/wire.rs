@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Backend, BackendState, Protocol, Vip, VipKey, VipName, VipTable};
+use super::{AppTasks, Backend, BackendState, Protocol, Vip, VipKey, VipName, VipTable};
 
 /// Table version header of `/v1/vips` answers (also the blocking-query index).
 pub const INDEX_HEADER: &str = "x-l4lb-index";
@@ -226,6 +226,31 @@ pub struct DeltaJson {
     pub full: bool,
     pub upsert: Vec<VipJson>,
     pub remove: Vec<KeyJson>,
+    /// Apps whose running tasks changed (all of them when `full`), for task names. Absent
+    /// when empty, so a delta without task changes reads as before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upsert_apps: Vec<AppTasksJson>,
+    /// Apps gone (no running task left, or removed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove_apps: Vec<String>,
+}
+
+/// One app's running tasks on the wire: its id beside the model's fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppTasksJson {
+    pub app: String,
+    #[serde(flatten)]
+    pub tasks: AppTasks,
+}
+
+fn apps_json<'a>(
+    apps: impl Iterator<Item = (&'a String, &'a std::sync::Arc<AppTasks>)>,
+) -> Vec<AppTasksJson> {
+    apps.map(|(app, t)| AppTasksJson {
+        app: app.clone(),
+        tasks: (**t).clone(),
+    })
+    .collect()
 }
 
 impl DeltaJson {
@@ -238,6 +263,8 @@ impl DeltaJson {
                 full: true,
                 upsert: table_to_json(new),
                 remove: Vec::new(),
+                upsert_apps: apps_json(new.apps.iter()),
+                remove_apps: Vec::new(),
             };
         };
         let d = super::diff(old, new);
@@ -257,19 +284,36 @@ impl DeltaJson {
                 protocol: k.protocol,
             })
             .collect();
+        let upsert_apps = apps_json(
+            new.apps
+                .iter()
+                .filter(|(app, t)| old.apps.get(*app) != Some(*t)),
+        );
+        let remove_apps = old
+            .apps
+            .keys()
+            .filter(|app| !new.apps.contains_key(*app))
+            .cloned()
+            .collect();
         DeltaJson {
             from: old.version,
             to: new.version,
             full: false,
             upsert,
             remove,
+            upsert_apps,
+            remove_apps,
         }
     }
 
     /// Apply to `base` (which must be version `from` unless `full`), giving version `to`.
     pub fn apply(self, base: &VipTable) -> VipTable {
+        let apps = self
+            .upsert_apps
+            .into_iter()
+            .map(|a| (a.app, std::sync::Arc::new(a.tasks)));
         if self.full {
-            return table_from_json(self.to, self.upsert);
+            return table_from_json(self.to, self.upsert).with_apps(apps);
         }
         let mut t = base.clone();
         t.version = self.to;
@@ -283,6 +327,10 @@ impl DeltaJson {
         for v in self.upsert.into_iter().flat_map(VipJson::into_vips) {
             t.vips.insert(v.key, std::sync::Arc::new(v));
         }
+        for app in self.remove_apps {
+            t.apps.remove(&app);
+        }
+        t.apps.extend(apps);
         t
     }
 }
@@ -291,6 +339,8 @@ impl DeltaJson {
 mod tests {
     use super::*;
     use crate::model::test_util::*;
+    use crate::model::{TaskPort, TaskRecord};
+    use std::sync::Arc;
 
     #[test]
     fn a_dual_stack_name_is_listed_once_per_vip_and_protocol() {
@@ -437,5 +487,108 @@ mod tests {
         let full = DeltaJson::between(None, &b);
         assert!(full.full);
         assert!(full.apply(&VipTable::default()).same_content(&b));
+        // Without task changes the delta has no task fields: old agents read it unchanged.
+        assert!(!json.contains("apps"), "{json}");
+    }
+
+    fn app_tasks(name: &str, hosts: &[&str]) -> Arc<AppTasks> {
+        Arc::new(AppTasks {
+            name: name.into(),
+            framework: "marathon".into(),
+            tasks: hosts
+                .iter()
+                .enumerate()
+                .map(|(i, h)| TaskRecord {
+                    id: format!("{name}.{i}"),
+                    host: Some(h.parse().unwrap()),
+                    container: vec![],
+                    ports: vec![TaskPort {
+                        port: 31000 + i as u16,
+                        protocol: Protocol::Tcp,
+                        name: Some("http".into()),
+                    }],
+                })
+                .collect(),
+        })
+    }
+
+    #[test]
+    fn deltas_carry_task_changes() {
+        let web = app_tasks("web", &["198.18.1.1", "198.18.1.2"]);
+        let a = VipTable::new(1, [vip("11.0.0.1", 80, &[])]).with_apps([
+            ("/web".to_string(), web.clone()),
+            ("/db".to_string(), app_tasks("db", &["198.18.1.3"])),
+        ]);
+        // Same VIPs; /web unchanged, /db gone, /cache new.
+        let b = VipTable::new(2, [vip("11.0.0.1", 80, &[])]).with_apps([
+            ("/web".to_string(), web),
+            (
+                "/cache".to_string(),
+                app_tasks("cache.group", &["198.18.1.4"]),
+            ),
+        ]);
+        assert!(!a.same_content(&b), "task changes are content");
+        let d = DeltaJson::between(Some(&a), &b);
+        assert!(d.upsert.is_empty() && d.remove.is_empty());
+        assert_eq!(d.remove_apps, vec!["/db".to_string()]);
+        assert_eq!(
+            d.upsert_apps
+                .iter()
+                .map(|a| a.app.as_str())
+                .collect::<Vec<_>>(),
+            vec!["/cache"]
+        );
+        let json = serde_json::to_string(&d).unwrap();
+        assert!(
+            json.contains(r#""app":"/cache","name":"cache.group","framework":"marathon""#),
+            "{json}"
+        );
+        let back: DeltaJson = serde_json::from_str(&json).unwrap();
+        assert!(back.apply(&a).same_content(&b));
+        let full: DeltaJson =
+            serde_json::from_str(&serde_json::to_string(&DeltaJson::between(None, &b)).unwrap())
+                .unwrap();
+        assert!(full.apply(&VipTable::default()).same_content(&b));
+    }
+
+    /// What task records add to the table an agent receives: 10,000 apps x 3 tasks with one
+    /// port each, as the full delta's JSON.
+    #[test]
+    fn task_records_size_for_10k_apps() {
+        let apps = (0..10_000u32).map(|i| {
+            let name = format!("app-{i:05}.group");
+            let t = Arc::new(AppTasks {
+                name: name.clone(),
+                framework: "marathon".into(),
+                tasks: (0..3u32)
+                    .map(|j| TaskRecord {
+                        id: format!(
+                            "group_app-{i:05}.{:08x}-1f2e-11ef-9a3b-0242ac110002",
+                            i * 3 + j
+                        ),
+                        host: Some(std::net::IpAddr::from([
+                            198,
+                            18,
+                            (j + 1) as u8,
+                            (i % 250) as u8,
+                        ])),
+                        container: vec![],
+                        ports: vec![TaskPort {
+                            port: 31000 + (i % 1000) as u16,
+                            protocol: Protocol::Tcp,
+                            name: None,
+                        }],
+                    })
+                    .collect(),
+            });
+            (format!("/group/app-{i:05}"), t)
+        });
+        let t = VipTable::default().with_apps(apps);
+        let bytes = serde_json::to_vec(&DeltaJson::between(None, &t))
+            .unwrap()
+            .len();
+        // Measured: 4,616,869 bytes (154 a task), sent once in full, then only changed apps.
+        assert!((4_000_000..6_500_000).contains(&bytes), "{bytes}");
+        eprintln!("task records, 10,000 apps x 3 tasks: {bytes} bytes of JSON");
     }
 }

@@ -13,7 +13,9 @@ use serde_json::Value;
 use super::marathon::types::{App, PortMapping, Task};
 use crate::alloc::{Allocator, Family};
 use crate::labels::{self, IpPolicy, LabelError, VipLabel};
-use crate::model::{Backend, BackendState, Protocol, Vip, VipKey, VipName};
+use crate::model::{
+    AppTasks, Backend, BackendState, Protocol, TaskPort, TaskRecord, Vip, VipKey, VipName,
+};
 
 /// A label that did not make it into the table, and why.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -69,6 +71,8 @@ pub struct AppVips {
     /// The framework part of this app's VIP names; `None`: the configured `--framework`
     /// (Marathon). The Mesos source sets each task's framework name, mangled.
     pub framework: Option<String>,
+    /// The app's running tasks, labelled ports or not (for task names), sorted by id.
+    pub tasks: Vec<TaskRecord>,
 }
 
 impl AppVips {
@@ -84,6 +88,92 @@ impl AppVips {
             framework: self.framework_or(default_framework).to_string(),
         }
     }
+}
+
+/// The Mesos task name Marathon gives an app's tasks: the id's path reversed, dot-joined
+/// (`/a/b/web` → `web.b.a`), which Mesos-DNS turns into the name `web-b-a.marathon.mesos`.
+pub fn task_name(app_id: &str) -> String {
+    let parts: Vec<&str> = app_id.split('/').filter(|p| !p.is_empty()).collect();
+    parts.into_iter().rev().collect::<Vec<_>>().join(".")
+}
+
+/// Every app's running tasks, keyed by app id (apps without one left out).
+pub fn app_tasks<'a>(
+    apps: impl IntoIterator<Item = &'a AppVips>,
+    framework: &str,
+) -> BTreeMap<String, Arc<AppTasks>> {
+    apps.into_iter()
+        .filter_map(|a| Some((a.app.clone(), tasks_of(a, framework)?)))
+        .collect()
+}
+
+/// One app's running tasks; `None` when it has none.
+pub fn tasks_of(a: &AppVips, framework: &str) -> Option<Arc<AppTasks>> {
+    (!a.tasks.is_empty()).then(|| {
+        Arc::new(AppTasks {
+            name: task_name(&a.app),
+            framework: a.framework_or(framework).to_string(),
+            tasks: a.tasks.clone(),
+        })
+    })
+}
+
+/// The running tasks of `app` (TASK_RUNNING, healthy or not: task names list every instance,
+/// as Mesos-DNS does) with their host, container addresses and host ports.
+fn running_tasks(
+    app: &App,
+    ports: &[Port<'_>],
+    hosts: &HashMap<&str, Option<IpAddr>>,
+) -> Vec<TaskRecord> {
+    let mut out: Vec<TaskRecord> = app
+        .tasks
+        .iter()
+        .flatten()
+        .filter(|t| t.state.as_deref() == Some("TASK_RUNNING"))
+        .map(|t| {
+            let host = t
+                .host
+                .as_deref()
+                .and_then(|h| hosts.get(h).copied().flatten());
+            let mut container: Vec<IpAddr> = t
+                .ip_addresses
+                .iter()
+                .flatten()
+                .filter_map(|a| a.ip_address.as_deref()?.parse::<IpAddr>().ok())
+                .map(|ip| ip.to_canonical())
+                .collect();
+            container.sort();
+            container.dedup();
+            let task_ports = t.ports.as_deref().unwrap_or_default();
+            let mut tp = Vec::new();
+            for p in ports {
+                let Some(port) = p
+                    .host_port_index
+                    .and_then(|i| task_ports.get(i))
+                    .and_then(|p| u16::try_from(*p).ok())
+                    .filter(|p| *p != 0)
+                else {
+                    continue;
+                };
+                for protocol in protocols(p.protocol).unwrap_or_default() {
+                    tp.push(TaskPort {
+                        port,
+                        protocol,
+                        name: p.name.map(str::to_string),
+                    });
+                }
+            }
+            TaskRecord {
+                id: t.id.clone(),
+                host,
+                container,
+                ports: tp,
+            }
+        })
+        .filter(|t| t.host.is_some() || !t.container.is_empty())
+        .collect();
+    out.sort();
+    out
 }
 
 /// How an app's tasks are reached.
@@ -117,6 +207,7 @@ fn mode(app: &App) -> Mode {
 /// A labelled port, whatever the networking mode.
 struct Port<'a> {
     protocol: Option<&'a str>,
+    name: Option<&'a str>,
     labels: Option<&'a BTreeMap<String, Value>>,
     mapping: Option<&'a PortMapping>,
     /// Index into `task.ports` of this port's host port, if it has one.
@@ -132,6 +223,7 @@ fn ports(app: &App, mode: Mode) -> Vec<Port<'_>> {
             .enumerate()
             .map(|(i, p)| Port {
                 protocol: p.protocol.as_deref(),
+                name: p.name.as_deref(),
                 labels: p.labels.as_ref(),
                 mapping: None,
                 host_port_index: Some(i),
@@ -162,6 +254,7 @@ fn ports(app: &App, mode: Mode) -> Vec<Port<'_>> {
             });
             Port {
                 protocol: m.protocol.as_deref(),
+                name: m.name.as_deref(),
                 labels: m.labels.as_ref(),
                 mapping: Some(m),
                 host_port_index,
@@ -282,7 +375,9 @@ pub fn app_vips(app: &App, resolve: &mut dyn FnMut(&str) -> Option<IpAddr>) -> A
             .filter_map(|a| a.ip_address.as_deref()?.parse::<IpAddr>().ok())
             .map(|ip| ip.to_canonical()),
     );
-    for (idx, port) in ports(app, mode).iter().enumerate() {
+    let app_ports = ports(app, mode);
+    out.tasks = running_tasks(app, &app_ports, &hosts);
+    for (idx, port) in app_ports.iter().enumerate() {
         let Some(labels) = port.labels else { continue };
         for (key, value) in labels.iter().filter(|(k, _)| labels::is_vip_key(k)) {
             let Some(value) = value.as_str() else {

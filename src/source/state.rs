@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use super::build::{AppVips, Rejection, assemble};
+use super::build::{AppVips, Rejection, app_tasks, assemble, tasks_of};
 use crate::alloc::{Allocator, Family};
 use crate::labels::{IpPolicy, VipLabel};
 use crate::model::{Backend, Protocol, Vip, VipKey, VipName, VipTable};
@@ -182,7 +182,8 @@ impl TableState {
         let now: BTreeSet<Rejection> = built.rejections.into_iter().collect();
         let new_rejections = now.difference(&self.rejections).cloned().collect();
         self.rejections = now;
-        let table = VipTable::new(0, built.vips);
+        let table = VipTable::new(0, built.vips)
+            .with_apps(app_tasks(self.apps.values(), &self.cfg.framework));
         self.index = self.reindex(&table);
         (table, new_rejections)
     }
@@ -335,6 +336,18 @@ impl TableState {
             }
             self.index.label_keys.insert(name.clone(), keys);
         }
+        // Task records: only the changed apps are recomputed.
+        let mut apps = self.current.apps.clone();
+        for (old, new) in &changes {
+            if let Some(old) = old {
+                apps.remove(&old.app);
+            }
+            if let Some(new) = new
+                && let Some(t) = tasks_of(new, &self.cfg.framework)
+            {
+                apps.insert(new.app.clone(), t);
+            }
+        }
         let mut new_rejections = Vec::new();
         for (old, new) in changes {
             // New means not there before, as on the full path: an app that changed but kept
@@ -354,6 +367,7 @@ impl TableState {
                 version: 0,
                 changed_at_ms: 0,
                 vips,
+                apps,
             },
             new_rejections,
         ))

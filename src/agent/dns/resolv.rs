@@ -208,14 +208,12 @@ impl ManagedResolvConf {
             PathBuf::from(p)
         };
         let mut in_place = false;
-        if !have_backup {
-            if let Err(e) = std::fs::rename(path, &backup) {
-                // EBUSY (a bind mount) or EXDEV: keep a copy, rewrite in place.
-                tracing::debug!(error = %e, "cannot move resolv.conf aside; copying it");
-                let orig = std::fs::read(path).map_err(|e| ResolvError::Read(path.into(), e))?;
-                std::fs::write(&backup, orig).map_err(|e| ResolvError::Write(backup.clone(), e))?;
-                in_place = true;
-            }
+        if !have_backup && let Err(e) = std::fs::rename(path, &backup) {
+            // EBUSY (a bind mount) or EXDEV: keep a copy, rewrite in place.
+            tracing::debug!(error = %e, "cannot move resolv.conf aside; copying it");
+            let orig = std::fs::read(path).map_err(|e| ResolvError::Read(path.into(), e))?;
+            std::fs::write(&backup, orig).map_err(|e| ResolvError::Write(backup.clone(), e))?;
+            in_place = true;
         }
         let written = if in_place {
             std::fs::write(path, &text)

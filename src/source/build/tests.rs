@@ -732,3 +732,85 @@ fn apps_of_other_frameworks_get_their_own_names() {
     );
     assert_ne!(b.vips[0].key.ip, b.vips[1].key.ip);
 }
+
+#[test]
+fn running_tasks_of_every_app_become_task_records() {
+    let body = serde_json::to_vec(&json!({"apps": [
+        {"id": "/a/b/web",
+         "portDefinitions": [
+            {"port": 0, "protocol": "udp,tcp", "name": "dns"},
+            {"port": 0, "name": "http", "labels": {"VIP_0": "/web:80"}}],
+         "tasks": [
+            task("a_b_web.2", "agent-1", &[31002, 31003], "TASK_RUNNING"),
+            task("a_b_web.1", "198.18.1.2", &[31000, 31001], "TASK_RUNNING"),
+            task("a_b_web.3", "198.18.1.3", &[31004, 31005], "TASK_STAGING"),
+            task("a_b_web.4", "198.18.1.4", &[31006, 31007], "TASK_KILLING"),
+            task("a_b_web.5", "nowhere", &[31008, 31009], "TASK_RUNNING")]},
+        {"id": "/db",
+         "container": {"type": "DOCKER", "portMappings": [
+            {"containerPort": 5432, "name": "pg"},
+            {"containerPort": 9187, "hostPort": 0, "protocol": "tcp", "name": "metrics"}]},
+         "networks": [{"mode": "container", "name": "overlay"}],
+         "tasks": [{"id": "db.1", "host": "198.18.1.5", "ports": [31010], "state": "TASK_RUNNING",
+                    "ipAddresses": [{"ipAddress": "9.0.0.7", "protocol": "IPv4"},
+                                    {"ipAddress": "fd00::7", "protocol": "IPv6"}]}]},
+        {"id": "/idle", "tasks": []}
+    ]}))
+    .unwrap();
+    let (apps, bad) = parse_apps(&body).unwrap();
+    assert!(bad.is_empty(), "{bad:?}");
+    let mut r = resolver();
+    let contribs: Vec<AppVips> = apps.iter().map(|a| app_vips(a, &mut r)).collect();
+    let tasks = app_tasks(&contribs, "marathon");
+    assert_eq!(tasks.keys().collect::<Vec<_>>(), ["/a/b/web", "/db"]);
+    let port = |port, protocol, name: &str| TaskPort {
+        port,
+        protocol,
+        name: Some(name.into()),
+    };
+    let web = &tasks["/a/b/web"];
+    assert_eq!(
+        (web.name.as_str(), web.framework.as_str()),
+        ("web.b.a", "marathon")
+    );
+    // Running only (staging and killing are not instances to list), sorted by id; an
+    // unresolvable host leaves the task out; "udp,tcp" is two ports.
+    assert_eq!(
+        web.tasks,
+        vec![
+            TaskRecord {
+                id: "a_b_web.1".into(),
+                host: Some("198.18.1.2".parse().unwrap()),
+                container: vec![],
+                ports: vec![
+                    port(31000, Protocol::Udp, "dns"),
+                    port(31000, Protocol::Tcp, "dns"),
+                    port(31001, Protocol::Tcp, "http"),
+                ],
+            },
+            TaskRecord {
+                id: "a_b_web.2".into(),
+                host: Some("198.18.1.1".parse().unwrap()),
+                container: vec![],
+                ports: vec![
+                    port(31002, Protocol::Udp, "dns"),
+                    port(31002, Protocol::Tcp, "dns"),
+                    port(31003, Protocol::Tcp, "http"),
+                ],
+            },
+        ]
+    );
+    // Container networking: container addresses, and only the mapping with a host port.
+    assert_eq!(
+        tasks["/db"].tasks,
+        vec![TaskRecord {
+            id: "db.1".into(),
+            host: Some("198.18.1.5".parse().unwrap()),
+            container: vec!["9.0.0.7".parse().unwrap(), "fd00::7".parse().unwrap()],
+            ports: vec![port(31010, Protocol::Tcp, "metrics")],
+        }]
+    );
+    assert_eq!(task_name("/"), "");
+    assert_eq!(task_name("web"), "web");
+    assert_eq!(task_name("/x/y/z/"), "z.y.x");
+}

@@ -31,6 +31,8 @@ pub struct PortDefinition {
     #[serde(default)]
     pub port: Option<u32>,
     #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
     pub protocol: Option<String>,
     #[serde(default)]
     pub labels: Option<BTreeMap<String, Value>>,
@@ -63,6 +65,8 @@ pub struct PortMapping {
     pub container_port: Option<u32>,
     #[serde(default)]
     pub host_port: Option<u32>,
+    #[serde(default)]
+    pub name: Option<String>,
     #[serde(default)]
     pub protocol: Option<String>,
     #[serde(default)]
