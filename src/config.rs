@@ -268,6 +268,10 @@ pub struct AgentArgs {
     /// options kept) and restore the original on exit.
     #[arg(long, env = "L4LB_DNS_MANAGE_RESOLV_CONF")]
     pub dns_manage_resolv_conf: bool,
+    /// Do not answer task names under `.mesos`; forward them like other names (to a
+    /// Mesos-DNS the cluster keeps). The DC/OS task zones are answered either way.
+    #[arg(long, env = "L4LB_DNS_FORWARD_MESOS")]
+    pub dns_forward_mesos: bool,
     /// Give up on a backend connect after this long (counts against the backend).
     #[arg(long, env = "L4LB_CONNECT_TIMEOUT", value_parser = parse_duration, default_value = "1s")]
     pub connect_timeout: Duration,
@@ -528,6 +532,7 @@ impl AgentArgs {
                 ttl: self.dns_ttl,
                 upstreams: self.dns_upstream.clone(),
                 upstream_timeout: positive("--dns-upstream-timeout", self.dns_upstream_timeout)?,
+                mesos: !self.dns_forward_mesos,
             },
             forward: ForwardConfig {
                 connect_timeout: positive("--connect-timeout", self.connect_timeout)?,

@@ -188,6 +188,11 @@ impl Agent {
             self.dns.publish(live.map(|v| &**v));
         }
 
+        // Task names follow the running tasks; they need no address or listener.
+        if table.apps != self.last.apps {
+            self.dns.publish_tasks(&table.apps);
+        }
+
         // 5. Remove addresses no VIP uses any more (and left-overs from earlier runs).
         if self.netif.kind() != InterfaceKind::None
             && let Err(e) = self.netif.sync(&want).await
@@ -322,6 +327,7 @@ impl Agent {
 
     async fn stop(self, grace: Duration) {
         self.dns.publish(std::iter::empty());
+        self.dns.publish_tasks(&std::collections::BTreeMap::new());
         tracing::info!(grace_ms = grace.as_millis() as u64, "draining connections");
         self.forwarder.shutdown(grace).await;
         if self.netif.kind() != InterfaceKind::None {

@@ -11,7 +11,7 @@ use hickory_proto::rr::rdata::{A, AAAA, HINFO, SRV};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 
-use super::catalog::{NS_KEY, Node, Snapshot, SrvTarget};
+use super::catalog::{Node, Snapshot, SrvTarget, ns_key};
 
 /// Largest UDP payload we advertise and send (DNS Flag Day 2020: no IP fragmentation).
 pub(crate) const MAX_UDP_PAYLOAD: u16 = 1232;
@@ -145,7 +145,7 @@ pub(crate) fn respond(snap: &Snapshot, owned: Message, can_forward: bool) -> Out
             resp.answers.push(echo(&zone.ns, qname));
             // Glue: the nameserver's addresses, so a resolver priming the zone needs no
             // second query.
-            if let Some(Node::Host { v4, v6 }) = snap.get(NS_KEY) {
+            if let Some(Node::Host { v4, v6 }) = snap.get(&ns_key(zone.group)) {
                 let ns = zone.ns_name();
                 add_addresses(&mut resp.additionals, &ns, ttl, v4, v6);
             }
@@ -298,7 +298,7 @@ mod tests {
     use super::*;
     use crate::agent::dns::{DnsCatalog, DnsConfig};
     use crate::model::test_util::named;
-    use crate::model::{Protocol, Vip};
+    use crate::model::{AppTasks, Protocol, TaskPort, TaskRecord, Vip};
     use hickory_proto::op::Query;
     use proptest::prelude::*;
 
@@ -465,6 +465,135 @@ mod tests {
                 "{ctx}: owner name echoed with its case"
             );
         }
+    }
+
+    pub(crate) fn tasks_fixture() -> std::collections::BTreeMap<String, std::sync::Arc<AppTasks>> {
+        let t = |id: &str, host: &str, container: &[&str], ports: &[(u16, Protocol)]| TaskRecord {
+            id: id.into(),
+            host: Some(host.parse().expect("ip")),
+            container: container.iter().map(|c| c.parse().expect("ip")).collect(),
+            ports: ports
+                .iter()
+                .map(|(port, protocol)| TaskPort {
+                    port: *port,
+                    protocol: *protocol,
+                    name: None,
+                })
+                .collect(),
+        };
+        let app = |name: &str, tasks| {
+            std::sync::Arc::new(AppTasks {
+                name: name.into(),
+                framework: "marathon".into(),
+                tasks,
+            })
+        };
+        [
+            (
+                "/cassandra".to_string(),
+                app(
+                    "cassandra",
+                    vec![
+                        t("cassandra.1", "198.18.1.1", &[], &[(31000, Protocol::Tcp)]),
+                        t("cassandra.2", "198.18.1.2", &[], &[(31001, Protocol::Tcp)]),
+                    ],
+                ),
+            ),
+            (
+                "/g/db".to_string(),
+                app(
+                    "db.g",
+                    vec![t(
+                        "g_db.1",
+                        "198.18.1.3",
+                        &["9.0.0.7"],
+                        &[(31002, Protocol::Udp)],
+                    )],
+                ),
+            ),
+        ]
+        .into()
+    }
+
+    /// name, type → rcode, answers, authority, additional.
+    type OwnedCase = (
+        &'static str,
+        RecordType,
+        ResponseCode,
+        Vec<String>,
+        Vec<String>,
+        Vec<String>,
+    );
+
+    #[test]
+    fn task_names_table() {
+        let cat = catalog();
+        cat.publish_tasks(&tasks_fixture());
+        let snap = cat.load();
+        let soa =
+            |zone: &str| format!("{zone}. 5 SOA ns.{zone}. hostmaster.{zone}. 4 60 30 86400 1");
+        #[rustfmt::skip]
+        let cases: Vec<OwnedCase> = vec![
+            ("cassandra.marathon.mesos.", RecordType::A, ResponseCode::NoError,
+             vec!["cassandra.marathon.mesos. 5 A 198.18.1.1".into(), "cassandra.marathon.mesos. 5 A 198.18.1.2".into()], vec![], vec![]),
+            ("_cassandra._tcp.marathon.mesos.", RecordType::SRV, ResponseCode::NoError,
+             vec!["_cassandra._tcp.marathon.mesos. 5 SRV 0 0 31000 cassandra-1.cassandra.marathon.mesos.".into(),
+                  "_cassandra._tcp.marathon.mesos. 5 SRV 0 0 31001 cassandra-2.cassandra.marathon.mesos.".into()],
+             vec![],
+             vec!["cassandra-1.cassandra.marathon.mesos. 5 A 198.18.1.1".into(), "cassandra-2.cassandra.marathon.mesos. 5 A 198.18.1.2".into()]),
+            ("_cassandra._udp.marathon.mesos.", RecordType::SRV, ResponseCode::NXDomain, vec![], vec![soa("mesos")], vec![]),
+            // Groups: /g/db runs tasks named db.g, answered as db-g (Mesos-DNS); container IP first.
+            ("DB-G.marathon.MESOS.", RecordType::A, ResponseCode::NoError, vec!["DB-G.marathon.MESOS. 5 A 9.0.0.7".into()], vec![], vec![]),
+            ("_db-g._udp.marathon.mesos.", RecordType::SRV, ResponseCode::NoError,
+             vec!["_db-g._udp.marathon.mesos. 5 SRV 0 0 31002 g-db-1.db-g.marathon.mesos.".into()], vec![],
+             vec!["g-db-1.db-g.marathon.mesos. 5 A 198.18.1.3".into()]),
+            ("db-g.marathon.autoip.dcos.thisdcos.directory.", RecordType::A, ResponseCode::NoError,
+             vec!["db-g.marathon.autoip.dcos.thisdcos.directory. 5 A 9.0.0.7".into()], vec![], vec![]),
+            ("db-g.marathon.agentip.dcos.thisdcos.directory.", RecordType::A, ResponseCode::NoError,
+             vec!["db-g.marathon.agentip.dcos.thisdcos.directory. 5 A 198.18.1.3".into()], vec![], vec![]),
+            ("db-g.marathon.containerip.dcos.thisdcos.directory.", RecordType::A, ResponseCode::NoError,
+             vec!["db-g.marathon.containerip.dcos.thisdcos.directory. 5 A 9.0.0.7".into()], vec![], vec![]),
+            ("cassandra.marathon.autoip.dcos.thisdcos.directory.", RecordType::A, ResponseCode::NoError,
+             vec!["cassandra.marathon.autoip.dcos.thisdcos.directory. 5 A 198.18.1.1".into(),
+                  "cassandra.marathon.autoip.dcos.thisdcos.directory. 5 A 198.18.1.2".into()], vec![], vec![]),
+            ("cassandra.marathon.containerip.dcos.thisdcos.directory.", RecordType::A, ResponseCode::NXDomain,
+             vec![], vec![soa("containerip.dcos.thisdcos.directory")], vec![]),
+            ("cassandra.marathon.mesos.", RecordType::AAAA, ResponseCode::NoError, vec![], vec![soa("mesos")], vec![]),
+            ("nope.marathon.mesos.", RecordType::A, ResponseCode::NXDomain, vec![], vec![soa("mesos")], vec![]),
+            ("marathon.mesos.", RecordType::A, ResponseCode::NoError, vec![], vec![soa("mesos")], vec![]),
+            ("ns.mesos.", RecordType::A, ResponseCode::NoError, vec!["ns.mesos. 5 A 198.51.100.1".into()], vec![], vec![]),
+            ("mesos.", RecordType::SOA, ResponseCode::NoError, vec![soa("mesos")], vec![], vec![]),
+            // Task names are not VIP names, and the other way round.
+            ("cassandra.marathon.l4lb.thisdcos.directory.", RecordType::A, ResponseCode::NXDomain, vec![], vec![SOA_L4LB.replace(" 3 ", " 4 ")], vec![]),
+            ("web.marathon.mesos.", RecordType::A, ResponseCode::NXDomain, vec![], vec![soa("mesos")], vec![]),
+            // Between the zones: outside, refused without upstreams.
+            ("dcos.thisdcos.directory.", RecordType::A, ResponseCode::Refused, vec![], vec![], vec![]),
+        ];
+        for (name, t, rcode, ans, auth, add) in &cases {
+            let req = query(name, *t);
+            let resp = reply(&snap, &req, false);
+            let ctx = format!("{name} {t}");
+            assert_eq!(resp.metadata.response_code, *rcode, "{ctx}");
+            assert_eq!(show(&resp.answers), *ans, "{ctx}");
+            assert_eq!(show(&resp.authorities), *auth, "{ctx}");
+            assert_eq!(show(&resp.additionals), *add, "{ctx}");
+            let bytes = req.to_vec().expect("encodes");
+            super::super::fast::check_against_slow(&snap, &bytes, false);
+        }
+        // Leaving .mesos to a Mesos-DNS: forwarded like any other name.
+        let cat = DnsCatalog::new(&DnsConfig {
+            mesos: false,
+            ..DnsConfig::default()
+        });
+        cat.publish_tasks(&tasks_fixture());
+        let snap = cat.load();
+        let req = query("cassandra.marathon.mesos.", RecordType::A);
+        assert!(matches!(respond(&snap, req, true), Outcome::Forward(_)));
+        let req = query(
+            "cassandra.marathon.autoip.dcos.thisdcos.directory.",
+            RecordType::A,
+        );
+        assert_eq!(reply(&snap, &req, true).answers.len(), 2);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! swapped atomically (arc-swap) into a [`DnsCatalog`]. Queries do one `load()` and one hash
 //! lookup; no locks on the query path. Depends on `model` and hickory-proto only.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,7 +13,8 @@ use hickory_proto::rr::{Name, RData, Record};
 
 use super::DnsConfig;
 use super::fast::FastTable;
-use crate::model::{DEFAULT_ZONE, Protocol, Vip};
+use super::tasks::{self, DCOS_TASK_ZONES, GROUP_MESOS, GROUP_VIP, MESOS_ZONE};
+use crate::model::{AppTasks, DEFAULT_ZONE, Protocol, Vip};
 
 /// Zones answered besides `DnsConfig::zone` (DC/OS compatible aliases).
 pub const ZONE_ALIASES: [&str; 3] = [
@@ -27,6 +28,8 @@ pub const ZONE_ALIASES: [&str; 3] = [
 pub(crate) struct Zone {
     /// Lowercase, fully qualified apex.
     pub(crate) apex: Name,
+    /// Which names live here: the first byte of their node keys (`tasks::GROUP_*`).
+    pub(crate) group: u8,
     /// Apex labels, lowercase, in wire order.
     labels: Vec<Box<[u8]>>,
     pub(crate) soa: Record,
@@ -64,13 +67,17 @@ pub(crate) enum Node {
 pub(crate) struct Snapshot {
     /// Longest apex first, so nested zones match the most specific one.
     pub(crate) zones: Vec<Zone>,
-    /// Key: the name relative to the zone, lowercase, as length-prefixed labels (see [`key_of`]).
+    /// Key: the zone's group byte, then the name relative to the zone, lowercase, as
+    /// length-prefixed labels (see [`key_of`]). The VIP zone and its aliases share group 0;
+    /// each task zone has its own.
     pub(crate) nodes: HashMap<Vec<u8>, Node>,
     pub(crate) ttl: u32,
     pub(crate) serial: u32,
-    /// The names published (hosts and SRV names, before the `ns` names and ancestors are
-    /// added), kept so a change of nameserver addresses rebuilds without the VIPs.
-    base: Arc<HashMap<Vec<u8>, Node>>,
+    /// The VIP names published (hosts and SRV names, before `ns` names and ancestors), kept
+    /// so publishing tasks or nameservers rebuilds without the VIPs, and the other way round.
+    vip_base: Arc<HashMap<Vec<u8>, Node>>,
+    /// The task names published (see `tasks::collect`).
+    task_base: Arc<HashMap<Vec<u8>, Node>>,
     /// Pre-encoded answers for plain A/AAAA/SRV queries of every name under every zone.
     pub(crate) fast: FastTable,
 }
@@ -102,6 +109,7 @@ impl Snapshot {
                 .all(|(a, b)| a.eq_ignore_ascii_case(b));
             if tail_matches {
                 key_of(name.iter().take(n - k), key);
+                key.insert(0, zone.group);
                 return Some(i);
             }
         }
@@ -112,7 +120,8 @@ impl Snapshot {
         self.nodes.get(key)
     }
 
-    /// The host and SRV nodes of `vips` (relative keys), before `ns` names and ancestors.
+    /// The host and SRV nodes of `vips` (group-0 keys), before `ns` names and ancestors.
+    /// `zone_names`: the VIP zone and its aliases.
     fn collect(zone_names: &[Name], vips: &[&Vip]) -> HashMap<Vec<u8>, Node> {
         let mut hosts: HashMap<Vec<u8>, (Name, BTreeSet<IpAddr>)> = HashMap::new();
         // (srv key) -> (host key, port)
@@ -174,42 +183,71 @@ impl Snapshot {
             nodes.insert(key.clone(), Node::Host { v4, v6 });
         }
         nodes
+            .into_iter()
+            .map(|(mut k, n)| {
+                k.insert(0, GROUP_VIP);
+                (k, n)
+            })
+            .collect()
     }
 
-    /// The snapshot of `base` (see [`Snapshot::collect`]) with the `ns` name of every zone
+    /// The snapshot of the VIP and task names with, in every zone, the apex, the `ns` name
     /// answering `nameservers`, every empty non-terminal, and the fast path's answers.
     fn build(
-        zone_names: &[Name],
+        zone_names: &[(Name, u8)],
         ttl: u32,
         serial: u32,
-        base: Arc<HashMap<Vec<u8>, Node>>,
+        vip_base: Arc<HashMap<Vec<u8>, Node>>,
+        task_base: Arc<HashMap<Vec<u8>, Node>>,
         nameservers: &[IpAddr],
     ) -> Snapshot {
         let zones: Vec<Zone> = zone_names
             .iter()
-            .map(|apex| make_zone(apex, ttl, serial))
+            .map(|(apex, group)| make_zone(apex, *group, ttl, serial))
             .collect();
-        let mut nodes = (*base).clone();
-        nodes.insert(Vec::new(), Node::Apex);
+        let mut nodes = HashMap::with_capacity(vip_base.len() + task_base.len() + 16);
+        nodes.extend(vip_base.iter().map(|(k, n)| (k.clone(), n.clone())));
+        nodes.extend(task_base.iter().map(|(k, n)| (k.clone(), n.clone())));
         // `ns.<zone>`, the target of the zone's NS and SOA records: stock resolvers that prime
         // the zone (BIND stub zones, unbound's stub-prime) need its address.
         let mut ns = BTreeSet::new();
         ns.extend(nameservers.iter().copied());
         let (v4, v6) = split(&ns);
-        nodes.insert(NS_KEY.to_vec(), Node::Host { v4, v6 });
+        for zone in &zones {
+            nodes.insert(vec![zone.group], Node::Apex);
+            nodes.insert(
+                ns_key(zone.group).to_vec(),
+                Node::Host {
+                    v4: v4.clone(),
+                    v6: v6.clone(),
+                },
+            );
+        }
         // Every proper ancestor of a name is an empty non-terminal unless it holds records.
         let keys: Vec<Vec<u8>> = nodes.keys().cloned().collect();
+        let mut ancestor = Vec::with_capacity(256);
         for k in keys {
-            let mut rest = k.as_slice();
+            let Some((&group, mut rest)) = k.split_first() else {
+                continue;
+            };
             while let Some((&len, tail)) = rest.split_first() {
                 rest = tail.get(len as usize..).unwrap_or(&[]);
-                nodes.entry(rest.to_vec()).or_insert(Node::Empty);
+                ancestor.clear();
+                ancestor.push(group);
+                ancestor.extend_from_slice(rest);
+                if !nodes.contains_key(&ancestor) {
+                    nodes.insert(ancestor.clone(), Node::Empty);
+                }
             }
         }
         let mut fast = FastTable::default();
         for zone in &zones {
             for (key, node) in &nodes {
-                fast.add(key, &zone.labels, ttl, node);
+                if let Some((&group, rel)) = key.split_first()
+                    && group == zone.group
+                {
+                    fast.add(rel, &zone.labels, ttl, node);
+                }
             }
         }
         Snapshot {
@@ -217,14 +255,17 @@ impl Snapshot {
             nodes,
             ttl,
             serial,
-            base,
+            vip_base,
+            task_base,
             fast,
         }
     }
 }
 
-/// The key of `ns` relative to a zone: the nameserver name of every zone.
-pub(crate) const NS_KEY: &[u8] = b"\x02ns";
+/// The key of `ns` in the zones of `group`: the nameserver name of every zone.
+pub(crate) fn ns_key(group: u8) -> [u8; 4] {
+    [group, 2, b'n', b's']
+}
 /// TTL of the zone's NS record (as dcos-net and minuteman: the nameserver set never changes).
 pub(crate) const NS_TTL: u32 = 3600;
 /// The SOA minimum, the negative-caching TTL (RFC 2308): 1 s as dcos-net and minuteman, so a
@@ -232,7 +273,7 @@ pub(crate) const NS_TTL: u32 = 3600;
 pub(crate) const NEGATIVE_TTL: u32 = 1;
 
 /// Addresses sorted and split by family.
-fn split(ips: &BTreeSet<IpAddr>) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
+pub(crate) fn split(ips: &BTreeSet<IpAddr>) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
     let mut v4 = Vec::new();
     let mut v6 = Vec::new();
     for ip in ips {
@@ -244,7 +285,7 @@ fn split(ips: &BTreeSet<IpAddr>) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
     (v4, v6)
 }
 
-fn make_zone(apex: &Name, ttl: u32, serial: u32) -> Zone {
+fn make_zone(apex: &Name, group: u8, ttl: u32, serial: u32) -> Zone {
     let ns_name = apex
         .clone()
         .prepend_label("ns")
@@ -257,6 +298,7 @@ fn make_zone(apex: &Name, ttl: u32, serial: u32) -> Zone {
     let soa = SOA::new(ns_name.clone(), rname, serial, 60, 30, 86_400, NEGATIVE_TTL);
     Zone {
         apex: apex.clone(),
+        group,
         labels: apex.iter().map(|l| l.to_ascii_lowercase().into()).collect(),
         soa: Record::from_rdata(apex.clone(), ttl, RData::SOA(soa)),
         ns: Record::from_rdata(apex.clone(), NS_TTL, RData::NS(NS(ns_name))),
@@ -286,7 +328,14 @@ fn parse_zone(s: &str) -> Option<Name> {
 
 struct Inner {
     current: ArcSwap<Snapshot>,
-    zone_names: Vec<Name>,
+    /// Every zone served with its group, longest apex first.
+    zone_names: Vec<(Name, u8)>,
+    /// The VIP zone and its aliases.
+    vip_zones: Vec<Name>,
+    /// Serve the `mesos` task zone.
+    mesos: bool,
+    /// The longest relative task name that fits under every task zone.
+    task_room: usize,
     ttl: u32,
     serial: AtomicU32,
     /// Serialises publishers so serials and snapshots go out in the same order, and holds the
@@ -329,13 +378,43 @@ impl DnsCatalog {
                 zone_names.push(z);
             }
         }
-        zone_names.sort_by_key(|z| std::cmp::Reverse(z.num_labels()));
+        let vip_zones = zone_names.clone();
+        let mut task_zones: Vec<(&str, u8)> = DCOS_TASK_ZONES.to_vec();
+        if cfg.mesos {
+            task_zones.push((MESOS_ZONE, GROUP_MESOS));
+        }
+        let mut zone_names: Vec<(Name, u8)> = zone_names
+            .into_iter()
+            .map(|z| (z, GROUP_VIP))
+            .chain(
+                task_zones
+                    .iter()
+                    .filter_map(|(z, g)| Some((parse_zone(z)?, *g))),
+            )
+            .collect();
+        let longest_task_zone = zone_names
+            .iter()
+            .filter(|(_, g)| *g != GROUP_VIP)
+            .map(|(z, _)| z.len())
+            .max()
+            .unwrap_or(0);
+        zone_names.sort_by_key(|(z, _)| std::cmp::Reverse(z.num_labels()));
         let serial = 1;
-        let snap = Snapshot::build(&zone_names, cfg.ttl, serial, Arc::default(), &[]);
+        let snap = Snapshot::build(
+            &zone_names,
+            cfg.ttl,
+            serial,
+            Arc::default(),
+            Arc::default(),
+            &[],
+        );
         DnsCatalog {
             inner: Arc::new(Inner {
                 current: ArcSwap::from_pointee(snap),
                 zone_names,
+                vip_zones,
+                mesos: cfg.mesos,
+                task_room: 254usize.saturating_sub(longest_task_zone),
                 ttl: cfg.ttl,
                 serial: AtomicU32::new(serial),
                 publish: Mutex::new(Vec::new()),
@@ -348,27 +427,30 @@ impl DnsCatalog {
     /// the SOA serial.
     pub fn publish<'a>(&self, live: impl IntoIterator<Item = &'a Vip>) {
         let vips: Vec<&Vip> = live.into_iter().collect();
-        let base = Arc::new(Snapshot::collect(&self.inner.zone_names, &vips));
-        self.swap(|_| base);
+        let base = Arc::new(Snapshot::collect(&self.inner.vip_zones, &vips));
+        self.swap(None, Some(base), None);
+    }
+
+    /// Replace the task names with those of these apps' running tasks (see `tasks`). Bumps
+    /// the SOA serial.
+    pub fn publish_tasks(&self, apps: &BTreeMap<String, Arc<AppTasks>>) {
+        let base = Arc::new(tasks::collect(apps, self.inner.mesos, self.inner.task_room));
+        self.swap(None, None, Some(base));
     }
 
     /// Answer `ns.<zone>` (the name the zones' NS and SOA records point at) with these
     /// addresses, e.g. the addresses the server listens on. Bumps the SOA serial.
     pub fn set_nameservers(&self, addrs: &[IpAddr]) {
-        let addrs = addrs.to_vec();
-        self.swap_with(Some(addrs), |snap| snap.base.clone());
+        self.swap(Some(addrs.to_vec()), None, None);
     }
 
-    fn swap(&self, base: impl FnOnce(&Snapshot) -> Arc<HashMap<Vec<u8>, Node>>) {
-        self.swap_with(None, base);
-    }
-
-    /// Build and store the next snapshot from the current one's `base` (mapped by `base`) and
-    /// the nameserver addresses (replaced when `nameservers` is given).
-    fn swap_with(
+    /// Build and store the next snapshot, replacing what is given and keeping the rest of the
+    /// current one.
+    fn swap(
         &self,
         nameservers: Option<Vec<IpAddr>>,
-        base: impl FnOnce(&Snapshot) -> Arc<HashMap<Vec<u8>, Node>>,
+        vip_base: Option<Arc<HashMap<Vec<u8>, Node>>>,
+        task_base: Option<Arc<HashMap<Vec<u8>, Node>>>,
     ) {
         let mut ns = self
             .inner
@@ -383,8 +465,17 @@ impl DnsCatalog {
             .serial
             .fetch_add(1, Ordering::Relaxed)
             .wrapping_add(1);
-        let base = base(&self.inner.current.load());
-        let snap = Snapshot::build(&self.inner.zone_names, self.inner.ttl, serial, base, &ns);
+        let current = self.inner.current.load();
+        let vip_base = vip_base.unwrap_or_else(|| current.vip_base.clone());
+        let task_base = task_base.unwrap_or_else(|| current.task_base.clone());
+        let snap = Snapshot::build(
+            &self.inner.zone_names,
+            self.inner.ttl,
+            serial,
+            vip_base,
+            task_base,
+            &ns,
+        );
         self.inner.current.store(Arc::new(snap));
     }
 
@@ -409,7 +500,12 @@ mod tests {
         if !s.is_empty() {
             key_of(Name::from_ascii(s).expect("name").iter(), &mut k);
         }
+        k.insert(0, GROUP_VIP);
         k
+    }
+
+    fn vip_nodes(s: &Snapshot) -> usize {
+        s.nodes.keys().filter(|k| k[0] == GROUP_VIP).count()
     }
 
     #[test]
@@ -450,7 +546,7 @@ mod tests {
             })
         );
         // IP VIPs are not served; only names, their ancestors and `ns` are.
-        assert_eq!(s.nodes.len(), 8);
+        assert_eq!(vip_nodes(&s), 8);
         drop(s);
         cat.set_nameservers(&["198.51.100.2".parse().expect("ip")]);
         let s = cat.load();
@@ -524,7 +620,7 @@ mod tests {
         assert!(s.get(&key("ok.marathon")).is_some());
         assert!(s.get(&key("_ok._udp.marathon")).is_some());
         assert!(
-            s.nodes.len() <= 7,
+            vip_nodes(&s) <= 7,
             "{:?}",
             s.nodes.keys().collect::<Vec<_>>()
         );
@@ -539,6 +635,7 @@ mod tests {
         let mut k = Vec::new();
         let n = Name::from_ascii("l4lb.thisdcos.directory.").expect("name");
         assert!(cat.load().locate(&n, &mut k).is_some());
-        assert_eq!(cat.load().zones.len(), 4);
+        // The VIP zone, its 3 aliases, and the 4 task zones.
+        assert_eq!(cat.load().zones.len(), 8);
     }
 }

@@ -537,7 +537,89 @@ mod tests {
         )
     }
 
+    /// Apps with running tasks: (task name, [(id, host, container, port, protocol)]).
+    fn tasks_strategy()
+    -> impl Strategy<Value = std::collections::BTreeMap<String, std::sync::Arc<crate::model::AppTasks>>>
+    {
+        use crate::model::{AppTasks, TaskPort, TaskRecord};
+        let task = (
+            "[a-z]{1,3}\\.[0-9]{1,2}",
+            (1u8..4).prop_map(|i| std::net::IpAddr::from([198, 18, 1, i])),
+            proptest::option::of(prop_oneof![
+                (1u8..3).prop_map(|i| std::net::IpAddr::from([9, 0, 0, i])),
+                Just(std::net::IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, 7])),
+            ]),
+            proptest::option::of((31000u16..31003, any::<bool>())),
+        )
+            .prop_map(|(id, host, container, port)| TaskRecord {
+                id,
+                host: Some(host),
+                container: container.into_iter().collect(),
+                ports: port
+                    .map(|(port, udp)| TaskPort {
+                        port,
+                        protocol: if udp { Protocol::Udp } else { Protocol::Tcp },
+                        name: None,
+                    })
+                    .into_iter()
+                    .collect(),
+            });
+        proptest::collection::btree_map(
+            "/[a-z]{1,3}(/[A-Z_]{1,2})?",
+            proptest::collection::vec(task, 1..4),
+            0..4,
+        )
+        .prop_map(|apps| {
+            apps.into_iter()
+                .map(|(id, tasks)| {
+                    let name = id.trim_start_matches('/').replace('/', ".");
+                    let t = AppTasks {
+                        name,
+                        framework: "marathon".into(),
+                        tasks,
+                    };
+                    (id, std::sync::Arc::new(t))
+                })
+                .collect()
+        })
+    }
+
     proptest! {
+        #[test]
+        fn fast_answers_equal_slow_answers_for_task_names(
+            apps in tasks_strategy(),
+            pick in any::<prop::sample::Index>(),
+            zone in 0usize..4,
+            flips in proptest::collection::vec(any::<bool>(), 1..16),
+            qtype in prop_oneof![
+                Just(RecordType::A),
+                Just(RecordType::AAAA),
+                Just(RecordType::SRV),
+                Just(RecordType::TXT),
+            ],
+            edns in proptest::option::of((any::<u16>(), any::<bool>())),
+            (id, rd, ra) in (any::<u16>(), any::<bool>(), any::<bool>()),
+        ) {
+            let cat = DnsCatalog::new(&DnsConfig::default());
+            cat.publish_tasks(&apps);
+            let snap = cat.load();
+            let mut names = vec!["nope.marathon".to_string(), "marathon".into(), "ns".into()];
+            for a in apps.values() {
+                let l = crate::agent::dns::tasks::label(&a.name);
+                names.push(format!("{l}.marathon"));
+                names.push(format!("_{l}._tcp.marathon"));
+                names.push(format!("_{l}._udp.marathon"));
+                for t in &a.tasks {
+                    names.push(format!("{}.{l}.marathon", crate::agent::dns::tasks::label(&t.id)));
+                }
+            }
+            let zone = ["mesos", "autoip.dcos.thisdcos.directory", "agentip.dcos.thisdcos.directory",
+                        "containerip.dcos.thisdcos.directory"][zone];
+            let fqdn = format!("{}.{zone}.", pick.get(&names));
+            let q = Q { id, name: recase(&fqdn, &flips), qtype, rd, cd: false, edns };
+            check_against_slow(&snap, &encode_query(&q), ra);
+        }
+
         #[test]
         fn fast_answers_equal_slow_answers(
             vips in catalog_strategy(),

@@ -8,6 +8,7 @@
 //! - `forward`: upstream forwarding (two at once, TCP retry on truncation).
 //! - `resolv`: the host's resolv.conf: default upstreams, and managing it to point at l4lb.
 //! - `server`: the UDP/TCP I/O shells ([`serve`]).
+//! - `tasks`: task names (the Mesos-DNS job) from the running tasks in the table.
 //!
 //! Depends on `model` only; knows nothing of `source`, `netif` or `forward` (the data plane).
 
@@ -17,6 +18,7 @@ mod fast;
 mod forward;
 pub mod resolv;
 mod server;
+pub mod tasks;
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
@@ -42,6 +44,9 @@ pub struct DnsConfig {
     pub upstreams: Vec<SocketAddr>,
     /// How long to wait for an upstream answer before answering SERVFAIL.
     pub upstream_timeout: Duration,
+    /// Answer task names in the `mesos` zone (Mesos-DNS's names); off: `.mesos` is forwarded
+    /// like any other name, to an existing Mesos-DNS. The DC/OS task zones are always served.
+    pub mesos: bool,
 }
 
 impl Default for DnsConfig {
@@ -51,6 +56,7 @@ impl Default for DnsConfig {
             ttl: 5,
             upstreams: Vec::new(),
             upstream_timeout: Duration::from_secs(2),
+            mesos: true,
         }
     }
 }
