@@ -3,7 +3,8 @@
 //! (the only nameserver the host's resolv.conf lists); `l4lb run` listens on 198.51.100.1:53
 //! (installed on its VIP interface, as DC/OS did), manages the namespace's resolv.conf
 //! (`/etc/netns/<ns>/resolv.conf`, which `ip netns exec` bind-mounts) and forwards to what it
-//! listed. Then glibc (`getent ahosts`, over UDP and TCP, bare names through `search`), unbound
+//! listed. Then glibc (`getent ahosts`, over UDP and TCP, bare names through `search`), Python,
+//! Java and curl (to the VIP, by name, reaching the task), unbound
 //! and BIND with l4lb's zones as primed stub zones, and dnsmasq with `server=/…/` each resolve
 //! a VIP name, a task name and an internet name. The resolv.conf is back as it was after l4lb
 //! exits.
@@ -165,7 +166,29 @@ fn stock_resolvers_use_l4lb_unchanged() {
     std::fs::write(&resolv_conf, HOST_RESOLV_CONF).expect("write resolv.conf");
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    ns.exec_ok(&["ip", "addr", "add", &format!("{INTERNET}/32"), "dev", "lo"]);
+    for a in [INTERNET, TASK_HOSTS[0], TASK_HOSTS[1]] {
+        ns.exec_ok(&["ip", "addr", "add", &format!("{a}/32"), "dev", "lo"]);
+    }
+    // /web's task: an HTTP server on its host port.
+    let www = d.join("www");
+    std::fs::create_dir(&www).expect("mkdir");
+    std::fs::write(www.join("hello.txt"), "hello through the VIP\n").expect("write");
+    let web_log = d.join("web.log");
+    let _web = Daemon::spawn(
+        &ns,
+        "web task",
+        ns.command("python3")
+            .args([
+                "-m",
+                "http.server",
+                "31000",
+                "--bind",
+                TASK_HOSTS[0],
+                "--directory",
+            ])
+            .arg(&www),
+        &web_log,
+    );
 
     // The internet.
     let inet_log = d.join("internet.log");
@@ -245,6 +268,84 @@ fn stock_resolvers_use_l4lb_unchanged() {
             upstream,
             "glibc {opts:?}: upstream"
         );
+    }
+
+    // Other programs, unchanged: Python, Java (both through the host's resolver), curl to the
+    // VIP by name, through l4lb to the task.
+    let py = ns
+        .command("python3")
+        .args([
+            "-c",
+            "import socket,sys\nfor n in sys.argv[1:]:\n  print(n, sorted({a[4][0] for a in socket.getaddrinfo(n, 80, socket.AF_INET)}))",
+            WEB,
+            TASK,
+            UPSTREAM_NAME,
+        ])
+        .output()
+        .expect("python3");
+    assert_eq!(
+        String::from_utf8_lossy(&py.stdout),
+        format!(
+            "{WEB} {vip:?}\n{TASK} {tasks:?}\n{UPSTREAM_NAME} {upstream:?}\n",
+            vip = vip,
+            tasks = tasks,
+            upstream = upstream
+        )
+        .replace('"', "'"),
+        "python: {}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    if have("java") {
+        let src = d.join("Resolve.java");
+        std::fs::write(
+            &src,
+            "public class Resolve { public static void main(String[] a) throws Exception {\n\
+             for (String n : a) { java.util.TreeSet<String> s = new java.util.TreeSet<>();\n\
+             for (var x : java.net.InetAddress.getAllByName(n)) s.add(x.getHostAddress());\n\
+             System.out.println(n + \" \" + s); } } }\n",
+        )
+        .expect("java source");
+        let java = ns
+            .command("java")
+            .arg(&src)
+            .args([WEB, TASK, UPSTREAM_NAME])
+            .output()
+            .expect("java");
+        assert_eq!(
+            String::from_utf8_lossy(&java.stdout),
+            format!(
+                "{WEB} [{}]\n{TASK} [{}]\n{UPSTREAM_NAME} [{}]\n",
+                vip.join(", "),
+                tasks.join(", "),
+                upstream.join(", ")
+            ),
+            "java: {}",
+            String::from_utf8_lossy(&java.stderr)
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = ns.exec(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "3",
+            &format!("http://{WEB}/hello.txt"),
+        ]);
+        if out.status.success() {
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                "hello through the VIP\n"
+            );
+            break;
+        }
+        // (The task's HTTP server may still be starting.)
+        assert!(
+            Instant::now() < deadline,
+            "curl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
     }
 
     // unbound: l4lb's zones as stub zones with priming; everything else forwarded to l4lb.
