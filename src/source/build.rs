@@ -119,9 +119,12 @@ pub fn tasks_of(a: &AppVips, framework: &str) -> Option<Arc<AppTasks>> {
 }
 
 /// The running tasks of `app` (TASK_RUNNING, healthy or not: task names list every instance,
-/// as Mesos-DNS does) with their host, container addresses and host ports.
+/// as Mesos-DNS does) with their host, container addresses and host ports. Container
+/// addresses only in container networking: in host and bridge mode `ipAddresses` holds the
+/// agent's or a non-routable bridge address (§4), which no other host can reach.
 fn running_tasks(
     app: &App,
+    mode: Mode,
     ports: &[Port<'_>],
     hosts: &HashMap<&str, Option<IpAddr>>,
 ) -> Vec<TaskRecord> {
@@ -139,6 +142,7 @@ fn running_tasks(
                 .ip_addresses
                 .iter()
                 .flatten()
+                .filter(|_| mode == Mode::Container)
                 .filter_map(|a| a.ip_address.as_deref()?.parse::<IpAddr>().ok())
                 .map(|ip| ip.to_canonical())
                 .collect();
@@ -376,7 +380,7 @@ pub fn app_vips(app: &App, resolve: &mut dyn FnMut(&str) -> Option<IpAddr>) -> A
             .map(|ip| ip.to_canonical()),
     );
     let app_ports = ports(app, mode);
-    out.tasks = running_tasks(app, &app_ports, &hosts);
+    out.tasks = running_tasks(app, mode, &app_ports, &hosts);
     for (idx, port) in app_ports.iter().enumerate() {
         let Some(labels) = port.labels else { continue };
         for (key, value) in labels.iter().filter(|(k, _)| labels::is_vip_key(k)) {

@@ -781,3 +781,82 @@ fn s10_udp_session_moves_when_backend_removed() {
         gone.name, stays.name
     );
 }
+
+/// Scenario 11: Task names follow Marathon on every agent, through the controller's deltas:
+/// `<app>.marathon.mesos` (Mesos-DNS's name for a grouped app), its SRV records and the DC/OS
+/// `agentip` name list every running task; a task that stops and an app that goes leave them.
+#[test]
+fn s11_task_names_follow_marathon_on_every_agent() {
+    skip_unless_root!();
+    let c = Cluster::start("s11", ClusterSpec::new(2, 1));
+    let id = "/db/cassandra";
+    let hosts = [c.hosts[0].ip, c.hosts[1].ip];
+    let (t1, t2) = (c.next_task_no(), c.next_task_no());
+    c.deploy(app(
+        id,
+        &["/cassandra:9042"],
+        "tcp",
+        &[
+            (t1, hosts[0], 31042, "TASK_RUNNING"),
+            (t2, hosts[1], 31043, "TASK_RUNNING"),
+        ],
+    ));
+    // Marathon runs /db/cassandra's tasks as `cassandra.db`: Mesos-DNS's `cassandra-db`.
+    let a = "cassandra-db.marathon.mesos";
+    let srv = |h: usize| -> Vec<String> {
+        let out = c.hosts[h].ns.exec(&[
+            "dig",
+            "@127.0.0.1",
+            "-p",
+            &cluster::DNS_PORT.to_string(),
+            "+short",
+            "_cassandra-db._tcp.marathon.mesos",
+            "SRV",
+        ]);
+        let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .collect();
+        lines.sort();
+        lines
+    };
+    for h in 0..2 {
+        let got = wait_for("both tasks named", 10 * SEC, SEC / 10, || {
+            let mut ips = c.dig(h, a);
+            ips.sort();
+            (ips == hosts).then_some(ips)
+        });
+        assert_eq!(got, hosts);
+        assert_eq!(
+            srv(h),
+            vec!["0 0 31042", "0 0 31043"],
+            "SRV on host {}",
+            h + 1
+        );
+        let mut agentip = c.dig(h, "cassandra-db.marathon.agentip.dcos.thisdcos.directory");
+        agentip.sort();
+        assert_eq!(agentip, hosts, "agentip on host {}", h + 1);
+    }
+    // One task stops: its name goes, on every agent.
+    c.deploy(app(
+        id,
+        &["/cassandra:9042"],
+        "tcp",
+        &[
+            (t1, hosts[0], 31042, "TASK_RUNNING"),
+            (t2, hosts[1], 31043, "TASK_FINISHED"),
+        ],
+    ));
+    for h in 0..2 {
+        wait_for("the stopped task gone", 10 * SEC, SEC / 10, || {
+            (c.dig(h, a) == [hosts[0]]).then_some(())
+        });
+        assert_eq!(srv(h), vec!["0 0 31042"]);
+    }
+    c.destroy(id);
+    for h in 0..2 {
+        wait_for("the app's names gone", 10 * SEC, SEC / 10, || {
+            c.dig(h, a).is_empty().then_some(())
+        });
+    }
+}

@@ -754,6 +754,11 @@ fn running_tasks_of_every_app_become_task_records() {
          "tasks": [{"id": "db.1", "host": "198.18.1.5", "ports": [31010], "state": "TASK_RUNNING",
                     "ipAddresses": [{"ipAddress": "9.0.0.7", "protocol": "IPv4"},
                                     {"ipAddress": "fd00::7", "protocol": "IPv6"}]}]},
+        {"id": "/bridged",
+         "container": {"type": "DOCKER", "docker": {"network": "BRIDGE",
+            "portMappings": [{"containerPort": 80, "hostPort": 0}]}},
+         "tasks": [{"id": "bridged.1", "host": "198.18.1.6", "ports": [31011], "state": "TASK_RUNNING",
+                    "ipAddresses": [{"ipAddress": "172.17.0.2", "protocol": "IPv4"}]}]},
         {"id": "/idle", "tasks": []}
     ]}))
     .unwrap();
@@ -762,7 +767,18 @@ fn running_tasks_of_every_app_become_task_records() {
     let mut r = resolver();
     let contribs: Vec<AppVips> = apps.iter().map(|a| app_vips(a, &mut r)).collect();
     let tasks = app_tasks(&contribs, "marathon");
-    assert_eq!(tasks.keys().collect::<Vec<_>>(), ["/a/b/web", "/db"]);
+    assert_eq!(
+        tasks.keys().collect::<Vec<_>>(),
+        ["/a/b/web", "/bridged", "/db"]
+    );
+    // Bridge networking: the docker bridge address is no task address (§4).
+    assert_eq!(
+        tasks["/bridged"].tasks[0].container,
+        Vec::<IpAddr>::new(),
+        "{:?}",
+        tasks["/bridged"]
+    );
+    assert_eq!(tasks["/bridged"].tasks[0].ports.len(), 1);
     let port = |port, protocol, name: &str| TaskPort {
         port,
         protocol,
