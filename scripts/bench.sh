@@ -13,7 +13,8 @@
 #   BENCH_OUT       JSON output (default bench-results/latest.json)
 #   BENCH_NO_BUILD  set to skip `cargo build --release`
 #   BENCH_KEEP      set to keep the work directory (logs, configs)
-#   BENCH_ONLY      comma-separated workloads to run (tcp, conns, udp, dns, idle, propagation);
+#   BENCH_ONLY      comma-separated workloads to run (tcp, conns, udp, dns, dnsfwd, idle,
+#                   propagation);
 #                   default all. A partial run still writes the JSON, with only those rows.
 #   BENCH_BASE      path to another l4lb binary (say, a build of the previous commit) measured
 #                   in the same run as column "base" (VIP 198.18.5.6) for the TCP, new-connection
@@ -50,7 +51,7 @@ PROXY_CPU=0
 LOAD_CPU=1
 if [ "$(nproc)" -lt 2 ]; then LOAD_CPU=0; fi
 
-ONLY=${BENCH_ONLY:-tcp,conns,udp,dns,idle,propagation}
+ONLY=${BENCH_ONLY:-tcp,conns,udp,dns,dnsfwd,idle,propagation}
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
 
 START=$(date +%s)
@@ -199,7 +200,7 @@ json.dump({"apps": apps}, open(sys.argv[1], "w"))
 EOF
 start l4lb "$NSC" "$PROXY_CPU" env RUST_LOG=warn,l4lb=info "$L4LB" --worker-threads 1 run \
     --apps-file "$WORK/apps.json" --interface-kind auto --api-listen 127.0.0.1:62080 \
-    --dns-listen 127.0.0.1:5454 --vip-cidr 198.18.128.0/17
+    --dns-listen 127.0.0.1:5454 --vip-cidr 198.18.128.0/17 --dns-upstream 198.18.0.2:5300
 for i in $(seq 1 100); do
     grep -q "first table applied; ready" "$WORK/l4lb.log" 2>/dev/null && break
     kill -0 "$(pid_of l4lb)" 2>/dev/null || die "l4lb exited: $(tail -5 "$WORK/l4lb.log")"
@@ -268,6 +269,11 @@ done
 start dnsmasq "$NSC" "$PROXY_CPU" dnsmasq -k -C /dev/null -u root --no-resolv --no-hosts \
     --bind-interfaces --listen-address=127.0.0.1 --port=5455 --pid-file= "${records[@]}"
 echo "bench.test A" >"$WORK/bench-query.txt"
+# dnsmasq forwarding to the same upstream as l4lb (the UDP backend's dnsmasq), without a cache
+# so that it forwards every query as l4lb does.
+start dnsmasq-fwd "$NSC" "$PROXY_CPU" dnsmasq -k -C /dev/null -u root --no-resolv --no-hosts \
+    --bind-interfaces --listen-address=127.0.0.1 --port=5456 --pid-file= --cache-size=0 \
+    --server=198.18.0.2#5300
 
 wait_tcp "$NSC" 198.18.5.5:8080
 wait_tcp "$NSC" 198.18.0.1:18080
@@ -276,6 +282,8 @@ sleep 0.5
 C dig +short +time=1 +tries=3 @127.0.0.1 -p 5454 "${NAMES[0]% *}" >/dev/null || die "embedded DNS does not answer"
 C dig +short +time=1 +tries=3 @127.0.0.1 -p 5455 "${NAMES[0]% *}" >/dev/null || die "dnsmasq does not answer"
 C dig +short +time=1 +tries=3 @198.18.5.5 -p 5300 bench.test | grep -q 198.18.9.9 || die "UDP VIP does not answer"
+C dig +short +time=1 +tries=3 @127.0.0.1 -p 5454 bench.test | grep -q 198.18.9.9 || die "l4lb does not forward"
+C dig +short +time=1 +tries=3 @127.0.0.1 -p 5456 bench.test | grep -q 198.18.9.9 || die "dnsmasq does not forward"
 log "up: l4lb $(pid_of l4lb), haproxy $(pid_of haproxy), nginx $(pid_of proxy-nginx) on CPU $PROXY_CPU; load generators and backends on CPU $LOAD_CPU"
 
 RES="$WORK/results.tsv"
@@ -436,6 +444,11 @@ fi
 declare -A DNS_PORT=([l4lb]=5454 [dnsmasq]=5455)
 m_dns() { dnsperf_qps 127.0.0.1 "${DNS_PORT[$1]}" "$WORK/names.txt"; }
 if want dns; then rounds dns_server q/s m_dns -- l4lb dnsmasq; fi
+
+# --- 4b. forwarded names: l4lb vs dnsmasq (no cache), both to the same upstream ---------------
+declare -A FWD_PORT=([l4lb]=5454 [dnsmasq]=5456)
+m_dnsfwd() { dnsperf_qps 127.0.0.1 "${FWD_PORT[$1]}" "$WORK/bench-query.txt"; }
+if want dnsfwd; then rounds dns_forward q/s m_dnsfwd -- l4lb dnsmasq; fi
 
 # --- 5. memory per idle connection ----------------------------------------------------------
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }

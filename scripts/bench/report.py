@@ -28,6 +28,7 @@ ROWS = [
     ("udp_req_resp_busy_proxy", "  proxy CPU busy (median)", False, None),
     ("udp_req_resp_busy_load", "  load CPU busy (median)", False, None),
     ("dns_server", "DNS server (dnsperf)", True, ("dnsmasq", 1.0)),
+    ("dns_forward", "DNS forwarded to an upstream (dnsperf)", True, None),
     ("idle_conns_held", "idle TCP conns held (reached the backend)", True, None),
     ("idle_conn_mem", "memory (RSS) per idle TCP conn", False, None),
     ("idle_conn_fds", "descriptors per idle TCP conn", False, None),
