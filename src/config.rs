@@ -514,6 +514,12 @@ impl AgentArgs {
                 )));
             }
         }
+        if self.dns_manage_resolv_conf && !self.dns_listen.iter().any(|a| a.port() == 53) {
+            return Err(ConfigError::Invalid(format!(
+                "--dns-manage-resolv-conf: {}",
+                crate::agent::dns::resolv::ResolvError::NoPort53
+            )));
+        }
         for u in &self.dns_upstream {
             if self.dns_listen.contains(u) {
                 return Err(ConfigError::Invalid(format!(

@@ -178,14 +178,26 @@ fn bad_configuration_exits_64() {
         ],
         vec!["nonsense"],
         vec!["--worker-threads", "0", "check", "--apps-file", "x"],
+        // Managing resolv.conf needs a port-53 listen address to point it at.
+        vec![
+            "run",
+            "--apps-file",
+            "Cargo.toml",
+            "--interface-kind",
+            "none",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--dns-manage-resolv-conf",
+            "--dns-resolv-conf",
+            "/nonexistent/resolv.conf",
+        ],
     ] {
         let out = Command::new(BIN).args(&args).output().unwrap();
-        assert_eq!(
-            out.status.code(),
-            Some(64),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        if args.contains(&"--dns-manage-resolv-conf") {
+            assert!(stderr.contains("port 53"), "{stderr}");
+        }
     }
 }
 
