@@ -187,9 +187,9 @@ async fn forward(
     let qtype = answer::type_label(req);
     match forwarder.forward(req, transport).await {
         Ok(bytes) => {
-            let rcode = Message::from_vec(&bytes)
-                .map(|m| m.metadata.response_code)
-                .unwrap_or(ResponseCode::NoError);
+            // The header's rcode (an extended one lives in the OPT record; its low bits do
+            // for the label): no decoding of the whole answer.
+            let rcode = ResponseCode::from(0, bytes.get(3).map_or(0, |b| b & 0x0f));
             shared.metrics.query(qtype, answer::rcode_label(rcode));
             if bytes.len() <= limit {
                 return Some(bytes);
