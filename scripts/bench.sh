@@ -178,7 +178,7 @@ EOF
 start backend-nginx "$NSS" "$LOAD_CPU" nginx -p "$WORK" -c "$WORK/backend-nginx.conf"
 start backend-dnsmasq "$NSS" "$LOAD_CPU" dnsmasq -k -C /dev/null -u root --no-resolv --no-hosts \
     --bind-interfaces --listen-address=198.18.0.2 --port=5300 --pid-file= \
-    --host-record=bench.test,198.18.9.9
+    --address=/bench.test/198.18.9.9
 wait_tcp "$NSS" 198.18.0.2:5201
 wait_tcp "$NSS" 198.18.0.2:8080
 
@@ -269,6 +269,9 @@ done
 start dnsmasq "$NSC" "$PROXY_CPU" dnsmasq -k -C /dev/null -u root --no-resolv --no-hosts \
     --bind-interfaces --listen-address=127.0.0.1 --port=5455 --pid-file= "${records[@]}"
 echo "bench.test A" >"$WORK/bench-query.txt"
+# Forwarded names: 20,000 distinct ones (the upstream answers every name under bench.test), so
+# that dnsmasq cannot merge identical queries in flight, which one repeated name lets it do.
+seq 1 20000 | sed 's/.*/q&.bench.test A/' >"$WORK/forward-query.txt"
 # dnsmasq forwarding to the same upstream as l4lb (the UDP backend's dnsmasq), without a cache
 # so that it forwards every query as l4lb does.
 start dnsmasq-fwd "$NSC" "$PROXY_CPU" dnsmasq -k -C /dev/null -u root --no-resolv --no-hosts \
@@ -447,7 +450,7 @@ if want dns; then rounds dns_server q/s m_dns -- l4lb dnsmasq; fi
 
 # --- 4b. forwarded names: l4lb vs dnsmasq (no cache), both to the same upstream ---------------
 declare -A FWD_PORT=([l4lb]=5454 [dnsmasq]=5456)
-m_dnsfwd() { dnsperf_qps 127.0.0.1 "${FWD_PORT[$1]}" "$WORK/bench-query.txt"; }
+m_dnsfwd() { dnsperf_qps 127.0.0.1 "${FWD_PORT[$1]}" "$WORK/forward-query.txt"; }
 if want dnsfwd; then rounds dns_forward q/s m_dnsfwd -- l4lb dnsmasq; fi
 
 # --- 5. memory per idle connection ----------------------------------------------------------
