@@ -1,13 +1,13 @@
 //! Forwarding of queries outside our zones to upstream resolvers: the query goes to two
-//! upstreams at once over UDP (one if only one is configured) under a fresh random id from a
-//! fresh ephemeral port; the first matching answer that resolves the question (NOERROR or
+//! upstreams at once over UDP (one if only one is configured) under a fresh random id, from a
+//! random one of each upstream's pooled sockets (`upstream`); the first matching answer that resolves the question (NOERROR or
 //! NXDOMAIN) wins. A SERVFAIL or REFUSED from one upstream waits for the other, so one broken
 //! resolver cannot fail names the other can answer; it is passed on only if nothing better
 //! comes before the deadline. A truncated UDP answer is retried over TCP to the upstream that
 //! sent it when the client itself came over TCP (a UDP client gets the TC answer and retries
 //! over TCP itself). Everything runs under one deadline; the caller answers SERVFAIL on error.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -17,9 +17,11 @@ use futures::future::{BoxFuture, FutureExt};
 use futures::stream::FuturesUnordered;
 use hickory_proto::op::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use super::answer::Transport;
+use super::upstream::{self, Pool};
 
 /// Why forwarding produced no answer.
 #[derive(Debug, thiserror::Error)]
@@ -36,8 +38,18 @@ pub(crate) enum ForwardError {
 #[derive(Debug)]
 pub(crate) struct Forwarder {
     upstreams: Arc<[SocketAddr]>,
+    /// The UDP sockets of each upstream, in `upstreams` order.
+    pools: Vec<Pool>,
     timeout: Duration,
     next: AtomicUsize,
+    /// Stops the pools' reader tasks when the forwarder goes.
+    stop: CancellationToken,
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 impl Forwarder {
@@ -46,10 +58,16 @@ impl Forwarder {
         if upstreams.is_empty() {
             return None;
         }
+        let stop = CancellationToken::new();
         Some(Forwarder {
             upstreams: upstreams.into(),
+            pools: upstreams
+                .iter()
+                .map(|a| Pool::new(*a, upstream::SOCKETS, upstream::ROTATE, stop.clone()))
+                .collect(),
             timeout,
             next: AtomicUsize::new(rand::random::<u32>() as usize),
+            stop,
         })
     }
 
@@ -66,15 +84,15 @@ impl Forwarder {
         let question = question(&bytes).ok_or(ForwardError::Encode)?;
         let n = self.upstreams.len();
         let first = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        let picks: Vec<SocketAddr> = (0..n.min(2))
-            .map(|i| self.upstreams[(first + i) % n])
-            .collect();
+        let picks: Vec<usize> = (0..n.min(2)).map(|i| (first + i) % n).collect();
         let bytes = &bytes;
         let mut racers: FuturesUnordered<BoxFuture<'_, Result<Vec<u8>, ForwardError>>> = picks
             .into_iter()
-            .map(|addr| {
+            .map(|i| {
+                let (addr, pool) = (self.upstreams[i], &self.pools[i]);
                 async move {
-                    let answer = udp_exchange(addr, bytes, question)
+                    let answer = pool
+                        .exchange(bytes, question)
                         .await
                         .map_err(|e| ForwardError::Io(addr, e))?;
                     if client == Transport::Tcp && is_truncated(&answer) {
@@ -126,7 +144,7 @@ fn is_truncated(answer: &[u8]) -> bool {
 
 /// The question section of an encoded query (header excluded): its name, type and class.
 /// `None` unless it holds exactly one uncompressed question.
-fn question(query: &[u8]) -> Option<&[u8]> {
+pub(crate) fn question(query: &[u8]) -> Option<&[u8]> {
     if query.get(4..6)? != [0, 1] {
         return None;
     }
@@ -144,11 +162,12 @@ fn question(query: &[u8]) -> Option<&[u8]> {
     query.get(12..pos + 4)
 }
 
-/// Whether `answer` is a response to `query` (encoded, see [`question`]): same id, QR set,
-/// the same question (names compared case-insensitively). Read from the bytes, without
-/// decoding the message: this runs for every forwarded answer.
-fn matches(answer: &[u8], query: &[u8], question: &[u8]) -> bool {
-    let (Some(head), Some(id)) = (answer.get(..12), query.get(..2)) else {
+/// Whether `answer` is a response to the query with `id` (its first two bytes) and
+/// `question` (see [`question`]): same id, QR set, the same question (names compared
+/// case-insensitively). Read from the bytes, without decoding the message: this runs for
+/// every forwarded answer.
+pub(crate) fn matches(answer: &[u8], id: &[u8], question: &[u8]) -> bool {
+    let Some(head) = answer.get(..12) else {
         return false;
     };
     if head[..2] != *id || head[2] & 0x80 == 0 {
@@ -162,30 +181,6 @@ fn matches(answer: &[u8], query: &[u8], question: &[u8]) -> bool {
     same_question || (head[2] & 0x02 != 0 && answer.len() < 12 + question.len())
 }
 
-fn unspecified_for(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    }
-}
-
-async fn udp_exchange(addr: SocketAddr, query: &[u8], question: &[u8]) -> std::io::Result<Vec<u8>> {
-    let sock = UdpSocket::bind(unspecified_for(addr)).await?;
-    sock.connect(addr).await?;
-    sock.send(query).await?;
-    // Capacity, not zeroed length: zeroing 64 KiB for every query cost more than the rest of
-    // the exchange (`BENCH_ONLY=dnsfwd scripts/bench.sh`).
-    let mut buf = Vec::with_capacity(65_535);
-    loop {
-        buf.clear();
-        sock.recv_buf(&mut buf).await?;
-        if matches(&buf, query, question) {
-            return Ok(buf);
-        }
-        tracing::debug!(%addr, "ignoring mismatched upstream datagram");
-    }
-}
-
 async fn tcp_exchange(addr: SocketAddr, query: &[u8], question: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut stream = TcpStream::connect(addr).await?;
     let len = u16::try_from(query.len()).map_err(|_| std::io::ErrorKind::InvalidInput)?;
@@ -196,7 +191,7 @@ async fn tcp_exchange(addr: SocketAddr, query: &[u8], question: &[u8]) -> std::i
     let len = stream.read_u16().await? as usize;
     let mut buf = vec![0u8; len];
     stream.read_exact(&mut buf).await?;
-    if !matches(&buf, query, question) {
+    if !matches(&buf, query.get(..2).unwrap_or_default(), question) {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             "upstream TCP answer does not match the query",
@@ -266,7 +261,7 @@ mod tests {
             ("short", vec![0, 7, 0x80], false),
         ];
         for (what, answer, want) in cases {
-            assert_eq!(matches(&answer, &q, qs), want, "{what}");
+            assert_eq!(matches(&answer, &q[..2], qs), want, "{what}");
         }
         assert!(question(&q[..14]).is_none());
         let mut two = q.clone();

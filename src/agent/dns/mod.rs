@@ -5,7 +5,8 @@
 //! - `catalog`: the name map ([`DnsCatalog`], published by the agent).
 //! - `answer`: pure: parsed query + catalog snapshot → response (the reference path).
 //! - `fast`: answers pre-encoded at publish time for plain A/AAAA/SRV queries over UDP.
-//! - `forward`: upstream forwarding (two at once, TCP retry on truncation).
+//! - `forward`: upstream forwarding (two at once, TCP retry on truncation); `upstream`: the
+//!   pooled UDP sockets to each upstream.
 //! - `resolv`: the host's resolv.conf: default upstreams, and managing it to point at l4lb.
 //! - `server`: the UDP/TCP I/O shells ([`serve`]).
 //! - `tasks`: task names (the Mesos-DNS job) from the running tasks in the table.
@@ -19,6 +20,7 @@ mod forward;
 pub mod resolv;
 mod server;
 pub mod tasks;
+mod upstream;
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
