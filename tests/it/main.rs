@@ -14,3 +14,4 @@ mod dns;
 mod mesos;
 mod netif;
 mod pods;
+mod resolvers;

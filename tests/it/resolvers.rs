@@ -9,9 +9,7 @@
 //! a VIP name, a task name and an internet name. The resolv.conf is back as it was after l4lb
 //! exits.
 
-#[path = "common/netns.rs"]
-mod netns;
-
+use crate::common::{BIN, netns};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,7 +18,6 @@ use netns::NetNs;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-const BIN: &str = env!("CARGO_BIN_EXE_l4lb");
 const L4LB: &str = "198.51.100.1";
 const INTERNET: &str = "198.18.0.53";
 const WEB: &str = "web.marathon.l4lb.thisdcos.directory";
