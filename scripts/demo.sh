@@ -107,7 +107,7 @@ for _ in 1 2 3; do in_ns curl -sf http://198.18.5.5/; done
 
 ECHO=$(in_ns dig +short -p 5454 @127.0.0.1 echo.marathon.l4lb.thisdcos.directory)
 say "UDP to echo.marathon.l4lb.thisdcos.directory:5000 ($ECHO)"
-for _ in 1 2; do echo ping | in_ns socat -t1 - "UDP:$ECHO:5000"; done
+for _ in 1 2; do echo ping | in_ns socat -t3 - "UDP:$ECHO:5000"; done
 
 say "l4lb vips"
 in_ns "$BIN" vips --api http://127.0.0.1:62080

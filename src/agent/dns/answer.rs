@@ -11,12 +11,8 @@ use hickory_proto::rr::rdata::{A, AAAA, HINFO, SRV};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 
-use super::catalog::{Node, Snapshot, SrvTarget, ns_key};
-
-/// Largest UDP payload we advertise and send (DNS Flag Day 2020: no IP fragmentation).
-pub(crate) const MAX_UDP_PAYLOAD: u16 = 1232;
-/// Without EDNS0 a UDP response may be at most this long (RFC 1035).
-pub(crate) const CLASSIC_UDP_PAYLOAD: u16 = 512;
+use super::catalog::Snapshot;
+use super::records::{CLASSIC_UDP_PAYLOAD, MAX_UDP_PAYLOAD, Node, SrvTarget, ns_key};
 
 /// How the query arrived; decides the response size limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 //! lookup; no locks on the query path. Depends on `model` and hickory-proto only.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -13,6 +13,7 @@ use hickory_proto::rr::{Name, RData, Record};
 
 use super::DnsConfig;
 use super::fast::FastTable;
+use super::records::{NEGATIVE_TTL, NS_TTL, Node, SrvTarget, key_of, ns_key, split};
 use super::tasks::{self, DCOS_TASK_ZONES, GROUP_MESOS, GROUP_VIP, MESOS_ZONE};
 use crate::model::{AppTasks, DEFAULT_ZONE, Protocol, Vip};
 
@@ -36,32 +37,6 @@ pub(crate) struct Zone {
     pub(crate) ns: Record,
 }
 
-/// An SRV target: one port of one named VIP.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct SrvTarget {
-    pub(crate) port: u16,
-    /// The VIP name relative to the zone (`web.marathon`), not fully qualified.
-    pub(crate) host: Name,
-    pub(crate) v4: Vec<Ipv4Addr>,
-    pub(crate) v6: Vec<Ipv6Addr>,
-}
-
-/// What lives at a name inside a zone.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Node {
-    /// The zone apex: SOA and NS.
-    Apex,
-    /// A named VIP: its addresses (sorted, unique).
-    Host {
-        v4: Vec<Ipv4Addr>,
-        v6: Vec<Ipv6Addr>,
-    },
-    /// `_<label>._<proto>.<framework>`: one target per port.
-    Srv(Vec<SrvTarget>),
-    /// An empty non-terminal (`marathon`, `_tcp.marathon`): exists, holds no records.
-    Empty,
-}
-
 /// The immutable name map served between two publishes.
 #[derive(Debug)]
 pub(crate) struct Snapshot {
@@ -80,16 +55,6 @@ pub(crate) struct Snapshot {
     task_base: Arc<HashMap<Vec<u8>, Node>>,
     /// Pre-encoded answers for plain A/AAAA/SRV queries of every name under every zone.
     pub(crate) fast: FastTable,
-}
-
-/// The wire-style key of a relative name: each label as a length byte then its lowercase bytes.
-/// Unambiguous even for labels holding dots or binary.
-pub(crate) fn key_of<'a>(labels: impl Iterator<Item = &'a [u8]>, out: &mut Vec<u8>) {
-    out.clear();
-    for label in labels {
-        out.push(label.len() as u8);
-        out.extend(label.iter().map(u8::to_ascii_lowercase));
-    }
 }
 
 impl Snapshot {
@@ -260,29 +225,6 @@ impl Snapshot {
             fast,
         }
     }
-}
-
-/// The key of `ns` in the zones of `group`: the nameserver name of every zone.
-pub(crate) fn ns_key(group: u8) -> [u8; 4] {
-    [group, 2, b'n', b's']
-}
-/// TTL of the zone's NS record (as dcos-net and minuteman: the nameserver set never changes).
-pub(crate) const NS_TTL: u32 = 3600;
-/// The SOA minimum, the negative-caching TTL (RFC 2308): 1 s as dcos-net and minuteman, so a
-/// name looked up just before its app starts is not hidden behind a cached NXDOMAIN.
-pub(crate) const NEGATIVE_TTL: u32 = 1;
-
-/// Addresses sorted and split by family.
-pub(crate) fn split(ips: &BTreeSet<IpAddr>) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
-    let mut v4 = Vec::new();
-    let mut v6 = Vec::new();
-    for ip in ips {
-        match ip {
-            IpAddr::V4(a) => v4.push(*a),
-            IpAddr::V6(a) => v6.push(*a),
-        }
-    }
-    (v4, v6)
 }
 
 fn make_zone(apex: &Name, group: u8, ttl: u32, serial: u32) -> Zone {

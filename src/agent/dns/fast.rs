@@ -9,8 +9,7 @@
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use super::answer::{CLASSIC_UDP_PAYLOAD, MAX_UDP_PAYLOAD};
-use super::catalog::{Node, SrvTarget};
+use super::records::{CLASSIC_UDP_PAYLOAD, MAX_UDP_PAYLOAD, Node, SrvTarget};
 
 const TYPE_A: u16 = 1;
 const TYPE_AAAA: u16 = 28;

@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::answer::Transport;
-use super::upstream::{self, Pool};
+use super::upstream::{self, Pool, matches};
 
 /// Why forwarding produced no answer.
 #[derive(Debug, thiserror::Error)]
@@ -160,25 +160,6 @@ pub(crate) fn question(query: &[u8]) -> Option<&[u8]> {
         }
     }
     query.get(12..pos + 4)
-}
-
-/// Whether `answer` is a response to the query with `id` (its first two bytes) and
-/// `question` (see [`question`]): same id, QR set, the same question (names compared
-/// case-insensitively). Read from the bytes, without decoding the message: this runs for
-/// every forwarded answer.
-pub(crate) fn matches(answer: &[u8], id: &[u8], question: &[u8]) -> bool {
-    let Some(head) = answer.get(..12) else {
-        return false;
-    };
-    if head[..2] != *id || head[2] & 0x80 == 0 {
-        return false;
-    }
-    let same_question = head[4..6] == [0, 1]
-        && answer
-            .get(12..12 + question.len())
-            .is_some_and(|q| q.eq_ignore_ascii_case(question));
-    // A truncated answer may come without its question; TC makes the client retry over TCP.
-    same_question || (head[2] & 0x02 != 0 && answer.len() < 12 + question.len())
 }
 
 async fn tcp_exchange(addr: SocketAddr, query: &[u8], question: &[u8]) -> std::io::Result<Vec<u8>> {

@@ -17,6 +17,7 @@ mod answer;
 mod catalog;
 mod fast;
 mod forward;
+mod records;
 pub mod resolv;
 mod server;
 pub mod tasks;

@@ -228,7 +228,7 @@ async fn udp_loop(
     shutdown: CancellationToken,
 ) {
     let mut buf = vec![0u8; 65_535];
-    let mut out = Vec::with_capacity(answer::MAX_UDP_PAYLOAD as usize);
+    let mut out = Vec::with_capacity(super::records::MAX_UDP_PAYLOAD as usize);
     let ra = shared.forwarder.is_some();
     // One cancellation future for the loop's life (not a fresh waiter per datagram).
     let cancelled = shutdown.cancelled();

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use hickory_proto::rr::Name;
 
-use super::catalog::{Node, SrvTarget, key_of, split};
+use super::records::{Node, SrvTarget, key_of, split};
 use crate::model::{AppTasks, Protocol};
 
 /// Node-key prefixes: which zone family a key belongs to.

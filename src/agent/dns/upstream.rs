@@ -16,8 +16,6 @@ use tokio::net::UdpSocket;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use super::forward::matches;
-
 /// Sockets per upstream.
 pub(crate) const SOCKETS: usize = 16;
 /// Queries a socket carries before it is replaced.
@@ -216,6 +214,25 @@ async fn read(socket: Arc<PoolSocket>, stop: CancellationToken) {
         }
         socket.maybe_done(&pending);
     }
+}
+
+/// Whether `answer` is a response to the query with `id` (its first two bytes) and
+/// `question` (see [`question`]): same id, QR set, the same question (names compared
+/// case-insensitively). Read from the bytes, without decoding the message: this runs for
+/// every forwarded answer.
+pub(crate) fn matches(answer: &[u8], id: &[u8], question: &[u8]) -> bool {
+    let Some(head) = answer.get(..12) else {
+        return false;
+    };
+    if head[..2] != *id || head[2] & 0x80 == 0 {
+        return false;
+    }
+    let same_question = head[4..6] == [0, 1]
+        && answer
+            .get(12..12 + question.len())
+            .is_some_and(|q| q.eq_ignore_ascii_case(question));
+    // A truncated answer may come without its question; TC makes the client retry over TCP.
+    same_question || (head[2] & 0x02 != 0 && answer.len() < 12 + question.len())
 }
 
 #[cfg(test)]
