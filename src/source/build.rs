@@ -73,6 +73,9 @@ pub struct AppVips {
     pub framework: Option<String>,
     /// The app's running tasks, labelled ports or not (for task names), sorted by id.
     pub tasks: Vec<TaskRecord>,
+    /// The Mesos task name these tasks are served under; `None`: derived from the Marathon
+    /// app id ([`task_name`]). The Mesos source sets each task's own name.
+    pub task_name: Option<String>,
 }
 
 impl AppVips {
@@ -111,7 +114,7 @@ pub fn app_tasks<'a>(
 pub fn tasks_of(a: &AppVips, framework: &str) -> Option<Arc<AppTasks>> {
     (!a.tasks.is_empty()).then(|| {
         Arc::new(AppTasks {
-            name: task_name(&a.app),
+            name: a.task_name.clone().unwrap_or_else(|| task_name(&a.app)),
             framework: a.framework_or(framework).to_string(),
             tasks: a.tasks.clone(),
         })

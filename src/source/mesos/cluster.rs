@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use super::types::{Agent, Event, GetState, Labels, Status, Task, parse_tasks};
 use crate::labels::{self, LabelError};
-use crate::model::{Backend, BackendState};
+use crate::model::{Backend, BackendState, TaskPort, TaskRecord};
 use crate::source::build::{AppVips, Entry, Rejection, protocols};
 
 /// What an event changed.
@@ -469,6 +469,30 @@ impl Cluster {
                 port_index: legacy.port_index,
                 key: l.key.clone(),
                 value: value.to_string(),
+            });
+        }
+        // Task names (the Mesos-DNS job): every running task, labelled or not, under its
+        // own name and framework; one record per task, merged by name in the DNS.
+        if t.state == "TASK_RUNNING" && (agent_ip.is_some() || !t.container_ips.is_empty()) {
+            let mut ports = Vec::new();
+            for (number, protocol, _) in &t.ports {
+                let Some(port) = u16::try_from(*number).ok().filter(|p| *p != 0) else {
+                    continue;
+                };
+                for protocol in protocols(protocol.as_deref()).unwrap_or_default() {
+                    ports.push(TaskPort {
+                        port,
+                        protocol,
+                        name: None,
+                    });
+                }
+            }
+            out.task_name = Some(t.name.to_string());
+            out.tasks.push(TaskRecord {
+                id: t.task_id.to_string(),
+                host: agent_ip,
+                container: t.container_ips.clone(),
+                ports,
             });
         }
         finish(&mut out);

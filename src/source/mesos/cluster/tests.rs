@@ -574,3 +574,34 @@ fn an_update_without_healthy_keeps_the_last_answer_and_scope_defaults_to_the_tas
     c.apply(update(Some(true)));
     assert_eq!(backends(&c), ["9.0.0.5:80 Active"]);
 }
+
+#[test]
+fn running_mesos_tasks_get_task_records_under_their_own_name_and_framework() {
+    // Task names list every running instance, healthy or not (Mesos-DNS), under the task's
+    // own Mesos name and its framework, with the agent and the container addresses.
+    for (file, name, framework) in [
+        ("tcp-and-udp.json", "app", "marathon"),
+        ("unhealthy.json", "app", "marathon"),
+    ] {
+        let t = get_state(file);
+        let records: Vec<_> = t.apps.values().collect();
+        assert_eq!(records.len(), 1, "{file}: {records:?}");
+        let a = records[0];
+        assert_eq!(
+            (a.name.as_str(), a.framework.as_str()),
+            (name, framework),
+            "{file}"
+        );
+        assert_eq!(a.tasks.len(), 1, "{file}");
+        let task = &a.tasks[0];
+        assert!(task.host.is_some(), "{file}: {task:?}");
+        assert!(!task.ports.is_empty(), "{file}: {task:?}");
+    }
+    // A task that ends leaves the names with it.
+    let (_, t, _) = replay("hello-world.json");
+    assert!(
+        t.apps.is_empty(),
+        "every task of the stream ended: {:?}",
+        t.apps
+    );
+}
