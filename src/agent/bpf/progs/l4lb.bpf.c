@@ -1,0 +1,259 @@
+// l4lb's kernel data path: VIP translation at the socket layer (cgroup/sock_addr hooks).
+//
+// connect4/6 give TCP and connected UDP sockets to a VIP:port a backend's address once, so every
+// packet after that goes straight to the backend; sendmsg4/6 do it per datagram for unconnected
+// UDP; recvmsg4/6 and getpeername4/6 show the VIP again to the application, from the reverse
+// table written at translation time (keyed by socket cookie + backend).
+//
+// Maps (layouts mirrored byte for byte in src/agent/bpf/maps.rs):
+//   services  VIP (16-byte address, IPv4 as ::ffff:a.b.c.d; port; protocol) -> (count, set)
+//   backends  (set, slot) -> backend address, port, counter index
+//   revnat    LRU (socket cookie, backend) -> VIP, for recvmsg/getpeername
+//   counters  per-CPU, by counter index: connections, datagrams
+// Userspace writes a changed VIP's active backends as a new set, then switches the service
+// entry to it in one update; a VIP with no service entry is left alone (the proxy listener on
+// the VIP address still serves it).
+//
+// Build (scripts/build-bpf.sh; the object is committed beside this file):
+//   clang -O2 -g -target bpf -c l4lb.bpf.c -o l4lb.bpf.o && llvm-strip -g l4lb.bpf.o
+// Only helpers that are not GPL-only are used, so the project's license is declared.
+
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define MAX_SERVICES 65536
+#define MAX_BACKENDS 262144
+#define MAX_REVNAT 65536
+#define MAX_COUNTERS 65536
+
+struct svc_key {
+	__u32 ip[4];   /* network order; IPv4 as ::ffff:a.b.c.d */
+	__u16 port;    /* network order */
+	__u8 proto;    /* IPPROTO_TCP / IPPROTO_UDP */
+	__u8 pad;
+};
+
+struct svc_val {
+	__u32 count;   /* active backends in the set, > 0 */
+	__u32 set;     /* backend set id */
+};
+
+struct be_key {
+	__u32 set;
+	__u32 slot;
+};
+
+struct be_val {
+	__u32 ip[4];
+	__u16 port;
+	__u16 pad;
+	__u32 counter; /* index into counters */
+};
+
+struct nat_key {
+	__u64 cookie;
+	__u32 ip[4];   /* backend */
+	__u16 port;
+	__u16 pad[3];
+};
+
+struct nat_val {
+	__u32 ip[4];   /* VIP */
+	__u16 port;
+	__u16 pad;
+};
+
+struct counters {
+	__u64 conns;
+	__u64 datagrams;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_SERVICES);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* replaced entries are freed after RCU */
+	__type(key, struct svc_key);
+	__type(value, struct svc_val);
+} services SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_BACKENDS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct be_key);
+	__type(value, struct be_val);
+} backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_REVNAT);
+	__type(key, struct nat_key);
+	__type(value, struct nat_val);
+} revnat SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MAX_COUNTERS);
+	__type(key, __u32);
+	__type(value, struct counters);
+} counters SEC(".maps");
+
+/* 0: act on every socket; otherwise only on sockets of the network namespace with this cookie. */
+const volatile __u64 netns_cookie = 0;
+
+static __always_inline int in_scope(struct bpf_sock_addr *ctx)
+{
+	return netns_cookie == 0 || bpf_get_netns_cookie(ctx) == netns_cookie;
+}
+
+static __always_inline int is_v4mapped(const __u32 *ip)
+{
+	return ip[0] == 0 && ip[1] == 0 && ip[2] == bpf_htonl(0xffff);
+}
+
+/* The backend for `key`, uniform among the set's active backends; NULL when not a VIP. */
+static __always_inline struct be_val *pick(struct svc_key *key)
+{
+	struct svc_val *svc = bpf_map_lookup_elem(&services, key);
+	if (!svc)
+		return NULL;
+	__u32 count = svc->count;
+	if (count == 0)
+		return NULL;
+	struct be_key bk = { .set = svc->set, .slot = bpf_get_prandom_u32() % count };
+	return bpf_map_lookup_elem(&backends, &bk);
+}
+
+static __always_inline void remember(struct bpf_sock_addr *ctx, const struct be_val *be,
+				     const struct svc_key *vip)
+{
+	struct nat_key nk = { .cookie = bpf_get_socket_cookie(ctx), .port = be->port };
+	struct nat_val nv = { .port = vip->port };
+	__builtin_memcpy(nk.ip, be->ip, sizeof(nk.ip));
+	__builtin_memcpy(nv.ip, vip->ip, sizeof(nv.ip));
+	bpf_map_update_elem(&revnat, &nk, &nv, BPF_ANY);
+}
+
+static __always_inline void count(const struct be_val *be, int datagram)
+{
+	__u32 idx = be->counter;
+	struct counters *c = bpf_map_lookup_elem(&counters, &idx);
+	if (!c)
+		return;
+	if (datagram)
+		c->datagrams++;
+	else
+		c->conns++;
+}
+
+static __always_inline int wanted(struct bpf_sock_addr *ctx, int udp_only)
+{
+	__u32 proto = ctx->protocol;
+	if (proto != IPPROTO_UDP && (udp_only || proto != IPPROTO_TCP))
+		return 0;
+	return in_scope(ctx);
+}
+
+static __always_inline int translate4(struct bpf_sock_addr *ctx, int datagram)
+{
+	if (!wanted(ctx, datagram))
+		return 1;
+	struct svc_key key = { .port = (__u16)ctx->user_port, .proto = (__u8)ctx->protocol };
+	key.ip[2] = bpf_htonl(0xffff);
+	key.ip[3] = ctx->user_ip4;
+	struct be_val *be = pick(&key);
+	/* An IPv6 backend cannot take an IPv4 socket: the proxy listener serves it. */
+	if (!be || !is_v4mapped(be->ip))
+		return 1;
+	ctx->user_ip4 = be->ip[3];
+	ctx->user_port = be->port;
+	remember(ctx, be, &key);
+	count(be, datagram);
+	return 1;
+}
+
+static __always_inline int translate6(struct bpf_sock_addr *ctx, int datagram)
+{
+	if (!wanted(ctx, datagram))
+		return 1;
+	struct svc_key key = { .port = (__u16)ctx->user_port, .proto = (__u8)ctx->protocol };
+	key.ip[0] = ctx->user_ip6[0];
+	key.ip[1] = ctx->user_ip6[1];
+	key.ip[2] = ctx->user_ip6[2];
+	key.ip[3] = ctx->user_ip6[3];
+	struct be_val *be = pick(&key);
+	if (!be)
+		return 1;
+	ctx->user_ip6[0] = be->ip[0];
+	ctx->user_ip6[1] = be->ip[1];
+	ctx->user_ip6[2] = be->ip[2];
+	ctx->user_ip6[3] = be->ip[3];
+	ctx->user_port = be->port;
+	remember(ctx, be, &key);
+	count(be, datagram);
+	return 1;
+}
+
+/* Show the VIP instead of the backend the socket talks to (recvmsg source, getpeername). */
+static __always_inline int reverse4(struct bpf_sock_addr *ctx)
+{
+	if (!in_scope(ctx))
+		return 1;
+	struct nat_key nk = { .cookie = bpf_get_socket_cookie(ctx), .port = (__u16)ctx->user_port };
+	nk.ip[2] = bpf_htonl(0xffff);
+	nk.ip[3] = ctx->user_ip4;
+	struct nat_val *nv = bpf_map_lookup_elem(&revnat, &nk);
+	if (nv && is_v4mapped(nv->ip)) {
+		ctx->user_ip4 = nv->ip[3];
+		ctx->user_port = nv->port;
+	}
+	return 1;
+}
+
+static __always_inline int reverse6(struct bpf_sock_addr *ctx)
+{
+	if (!in_scope(ctx))
+		return 1;
+	struct nat_key nk = { .cookie = bpf_get_socket_cookie(ctx), .port = (__u16)ctx->user_port };
+	nk.ip[0] = ctx->user_ip6[0];
+	nk.ip[1] = ctx->user_ip6[1];
+	nk.ip[2] = ctx->user_ip6[2];
+	nk.ip[3] = ctx->user_ip6[3];
+	struct nat_val *nv = bpf_map_lookup_elem(&revnat, &nk);
+	if (nv) {
+		ctx->user_ip6[0] = nv->ip[0];
+		ctx->user_ip6[1] = nv->ip[1];
+		ctx->user_ip6[2] = nv->ip[2];
+		ctx->user_ip6[3] = nv->ip[3];
+		ctx->user_port = nv->port;
+	}
+	return 1;
+}
+
+SEC("cgroup/connect4")
+int l4lb_connect4(struct bpf_sock_addr *ctx) { return translate4(ctx, 0); }
+
+SEC("cgroup/connect6")
+int l4lb_connect6(struct bpf_sock_addr *ctx) { return translate6(ctx, 0); }
+
+SEC("cgroup/sendmsg4")
+int l4lb_sendmsg4(struct bpf_sock_addr *ctx) { return translate4(ctx, 1); }
+
+SEC("cgroup/sendmsg6")
+int l4lb_sendmsg6(struct bpf_sock_addr *ctx) { return translate6(ctx, 1); }
+
+SEC("cgroup/recvmsg4")
+int l4lb_recvmsg4(struct bpf_sock_addr *ctx) { return reverse4(ctx); }
+
+SEC("cgroup/recvmsg6")
+int l4lb_recvmsg6(struct bpf_sock_addr *ctx) { return reverse6(ctx); }
+
+SEC("cgroup/getpeername4")
+int l4lb_getpeername4(struct bpf_sock_addr *ctx) { return reverse4(ctx); }
+
+SEC("cgroup/getpeername6")
+int l4lb_getpeername6(struct bpf_sock_addr *ctx) { return reverse6(ctx); }
+
+char LICENSE[] SEC("license") = "Apache-2.0";
