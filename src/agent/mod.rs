@@ -4,6 +4,7 @@
 //! address installed → listener bound → name answered; removal runs the other way.
 //! Consumes `model::VipTable` from a watch channel; never imports `source`.
 
+pub mod bpf;
 pub mod dns;
 pub mod forward;
 pub mod netif;

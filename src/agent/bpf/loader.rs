@@ -1,0 +1,452 @@
+//! Loading, attaching, pinning and detaching the programs, and applying planned operations to
+//! their maps: the I/O shell around [`plan`](super::plan).
+//!
+//! Everything lives under `<bpffs>/l4lb/<instance>/` (`prog_*`, `link_*`, `map_*`), so two
+//! agents on one kernel never clash, and a restarted agent finds what a killed one left: it
+//! unpins it (the links, held by nothing else once their owner is dead, detach) and waits until
+//! those links are gone before it attaches its own, so programs are never attached twice.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aya::maps::{HashMap as BpfHash, MapData, PerCpuArray, PerCpuValues};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::{Ebpf, EbpfLoader};
+
+use super::layout::{self, BeKey, BeVal, Counters, SvcKey, SvcVal};
+use super::plan::{Op, Planner};
+use super::sys;
+use super::{BpfConfig, BpfError, KernelCounters};
+use crate::model::{VipKey, VipTable};
+
+/// The compiled programs (`progs/l4lb.bpf.c`, built by `scripts/build-bpf.sh`).
+static OBJECT: &[u8] = aya::include_bytes_aligned!("progs/l4lb.bpf.o");
+
+/// The programs, by function name in the object.
+pub(crate) const PROGRAMS: [&str; 8] = [
+    "l4lb_connect4",
+    "l4lb_connect6",
+    "l4lb_sendmsg4",
+    "l4lb_sendmsg6",
+    "l4lb_recvmsg4",
+    "l4lb_recvmsg6",
+    "l4lb_getpeername4",
+    "l4lb_getpeername6",
+];
+const MAPS: [&str; 4] = ["services", "backends", "revnat", "counters"];
+
+/// How long a restarted agent waits for a killed one's links to go.
+const REPLACE_WAIT: Duration = Duration::from_secs(2);
+
+/// The programs attached to a cgroup, their pins and their maps.
+pub struct KernelPath {
+    /// Holds the loaded programs (also pinned).
+    _ebpf: Ebpf,
+    links: Vec<PinnedLink>,
+    services: BpfHash<MapData, SvcKey, SvcVal>,
+    backends: BpfHash<MapData, BeKey, BeVal>,
+    counters: PerCpuArray<MapData, Counters>,
+    planner: Planner,
+    pin_dir: PathBuf,
+    cgroup: PathBuf,
+    netns_cookie: u64,
+    /// File systems this agent mounted (unmounted at close).
+    mounted: Vec<PathBuf>,
+    nr_cpus: usize,
+}
+
+impl std::fmt::Debug for KernelPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelPath")
+            .field("pin_dir", &self.pin_dir)
+            .field("cgroup", &self.cgroup)
+            .field("netns_cookie", &self.netns_cookie)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KernelPath {
+    /// Load the programs, replace whatever an earlier agent of this instance left, attach to
+    /// the cgroup and pin everything. Fails (leaving nothing behind) where the kernel cannot.
+    pub fn load(cfg: &BpfConfig) -> Result<KernelPath, BpfError> {
+        let mut mounted = Vec::new();
+        let res = Self::load_inner(cfg, &mut mounted);
+        if res.is_err() {
+            for m in mounted.iter().rev() {
+                let _ = sys::unmount(m);
+            }
+        }
+        res
+    }
+
+    fn load_inner(cfg: &BpfConfig, mounted: &mut Vec<PathBuf>) -> Result<KernelPath, BpfError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| BpfError::Io { path, source }
+        };
+        if !sys::is_bpffs(&cfg.bpffs) {
+            sys::mount_bpffs(&cfg.bpffs).map_err(io(&cfg.bpffs))?;
+            mounted.push(cfg.bpffs.clone());
+        }
+        let cgroup = match &cfg.cgroup {
+            Some(p) => p.clone(),
+            None => {
+                let info = std::fs::read_to_string("/proc/self/mountinfo")
+                    .map_err(io(Path::new("/proc/self/mountinfo")))?;
+                match sys::find_cgroup2(&info) {
+                    Some(p) => p,
+                    None => {
+                        let p = cfg.cgroup_mount.clone();
+                        sys::mount_cgroup2(&p).map_err(io(&p))?;
+                        mounted.push(p.clone());
+                        p
+                    }
+                }
+            }
+        };
+        let netns_cookie = if cfg.netns_only {
+            sys::netns_cookie().map_err(BpfError::NetnsCookie)?
+        } else {
+            0
+        };
+        let pin_dir = cfg.bpffs.join("l4lb").join(&cfg.instance);
+        replace(&pin_dir)?;
+        std::fs::create_dir_all(&pin_dir).map_err(io(&pin_dir))?;
+        match attach(&pin_dir, &cgroup, netns_cookie) {
+            Ok((ebpf, links, services, backends, counters)) => {
+                let nr_cpus = aya::util::nr_cpus().map_err(|(_, e)| BpfError::Io {
+                    path: PathBuf::from("/sys/devices/system/cpu/possible"),
+                    source: e,
+                })?;
+                tracing::info!(
+                    cgroup = %cgroup.display(),
+                    pins = %pin_dir.display(),
+                    netns_cookie,
+                    "kernel data path attached"
+                );
+                Ok(KernelPath {
+                    _ebpf: ebpf,
+                    links,
+                    services,
+                    backends,
+                    counters,
+                    planner: Planner::default(),
+                    pin_dir,
+                    cgroup,
+                    netns_cookie,
+                    mounted: std::mem::take(mounted),
+                    nr_cpus,
+                })
+            }
+            Err(e) => {
+                let _ = unpin_all(&pin_dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// The cgroup the programs are attached to.
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// Where the programs, links and maps are pinned.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Make the maps follow `table`, leaving `ejected` backends out. On a failed map write the
+    /// maps are cleared (every VIP goes to the proxy) and the next apply rewrites them whole.
+    pub fn apply(
+        &mut self,
+        table: &Arc<VipTable>,
+        ejected: &BTreeSet<SocketAddr>,
+    ) -> Result<usize, BpfError> {
+        let ops = self.planner.plan(table, ejected);
+        let n = ops.len();
+        for op in &ops {
+            if let Err(e) = self.execute(op) {
+                self.clear();
+                return Err(e);
+            }
+        }
+        Ok(n)
+    }
+
+    fn execute(&mut self, op: &Op) -> Result<(), BpfError> {
+        let map = |name: &'static str| move |source| BpfError::Map { name, source };
+        match op {
+            Op::ResetCounter { counter } => {
+                let zeros = PerCpuValues::try_from(vec![[0u8; 16]; self.nr_cpus]).map_err(|e| {
+                    BpfError::Io {
+                        path: self.pin_dir.join("map_counters"),
+                        source: e,
+                    }
+                })?;
+                self.counters
+                    .set(*counter, zeros, 0)
+                    .map_err(map("counters"))
+            }
+            Op::PutBackend {
+                set,
+                slot,
+                addr,
+                counter,
+            } => self
+                .backends
+                .insert(
+                    layout::be_key(*set, *slot),
+                    layout::be_val(*addr, *counter),
+                    0,
+                )
+                .map_err(map("backends")),
+            Op::PutService { vip, set, count } => self
+                .services
+                .insert(layout::svc_key(vip), layout::svc_val(*count, *set), 0)
+                .map_err(map("services")),
+            Op::DelService { vip } => {
+                remove(&mut self.services, &layout::svc_key(vip)).map_err(map("services"))
+            }
+            Op::DelBackend { set, slot } => {
+                remove(&mut self.backends, &layout::be_key(*set, *slot)).map_err(map("backends"))
+            }
+        }
+    }
+
+    /// Empty the service and backend maps and forget what was planned.
+    fn clear(&mut self) {
+        let keys: Vec<SvcKey> = self.services.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = self.services.remove(&k);
+        }
+        let keys: Vec<BeKey> = self.backends.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = self.backends.remove(&k);
+        }
+        self.planner = Planner::default();
+    }
+
+    /// The backends `vip` is translated to now (empty: served by the proxy).
+    pub fn installed(&self, vip: &VipKey) -> &[SocketAddr] {
+        self.planner.installed(vip)
+    }
+
+    /// Number of VIPs the kernel translates.
+    pub fn installed_count(&self) -> usize {
+        self.planner.installed_count()
+    }
+
+    /// Distinct backend addresses of the TCP VIPs applied last (what health probes).
+    pub fn tcp_backends(&self) -> std::collections::HashSet<SocketAddr> {
+        self.planner.tcp_backends()
+    }
+
+    /// The kernel's per-backend counters, summed over CPUs.
+    pub fn counters(&self) -> BTreeMap<(VipKey, SocketAddr), KernelCounters> {
+        self.planner
+            .counters()
+            .filter_map(|(k, a, idx)| {
+                let per_cpu = self.counters.get(&idx, 0).ok()?;
+                let (mut connections, mut datagrams) = (0, 0);
+                for v in per_cpu.iter() {
+                    let (c, d) = layout::parse_counters(v);
+                    connections += c;
+                    datagrams += d;
+                }
+                Some((
+                    (*k, a),
+                    KernelCounters {
+                        connections,
+                        datagrams,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// Detach the programs, unpin everything and unmount what this agent mounted.
+    pub fn close(self) -> Result<(), BpfError> {
+        let KernelPath {
+            _ebpf,
+            links,
+            pin_dir,
+            mounted,
+            ..
+        } = self;
+        let mut first_err = None;
+        for l in links {
+            // Unpinned and dropped: the link's last reference goes and it detaches.
+            if let Err(e) = l.unpin() {
+                first_err.get_or_insert(e);
+            }
+        }
+        if let Err(e) = unpin_all(&pin_dir) {
+            first_err.get_or_insert(e);
+        }
+        drop(_ebpf);
+        for m in mounted.iter().rev() {
+            let _ = sys::unmount(m);
+        }
+        tracing::info!(pins = %pin_dir.display(), "kernel data path detached");
+        match first_err {
+            None => Ok(()),
+            Some(source) => Err(BpfError::Io {
+                path: pin_dir,
+                source,
+            }),
+        }
+    }
+
+    /// Tests only: the kernel ids of the loaded programs.
+    #[cfg(test)]
+    pub(crate) fn prog_ids(&self) -> Vec<u32> {
+        PROGRAMS
+            .iter()
+            .filter_map(|n| {
+                let p: &CgroupSockAddr = self._ebpf.program(n)?.try_into().ok()?;
+                p.info().ok().map(|i| i.id())
+            })
+            .collect()
+    }
+
+    /// Tests only: drop every file descriptor but leave the pins, as a SIGKILL would.
+    #[cfg(test)]
+    pub(crate) fn abandon(self) {
+        drop(self);
+    }
+}
+
+/// Remove `key`; absent is fine.
+fn remove<K: aya::Pod, V: aya::Pod>(
+    map: &mut BpfHash<MapData, K, V>,
+    key: &K,
+) -> Result<(), aya::maps::MapError> {
+    match map.remove(key) {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        r => r,
+    }
+}
+
+type Attached = (
+    Ebpf,
+    Vec<PinnedLink>,
+    BpfHash<MapData, SvcKey, SvcVal>,
+    BpfHash<MapData, BeKey, BeVal>,
+    PerCpuArray<MapData, Counters>,
+);
+
+fn attach(pin_dir: &Path, cgroup: &Path, netns_cookie: u64) -> Result<Attached, BpfError> {
+    let cg = File::open(cgroup).map_err(|source| BpfError::Io {
+        path: cgroup.to_path_buf(),
+        source,
+    })?;
+    let mut ebpf = EbpfLoader::new()
+        .override_global("netns_cookie", &netns_cookie, true)
+        .load(OBJECT)
+        .map_err(|e| BpfError::Load(Box::new(e)))?;
+    for name in MAPS {
+        let m = ebpf.map(name).ok_or(BpfError::Missing(name))?;
+        m.pin(pin_dir.join(format!("map_{name}")))
+            .map_err(|e| BpfError::Pin(name, e))?;
+    }
+    let mut links = Vec::new();
+    for name in PROGRAMS {
+        let prog_err = |source| BpfError::Program { name, source };
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or(BpfError::Missing(name))?
+            .try_into()
+            .map_err(prog_err)?;
+        prog.load().map_err(prog_err)?;
+        prog.pin(pin_dir.join(format!("prog_{name}")))
+            .map_err(|e| BpfError::Pin(name, e))?;
+        // A BPF link (aya uses one from Linux 5.7) is always attached as BPF_F_ALLOW_MULTI,
+        // and the kernel refuses link_create with attach flags (EINVAL), hence no flag here.
+        let id = prog
+            .attach(&cg, CgroupAttachMode::Single)
+            .map_err(prog_err)?;
+        let link = prog.take_link(id).map_err(prog_err)?;
+        let link = FdLink::try_from(link).map_err(|e| BpfError::Link(name, e))?;
+        links.push(
+            link.pin(pin_dir.join(format!("link_{name}")))
+                .map_err(|e| BpfError::Pin(name, e))?,
+        );
+    }
+    let take =
+        |ebpf: &mut Ebpf, name: &'static str| ebpf.take_map(name).ok_or(BpfError::Missing(name));
+    let map = |name: &'static str| move |source| BpfError::Map { name, source };
+    let services = BpfHash::try_from(take(&mut ebpf, "services")?).map_err(map("services"))?;
+    let backends = BpfHash::try_from(take(&mut ebpf, "backends")?).map_err(map("backends"))?;
+    let counters = PerCpuArray::try_from(take(&mut ebpf, "counters")?).map_err(map("counters"))?;
+    Ok((ebpf, links, services, backends, counters))
+}
+
+/// Unpin what an earlier agent of this instance left in `pin_dir`, and wait until its links
+/// are gone from the kernel (their release is deferred work).
+fn replace(pin_dir: &Path) -> Result<(), BpfError> {
+    if !pin_dir.exists() {
+        return Ok(());
+    }
+    let mut old_links = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(pin_dir) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with("link_")
+                && let Ok(l) = PinnedLink::from_pin(e.path())
+                && let Ok(info) = FdLink::from(l).info()
+            {
+                old_links.push(info.id());
+            }
+        }
+    }
+    tracing::warn!(
+        pins = %pin_dir.display(),
+        links = old_links.len(),
+        "replacing the kernel data path an earlier agent left"
+    );
+    unpin_all(pin_dir).map_err(|source| BpfError::Io {
+        path: pin_dir.to_path_buf(),
+        source,
+    })?;
+    let deadline = Instant::now() + REPLACE_WAIT;
+    loop {
+        let live = aya::programs::loaded_links()
+            .filter_map(Result::ok)
+            .any(|l| old_links.contains(&l.id()));
+        if !live {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(BpfError::StillAttached(pin_dir.to_path_buf()));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Remove every pin in `dir` (links first), the directory, and `l4lb/` if it is then empty.
+fn unpin_all(dir: &Path) -> std::io::Result<()> {
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries.flatten().map(|e| e.path()).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    files.sort_by_key(|p| {
+        !p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("link_"))
+    });
+    for f in files {
+        match std::fs::remove_file(&f) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    std::fs::remove_dir(dir)?;
+    if let Some(parent) = dir.parent() {
+        let _ = std::fs::remove_dir(parent); // fails while another instance is pinned there
+    }
+    Ok(())
+}

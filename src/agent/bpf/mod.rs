@@ -1,0 +1,162 @@
+//! The kernel data path: VIPs translated inside `connect()`/`sendmsg()` by eBPF programs
+//! attached to a cgroup2, so a VIP connection costs what a direct one costs.
+//!
+//! `progs/` holds the BPF C source and its committed object; `layout` mirrors its map
+//! layouts; `plan` is the pure planner from one table to the next (map operations);
+//! [`KernelPath`] loads, attaches, pins and applies (the I/O shell); `probe` ejects backends
+//! that stop answering, since the agent no longer sees connect failures; [`run`] drives it all
+//! from the table watch, as the forwarder is driven. The proxy listeners stay bound beside it:
+//! a VIP the kernel does not translate (no active backend, a socket outside the cgroup) still
+//! reaches the VIP address and the proxy serves it.
+//! Consumes `model::VipTable`; never imports `source`.
+
+mod layout;
+mod loader;
+mod plan;
+mod probe;
+mod sys;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::VipTable;
+
+pub use loader::KernelPath;
+
+/// Where and how to attach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BpfConfig {
+    /// Names the pin directory `<bpffs>/l4lb/<instance>`: unique per agent on one kernel.
+    pub instance: String,
+    /// The cgroup2 directory to attach to; `None`: the cgroup2 root, found in
+    /// `/proc/self/mountinfo`, or mounted at `cgroup_mount` where none is mounted.
+    pub cgroup: Option<PathBuf>,
+    /// Where cgroup2 is mounted when none is.
+    pub cgroup_mount: PathBuf,
+    /// The BPF filesystem (mounted there when it is not).
+    pub bpffs: PathBuf,
+    /// Act only on sockets of the agent's own network namespace.
+    pub netns_only: bool,
+    /// How often health probes each TCP backend.
+    pub probe_interval: Duration,
+    /// A probe that has not connected by then failed.
+    pub probe_timeout: Duration,
+}
+
+impl Default for BpfConfig {
+    fn default() -> Self {
+        BpfConfig {
+            instance: "default".into(),
+            cgroup: None,
+            cgroup_mount: PathBuf::from("/run/l4lb/cgroup2"),
+            bpffs: PathBuf::from("/sys/fs/bpf"),
+            netns_only: false,
+            probe_interval: Duration::from_millis(500),
+            probe_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Why the kernel path cannot start or apply.
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14): {0}")]
+    NetnsCookie(std::io::Error),
+    #[error("cannot load the BPF object: {0}")]
+    Load(Box<aya::EbpfError>),
+    #[error("the BPF object has no {0}")]
+    Missing(&'static str),
+    #[error("BPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("BPF link of {0}: {1}")]
+    Link(&'static str, aya::programs::links::LinkError),
+    #[error("cannot pin {0}: {1}")]
+    Pin(&'static str, aya::pin::PinError),
+    #[error("BPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("programs an earlier agent left in {} are still attached", .0.display())]
+    StillAttached(PathBuf),
+}
+
+/// What the kernel counted for one backend of one VIP.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    /// TCP connections and connected UDP sockets sent to it.
+    pub connections: u64,
+    /// Unconnected UDP datagrams sent to it.
+    pub datagrams: u64,
+}
+
+/// Follow `tables` (and health's ejections) until `shutdown`, then detach and unpin. `on_apply`
+/// sees the kernel path after every apply (for counters and the API).
+pub async fn run(
+    mut kp: KernelPath,
+    cfg: &BpfConfig,
+    mut tables: watch::Receiver<Arc<VipTable>>,
+    on_apply: impl Fn(&KernelPath),
+    shutdown: CancellationToken,
+) -> Result<(), BpfError> {
+    let (targets_tx, targets_rx) = watch::channel(HashSet::new());
+    let (ejected_tx, mut ejected_rx) = watch::channel(BTreeSet::new());
+    let probe_stop = shutdown.child_token();
+    let prober = tokio::spawn(probe::run(
+        targets_rx,
+        ejected_tx,
+        cfg.probe_interval,
+        cfg.probe_timeout,
+        probe_stop.clone(),
+    ));
+    let mut table = tables.borrow_and_update().clone();
+    loop {
+        let ejected = ejected_rx.borrow_and_update().clone();
+        let started = std::time::Instant::now();
+        match kp.apply(&table, &ejected) {
+            Ok(ops) => tracing::debug!(
+                version = table.version,
+                ops,
+                ejected = ejected.len(),
+                apply_us = started.elapsed().as_micros() as u64,
+                "kernel maps updated"
+            ),
+            Err(e) => tracing::warn!(error = %e, "kernel maps not updated; VIPs go to the proxy"),
+        }
+        targets_tx.send_if_modified(|t| {
+            let now = kp.tcp_backends();
+            let changed = *t != now;
+            if changed {
+                *t = now;
+            }
+            changed
+        });
+        on_apply(&kp);
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = tables.changed() => {
+                if r.is_err() { break }
+                table = tables.borrow_and_update().clone();
+            }
+            r = ejected_rx.changed() => if r.is_err() { break },
+        }
+    }
+    probe_stop.cancel();
+    let _ = prober.await;
+    kp.close()
+}

@@ -1,0 +1,145 @@
+//! The host facts the kernel path needs: this network namespace's cookie, a BPF filesystem
+//! and a cgroup2 mount (found, or mounted where there is none: `ip netns exec` remounts `/sys`,
+//! so an agent started that way sees neither).
+//!
+//! The one `unsafe` call of the kernel path lives here: `getsockopt(SO_NETNS_COOKIE)`, which
+//! neither nix nor socket2 wraps. It writes at most `size_of::<u64>()` bytes into a `u64` we
+//! own, with the length passed alongside.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// `BPF_FS_MAGIC` from `linux/magic.h`.
+const BPF_FS_MAGIC: u32 = 0xcafe_4a11;
+/// `SO_NETNS_COOKIE` from `asm-generic/socket.h` (Linux 5.14).
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The cookie of the calling thread's network namespace, as `bpf_get_netns_cookie()` sees it.
+pub(crate) fn netns_cookie() -> io::Result<u64> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` is a live u64 and `len` its size; the kernel writes at most `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Whether `path` is a mounted BPF filesystem.
+pub(crate) fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::FsType(BPF_FS_MAGIC as _))
+}
+
+/// Mount a BPF filesystem at `path` (created if missing).
+pub(crate) fn mount_bpffs(path: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(path)?;
+    nix::mount::mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Mount the cgroup2 hierarchy at `path` (created if missing).
+pub(crate) fn mount_cgroup2(path: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(path)?;
+    nix::mount::mount(
+        Some("cgroup2"),
+        path,
+        Some("cgroup2"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Unmount `path` (lazily: a process still inside keeps it alive, we do not).
+pub(crate) fn unmount(path: &Path) -> io::Result<()> {
+    nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH).map_err(io::Error::from)
+}
+
+/// The first cgroup2 mount point in `/proc/self/mountinfo` text.
+pub(crate) fn find_cgroup2(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let fstype = right.split(' ').next()?;
+        let mount_point = left.split(' ').nth(4)?;
+        (fstype == "cgroup2").then(|| PathBuf::from(unescape(mount_point)))
+    })
+}
+
+/// Undo mountinfo's octal escapes (`\040` for a space).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && let Some(digits) = b.get(i + 1..i + 4)
+            && let Ok(digits) = std::str::from_utf8(digits)
+            && let Ok(v) = u8::from_str_radix(digits, 8)
+        {
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_cgroup2_mount() {
+        let cases = [
+            (
+                "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
+                 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n",
+                Some("/sys/fs/cgroup/unified"),
+            ),
+            (
+                "29 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n",
+                Some("/sys/fs/cgroup"),
+            ),
+            (
+                "40 31 0:37 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,name=systemd\n",
+                None,
+            ),
+            (
+                "77 1 0:50 / /run/my\\040cg rw - cgroup2 none rw\n",
+                Some("/run/my cg"),
+            ),
+            ("garbage\n\n", None),
+        ];
+        for (text, want) in cases {
+            assert_eq!(find_cgroup2(text), want.map(PathBuf::from), "{text}");
+        }
+    }
+
+    #[test]
+    fn reads_a_netns_cookie() {
+        let a = netns_cookie().unwrap();
+        assert_ne!(a, 0);
+        assert_eq!(netns_cookie().unwrap(), a, "same namespace, same cookie");
+    }
+}
