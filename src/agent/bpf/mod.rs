@@ -18,7 +18,8 @@ mod sys;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +27,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::model::VipTable;
+use crate::model::{VipKey, VipTable};
 
 pub use loader::KernelPath;
 
@@ -96,6 +97,62 @@ pub enum BpfError {
     StillAttached(PathBuf),
 }
 
+/// `--data-plane`: where VIP traffic is forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DataPlane {
+    /// The kernel path where it loads, else the proxy (the reason logged).
+    Auto,
+    /// The kernel path, or fail at start.
+    Bpf,
+    /// The splice proxy only.
+    Proxy,
+}
+
+impl DataPlane {
+    /// Start the data plane `self` asks for: `Some` kernel path, or `None` for the proxy
+    /// alone (the proxy listeners run in every mode). `Bpf` fails where the kernel path
+    /// cannot load; `Auto` logs why and falls back.
+    pub fn start(self, cfg: &BpfConfig) -> Result<Option<KernelPath>, BpfError> {
+        match self {
+            DataPlane::Proxy => Ok(None),
+            DataPlane::Bpf => KernelPath::load(cfg).map(Some),
+            DataPlane::Auto => match KernelPath::load(cfg) {
+                Ok(k) => Ok(Some(k)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "kernel data path unavailable: using the proxy");
+                    Ok(None)
+                }
+            },
+        }
+    }
+}
+
+/// The kernel's counters as of the last apply or refresh, shared with the API.
+#[derive(Debug, Clone, Default)]
+pub struct KernelStats {
+    inner: Arc<std::sync::RwLock<BTreeMap<(VipKey, SocketAddr), KernelCounters>>>,
+}
+
+impl KernelStats {
+    /// Replace the snapshot with what `kp` reads from the kernel now.
+    pub fn refresh(&self, kp: &KernelPath) {
+        let now = kp.counters();
+        *self
+            .inner
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = now;
+    }
+
+    /// The counters of `backend` of `vip`, if the kernel path knows them.
+    pub fn backend(&self, vip: &VipKey, backend: SocketAddr) -> Option<KernelCounters> {
+        self.inner
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(*vip, backend))
+            .copied()
+    }
+}
+
 /// What the kernel counted for one backend of one VIP.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KernelCounters {
@@ -105,15 +162,19 @@ pub struct KernelCounters {
     pub datagrams: u64,
 }
 
-/// Follow `tables` (and health's ejections) until `shutdown`, then detach and unpin. `on_apply`
-/// sees the kernel path after every apply (for counters and the API).
+/// How often [`run`] reads the kernel's counters into [`KernelStats`].
+const STATS_EVERY: Duration = Duration::from_secs(1);
+
+/// Follow `tables` (and health's ejections) until `shutdown`, then detach and unpin. `stats`
+/// gets the kernel's counters after every apply and every [`STATS_EVERY`].
 pub async fn run(
     mut kp: KernelPath,
     cfg: &BpfConfig,
     mut tables: watch::Receiver<Arc<VipTable>>,
-    on_apply: impl Fn(&KernelPath),
+    stats: KernelStats,
     shutdown: CancellationToken,
 ) -> Result<(), BpfError> {
+    let mut refresh = tokio::time::interval(STATS_EVERY);
     let (targets_tx, targets_rx) = watch::channel(HashSet::new());
     let (ejected_tx, mut ejected_rx) = watch::channel(BTreeSet::new());
     let probe_stop = shutdown.child_token();
@@ -125,7 +186,7 @@ pub async fn run(
         probe_stop.clone(),
     ));
     let mut table = tables.borrow_and_update().clone();
-    loop {
+    'outer: loop {
         let ejected = ejected_rx.borrow_and_update().clone();
         let started = std::time::Instant::now();
         match kp.apply(&table, &ejected) {
@@ -146,14 +207,18 @@ pub async fn run(
             }
             changed
         });
-        on_apply(&kp);
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = tables.changed() => {
-                if r.is_err() { break }
-                table = tables.borrow_and_update().clone();
+        stats.refresh(&kp);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break 'outer,
+                r = tables.changed() => {
+                    if r.is_err() { break 'outer }
+                    table = tables.borrow_and_update().clone();
+                    break;
+                }
+                r = ejected_rx.changed() => if r.is_err() { break 'outer } else { break },
+                _ = refresh.tick() => stats.refresh(&kp),
             }
-            r = ejected_rx.changed() => if r.is_err() { break },
         }
     }
     probe_stop.cancel();

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -420,13 +420,15 @@ fn a_dead_backend_stops_getting_connections_within_2s() {
     let (tx, rx) = tokio::sync::watch::channel(table(1, &[(vip, vec![(b1, A), (b2, A)])]));
     let stop = CancellationToken::new();
     let stop2 = stop.clone();
+    let stats = KernelStats::default();
+    let stats2 = stats.clone();
     // The agent (and so its probes) lives in the namespace.
     let driver = ns.spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(run(kp, &cfg, rx, |_| {}, stop2))
+        rt.block_on(run(kp, &cfg, rx, stats2, stop2))
     });
     let va = vip.socket_addr();
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -442,19 +444,26 @@ fn a_dead_backend_stops_getting_connections_within_2s() {
     fd.expect("shutdown listener");
     drop(l1);
     let killed = Instant::now();
-    // From the moment it is ejected, 30 connections in a row all reach b2.
+    // Connect until 30 in a row reach b2; the last one that did not (refused by dead b1)
+    // bounds the time to ejection.
     let mut streak = 0;
+    let mut last_bad = Duration::ZERO;
     while streak < 30 {
         assert!(killed.elapsed() < Duration::from_secs(5), "b1 still chosen");
         match tcp_get(&ns, va) {
             Ok((name, _)) if name == "b2" => streak += 1,
-            _ => streak = 0,
+            _ => {
+                streak = 0;
+                last_bad = killed.elapsed();
+            }
         }
     }
-    // The streak began within 2 s of the kill.
-    let ejected_after = killed.elapsed();
-    eprintln!("dead backend ejected after at most {ejected_after:?}");
-    assert!(ejected_after < Duration::from_secs(2) + Duration::from_millis(500));
+    // Every connection that reached a backend was counted by the kernel (read back every s).
+    std::thread::sleep(Duration::from_millis(1200));
+    let counted = stats.backend(&vip, b2).expect("b2 counted").connections;
+    assert!(counted >= 30, "{counted}");
+    eprintln!("dead backend: last connection sent to it {last_bad:?} after the kill");
+    assert!(last_bad < Duration::from_secs(2), "{last_bad:?}");
     stop.cancel();
     driver.join().unwrap().unwrap();
     drop(tx);
@@ -573,5 +582,125 @@ fn two_agents_in_two_namespaces_serve_their_own() {
     assert!(host.attached().is_empty());
 }
 
-#[allow(dead_code)]
-fn _assert_path(_: &Path) {}
+#[test]
+fn one_backend_change_on_10000_vips_applies_under_1ms() {
+    if !is_root() {
+        return;
+    }
+    let host = Host::new();
+    let ns = Netns::new();
+    let backends: Vec<SocketAddr> = (0..3)
+        .map(|i| format!("198.19.0.{}:8080", i + 1).parse().unwrap())
+        .collect();
+    let vips: Vec<(VipKey, Vec<(SocketAddr, BackendState)>)> = (0..10_000u32)
+        .map(|i| {
+            let ip = std::net::Ipv4Addr::from(0xC612_0000 + i); // 198.18.0.0 + i
+            let k = VipKey {
+                ip: ip.into(),
+                port: 80,
+                protocol: Protocol::Tcp,
+            };
+            (k, backends.iter().map(|b| (*b, A)).collect())
+        })
+        .collect();
+    let t0 = table(1, &vips);
+    let cfg = host.config(&unique("agent"));
+    let mut kp = ns.run(move || KernelPath::load(&cfg).expect("load"));
+    let started = Instant::now();
+    kp.apply(&t0, &BTreeSet::new()).unwrap();
+    let full = started.elapsed();
+    assert_eq!(kp.installed_count(), 10_000);
+
+    // Each round: one VIP gains a fourth backend (or loses it again), sharing every other VIP
+    // with the table before, as tables from the control plane do.
+    let extra: SocketAddr = "198.19.0.9:8080".parse().unwrap();
+    let mut prev = t0;
+    let mut times = Vec::new();
+    for round in 0..41u32 {
+        let k = *prev
+            .vips
+            .keys()
+            .nth((round as usize * 241) % 10_000)
+            .unwrap();
+        let mut next = (*prev).clone();
+        next.version += 1;
+        let mut v = (*next.vips[&k]).clone();
+        if v.backends.iter().any(|b| b.addr == extra) {
+            v.backends.retain(|b| b.addr != extra);
+        } else {
+            v.backends.push(Backend {
+                addr: extra,
+                state: A,
+                app: "/app".into(),
+                task: "app.extra".into(),
+            });
+            v.normalize();
+        }
+        next.vips.insert(k, Arc::new(v));
+        let next = Arc::new(next);
+        let started = Instant::now();
+        let ops = kp.apply(&next, &BTreeSet::new()).unwrap();
+        times.push(started.elapsed());
+        assert!(ops <= 1 + 4 + 1 + 4, "O(change) map operations, got {ops}");
+        assert_eq!(kp.installed(&k).len(), next.vips[&k].backends.len());
+        prev = next;
+    }
+    times.sort();
+    let median = times[times.len() / 2];
+    eprintln!(
+        "10,000 VIPs: first apply {full:?}; one-backend change median {median:?}, max {:?}",
+        times[times.len() - 1]
+    );
+    // The < 1 ms target is for an optimised build (benches/bpf.rs measures it); a debug
+    // build spends most of that walking the 10,000-entry table diff.
+    let bound = if cfg!(debug_assertions) { 20 } else { 1 };
+    assert!(median < Duration::from_millis(bound), "median {median:?}");
+    kp.close().unwrap();
+}
+
+#[test]
+fn connections_via_the_vip_cost_what_direct_ones_cost() {
+    if !is_root() {
+        return;
+    }
+    let host = Host::new();
+    let ns = Netns::new();
+    let vip = key("198.18.0.6:80", Protocol::Tcp);
+    // A backend that accepts and closes.
+    let l = ns.run(|| TcpListener::bind("127.0.0.1:0").expect("bind"));
+    let b = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            drop(s);
+        }
+    });
+    let cfg = host.config(&unique("agent"));
+    let mut kp = ns.run(move || KernelPath::load(&cfg).expect("load"));
+    kp.apply(&table(1, &[(vip, vec![(b, A)])]), &BTreeSet::new())
+        .unwrap();
+    // Connections per second, one client connecting and closing in a loop, 5 runs of 1000
+    // alternating direct and VIP (best of each, as the machine is shared: the ratio has
+    // ranged 0.72-1.10 under load, so only a collapse fails the test).
+    let rate = |to: SocketAddr| {
+        ns.run(move || {
+            let started = Instant::now();
+            for _ in 0..1000 {
+                let s = TcpStream::connect(to).expect("connect");
+                drop(s);
+            }
+            1000.0 / started.elapsed().as_secs_f64()
+        })
+    };
+    let (mut direct, mut via) = (0f64, 0f64);
+    for _ in 0..5 {
+        direct = direct.max(rate(b));
+        via = via.max(rate(vip.socket_addr()));
+    }
+    eprintln!(
+        "new connections/s: direct {direct:.0}, via the VIP (kernel path) {via:.0}, ratio {:.2}",
+        via / direct
+    );
+    assert!(via / direct > 0.6, "direct {direct:.0}/s, VIP {via:.0}/s");
+    assert_eq!(kp.counters()[&(vip, b)].connections, 5000);
+    kp.close().unwrap();
+}
