@@ -189,7 +189,9 @@ pub async fn run(
     'outer: loop {
         let ejected = ejected_rx.borrow_and_update().clone();
         let started = std::time::Instant::now();
-        match kp.apply(&table, &ejected) {
+        let applied = kp.apply(&table, &ejected);
+        let failed = applied.is_err();
+        match applied {
             Ok(ops) => tracing::debug!(
                 version = table.version,
                 ops,
@@ -217,7 +219,12 @@ pub async fn run(
                     break;
                 }
                 r = ejected_rx.changed() => if r.is_err() { break 'outer } else { break },
-                _ = refresh.tick() => stats.refresh(&kp),
+                _ = refresh.tick() => {
+                    stats.refresh(&kp);
+                    if failed {
+                        break; // the maps were cleared: rewrite them whole
+                    }
+                }
             }
         }
     }

@@ -302,9 +302,13 @@ fn tcp_udp_ipv6_translated_and_the_vip_is_the_peer() {
         assert_eq!(c.connections as usize, seen[name], "{b}");
     }
 
-    // IPv6.
+    // IPv6, and a dual-stack socket to the IPv4 VIP's mapped address.
     let (name, peer) = tcp_get(&ns, vip6.socket_addr()).expect("v6");
     assert_eq!((name.as_str(), peer), ("b6", vip6.socket_addr()));
+    let mapped: SocketAddr = "[::ffff:198.18.0.1]:80".parse().unwrap();
+    let (name, peer) = tcp_get(&ns, mapped).expect("v4-mapped");
+    assert!(name == "b1" || name == "b2", "{name}");
+    assert_eq!(peer, mapped);
 
     // Connected and unconnected UDP: replies appear to come from the VIP.
     let uv = uvip.socket_addr();
