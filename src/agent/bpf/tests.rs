@@ -708,3 +708,106 @@ fn connections_via_the_vip_cost_what_direct_ones_cost() {
     assert_eq!(kp.counters()[&(vip, b)].connections, 5000);
     kp.close().unwrap();
 }
+
+/// The agent process of [`restart_after_sigkill_of_a_real_process`]: loads and applies, says
+/// so on stderr, then waits to be killed. Run only by that test (ignored otherwise).
+#[test]
+#[ignore = "run as a child process by restart_after_sigkill_of_a_real_process"]
+fn child_agent_process() {
+    let Ok(spec) = std::env::var("L4LB_BPF_CHILD") else {
+        return;
+    };
+    let parts: Vec<&str> = spec.split('|').collect();
+    let [bpffs, cgroup, instance, vip, backend] = parts[..] else {
+        panic!("bad L4LB_BPF_CHILD {spec}");
+    };
+    let cfg = BpfConfig {
+        instance: instance.into(),
+        cgroup: Some(cgroup.into()),
+        bpffs: bpffs.into(),
+        netns_only: true,
+        ..BpfConfig::default()
+    };
+    let mut kp = KernelPath::load(&cfg).expect("child load");
+    let t = table(
+        1,
+        &[(key(vip, Protocol::Tcp), vec![(backend.parse().unwrap(), A)])],
+    );
+    kp.apply(&t, &BTreeSet::new()).expect("child apply");
+    eprintln!("L4LB_CHILD_READY {}", kp.prog_ids().len());
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+#[test]
+fn restart_after_sigkill_of_a_real_process() {
+    use std::io::BufRead;
+    if !is_root() {
+        return;
+    }
+    let host = Host::new();
+    let ns = Netns::new();
+    let vip = key("198.18.0.7:80", Protocol::Tcp);
+    let (b1, _l1) = tcp_backend(&ns, "127.0.0.1:0", "b1");
+    let instance = unique("agent");
+    let spec = format!(
+        "{}|{}|{instance}|{}|{b1}",
+        host.bpffs.display(),
+        host.cgroup.display(),
+        vip.socket_addr()
+    );
+    // Spawned from inside the namespace, so the child agent lives there.
+    let exe = std::env::current_exe().unwrap();
+    let mut child = ns.run(move || {
+        Command::new(exe)
+            .args([
+                "--ignored",
+                "--exact",
+                "agent::bpf::tests::child_agent_process",
+                "--nocapture",
+            ])
+            .env("L4LB_BPF_CHILD", spec)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn the child agent")
+    });
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let ready = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("L4LB_CHILD_READY"));
+    assert_eq!(ready.as_deref(), Some("L4LB_CHILD_READY 8"));
+    let before = host.attached();
+    assert_eq!(before.len(), 8);
+    assert_eq!(tcp_get(&ns, vip.socket_addr()).unwrap().0, "b1");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        host.attached(),
+        before,
+        "pinned links outlive the killed agent"
+    );
+    assert_eq!(
+        tcp_get(&ns, vip.socket_addr()).unwrap().0,
+        "b1",
+        "and keep translating"
+    );
+
+    let cfg = host.config(&instance);
+    let kp = ns.run(move || KernelPath::load(&cfg).expect("restart"));
+    let after = host.attached();
+    assert_eq!(after.len(), 8, "{after:?}");
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "old programs detached: {after:?}"
+    );
+    kp.close().unwrap();
+    assert!(host.attached().is_empty());
+    assert!(!host.bpffs.join("l4lb").exists());
+}
