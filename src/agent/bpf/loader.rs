@@ -236,6 +236,11 @@ impl KernelPath {
         self.planner.installed(vip)
     }
 
+    /// VIPs with active backends left to the proxy because the maps are full.
+    pub fn over_capacity(&self) -> usize {
+        self.planner.over_capacity()
+    }
+
     /// Number of VIPs the kernel translates.
     pub fn installed_count(&self) -> usize {
         self.planner.installed_count()

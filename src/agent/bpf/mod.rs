@@ -189,8 +189,15 @@ pub async fn run(
     'outer: loop {
         let ejected = ejected_rx.borrow_and_update().clone();
         let started = std::time::Instant::now();
+        let waiting_before = kp.over_capacity();
         let applied = kp.apply(&table, &ejected);
         let failed = applied.is_err();
+        if kp.over_capacity() != waiting_before && kp.over_capacity() > 0 {
+            tracing::warn!(
+                vips = kp.over_capacity(),
+                "kernel maps full: these VIPs stay with the proxy"
+            );
+        }
         match applied {
             Ok(ops) => tracing::debug!(
                 version = table.version,

@@ -17,6 +17,10 @@ use crate::model::{BackendState, VipKey, VipTable, diff};
 
 /// Entries of the `counters` map (`MAX_COUNTERS` in the C source).
 pub(crate) const MAX_COUNTERS: u32 = 65536;
+/// Entries of the `services` map (`MAX_SERVICES`).
+pub(crate) const MAX_SERVICES: usize = 65536;
+/// Entries of the `backends` map (`MAX_BACKENDS`).
+pub(crate) const MAX_SLOTS: usize = 262_144;
 /// The counter index of a backend when every counter is taken: the programs' lookup fails
 /// and nothing is counted.
 pub(crate) const NO_COUNTER: u32 = u32::MAX;
@@ -67,9 +71,33 @@ struct Installed {
     backends: Vec<SocketAddr>,
 }
 
+/// How many entries the maps take. A VIP that does not fit stays with the proxy (no service
+/// entry) instead of failing the writes of every VIP.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) services: usize,
+    /// Backend slots, counting a new set written beside the one it replaces.
+    pub(crate) slots: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            services: MAX_SERVICES,
+            slots: MAX_SLOTS,
+        }
+    }
+}
+
 /// The planner's record of what the maps hold.
 #[derive(Debug, Default)]
 pub(crate) struct Planner {
+    limits: Limits,
+    /// Backend slots written (sum of installed sets).
+    slots: usize,
+    /// VIPs with active backends left to the proxy because the maps were full: looked at
+    /// again by every plan, so they move in when room is made.
+    waiting: BTreeSet<VipKey>,
     table: Arc<VipTable>,
     ejected: BTreeSet<SocketAddr>,
     installed: HashMap<VipKey, Installed>,
@@ -81,6 +109,19 @@ pub(crate) struct Planner {
 }
 
 impl Planner {
+    #[cfg(test)]
+    pub(crate) fn with_limits(limits: Limits) -> Planner {
+        Planner {
+            limits,
+            ..Planner::default()
+        }
+    }
+
+    /// VIPs left to the proxy because the maps are full.
+    pub(crate) fn over_capacity(&self) -> usize {
+        self.waiting.len()
+    }
+
     /// The counter index of `backend` of `vip`, if it has one.
     #[cfg(test)]
     pub(crate) fn counter(&self, vip: &VipKey, backend: SocketAddr) -> Option<u32> {
@@ -154,6 +195,7 @@ impl Planner {
             }
         }
 
+        touched.extend(std::mem::take(&mut self.waiting));
         let mut free_sets = Vec::new();
         for k in touched {
             let want: Vec<SocketAddr> = table.vips.get(&k).map_or_else(Vec::new, |v| {
@@ -168,10 +210,17 @@ impl Planner {
                 continue;
             }
             let old = self.installed.remove(&k);
-            let new_set = if want.is_empty() {
+            // The new set is written while the old one still stands.
+            let fits = self.slots + want.len() <= self.limits.slots
+                && (old.is_some() || self.installed.len() < self.limits.services);
+            if !want.is_empty() && !fits {
+                self.waiting.insert(k);
+            }
+            let new_set = if want.is_empty() || !fits {
                 ops.push(Op::DelService { vip: k });
                 None
             } else if let Some(set) = self.sets.take(u32::MAX) {
+                self.slots += want.len();
                 for (slot, addr) in want.iter().enumerate() {
                     ops.push(Op::PutBackend {
                         set,
@@ -198,6 +247,7 @@ impl Planner {
                 None
             };
             if let Some(o) = old {
+                self.slots -= o.backends.len();
                 for slot in 0..o.backends.len() {
                     ops.push(Op::DelBackend {
                         set: o.set,

@@ -2,6 +2,7 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 
+use super::Limits;
 use super::*;
 use crate::model::test_util::backend;
 use crate::model::{Protocol, Vip};
@@ -221,6 +222,45 @@ fn counters_survive_state_changes_and_are_freed_with_their_backend() {
     );
 }
 
+#[test]
+fn vips_that_do_not_fit_stay_with_the_proxy_until_room_is_made() {
+    let (t1, t2, t3) = (
+        key(1, Protocol::Tcp),
+        key(2, Protocol::Tcp),
+        key(3, Protocol::Tcp),
+    );
+    let mut p = Planner::with_limits(Limits {
+        services: 2,
+        slots: 4,
+    });
+    let mut maps = Maps::default();
+    let any = |_: &VipKey, _: &SocketAddr| true;
+    let none = BTreeSet::new();
+    let three = Arc::new(VipTable::new(
+        1,
+        [
+            vip(t1, &[(A, Active), (B, Active)]),
+            vip(t2, &[(A, Active)]),
+            vip(t3, &[(C, Active)]),
+        ],
+    ));
+    maps.apply(&p.plan(&three, &none), &any);
+    assert_eq!(maps.services.len(), 2, "two services fit");
+    assert_eq!(p.over_capacity(), 1);
+    // A set that would not fit beside the one it replaces is not written: the VIP goes to
+    // the proxy rather than to a half-written set.
+    let installed: Vec<VipKey> = maps.services.keys().copied().collect();
+    assert!(installed.len() == 2 && maps.backends.len() <= 4);
+    // Room made by removing t1: the waiting VIP moves in.
+    let two = Arc::new(VipTable::new(
+        2,
+        [vip(t2, &[(A, Active)]), vip(t3, &[(C, Active)])],
+    ));
+    maps.apply(&p.plan(&two, &none), &any);
+    assert_eq!(maps.view(), want(&two, &none));
+    assert_eq!(p.over_capacity(), 0);
+}
+
 fn arb_table() -> impl Strategy<Value = Vec<Vip>> {
     let addrs = [
         "198.18.1.1:80",
@@ -289,6 +329,37 @@ proptest! {
             prop_assert_eq!(ids.len(), n, "counter ids unique");
             prop_assert_eq!(n, table.backend_count());
             prev_want = now_want;
+        }
+    }
+}
+
+proptest! {
+    /// With maps too small for the tables: never more entries than the maps hold (a new set
+    /// counted beside the old one), every installed VIP has exactly its active backends, and
+    /// every VIP with active backends is either installed or counted as waiting.
+    #[test]
+    fn maps_never_overflow(
+        services in 1usize..4,
+        slots in 1usize..8,
+        steps in prop::collection::vec((arb_table(), arb_ejected()), 1..8),
+    ) {
+        let mut p = Planner::with_limits(Limits { services, slots });
+        let mut maps = Maps::default();
+        for (i, (vips, ejected)) in steps.into_iter().enumerate() {
+            let table = Arc::new(VipTable::new(i as u64 + 1, vips).share_with(&p.table));
+            let now_want = want(&table, &ejected);
+            let ops = p.plan(&table, &ejected);
+            let mut peak = maps.backends.len();
+            for op in &ops {
+                maps.apply(std::slice::from_ref(op), &|_, _| true);
+                peak = peak.max(maps.backends.len());
+                prop_assert!(maps.services.len() <= services);
+            }
+            prop_assert!(peak <= slots, "{peak} slots > {slots}");
+            for (k, addrs) in maps.view() {
+                prop_assert_eq!(Some(&addrs), now_want.get(&k));
+            }
+            prop_assert_eq!(maps.services.len() + p.over_capacity(), now_want.len());
         }
     }
 }
