@@ -295,7 +295,10 @@ impl KernelPath {
         }
         drop(_ebpf);
         for m in mounted.iter().rev() {
-            let _ = sys::unmount(m);
+            // A BPF filesystem another instance still pins into stays mounted.
+            if !m.join("l4lb").exists() {
+                let _ = sys::unmount(m);
+            }
         }
         tracing::info!(pins = %pin_dir.display(), "kernel data path detached");
         match first_err {

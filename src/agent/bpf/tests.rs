@@ -811,3 +811,26 @@ fn restart_after_sigkill_of_a_real_process() {
     assert!(host.attached().is_empty());
     assert!(!host.bpffs.join("l4lb").exists());
 }
+
+#[test]
+fn mounts_a_bpf_filesystem_where_none_is_and_unmounts_it() {
+    if !is_root() {
+        return;
+    }
+    let host = Host::new();
+    let ns = Netns::new();
+    let dir = std::env::temp_dir().join(unique("nobpffs"));
+    std::fs::create_dir(&dir).unwrap();
+    assert!(!sys::is_bpffs(&dir));
+    let mut cfg = host.config(&unique("agent"));
+    cfg.bpffs = dir.clone();
+    let kp = ns.run(move || KernelPath::load(&cfg).expect("load"));
+    assert!(sys::is_bpffs(&dir), "mounted");
+    assert!(kp.pin_dir().starts_with(&dir));
+    assert!(kp.pin_dir().join("map_services").exists());
+    assert_eq!(host.attached().len(), 8);
+    kp.close().unwrap();
+    assert!(!sys::is_bpffs(&dir), "unmounted at close");
+    assert!(host.attached().is_empty());
+    std::fs::remove_dir(&dir).unwrap();
+}
