@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::agent::bpf::{KernelMetrics, KernelStats};
 use crate::agent::dns::{DnsCatalog, DnsMetrics, resolv};
 use crate::agent::forward::{ForwardMetrics, ForwardStats, Forwarder};
 use crate::agent::netif::{InterfaceKind, Netif, NetifError};
@@ -375,16 +376,31 @@ async fn open_netif(cfg: &NodeConfig) -> Result<Netif, AppError> {
     Ok(netif)
 }
 
-/// Adapts the forwarder's counters to the API's view.
-struct ForwardCounters(ForwardStats);
+/// Adapts the forwarder's counters, and the kernel path's when it runs, to the API's view.
+struct ForwardCounters(ForwardStats, Option<KernelStats>);
 
 impl BackendStats for ForwardCounters {
     fn backend(&self, vip: &VipKey, addr: std::net::SocketAddr) -> Option<BackendCounters> {
-        self.0.backend(vip, addr).map(|s| BackendCounters {
-            connections: s.active_connections,
-            bytes: s.bytes,
-            ejected: s.ejected,
-        })
+        let mut c = self
+            .0
+            .backend(vip, addr)
+            .map(|s| BackendCounters {
+                connections: s.active_connections,
+                bytes: s.bytes,
+                ejected: s.ejected,
+                kernel_connections: None,
+            })
+            .unwrap_or_default();
+        c.kernel_connections = self
+            .1
+            .as_ref()
+            .map(|k| k.backend(vip, addr).map_or(0, |k| k.connections));
+        Some(c)
+    }
+
+    fn data_plane(&self, vip: &VipKey) -> Option<&'static str> {
+        let k = self.1.as_ref()?;
+        Some(if k.translates(vip) { "bpf" } else { "proxy" })
     }
 }
 
@@ -525,9 +541,35 @@ async fn node(
     let agent = Agent::new(netif, forwarder, catalog.clone(), agent_metrics);
     let applied = agent.applied();
 
+    // The kernel path, where asked for and where it loads; the proxy runs in every mode.
+    let kernel = cfg
+        .data_plane
+        .start(&cfg.bpf)
+        .map_err(|e| AppError::Privilege(format!("--data-plane bpf: {e}")))?;
+    let plane = if kernel.is_some() { "bpf" } else { "proxy" };
+    tracing::info!(data_plane = plane, requested = ?cfg.data_plane, "data plane chosen");
+    let kernel_stats = KernelStats::with_metrics(KernelMetrics::new(&mut reg, plane));
+    if let Some(kp) = kernel {
+        let bpf_cfg = cfg.bpf.clone();
+        let (applied, ks, stop) = (
+            applied.clone(),
+            kernel_stats.clone(),
+            tasks.shutdown.clone(),
+        );
+        tasks.spawn(
+            "kernel data path",
+            async move {
+                crate::agent::bpf::run(kp, &bpf_cfg, applied, ks, stop).await?;
+                Ok(())
+            }
+            .instrument(tracing::info_span!("bpf")),
+        );
+    }
+
     let ready = Readiness::default();
-    let state = api_state(applied.clone(), reg, &ready, api_cfg)
-        .with_stats(Arc::new(ForwardCounters(stats)));
+    let state = api_state(applied.clone(), reg, &ready, api_cfg).with_stats(Arc::new(
+        ForwardCounters(stats, (plane == "bpf").then_some(kernel_stats)),
+    ));
     start_api(&mut tasks, api_cfg, state).await?;
     let dns_stop = tasks.serving_stop.clone();
     tasks.spawn_serving(

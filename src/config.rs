@@ -14,6 +14,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use reqwest::Url;
 
+use crate::agent::bpf::{BpfConfig, DataPlane};
 use crate::agent::dns::DnsConfig;
 use crate::agent::forward::ForwardConfig;
 use crate::agent::netif::InterfaceKind;
@@ -296,6 +297,27 @@ pub struct AgentArgs {
     /// On SIGTERM, let open connections finish for this long.
     #[arg(long, env = "L4LB_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "10s")]
     pub shutdown_grace: Duration,
+    /// Where VIP connections go: `proxy` (the splice forwarder), `bpf` (translated inside
+    /// connect()/sendmsg() by eBPF programs; fail with exit 2 where they cannot load) or
+    /// `auto` (bpf where it loads, else proxy). The proxy listeners run in every mode.
+    #[arg(long, env = "L4LB_DATA_PLANE", default_value = "proxy")]
+    pub data_plane: DataPlane,
+    /// cgroup2 directory the kernel path attaches to (default: the cgroup2 root, mounted at
+    /// /run/l4lb/cgroup2 where none is mounted).
+    #[arg(long, env = "L4LB_CGROUP")]
+    pub cgroup: Option<PathBuf>,
+    /// Kernel path: act only on sockets of this agent's network namespace (for several
+    /// agents on one kernel, each in its namespace; off on a real host, where containers in
+    /// their own namespaces must be served too).
+    #[arg(long, env = "L4LB_BPF_NETNS_ONLY")]
+    pub bpf_netns_only: bool,
+    /// Kernel path: names its pin directory /sys/fs/bpf/l4lb/<instance> (unique per agent
+    /// on one kernel).
+    #[arg(long, env = "L4LB_BPF_INSTANCE", default_value = "default")]
+    pub bpf_instance: String,
+    /// Kernel path: how often each TCP backend is probed (a connect, then close).
+    #[arg(long, env = "L4LB_BPF_PROBE_INTERVAL", value_parser = parse_duration, default_value = "500ms")]
+    pub bpf_probe_interval: Duration,
 }
 
 /// Invalid configuration (exit 64).
@@ -553,6 +575,43 @@ impl AgentArgs {
                 max_udp_sessions: at_least_one("--max-udp-sessions", self.max_udp_sessions)?,
             },
             shutdown_grace: self.shutdown_grace,
+            data_plane: self.data_plane,
+            bpf: self.bpf_config()?,
+        })
+    }
+}
+
+impl AgentArgs {
+    fn bpf_config(&self) -> Result<BpfConfig, ConfigError> {
+        let i = &self.bpf_instance;
+        if i.is_empty()
+            || i.len() > 64
+            || i == "."
+            || i == ".."
+            || !i
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "--bpf-instance {i:?}: 1 to 64 of [A-Za-z0-9._-], not . or .."
+            )));
+        }
+        if self.data_plane != DataPlane::Proxy
+            && let Some(cg) = &self.cgroup
+            && !cg.is_dir()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "--cgroup {}: not a directory",
+                cg.display()
+            )));
+        }
+        Ok(BpfConfig {
+            instance: i.clone(),
+            cgroup: self.cgroup.clone(),
+            netns_only: self.bpf_netns_only,
+            probe_interval: positive("--bpf-probe-interval", self.bpf_probe_interval)?,
+            probe_timeout: self.connect_timeout,
+            ..BpfConfig::default()
         })
     }
 }
@@ -673,6 +732,8 @@ pub struct NodeConfig {
     pub dns: DnsConfig,
     pub forward: ForwardConfig,
     pub shutdown_grace: Duration,
+    pub data_plane: DataPlane,
+    pub bpf: BpfConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -794,6 +855,51 @@ mod tests {
         };
         assert!(matches!(&auth, Auth::Basic { password, .. } if password.expose() == "hunter2"));
         assert!(!format!("{auth:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn data_plane_flags() {
+        let node = |extra: &[&str]| {
+            let mut args = vec!["l4lb", "agent", "--controller", "http://c1:62080"];
+            args.extend_from_slice(extra);
+            let cli = Cli::try_parse_from(args).unwrap();
+            let Command::Agent(a) = cli.command else {
+                panic!()
+            };
+            a.validate().map(|c| c.node)
+        };
+        let n = node(&[]).unwrap();
+        assert_eq!(n.data_plane, DataPlane::Proxy, "the proxy unless asked");
+        assert_eq!(n.bpf.instance, "default");
+        assert!(!n.bpf.netns_only);
+        let n = node(&[
+            "--data-plane",
+            "bpf",
+            "--bpf-netns-only",
+            "--bpf-instance",
+            "h1",
+            "--cgroup",
+            "/",
+        ])
+        .unwrap();
+        assert_eq!(n.data_plane, DataPlane::Bpf);
+        assert_eq!(n.bpf.instance, "h1");
+        assert_eq!(n.bpf.cgroup.as_deref(), Some(std::path::Path::new("/")));
+        assert!(n.bpf.netns_only);
+        for bad in [
+            &["--bpf-instance", ""][..],
+            &["--bpf-instance", ".."],
+            &["--bpf-instance", "a/b"],
+            &["--data-plane", "auto", "--cgroup", "/nonexistent/l4lb"],
+            &["--bpf-probe-interval", "0s"],
+        ] {
+            assert!(
+                matches!(node(bad), Err(ConfigError::Invalid(_))),
+                "{bad:?} accepted"
+            );
+        }
+        // A --cgroup the proxy never uses is not checked.
+        assert!(node(&["--cgroup", "/nonexistent/l4lb"]).is_ok());
     }
 
     #[test]

@@ -31,11 +31,18 @@ pub struct BackendCounters {
     pub connections: u64,
     pub bytes: u64,
     pub ejected: bool,
+    /// Connections the kernel path sent to it, when it runs.
+    pub kernel_connections: Option<u64>,
 }
 
 /// Where an agent's API reads per-backend counters from.
 pub trait BackendStats: Send + Sync {
     fn backend(&self, vip: &VipKey, addr: SocketAddr) -> Option<BackendCounters>;
+
+    /// `bpf` or `proxy`: what serves `vip` (`None`: not said).
+    fn data_plane(&self, _vip: &VipKey) -> Option<&'static str> {
+        None
+    }
 }
 
 /// The readiness latch behind `/ready`: starting → ready (once) → draining (for good). Its
@@ -384,6 +391,7 @@ fn agent_body(table: &VipTable, stats: &dyn BackendStats) -> Vec<u8> {
         .into_iter()
         .map(|v| {
             let mut j = VipJson::from_vip(v);
+            j.data_plane = stats.data_plane(&v.key).map(str::to_string);
             for b in &mut j.backend {
                 let c = stats
                     .backend(&v.key, SocketAddr::new(b.ip, b.port))
@@ -391,6 +399,7 @@ fn agent_body(table: &VipTable, stats: &dyn BackendStats) -> Vec<u8> {
                 b.connections = Some(c.connections);
                 b.bytes = Some(c.bytes);
                 b.ejected = Some(c.ejected);
+                b.kernel_connections = c.kernel_connections;
             }
             j
         })

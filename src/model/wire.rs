@@ -43,6 +43,9 @@ pub struct VipJson {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip6: Option<IpAddr>,
     pub port: u16,
+    /// Agent only: `bpf` when the kernel path translates this VIP, `proxy` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_plane: Option<String>,
     pub backend: Vec<BackendJson>,
 }
 
@@ -63,6 +66,10 @@ pub struct BackendJson {
     /// Agent only: the backend is ejected by passive health checks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ejected: Option<bool>,
+    /// Agent with the kernel path only: connections it sent to this backend (opened, not open:
+    /// the kernel path does not see them close).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_connections: Option<u64>,
 }
 
 impl VipJson {
@@ -76,6 +83,7 @@ impl VipJson {
             ip: v.key.ip,
             ip6: None,
             port: v.key.port,
+            data_plane: None,
             backend: v
                 .backends
                 .iter()
@@ -88,6 +96,7 @@ impl VipJson {
                     connections: None,
                     bytes: None,
                     ejected: None,
+                    kernel_connections: None,
                 })
                 .collect(),
         }

@@ -488,3 +488,48 @@ fn the_demo_runs_clean() {
         }
     }
 }
+
+/// `--data-plane bpf` where the programs cannot attach (here: `--cgroup` is not a cgroup) is a
+/// one-line error and exit 2; `auto` says why and serves with the proxy. Run in a private mount
+/// namespace, as the agent mounts a BPF filesystem where none is.
+#[test]
+fn data_plane_bpf_that_cannot_load_exits_2_and_auto_falls_back() {
+    skip_unless_root!();
+    let agent = |plane: &str| {
+        let mut cmd = Command::new("unshare");
+        cmd.args(["-m", "--propagation", "private", BIN]).args([
+            "agent",
+            "--controller",
+            "http://127.0.0.1:1",
+            "--interface-kind",
+            "none",
+            "--dns-listen",
+            "127.0.0.1:0",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--data-plane",
+            plane,
+            "--cgroup",
+            "/proc",
+        ]);
+        cmd
+    };
+    let out = agent("bpf").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("l4lb: --data-plane bpf: BPF program l4lb_connect4:"),
+        "{err}"
+    );
+
+    let p = Proc::spawn("l4lb auto", agent("auto"));
+    p.log()
+        .wait_for("data plane chosen", Duration::from_secs(20));
+    let line = p
+        .log()
+        .wait_for("data plane chosen", Duration::from_secs(1));
+    assert!(line.contains("data_plane=\"proxy\""), "{line}");
+    p.log()
+        .wait_for("kernel data path unavailable", Duration::from_secs(1));
+}

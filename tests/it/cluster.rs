@@ -860,3 +860,84 @@ fn s11_task_names_follow_marathon_on_every_agent() {
         });
     }
 }
+
+/// Scenario 12: the kernel data path (`--data-plane bpf`, each agent restricted to its own
+/// namespace's sockets, as several agents share this kernel): every host reaches every backend
+/// through the VIP with no proxy in the path, the API says `bpf` and counts the connections,
+/// and a backend killed without Marathon knowing stops getting connections within 2 s.
+#[test]
+fn s12_kernel_data_path() {
+    skip_unless_root!();
+    let mut spec = ClusterSpec::new(2, 1);
+    spec.extra_agent_args = ["--data-plane", "bpf", "--bpf-netns-only"]
+        .map(String::from)
+        .to_vec();
+    let mut c = Cluster::start("s12", spec);
+    let mut procs = Vec::new();
+    let mut tasks = Vec::new();
+    let mut want = Vec::new();
+    let mut names = BTreeSet::new();
+    for (h, port) in [(0usize, 31001u16), (1, 31001), (1, 31002)] {
+        let name = format!("host{}-port{port}", h + 1);
+        procs.push(c.socat_backend(h, port, &name));
+        names.insert(name);
+        tasks.push((c.next_task_no(), c.hosts[h].ip, port, "TASK_RUNNING"));
+        want.push((SocketAddr::from((c.hosts[h].ip, port)), "active"));
+    }
+    c.deploy(app("/web", &["/web:80"], "tcp", &tasks));
+    let web = named("web", 80);
+    c.wait_backends(&web, &want);
+    let vip = c.vip_addr(0, &web);
+    for h in 0..2 {
+        let mut seen = BTreeMap::<String, usize>::new();
+        for _ in 0..30 {
+            let body = c
+                .curl(h, vip)
+                .unwrap_or_else(|e| panic!("host {}: {e}", h + 1));
+            *seen.entry(body).or_default() += 1;
+        }
+        println!("host {} -> {vip} (kernel path): {seen:?}", h + 1);
+        let got: BTreeSet<String> = seen.keys().cloned().collect();
+        assert_eq!(got, names, "host {}", h + 1);
+    }
+    // The API says which data plane serves the VIP and what the kernel counted (read back
+    // every second).
+    wait_for("kernel counters in /v1/vips", 5 * SEC, SEC / 10, || {
+        let vips = c.agent_vips(0)?;
+        let v = find_vip(&vips, &web)?;
+        if v["data_plane"] != "bpf" {
+            return None;
+        }
+        let n: u64 = v["backend"]
+            .as_array()?
+            .iter()
+            .filter_map(|b| b["kernel_connections"].as_u64())
+            .sum();
+        (n >= 30).then_some(n)
+    });
+
+    // Kill host 2's first backend without telling Marathon: within 2 s (probes every
+    // 500 ms) no connection goes to it.
+    procs[1].kill();
+    let killed = Instant::now();
+    let mut last_failure = Duration::ZERO;
+    let mut ok_in_a_row = 0;
+    while ok_in_a_row < 30 {
+        assert!(
+            killed.elapsed() < 10 * SEC,
+            "the dead backend is still chosen"
+        );
+        match c.curl((ok_in_a_row % 2) as usize, vip) {
+            Ok(body) if body != "host2-port31001" => ok_in_a_row += 1,
+            _ => {
+                ok_in_a_row = 0;
+                last_failure = killed.elapsed();
+            }
+        }
+    }
+    println!("dead backend: last connection sent to it {last_failure:?} after the kill");
+    assert!(last_failure < 2 * SEC, "{last_failure:?}");
+    for p in procs {
+        c.keep(p);
+    }
+}

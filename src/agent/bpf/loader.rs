@@ -241,6 +241,11 @@ impl KernelPath {
         self.planner.over_capacity()
     }
 
+    /// The VIPs the kernel translates.
+    pub fn translated(&self) -> impl Iterator<Item = &VipKey> {
+        self.planner.translated()
+    }
+
     /// Number of VIPs the kernel translates.
     pub fn installed_count(&self) -> usize {
         self.planner.installed_count()
@@ -296,8 +301,9 @@ impl KernelPath {
         drop(_ebpf);
         for m in mounted.iter().rev() {
             // A BPF filesystem another instance still pins into stays mounted.
-            if !m.join("l4lb").exists() {
-                let _ = sys::unmount(m);
+            if !m.join("l4lb").exists() && sys::unmount(m).is_ok() {
+                // The mount point was made for it (fails harmlessly where it was not ours).
+                let _ = std::fs::remove_dir(m);
             }
         }
         tracing::info!(pins = %pin_dir.display(), "kernel data path detached");

@@ -24,6 +24,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -75,20 +79,20 @@ pub enum BpfError {
     },
     #[error("cannot read this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14): {0}")]
     NetnsCookie(std::io::Error),
-    #[error("cannot load the BPF object: {0}")]
+    #[error("cannot load the BPF object: {}", chain(.0.as_ref()))]
     Load(Box<aya::EbpfError>),
     #[error("the BPF object has no {0}")]
     Missing(&'static str),
-    #[error("BPF program {name}: {source}")]
+    #[error("BPF program {name}: {}", chain(source))]
     Program {
         name: &'static str,
         source: aya::programs::ProgramError,
     },
-    #[error("BPF link of {0}: {1}")]
+    #[error("BPF link of {}: {}", .0, chain(.1))]
     Link(&'static str, aya::programs::links::LinkError),
-    #[error("cannot pin {0}: {1}")]
+    #[error("cannot pin {}: {}", .0, chain(.1))]
     Pin(&'static str, aya::pin::PinError),
-    #[error("BPF map {name}: {source}")]
+    #[error("BPF map {name}: {}", chain(source))]
     Map {
         name: &'static str,
         source: aya::maps::MapError,
@@ -127,20 +131,106 @@ impl DataPlane {
     }
 }
 
-/// The kernel's counters as of the last apply or refresh, shared with the API.
+/// `[("vip", …), ("backend", …)]`: the labels of the kernel path's per-backend counters.
+type VipBackendLabels = [(&'static str, String); 2];
+
+/// The kernel path's metrics: which data plane runs, and what the kernel counted.
+#[derive(Debug, Clone)]
+pub struct KernelMetrics {
+    connections: Family<VipBackendLabels, Counter>,
+    datagrams: Family<VipBackendLabels, Counter>,
+    translated: Gauge,
+}
+
+impl KernelMetrics {
+    /// Register under `registry`, with `data_plane{plane}` set to 1 for `plane`.
+    pub fn new(registry: &mut Registry, plane: &'static str) -> Self {
+        let info: Family<[(&'static str, &'static str); 1], Gauge> = Family::default();
+        info.get_or_create(&[("plane", plane)]).set(1);
+        registry.register(
+            "data_plane",
+            "The data plane this agent runs (bpf: kernel path and proxy; proxy: proxy only)",
+            info,
+        );
+        let m = KernelMetrics {
+            connections: Family::default(),
+            datagrams: Family::default(),
+            translated: Gauge::default(),
+        };
+        registry.register(
+            "bpf_connections",
+            "Connections (TCP, connected UDP) the kernel path sent to a backend",
+            m.connections.clone(),
+        );
+        registry.register(
+            "bpf_datagrams",
+            "Unconnected UDP datagrams the kernel path sent to a backend",
+            m.datagrams.clone(),
+        );
+        registry.register(
+            "bpf_vips_translated",
+            "VIPs the kernel path translates (the others go to the proxy)",
+            m.translated.clone(),
+        );
+        m
+    }
+}
+
+#[derive(Debug, Default)]
+struct Snapshot {
+    counters: BTreeMap<(VipKey, SocketAddr), KernelCounters>,
+    translated: BTreeSet<VipKey>,
+}
+
+/// The kernel's counters as of the last apply or refresh, shared with the API (and, given
+/// [`KernelMetrics`], added to them).
 #[derive(Debug, Clone, Default)]
 pub struct KernelStats {
-    inner: Arc<std::sync::RwLock<BTreeMap<(VipKey, SocketAddr), KernelCounters>>>,
+    inner: Arc<std::sync::RwLock<Snapshot>>,
+    metrics: Option<KernelMetrics>,
 }
 
 impl KernelStats {
+    pub fn with_metrics(metrics: KernelMetrics) -> Self {
+        KernelStats {
+            inner: Arc::default(),
+            metrics: Some(metrics),
+        }
+    }
+
     /// Replace the snapshot with what `kp` reads from the kernel now.
     pub fn refresh(&self, kp: &KernelPath) {
-        let now = kp.counters();
-        *self
+        let now = Snapshot {
+            counters: kp.counters(),
+            translated: kp.translated().copied().collect(),
+        };
+        let mut snap = self
             .inner
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = now;
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(m) = &self.metrics {
+            for ((k, a), c) in &now.counters {
+                let old = snap.counters.get(&(*k, *a)).copied().unwrap_or_default();
+                // A counter that went down was reused for a new backend: count it from 0.
+                let delta = |new: u64, old: u64| if new >= old { new - old } else { new };
+                let labels = [("vip", k.to_string()), ("backend", a.to_string())];
+                m.connections
+                    .get_or_create(&labels)
+                    .inc_by(delta(c.connections, old.connections));
+                m.datagrams
+                    .get_or_create(&labels)
+                    .inc_by(delta(c.datagrams, old.datagrams));
+            }
+            for (k, a) in snap.counters.keys() {
+                if !now.counters.contains_key(&(*k, *a)) {
+                    let labels = [("vip", k.to_string()), ("backend", a.to_string())];
+                    m.connections.remove(&labels);
+                    m.datagrams.remove(&labels);
+                }
+            }
+            m.translated.set(now.translated.len() as i64);
+        }
+        *snap = now;
     }
 
     /// The counters of `backend` of `vip`, if the kernel path knows them.
@@ -148,9 +238,31 @@ impl KernelStats {
         self.inner
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .counters
             .get(&(*vip, backend))
             .copied()
     }
+
+    /// Whether the kernel path translates `vip` (else the proxy serves it).
+    pub fn translates(&self, vip: &VipKey) -> bool {
+        self.inner
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .translated
+            .contains(vip)
+    }
+}
+
+/// `e` and its causes, `: `-separated (aya's errors keep the OS error in their source).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 /// What the kernel counted for one backend of one VIP.

@@ -138,6 +138,11 @@ impl Planner {
             .map_or(&[], |i| i.backends.as_slice())
     }
 
+    /// The VIPs with a service entry.
+    pub(crate) fn translated(&self) -> impl Iterator<Item = &VipKey> {
+        self.installed.keys()
+    }
+
     /// Number of VIPs with a service entry.
     pub(crate) fn installed_count(&self) -> usize {
         self.installed.len()
