@@ -207,6 +207,28 @@ for i in $(seq 1 100); do
     sleep 0.1
 done
 grep -q "first table applied; ready" "$WORK/l4lb.log" || die "l4lb not ready: $(tail -5 "$WORK/l4lb.log")"
+# l4lb bpf: the same apps on 198.18.5.7, served by the kernel data path (programs attached to
+# the cgroup2 root, acting only on this client namespace's sockets). BENCH_NO_BPF=1 skips it;
+# where the kernel path cannot load, the column stays empty.
+HAVE_BPF=
+if [ -z "${BENCH_NO_BPF:-}" ]; then
+    sed 's/198\.18\.5\.5/198.18.5.7/g' "$WORK/apps.json" >"$WORK/apps-bpf.json"
+    start l4lb-bpf "$NSC" "$PROXY_CPU" env RUST_LOG=warn,l4lb=info "$L4LB" --worker-threads 1 run \
+        --apps-file "$WORK/apps-bpf.json" --interface l4lbbpf --interface-kind auto \
+        --api-listen 127.0.0.1:62082 --dns-listen 127.0.0.1:5474 --vip-cidr 198.18.32.0/19 \
+        --data-plane bpf --bpf-netns-only --bpf-instance "bench-$$"
+    for i in $(seq 1 100); do
+        grep -q "first table applied; ready" "$WORK/l4lb-bpf.log" 2>/dev/null && break
+        kill -0 "$(pid_of l4lb-bpf)" 2>/dev/null || break
+        sleep 0.1
+    done
+    if grep -q "first table applied; ready" "$WORK/l4lb-bpf.log" 2>/dev/null; then
+        HAVE_BPF=1
+        sleep 1 # the kernel path follows the applied table
+    else
+        log "l4lb bpf not started: $(tail -2 "$WORK/l4lb-bpf.log")"
+    fi
+fi
 BASE=${BENCH_BASE:-}
 if [ -n "$BASE" ]; then
     [ -x "$BASE" ] || die "BENCH_BASE: no executable $BASE"
@@ -323,10 +345,11 @@ perf_off() {
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$RES"; log "$1 $2: $3 $4"; }
 L() { C taskset -c "$LOAD_CPU" "$@"; }
 
-declare -A TCP_DST=([direct]=198.18.0.2:5201 [l4lb]=198.18.5.5:5201 [haproxy]=198.18.0.1:15201 [nginx]=198.18.0.1:25201 [base]=198.18.5.6:5201)
-declare -A WEB_DST=([direct]=198.18.0.2:8080 [l4lb]=198.18.5.5:8080 [haproxy]=198.18.0.1:18080 [nginx]=198.18.0.1:28080 [base]=198.18.5.6:8080)
+declare -A TCP_DST=([direct]=198.18.0.2:5201 [l4lb]=198.18.5.5:5201 [haproxy]=198.18.0.1:15201 [nginx]=198.18.0.1:25201 [base]=198.18.5.6:5201 [bpf]=198.18.5.7:5201)
+declare -A WEB_DST=([direct]=198.18.0.2:8080 [l4lb]=198.18.5.5:8080 [haproxy]=198.18.0.1:18080 [nginx]=198.18.0.1:28080 [base]=198.18.5.6:8080 [bpf]=198.18.5.7:8080)
 TARGETS=(direct l4lb haproxy nginx)
 UDP_TARGETS=(direct l4lb nginx)
+if [ -n "$HAVE_BPF" ]; then TARGETS+=(bpf); UDP_TARGETS+=(bpf); fi
 if [ -n "$BASE" ]; then TARGETS+=(base); UDP_TARGETS+=(base); fi
 
 # Every throughput workload runs ROUNDS times, the targets interleaved (direct, l4lb, haproxy,
@@ -436,7 +459,7 @@ dnsperf_qps() {
     L dnsperf -s "$host" -p "$port" -d "$file" -l "$T" -c 8 -q 200 -t 1 2>&1 |
         awk '/Queries per second/ {printf "%.0f", $4}'
 }
-declare -A UDP_DST=([direct]=198.18.0.2:5300 [l4lb]=198.18.5.5:5300 [nginx]=198.18.0.1:25300 [base]=198.18.5.6:5300)
+declare -A UDP_DST=([direct]=198.18.0.2:5300 [l4lb]=198.18.5.5:5300 [nginx]=198.18.0.1:25300 [base]=198.18.5.6:5300 [bpf]=198.18.5.7:5300)
 m_udp() { dnsperf_qps "${UDP_DST[$1]%:*}" "${UDP_DST[$1]#*:}" "$WORK/bench-query.txt"; }
 if want udp; then
     rounds udp_req_resp q/s m_udp "µs/query" 1 -- "${UDP_TARGETS[@]}"

@@ -36,7 +36,7 @@ ROWS = [
     ("propagation_p99", "propagation Marathon event -> new backend, p99", False, None),
 ]
 ABSOLUTE = {"idle_conn_mem": 10.0, "propagation_p99": 200.0}
-COLS = ["direct", "dnsmasq", "l4lb", "haproxy", "nginx", "base"]
+COLS = ["direct", "dnsmasq", "l4lb", "bpf", "haproxy", "nginx", "base"]
 
 
 def num(s):
@@ -109,9 +109,13 @@ def main() -> int:
     results = []
     lines = []
     has_base = any("base" in row for row in data.values())
-    cols = COLS if has_base else [c for c in COLS if c != "base"]
+    # 'bpf': l4lb with --data-plane bpf (the kernel path), when it could load.
+    has_bpf = any("bpf" in row for row in data.values())
+    cols = [c for c in COLS if (c != "base" or has_base) and (c != "bpf" or has_bpf)]
     head = f"{'workload':<50} {'unit':<9}" + "".join(f"{c:>9}" for c in cols)
     head += f"  {'l4lb/direct':>11} {'l4lb/haproxy':>12} {'l4lb/nginx':>10}"
+    if has_bpf:
+        head += f" {'bpf/direct':>10} {'bpf/haproxy':>11}"
     head += f" {'l4lb/base':>9}  target" if has_base else "  target"
     lines.append(head)
     lines.append("-" * len(head))
@@ -138,6 +142,12 @@ def main() -> int:
                 "n/a" if l4 is None else ("MET" if l4 <= limit else "MISSED")
             )
         cells = "".join(f"{fmt(row.get(c)) if c in row else '':>9}" for c in cols)
+        bpf = row.get("bpf")
+        bpf_ratios = {}
+        for other in [] if units[key] == "%" else ("direct", "haproxy"):
+            o = row.get(other)
+            if bpf is not None and o:
+                bpf_ratios[other] = bpf / o
 
         if "direct" not in ratios and "dnsmasq" in ratios:
             # The DNS row: the baseline is dnsmasq serving the same names.
@@ -150,6 +160,14 @@ def main() -> int:
 
         lines.append(
             f"{label:<50} {units[key]:<9}{cells}  {rc('direct', 11)} {rc('haproxy', 12)} {rc('nginx', 10)}"
+            + (
+                "".join(
+                    f" {bpf_ratios[k]:>{w}.2f}" if k in bpf_ratios else f" {'':>{w}}"
+                    for k, w in (("direct", 10), ("haproxy", 11))
+                )
+                if has_bpf
+                else ""
+            )
             + (f" {rc('base', 9)}" if has_base else "")
             + f"  {verdict}"
         )
@@ -162,6 +180,7 @@ def main() -> int:
                 "values": row,
                 "rounds": samples.get(key),
                 "ratios_l4lb_to": ratios,
+                "ratios_bpf_to": bpf_ratios,
                 "target": verdict or None,
             }
         )
@@ -176,6 +195,11 @@ def main() -> int:
     lines.append("DNS row: 'dnsmasq' is dnsmasq serving the same names; its l4lb/direct column is l4lb/dnsmasq.")
     if has_base:
         lines.append("'base' is the BENCH_BASE binary, measured in the same rounds as l4lb.")
+    if has_bpf:
+        lines.append(
+            "'bpf' is l4lb --data-plane bpf: the kernel path translates the VIP in connect()/sendmsg(), "
+            "no proxy in the path (its cpu rows measure the proxy CPU, where nothing runs per connection)."
+        )
     table = "\n".join(lines)
     print(table)
 
