@@ -160,6 +160,11 @@ pub fn merge_families(list: Vec<VipJson>) -> Vec<VipJson> {
             && prev.ip6.is_none()
             && prev.ip.is_ipv4() != j.ip.is_ipv4()
         {
+            // The kernel path may translate one family and not the other (an IPv4 socket
+            // is never sent to an IPv6 backend): say bpf if it translates either.
+            if j.data_plane.as_deref() == Some("bpf") {
+                prev.data_plane = j.data_plane.clone();
+            }
             if prev.ip.is_ipv6() {
                 prev.ip6 = Some(prev.ip);
                 prev.ip = j.ip;
@@ -179,6 +184,7 @@ pub fn merge_families(list: Vec<VipJson>) -> Vec<VipJson> {
                         };
                         p.connections = sum(p.connections, b.connections);
                         p.bytes = sum(p.bytes, b.bytes);
+                        p.kernel_connections = sum(p.kernel_connections, b.kernel_connections);
                         p.ejected = match (p.ejected, b.ejected) {
                             (None, None) => None,
                             (a, b) => Some(a.unwrap_or(false) || b.unwrap_or(false)),
@@ -402,6 +408,7 @@ mod tests {
             ip: ip.parse().unwrap(),
             ip6: None,
             port: 5432,
+            data_plane: None,
             backend: vec![BackendJson {
                 ip: "198.18.1.2".parse().unwrap(),
                 port: 5432,
@@ -411,6 +418,7 @@ mod tests {
                 connections: Some(conns),
                 bytes: Some(conns * 10),
                 ejected: Some(ejected),
+                kernel_connections: None,
             }],
         };
         let merged = merge_families(vec![
