@@ -832,5 +832,6 @@ fn mounts_a_bpf_filesystem_where_none_is_and_unmounts_it() {
     kp.close().unwrap();
     assert!(!sys::is_bpffs(&dir), "unmounted at close");
     assert!(host.attached().is_empty());
-    std::fs::remove_dir(&dir).unwrap();
+    // close() removes the empty mount point too.
+    assert!(!dir.exists() || std::fs::remove_dir(&dir).is_ok());
 }
