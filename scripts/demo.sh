@@ -68,8 +68,10 @@ TASK
   ip netns exec "$NS" socat TCP-LISTEN:1808$i,bind=127.0.0.1,fork,reuseaddr EXEC:"/bin/sh $WORK/task$i.sh" &
   PIDS+=($!)
 done
+# The UDP tasks read the datagram before answering too (socat resets a handler that exits
+# before taking its input, and the answer is lost).
 for i in 1 2; do
-  printf '#!/bin/sh\necho "udp task %s"\n' "$i" >"$WORK/udp$i.sh"
+  printf '#!/bin/sh\nread -r _ask\necho "udp task %s"\n' "$i" >"$WORK/udp$i.sh"
   ip netns exec "$NS" socat UDP-RECVFROM:1809$i,bind=127.0.0.1,fork EXEC:"/bin/sh $WORK/udp$i.sh" &
   PIDS+=($!)
 done
@@ -107,7 +109,18 @@ for _ in 1 2 3; do in_ns curl -sf http://198.18.5.5/; done
 
 ECHO=$(in_ns dig +short -p 5454 @127.0.0.1 echo.marathon.l4lb.thisdcos.directory)
 say "UDP to echo.marathon.l4lb.thisdcos.directory:5000 ($ECHO)"
-for _ in 1 2; do echo ping | in_ns socat -t3 - "UDP:$ECHO:5000"; done
+# UDP is datagrams: like any DNS or statsd client, ask again if no answer came (a loaded
+# machine can be slow to fork the backend's handler).
+udp_ask() {
+  local out=""
+  for _ in 1 2 3; do
+    out=$(echo ping | in_ns socat -t2 - "UDP:$ECHO:5000" || true)
+    [ -n "$out" ] && break
+  done
+  [ -n "$out" ] || { echo "no UDP answer from $ECHO:5000" >&2; return 1; }
+  echo "$out"
+}
+for _ in 1 2; do udp_ask; done
 
 say "l4lb vips"
 in_ns "$BIN" vips --api http://127.0.0.1:62080
