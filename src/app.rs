@@ -701,12 +701,13 @@ pub fn render_vips(vips: &[VipJson], version: &str) -> String {
     let _ = writeln!(s, "VIP table version {version}: {} VIPs", vips.len());
     let _ = writeln!(
         s,
-        "{:<5} {:<46} {:<24} {:<10} {:>7} {:>10}  APP/TASK",
-        "PROTO", "VIP / BACKEND", "ADDRESS", "STATE", "CONNS", "BYTES"
+        "{:<5} {:<46} {:<24} {:<10} {:>7} {:>10} {:>8}  APP/TASK",
+        "PROTO", "VIP / BACKEND", "ADDRESS", "STATE", "CONNS", "BYTES", "KERNEL"
     );
     for v in vips {
         let addr = std::net::SocketAddr::new(v.ip, v.port).to_string();
-        let _ = writeln!(s, "{:<5} {:<46} {:<24}", v.protocol, v.vip, addr);
+        let plane = v.data_plane.as_deref().unwrap_or("");
+        let _ = writeln!(s, "{:<5} {:<46} {:<24} {plane}", v.protocol, v.vip, addr);
         for b in &v.backend {
             let baddr = std::net::SocketAddr::new(b.ip, b.port).to_string();
             let state = if b.ejected == Some(true) {
@@ -719,10 +720,15 @@ pub fn render_vips(vips: &[VipJson], version: &str) -> String {
                 .map(|c| c.to_string())
                 .unwrap_or_else(|| "-".into());
             let bytes = b.bytes.map(human_bytes).unwrap_or_else(|| "-".into());
+            // Connections the kernel path translated to this backend (it sees no bytes).
+            let kernel = b
+                .kernel_connections
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into());
             let _ = writeln!(
                 s,
-                "{:<5} {:<46} {:<24} {:<10} {:>7} {:>10}  {} {}",
-                "", "  ->", baddr, state, conns, bytes, b.app, b.task
+                "{:<5} {:<46} {:<24} {:<10} {:>7} {:>10} {:>8}  {} {}",
+                "", "  ->", baddr, state, conns, bytes, kernel, b.app, b.task
             );
         }
     }
@@ -764,6 +770,23 @@ mod tests {
             }
             Err(e) => panic!("IPv6 wildcard beside the IPv4 one: {e}"),
         }
+    }
+
+    #[test]
+    fn vips_table_shows_the_data_plane_and_kernel_counts() {
+        let vips: Vec<VipJson> = serde_json::from_str(
+            r#"[{"vip":"web.marathon.l4lb.thisdcos.directory:80","protocol":"tcp",
+                 "name":"web.marathon.l4lb.thisdcos.directory","ip":"198.18.128.9","port":80,
+                 "data_plane":"bpf",
+                 "backend":[{"ip":"198.18.0.2","port":31000,"state":"active","app":"/web",
+                             "task":"web.1","connections":0,"bytes":0,"kernel_connections":7}]}]"#,
+        )
+        .unwrap();
+        let out = render_vips(&vips, "3");
+        let vip_line = out.lines().nth(2).unwrap();
+        assert!(vip_line.ends_with("bpf"), "{out}");
+        let backend_line = out.lines().nth(3).unwrap();
+        assert!(backend_line.contains(" 7  /web web.1"), "{out}");
     }
 
     #[test]
