@@ -19,4 +19,8 @@ else
 fi
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --locked --all-targets
+# The cluster suite again with the kernel data path (root only: namespaces, cgroup2, BPF).
+if [ "$(id -u)" -eq 0 ]; then
+  L4LB_TEST_DATA_PLANE=bpf cargo test --locked --test it cluster::
+fi
 cargo test --locked --doc

@@ -157,8 +157,20 @@ impl ClusterSpec {
             hosts,
             controllers,
             extra_controller_args: Vec::new(),
-            extra_agent_args: Vec::new(),
+            extra_agent_args: data_plane_args(),
         }
+    }
+}
+
+/// The agents' data-plane flags: the proxy unless `L4LB_TEST_DATA_PLANE=bpf`, which runs the
+/// same scenarios with the kernel path (each agent restricted to its own host namespace, as
+/// several agents share this kernel). `scripts/check.sh` runs the cluster suite both ways.
+fn data_plane_args() -> Vec<String> {
+    match std::env::var("L4LB_TEST_DATA_PLANE").as_deref() {
+        Ok("bpf") => ["--data-plane", "bpf", "--bpf-netns-only"]
+            .map(String::from)
+            .to_vec(),
+        _ => Vec::new(),
     }
 }
 
