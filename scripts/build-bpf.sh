@@ -9,6 +9,7 @@ src=src/agent/bpf/progs
 out=${1:-$src}
 for c in "$src"/*.bpf.c; do
   o="$out/$(basename "${c%.c}").o"
-  clang -O2 -g -target bpf -Wall -Werror -I/usr/include/"$(uname -m)"-linux-gnu -c "$c" -o "$o"
+  # The source path in BTF is made relative, so the bytes do not depend on the checkout's place.
+  clang -O2 -g -target bpf -Wall -Werror -ffile-prefix-map="$PWD"=. -I/usr/include/"$(uname -m)"-linux-gnu -c "$c" -o "$o"
   llvm-strip -g "$o"
 done
