@@ -1,7 +1,9 @@
 //! The data plane on every host: VIP addresses on the local interface (`netif`), the TCP/UDP
 //! forwarder (`forward`) and the embedded DNS (`dns`), driven by [`Agent`], which applies each
 //! new `VipTable` in the order that never advertises a VIP before it works:
-//! address installed → listener bound → name answered; removal runs the other way.
+//! address installed → listener bound → name answered; removal runs the other way, and a
+//! removed VIP's address stays until its open connections have drained (see
+//! `Forwarder::retired`).
 //! Consumes `model::VipTable` from a watch channel; never imports `source`.
 
 pub mod bpf;
@@ -194,13 +196,9 @@ impl Agent {
             self.dns.publish_tasks(&table.apps);
         }
 
-        // 5. Remove addresses no VIP uses any more (and left-overs from earlier runs).
-        if self.netif.kind() != InterfaceKind::None
-            && let Err(e) = self.netif.sync(&want).await
-        {
-            tracing::warn!(error = %e, "cannot reconcile VIP addresses");
-            self.metrics.netif_errors.inc();
-        }
+        // 5. Remove addresses no VIP uses any more (and left-overs from earlier runs), except
+        // those of removed VIPs whose connections still drain.
+        self.sync_addresses(want).await;
 
         let applied = if self.failed.is_empty() {
             Arc::clone(&table)
@@ -237,6 +235,20 @@ impl Agent {
             self.applied.send_replace(applied);
         }
         self.last = table;
+    }
+
+    /// Make the interface hold exactly `want` plus the addresses of removed VIPs that still
+    /// drain: their clients use that address as their own, so removing it early would cut
+    /// them off in silence.
+    async fn sync_addresses(&mut self, mut want: BTreeSet<IpAddr>) {
+        if self.netif.kind() == InterfaceKind::None {
+            return;
+        }
+        want.extend(self.forwarder.retiring_addrs());
+        if let Err(e) = self.netif.sync(&want).await {
+            tracing::warn!(error = %e, "cannot reconcile VIP addresses");
+            self.metrics.netif_errors.inc();
+        }
     }
 
     /// Drop VIPs this host must not serve: IP VIPs on an address of one of its interfaces
@@ -320,6 +332,11 @@ impl Agent {
                 _ = tokio::time::sleep(retry_every), if retry => {
                     let t = Arc::clone(&self.last);
                     self.apply(t).await;
+                }
+                vip = self.forwarder.retired() => {
+                    tracing::info!(%vip, "removed VIP drained; its address may go");
+                    let want = self.last.vips.keys().map(|k| k.ip).collect();
+                    self.sync_addresses(want).await;
                 }
             }
         }

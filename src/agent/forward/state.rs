@@ -13,6 +13,7 @@ use prometheus_client::metrics::counter::Counter;
 use rand::Rng;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::ForwardMetrics;
 use super::balancer::{self, Candidate, Failure, Health};
@@ -152,6 +153,9 @@ pub(crate) struct SetChange {
 pub(crate) struct VipShared {
     pub(crate) key: VipKey,
     pub(crate) set: ArcSwap<BackendSet>,
+    /// This VIP's open TCP connections (a token each), so that a removed VIP can tell when
+    /// its last one ended.
+    pub(crate) conns: TaskTracker,
 }
 
 impl VipShared {
@@ -159,6 +163,7 @@ impl VipShared {
         VipShared {
             key,
             set: ArcSwap::from_pointee(BackendSet::default()),
+            conns: TaskTracker::new(),
         }
     }
 

@@ -1370,3 +1370,38 @@ async fn udp_bursts_from_many_clients_arrive_whole_and_stay_on_their_backend() {
     assert_eq!(m.udp_sessions_active.get(), CLIENTS as i64);
     fwd.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test]
+async fn tcp_removed_vip_retires_until_its_last_connection_ends() {
+    let b = TcpBackend::start(0).await;
+    let (idle, busy) = (free_tcp_vip(), free_tcp_vip());
+    let (mut fwd, _) = forwarder(ForwardConfig::default());
+    let both = |v| {
+        table(
+            v,
+            vec![vip(idle, &active(&[b.addr])), vip(busy, &active(&[b.addr]))],
+        )
+    };
+    fwd.apply(&both(1)).await;
+    let (mut held, _) = open(busy).await;
+    fwd.apply(&table(2, vec![])).await;
+    // Only the VIP with an open connection keeps its address; it still answers.
+    assert_eq!(
+        fwd.retiring_addrs().collect::<Vec<_>>(),
+        vec![busy.ip],
+        "one VIP retiring"
+    );
+    assert!(TcpStream::connect(busy.socket_addr()).await.is_err());
+    echo(&mut held, b"still served").await;
+    assert!(
+        timeout(Duration::from_millis(300), fwd.retired())
+            .await
+            .is_err(),
+        "retired while a connection is open"
+    );
+    drop(held);
+    let k = timeout(RETIRE_LINGER + T, fwd.retired()).await.unwrap();
+    assert_eq!(k, busy);
+    assert_eq!(fwd.retiring_addrs().count(), 0);
+    fwd.shutdown(Duration::from_secs(1)).await;
+}

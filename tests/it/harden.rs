@@ -1,0 +1,192 @@
+//! Hostile input and faults (issue 13), end to end: a removed VIP drains its open connections
+//! on an address that stays until they end, then closes them; never silence.
+
+use crate::common::netns;
+use crate::common::process::Proc;
+use crate::common::{BIN, wait_for};
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::common::marathon::{add_task, host_app, task};
+use serde_json::Value;
+
+/// An app with one TCP port labelled `label`, its tasks at `backends`.
+fn app(id: &str, label: &str, backends: &[SocketAddr]) -> Value {
+    let mut a = host_app(id, &[label], "tcp");
+    for (i, b) in backends.iter().enumerate() {
+        add_task(
+            &mut a,
+            task(id, i, &b.ip().to_string(), &[b.port()], "TASK_RUNNING"),
+        );
+    }
+    a
+}
+
+fn addrs_on(ns: &netns::NetNs, dev: &str) -> String {
+    String::from_utf8_lossy(&ns.exec(&["ip", "-o", "addr", "show", "dev", dev]).stdout).to_string()
+}
+
+/// A line echo server on `listener` (each connection until EOF).
+fn line_echo(listener: std::net::TcpListener) {
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 1024];
+                loop {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if c.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+}
+
+fn echo(s: &mut TcpStream, what: &[u8]) -> std::io::Result<Vec<u8>> {
+    s.write_all(what)?;
+    let mut got = vec![0u8; what.len()];
+    s.read_exact(&mut got)?;
+    Ok(got)
+}
+
+/// Sockets of the namespace in `state` (an `ss` state filter), as `ss` prints them.
+fn sockets_in(ns: &netns::NetNs, state: &str) -> Vec<String> {
+    let out = ns.exec_ok(&["ss", "-Htan", "state", state]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn root_a_removed_vip_drains_its_connections_then_closes_them() {
+    skip_unless_root!();
+    const N: usize = 100;
+    let ns = netns::NetNs::new("drain");
+    ns.exec_ok(&["ip", "link", "add", "eth0", "type", "bridge"]);
+    ns.exec_ok(&["ip", "addr", "add", "198.18.0.1/15", "dev", "eth0"]);
+    ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
+    let listener = ns.run(|| async { std::net::TcpListener::bind("198.18.0.1:0").unwrap() });
+    let backend = listener.local_addr().unwrap();
+    line_echo(listener);
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("apps.json");
+    let write = |apps: Vec<Value>| {
+        std::fs::write(&file, serde_json::json!({ "apps": apps }).to_string()).unwrap();
+    };
+    write(vec![app("/held", "198.18.5.5:80", &[backend])]);
+    let mut cmd = ns.command(BIN);
+    cmd.args([
+        "run",
+        "--apps-file",
+        file.to_str().unwrap(),
+        "--apps-file-poll",
+        "50ms",
+        "--api-listen",
+        "127.0.0.1:0",
+        "--dns-listen",
+        "127.0.0.1:0",
+        "--drain-timeout",
+        "3s",
+        "--shutdown-grace",
+        "1s",
+    ]);
+    let mut proc = Proc::spawn("l4lb", &mut cmd);
+    let log = proc.log();
+    log.wait_for("first table applied", Duration::from_secs(20));
+    let vip: SocketAddr = "198.18.5.5:80".parse().unwrap();
+
+    let mut conns: Vec<TcpStream> = ns.run(move || async move {
+        (0..N)
+            .map(|_| TcpStream::connect_timeout(&vip, Duration::from_secs(3)).unwrap())
+            .collect()
+    });
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        assert_eq!(echo(c, b"before\n").unwrap(), b"before\n", "connection {i}");
+    }
+
+    // The VIP leaves the table.
+    write(vec![]);
+    let removed_at = Instant::now();
+    wait_for(
+        "the second table applied",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || (log.count("removed=1") >= 1).then_some(()),
+    );
+
+    // During the drain: every open connection is still answered, and a new connection is
+    // refused at once (RST), not left to time out.
+    for (i, c) in conns.iter_mut().enumerate() {
+        let r = echo(c, b"during\n");
+        assert!(
+            matches!(&r, Ok(b) if b == b"during\n"),
+            "connection {i} not answered {:?} after the VIP was removed: {r:?}",
+            removed_at.elapsed()
+        );
+    }
+    let refused = ns.run(move || async move {
+        TcpStream::connect_timeout(&vip, Duration::from_secs(2)).map(|_| ())
+    });
+    assert_eq!(
+        refused.map_err(|e| e.kind()),
+        Err(ErrorKind::ConnectionRefused),
+        "a new connection to a draining VIP"
+    );
+    assert!(addrs_on(&ns, "minuteman").contains("198.18.5.5/32"));
+    assert!(
+        removed_at.elapsed() < Duration::from_secs(3),
+        "the checks above took the whole drain"
+    );
+
+    // After --drain-timeout every client sees a close (FIN or RST), never silence.
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+        let mut b = [0u8; 16];
+        let r = c.read(&mut b);
+        assert!(
+            matches!(&r, Ok(0)) || matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+            "connection {i}: no close {:?} after the VIP was removed: {r:?}",
+            removed_at.elapsed()
+        );
+    }
+    let closed_after = removed_at.elapsed();
+    assert!(
+        closed_after >= Duration::from_millis(2500),
+        "closed before --drain-timeout: {closed_after:?}"
+    );
+    drop(conns);
+    // Then the address goes, and no socket is left half-closed.
+    wait_for(
+        "the drained VIP's address to leave the interface",
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || (!addrs_on(&ns, "minuteman").contains("198.18.5.5")).then_some(()),
+    );
+    wait_for(
+        "no socket left in FIN-WAIT",
+        Duration::from_secs(3),
+        Duration::from_millis(50),
+        || {
+            let left: Vec<String> = ["fin-wait-1", "fin-wait-2", "last-ack"]
+                .iter()
+                .flat_map(|s| sockets_in(&ns, s))
+                .collect();
+            left.is_empty().then_some(())
+        },
+    );
+
+    proc.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = proc.exit_within(Duration::from_secs(10));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", log.text());
+}
