@@ -24,7 +24,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::labels::{LabelError, ReasonLabel};
+use crate::labels::{IpPolicy, LabelError, ReasonLabel};
 use crate::model::{VipKey, VipTable, diff, unix_ms_now};
 use dns::DnsCatalog;
 use forward::Forwarder;
@@ -93,6 +93,13 @@ impl AgentMetrics {
         m
     }
 }
+
+/// What a controller refuses whatever its flags, refused again here before an address goes on
+/// the VIP link: loopback and link-local addresses (and unspecified, multicast, broadcast).
+const INSTALLABLE: IpPolicy = IpPolicy {
+    allow_loopback: false,
+    allowed: Vec::new(),
+};
 
 /// Why no listener may serve `k`, if so.
 fn unservable(k: &VipKey) -> Option<LabelError> {
@@ -251,8 +258,9 @@ impl Agent {
         }
     }
 
-    /// Drop VIPs this host must not serve: IP VIPs on an address of one of its interfaces
-    /// (DESIGN §3), and, whatever a controller sends, any VIP on an address or port no
+    /// Drop VIPs this host must not serve: VIPs (named or not) on an address of one of its
+    /// interfaces or a broadcast address of its subnets (DESIGN §3), on loopback or
+    /// link-local addresses when they would be installed on the VIP link, and, whatever a controller sends, any VIP on an address or port no
     /// listener may take (unspecified, multicast, broadcast, port 0): a buggy or hostile
     /// controller cannot make the agent bind a wildcard.
     async fn refuse_unservable(&mut self, table: Arc<VipTable>) -> Arc<VipTable> {
@@ -262,15 +270,26 @@ impl Agent {
             .filter_map(|k| unservable(k).map(|e| (*k, e)))
             .collect();
         if self.netif.kind() != InterfaceKind::None {
-            // (With no interface nothing is installed: VIPs are expected to be local already.)
+            // (With no interface nothing is installed: VIPs are expected to be local already,
+            // loopback ones included.) Named VIPs too: a controller, or a `--vip-cidr` that
+            // overlaps a node subnet, can hand out a host address as well as an IP label can.
+            bad.extend(
+                table
+                    .vips
+                    .keys()
+                    .filter_map(|k| INSTALLABLE.check(k.ip).err().map(|e| (*k, e))),
+            );
             match self.netif.host_addresses().await {
-                Ok(host) => bad.extend(
-                    table
-                        .vips
-                        .values()
-                        .filter(|v| v.name.is_none() && host.contains(&v.key.ip))
-                        .map(|v| (v.key, LabelError::HostAddress(v.key.ip))),
-                ),
+                Ok(host) => bad.extend(table.vips.keys().filter_map(|k| {
+                    let ip = k.ip.to_canonical();
+                    if host.own.contains(&ip) {
+                        Some((*k, LabelError::HostAddress(ip)))
+                    } else if host.broadcast.contains(&ip) {
+                        Some((*k, LabelError::Broadcast(ip)))
+                    } else {
+                        None
+                    }
+                })),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot list host addresses");
                     self.metrics.netif_errors.inc();

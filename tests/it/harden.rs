@@ -190,3 +190,105 @@ fn root_a_removed_vip_drains_its_connections_then_closes_them() {
     let status = proc.exit_within(Duration::from_secs(10));
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", log.text());
 }
+
+/// One VIP of a controller's table, as the wire carries it.
+fn vip_json(ip: &str, name: Option<&str>) -> Value {
+    serde_json::json!({
+        "vip": name.map_or(format!("{ip}:80"), |n| format!("{n}:80")),
+        "protocol": "tcp",
+        "name": name,
+        "ip": ip,
+        "port": 80,
+        "backend": [{"ip": "198.18.0.1", "port": 8080, "state": "active"}],
+    })
+}
+
+/// A controller (on a listener bound in the agent's namespace) that answers every
+/// `/v1/vips/delta` with the full table `vips` at index 1.
+fn fake_controller(listener: std::net::TcpListener, vips: Vec<Value>) {
+    let body = serde_json::json!({
+        "from": 0, "to": 1, "full": true, "upsert": vips, "remove": [],
+    })
+    .to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { return };
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.ends_with(b"\r\n\r\n") {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nx-l4lb-index: 1\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = c.write_all(resp.as_bytes());
+            });
+        }
+    });
+}
+
+#[test]
+fn root_an_agent_refuses_host_loopback_link_local_and_broadcast_vips_named_or_not() {
+    skip_unless_root!();
+    let ns = netns::NetNs::new("refuse");
+    ns.exec_ok(&["ip", "link", "add", "eth0", "type", "bridge"]);
+    ns.exec_ok(&["ip", "addr", "add", "198.18.0.1/15", "dev", "eth0"]);
+    ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
+    let listener = ns.run(|| async { std::net::TcpListener::bind("127.0.0.1:0").unwrap() });
+    let ctl = listener.local_addr().unwrap();
+    fake_controller(
+        listener,
+        vec![
+            // Named, on the host's own address (a --vip-cidr overlapping the node subnet).
+            vip_json("198.18.0.1", Some("own.marathon.l4lb.thisdcos.directory")),
+            vip_json("127.0.0.5", None),
+            vip_json("169.254.1.1", None),
+            // The broadcast address of eth0's 198.18.0.0/15.
+            vip_json("198.19.255.255", None),
+            // The only servable one.
+            vip_json("198.18.5.5", Some("good.marathon.l4lb.thisdcos.directory")),
+        ],
+    );
+    let mut cmd = ns.command(BIN);
+    cmd.args([
+        "agent",
+        "--controller",
+        &format!("http://{ctl}/"),
+        "--api-listen",
+        "127.0.0.1:0",
+        "--dns-listen",
+        "127.0.0.1:0",
+        "--shutdown-grace",
+        "1s",
+    ]);
+    let mut proc = Proc::spawn("l4lb", &mut cmd);
+    let log = proc.log();
+    log.wait_for("first table applied", Duration::from_secs(20));
+    let on = addrs_on(&ns, "minuteman");
+    assert!(on.contains("198.18.5.5/32"), "{on}");
+    for ip in ["198.18.0.1", "127.0.0.5", "169.254.1.1", "198.19.255.255"] {
+        assert!(!on.contains(&format!("{ip}/")), "{ip} installed: {on}");
+    }
+    let api = log.addr("API listening", Duration::from_secs(1));
+    let metrics = ns.exec_ok(&["curl", "-sS", &format!("http://{api}/metrics")]);
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    for reason in ["host_address", "loopback", "link_local", "broadcast"] {
+        let line = format!("l4lb_label_errors_total{{reason=\"{reason}\"}} 1");
+        assert!(metrics.contains(&line), "no {line} in\n{metrics}");
+    }
+    assert!(
+        metrics.contains("l4lb_vips_live 1"),
+        "{metrics}\n{}",
+        log.text()
+    );
+    proc.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = proc.exit_within(Duration::from_secs(10));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", log.text());
+}

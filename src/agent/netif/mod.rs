@@ -293,11 +293,12 @@ impl Netif {
         Ok(())
     }
 
-    /// Every address of this host's interfaces other than the VIP link, used to refuse IP VIPs
-    /// that would hijack a real local address (§3). For `None`: every local address.
-    pub async fn host_addresses(&self) -> Result<BTreeSet<IpAddr>, NetifError> {
+    /// Every address of this host's interfaces other than the VIP link, and the broadcast
+    /// addresses of their IPv4 subnets: no VIP may take one (§3). For `None`: every local
+    /// address.
+    pub async fn host_addresses(&self) -> Result<HostAddresses, NetifError> {
         let skip = self.link.as_ref().map(|l| l.index);
-        let mut out = BTreeSet::new();
+        let mut out = HostAddresses::default();
         let mut dump = self.handle.address().get().execute();
         while let Some(msg) = dump
             .try_next()
@@ -308,7 +309,14 @@ impl Netif {
                 continue;
             }
             if let Some(ip) = local_ip(&msg) {
-                out.insert(ip);
+                out.own.insert(ip);
+                out.broadcast
+                    .extend(subnet_broadcast(ip, msg.header.prefix_len));
+            }
+            for attr in &msg.attributes {
+                if let AddressAttribute::Broadcast(b) = attr {
+                    out.broadcast.insert(IpAddr::V4(*b));
+                }
             }
         }
         Ok(out)
@@ -514,6 +522,32 @@ fn link_kind(msg: &LinkMessage) -> Option<InfoKind> {
 
 /// The local address of an address message: `IFA_LOCAL` when present (it differs from
 /// `IFA_ADDRESS` on point-to-point links), else `IFA_ADDRESS`.
+/// Addresses of this host no VIP may take ([`Netif::host_addresses`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostAddresses {
+    /// The host's own addresses.
+    pub own: BTreeSet<IpAddr>,
+    /// The broadcast addresses of the host's IPv4 subnets.
+    pub broadcast: BTreeSet<IpAddr>,
+}
+
+impl HostAddresses {
+    /// One of the host's own addresses.
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        self.own.contains(ip)
+    }
+}
+
+/// The broadcast address of `ip`'s IPv4 subnet; none for IPv6, /31 and /32 (RFC 3021).
+fn subnet_broadcast(ip: IpAddr, prefix_len: u8) -> Option<IpAddr> {
+    match ip {
+        IpAddr::V4(v4) if prefix_len <= 30 => ipnet::Ipv4Net::new(v4, prefix_len)
+            .ok()
+            .map(|n| IpAddr::V4(n.broadcast())),
+        _ => None,
+    }
+}
+
 fn local_ip(msg: &AddressMessage) -> Option<IpAddr> {
     let mut address = None;
     for attr in &msg.attributes {
@@ -598,6 +632,26 @@ mod tests {
                 "errno {code}"
             );
             assert!(e.to_string().starts_with("op: "), "{e}");
+        }
+    }
+
+    #[test]
+    fn subnet_broadcasts() {
+        let cases = [
+            ("198.18.0.1", 15, Some("198.19.255.255")),
+            ("10.1.2.3", 24, Some("10.1.2.255")),
+            ("10.1.2.3", 30, Some("10.1.2.3")),
+            ("10.1.2.3", 31, None),
+            ("10.1.2.3", 32, None),
+            ("fd01::1", 64, None),
+        ];
+        for (ip, len, want) in cases {
+            let want = want.map(|w| w.parse::<IpAddr>().unwrap());
+            assert_eq!(
+                subnet_broadcast(ip.parse().unwrap(), len),
+                want,
+                "{ip}/{len}"
+            );
         }
     }
 
