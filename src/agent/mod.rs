@@ -39,6 +39,7 @@ pub struct AgentMetrics {
     vips_live: Gauge,
     refused_ip_vips: Counter,
     netif_errors: Counter,
+    reconciled: Counter,
     /// The control plane's `label_errors` family (already registered): an IP VIP refused
     /// here is a label error like any other (`reason="host_address"`).
     label_errors: Family<ReasonLabel, Counter>,
@@ -57,6 +58,7 @@ impl AgentMetrics {
             vips_live: Gauge::default(),
             refused_ip_vips: Counter::default(),
             netif_errors: Counter::default(),
+            reconciled: Counter::default(),
             label_errors,
         };
         registry.register(
@@ -90,9 +92,17 @@ impl AgentMetrics {
             "Failed address changes on the VIP interface",
             m.netif_errors.clone(),
         );
+        registry.register(
+            "interface_reconciled",
+            "Times the VIP interface's addresses were found changed by someone else and put back",
+            m.reconciled.clone(),
+        );
         m
     }
 }
+
+/// How often the link's addresses are checked against the table.
+const RECONCILE_EVERY: Duration = Duration::from_millis(500);
 
 /// What a controller refuses whatever its flags, refused again here before an address goes on
 /// the VIP link: loopback and link-local addresses (and unspecified, multicast, broadcast).
@@ -258,6 +268,27 @@ impl Agent {
         }
     }
 
+    /// Put back what the table says if the link's addresses changed behind our back.
+    async fn reconcile(&mut self) {
+        let mut want: BTreeSet<IpAddr> = self.last.vips.keys().map(|k| k.ip).collect();
+        want.extend(self.forwarder.retiring_addrs());
+        match self.netif.sync(&want).await {
+            Ok((added, removed)) if !added.is_empty() || !removed.is_empty() => {
+                tracing::warn!(
+                    added = added.len(),
+                    removed = removed.len(),
+                    "VIP addresses changed behind l4lb's back; reconciled"
+                );
+                self.metrics.reconciled.inc();
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reconcile VIP addresses");
+                self.metrics.netif_errors.inc();
+            }
+        }
+    }
+
     /// Drop VIPs this host must not serve: VIPs (named or not) on an address of one of its
     /// interfaces or a broadcast address of its subnets (DESIGN §3), on loopback or
     /// link-local addresses when they would be installed on the VIP link, and, whatever a controller sends, any VIP on an address or port no
@@ -327,6 +358,10 @@ impl Agent {
         // Left-overs of a previous run are reconciled by the first apply (its final sync), so
         // VIPs that stay across a restart never leave the interface.
         let retry_every = Duration::from_secs(2);
+        // Someone else's `ip addr flush` (or a second, misconfigured agent) is undone within
+        // this: one netlink dump of the link when nothing changed.
+        let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
+        reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let first = tables.borrow_and_update().clone();
             if first.version != 0 {
@@ -351,6 +386,9 @@ impl Agent {
                 _ = tokio::time::sleep(retry_every), if retry => {
                     let t = Arc::clone(&self.last);
                     self.apply(t).await;
+                }
+                _ = reconcile.tick(), if self.netif.kind() != InterfaceKind::None => {
+                    self.reconcile().await;
                 }
                 vip = self.forwarder.retired() => {
                     tracing::info!(%vip, "removed VIP drained; its address may go");

@@ -292,3 +292,100 @@ fn root_an_agent_refuses_host_loopback_link_local_and_broadcast_vips_named_or_no
     let status = proc.exit_within(Duration::from_secs(10));
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", log.text());
 }
+
+/// `l4lb run` in `ns` from `file`, serving on a bridge link named `minuteman`.
+fn run_agent(ns: &netns::NetNs, file: &std::path::Path) -> Proc {
+    let mut cmd = ns.command(BIN);
+    cmd.args([
+        "run",
+        "--apps-file",
+        file.to_str().unwrap(),
+        "--apps-file-poll",
+        "50ms",
+        "--api-listen",
+        "127.0.0.1:0",
+        "--dns-listen",
+        "127.0.0.1:0",
+        "--shutdown-grace",
+        "1s",
+    ]);
+    Proc::spawn("l4lb", &mut cmd)
+}
+
+#[test]
+fn root_a_flushed_link_heals_within_a_second_and_a_second_agent_is_refused() {
+    skip_unless_root!();
+    let ns = netns::NetNs::new("heal");
+    ns.exec_ok(&["ip", "link", "add", "eth0", "type", "bridge"]);
+    ns.exec_ok(&["ip", "addr", "add", "198.18.0.1/15", "dev", "eth0"]);
+    ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
+    let listener = ns.run(|| async { std::net::TcpListener::bind("198.18.0.1:0").unwrap() });
+    let backend = listener.local_addr().unwrap();
+    line_echo(listener);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("apps.json");
+    let apps = serde_json::json!({ "apps": [app("/heal", "198.18.5.5:80", &[backend])] });
+    std::fs::write(&file, apps.to_string()).unwrap();
+    let vip: SocketAddr = "198.18.5.5:80".parse().unwrap();
+    let answers = |ns: &netns::NetNs| {
+        ns.run(move || async move {
+            let mut c = TcpStream::connect_timeout(&vip, Duration::from_millis(500))?;
+            c.set_read_timeout(Some(Duration::from_secs(1)))?;
+            echo(&mut c, b"ping\n")
+        })
+        .is_ok()
+    };
+
+    let mut first = run_agent(&ns, &file);
+    let log = first.log();
+    log.wait_for("first table applied", Duration::from_secs(20));
+    assert!(answers(&ns));
+
+    // Someone flushes the link: the table's addresses are back within a second.
+    ns.exec_ok(&["ip", "addr", "flush", "dev", "minuteman"]);
+    let flushed = Instant::now();
+    assert!(!addrs_on(&ns, "minuteman").contains("198.18.5.5/32"));
+    wait_for(
+        "the flushed VIP address to come back",
+        Duration::from_secs(1),
+        Duration::from_millis(10),
+        || {
+            addrs_on(&ns, "minuteman")
+                .contains("198.18.5.5/32")
+                .then_some(())
+        },
+    );
+    eprintln!("re-installed {:?} after the flush", flushed.elapsed());
+    assert!(answers(&ns), "VIP does not answer after the heal");
+
+    // A second agent on the same link is refused before it touches anything.
+    let mut second = run_agent(&ns, &file);
+    let status = second.exit_within(Duration::from_secs(10));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "{}",
+        second.log_text()
+    );
+    let err = second.log_text();
+    assert!(
+        err.contains("managed by another running l4lb") && err.contains(&first.pid().to_string()),
+        "{err}"
+    );
+    assert!(addrs_on(&ns, "minuteman").contains("198.18.5.5/32"));
+    assert!(answers(&ns), "the refused agent broke the first one");
+
+    // The lock dies with its holder: after a SIGKILL a new agent starts.
+    first.kill();
+    let mut third = run_agent(&ns, &file);
+    third.wait_log("first table applied", Duration::from_secs(20));
+    assert!(answers(&ns));
+    third.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = third.exit_within(Duration::from_secs(10));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        third.log_text()
+    );
+}

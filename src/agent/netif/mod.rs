@@ -5,7 +5,10 @@
 //! IP-VIP safety check (§3). Depends on nothing else in l4lb; the agent calls [`Netif::sync`]
 //! with the VIP addresses of each table. The reconciliation itself is the pure [`plan`].
 
+mod lock;
 mod plan;
+
+pub use lock::LOCK_DIR;
 
 pub use plan::{Plan, host_prefix, is_kernel_managed, plan};
 
@@ -95,6 +98,23 @@ pub enum NetifError {
     Ipv6Disabled { link: String, ip: IpAddr },
     #[error("interface {0} vanished")]
     Vanished(String),
+    /// Another live agent manages this link (it holds the lock).
+    #[error(
+        "interface {link} is managed by another running l4lb (pid {holder}, lock {}); \
+         stop it first or give this one another --interface",
+        lock.display()
+    )]
+    Busy {
+        link: String,
+        holder: String,
+        lock: std::path::PathBuf,
+    },
+    #[error("{op}: {source}")]
+    Lock {
+        op: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The errno of a netlink NACK, if that is what `e` is.
@@ -129,6 +149,8 @@ pub struct Netif {
     kept: BTreeSet<IpAddr>,
     handle: Handle,
     conn: JoinHandle<()>,
+    /// Held while this `Netif` manages the link (none for `None`).
+    _lock: Option<lock::LinkLock>,
 }
 
 impl fmt::Debug for Netif {
@@ -150,7 +172,8 @@ impl Netif {
     /// Open (create if missing) link `name` of `kind` and bring it up. `Auto` tries a dummy
     /// link and falls back to an empty bridge when the kernel has no dummy driver. An existing
     /// dummy or port-less bridge with that name is reused; any other existing link is refused
-    /// ([`NetifError::Unsuitable`]). `None` installs nothing. Must run inside a tokio runtime.
+    /// ([`NetifError::Unsuitable`]); a link another live `Netif` holds (another agent) is
+    /// refused ([`NetifError::Busy`]). `None` installs nothing. Must run inside a tokio runtime.
     pub async fn open(name: &str, kind: InterfaceKind) -> Result<Self, NetifError> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(NetifError::Socket)?;
         let conn = tokio::spawn(conn);
@@ -160,6 +183,7 @@ impl Netif {
             kept: BTreeSet::new(),
             handle,
             conn,
+            _lock: None,
         };
         if kind == InterfaceKind::None {
             info!(
@@ -168,6 +192,10 @@ impl Netif {
             );
             return Ok(me);
         }
+        // Before touching anything: a second agent on this link must not undo the first.
+        let lock = lock::LinkLock::acquire(std::path::Path::new(LOCK_DIR), name)?;
+        debug!(lock = %lock.path().display(), "holding the link's lock");
+        me._lock = Some(lock);
         let (index, actual) = match me.find_link(name).await? {
             Some(msg) => me.check_existing(name, kind, &msg).await?,
             None => me.create(name, kind).await?,
