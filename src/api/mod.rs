@@ -2,6 +2,10 @@
 //! queries), `/healthz`, `/ready` and `/metrics`. Depends on `model` only; the agent's
 //! per-backend counters come in through the [`BackendStats`] trait.
 
+pub mod limits;
+
+pub use limits::ApiLimits;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -199,15 +203,13 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// Serve on an already-bound listener until `shutdown`.
+/// Serve on an already-bound listener until `shutdown`, within the default [`ApiLimits`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: ApiState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    limits::serve(listener, router(state), ApiLimits::default(), shutdown).await
 }
 
 async fn auth(State(st): State<ApiState>, req: Request, next: Next) -> Response {
