@@ -117,6 +117,9 @@ pub struct ForwardMetrics {
     bytes_b2c: Counter,
     connect_failures: Family<BackendLabels, Counter>,
     ejections: Family<BackendLabels, Counter>,
+    /// Live [`state::BackendShared`]s per backend address: its series leave `/metrics` when
+    /// the last one is dropped, so churning backends cannot grow the output without bound.
+    backend_refs: Arc<std::sync::Mutex<HashMap<SocketAddr, usize>>>,
     local_errors: Family<KindLabels, Counter>,
     udp_sessions_active: Gauge,
     udp_sessions_refused: Counter,
@@ -148,6 +151,7 @@ impl ForwardMetrics {
             bytes_b2c: bytes.get_or_create_owned(&B2C),
             connect_failures: Family::default(),
             ejections: Family::default(),
+            backend_refs: Arc::default(),
             local_errors: Family::default(),
             udp_sessions_active: Gauge::default(),
             udp_sessions_refused: Counter::default(),
@@ -217,7 +221,14 @@ impl ForwardMetrics {
         self.local_errors.get_or_create(&KindLabels { kind }).inc();
     }
 
+    /// The counters of `addr`, held until [`ForwardMetrics::release_backend`].
     fn backend_counters(&self, addr: SocketAddr) -> (Counter, Counter) {
+        *self
+            .backend_refs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(addr)
+            .or_default() += 1;
         let l = BackendLabels {
             backend: addr.to_string(),
         };
@@ -225,6 +236,26 @@ impl ForwardMetrics {
             self.connect_failures.get_or_create_owned(&l),
             self.ejections.get_or_create_owned(&l),
         )
+    }
+
+    /// One holder of `addr`'s counters is gone; the last one takes its series away.
+    fn release_backend(&self, addr: SocketAddr) {
+        let mut refs = self
+            .backend_refs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Entry::Occupied(mut e) = refs.entry(addr) else {
+            return;
+        };
+        *e.get_mut() -= 1;
+        if *e.get() == 0 {
+            e.remove();
+            let l = BackendLabels {
+                backend: addr.to_string(),
+            };
+            self.connect_failures.remove(&l);
+            self.ejections.remove(&l);
+        }
     }
 }
 

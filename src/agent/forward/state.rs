@@ -34,6 +34,14 @@ pub(crate) struct BackendShared {
     drain_gen: AtomicU64,
     connect_failures: Counter,
     ejections: Counter,
+    /// To take this backend's series away when the last holder of them goes.
+    metrics: ForwardMetrics,
+}
+
+impl Drop for BackendShared {
+    fn drop(&mut self) {
+        self.metrics.release_backend(self.addr);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -52,6 +60,7 @@ impl BackendShared {
             drain_gen: AtomicU64::new(0),
             connect_failures,
             ejections,
+            metrics: metrics.clone(),
         }
     }
 

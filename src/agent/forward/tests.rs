@@ -1405,3 +1405,32 @@ async fn tcp_removed_vip_retires_until_its_last_connection_ends() {
     assert_eq!(fwd.retiring_addrs().count(), 0);
     fwd.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test]
+async fn a_backend_series_leaves_metrics_with_the_backend() {
+    let mut reg = Registry::with_prefix("l4lb");
+    let m = ForwardMetrics::new(&mut reg);
+    let mut fwd = Forwarder::new(ForwardConfig::default(), m, CancellationToken::new());
+    let key = free_tcp_vip();
+    let series = |reg: &Registry| {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, reg).unwrap();
+        out.lines()
+            .filter(|l| l.contains("backend=\"") && !l.starts_with('#'))
+            .count()
+    };
+    // 200 backends come and go, two at a time.
+    for v in 1..=100u16 {
+        let bs: Vec<SocketAddr> = [2 * v, 2 * v + 1]
+            .iter()
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], 40_000 + p)))
+            .collect();
+        fwd.apply(&table(u64::from(v), vec![vip(key, &active(&bs))]))
+            .await;
+    }
+    // Two backends, two families (connect failures, ejections).
+    assert_eq!(series(&reg), 4);
+    fwd.apply(&table(101, vec![])).await;
+    assert_eq!(series(&reg), 0);
+    fwd.shutdown(Duration::from_secs(1)).await;
+}
