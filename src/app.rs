@@ -458,7 +458,7 @@ async fn keep_dns_addresses(
         .host_addresses()
         .await
         .map_err(|e| anyhow::anyhow!("listing host addresses: {e}"))?;
-    let install = crate::agent::dns::addresses_to_install(listen, &host);
+    let install = crate::agent::dns::addresses_to_install(listen, &host.own);
     if !install.is_empty() {
         netif
             .keep(&install)

@@ -1,7 +1,9 @@
 //! The data plane on every host: VIP addresses on the local interface (`netif`), the TCP/UDP
 //! forwarder (`forward`) and the embedded DNS (`dns`), driven by [`Agent`], which applies each
 //! new `VipTable` in the order that never advertises a VIP before it works:
-//! address installed → listener bound → name answered; removal runs the other way.
+//! address installed → listener bound → name answered; removal runs the other way, and a
+//! removed VIP's address stays until its open connections have drained (see
+//! `Forwarder::retired`).
 //! Consumes `model::VipTable` from a watch channel; never imports `source`.
 
 pub mod bpf;
@@ -22,7 +24,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::labels::{LabelError, ReasonLabel};
+use crate::labels::{IpPolicy, LabelError, ReasonLabel};
 use crate::model::{VipKey, VipTable, diff, unix_ms_now};
 use dns::DnsCatalog;
 use forward::Forwarder;
@@ -37,6 +39,7 @@ pub struct AgentMetrics {
     vips_live: Gauge,
     refused_ip_vips: Counter,
     netif_errors: Counter,
+    reconciled: Counter,
     /// The control plane's `label_errors` family (already registered): an IP VIP refused
     /// here is a label error like any other (`reason="host_address"`).
     label_errors: Family<ReasonLabel, Counter>,
@@ -55,6 +58,7 @@ impl AgentMetrics {
             vips_live: Gauge::default(),
             refused_ip_vips: Counter::default(),
             netif_errors: Counter::default(),
+            reconciled: Counter::default(),
             label_errors,
         };
         registry.register(
@@ -88,9 +92,24 @@ impl AgentMetrics {
             "Failed address changes on the VIP interface",
             m.netif_errors.clone(),
         );
+        registry.register(
+            "interface_reconciled",
+            "Times the VIP interface's addresses were found changed by someone else and put back",
+            m.reconciled.clone(),
+        );
         m
     }
 }
+
+/// How often the link's addresses are checked against the table.
+const RECONCILE_EVERY: Duration = Duration::from_millis(500);
+
+/// What a controller refuses whatever its flags, refused again here before an address goes on
+/// the VIP link: loopback and link-local addresses (and unspecified, multicast, broadcast).
+const INSTALLABLE: IpPolicy = IpPolicy {
+    allow_loopback: false,
+    allowed: Vec::new(),
+};
 
 /// Why no listener may serve `k`, if so.
 fn unservable(k: &VipKey) -> Option<LabelError> {
@@ -194,13 +213,9 @@ impl Agent {
             self.dns.publish_tasks(&table.apps);
         }
 
-        // 5. Remove addresses no VIP uses any more (and left-overs from earlier runs).
-        if self.netif.kind() != InterfaceKind::None
-            && let Err(e) = self.netif.sync(&want).await
-        {
-            tracing::warn!(error = %e, "cannot reconcile VIP addresses");
-            self.metrics.netif_errors.inc();
-        }
+        // 5. Remove addresses no VIP uses any more (and left-overs from earlier runs), except
+        // those of removed VIPs whose connections still drain.
+        self.sync_addresses(want).await;
 
         let applied = if self.failed.is_empty() {
             Arc::clone(&table)
@@ -239,8 +254,44 @@ impl Agent {
         self.last = table;
     }
 
-    /// Drop VIPs this host must not serve: IP VIPs on an address of one of its interfaces
-    /// (DESIGN §3), and, whatever a controller sends, any VIP on an address or port no
+    /// Make the interface hold exactly `want` plus the addresses of removed VIPs that still
+    /// drain: their clients use that address as their own, so removing it early would cut
+    /// them off in silence.
+    async fn sync_addresses(&mut self, mut want: BTreeSet<IpAddr>) {
+        if self.netif.kind() == InterfaceKind::None {
+            return;
+        }
+        want.extend(self.forwarder.retiring_addrs());
+        if let Err(e) = self.netif.sync(&want).await {
+            tracing::warn!(error = %e, "cannot reconcile VIP addresses");
+            self.metrics.netif_errors.inc();
+        }
+    }
+
+    /// Put back what the table says if the link's addresses changed behind our back.
+    async fn reconcile(&mut self) {
+        let mut want: BTreeSet<IpAddr> = self.last.vips.keys().map(|k| k.ip).collect();
+        want.extend(self.forwarder.retiring_addrs());
+        match self.netif.sync(&want).await {
+            Ok((added, removed)) if !added.is_empty() || !removed.is_empty() => {
+                tracing::warn!(
+                    added = added.len(),
+                    removed = removed.len(),
+                    "VIP addresses changed behind l4lb's back; reconciled"
+                );
+                self.metrics.reconciled.inc();
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reconcile VIP addresses");
+                self.metrics.netif_errors.inc();
+            }
+        }
+    }
+
+    /// Drop VIPs this host must not serve: VIPs (named or not) on an address of one of its
+    /// interfaces or a broadcast address of its subnets (DESIGN §3), on loopback or
+    /// link-local addresses when they would be installed on the VIP link, and, whatever a controller sends, any VIP on an address or port no
     /// listener may take (unspecified, multicast, broadcast, port 0): a buggy or hostile
     /// controller cannot make the agent bind a wildcard.
     async fn refuse_unservable(&mut self, table: Arc<VipTable>) -> Arc<VipTable> {
@@ -250,15 +301,26 @@ impl Agent {
             .filter_map(|k| unservable(k).map(|e| (*k, e)))
             .collect();
         if self.netif.kind() != InterfaceKind::None {
-            // (With no interface nothing is installed: VIPs are expected to be local already.)
+            // (With no interface nothing is installed: VIPs are expected to be local already,
+            // loopback ones included.) Named VIPs too: a controller, or a `--vip-cidr` that
+            // overlaps a node subnet, can hand out a host address as well as an IP label can.
+            bad.extend(
+                table
+                    .vips
+                    .keys()
+                    .filter_map(|k| INSTALLABLE.check(k.ip).err().map(|e| (*k, e))),
+            );
             match self.netif.host_addresses().await {
-                Ok(host) => bad.extend(
-                    table
-                        .vips
-                        .values()
-                        .filter(|v| v.name.is_none() && host.contains(&v.key.ip))
-                        .map(|v| (v.key, LabelError::HostAddress(v.key.ip))),
-                ),
+                Ok(host) => bad.extend(table.vips.keys().filter_map(|k| {
+                    let ip = k.ip.to_canonical();
+                    if host.own.contains(&ip) {
+                        Some((*k, LabelError::HostAddress(ip)))
+                    } else if host.broadcast.contains(&ip) {
+                        Some((*k, LabelError::Broadcast(ip)))
+                    } else {
+                        None
+                    }
+                })),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot list host addresses");
                     self.metrics.netif_errors.inc();
@@ -296,6 +358,10 @@ impl Agent {
         // Left-overs of a previous run are reconciled by the first apply (its final sync), so
         // VIPs that stay across a restart never leave the interface.
         let retry_every = Duration::from_secs(2);
+        // Someone else's `ip addr flush` (or a second, misconfigured agent) is undone within
+        // this: one netlink dump of the link when nothing changed.
+        let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
+        reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let first = tables.borrow_and_update().clone();
             if first.version != 0 {
@@ -320,6 +386,14 @@ impl Agent {
                 _ = tokio::time::sleep(retry_every), if retry => {
                     let t = Arc::clone(&self.last);
                     self.apply(t).await;
+                }
+                _ = reconcile.tick(), if self.netif.kind() != InterfaceKind::None => {
+                    self.reconcile().await;
+                }
+                vip = self.forwarder.retired() => {
+                    tracing::info!(%vip, "removed VIP drained; its address may go");
+                    let want = self.last.vips.keys().map(|k| k.ip).collect();
+                    self.sync_addresses(want).await;
                 }
             }
         }

@@ -2,6 +2,10 @@
 //! queries), `/healthz`, `/ready` and `/metrics`. Depends on `model` only; the agent's
 //! per-backend counters come in through the [`BackendStats`] trait.
 
+pub mod limits;
+
+pub use limits::ApiLimits;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -199,15 +203,13 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// Serve on an already-bound listener until `shutdown`.
+/// Serve on an already-bound listener until `shutdown`, within the default [`ApiLimits`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: ApiState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    limits::serve(listener, router(state), ApiLimits::default(), shutdown).await
 }
 
 async fn auth(State(st): State<ApiState>, req: Request, next: Next) -> Response {
@@ -267,6 +269,20 @@ struct VipsQuery {
     wait: Option<String>,
 }
 
+impl VipsQuery {
+    /// A `wait=` that does not parse is the caller's error, not a silent 60 s.
+    fn bad_wait(&self) -> Option<Response> {
+        let w = self.wait.as_deref()?;
+        parse_wait(w).is_none().then(|| {
+            (
+                StatusCode::BAD_REQUEST,
+                format!("invalid wait {w:?}: expected e.g. 30s, 500ms, 2m or seconds\n"),
+            )
+                .into_response()
+        })
+    }
+}
+
 /// Parse a Consul-style wait: `30s`, `500ms`, `2m`, or bare seconds.
 pub fn parse_wait(s: &str) -> Option<Duration> {
     crate::model::wire::parse_duration(s).ok()
@@ -308,6 +324,9 @@ async fn vips(
     Query(q): Query<VipsQuery>,
     headers: HeaderMap,
 ) -> Response {
+    if let Some(r) = q.bad_wait() {
+        return r;
+    }
     let table = wait_table(&st, &q).await;
     // A controller's body is a function of the version. An agent's also carries live
     // counters (and, at one version, more VIPs once a failed bind succeeds): its tag is the
@@ -349,6 +368,9 @@ async fn vips(
 /// [`DeltaJson`] from version N (the whole table when N is unknown here), so a one-backend
 /// change costs every watcher a few hundred bytes instead of the whole table.
 async fn vips_delta(State(st): State<ApiState>, Query(q): Query<VipsQuery>) -> Response {
+    if let Some(r) = q.bad_wait() {
+        return r;
+    }
     let table = wait_table(&st, &q).await;
     let from = q.index.unwrap_or(0);
     let base = match st.cache.lock() {
@@ -452,6 +474,29 @@ mod tests {
         ] {
             assert_eq!(parse_wait(s).map(|d| d.as_millis() as u64), want, "{s}");
         }
+    }
+
+    #[tokio::test]
+    async fn an_invalid_wait_is_a_400_not_a_silent_default() {
+        let (_tx, rx) = watch::channel(Arc::new(VipTable::default()));
+        let st = ApiState::new(rx, Arc::new(Registry::default()), Readiness::default());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(l, st, stop.clone()));
+        let http = crate::tls::client_builder().build().unwrap();
+        for path in ["/v1/vips", "/v1/vips/delta"] {
+            for (wait, want) in [("forever", 400), ("-1s", 400), ("", 400), ("1ms", 200)] {
+                let url = format!("http://{addr}{path}?index=0&wait={wait}");
+                let r = tokio::time::timeout(Duration::from_secs(5), http.get(&url).send())
+                    .await
+                    .expect("answered at once")
+                    .unwrap();
+                assert_eq!(r.status().as_u16(), want, "{url}");
+            }
+        }
+        stop.cancel();
+        server.await.unwrap().unwrap();
     }
 
     #[test]

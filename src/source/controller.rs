@@ -2,6 +2,11 @@
 //! `GET /v1/vips/delta?index=N&wait=…` (only what changed since the version held), failing
 //! over between them. When every controller is down
 //! the last table stays published, so the data plane keeps forwarding.
+//!
+//! A broken controller never makes the agent spin: an answer without a valid index is an
+//! error (backed off), an answer that came back early without advancing the index backs off,
+//! and a delta that does not apply to the table held asks for the full table once, then backs
+//! off ([`judge`], pure, decides).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +42,45 @@ enum WatchError {
     Body(serde_json::Error),
     #[error("body longer than {0} bytes")]
     TooLarge(usize),
+    #[error("missing or invalid {INDEX_HEADER} header")]
+    NoIndex,
+}
+
+/// One successful answer, as [`judge`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Answer {
+    /// The index the agent asked with.
+    asked: u64,
+    /// The index the controller answered with.
+    index: u64,
+    full: bool,
+    /// The version a (non-full) delta applies to.
+    from: u64,
+    /// Came back in under half the wait: a blocking query that did not block.
+    quick: bool,
+}
+
+/// What to do with an [`Answer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Apply it; with `pause`, back off before the next query (the controller answered at
+    /// once without anything having changed).
+    Apply { pause: bool },
+    /// It does not apply to the table held (version `held`): read the full table, at once the
+    /// first time, after a back-off if the previous answer was already such a resync.
+    Resync { pause: bool },
+}
+
+/// The pure core of the watch loop: `held` is the controller version the agent's mirror is
+/// at; `resynced` says the last delta did not apply either.
+fn judge(a: Answer, held: u64, resynced: bool) -> Verdict {
+    if !a.full && a.from != held {
+        Verdict::Resync { pause: resynced }
+    } else {
+        Verdict::Apply {
+            pause: a.quick && a.index == a.asked,
+        }
+    }
 }
 
 /// Follow the controllers until `shutdown`, publishing each changed table on `tx` with an
@@ -67,9 +111,18 @@ pub async fn run(
     let mut index = 0u64;
     // The controller's own table at `index` (in its numbering), which deltas apply to.
     let mut mirror = VipTable::default();
+    let mut resynced = false;
+    let pause = async |backoff: &mut Backoff| {
+        let wait = backoff.next_delay();
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = tokio::time::sleep(wait) => true,
+        }
+    };
     loop {
         let base = &cfg.controllers[idx % cfg.controllers.len()];
         let fut = poll(&http, base, index, &cfg);
+        let started = tokio::time::Instant::now();
         let res = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = fut => r,
@@ -77,13 +130,41 @@ pub async fn run(
         match res {
             Ok((new_index, changed_at, delta)) => {
                 metrics.request("vips_watch", "ok");
-                backoff.reset();
-                if !delta.full && delta.from != mirror.version {
-                    // Not a change to what we hold (cannot happen with a sane controller):
-                    // start over with a full read.
-                    index = 0;
-                    mirror = VipTable::default();
-                    continue;
+                let answer = Answer {
+                    asked: index,
+                    index: new_index,
+                    full: delta.full,
+                    from: delta.from,
+                    quick: started.elapsed() < cfg.wait / 2,
+                };
+                let wait_after = match judge(answer, mirror.version, resynced) {
+                    Verdict::Resync { pause: again } => {
+                        // Not a change to what we hold (cannot happen with a sane controller):
+                        // start over with a full read.
+                        tracing::warn!(
+                            controller = %base,
+                            from = delta.from,
+                            held = mirror.version,
+                            "controller sent a delta that does not apply; reading the full table"
+                        );
+                        metrics.sync_error("controller");
+                        index = 0;
+                        mirror = VipTable::default();
+                        resynced = true;
+                        if again && !pause(&mut backoff).await {
+                            return;
+                        }
+                        continue;
+                    }
+                    Verdict::Apply { pause } => pause,
+                };
+                if !delta.full {
+                    resynced = false;
+                }
+                if wait_after {
+                    tracing::debug!(controller = %base, index = new_index, "controller answered at once with nothing new; backing off");
+                } else {
+                    backoff.reset();
                 }
                 mirror = delta.apply(&mirror);
                 index = new_index;
@@ -102,6 +183,9 @@ pub async fn run(
                     metrics.observe_table(&t);
                     tx.send_replace(t);
                 }
+                if wait_after && !pause(&mut backoff).await {
+                    return;
+                }
             }
             Err(e) => {
                 tracing::warn!(controller = %base, error = %e, "controller watch failed; keeping the last table");
@@ -110,10 +194,9 @@ pub async fn run(
                 idx += 1;
                 index = 0;
                 mirror = VipTable::default();
-                let wait = backoff.next_delay();
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(wait) => {}
+                resynced = false;
+                if !pause(&mut backoff).await {
+                    return;
                 }
             }
         }
@@ -148,10 +231,11 @@ async fn poll(
             .get(h)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
     };
-    let new_index = num(INDEX_HEADER);
-    let changed_at = num(CHANGED_AT_HEADER);
+    // Without its index an answer cannot be followed: asking again with index 0 would be
+    // answered at once, forever.
+    let new_index = num(INDEX_HEADER).ok_or(WatchError::NoIndex)?;
+    let changed_at = num(CHANGED_AT_HEADER).unwrap_or(0);
     let limit = super::marathon::client::MAX_BODY;
     if resp.content_length().is_some_and(|n| n > limit as u64) {
         return Err(WatchError::TooLarge(limit));
@@ -166,4 +250,176 @@ async fn poll(
     }
     let delta: DeltaJson = serde_json::from_slice(&body).map_err(WatchError::Body)?;
     Ok((new_index, changed_at, delta))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn judge_cases() {
+        let a = |asked, index, full, from, quick| Answer {
+            asked,
+            index,
+            full,
+            from,
+            quick,
+        };
+        let cases = [
+            // (answer, held, resynced, verdict)
+            (
+                a(0, 5, true, 0, true),
+                0,
+                false,
+                Verdict::Apply { pause: false },
+            ),
+            (
+                a(5, 6, false, 5, true),
+                5,
+                false,
+                Verdict::Apply { pause: false },
+            ),
+            // A blocking query that returned at once with nothing new.
+            (
+                a(5, 5, false, 5, true),
+                5,
+                false,
+                Verdict::Apply { pause: true },
+            ),
+            // ...or after the wait: a normal timeout.
+            (
+                a(5, 5, false, 5, false),
+                5,
+                false,
+                Verdict::Apply { pause: false },
+            ),
+            // A controller restarted behind us answers at once with a lower index.
+            (
+                a(9, 2, true, 0, true),
+                9,
+                false,
+                Verdict::Apply { pause: false },
+            ),
+            // A delta from a version not held: resync at once, then back off.
+            (
+                a(5, 6, false, 3, true),
+                5,
+                false,
+                Verdict::Resync { pause: false },
+            ),
+            (
+                a(0, 6, false, 3, true),
+                0,
+                true,
+                Verdict::Resync { pause: true },
+            ),
+            // A full answer applies whatever its `from`.
+            (
+                a(0, 6, true, 3, true),
+                0,
+                true,
+                Verdict::Apply { pause: false },
+            ),
+        ];
+        for (i, (ans, held, resynced, want)) in cases.into_iter().enumerate() {
+            assert_eq!(judge(ans, held, resynced), want, "case {i}: {ans:?}");
+        }
+    }
+
+    /// A controller that answers every request with `head` (status line and headers) and
+    /// `body`, counting the requests.
+    async fn fake_controller(head: &'static str, body: String) -> (Url, Arc<AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = Url::parse(&format!("http://{}/", l.local_addr().unwrap())).unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = Arc::clone(&hits);
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let (h, body) = (Arc::clone(&h), body.clone());
+                tokio::spawn(async move {
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    // One request per connection; it ends with an empty line.
+                    while !req.ends_with(b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => req.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    h.fetch_add(1, Ordering::Relaxed);
+                    let resp = format!(
+                        "{head}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+                         connection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        (url, hits)
+    }
+
+    /// Requests `run` sends to a controller answering `head`/`body` in `secs` seconds, and
+    /// the table it published.
+    async fn requests_in(head: &'static str, body: String, secs: u64) -> (usize, Arc<VipTable>) {
+        let (url, hits) = fake_controller(head, body).await;
+        let (tx, rx) = tokio::sync::watch::channel(Arc::new(VipTable::default()));
+        let cfg = WatchConfig {
+            controllers: vec![url],
+            wait: Duration::from_secs(10),
+            token: None,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(400),
+        };
+        let metrics = SourceMetrics::new(&mut prometheus_client::registry::Registry::default());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(cfg, tx, metrics, stop.clone()));
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        stop.cancel();
+        task.await.unwrap();
+        let t = rx.borrow().clone();
+        (hits.load(Ordering::Relaxed), t)
+    }
+
+    fn delta(from: u64, to: u64, full: bool) -> String {
+        let vip = r#"{"vip":"198.18.5.5:80","protocol":"tcp","name":null,"ip":"198.18.5.5",
+            "port":80,"backend":[{"ip":"198.18.0.1","port":8080,"state":"active"}]}"#;
+        format!(r#"{{"from":{from},"to":{to},"full":{full},"upsert":[{vip}],"remove":[]}}"#)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broken_controller_is_polled_at_a_bounded_rate() {
+        // 2 s at back-offs of 100–400 ms: a handful of requests; a hot loop sends thousands.
+        const MAX: usize = 25;
+        let cases: [(&str, &'static str, String); 4] = [
+            ("no index", "HTTP/1.1 200 OK", delta(0, 7, true)),
+            (
+                "invalid index",
+                "HTTP/1.1 200 OK\r\nx-l4lb-index: seven",
+                delta(0, 7, true),
+            ),
+            (
+                "delta from a version not held",
+                "HTTP/1.1 200 OK\r\nx-l4lb-index: 7",
+                delta(3, 7, false),
+            ),
+            (
+                "blocking query that never blocks",
+                "HTTP/1.1 200 OK\r\nx-l4lb-index: 7",
+                delta(0, 7, true),
+            ),
+        ];
+        let runs = cases.map(|(what, head, body)| async move {
+            let (n, t) = requests_in(head, body, 2).await;
+            (what, n, t)
+        });
+        for (what, n, t) in futures::future::join_all(runs).await {
+            assert!((2..=MAX).contains(&n), "{what}: {n} requests in 2 s");
+            // Only the sane-but-eager controller's table is taken.
+            let want = usize::from(what == "blocking query that never blocks");
+            assert_eq!(t.vips.len(), want, "{what}");
+        }
+    }
 }

@@ -11,6 +11,7 @@ mod cli;
 mod cluster;
 mod controller;
 mod dns;
+mod harden;
 mod mesos;
 mod netif;
 mod pods;

@@ -18,7 +18,8 @@ pub mod udp;
 mod tests;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::collections::hash_map::Entry;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
@@ -28,7 +29,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -36,6 +37,10 @@ use tracing::Instrument;
 
 use crate::model::{Protocol, VipKey, VipTable, diff};
 use state::VipShared;
+
+/// How long a removed VIP's address stays after its last connection ended, so that a client
+/// closing its end just after ours still reaches it (its FIN is not lost to a missing address).
+const RETIRE_LINGER: Duration = Duration::from_secs(1);
 
 /// Size of the per-thread scratch buffer: TCP copies and UDP datagrams pass through it.
 const SCRATCH: usize = 64 * 1024;
@@ -112,6 +117,9 @@ pub struct ForwardMetrics {
     bytes_b2c: Counter,
     connect_failures: Family<BackendLabels, Counter>,
     ejections: Family<BackendLabels, Counter>,
+    /// Live [`state::BackendShared`]s per backend address: its series leave `/metrics` when
+    /// the last one is dropped, so churning backends cannot grow the output without bound.
+    backend_refs: Arc<std::sync::Mutex<HashMap<SocketAddr, usize>>>,
     local_errors: Family<KindLabels, Counter>,
     udp_sessions_active: Gauge,
     udp_sessions_refused: Counter,
@@ -143,6 +151,7 @@ impl ForwardMetrics {
             bytes_b2c: bytes.get_or_create_owned(&B2C),
             connect_failures: Family::default(),
             ejections: Family::default(),
+            backend_refs: Arc::default(),
             local_errors: Family::default(),
             udp_sessions_active: Gauge::default(),
             udp_sessions_refused: Counter::default(),
@@ -212,7 +221,14 @@ impl ForwardMetrics {
         self.local_errors.get_or_create(&KindLabels { kind }).inc();
     }
 
+    /// The counters of `addr`, held until [`ForwardMetrics::release_backend`].
     fn backend_counters(&self, addr: SocketAddr) -> (Counter, Counter) {
+        *self
+            .backend_refs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(addr)
+            .or_default() += 1;
         let l = BackendLabels {
             backend: addr.to_string(),
         };
@@ -220,6 +236,26 @@ impl ForwardMetrics {
             self.connect_failures.get_or_create_owned(&l),
             self.ejections.get_or_create_owned(&l),
         )
+    }
+
+    /// One holder of `addr`'s counters is gone; the last one takes its series away.
+    fn release_backend(&self, addr: SocketAddr) {
+        let mut refs = self
+            .backend_refs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Entry::Occupied(mut e) = refs.entry(addr) else {
+            return;
+        };
+        *e.get_mut() -= 1;
+        if *e.get() == 0 {
+            e.remove();
+            let l = BackendLabels {
+                backend: addr.to_string(),
+            };
+            self.connect_failures.remove(&l);
+            self.ejections.remove(&l);
+        }
     }
 }
 
@@ -307,6 +343,11 @@ pub struct Forwarder {
     current: VipTable,
     live: HashMap<VipKey, LiveVip>,
     stats: ForwardStats,
+    /// Removed TCP VIPs with connections still open, counted (a VIP removed, re-added and
+    /// removed again retires twice): their addresses must stay on the interface.
+    retiring: HashMap<VipKey, usize>,
+    retired_tx: mpsc::UnboundedSender<VipKey>,
+    retired_rx: mpsc::UnboundedReceiver<VipKey>,
 }
 
 impl Forwarder {
@@ -319,6 +360,7 @@ impl Forwarder {
         let udp_permits = Arc::new(Semaphore::new(
             cfg.max_udp_sessions.min(Semaphore::MAX_PERMITS),
         ));
+        let (retired_tx, retired_rx) = mpsc::unbounded_channel();
         Forwarder {
             ctx: Arc::new(Ctx {
                 cfg,
@@ -334,6 +376,9 @@ impl Forwarder {
             current: VipTable::default(),
             live: HashMap::new(),
             stats: ForwardStats::default(),
+            retiring: HashMap::new(),
+            retired_tx,
+            retired_rx,
         }
     }
 
@@ -343,6 +388,11 @@ impl Forwarder {
     /// connections keep running). Costs O(changed VIPs + their backends) plus one linear
     /// diff, which skips VIPs shared by pointer with the previous table (build tables with
     /// [`VipTable::share_with`] to get that fast path).
+    ///
+    /// A removed TCP VIP with connections still open retires: its listener closes (new
+    /// connections are refused), its connections run until they end or the drain timeout
+    /// resets them, and its address is listed by [`Forwarder::retiring_addrs`] until
+    /// [`Forwarder::retired`] reports it.
     pub async fn apply(&mut self, table: &VipTable) -> ApplyReport {
         let mut report = ApplyReport::default();
         if self.accept_stop.is_cancelled() {
@@ -364,7 +414,7 @@ impl Forwarder {
             self.current.vips.remove(key);
             if let Some(live) = self.live.remove(key) {
                 live.stop.cancel();
-                stopped.push(live.task);
+                stopped.push((*key, live.task, Arc::clone(&live.shared)));
                 live.shared.retire(drain);
                 if let Some(u) = &live.udp {
                     u.drop_all();
@@ -437,12 +487,51 @@ impl Forwarder {
         }
         // Removed VIPs stop accepting before apply returns, so their listeners are closed
         // (and their addresses free to bind again) when the caller sees the report.
-        for task in stopped {
+        for (key, task, shared) in stopped {
             if let Err(e) = task.await {
                 tracing::warn!(error = %e, "VIP loop ended abnormally");
             }
+            // The accept loop is over: no connection joins `conns` any more.
+            shared.conns.close();
+            if shared.conns.is_empty() {
+                continue;
+            }
+            tracing::info!(vip = %key, open = shared.conns.len(), "VIP removed; draining its connections");
+            *self.retiring.entry(key).or_default() += 1;
+            let tx = self.retired_tx.clone();
+            tokio::spawn(async move {
+                shared.conns.wait().await;
+                tokio::time::sleep(RETIRE_LINGER).await;
+                // The receiver lives as long as the forwarder; a send after it is gone has
+                // nobody left to tell.
+                let _ = tx.send(key);
+            });
         }
         report
+    }
+
+    /// Addresses of removed VIPs whose connections are still open (see [`Forwarder::apply`]).
+    pub fn retiring_addrs(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.retiring.keys().map(|k| k.ip)
+    }
+
+    /// Wait until a removed VIP's last connection has ended (and [`RETIRE_LINGER`] passed);
+    /// it is then no longer in [`Forwarder::retiring_addrs`]. Pending while none is retiring.
+    /// Cancel-safe.
+    pub async fn retired(&mut self) -> VipKey {
+        loop {
+            // The sender is ours too: the channel never closes.
+            let Some(key) = self.retired_rx.recv().await else {
+                return std::future::pending().await;
+            };
+            if let Entry::Occupied(mut e) = self.retiring.entry(key) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+                return key;
+            }
+        }
     }
 
     /// Copy instead of splicing, to test the fallback path. Call before the first apply.

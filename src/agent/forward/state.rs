@@ -13,6 +13,7 @@ use prometheus_client::metrics::counter::Counter;
 use rand::Rng;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::ForwardMetrics;
 use super::balancer::{self, Candidate, Failure, Health};
@@ -33,6 +34,14 @@ pub(crate) struct BackendShared {
     drain_gen: AtomicU64,
     connect_failures: Counter,
     ejections: Counter,
+    /// To take this backend's series away when the last holder of them goes.
+    metrics: ForwardMetrics,
+}
+
+impl Drop for BackendShared {
+    fn drop(&mut self) {
+        self.metrics.release_backend(self.addr);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -51,6 +60,7 @@ impl BackendShared {
             drain_gen: AtomicU64::new(0),
             connect_failures,
             ejections,
+            metrics: metrics.clone(),
         }
     }
 
@@ -152,6 +162,9 @@ pub(crate) struct SetChange {
 pub(crate) struct VipShared {
     pub(crate) key: VipKey,
     pub(crate) set: ArcSwap<BackendSet>,
+    /// This VIP's open TCP connections (a token each), so that a removed VIP can tell when
+    /// its last one ended.
+    pub(crate) conns: TaskTracker,
 }
 
 impl VipShared {
@@ -159,6 +172,7 @@ impl VipShared {
         VipShared {
             key,
             set: ArcSwap::from_pointee(BackendSet::default()),
+            conns: TaskTracker::new(),
         }
     }
 

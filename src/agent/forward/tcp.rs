@@ -146,10 +146,14 @@ pub(super) async fn accept_loop(
             continue;
         };
         let (c, v) = (Arc::clone(&ctx), Arc::clone(&vip));
+        // Counts the connection as the VIP's until it ends: a removed VIP's address stays
+        // while any is open.
+        let held = vip.conns.token();
         ctx.tracker.spawn(
             async move {
                 handle(&c, &v, client).await;
                 drop(permit);
+                drop(held);
             }
             .in_current_span(),
         );
@@ -218,7 +222,15 @@ async fn handle(ctx: &Ctx, vip: &VipShared, client: TcpStream) {
             tracing::debug!(backend = %backend.addr, error = %e, "connection ended with error");
         },
         () = kill.cancelled() => {
-            tracing::debug!(backend = %backend.addr, "connection closed: drain timeout or shutdown");
+            // Cut mid-stream: reset both ends rather than send a FIN, which would tell the
+            // client that a truncated answer was complete, and leave no half-closed socket
+            // behind on an address that may leave the interface next.
+            for s in [&client, &upstream] {
+                if let Err(e) = SockRef::from(s).set_linger(Some(Duration::ZERO)) {
+                    tracing::debug!(error = %e, "cannot set SO_LINGER 0");
+                }
+            }
+            tracing::debug!(backend = %backend.addr, "connection reset: drain timeout or shutdown");
         }
         () = activity.idle(idle) => {
             tracing::debug!(backend = %backend.addr, "connection closed: idle");

@@ -1370,3 +1370,67 @@ async fn udp_bursts_from_many_clients_arrive_whole_and_stay_on_their_backend() {
     assert_eq!(m.udp_sessions_active.get(), CLIENTS as i64);
     fwd.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test]
+async fn tcp_removed_vip_retires_until_its_last_connection_ends() {
+    let b = TcpBackend::start(0).await;
+    let (idle, busy) = (free_tcp_vip(), free_tcp_vip());
+    let (mut fwd, _) = forwarder(ForwardConfig::default());
+    let both = |v| {
+        table(
+            v,
+            vec![vip(idle, &active(&[b.addr])), vip(busy, &active(&[b.addr]))],
+        )
+    };
+    fwd.apply(&both(1)).await;
+    let (mut held, _) = open(busy).await;
+    fwd.apply(&table(2, vec![])).await;
+    // Only the VIP with an open connection keeps its address; it still answers.
+    assert_eq!(
+        fwd.retiring_addrs().collect::<Vec<_>>(),
+        vec![busy.ip],
+        "one VIP retiring"
+    );
+    assert!(TcpStream::connect(busy.socket_addr()).await.is_err());
+    echo(&mut held, b"still served").await;
+    assert!(
+        timeout(Duration::from_millis(300), fwd.retired())
+            .await
+            .is_err(),
+        "retired while a connection is open"
+    );
+    drop(held);
+    let k = timeout(RETIRE_LINGER + T, fwd.retired()).await.unwrap();
+    assert_eq!(k, busy);
+    assert_eq!(fwd.retiring_addrs().count(), 0);
+    fwd.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_backend_series_leaves_metrics_with_the_backend() {
+    let mut reg = Registry::with_prefix("l4lb");
+    let m = ForwardMetrics::new(&mut reg);
+    let mut fwd = Forwarder::new(ForwardConfig::default(), m, CancellationToken::new());
+    let key = free_tcp_vip();
+    let series = |reg: &Registry| {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, reg).unwrap();
+        out.lines()
+            .filter(|l| l.contains("backend=\"") && !l.starts_with('#'))
+            .count()
+    };
+    // 200 backends come and go, two at a time.
+    for v in 1..=100u16 {
+        let bs: Vec<SocketAddr> = [2 * v, 2 * v + 1]
+            .iter()
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], 40_000 + p)))
+            .collect();
+        fwd.apply(&table(u64::from(v), vec![vip(key, &active(&bs))]))
+            .await;
+    }
+    // Two backends, two families (connect failures, ejections).
+    assert_eq!(series(&reg), 4);
+    fwd.apply(&table(101, vec![])).await;
+    assert_eq!(series(&reg), 0);
+    fwd.shutdown(Duration::from_secs(1)).await;
+}

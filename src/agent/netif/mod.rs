@@ -5,7 +5,10 @@
 //! IP-VIP safety check (§3). Depends on nothing else in l4lb; the agent calls [`Netif::sync`]
 //! with the VIP addresses of each table. The reconciliation itself is the pure [`plan`].
 
+mod lock;
 mod plan;
+
+pub use lock::LOCK_DIR;
 
 pub use plan::{Plan, host_prefix, is_kernel_managed, plan};
 
@@ -95,6 +98,23 @@ pub enum NetifError {
     Ipv6Disabled { link: String, ip: IpAddr },
     #[error("interface {0} vanished")]
     Vanished(String),
+    /// Another live agent manages this link (it holds the lock).
+    #[error(
+        "interface {link} is managed by another running l4lb (pid {holder}, lock {}); \
+         stop it first or give this one another --interface",
+        lock.display()
+    )]
+    Busy {
+        link: String,
+        holder: String,
+        lock: std::path::PathBuf,
+    },
+    #[error("{op}: {source}")]
+    Lock {
+        op: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The errno of a netlink NACK, if that is what `e` is.
@@ -129,6 +149,8 @@ pub struct Netif {
     kept: BTreeSet<IpAddr>,
     handle: Handle,
     conn: JoinHandle<()>,
+    /// Held while this `Netif` manages the link (none for `None`).
+    _lock: Option<lock::LinkLock>,
 }
 
 impl fmt::Debug for Netif {
@@ -150,7 +172,8 @@ impl Netif {
     /// Open (create if missing) link `name` of `kind` and bring it up. `Auto` tries a dummy
     /// link and falls back to an empty bridge when the kernel has no dummy driver. An existing
     /// dummy or port-less bridge with that name is reused; any other existing link is refused
-    /// ([`NetifError::Unsuitable`]). `None` installs nothing. Must run inside a tokio runtime.
+    /// ([`NetifError::Unsuitable`]); a link another live `Netif` holds (another agent) is
+    /// refused ([`NetifError::Busy`]). `None` installs nothing. Must run inside a tokio runtime.
     pub async fn open(name: &str, kind: InterfaceKind) -> Result<Self, NetifError> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(NetifError::Socket)?;
         let conn = tokio::spawn(conn);
@@ -160,6 +183,7 @@ impl Netif {
             kept: BTreeSet::new(),
             handle,
             conn,
+            _lock: None,
         };
         if kind == InterfaceKind::None {
             info!(
@@ -168,6 +192,10 @@ impl Netif {
             );
             return Ok(me);
         }
+        // Before touching anything: a second agent on this link must not undo the first.
+        let lock = lock::LinkLock::acquire(std::path::Path::new(LOCK_DIR), name)?;
+        debug!(lock = %lock.path().display(), "holding the link's lock");
+        me._lock = Some(lock);
         let (index, actual) = match me.find_link(name).await? {
             Some(msg) => me.check_existing(name, kind, &msg).await?,
             None => me.create(name, kind).await?,
@@ -293,11 +321,12 @@ impl Netif {
         Ok(())
     }
 
-    /// Every address of this host's interfaces other than the VIP link, used to refuse IP VIPs
-    /// that would hijack a real local address (§3). For `None`: every local address.
-    pub async fn host_addresses(&self) -> Result<BTreeSet<IpAddr>, NetifError> {
+    /// Every address of this host's interfaces other than the VIP link, and the broadcast
+    /// addresses of their IPv4 subnets: no VIP may take one (§3). For `None`: every local
+    /// address.
+    pub async fn host_addresses(&self) -> Result<HostAddresses, NetifError> {
         let skip = self.link.as_ref().map(|l| l.index);
-        let mut out = BTreeSet::new();
+        let mut out = HostAddresses::default();
         let mut dump = self.handle.address().get().execute();
         while let Some(msg) = dump
             .try_next()
@@ -308,7 +337,14 @@ impl Netif {
                 continue;
             }
             if let Some(ip) = local_ip(&msg) {
-                out.insert(ip);
+                out.own.insert(ip);
+                out.broadcast
+                    .extend(subnet_broadcast(ip, msg.header.prefix_len));
+            }
+            for attr in &msg.attributes {
+                if let AddressAttribute::Broadcast(b) = attr {
+                    out.broadcast.insert(IpAddr::V4(*b));
+                }
             }
         }
         Ok(out)
@@ -514,6 +550,32 @@ fn link_kind(msg: &LinkMessage) -> Option<InfoKind> {
 
 /// The local address of an address message: `IFA_LOCAL` when present (it differs from
 /// `IFA_ADDRESS` on point-to-point links), else `IFA_ADDRESS`.
+/// Addresses of this host no VIP may take ([`Netif::host_addresses`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostAddresses {
+    /// The host's own addresses.
+    pub own: BTreeSet<IpAddr>,
+    /// The broadcast addresses of the host's IPv4 subnets.
+    pub broadcast: BTreeSet<IpAddr>,
+}
+
+impl HostAddresses {
+    /// One of the host's own addresses.
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        self.own.contains(ip)
+    }
+}
+
+/// The broadcast address of `ip`'s IPv4 subnet; none for IPv6, /31 and /32 (RFC 3021).
+fn subnet_broadcast(ip: IpAddr, prefix_len: u8) -> Option<IpAddr> {
+    match ip {
+        IpAddr::V4(v4) if prefix_len <= 30 => ipnet::Ipv4Net::new(v4, prefix_len)
+            .ok()
+            .map(|n| IpAddr::V4(n.broadcast())),
+        _ => None,
+    }
+}
+
 fn local_ip(msg: &AddressMessage) -> Option<IpAddr> {
     let mut address = None;
     for attr in &msg.attributes {
@@ -598,6 +660,26 @@ mod tests {
                 "errno {code}"
             );
             assert!(e.to_string().starts_with("op: "), "{e}");
+        }
+    }
+
+    #[test]
+    fn subnet_broadcasts() {
+        let cases = [
+            ("198.18.0.1", 15, Some("198.19.255.255")),
+            ("10.1.2.3", 24, Some("10.1.2.255")),
+            ("10.1.2.3", 30, Some("10.1.2.3")),
+            ("10.1.2.3", 31, None),
+            ("10.1.2.3", 32, None),
+            ("fd01::1", 64, None),
+        ];
+        for (ip, len, want) in cases {
+            let want = want.map(|w| w.parse::<IpAddr>().unwrap());
+            assert_eq!(
+                subnet_broadcast(ip.parse().unwrap(), len),
+                want,
+                "{ip}/{len}"
+            );
         }
     }
 

@@ -69,6 +69,14 @@ pub const MAX_BODY: usize = 1 << 30;
 
 impl Client {
     pub fn new(masters: Vec<Url>, auth: Auth, timeout: Duration) -> Result<Self, reqwest::Error> {
+        for m in with_password(&masters) {
+            tracing::warn!(
+                marathon = %m,
+                "a password in a --marathon URL is visible to every user in ps and \
+                 /proc/<pid>/cmdline; use --marathon-auth basic with \
+                 --marathon-credentials-file instead"
+            );
+        }
         let http = crate::tls::client_builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
@@ -244,6 +252,15 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// The masters (redacted) whose URL carries a password.
+fn with_password(masters: &[Url]) -> Vec<String> {
+    masters
+        .iter()
+        .filter(|u| u.password().is_some())
+        .map(redact)
+        .collect()
+}
+
 /// A URL fit for logs: no user info, no query.
 fn redact(u: &Url) -> String {
     let mut u = u.clone();
@@ -256,6 +273,19 @@ fn redact(u: &Url) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_in_urls_are_found_and_never_shown() {
+        let urls: Vec<Url> = [
+            "http://m1:8080",
+            "http://u:hunter2@m2:8080/",
+            "http://u@m3/",
+        ]
+        .iter()
+        .map(|u| u.parse().unwrap())
+        .collect();
+        assert_eq!(with_password(&urls), vec!["http://m2:8080/".to_string()]);
+    }
 
     #[test]
     fn secrets_never_in_debug_or_urls() {

@@ -305,7 +305,7 @@ async fn stream_events(
                         } else {
                             ev.event.as_str()
                         };
-                        m.events.get_or_create(&[("type", kind.to_string())]).inc();
+                        m.event(kind);
                         let inv = invalidation(&ev);
                         if inv != Invalidation::None
                             && tx.send(Signal::Invalidate(inv, now)).await.is_err()

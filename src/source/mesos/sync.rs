@@ -202,7 +202,7 @@ pub fn apply_records(
                 continue;
             }
         };
-        m.events.get_or_create(&[("type", ev.kind.clone())]).inc();
+        m.event(&ev.kind);
         if let Some(s) = &ev.subscribed {
             heartbeat = s.heartbeat_interval_seconds;
         }

@@ -1,0 +1,216 @@
+#!/usr/bin/env bash
+# Soak (issue 13): a controller and an agent in a throw-away network namespace while clients
+# keep connecting through an IP VIP and a named VIP, and faults come every few seconds, in a
+# loop: task churn (1-3 of 3 live backends in the table), a flapping source (the apps file
+# replaced by garbage, then restored), the agent SIGKILLed and restarted, the agent SIGTERMed
+# and restarted, the controller SIGKILLed and restarted, `ip addr flush dev minuteman`.
+# Prints failed client connections (overall and outside the agent's own restarts, when
+# there is no data plane by definition), RSS and descriptors of both processes over time,
+# and the addresses left on the link at the end.
+# Usage (as root): scripts/soak.sh [seconds, default 120]   (L4LB_BIN to pick the binary)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "soak.sh needs root (network namespace, VIP addresses)." >&2
+  exit 2
+fi
+for tool in ip socat curl python3; do
+  command -v "$tool" >/dev/null || { echo "soak.sh needs $tool" >&2; exit 2; }
+done
+DURATION=${1:-120}
+BIN=${L4LB_BIN:-target/release/l4lb}
+if [ ! -x "$BIN" ]; then
+  echo "==> building l4lb (cargo build --release)"
+  cargo build --release --locked -q
+fi
+BIN=$(realpath "$BIN")
+NS=l4lb-soak-$$
+WORK=$(mktemp -d)
+CTL_API=127.0.0.1:62190
+AGENT_API=127.0.0.1:62191
+PIDS=()
+CTL=0
+AGENT=0
+cleanup() {
+  local rc=$?
+  if [ "$rc" -ne 0 ] && [ -d "$WORK" ]; then
+    echo "soak.sh failed ($rc); last lines of the logs:" >&2
+    tail -n 5 "$WORK"/agent.log "$WORK"/controller.log >&2 || true
+  fi
+  for p in "${PIDS[@]}" "$CTL" "$AGENT"; do [ "$p" -gt 0 ] && kill "$p" 2>/dev/null || true; done
+  sleep 0.5
+  ip netns pids "$NS" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+  ip netns del "$NS" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+in_ns() { ip netns exec "$NS" "$@"; }
+now_ms() { date +%s%3N; }
+event() { echo "$(now_ms) $*" >>"$WORK/events"; }
+
+ip netns add "$NS"
+in_ns ip link set lo up
+in_ns ip link add eth0 type bridge
+in_ns ip addr add 198.18.0.1/15 dev eth0
+in_ns ip link set eth0 up
+
+# Three backends that read the request, then answer and close.
+for i in 1 2 3; do
+  cat >"$WORK/task$i.sh" <<TASK
+#!/bin/sh
+cr=\$(printf '\\r')
+while IFS= read -r line; do
+  [ -z "\$line" ] || [ "\$line" = "\$cr" ] && break
+done
+printf 'HTTP/1.1 200 OK\\r\\nContent-Length: 7\\r\\nConnection: close\\r\\n\\r\\ntask $i\\n'
+TASK
+  ip netns exec "$NS" socat TCP-LISTEN:1808$i,bind=127.0.0.1,fork,reuseaddr EXEC:"/bin/sh $WORK/task$i.sh" &
+  PIDS+=($!)
+done
+
+# The apps file: /soak with VIP_0=/soak:80 and VIP_1=198.18.5.5:80, tasks = the given ports.
+write_apps() {
+  python3 - "$WORK/apps.json" "$@" <<'PY'
+import json, sys, os
+path, ports = sys.argv[1], [int(p) for p in sys.argv[2:]]
+app = json.load(open("examples/apps.json"))["apps"][0]
+app["id"] = "/soak"
+app["portDefinitions"][0]["labels"] = {"VIP_0": "/soak:80", "VIP_1": "198.18.5.5:80"}
+tmpl = app["tasks"][0]
+app["tasks"] = []
+for i, p in enumerate(ports):
+    t = dict(tmpl, id=f"soak.{p:08x}-6ca8-11e7-beb2-0e2beceebfcc", appId="/soak", ports=[p])
+    app["tasks"].append(t)
+app["instances"] = app["tasksRunning"] = len(ports)
+tmp = path + ".new"
+json.dump({"apps": [app]}, open(tmp, "w"))
+os.replace(tmp, path)
+PY
+}
+write_apps 18081 18082 18083
+
+start_controller() {
+  # `ip netns exec` execs the program: $! is l4lb itself (a function would add a subshell).
+  ip netns exec "$NS" "$BIN" controller --apps-file "$WORK/apps.json" --apps-file-poll 100ms \
+    --vip-cidr 198.18.128.0/17 --api-listen "$CTL_API" 2>>"$WORK/controller.log" &
+  CTL=$!
+}
+start_agent() {
+  ip netns exec "$NS" "$BIN" agent --controller "http://$CTL_API/" --api-listen "$AGENT_API" \
+    --dns-listen 127.0.0.1:5454 --drain-timeout 2s --shutdown-grace 1s 2>>"$WORK/agent.log" &
+  AGENT=$!
+}
+wait_ready() {
+  for _ in $(seq 1 200); do
+    in_ns curl -sf "http://$1/ready" >/dev/null 2>&1 && return 0
+    sleep 0.05
+  done
+  echo "not ready: $1" >&2
+  return 1
+}
+start_controller
+wait_ready "$CTL_API"
+start_agent
+wait_ready "$AGENT_API"
+NAMED=$(in_ns "$BIN" vips --api "http://$AGENT_API" | grep -o '198\.18\.[0-9.]*:80' | grep -v 198.18.5.5 | head -1)
+echo "==> soak for ${DURATION}s: IP VIP 198.18.5.5:80, named VIP soak.marathon ($NAMED), binary $BIN"
+
+# Clients: one connection after another through each VIP, each with a 2 s budget.
+client() {
+  local target=$1 out=$2
+  while :; do
+    local t
+    t=$(now_ms)
+    if in_ns curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://$target/" 2>/dev/null | grep -q 200; then
+      echo "$t ok" >>"$out"
+    else
+      echo "$t fail" >>"$out"
+    fi
+  done
+}
+client 198.18.5.5:80 "$WORK/client-ip" &
+PIDS+=($!)
+client "$NAMED" "$WORK/client-named" &
+PIDS+=($!)
+
+# Samples of RSS (KiB) and descriptors are taken by the fault loop, which knows the PIDs.
+START=$(now_ms)
+
+restart_agent() {
+  local sig=$1
+  event "agent_down_start $sig"
+  kill -"$sig" "$AGENT" 2>/dev/null || true
+  wait "$AGENT" 2>/dev/null || true
+  start_agent
+  wait_ready "$AGENT_API"
+  event "agent_down_end"
+}
+
+step=0
+END=$(( START + DURATION * 1000 ))
+while [ "$(now_ms)" -lt "$END" ]; do
+  # The sampler reads $CTL/$AGENT, which change: sample inline instead of in the background.
+  line="$(( ($(now_ms) - START) / 1000 ))"
+  for p in $CTL $AGENT; do
+    line="$line $(awk '/VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo -) $(ls "/proc/$p/fd" 2>/dev/null | wc -l)"
+  done
+  echo "$line" >>"$WORK/samples"
+  case $(( step % 6 )) in
+    0) event churn; write_apps $(shuf -e 18081 18082 18083 | head -n $(( RANDOM % 3 + 1 ))) ;;
+    1) event flap; cp "$WORK/apps.json" "$WORK/good.json"
+       echo '{"apps": [garbage' >"$WORK/apps.json.new" && mv "$WORK/apps.json.new" "$WORK/apps.json"
+       sleep 2; mv "$WORK/good.json" "$WORK/apps.json" ;;
+    2) restart_agent KILL ;;
+    3) event controller_kill; kill -KILL "$CTL"; wait "$CTL" 2>/dev/null || true
+       sleep 1; start_controller; wait_ready "$CTL_API" ;;
+    4) event flush; in_ns ip addr flush dev minuteman ;;
+    5) restart_agent TERM ;;
+  esac
+  step=$(( step + 1 ))
+  sleep 3
+done
+write_apps 18081 18082 18083
+sleep 1
+
+# Failures, and which of them fell while the agent itself was down (start to ready + 0.5 s).
+report() {
+  python3 - "$WORK" <<'PY'
+import sys
+w = sys.argv[1]
+down, start, events = [], None, []
+for l in open(f"{w}/events"):
+    t, ev = l.split()[:2]
+    events.append((int(t), ev))
+    if ev == "agent_down_start": start = int(t)
+    if ev == "agent_down_end" and start is not None: down.append((start, int(t) + 500)); start = None
+for name in ("client-ip", "client-named"):
+    ok = fail = excused = 0
+    after = {}
+    for l in open(f"{w}/{name}"):
+        t, r = l.split()
+        if r == "ok": ok += 1
+        else:
+            fail += 1
+            # A connection started during the agent's restart has no data plane to reach.
+            if any(a - 2000 <= int(t) <= b for a, b in down): excused += 1
+            else:
+                prev = [ev for (te, ev) in events if te <= int(t) + 2000]
+                k = prev[-1] if prev else "start"
+                after[k] = after.get(k, 0) + 1
+    print(f"{name}: {ok + fail} connections, {fail} failed, {fail - excused} outside agent "
+          f"restarts (by the fault before them: {after or 'none'})")
+PY
+}
+echo "==> events: $(awk '{print $2}' "$WORK/events" | sort | uniq -c | tr -s ' ' | tr '\n' ',')"
+echo "==> clients"
+report
+echo "==> t(s)  controller RSS(KiB) fds   agent RSS(KiB) fds"
+awk '{printf "%6s %12s %5s %12s %5s\n", $1, $2, $3, $4, $5}' "$WORK/samples"
+kill "$AGENT" "$CTL" 2>/dev/null || true
+wait "$AGENT" 2>/dev/null || true
+wait "$CTL" 2>/dev/null || true
+AGENT=0
+CTL=0
+left=$(in_ns ip -o addr show dev minuteman 2>/dev/null | grep -c 'inet' || true)
+echo "==> addresses left on minuteman after SIGTERM: $left"
