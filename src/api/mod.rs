@@ -1,6 +1,9 @@
 //! The HTTP API of controllers and agents: `GET /v1/vips` (with Consul-style blocking
-//! queries), `/healthz`, `/ready` and `/metrics`. Depends on `model` only; the agent's
-//! per-backend counters come in through the [`BackendStats`] trait.
+//! queries), `/v1/label-errors`, `/healthz`, `/ready`, `/metrics` and the status page at `/`
+//! ([`page`]). Depends on `model` only; the agent's per-backend counters come in through the
+//! [`BackendStats`] trait, a source's rejected labels through a watch channel.
+
+mod page;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -20,24 +23,43 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::model::status::LabelRejection;
 use crate::model::wire::{DeltaJson, VipJson, table_to_json};
 use crate::model::{VipKey, VipTable};
 
 pub use crate::model::wire::{CHANGED_AT_HEADER, INDEX_HEADER};
 
 /// Live counters of one backend of one VIP, as an agent sees them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct BackendCounters {
     pub connections: u64,
     pub bytes: u64,
     pub ejected: bool,
     /// Connections the kernel path sent to it, when it runs.
     pub kernel_connections: Option<u64>,
+    /// Successful connects, in total.
+    pub connects: u64,
+    /// Failed or timed-out connects to this address, in total.
+    pub connect_failures: u64,
+    /// Connect latency p50 and p99 in seconds (none before the first connect).
+    pub connect_p50: Option<f64>,
+    pub connect_p99: Option<f64>,
+}
+
+/// Client connections of one VIP, by result.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VipCounters {
+    pub ok: u64,
+    pub failed: u64,
 }
 
 /// Where an agent's API reads per-backend counters from.
 pub trait BackendStats: Send + Sync {
     fn backend(&self, vip: &VipKey, addr: SocketAddr) -> Option<BackendCounters>;
+    /// Per-VIP connection counters (none by default).
+    fn vip(&self, _vip: &VipKey) -> Option<VipCounters> {
+        None
+    }
 
     /// `bpf` or `proxy`: what serves `vip` (`None`: not said).
     fn data_plane(&self, _vip: &VipKey) -> Option<&'static str> {
@@ -81,6 +103,8 @@ pub struct ApiState {
     pub registry: Arc<Registry>,
     pub ready: Readiness,
     pub stats: Option<Arc<dyn BackendStats>>,
+    /// The source's rejected labels (controller and `run`; an agent has none to show).
+    pub label_errors: Option<watch::Receiver<Arc<Vec<LabelRejection>>>>,
     /// When set, `/v1/*` and `/metrics` require `Authorization: Bearer <token>`.
     pub token: Option<Arc<str>>,
     /// Longest a blocking query may wait.
@@ -168,6 +192,7 @@ impl ApiState {
             registry,
             ready,
             stats: None,
+            label_errors: None,
             token: None,
             max_wait: Duration::from_secs(300),
             cache: Arc::default(),
@@ -176,6 +201,11 @@ impl ApiState {
 
     pub fn with_stats(mut self, stats: Arc<dyn BackendStats>) -> Self {
         self.stats = Some(stats);
+        self
+    }
+
+    pub fn with_label_errors(mut self, rx: watch::Receiver<Arc<Vec<LabelRejection>>>) -> Self {
+        self.label_errors = Some(rx);
         self
     }
 
@@ -190,9 +220,11 @@ pub fn router(state: ApiState) -> Router {
     let protected = Router::new()
         .route("/v1/vips", get(vips))
         .route("/v1/vips/delta", get(vips_delta))
+        .route("/v1/label-errors", get(label_errors))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
+        .route("/", get(page::page))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
         .merge(protected)
@@ -255,6 +287,30 @@ async fn metrics(State(st): State<ApiState>) -> Response {
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )],
             out,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// `GET /v1/label-errors`: every label the source rejects now, sorted by app, port and key.
+/// 404 on an agent, whose labels are judged by its controller.
+async fn label_errors(State(st): State<ApiState>) -> Response {
+    let Some(rx) = &st.label_errors else {
+        return (
+            StatusCode::NOT_FOUND,
+            "no label source here: ask the controller\n",
+        )
+            .into_response();
+    };
+    let list = rx.borrow().clone();
+    match serde_json::to_vec(list.as_slice()) {
+        Ok(body) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
         )
             .into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
@@ -400,7 +456,14 @@ fn agent_body(table: &VipTable, stats: &dyn BackendStats) -> Vec<u8> {
                 b.bytes = Some(c.bytes);
                 b.ejected = Some(c.ejected);
                 b.kernel_connections = c.kernel_connections;
+                b.connects = Some(c.connects);
+                b.connect_failures = Some(c.connect_failures);
+                b.connect_p50_seconds = c.connect_p50;
+                b.connect_p99_seconds = c.connect_p99;
             }
+            let c = stats.vip(&v.key).unwrap_or_default();
+            j.connections_ok = Some(c.ok);
+            j.connections_failed = Some(c.failed);
             j
         })
         .collect();

@@ -47,6 +47,12 @@ pub struct VipJson {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_plane: Option<String>,
     pub backend: Vec<BackendJson>,
+    /// Agent only: client connections forwarded to a backend, in total.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections_ok: Option<u64>,
+    /// Agent only: client connections no backend could take (all tried failed, or none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections_failed: Option<u64>,
 }
 
 /// One backend as it appears in the API. `connections` and `bytes` are filled by agents only.
@@ -70,6 +76,17 @@ pub struct BackendJson {
     /// the kernel path does not see them close).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel_connections: Option<u64>,
+    /// Agent only: successful connects to this backend, in total.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connects: Option<u64>,
+    /// Agent only: failed or timed-out connects to this backend address, in total.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_failures: Option<u64>,
+    /// Agent only: connect latency quantiles (seconds), absent before the first connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_p50_seconds: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_p99_seconds: Option<f64>,
 }
 
 impl VipJson {
@@ -97,8 +114,14 @@ impl VipJson {
                     bytes: None,
                     ejected: None,
                     kernel_connections: None,
+                    connects: None,
+                    connect_failures: None,
+                    connect_p50_seconds: None,
+                    connect_p99_seconds: None,
                 })
                 .collect(),
+            connections_ok: None,
+            connections_failed: None,
         }
     }
 

@@ -13,9 +13,9 @@ use super::TableTx;
 use super::marathon::sync::Backoff;
 use super::metrics::SourceMetrics;
 use crate::model::Secret;
-use crate::model::VipTable;
 use crate::model::wire::DeltaJson;
 use crate::model::wire::{CHANGED_AT_HEADER, INDEX_HEADER};
+use crate::model::{VipTable, unix_ms_now};
 
 #[derive(Debug, Clone)]
 pub struct WatchConfig {
@@ -77,6 +77,10 @@ pub async fn run(
         match res {
             Ok((new_index, changed_at, delta)) => {
                 metrics.request("vips_watch", "ok");
+                metrics.set_connected(true);
+                if delta.full {
+                    metrics.last_resync_ms.set(unix_ms_now() as i64);
+                }
                 backoff.reset();
                 if !delta.full && delta.from != mirror.version {
                     // Not a change to what we hold (cannot happen with a sane controller):
@@ -100,6 +104,7 @@ pub async fn run(
                         "new VIP table from controller"
                     );
                     metrics.observe_table(&t);
+                    metrics.last_event_ms.set(unix_ms_now() as i64);
                     tx.send_replace(t);
                 }
             }
@@ -107,6 +112,7 @@ pub async fn run(
                 tracing::warn!(controller = %base, error = %e, "controller watch failed; keeping the last table");
                 metrics.request("vips_watch", "error");
                 metrics.sync_error("controller");
+                metrics.set_connected(false);
                 idx += 1;
                 index = 0;
                 mirror = VipTable::default();

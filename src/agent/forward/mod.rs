@@ -9,6 +9,7 @@
 //! `source`.
 
 pub mod balancer;
+mod latency;
 mod splice;
 mod state;
 mod tcp;
@@ -100,6 +101,37 @@ struct BackendLabels {
     backend: String,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct VipLabels {
+    vip: String,
+    result: &'static str,
+}
+
+/// How many live backend sets (or VIPs) use each label value, so a series is removed when
+/// the last user leaves and label sets stay bounded by what is served.
+type SeriesRefs = Arc<std::sync::Mutex<HashMap<String, usize>>>;
+
+fn series_acquire(refs: &SeriesRefs, label: &str) {
+    let mut m = refs.lock().unwrap_or_else(PoisonError::into_inner);
+    *m.entry(label.to_string()).or_default() += 1;
+}
+
+/// True when `label` has no user left (its series are to be removed).
+fn series_release(refs: &SeriesRefs, label: &str) -> bool {
+    let mut m = refs.lock().unwrap_or_else(PoisonError::into_inner);
+    match m.get_mut(label) {
+        Some(n) if *n > 1 => {
+            *n -= 1;
+            false
+        }
+        Some(_) => {
+            m.remove(label);
+            true
+        }
+        None => false,
+    }
+}
+
 /// The forwarder's Prometheus metrics (all `l4lb_`-prefixed). Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ForwardMetrics {
@@ -112,6 +144,10 @@ pub struct ForwardMetrics {
     bytes_b2c: Counter,
     connect_failures: Family<BackendLabels, Counter>,
     ejections: Family<BackendLabels, Counter>,
+    connect_seconds: Family<BackendLabels, latency::ConnectLatency>,
+    vip_connections: Family<VipLabels, Counter>,
+    backend_refs: SeriesRefs,
+    vip_refs: SeriesRefs,
     local_errors: Family<KindLabels, Counter>,
     udp_sessions_active: Gauge,
     udp_sessions_refused: Counter,
@@ -143,6 +179,10 @@ impl ForwardMetrics {
             bytes_b2c: bytes.get_or_create_owned(&B2C),
             connect_failures: Family::default(),
             ejections: Family::default(),
+            connect_seconds: Family::default(),
+            vip_connections: Family::default(),
+            backend_refs: SeriesRefs::default(),
+            vip_refs: SeriesRefs::default(),
             local_errors: Family::default(),
             udp_sessions_active: Gauge::default(),
             udp_sessions_refused: Counter::default(),
@@ -188,6 +228,17 @@ impl ForwardMetrics {
             m.ejections.clone(),
         );
         registry.register(
+            "backend_connect_seconds",
+            "Time to connect to a backend (successful connects), per backend",
+            m.connect_seconds.clone(),
+        );
+        registry.register(
+            "vip_connections",
+            "TCP connections per VIP by result: ok (forwarded to a backend) or failed (no \
+             backend reachable, or no local resources)",
+            m.vip_connections.clone(),
+        );
+        registry.register(
             "local_errors",
             "Connections closed for lack of local resources (descriptors, memory, ports), \
              by errno; never counted against a backend",
@@ -212,14 +263,81 @@ impl ForwardMetrics {
         self.local_errors.get_or_create(&KindLabels { kind }).inc();
     }
 
-    fn backend_counters(&self, addr: SocketAddr) -> (Counter, Counter) {
+    /// The series of one backend; they live until the last [`BackendSeries`] of that
+    /// address is dropped.
+    fn backend_series(&self, addr: SocketAddr) -> BackendSeries {
         let l = BackendLabels {
             backend: addr.to_string(),
         };
-        (
-            self.connect_failures.get_or_create_owned(&l),
-            self.ejections.get_or_create_owned(&l),
-        )
+        series_acquire(&self.backend_refs, &l.backend);
+        BackendSeries {
+            connect_failures: self.connect_failures.get_or_create_owned(&l),
+            ejections: self.ejections.get_or_create_owned(&l),
+            connect_seconds: self.connect_seconds.get_or_create_owned(&l),
+            metrics: self.clone(),
+            labels: l,
+        }
+    }
+
+    /// The ok/failed counters of one VIP, removed when the last holder is dropped.
+    fn vip_series(&self, key: &VipKey) -> VipSeries {
+        let vip = key.to_string();
+        series_acquire(&self.vip_refs, &vip);
+        let l = |result| VipLabels {
+            vip: vip.clone(),
+            result,
+        };
+        VipSeries {
+            ok: self.vip_connections.get_or_create_owned(&l("ok")),
+            failed: self.vip_connections.get_or_create_owned(&l("failed")),
+            metrics: self.clone(),
+            vip,
+        }
+    }
+}
+
+/// A backend's metric handles (no label lookup per connection); dropping the last one of an
+/// address removes its series.
+#[derive(Debug)]
+pub(crate) struct BackendSeries {
+    pub(crate) connect_failures: Counter,
+    pub(crate) ejections: Counter,
+    pub(crate) connect_seconds: latency::ConnectLatency,
+    metrics: ForwardMetrics,
+    labels: BackendLabels,
+}
+
+impl Drop for BackendSeries {
+    fn drop(&mut self) {
+        let m = &self.metrics;
+        if series_release(&m.backend_refs, &self.labels.backend) {
+            m.connect_failures.remove(&self.labels);
+            m.ejections.remove(&self.labels);
+            m.connect_seconds.remove(&self.labels);
+        }
+    }
+}
+
+/// A VIP's connection counters; dropping the last one of a VIP removes its series.
+#[derive(Debug)]
+pub(crate) struct VipSeries {
+    pub(crate) ok: Counter,
+    pub(crate) failed: Counter,
+    metrics: ForwardMetrics,
+    vip: String,
+}
+
+impl Drop for VipSeries {
+    fn drop(&mut self) {
+        let m = &self.metrics;
+        if series_release(&m.vip_refs, &self.vip) {
+            for result in ["ok", "failed"] {
+                m.vip_connections.remove(&VipLabels {
+                    vip: self.vip.clone(),
+                    result,
+                });
+            }
+        }
     }
 }
 
@@ -235,7 +353,7 @@ pub struct ApplyReport {
 }
 
 /// Live numbers for one backend of one VIP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BackendStats {
     /// Open TCP connections (or UDP sessions).
     pub active_connections: u64,
@@ -243,6 +361,20 @@ pub struct BackendStats {
     pub bytes: u64,
     /// Ejected by passive health right now.
     pub ejected: bool,
+    /// Successful connects, in total.
+    pub connects: u64,
+    /// Failed or timed-out connects to this address (shared by every VIP it backs).
+    pub connect_failures: u64,
+    /// Connect latency p50 and p99 in seconds, none before the first connect.
+    pub connect_p50: Option<f64>,
+    pub connect_p99: Option<f64>,
+}
+
+/// Client connections of one VIP, by result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VipStats {
+    pub ok: u64,
+    pub failed: u64,
 }
 
 /// Read-only view of the forwarder's per-backend numbers, for the HTTP API.
@@ -261,10 +393,25 @@ impl ForwardStats {
         let vips = self.vips.read().unwrap_or_else(PoisonError::into_inner);
         let set = vips.get(vip)?.set.load();
         let (b, _) = set.get(backend)?;
+        let lat = b.connect_latency();
         Some(BackendStats {
             active_connections: b.active.load(Ordering::Relaxed),
             bytes: b.bytes.load(Ordering::Relaxed),
             ejected: b.is_ejected(Instant::now()),
+            connects: lat.count(),
+            connect_failures: b.connect_failures(),
+            connect_p50: lat.quantile(0.5),
+            connect_p99: lat.quantile(0.99),
+        })
+    }
+
+    /// Client connections of `vip` by result, if it is served.
+    pub fn vip(&self, vip: &VipKey) -> Option<VipStats> {
+        let vips = self.vips.read().unwrap_or_else(PoisonError::into_inner);
+        let v = vips.get(vip)?;
+        Some(VipStats {
+            ok: v.series.ok.get(),
+            failed: v.series.failed.get(),
         })
     }
 }
@@ -388,7 +535,7 @@ impl Forwarder {
             let Some(vip) = table.vips.get(key) else {
                 continue;
             };
-            let shared = Arc::new(VipShared::new(*key));
+            let shared = Arc::new(VipShared::new(*key, &ctx.metrics));
             shared.update(vip, &ctx.metrics, drain, kill);
             let stop = self.accept_stop.child_token();
             // Every event of this VIP's loop, and of the connections it spawns, carries it.

@@ -9,13 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use arc_swap::ArcSwap;
-use prometheus_client::metrics::counter::Counter;
 use rand::Rng;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::ForwardMetrics;
 use super::balancer::{self, Candidate, Failure, Health};
+use super::{BackendSeries, ForwardMetrics, VipSeries};
 use crate::model::{BackendState, Vip, VipKey};
 
 /// One backend of one VIP, shared by the set, its connections and the stats handle.
@@ -31,8 +30,7 @@ pub(crate) struct BackendShared {
     kill: Mutex<CancellationToken>,
     /// Bumped on every drain start/stop so a stale drain timer does nothing.
     drain_gen: AtomicU64,
-    connect_failures: Counter,
-    ejections: Counter,
+    series: BackendSeries,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -41,7 +39,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl BackendShared {
     pub(crate) fn new(addr: SocketAddr, metrics: &ForwardMetrics, kill: CancellationToken) -> Self {
-        let (connect_failures, ejections) = metrics.backend_counters(addr);
         BackendShared {
             addr,
             active: AtomicU64::new(0),
@@ -49,8 +46,7 @@ impl BackendShared {
             health: Mutex::new(Health::default()),
             kill: Mutex::new(kill),
             drain_gen: AtomicU64::new(0),
-            connect_failures,
-            ejections,
+            series: metrics.backend_series(addr),
         }
     }
 
@@ -59,15 +55,27 @@ impl BackendShared {
     }
 
     pub(crate) fn record_failure(&self, now: Instant, kind: Failure) {
-        self.connect_failures.inc();
+        self.series.connect_failures.inc();
         if lock(&self.health).record_failure(now, kind) {
-            self.ejections.inc();
+            self.series.ejections.inc();
             tracing::info!(backend = %self.addr, "backend ejected after connect failure");
         }
     }
 
-    pub(crate) fn record_success(&self) {
+    /// A connect that took `took` succeeded.
+    pub(crate) fn record_success(&self, took: std::time::Duration) {
+        self.series.connect_seconds.observe(took);
         lock(&self.health).record_success();
+    }
+
+    /// Failed connects to this address so far.
+    pub(crate) fn connect_failures(&self) -> u64 {
+        self.series.connect_failures.get()
+    }
+
+    /// Connect latency so far (for the API's p50/p99).
+    pub(crate) fn connect_latency(&self) -> super::latency::Snapshot {
+        self.series.connect_seconds.snapshot()
     }
 
     pub(crate) fn kill_token(&self) -> CancellationToken {
@@ -152,13 +160,16 @@ pub(crate) struct SetChange {
 pub(crate) struct VipShared {
     pub(crate) key: VipKey,
     pub(crate) set: ArcSwap<BackendSet>,
+    /// Client connections forwarded / not forwarded.
+    pub(crate) series: VipSeries,
 }
 
 impl VipShared {
-    pub(crate) fn new(key: VipKey) -> Self {
+    pub(crate) fn new(key: VipKey, metrics: &ForwardMetrics) -> Self {
         VipShared {
             key,
             set: ArcSwap::from_pointee(BackendSet::default()),
+            series: metrics.vip_series(&key),
         }
     }
 

@@ -1370,3 +1370,101 @@ async fn udp_bursts_from_many_clients_arrive_whole_and_stay_on_their_backend() {
     assert_eq!(m.udp_sessions_active.get(), CLIENTS as i64);
     fwd.shutdown(Duration::from_secs(1)).await;
 }
+
+fn scrape(reg: &Registry) -> String {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, reg).unwrap();
+    out
+}
+
+#[tokio::test]
+async fn connect_latency_and_vip_results_are_counted_and_leave_with_their_backend() {
+    let mut reg = Registry::with_prefix("l4lb");
+    let m = ForwardMetrics::new(&mut reg);
+    let (b0, b1) = (TcpBackend::start(0).await, TcpBackend::start(1).await);
+    let key = free_tcp_vip();
+    let mut fwd = Forwarder::new(ForwardConfig::default(), m, CancellationToken::new());
+    fwd.apply(&table(1, vec![vip(key, &active(&[b0.addr, b1.addr]))]))
+        .await;
+    for _ in 0..20 {
+        let (mut s, _) = open(key).await;
+        echo(&mut s, b"l").await;
+    }
+    let stats = fwd.stats();
+    let (s0, s1) = (
+        stats.backend(&key, b0.addr).unwrap(),
+        stats.backend(&key, b1.addr).unwrap(),
+    );
+    assert_eq!(s0.connects + s1.connects, 20, "{s0:?} {s1:?}");
+    for s in [s0, s1].iter().filter(|s| s.connects > 0) {
+        let (p50, p99) = (s.connect_p50.unwrap(), s.connect_p99.unwrap());
+        // A loopback connect: well under the 1 s connect timeout.
+        assert!(0.0 < p50 && p50 <= p99 && p99 < 1.0, "{s:?}");
+    }
+    assert_eq!(stats.vip(&key), Some(VipStats { ok: 20, failed: 0 }));
+    let out = scrape(&reg);
+    let count = |b: SocketAddr| format!("l4lb_backend_connect_seconds_count{{backend=\"{b}\"}}");
+    for (b, s) in [(b0.addr, s0), (b1.addr, s1)] {
+        assert!(
+            out.contains(&format!("{} {}", count(b), s.connects)),
+            "{out}"
+        );
+    }
+    assert!(
+        out.contains(&format!(
+            "l4lb_vip_connections_total{{vip=\"{key}\",result=\"ok\"}} 20"
+        )),
+        "{out}"
+    );
+
+    // Both backends die: the next client connection fails and is counted on the VIP.
+    b0.kill();
+    b1.kill();
+    tokio::task::yield_now().await;
+    let mut s = TcpStream::connect(key.socket_addr()).await.unwrap();
+    let mut buf = [0u8; 4];
+    assert_eq!(timeout(T, s.read(&mut buf)).await.unwrap().unwrap_or(0), 0);
+    assert_eq!(stats.vip(&key).unwrap().failed, 1);
+
+    // b1 leaves the VIP: its series go (bounded label sets); b0's stay.
+    fwd.apply(&table(2, vec![vip(key, &active(&[b0.addr]))]))
+        .await;
+    let out = scrape(&reg);
+    assert!(!out.contains(&b1.addr.to_string()), "{out}");
+    assert!(out.contains(&count(b0.addr)), "{out}");
+    // The VIP leaves: its series and its backends' go.
+    fwd.apply(&table(3, vec![])).await;
+    // Connections hold the shared state until they end; give the closed ones a moment.
+    for _ in 0..50 {
+        if !scrape(&reg).contains(&b0.addr.to_string()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = scrape(&reg);
+    assert!(!out.contains(&b0.addr.to_string()), "{out}");
+    assert!(!out.contains(&format!("vip=\"{key}\"")), "{out}");
+    fwd.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_backend_of_two_vips_keeps_its_series_until_both_let_go() {
+    let mut reg = Registry::with_prefix("l4lb");
+    let m = ForwardMetrics::new(&mut reg);
+    let b = TcpBackend::start(0).await;
+    let (k1, k2) = (free_tcp_vip(), free_tcp_vip());
+    let mut fwd = Forwarder::new(ForwardConfig::default(), m, CancellationToken::new());
+    let both = vec![vip(k1, &active(&[b.addr])), vip(k2, &active(&[b.addr]))];
+    fwd.apply(&table(1, both)).await;
+    let series = format!(
+        "l4lb_backend_connect_seconds_count{{backend=\"{}\"}}",
+        b.addr
+    );
+    assert!(scrape(&reg).contains(&series));
+    fwd.apply(&table(2, vec![vip(k2, &active(&[b.addr]))]))
+        .await;
+    assert!(scrape(&reg).contains(&series), "still a backend of {k2}");
+    fwd.apply(&table(3, vec![])).await;
+    assert!(!scrape(&reg).contains(&series));
+    fwd.shutdown(Duration::from_secs(1)).await;
+}
