@@ -31,6 +31,8 @@ pub struct SourceMetrics {
     pub last_event_ms: Gauge,
     /// When the last full read of the source was applied (Unix ms).
     pub last_resync_ms: Gauge,
+    /// Labels rejected in the current table.
+    pub labels_rejected: Gauge,
 }
 
 impl SourceMetrics {
@@ -97,6 +99,11 @@ impl SourceMetrics {
             "source_last_resync_unix_milliseconds",
             "When the last full read of the source was applied",
             m.last_resync_ms.clone(),
+        );
+        registry.register(
+            "labels_rejected",
+            "VIP labels the current table rejects (see /v1/label-errors)",
+            m.labels_rejected.clone(),
         );
         m
     }

@@ -307,6 +307,7 @@ impl Publisher {
             change(&mut st);
             let rebuilt = st.rebuild(changed_at_ms);
             let now: Vec<LabelRejection> = st.rejections().map(|r| r.to_model(0)).collect();
+            self.metrics.labels_rejected.set(now.len() as i64);
             self.labels.send_if_modified(|shown| {
                 let next = carry_since(shown, now, unix_ms_now());
                 let changed = **shown != next;

@@ -102,6 +102,11 @@ struct BackendLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct VipOnly {
+    vip: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct VipLabels {
     vip: String,
     result: &'static str,
@@ -146,6 +151,8 @@ pub struct ForwardMetrics {
     ejections: Family<BackendLabels, Counter>,
     connect_seconds: Family<BackendLabels, latency::ConnectLatency>,
     vip_connections: Family<VipLabels, Counter>,
+    vip_bytes: Family<VipOnly, Counter>,
+    vip_backends_active: Family<VipOnly, Gauge>,
     backend_refs: SeriesRefs,
     vip_refs: SeriesRefs,
     local_errors: Family<KindLabels, Counter>,
@@ -181,6 +188,8 @@ impl ForwardMetrics {
             ejections: Family::default(),
             connect_seconds: Family::default(),
             vip_connections: Family::default(),
+            vip_bytes: Family::default(),
+            vip_backends_active: Family::default(),
             backend_refs: SeriesRefs::default(),
             vip_refs: SeriesRefs::default(),
             local_errors: Family::default(),
@@ -239,6 +248,16 @@ impl ForwardMetrics {
             m.vip_connections.clone(),
         );
         registry.register(
+            "vip_bytes",
+            "Bytes forwarded per VIP, both directions (TCP and UDP payload)",
+            m.vip_bytes.clone(),
+        );
+        registry.register(
+            "vip_backends_active",
+            "Backends of a VIP in state active in the applied table (ejected ones included)",
+            m.vip_backends_active.clone(),
+        );
+        registry.register(
             "local_errors",
             "Connections closed for lack of local resources (descriptors, memory, ports), \
              by errno; never counted against a backend",
@@ -287,9 +306,12 @@ impl ForwardMetrics {
             vip: vip.clone(),
             result,
         };
+        let only = VipOnly { vip: vip.clone() };
         VipSeries {
             ok: self.vip_connections.get_or_create_owned(&l("ok")),
             failed: self.vip_connections.get_or_create_owned(&l("failed")),
+            bytes: self.vip_bytes.get_or_create_owned(&only),
+            backends_active: self.vip_backends_active.get_or_create_owned(&only),
             metrics: self.clone(),
             vip,
         }
@@ -323,6 +345,9 @@ impl Drop for BackendSeries {
 pub(crate) struct VipSeries {
     pub(crate) ok: Counter,
     pub(crate) failed: Counter,
+    /// Shared with every backend of the VIP (one more relaxed add per chunk moved).
+    pub(crate) bytes: Counter,
+    pub(crate) backends_active: Gauge,
     metrics: ForwardMetrics,
     vip: String,
 }
@@ -337,6 +362,11 @@ impl Drop for VipSeries {
                     result,
                 });
             }
+            let only = VipOnly {
+                vip: self.vip.clone(),
+            };
+            m.vip_bytes.remove(&only);
+            m.vip_backends_active.remove(&only);
         }
     }
 }

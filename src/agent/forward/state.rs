@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use arc_swap::ArcSwap;
+use prometheus_client::metrics::counter::Counter;
 use rand::Rng;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +32,8 @@ pub(crate) struct BackendShared {
     /// Bumped on every drain start/stop so a stale drain timer does nothing.
     drain_gen: AtomicU64,
     series: BackendSeries,
+    /// The VIP's byte counter (`l4lb_vip_bytes_total`).
+    vip_bytes: Counter,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -38,7 +41,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl BackendShared {
-    pub(crate) fn new(addr: SocketAddr, metrics: &ForwardMetrics, kill: CancellationToken) -> Self {
+    pub(crate) fn new(
+        addr: SocketAddr,
+        metrics: &ForwardMetrics,
+        vip_bytes: Counter,
+        kill: CancellationToken,
+    ) -> Self {
         BackendShared {
             addr,
             active: AtomicU64::new(0),
@@ -47,6 +55,7 @@ impl BackendShared {
             kill: Mutex::new(kill),
             drain_gen: AtomicU64::new(0),
             series: metrics.backend_series(addr),
+            vip_bytes,
         }
     }
 
@@ -84,6 +93,7 @@ impl BackendShared {
 
     pub(crate) fn add_bytes(&self, n: u64) {
         self.bytes.fetch_add(n, Ordering::Relaxed);
+        self.vip_bytes.inc_by(n);
     }
 
     /// Start draining: after `timeout` (if any) the open connections are closed, unless the
@@ -197,7 +207,12 @@ impl VipShared {
                     Arc::clone(shared)
                 }
                 None => {
-                    let shared = Arc::new(BackendShared::new(b.addr, metrics, kill()));
+                    let shared = Arc::new(BackendShared::new(
+                        b.addr,
+                        metrics,
+                        self.series.bytes.clone(),
+                        kill(),
+                    ));
                     if b.state == BackendState::Draining {
                         shared.begin_drain(drain_timeout);
                     }
@@ -210,6 +225,12 @@ impl VipShared {
         entries.sort_by_key(|(b, _)| b.addr);
         entries.dedup_by_key(|(b, _)| b.addr);
         let new = BackendSet { entries };
+        let active = new
+            .entries
+            .iter()
+            .filter(|(_, s)| *s == BackendState::Active)
+            .count();
+        self.series.backends_active.set(active as i64);
         let mut removed = Vec::new();
         for (b, state) in &old.entries {
             if new.get(b.addr).is_none() {

@@ -1416,6 +1416,16 @@ async fn connect_latency_and_vip_results_are_counted_and_leave_with_their_backen
         )),
         "{out}"
     );
+    assert!(
+        out.contains(&format!("l4lb_vip_backends_active{{vip=\"{key}\"}} 2")),
+        "{out}"
+    );
+    let vip_bytes = out
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("l4lb_vip_bytes_total{{vip=\"{key}\"}} ")))
+        .and_then(|v| v.parse::<u64>().ok());
+    // Per connection: the id line, and the echo both ways.
+    assert!(vip_bytes.is_some_and(|b| b >= 20 * (3 + 1 + 1)), "{out}");
 
     // Both backends die: the next client connection fails and is counted on the VIP.
     b0.kill();
@@ -1431,6 +1441,10 @@ async fn connect_latency_and_vip_results_are_counted_and_leave_with_their_backen
         .await;
     let out = scrape(&reg);
     assert!(!out.contains(&b1.addr.to_string()), "{out}");
+    assert!(
+        out.contains(&format!("l4lb_vip_backends_active{{vip=\"{key}\"}} 1")),
+        "{out}"
+    );
     assert!(out.contains(&count(b0.addr)), "{out}");
     // The VIP leaves: its series and its backends' go.
     fwd.apply(&table(3, vec![])).await;
