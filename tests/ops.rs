@@ -1,0 +1,522 @@
+//! What operators look at, tested against the real binary: `/v1/label-errors` and `l4lb
+//! check` saying the same thing, the status page in a real headless Chromium, and the shipped
+//! Grafana dashboard and Prometheus rules naming only metrics `/metrics` exports (and passing
+//! `promtool`). Unprivileged: `--interface-kind none`, VIPs on 127.0.0.0/8. Chromium and
+//! promtool come from Debian (`.ci/run` installs them); without them these tests skip with a
+//! note, except under CI where a missing tool is a failure.
+
+#[path = "common/backends.rs"]
+mod backends;
+#[path = "common/marathon.rs"]
+mod marathon;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use backends::{Log, Proc};
+use l4lb::model::status::LabelRejection;
+use marathon::{add_task, host_app, task};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_l4lb");
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// An app with one port carrying `labels` (`VIP_0`, `VIP_1`, …) and a task per backend.
+fn app(id: &str, labels: &[&str], backends: &[SocketAddr]) -> Value {
+    let mut a = host_app(id, &labels[..1], "tcp");
+    let mut l = serde_json::Map::new();
+    for (i, v) in labels.iter().enumerate() {
+        l.insert(format!("VIP_{i}"), Value::from(*v));
+    }
+    a["portDefinitions"][0]["labels"] = Value::Object(l);
+    for (i, b) in backends.iter().enumerate() {
+        add_task(
+            &mut a,
+            task(id, i, &b.ip().to_string(), &[b.port()], "TASK_RUNNING"),
+        );
+    }
+    a
+}
+
+fn write_apps(path: &Path, apps: Vec<Value>) {
+    std::fs::write(path, serde_json::json!({ "apps": apps }).to_string()).unwrap();
+}
+
+/// `l4lb <args>` with its API (and DNS) on loopback port 0; returns it with its API address.
+fn start(args: &[&str]) -> (Proc, Log, SocketAddr) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .args(["--api-listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn l4lb");
+    let log = Log::capture(&mut child);
+    let proc = Proc(child);
+    let api = log.addr("API listening", Duration::from_secs(20));
+    (proc, log, api)
+}
+
+/// `l4lb run` from an apps file, unprivileged.
+fn start_run(apps: &Path) -> (Proc, Log, SocketAddr) {
+    start(&[
+        "run",
+        "--apps-file",
+        apps.to_str().unwrap(),
+        "--apps-file-poll",
+        "50ms",
+        "--interface-kind",
+        "none",
+        "--allow-loopback-vips",
+        "--vip-cidr",
+        "127.128.0.0/16",
+        "--dns-listen",
+        "127.0.0.1:0",
+        "--shutdown-grace",
+        "1s",
+    ])
+}
+
+/// A runtime for the backends and the HTTP client (the tests themselves are plain threads,
+/// as Chromium and promtool are blocking processes).
+fn runtime() -> tokio::runtime::Runtime {
+    l4lb::tls::init();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// An HTTP answer: status, content-security-policy header, body.
+struct Answer {
+    status: u16,
+    csp: String,
+    body: String,
+}
+
+/// `GET url` (with a bearer token if given); `None` when it cannot connect.
+fn get(rt: &tokio::runtime::Runtime, url: &str, token: Option<&str>) -> Option<Answer> {
+    rt.block_on(async {
+        let mut rb = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .ok()?
+            .get(url);
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        let r = rb.send().await.ok()?;
+        let status = r.status().as_u16();
+        let csp = r
+            .headers()
+            .get("content-security-policy")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let body = r.text().await.ok()?;
+        Some(Answer { status, csp, body })
+    })
+}
+
+fn ok_body(rt: &tokio::runtime::Runtime, url: &str, token: Option<&str>) -> Option<String> {
+    get(rt, url, token)
+        .filter(|a| a.status == 200)
+        .map(|a| a.body)
+}
+
+fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < within, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A free port on 127.0.0.9 for an IP VIP.
+fn free_vip_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.9:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// A tool from Debian, or `None` (a note printed) when it is missing outside CI.
+fn tool(name: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{name} is missing under CI (.ci/run installs it)"
+        );
+        eprintln!("skipped: {name} is not installed (apt-get install {name})");
+    }
+    found
+}
+
+fn rejected_labels(
+    rt: &tokio::runtime::Runtime,
+    api: SocketAddr,
+    token: Option<&str>,
+) -> Vec<LabelRejection> {
+    let body =
+        ok_body(rt, &format!("http://{api}/v1/label-errors"), token).expect("GET /v1/label-errors");
+    serde_json::from_str(&body).unwrap()
+}
+
+#[test]
+fn label_errors_api_and_check_use_the_same_words_and_honour_the_token() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let apps = dir.path().join("apps.json");
+    let (_l, backend) = backends::tcp_listener("127.0.0.1");
+    let bad_web = app("/web", &["/web:80", "missing-port"], &[backend]);
+    write_apps(
+        &apps,
+        vec![bad_web.clone(), app("/db", &["/db:99999"], &[backend])],
+    );
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+
+    let check = Command::new(BIN)
+        .args(["check", "--apps-file", apps.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(check.status.code(), Some(1));
+    let check_lines: BTreeSet<String> = String::from_utf8_lossy(&check.stderr)
+        .lines()
+        .filter_map(|l| l.strip_prefix("rejected label: "))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(check_lines.len(), 2, "{check_lines:?}");
+
+    let (_c, _log, api) = start(&[
+        "controller",
+        "--apps-file",
+        apps.to_str().unwrap(),
+        "--apps-file-poll",
+        "50ms",
+        "--api-token-file",
+        token.to_str().unwrap(),
+    ]);
+    // The data needs the token; the page (which holds none) does not.
+    wait_until("the controller's API", Duration::from_secs(10), || {
+        get(&rt, &format!("http://{api}/v1/label-errors"), None).is_some_and(|a| a.status == 401)
+    });
+    let page = get(&rt, &format!("http://{api}/"), None).unwrap();
+    assert_eq!(page.status, 200);
+    assert!(page.csp.contains("connect-src 'self'"), "{}", page.csp);
+    assert!(page.body.contains("<title>l4lb status</title>"));
+
+    let mut listed = Vec::new();
+    wait_until("two rejected labels", Duration::from_secs(10), || {
+        listed = rejected_labels(&rt, api, Some("s3cret"));
+        listed.len() == 2
+    });
+    let api_lines: BTreeSet<String> = listed.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        api_lines, check_lines,
+        "check and the API must say the same"
+    );
+    let db = listed.iter().find(|r| r.app == "/db").unwrap();
+    assert_eq!(
+        (
+            db.port_index,
+            db.key.as_str(),
+            db.value.as_str(),
+            db.reason.as_str()
+        ),
+        (0, "VIP_0", "/db:99999", "bad_port")
+    );
+    let web_since = listed.iter().find(|r| r.app == "/web").unwrap().since_ms;
+    assert!(web_since > 0);
+
+    // /db fixed: it leaves the list; /web's rejection keeps its first-seen time.
+    write_apps(&apps, vec![bad_web, app("/db", &["/db:5432"], &[backend])]);
+    wait_until("the fixed label to leave", Duration::from_secs(10), || {
+        listed = rejected_labels(&rt, api, Some("s3cret"));
+        listed.len() == 1
+    });
+    assert_eq!(listed[0].app, "/web");
+    assert_eq!(listed[0].since_ms, web_since);
+    let metrics = ok_body(&rt, &format!("http://{api}/metrics"), Some("s3cret")).unwrap();
+    assert!(metrics.contains("l4lb_labels_rejected 1\n"), "{metrics}");
+}
+
+/// Metric names `/metrics` declares (`# TYPE`) or samples, with the sample suffixes of each
+/// declared type.
+fn exported_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut it = rest.split_whitespace();
+            let (Some(name), Some(kind)) = (it.next(), it.next()) else {
+                continue;
+            };
+            let suffixes: &[&str] = match kind {
+                "counter" => &["_total"],
+                "histogram" => &["_bucket", "_count", "_sum"],
+                _ => &[""],
+            };
+            for s in suffixes {
+                names.insert(format!("{name}{s}"));
+            }
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let end = line.find(['{', ' ']).unwrap_or(line.len());
+            names.insert(line[..end].to_string());
+        }
+    }
+    names
+}
+
+/// Every `l4lb_*` identifier in `text`.
+fn named_metrics(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let b = text.as_bytes();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("l4lb_") {
+        let start = i + at;
+        let mut end = start;
+        while end < b.len() && (b[end].is_ascii_alphanumeric() || b[end] == b'_') {
+            end += 1;
+        }
+        // Not the tail of a longer identifier.
+        if start == 0 || !(b[start - 1].is_ascii_alphanumeric() || b[start - 1] == b'_') {
+            out.insert(text[start..end].to_string());
+        }
+        i = end;
+    }
+    out
+}
+
+/// The PromQL expressions of the Grafana dashboard, Grafana's variables replaced.
+fn dashboard_exprs(dashboard: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dashboard];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::String(e)) = m.get("expr") {
+                    out.push(
+                        e.replace("$__rate_interval", "1m")
+                            .replace("$instance", ".*"),
+                    );
+                }
+                stack.extend(m.values());
+            }
+            Value::Array(a) => stack.extend(a),
+            _ => {}
+        }
+    }
+    out
+}
+
+#[test]
+fn dashboards_and_rules_name_only_exported_metrics_and_pass_promtool() {
+    let rules_path = Path::new(ROOT).join("deploy/prometheus/l4lb-rules.yml");
+    let rules = std::fs::read_to_string(&rules_path).unwrap();
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(ROOT).join("deploy/grafana/l4lb.json")).unwrap(),
+    )
+    .unwrap();
+    let exprs = dashboard_exprs(&dashboard);
+    assert!(exprs.len() >= 10, "{exprs:?}");
+
+    // A running instance with a VIP and a connection through it.
+    let dir = tempfile::tempdir().unwrap();
+    let apps = dir.path().join("apps.json");
+    let (l, backend) = backends::tcp_listener("127.0.0.1");
+    let rt = runtime();
+    let _g = rt.enter();
+    backends::http(l, "b0".into());
+    let port = free_vip_port();
+    write_apps(
+        &apps,
+        vec![app(
+            "/web",
+            &[&format!("127.0.0.9:{port}"), "bad"],
+            &[backend],
+        )],
+    );
+    let (_p, _log, api) = start_run(&apps);
+    wait_until("the VIP", Duration::from_secs(10), || {
+        ok_body(&rt, &format!("http://127.0.0.9:{port}/"), None).is_some()
+    });
+    // A broken apps file (the last good table stays) makes the source's error series exist.
+    std::fs::write(&apps, "not json").unwrap();
+    let mut text = String::new();
+    wait_until("a source error counted", Duration::from_secs(10), || {
+        text = ok_body(&rt, &format!("http://{api}/metrics"), None).unwrap_or_default();
+        text.contains("l4lb_sync_errors_total{")
+    });
+    let exported = exported_names(&text);
+    let mut named = named_metrics(&rules);
+    for e in &exprs {
+        named.extend(named_metrics(e));
+    }
+    assert!(named.len() >= 10, "{named:?}");
+    let missing: Vec<_> = named.difference(&exported).collect();
+    assert!(
+        missing.is_empty(),
+        "named in deploy/ but not exported: {missing:?}\n{text}"
+    );
+
+    let Some(promtool) = tool("promtool") else {
+        return;
+    };
+    let ok = |file: &Path| {
+        let out = Command::new(&promtool)
+            .args(["check", "rules"])
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool check rules {}: {}{}",
+            file.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ok(&rules_path);
+    // The dashboard's queries, checked by the same parser as recording rules.
+    let mut rec = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, e) in exprs.iter().enumerate() {
+        rec.push_str(&format!(
+            "      - record: l4lb:dashboard_{i}\n        expr: {}\n",
+            serde_json::to_string(e).unwrap()
+        ));
+    }
+    let rec_path = dir.path().join("dashboard-rules.yml");
+    std::fs::write(&rec_path, rec).unwrap();
+    ok(&rec_path);
+}
+
+/// Chromium's command line for a one-shot headless load of `url` (fresh profile in `dir`).
+fn chromium(bin: &Path, dir: &Path, budget_ms: u32) -> Command {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let profile = dir.join(format!("chromium-profile-{n}"));
+    let mut c = Command::new(bin);
+    c.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1280,1000",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()))
+    // Virtual time runs while the page waits on its timers, so the page makes a few rounds of
+    // its watch loop before the DOM is taken.
+    .arg(format!("--virtual-time-budget={budget_ms}"))
+    .stdin(Stdio::null())
+    .stderr(Stdio::null());
+    c
+}
+
+fn dump_dom(bin: &Path, dir: &Path, url: &str) -> String {
+    let out = chromium(bin, dir, 2000)
+        .arg("--dump-dom")
+        .arg(url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "chromium --dump-dom {url} failed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Sum of the numbers in cells `<td class="n connects">N</td>` of the rendered page.
+fn connects_shown(dom: &str) -> u64 {
+    dom.split("<td class=\"n connects\">")
+        .skip(1)
+        .filter_map(|s| s.split('<').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn status_page_in_headless_chromium_shows_vips_traffic_and_rejected_labels() {
+    let Some(bin) = tool("chromium") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let apps = dir.path().join("apps.json");
+    let rt = runtime();
+    let _g = rt.enter();
+    let mut addrs = Vec::new();
+    for i in 0..2 {
+        let (l, a) = backends::tcp_listener("127.0.0.1");
+        backends::http(l, format!("web-{i}"));
+        addrs.push(a);
+    }
+    let port = free_vip_port();
+    let vip = format!("127.0.0.9:{port}");
+    write_apps(&apps, vec![app("/web", &[&vip, "/web:notaport"], &addrs)]);
+    let (_p, _log, api) = start_run(&apps);
+    wait_until("ready", Duration::from_secs(10), || {
+        ok_body(&rt, &format!("http://{api}/ready"), None).is_some()
+    });
+    let url = format!("http://{api}/");
+
+    let before = dump_dom(&bin, dir.path(), &url);
+    assert!(
+        before.contains(&format!("data-vip=\"{vip}/tcp\"")),
+        "{before}"
+    );
+    for a in &addrs {
+        assert!(
+            before.contains(&format!("data-backend=\"{a}\"")),
+            "{before}"
+        );
+    }
+    assert!(before.contains("state-active"), "{before}");
+    assert_eq!(connects_shown(&before), 0, "{before}");
+
+    for _ in 0..12 {
+        let body = ok_body(&rt, &format!("http://{vip}/"), None).unwrap();
+        assert!(body.starts_with("web-"), "{body}");
+    }
+    let after = dump_dom(&bin, dir.path(), &url);
+    assert_eq!(connects_shown(&after), 12, "{after}");
+
+    let shot = dir.path().join("status.png");
+    let out = chromium(&bin, dir.path(), 2000)
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let png = std::fs::read(&shot).unwrap();
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000);
+
+    // The controller's page lists the rejected label with its app, value and reason.
+    let (_c, _clog, capi) = start(&[
+        "controller",
+        "--apps-file",
+        apps.to_str().unwrap(),
+        "--apps-file-poll",
+        "50ms",
+        "--allow-loopback-vips",
+    ]);
+    wait_until("the controller's table", Duration::from_secs(10), || {
+        !rejected_labels(&rt, capi, None).is_empty()
+    });
+    let dom = dump_dom(&bin, dir.path(), &format!("http://{capi}/"));
+    let row = dom
+        .split("<tr class=\"label-error\">")
+        .nth(1)
+        .and_then(|r| r.split("</tr>").next())
+        .unwrap_or_else(|| panic!("no rejected label shown:\n{dom}"));
+    for want in ["/web", "VIP_1", "/web:notaport", "bad_port"] {
+        assert!(row.contains(want), "{want} not in {row}");
+    }
+    assert!(dom.contains(&format!("data-vip=\"{vip}/tcp\"")), "{dom}");
+}
