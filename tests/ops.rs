@@ -9,6 +9,8 @@
 mod backends;
 #[path = "common/marathon.rs"]
 mod marathon;
+#[path = "common/netns.rs"]
+mod netns;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -519,4 +521,129 @@ fn status_page_in_headless_chromium_shows_vips_traffic_and_rejected_labels() {
         assert!(row.contains(want), "{want} not in {row}");
     }
     assert!(dom.contains(&format!("data-vip=\"{vip}/tcp\"")), "{dom}");
+}
+
+/// Removes (purges) the package when dropped, so a failing test leaves nothing in /usr.
+struct Installed;
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let out = Command::new("dpkg").args(["--purge", "l4lb"]).output();
+        if !out.is_ok_and(|o| o.status.success()) {
+            eprintln!("warning: dpkg --purge l4lb failed; remove it by hand");
+        }
+    }
+}
+
+/// `dpkg <args>`, waiting out another dpkg/apt holding the lock (the machine is shared).
+fn dpkg(args: &[&str]) -> std::process::Output {
+    let t = Instant::now();
+    loop {
+        let out = Command::new("dpkg").args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() || !err.contains("lock") || t.elapsed() > Duration::from_secs(180) {
+            return out;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// `KEY=value` lines of an EnvironmentFile (comments and blanks skipped).
+fn environment_file(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').to_string()))
+        .collect()
+}
+
+#[test]
+fn debian_package_installs_and_the_agent_unit_starts_with_its_defaults() {
+    skip_unless_root!();
+    if Command::new("dpkg")
+        .args(["-s", "l4lb"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        eprintln!("skipped: an l4lb package is already installed here; not touching it");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let built = Command::new(Path::new(ROOT).join("scripts/deb.sh"))
+        .args(["--binary", BIN, "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let deb = String::from_utf8_lossy(&built.stdout).trim().to_string();
+    assert!(deb.ends_with(".deb"), "{deb}");
+
+    let installed = dpkg(&["-i", &deb]);
+    let _guard = Installed;
+    assert!(
+        installed.status.success(),
+        "dpkg -i: {}",
+        String::from_utf8_lossy(&installed.stderr)
+    );
+    for f in [
+        "/usr/bin/l4lb",
+        "/lib/systemd/system/l4lb-agent.service",
+        "/lib/systemd/system/l4lb-controller.service",
+        "/etc/default/l4lb-agent",
+        "/etc/default/l4lb-controller",
+        "/usr/share/l4lb/grafana/l4lb.json",
+        "/usr/share/l4lb/prometheus/l4lb-rules.yml",
+    ] {
+        assert!(Path::new(f).is_file(), "{f} not installed");
+    }
+    let conffiles = String::from_utf8_lossy(&dpkg(&["-s", "l4lb"]).stdout).into_owned();
+    assert!(conffiles.contains("/etc/default/l4lb-agent"), "{conffiles}");
+
+    // What systemd would run: the unit's ExecStart with its EnvironmentFile.
+    let unit = std::fs::read_to_string("/lib/systemd/system/l4lb-agent.service").unwrap();
+    let exec: Vec<&str> = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart")
+        .split_whitespace()
+        .collect();
+    assert_eq!(exec[0], "/usr/bin/l4lb");
+    assert!(unit.contains("EnvironmentFile=-/etc/default/l4lb-agent"));
+    let env = environment_file(&std::fs::read_to_string("/etc/default/l4lb-agent").unwrap());
+    let api = env
+        .iter()
+        .find(|(k, _)| k == "L4LB_API_LISTEN")
+        .map(|(_, v)| v.clone())
+        .expect("L4LB_API_LISTEN in the defaults file");
+
+    // In a namespace of its own: the agent creates its VIP link there, not on this host.
+    let ns = netns::NetNs::new("deb");
+    let mut cmd = ns.command(exec[0]);
+    cmd.args(&exec[1..])
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = ns.spawn(&mut cmd).unwrap();
+    let log = Log::capture(&mut child);
+    let _proc = Proc(child);
+    // --log-format json: the address is a field.
+    log.wait_for("API listening", Duration::from_secs(20));
+    let mut health = String::new();
+    wait_until("the agent's /healthz", Duration::from_secs(10), || {
+        let out = ns.exec(&["curl", "-sf", &format!("http://{api}/healthz")]);
+        health = String::from_utf8_lossy(&out.stdout).into_owned();
+        out.status.success()
+    });
+    assert_eq!(health.trim(), "ok");
+    let page = ns.exec_ok(&["curl", "-sf", &format!("http://{api}/")]);
+    assert!(String::from_utf8_lossy(&page.stdout).contains("<title>l4lb status</title>"));
+    // The VIP link named by the defaults (minuteman) exists in the namespace.
+    ns.exec_ok(&["ip", "link", "show", "minuteman"]);
 }
