@@ -1,9 +1,10 @@
 //! What operators look at, tested against the real binary: `/v1/label-errors` and `l4lb
-//! check` saying the same thing, the status page in a real headless Chromium, and the shipped
-//! Grafana dashboard and Prometheus rules naming only metrics `/metrics` exports (and passing
-//! `promtool`). Unprivileged: `--interface-kind none`, VIPs on 127.0.0.0/8. Chromium and
-//! promtool come from Debian (`.ci/run` installs them); without them these tests skip with a
-//! note, except under CI where a missing tool is a failure.
+//! check` saying the same thing, the status page in a real headless Chromium (driven over
+//! WebDriver), the shipped Grafana dashboard and Prometheus rules naming only metrics
+//! `/metrics` exports (and passing `promtool`), and the Debian package installed and its agent
+//! unit started (root). Unprivileged otherwise: `--interface-kind none`, VIPs on 127.0.0.0/8.
+//! Chromium, chromedriver and promtool come from Debian (`.ci/run` installs them); without
+//! them these tests skip with a note, except under CI where a missing tool is a failure.
 
 #[path = "common/backends.rs"]
 mod backends;
@@ -400,40 +401,178 @@ fn dashboards_and_rules_name_only_exported_metrics_and_pass_promtool() {
     ok(&rec_path);
 }
 
-/// Chromium's command line for a one-shot headless load of `url` (fresh profile in `dir`).
-fn chromium(bin: &Path, dir: &Path, budget_ms: u32) -> Command {
-    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let profile = dir.join(format!("chromium-profile-{n}"));
-    let mut c = Command::new(bin);
-    c.args([
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1280,1000",
-    ])
-    .arg(format!("--user-data-dir={}", profile.display()))
-    // Virtual time runs while the page waits on its timers, so the page makes a few rounds of
-    // its watch loop before the DOM is taken.
-    .arg(format!("--virtual-time-budget={budget_ms}"))
-    .stdin(Stdio::null())
-    .stderr(Stdio::null());
-    c
+/// A headless Chromium driven over WebDriver (Debian's `chromedriver`, spoken to with
+/// reqwest): real time, so the page's live loop runs as in a browser on a desk, and every
+/// wait has a deadline. (`chromium --dump-dom --virtual-time-budget` was tried first: with
+/// the page's long-poll in flight when the budget ends it can hang for good.)
+struct Browser {
+    rt: std::sync::Arc<tokio::runtime::Runtime>,
+    http: reqwest::Client,
+    base: String,
+    session: String,
+    _driver: Proc,
 }
 
-fn dump_dom(bin: &Path, dir: &Path, url: &str) -> String {
-    let out = chromium(bin, dir, 2000)
-        .arg("--dump-dom")
-        .arg(url)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "chromium --dump-dom {url} failed");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+impl Browser {
+    fn start(rt: std::sync::Arc<tokio::runtime::Runtime>, driver: &Path, profile: &Path) -> Self {
+        let mut child = Command::new(driver)
+            .arg("--port=0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn chromedriver");
+        let stdout = child.stdout.take().expect("stdout piped");
+        let driver_proc = Proc(child);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(p) = line.split("successfully on port ").nth(1) {
+                    let _ = tx.send(p.trim_end_matches('.').to_string());
+                }
+            }
+        });
+        let port = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("chromedriver did not say its port");
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        let caps = serde_json::json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": [
+                    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--window-size=1280,1000",
+                    format!("--user-data-dir={}", profile.display()),
+                ],
+            },
+        }}});
+        let v: Value = rt
+            .block_on(async {
+                http.post(format!("{base}/session"))
+                    .json(&caps)
+                    .send()
+                    .await?
+                    .json()
+                    .await
+            })
+            .expect("new WebDriver session");
+        let session = v["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {v}"))
+            .to_string();
+        Browser {
+            rt,
+            http,
+            base,
+            session,
+            _driver: driver_proc,
+        }
+    }
+
+    fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let url = format!("{}/session/{}{path}", self.base, self.session);
+        let v: Value = self
+            .rt
+            .block_on(async {
+                let mut rb = self.http.request(method, &url);
+                if let Some(b) = body {
+                    rb = rb.json(&b);
+                }
+                rb.send().await?.json().await
+            })
+            .unwrap_or_else(|e| panic!("WebDriver {path}: {e}"));
+        if v["value"].get("error").is_some() {
+            panic!("WebDriver {path}: {v}");
+        }
+        v["value"].clone()
+    }
+
+    fn go(&self, url: &str) {
+        self.call(
+            reqwest::Method::POST,
+            "/url",
+            Some(serde_json::json!({ "url": url })),
+        );
+    }
+
+    /// Run `script` (a function body) in the page and return its result.
+    fn eval(&self, script: &str) -> Value {
+        self.call(
+            reqwest::Method::POST,
+            "/execute/sync",
+            Some(serde_json::json!({ "script": script, "args": [] })),
+        )
+    }
+
+    fn html(&self) -> String {
+        self.eval("return document.documentElement.outerHTML;")
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Poll the rendered page until `ok` holds (up to 20 s); returns that page.
+    fn wait_html(&self, what: &str, ok: impl Fn(&str) -> bool) -> String {
+        let t = Instant::now();
+        loop {
+            let html = self.html();
+            if ok(&html) {
+                return html;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "page never showed {what}:\n{html}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn screenshot(&self, path: &Path) {
+        let b64 = self.call(reqwest::Method::GET, "/screenshot", None);
+        std::fs::write(path, base64_decode(b64.as_str().unwrap_or_default())).unwrap();
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // Closes Chromium; chromedriver itself is killed by its Proc.
+        let url = format!("{}/session/{}", self.base, self.session);
+        let _ = self
+            .rt
+            .block_on(async { self.http.delete(&url).send().await });
+    }
+}
+
+/// Standard base64 (the screenshot), without a crate for 15 lines.
+fn base64_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    };
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0);
+    for v in s.bytes().filter_map(val) {
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
 }
 
 /// Sum of the numbers in cells `<td class="n connects">N</td>` of the rendered page.
@@ -446,12 +585,12 @@ fn connects_shown(dom: &str) -> u64 {
 
 #[test]
 fn status_page_in_headless_chromium_shows_vips_traffic_and_rejected_labels() {
-    let Some(bin) = tool("chromium") else {
+    let (Some(_), Some(driver)) = (tool("chromium"), tool("chromedriver")) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let apps = dir.path().join("apps.json");
-    let rt = runtime();
+    let rt = std::sync::Arc::new(runtime());
     let _g = rt.enter();
     let mut addrs = Vec::new();
     for i in 0..2 {
@@ -466,40 +605,48 @@ fn status_page_in_headless_chromium_shows_vips_traffic_and_rejected_labels() {
     wait_until("ready", Duration::from_secs(10), || {
         ok_body(&rt, &format!("http://{api}/ready"), None).is_some()
     });
-    let url = format!("http://{api}/");
+    let browser = Browser::start(rt.clone(), &driver, &dir.path().join("profile"));
 
-    let before = dump_dom(&bin, dir.path(), &url);
-    assert!(
-        before.contains(&format!("data-vip=\"{vip}/tcp\"")),
-        "{before}"
-    );
-    for a in &addrs {
-        assert!(
-            before.contains(&format!("data-backend=\"{a}\"")),
-            "{before}"
-        );
-    }
+    browser.go(&format!("http://{api}/"));
+    let vip_box = format!("data-vip=\"{vip}/tcp\"");
+    let before = browser.wait_html("the VIP and its backends", |h| {
+        h.contains(&vip_box)
+            && addrs
+                .iter()
+                .all(|a| h.contains(&format!("data-backend=\"{a}\"")))
+    });
     assert!(before.contains("state-active"), "{before}");
     assert_eq!(connects_shown(&before), 0, "{before}");
 
+    // Traffic while the page is open: its numbers move without a reload.
     for _ in 0..12 {
         let body = ok_body(&rt, &format!("http://{vip}/"), None).unwrap();
         assert!(body.starts_with("web-"), "{body}");
     }
-    let after = dump_dom(&bin, dir.path(), &url);
-    assert_eq!(connects_shown(&after), 12, "{after}");
-
-    let shot = dir.path().join("status.png");
-    let out = chromium(&bin, dir.path(), 2000)
-        .arg(format!("--screenshot={}", shot.display()))
-        .arg(&url)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let png = std::fs::read(&shot).unwrap();
+    let after = browser.wait_html("12 connects", |h| connects_shown(h) == 12);
+    assert!(after.contains("<b class=\"vip-ok\">12</b>"), "{after}");
+    browser.screenshot(&dir.path().join("status.png"));
+    let png = std::fs::read(dir.path().join("status.png")).unwrap();
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000);
 
-    // The controller's page lists the rejected label with its app, value and reason.
+    // The filter box hides what does not match, and brings it back.
+    let filtered = browser.eval(
+        "const f = document.getElementById('filter'); f.value = 'nothing-like-it'; \
+         f.dispatchEvent(new Event('input')); return document.getElementById('vips').innerHTML;",
+    );
+    let filtered = filtered.as_str().unwrap_or_default();
+    assert!(filtered.contains("no VIP matches the filter"), "{filtered}");
+    assert!(!filtered.contains("data-vip="), "{filtered}");
+    browser.eval(
+        "const f = document.getElementById('filter'); f.value = '127.0.0.9'; \
+         f.dispatchEvent(new Event('input'));",
+    );
+    browser.wait_html("the VIP again", |h| h.contains(&vip_box));
+
+    // The controller's page, behind a token given in the URL fragment, lists the rejected
+    // label with its app, value and reason.
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret").unwrap();
     let (_c, _clog, capi) = start(&[
         "controller",
         "--apps-file",
@@ -507,20 +654,32 @@ fn status_page_in_headless_chromium_shows_vips_traffic_and_rejected_labels() {
         "--apps-file-poll",
         "50ms",
         "--allow-loopback-vips",
+        "--api-token-file",
+        token.to_str().unwrap(),
     ]);
     wait_until("the controller's table", Duration::from_secs(10), || {
-        !rejected_labels(&rt, capi, None).is_empty()
+        get(
+            &rt,
+            &format!("http://{capi}/v1/label-errors"),
+            Some("s3cret"),
+        )
+        .is_some_and(|a| a.status == 200 && a.body.contains("notaport"))
     });
-    let dom = dump_dom(&bin, dir.path(), &format!("http://{capi}/"));
+    browser.go(&format!("http://{capi}/#token=s3cret"));
+    let dom = browser.wait_html("a rejected label", |h| {
+        h.contains("<tr class=\"label-error\">") && h.contains(&vip_box)
+    });
     let row = dom
         .split("<tr class=\"label-error\">")
         .nth(1)
         .and_then(|r| r.split("</tr>").next())
-        .unwrap_or_else(|| panic!("no rejected label shown:\n{dom}"));
+        .unwrap_or_default();
     for want in ["/web", "VIP_1", "/web:notaport", "bad_port"] {
         assert!(row.contains(want), "{want} not in {row}");
     }
-    assert!(dom.contains(&format!("data-vip=\"{vip}/tcp\"")), "{dom}");
+    // The token left the address bar (it stays in the tab's session storage).
+    assert_eq!(browser.eval("return location.hash;"), Value::from(""));
+    browser.screenshot(&dir.path().join("controller.png"));
 }
 
 /// Removes (purges) the package when dropped, so a failing test leaves nothing in /usr.

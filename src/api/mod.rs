@@ -517,6 +517,73 @@ mod tests {
         }
     }
 
+    /// Serve `state` on a loopback port; returns the base URL.
+    async fn serve_on_loopback(state: ApiState) -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(serve(l, state, CancellationToken::new()));
+        format!("http://{addr}")
+    }
+
+    fn state() -> ApiState {
+        let (_tx, rx) = watch::channel(Arc::new(VipTable::default()));
+        ApiState::new(rx, Arc::new(Registry::default()), Readiness::default())
+    }
+
+    fn rejection(app: &str, since_ms: u64) -> LabelRejection {
+        LabelRejection {
+            app: app.into(),
+            port_index: 1,
+            key: "VIP_0".into(),
+            value: "x".into(),
+            reason: "missing_port".into(),
+            error: "no ':'".into(),
+            since_ms,
+        }
+    }
+
+    #[tokio::test]
+    async fn label_errors_follow_the_source_and_need_the_token() {
+        crate::tls::init();
+        let http = reqwest::Client::new();
+        // An agent has no label source.
+        let agent = serve_on_loopback(state()).await;
+        let r = http
+            .get(format!("{agent}/v1/label-errors"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404);
+
+        let (tx, rx) = watch::channel(Arc::new(vec![rejection("/a", 5)]));
+        let ctl =
+            serve_on_loopback(state().with_label_errors(rx).with_token(Some("t".into()))).await;
+        let get = |token: Option<&str>| {
+            let mut rb = http.get(format!("{ctl}/v1/label-errors"));
+            if let Some(t) = token {
+                rb = rb.bearer_auth(t);
+            }
+            rb.send()
+        };
+        assert_eq!(get(None).await.unwrap().status(), 401);
+        let body: Vec<LabelRejection> = get(Some("t")).await.unwrap().json().await.unwrap();
+        assert_eq!(body, vec![rejection("/a", 5)]);
+        tx.send_replace(Arc::new(vec![rejection("/a", 5), rejection("/b", 7)]));
+        let body: Vec<LabelRejection> = get(Some("t")).await.unwrap().json().await.unwrap();
+        assert_eq!(body.len(), 2);
+
+        // The page is open, with its policy; the data is not.
+        let page = http.get(format!("{ctl}/")).send().await.unwrap();
+        assert_eq!(page.status(), 200);
+        let csp = page.headers()[header::CONTENT_SECURITY_POLICY]
+            .to_str()
+            .unwrap();
+        assert!(csp.contains("default-src 'none'"), "{csp}");
+        assert!(page.text().await.unwrap().contains("/v1/label-errors"));
+        let r = http.get(format!("{ctl}/metrics")).send().await.unwrap();
+        assert_eq!(r.status(), 401);
+    }
+
     #[test]
     fn token_compare() {
         assert!(constant_time_eq(b"abc", b"abc"));
