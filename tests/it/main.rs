@@ -13,5 +13,6 @@ mod controller;
 mod dns;
 mod mesos;
 mod netif;
+mod ops;
 mod pods;
 mod resolvers;

@@ -6,25 +6,19 @@
 //! Chromium, chromedriver and promtool come from Debian (`.ci/run` installs them); without
 //! them these tests skip with a note, except under CI where a missing tool is a failure.
 
-#[path = "common/backends.rs"]
-mod backends;
-#[path = "common/marathon.rs"]
-mod marathon;
-#[path = "common/netns.rs"]
-mod netns;
-
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use backends::{Log, Proc};
 use l4lb::model::status::LabelRejection;
-use marathon::{add_task, host_app, task};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_l4lb");
+use crate::common::marathon::{add_task, host_app, task};
+use crate::common::process::{Log, Proc};
+use crate::common::{BIN, backends, netns};
+
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 /// An app with one port carrying `labels` (`VIP_0`, `VIP_1`, …) and a task per backend.
@@ -48,18 +42,12 @@ fn write_apps(path: &Path, apps: Vec<Value>) {
     std::fs::write(path, serde_json::json!({ "apps": apps }).to_string()).unwrap();
 }
 
-/// `l4lb <args>` with its API (and DNS) on loopback port 0; returns it with its API address.
+/// `l4lb <args>` with its API on loopback port 0; returns it with its API address.
 fn start(args: &[&str]) -> (Proc, Log, SocketAddr) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .args(["--api-listen", "127.0.0.1:0"])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn l4lb");
-    let log = Log::capture(&mut child);
-    let proc = Proc(child);
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).args(["--api-listen", "127.0.0.1:0"]);
+    let proc = Proc::spawn(&format!("l4lb {}", args[0]), cmd);
+    let log = proc.log();
     let api = log.addr("API listening", Duration::from_secs(20));
     (proc, log, api)
 }
@@ -410,7 +398,18 @@ struct Browser {
     http: reqwest::Client,
     base: String,
     session: String,
-    _driver: Proc,
+    _driver: Driver,
+}
+
+/// chromedriver, killed and reaped on drop (its port is read from its stdout, which the
+/// harness's `Proc` does not keep).
+struct Driver(Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 impl Browser {
@@ -422,7 +421,7 @@ impl Browser {
             .spawn()
             .expect("spawn chromedriver");
         let stdout = child.stdout.take().expect("stdout piped");
-        let driver_proc = Proc(child);
+        let driver_proc = Driver(child);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             use std::io::BufRead;
@@ -786,12 +785,9 @@ fn debian_package_installs_and_the_agent_unit_starts_with_its_defaults() {
     cmd.args(&exec[1..])
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = ns.spawn(&mut cmd).unwrap();
-    let log = Log::capture(&mut child);
-    let _proc = Proc(child);
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let agent = Proc::spawn("packaged agent", cmd);
+    let log = agent.log();
     // --log-format json: the address is a field.
     log.wait_for("API listening", Duration::from_secs(20));
     let mut health = String::new();
