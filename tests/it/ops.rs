@@ -624,6 +624,10 @@ fn status_page_in_headless_chromium_shows_vips_traffic_and_rejected_labels() {
     }
     let after = browser.wait_html("12 connects", |h| connects_shown(h) == 12);
     assert!(after.contains("<b class=\"vip-ok\">12</b>"), "{after}");
+    assert!(
+        after.contains("id=\"role\">run (controller and agent)<"),
+        "{after}"
+    );
     browser.screenshot(&dir.path().join("status.png"));
     let png = std::fs::read(dir.path().join("status.png")).unwrap();
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000);
@@ -676,6 +680,7 @@ fn status_page_in_headless_chromium_shows_vips_traffic_and_rejected_labels() {
     for want in ["/web", "VIP_1", "/web:notaport", "bad_port"] {
         assert!(row.contains(want), "{want} not in {row}");
     }
+    assert!(dom.contains("id=\"role\">controller<"), "{dom}");
     // The token left the address bar (it stays in the tab's session storage).
     assert_eq!(browser.eval("return location.hash;"), Value::from(""));
     browser.screenshot(&dir.path().join("controller.png"));

@@ -41,7 +41,7 @@ struct Inner {
 pub(crate) struct ConnectLatency(Arc<Inner>);
 
 /// A consistent-enough copy of the counts (each read is atomic, the set is not).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub(crate) struct Snapshot {
     pub(crate) counts: [u64; 19],
     pub(crate) sum_seconds: f64,

@@ -292,7 +292,7 @@ impl ForwardMetrics {
         BackendSeries {
             connect_failures: self.connect_failures.get_or_create_owned(&l),
             ejections: self.ejections.get_or_create_owned(&l),
-            connect_seconds: self.connect_seconds.get_or_create_owned(&l),
+            connect_seconds: std::sync::OnceLock::new(),
             metrics: self.clone(),
             labels: l,
         }
@@ -324,9 +324,32 @@ impl ForwardMetrics {
 pub(crate) struct BackendSeries {
     pub(crate) connect_failures: Counter,
     pub(crate) ejections: Counter,
-    pub(crate) connect_seconds: latency::ConnectLatency,
+    /// Created at the first successful connect: a backend never connected to exports no
+    /// histogram (20 lines per backend on a large agent's `/metrics` otherwise).
+    connect_seconds: std::sync::OnceLock<latency::ConnectLatency>,
     metrics: ForwardMetrics,
     labels: BackendLabels,
+}
+
+impl BackendSeries {
+    /// Record one successful connect (one atomic load once the histogram exists).
+    pub(crate) fn observe_connect(&self, took: Duration) {
+        self.connect_seconds
+            .get_or_init(|| {
+                self.metrics
+                    .connect_seconds
+                    .get_or_create_owned(&self.labels)
+            })
+            .observe(took);
+    }
+
+    /// Connect latency so far (empty before the first connect).
+    pub(crate) fn connect_latency(&self) -> latency::Snapshot {
+        self.connect_seconds
+            .get()
+            .map(latency::ConnectLatency::snapshot)
+            .unwrap_or_default()
+    }
 }
 
 impl Drop for BackendSeries {

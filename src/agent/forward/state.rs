@@ -73,7 +73,7 @@ impl BackendShared {
 
     /// A connect that took `took` succeeded.
     pub(crate) fn record_success(&self, took: std::time::Duration) {
-        self.series.connect_seconds.observe(took);
+        self.series.observe_connect(took);
         lock(&self.health).record_success();
     }
 
@@ -84,7 +84,7 @@ impl BackendShared {
 
     /// Connect latency so far (for the API's p50/p99).
     pub(crate) fn connect_latency(&self) -> super::latency::Snapshot {
-        self.series.connect_seconds.snapshot()
+        self.series.connect_latency()
     }
 
     pub(crate) fn kill_token(&self) -> CancellationToken {
