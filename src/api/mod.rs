@@ -39,7 +39,7 @@ pub struct BackendCounters {
     pub kernel_connections: Option<u64>,
     /// Successful connects, in total.
     pub connects: u64,
-    /// Failed or timed-out connects to this address, in total.
+    /// Failed or timed-out connects to this backend through this VIP, in total.
     pub connect_failures: u64,
     /// Connect latency p50 and p99 in seconds (none before the first connect).
     pub connect_p50: Option<f64>,

@@ -414,11 +414,12 @@ pub struct BackendStats {
     pub bytes: u64,
     /// Ejected by passive health right now.
     pub ejected: bool,
-    /// Successful connects, in total.
+    /// Successful connects through this VIP, in total.
     pub connects: u64,
-    /// Failed or timed-out connects to this address (shared by every VIP it backs).
+    /// Failed or timed-out connects through this VIP, in total.
     pub connect_failures: u64,
-    /// Connect latency p50 and p99 in seconds, none before the first connect.
+    /// Connect latency p50 and p99 in seconds, none before the first connect (per backend
+    /// address: shared by every VIP it backs, like the Prometheus series).
     pub connect_p50: Option<f64>,
     pub connect_p99: Option<f64>,
 }
@@ -451,7 +452,7 @@ impl ForwardStats {
             active_connections: b.active.load(Ordering::Relaxed),
             bytes: b.bytes.load(Ordering::Relaxed),
             ejected: b.is_ejected(Instant::now()),
-            connects: lat.count(),
+            connects: b.connects(),
             connect_failures: b.connect_failures(),
             connect_p50: lat.quantile(0.5),
             connect_p99: lat.quantile(0.99),

@@ -32,6 +32,10 @@ pub(crate) struct BackendShared {
     /// Bumped on every drain start/stop so a stale drain timer does nothing.
     drain_gen: AtomicU64,
     series: BackendSeries,
+    /// Successful and failed connects to this backend of this VIP (the series above are per
+    /// address, shared by every VIP the address backs).
+    connects: AtomicU64,
+    failures: AtomicU64,
     /// The VIP's byte counter (`l4lb_vip_bytes_total`).
     vip_bytes: Counter,
 }
@@ -55,6 +59,8 @@ impl BackendShared {
             kill: Mutex::new(kill),
             drain_gen: AtomicU64::new(0),
             series: metrics.backend_series(addr),
+            connects: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
             vip_bytes,
         }
     }
@@ -65,6 +71,7 @@ impl BackendShared {
 
     pub(crate) fn record_failure(&self, now: Instant, kind: Failure) {
         self.series.connect_failures.inc();
+        self.failures.fetch_add(1, Ordering::Relaxed);
         if lock(&self.health).record_failure(now, kind) {
             self.series.ejections.inc();
             tracing::info!(backend = %self.addr, "backend ejected after connect failure");
@@ -74,15 +81,21 @@ impl BackendShared {
     /// A connect that took `took` succeeded.
     pub(crate) fn record_success(&self, took: std::time::Duration) {
         self.series.observe_connect(took);
+        self.connects.fetch_add(1, Ordering::Relaxed);
         lock(&self.health).record_success();
     }
 
-    /// Failed connects to this address so far.
-    pub(crate) fn connect_failures(&self) -> u64 {
-        self.series.connect_failures.get()
+    /// Successful connects to this backend of this VIP so far.
+    pub(crate) fn connects(&self) -> u64 {
+        self.connects.load(Ordering::Relaxed)
     }
 
-    /// Connect latency so far (for the API's p50/p99).
+    /// Failed connects to this backend of this VIP so far.
+    pub(crate) fn connect_failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Connect latency so far, of every VIP this address backs (for the API's p50/p99).
     pub(crate) fn connect_latency(&self) -> super::latency::Snapshot {
         self.series.connect_latency()
     }
