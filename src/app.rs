@@ -21,7 +21,7 @@ use crate::agent::dns::{DnsCatalog, DnsMetrics, resolv};
 use crate::agent::forward::{ForwardMetrics, ForwardStats, Forwarder};
 use crate::agent::netif::{InterfaceKind, Netif, NetifError};
 use crate::agent::{Agent, AgentMetrics};
-use crate::api::{self, ApiState, BackendCounters, BackendStats, Readiness};
+use crate::api::{self, ApiState, BackendCounters, BackendStats, Readiness, VipCounters};
 use crate::config::{
     AgentConfig, ApiConfig, CheckConfig, CheckFile, Config, ConfigError, ControllerConfig, Mode,
     NodeConfig, RunConfig, SourceConfig, VipsConfig,
@@ -32,7 +32,7 @@ use crate::model::wire::{VipJson, table_to_json};
 use crate::source::marathon::{client, sync};
 use crate::source::metrics::SourceMetrics;
 use crate::source::state::{BuildConfig, TableState};
-use crate::source::{self, Publisher, TableRx};
+use crate::source::{self, LabelErrorsRx, Publisher, TableRx};
 
 /// How `l4lb` failed, which decides its exit code.
 #[derive(Debug, thiserror::Error)]
@@ -199,9 +199,10 @@ fn start_source(
     source: SourceConfig,
     build: BuildConfig,
     metrics: SourceMetrics,
-) -> Result<TableRx, AppError> {
+) -> Result<(TableRx, LabelErrorsRx), AppError> {
     let (tx, rx) = source::table_channel();
     let publisher = Publisher::new(build, tx, metrics);
+    let label_errors = publisher.label_errors();
     let stop = tasks.shutdown.clone();
     match source {
         SourceConfig::File { path, poll } => {
@@ -268,7 +269,7 @@ fn start_source(
             );
         }
     }
-    Ok(rx)
+    Ok((rx, label_errors))
 }
 
 /// Bind the API listener and serve `state` on it until the serving group stops.
@@ -317,12 +318,12 @@ async fn controller(cfg: ControllerConfig) -> Result<(), AppError> {
     tasks.stop_on_signals()?;
     let mut reg = registry();
     let metrics = SourceMetrics::new(&mut reg);
-    let rx = start_source(&mut tasks, cfg.source, cfg.build, metrics)?;
+    let (rx, rejected) = start_source(&mut tasks, cfg.source, cfg.build, metrics)?;
     let ready = Readiness::default();
     start_api(
         &mut tasks,
         &cfg.api,
-        api_state(rx.clone(), reg, &ready, &cfg.api),
+        api_state(rx.clone(), reg, &ready, &cfg.api).with_label_errors(rejected),
     )
     .await?;
     ready_on_first(&mut tasks, rx, ready.clone(), "built");
@@ -350,7 +351,11 @@ async fn agent(cfg: AgentConfig) -> Result<(), AppError> {
         }
         .instrument(span),
     );
-    node(tasks, netif, &cfg.node, &cfg.api, reg, rx, label_errors).await
+    let from_source = FromSource {
+        label_errors,
+        rejected: None,
+    };
+    node(tasks, netif, &cfg.node, &cfg.api, reg, rx, from_source).await
 }
 
 async fn run(cfg: RunConfig) -> Result<(), AppError> {
@@ -360,8 +365,12 @@ async fn run(cfg: RunConfig) -> Result<(), AppError> {
     let metrics = SourceMetrics::new(&mut reg);
     let label_errors = metrics.label_errors.clone();
     let netif = open_netif(&cfg.node).await?;
-    let rx = start_source(&mut tasks, cfg.source, cfg.build, metrics)?;
-    node(tasks, netif, &cfg.node, &cfg.api, reg, rx, label_errors).await
+    let (rx, rejected) = start_source(&mut tasks, cfg.source, cfg.build, metrics)?;
+    let from_source = FromSource {
+        label_errors,
+        rejected: Some(rejected),
+    };
+    node(tasks, netif, &cfg.node, &cfg.api, reg, rx, from_source).await
 }
 
 /// Open (create) the VIP interface; missing privilege is its own error (exit 2).
@@ -389,6 +398,10 @@ impl BackendStats for ForwardCounters {
                 bytes: s.bytes,
                 ejected: s.ejected,
                 kernel_connections: None,
+                connects: s.connects,
+                connect_failures: s.connect_failures,
+                connect_p50: s.connect_p50,
+                connect_p99: s.connect_p99,
             })
             .unwrap_or_default();
         c.kernel_connections = self
@@ -396,6 +409,13 @@ impl BackendStats for ForwardCounters {
             .as_ref()
             .map(|k| k.backend(vip, addr).map_or(0, |k| k.connections));
         Some(c)
+    }
+
+    fn vip(&self, vip: &VipKey) -> Option<VipCounters> {
+        self.0.vip(vip).map(|s| VipCounters {
+            ok: s.ok,
+            failed: s.failed,
+        })
     }
 
     fn data_plane(&self, vip: &VipKey) -> Option<&'static str> {
@@ -489,6 +509,13 @@ fn upstreams(
     }
 }
 
+/// What the node's API shows of the source: the label-error counter (the agent adds its own
+/// refusals to it) and, where the source runs in this process, the rejected labels.
+struct FromSource {
+    label_errors: Family<ReasonLabel, Counter>,
+    rejected: Option<LabelErrorsRx>,
+}
+
 /// Interface, DNS, forwarder and API around `tables`, until shutdown and the drain end.
 async fn node(
     mut tasks: Tasks,
@@ -497,8 +524,12 @@ async fn node(
     api_cfg: &ApiConfig,
     mut reg: Registry,
     tables: TableRx,
-    label_errors: Family<ReasonLabel, Counter>,
+    from_source: FromSource,
 ) -> Result<(), AppError> {
+    let FromSource {
+        label_errors,
+        rejected,
+    } = from_source;
     let mut netif = netif;
     keep_dns_addresses(&mut netif, &cfg.dns_listen).await?;
     let mut udp = Vec::new();
@@ -567,9 +598,12 @@ async fn node(
     }
 
     let ready = Readiness::default();
-    let state = api_state(applied.clone(), reg, &ready, api_cfg).with_stats(Arc::new(
+    let mut state = api_state(applied.clone(), reg, &ready, api_cfg).with_stats(Arc::new(
         ForwardCounters(stats, (plane == "bpf").then_some(kernel_stats)),
     ));
+    if let Some(rx) = rejected {
+        state = state.with_label_errors(rx);
+    }
     start_api(&mut tasks, api_cfg, state).await?;
     let dns_stop = tasks.serving_stop.clone();
     tasks.spawn_serving(
@@ -638,11 +672,8 @@ fn check(args: CheckConfig) -> Result<ExitCode, AppError> {
         rejected += 1;
     }
     for r in state.rejections() {
-        let _ = writeln!(
-            err,
-            "rejected label: app {} port {} {}={:?}: {} [{}]",
-            r.app, r.port_index, r.key, r.value, r.error, r.reason
-        );
+        // The words of /v1/label-errors and the status page.
+        let _ = writeln!(err, "rejected label: {}", r.to_model(0));
         rejected += 1;
     }
     Ok(if rejected > 0 {

@@ -1,6 +1,9 @@
 //! The HTTP API of controllers and agents: `GET /v1/vips` (with Consul-style blocking
-//! queries), `/healthz`, `/ready` and `/metrics`. Depends on `model` only; the agent's
-//! per-backend counters come in through the [`BackendStats`] trait.
+//! queries), `/v1/label-errors`, `/healthz`, `/ready`, `/metrics` and the status page at `/`
+//! ([`page`]). Depends on `model` only; the agent's per-backend counters come in through the
+//! [`BackendStats`] trait, a source's rejected labels through a watch channel.
+
+mod page;
 
 pub mod limits;
 
@@ -24,24 +27,43 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::model::status::LabelRejection;
 use crate::model::wire::{DeltaJson, VipJson, table_to_json};
 use crate::model::{VipKey, VipTable};
 
 pub use crate::model::wire::{CHANGED_AT_HEADER, INDEX_HEADER};
 
 /// Live counters of one backend of one VIP, as an agent sees them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct BackendCounters {
     pub connections: u64,
     pub bytes: u64,
     pub ejected: bool,
     /// Connections the kernel path sent to it, when it runs.
     pub kernel_connections: Option<u64>,
+    /// Successful connects, in total.
+    pub connects: u64,
+    /// Failed or timed-out connects to this backend through this VIP, in total.
+    pub connect_failures: u64,
+    /// Connect latency p50 and p99 in seconds (none before the first connect).
+    pub connect_p50: Option<f64>,
+    pub connect_p99: Option<f64>,
+}
+
+/// Client connections of one VIP, by result.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VipCounters {
+    pub ok: u64,
+    pub failed: u64,
 }
 
 /// Where an agent's API reads per-backend counters from.
 pub trait BackendStats: Send + Sync {
     fn backend(&self, vip: &VipKey, addr: SocketAddr) -> Option<BackendCounters>;
+    /// Per-VIP connection counters (none by default).
+    fn vip(&self, _vip: &VipKey) -> Option<VipCounters> {
+        None
+    }
 
     /// `bpf` or `proxy`: what serves `vip` (`None`: not said).
     fn data_plane(&self, _vip: &VipKey) -> Option<&'static str> {
@@ -85,6 +107,8 @@ pub struct ApiState {
     pub registry: Arc<Registry>,
     pub ready: Readiness,
     pub stats: Option<Arc<dyn BackendStats>>,
+    /// The source's rejected labels (controller and `run`; an agent has none to show).
+    pub label_errors: Option<watch::Receiver<Arc<Vec<LabelRejection>>>>,
     /// When set, `/v1/*` and `/metrics` require `Authorization: Bearer <token>`.
     pub token: Option<Arc<str>>,
     /// Longest a blocking query may wait.
@@ -172,6 +196,7 @@ impl ApiState {
             registry,
             ready,
             stats: None,
+            label_errors: None,
             token: None,
             max_wait: Duration::from_secs(300),
             cache: Arc::default(),
@@ -180,6 +205,11 @@ impl ApiState {
 
     pub fn with_stats(mut self, stats: Arc<dyn BackendStats>) -> Self {
         self.stats = Some(stats);
+        self
+    }
+
+    pub fn with_label_errors(mut self, rx: watch::Receiver<Arc<Vec<LabelRejection>>>) -> Self {
+        self.label_errors = Some(rx);
         self
     }
 
@@ -194,9 +224,11 @@ pub fn router(state: ApiState) -> Router {
     let protected = Router::new()
         .route("/v1/vips", get(vips))
         .route("/v1/vips/delta", get(vips_delta))
+        .route("/v1/label-errors", get(label_errors))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
+        .route("/", get(page::page))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
         .merge(protected)
@@ -257,6 +289,30 @@ async fn metrics(State(st): State<ApiState>) -> Response {
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )],
             out,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// `GET /v1/label-errors`: every label the source rejects now, sorted by app, port and key.
+/// 404 on an agent, whose labels are judged by its controller.
+async fn label_errors(State(st): State<ApiState>) -> Response {
+    let Some(rx) = &st.label_errors else {
+        return (
+            StatusCode::NOT_FOUND,
+            "no label source here: ask the controller\n",
+        )
+            .into_response();
+    };
+    let list = rx.borrow().clone();
+    match serde_json::to_vec(list.as_slice()) {
+        Ok(body) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
         )
             .into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
@@ -422,7 +478,14 @@ fn agent_body(table: &VipTable, stats: &dyn BackendStats) -> Vec<u8> {
                 b.bytes = Some(c.bytes);
                 b.ejected = Some(c.ejected);
                 b.kernel_connections = c.kernel_connections;
+                b.connects = Some(c.connects);
+                b.connect_failures = Some(c.connect_failures);
+                b.connect_p50_seconds = c.connect_p50;
+                b.connect_p99_seconds = c.connect_p99;
             }
+            let c = stats.vip(&v.key).unwrap_or_default();
+            j.connections_ok = Some(c.ok);
+            j.connections_failed = Some(c.failed);
             j
         })
         .collect();
@@ -497,6 +560,73 @@ mod tests {
         }
         stop.cancel();
         server.await.unwrap().unwrap();
+    }
+
+    /// Serve `state` on a loopback port; returns the base URL.
+    async fn serve_on_loopback(state: ApiState) -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(serve(l, state, CancellationToken::new()));
+        format!("http://{addr}")
+    }
+
+    fn state() -> ApiState {
+        let (_tx, rx) = watch::channel(Arc::new(VipTable::default()));
+        ApiState::new(rx, Arc::new(Registry::default()), Readiness::default())
+    }
+
+    fn rejection(app: &str, since_ms: u64) -> LabelRejection {
+        LabelRejection {
+            app: app.into(),
+            port_index: 1,
+            key: "VIP_0".into(),
+            value: "x".into(),
+            reason: "missing_port".into(),
+            error: "no ':'".into(),
+            since_ms,
+        }
+    }
+
+    #[tokio::test]
+    async fn label_errors_follow_the_source_and_need_the_token() {
+        crate::tls::init();
+        let http = reqwest::Client::new();
+        // An agent has no label source.
+        let agent = serve_on_loopback(state()).await;
+        let r = http
+            .get(format!("{agent}/v1/label-errors"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404);
+
+        let (tx, rx) = watch::channel(Arc::new(vec![rejection("/a", 5)]));
+        let ctl =
+            serve_on_loopback(state().with_label_errors(rx).with_token(Some("t".into()))).await;
+        let get = |token: Option<&str>| {
+            let mut rb = http.get(format!("{ctl}/v1/label-errors"));
+            if let Some(t) = token {
+                rb = rb.bearer_auth(t);
+            }
+            rb.send()
+        };
+        assert_eq!(get(None).await.unwrap().status(), 401);
+        let body: Vec<LabelRejection> = get(Some("t")).await.unwrap().json().await.unwrap();
+        assert_eq!(body, vec![rejection("/a", 5)]);
+        tx.send_replace(Arc::new(vec![rejection("/a", 5), rejection("/b", 7)]));
+        let body: Vec<LabelRejection> = get(Some("t")).await.unwrap().json().await.unwrap();
+        assert_eq!(body.len(), 2);
+
+        // The page is open, with its policy; the data is not.
+        let page = http.get(format!("{ctl}/")).send().await.unwrap();
+        assert_eq!(page.status(), 200);
+        let csp = page.headers()[header::CONTENT_SECURITY_POLICY]
+            .to_str()
+            .unwrap();
+        assert!(csp.contains("default-src 'none'"), "{csp}");
+        assert!(page.text().await.unwrap().contains("/v1/label-errors"));
+        let r = http.get(format!("{ctl}/metrics")).send().await.unwrap();
+        assert_eq!(r.status(), 401);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 mod diff;
 mod secret;
+pub mod status;
 pub mod wire;
 
 pub use diff::{TableDiff, VipChange, diff};

@@ -47,6 +47,12 @@ pub struct VipJson {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_plane: Option<String>,
     pub backend: Vec<BackendJson>,
+    /// Agent only: client connections forwarded to a backend, in total.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections_ok: Option<u64>,
+    /// Agent only: client connections no backend could take (all tried failed, or none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections_failed: Option<u64>,
 }
 
 /// One backend as it appears in the API. `connections` and `bytes` are filled by agents only.
@@ -70,6 +76,17 @@ pub struct BackendJson {
     /// the kernel path does not see them close).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel_connections: Option<u64>,
+    /// Agent only: successful connects to this backend, in total.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connects: Option<u64>,
+    /// Agent only: failed or timed-out connects to this backend address, in total.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_failures: Option<u64>,
+    /// Agent only: connect latency quantiles (seconds), absent before the first connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_p50_seconds: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_p99_seconds: Option<f64>,
 }
 
 impl VipJson {
@@ -97,8 +114,14 @@ impl VipJson {
                     bytes: None,
                     ejected: None,
                     kernel_connections: None,
+                    connects: None,
+                    connect_failures: None,
+                    connect_p50_seconds: None,
+                    connect_p99_seconds: None,
                 })
                 .collect(),
+            connections_ok: None,
+            connections_failed: None,
         }
     }
 
@@ -171,6 +194,12 @@ pub fn merge_families(list: Vec<VipJson>) -> Vec<VipJson> {
             } else {
                 prev.ip6 = Some(j.ip);
             }
+            let sum = |a: Option<u64>, b: Option<u64>| match (a, b) {
+                (None, None) => None,
+                (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+            };
+            prev.connections_ok = sum(prev.connections_ok, j.connections_ok);
+            prev.connections_failed = sum(prev.connections_failed, j.connections_failed);
             for b in j.backend {
                 match prev
                     .backend
@@ -185,6 +214,11 @@ pub fn merge_families(list: Vec<VipJson>) -> Vec<VipJson> {
                         p.connections = sum(p.connections, b.connections);
                         p.bytes = sum(p.bytes, b.bytes);
                         p.kernel_connections = sum(p.kernel_connections, b.kernel_connections);
+                        p.connects = sum(p.connects, b.connects);
+                        p.connect_failures = sum(p.connect_failures, b.connect_failures);
+                        // Latency is kept per backend address: both families show the same.
+                        p.connect_p50_seconds = p.connect_p50_seconds.or(b.connect_p50_seconds);
+                        p.connect_p99_seconds = p.connect_p99_seconds.or(b.connect_p99_seconds);
                         p.ejected = match (p.ejected, b.ejected) {
                             (None, None) => None,
                             (a, b) => Some(a.unwrap_or(false) || b.unwrap_or(false)),
@@ -419,7 +453,13 @@ mod tests {
                 bytes: Some(conns * 10),
                 ejected: Some(ejected),
                 kernel_connections: None,
+                connects: Some(conns * 100),
+                connect_failures: Some(1),
+                connect_p50_seconds: Some(1e-4),
+                connect_p99_seconds: Some(1e-3),
             }],
+            connections_ok: Some(conns * 100),
+            connections_failed: Some(1),
         };
         let merged = merge_families(vec![
             entry("fd01:c::1", 2, false),
@@ -435,6 +475,14 @@ mod tests {
         assert_eq!(
             (b.connections, b.bytes, b.ejected),
             (Some(5), Some(50), Some(true))
+        );
+        assert_eq!(
+            (b.connects, b.connect_failures, b.connect_p99_seconds),
+            (Some(500), Some(2), Some(1e-3))
+        );
+        assert_eq!(
+            (m.connections_ok, m.connections_failed),
+            (Some(500), Some(2))
         );
         // Two IPv4 entries of one name (two ports share a `vip` string only if equal) stay apart.
         assert_eq!(

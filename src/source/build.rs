@@ -29,6 +29,19 @@ pub struct Rejection {
 }
 
 impl Rejection {
+    /// The shared form the API and `l4lb check` show.
+    pub fn to_model(&self, since_ms: u64) -> crate::model::status::LabelRejection {
+        crate::model::status::LabelRejection {
+            app: self.app.clone(),
+            port_index: self.port_index,
+            key: self.key.clone(),
+            value: self.value.clone(),
+            reason: self.reason.to_string(),
+            error: self.error.clone(),
+            since_ms,
+        }
+    }
+
     pub(super) fn new(
         app: &str,
         port_index: usize,

@@ -18,9 +18,9 @@ use super::TableTx;
 use super::marathon::sync::Backoff;
 use super::metrics::SourceMetrics;
 use crate::model::Secret;
-use crate::model::VipTable;
 use crate::model::wire::DeltaJson;
 use crate::model::wire::{CHANGED_AT_HEADER, INDEX_HEADER};
+use crate::model::{VipTable, unix_ms_now};
 
 #[derive(Debug, Clone)]
 pub struct WatchConfig {
@@ -130,6 +130,10 @@ pub async fn run(
         match res {
             Ok((new_index, changed_at, delta)) => {
                 metrics.request("vips_watch", "ok");
+                metrics.set_connected(true);
+                if delta.full {
+                    metrics.last_resync_ms.set(unix_ms_now() as i64);
+                }
                 let answer = Answer {
                     asked: index,
                     index: new_index,
@@ -181,6 +185,7 @@ pub async fn run(
                         "new VIP table from controller"
                     );
                     metrics.observe_table(&t);
+                    metrics.last_event_ms.set(unix_ms_now() as i64);
                     tx.send_replace(t);
                 }
                 if wait_after && !pause(&mut backoff).await {
@@ -191,6 +196,7 @@ pub async fn run(
                 tracing::warn!(controller = %base, error = %e, "controller watch failed; keeping the last table");
                 metrics.request("vips_watch", "error");
                 metrics.sync_error("controller");
+                metrics.set_connected(false);
                 idx += 1;
                 index = 0;
                 mirror = VipTable::default();

@@ -36,6 +36,7 @@ pub async fn run(
                     publisher.metrics().sync_error("file_read");
                 }
                 last = Some(UNREADABLE);
+                publisher.metrics().set_connected(false);
                 continue;
             }
         };
@@ -44,9 +45,11 @@ pub async fn run(
             .ok()
             .and_then(|m| m.modified().ok());
         let fingerprint = (mtime, body.len() as u64, crate::model::stable_hash(&body));
+        publisher.metrics().set_connected(true);
         if last == Some(fingerprint) {
             continue;
         }
+        publisher.metrics().last_event_ms.set(unix_ms_now() as i64);
         last = Some(fingerprint);
         match publisher.snapshot(body, unix_ms_now()).await {
             Ok(()) => tracing::debug!(path = %path.display(), "apps file read"),

@@ -57,6 +57,15 @@ pub struct SourceMetrics {
     pub sync_errors: Family<Label, Counter>,
     pub events: Family<Label, Counter>,
     pub unresolved_hosts: Counter,
+    /// 1 while the source answers (Marathon's event stream open, the controller watch
+    /// answering, the apps file readable), else 0.
+    pub connected: Gauge,
+    /// When the source last reported a change (an event, a changed table or file; Unix ms).
+    pub last_event_ms: Gauge,
+    /// When the last full read of the source was applied (Unix ms).
+    pub last_resync_ms: Gauge,
+    /// Labels rejected in the current table.
+    pub labels_rejected: Gauge,
 }
 
 impl SourceMetrics {
@@ -109,7 +118,32 @@ impl SourceMetrics {
             "Task hosts that did not resolve (their tasks skipped)",
             m.unresolved_hosts.clone(),
         );
+        registry.register(
+            "source_connected",
+            "1 while the source answers (Marathon event stream, controller watch, apps file)",
+            m.connected.clone(),
+        );
+        registry.register(
+            "source_last_event_unix_milliseconds",
+            "When the source last reported a change",
+            m.last_event_ms.clone(),
+        );
+        registry.register(
+            "source_last_resync_unix_milliseconds",
+            "When the last full read of the source was applied",
+            m.last_resync_ms.clone(),
+        );
+        registry.register(
+            "labels_rejected",
+            "VIP labels the current table rejects (see /v1/label-errors)",
+            m.labels_rejected.clone(),
+        );
         m
+    }
+
+    /// The source answered (or stopped answering).
+    pub fn set_connected(&self, up: bool) {
+        self.connected.set(i64::from(up));
     }
 
     pub fn observe_table(&self, t: &VipTable) {

@@ -22,12 +22,15 @@ use self::build::{AppVips, Rejection, app_vips};
 use self::marathon::types::{PayloadError, parse_app, parse_apps};
 use self::metrics::SourceMetrics;
 use self::state::{BuildConfig, TableState};
+use crate::model::status::{LabelRejection, carry_since};
 use crate::model::{VipTable, unix_ms_now};
 
 /// The sending half every source publishes on.
 pub type TableTx = watch::Sender<Arc<VipTable>>;
 /// The receiving half consumers (API, agent) follow.
 pub type TableRx = watch::Receiver<Arc<VipTable>>;
+/// Every label the source currently rejects, with since when (for `/v1/label-errors`).
+pub type LabelErrorsRx = watch::Receiver<Arc<Vec<LabelRejection>>>;
 
 /// A channel holding the empty version-0 table ("no table yet").
 pub fn table_channel() -> (TableTx, TableRx) {
@@ -138,6 +141,7 @@ pub enum SourceError {
 pub struct Publisher {
     state: Arc<Mutex<TableState>>,
     tx: TableTx,
+    labels: Arc<watch::Sender<Arc<Vec<LabelRejection>>>>,
     metrics: SourceMetrics,
     hosts: HostCache,
 }
@@ -147,9 +151,15 @@ impl Publisher {
         Publisher {
             state: Arc::new(Mutex::new(TableState::new(cfg, unix_ms_now()))),
             tx,
+            labels: Arc::new(watch::channel(Arc::default()).0),
             metrics,
             hosts: HostCache::default(),
         }
+    }
+
+    /// Follow the rejected labels (updated with every build that changes them).
+    pub fn label_errors(&self) -> LabelErrorsRx {
+        self.labels.subscribe()
     }
 
     pub fn metrics(&self) -> &SourceMetrics {
@@ -175,6 +185,7 @@ impl Publisher {
             }
             this.report_hosts(&contribs);
             this.apply(changed_at_ms, |s| s.replace_all(contribs));
+            this.metrics.last_resync_ms.set(unix_ms_now() as i64);
             Ok(())
         })
         .await?
@@ -242,6 +253,7 @@ impl Publisher {
                     this.apply(changed_at_ms, |s| s.upsert(c));
                 }
             }
+            this.metrics.last_event_ms.set(unix_ms_now() as i64);
             Ok(())
         })
         .await?
@@ -293,7 +305,18 @@ impl Publisher {
                 return;
             };
             change(&mut st);
-            st.rebuild(changed_at_ms)
+            let rebuilt = st.rebuild(changed_at_ms);
+            let now: Vec<LabelRejection> = st.rejections().map(|r| r.to_model(0)).collect();
+            self.metrics.labels_rejected.set(now.len() as i64);
+            self.labels.send_if_modified(|shown| {
+                let next = carry_since(shown, now, unix_ms_now());
+                let changed = **shown != next;
+                if changed {
+                    *shown = Arc::new(next);
+                }
+                changed
+            });
+            rebuilt
         };
         self.metrics
             .table_build_ms

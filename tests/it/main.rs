@@ -14,5 +14,6 @@ mod dns;
 mod harden;
 mod mesos;
 mod netif;
+mod ops;
 mod pods;
 mod resolvers;

@@ -662,8 +662,11 @@ fn one_backend_change_on_10000_vips_applies_under_1ms() {
     kp.close().unwrap();
 }
 
+/// Many short connections through the kernel path: every one is translated and counted once.
+/// (Speed is the bench's job, `scripts/bench.sh`'s `bpf` column: a timed assertion here was at
+/// the mercy of TIME_WAIT collisions between the direct and the translated runs.)
 #[test]
-fn connections_via_the_vip_cost_what_direct_ones_cost() {
+fn every_short_connection_via_the_vip_is_translated_and_counted() {
     if !is_root() {
         return;
     }
@@ -682,30 +685,25 @@ fn connections_via_the_vip_cost_what_direct_ones_cost() {
     let mut kp = ns.run(move || KernelPath::load(&cfg).expect("load"));
     kp.apply(&table(1, &[(vip, vec![(b, A)])]), &BTreeSet::new())
         .unwrap();
-    // Connections per second, one client connecting and closing in a loop, 5 runs of 1000
-    // alternating direct and VIP (best of each, as the machine is shared: the ratio has
-    // ranged 0.72-1.10 under load, so only a collapse fails the test).
-    let rate = |to: SocketAddr| {
-        ns.run(move || {
-            let started = Instant::now();
-            for _ in 0..1000 {
-                let s = TcpStream::connect(to).expect("connect");
-                drop(s);
-            }
-            1000.0 / started.elapsed().as_secs_f64()
-        })
-    };
-    let (mut direct, mut via) = (0f64, 0f64);
-    for _ in 0..5 {
-        direct = direct.max(rate(b));
-        via = via.max(rate(vip.socket_addr()));
-    }
+    let n = 2000;
+    let started = Instant::now();
+    ns.run(move || {
+        for i in 0..n {
+            let s = TcpStream::connect(vip.socket_addr())
+                .unwrap_or_else(|e| panic!("connection {i} via the VIP: {e}"));
+            assert_eq!(
+                s.peer_addr().unwrap(),
+                vip.socket_addr(),
+                "getpeername shows the VIP"
+            );
+            drop(s);
+        }
+    });
     eprintln!(
-        "new connections/s: direct {direct:.0}, via the VIP (kernel path) {via:.0}, ratio {:.2}",
-        via / direct
+        "{n} connections via the VIP in {:?} (information only; scripts/bench.sh measures)",
+        started.elapsed()
     );
-    assert!(via / direct > 0.6, "direct {direct:.0}/s, VIP {via:.0}/s");
-    assert_eq!(kp.counters()[&(vip, b)].connections, 5000);
+    assert_eq!(kp.counters()[&(vip, b)].connections, n);
     kp.close().unwrap();
 }
 

@@ -9,6 +9,7 @@
 //! `source`.
 
 pub mod balancer;
+mod latency;
 mod splice;
 mod state;
 mod tcp;
@@ -105,6 +106,42 @@ struct BackendLabels {
     backend: String,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct VipOnly {
+    vip: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct VipLabels {
+    vip: String,
+    result: &'static str,
+}
+
+/// How many live backend sets (or VIPs) use each label value, so a series is removed when
+/// the last user leaves and label sets stay bounded by what is served.
+type SeriesRefs = Arc<std::sync::Mutex<HashMap<String, usize>>>;
+
+fn series_acquire(refs: &SeriesRefs, label: &str) {
+    let mut m = refs.lock().unwrap_or_else(PoisonError::into_inner);
+    *m.entry(label.to_string()).or_default() += 1;
+}
+
+/// True when `label` has no user left (its series are to be removed).
+fn series_release(refs: &SeriesRefs, label: &str) -> bool {
+    let mut m = refs.lock().unwrap_or_else(PoisonError::into_inner);
+    match m.get_mut(label) {
+        Some(n) if *n > 1 => {
+            *n -= 1;
+            false
+        }
+        Some(_) => {
+            m.remove(label);
+            true
+        }
+        None => false,
+    }
+}
+
 /// The forwarder's Prometheus metrics (all `l4lb_`-prefixed). Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ForwardMetrics {
@@ -117,9 +154,12 @@ pub struct ForwardMetrics {
     bytes_b2c: Counter,
     connect_failures: Family<BackendLabels, Counter>,
     ejections: Family<BackendLabels, Counter>,
-    /// Live [`state::BackendShared`]s per backend address: its series leave `/metrics` when
-    /// the last one is dropped, so churning backends cannot grow the output without bound.
-    backend_refs: Arc<std::sync::Mutex<HashMap<SocketAddr, usize>>>,
+    connect_seconds: Family<BackendLabels, latency::ConnectLatency>,
+    vip_connections: Family<VipLabels, Counter>,
+    vip_bytes: Family<VipOnly, Counter>,
+    vip_backends_active: Family<VipOnly, Gauge>,
+    backend_refs: SeriesRefs,
+    vip_refs: SeriesRefs,
     local_errors: Family<KindLabels, Counter>,
     udp_sessions_active: Gauge,
     udp_sessions_refused: Counter,
@@ -151,7 +191,12 @@ impl ForwardMetrics {
             bytes_b2c: bytes.get_or_create_owned(&B2C),
             connect_failures: Family::default(),
             ejections: Family::default(),
-            backend_refs: Arc::default(),
+            connect_seconds: Family::default(),
+            vip_connections: Family::default(),
+            vip_bytes: Family::default(),
+            vip_backends_active: Family::default(),
+            backend_refs: SeriesRefs::default(),
+            vip_refs: SeriesRefs::default(),
             local_errors: Family::default(),
             udp_sessions_active: Gauge::default(),
             udp_sessions_refused: Counter::default(),
@@ -197,6 +242,27 @@ impl ForwardMetrics {
             m.ejections.clone(),
         );
         registry.register(
+            "backend_connect_seconds",
+            "Time to connect to a backend (successful connects), per backend",
+            m.connect_seconds.clone(),
+        );
+        registry.register(
+            "vip_connections",
+            "TCP connections per VIP by result: ok (forwarded to a backend) or failed (no \
+             backend reachable, or no local resources)",
+            m.vip_connections.clone(),
+        );
+        registry.register(
+            "vip_bytes",
+            "Bytes forwarded per VIP, both directions (TCP and UDP payload)",
+            m.vip_bytes.clone(),
+        );
+        registry.register(
+            "vip_backends_active",
+            "Backends of a VIP in state active in the applied table (ejected ones included)",
+            m.vip_backends_active.clone(),
+        );
+        registry.register(
             "local_errors",
             "Connections closed for lack of local resources (descriptors, memory, ports), \
              by errno; never counted against a backend",
@@ -221,40 +287,114 @@ impl ForwardMetrics {
         self.local_errors.get_or_create(&KindLabels { kind }).inc();
     }
 
-    /// The counters of `addr`, held until [`ForwardMetrics::release_backend`].
-    fn backend_counters(&self, addr: SocketAddr) -> (Counter, Counter) {
-        *self
-            .backend_refs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(addr)
-            .or_default() += 1;
+    /// The series of one backend; they live until the last [`BackendSeries`] of that
+    /// address is dropped.
+    fn backend_series(&self, addr: SocketAddr) -> BackendSeries {
         let l = BackendLabels {
             backend: addr.to_string(),
         };
-        (
-            self.connect_failures.get_or_create_owned(&l),
-            self.ejections.get_or_create_owned(&l),
-        )
+        series_acquire(&self.backend_refs, &l.backend);
+        BackendSeries {
+            connect_failures: self.connect_failures.get_or_create_owned(&l),
+            ejections: self.ejections.get_or_create_owned(&l),
+            connect_seconds: std::sync::OnceLock::new(),
+            metrics: self.clone(),
+            labels: l,
+        }
     }
 
-    /// One holder of `addr`'s counters is gone; the last one takes its series away.
-    fn release_backend(&self, addr: SocketAddr) {
-        let mut refs = self
-            .backend_refs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let Entry::Occupied(mut e) = refs.entry(addr) else {
-            return;
+    /// The ok/failed counters of one VIP, removed when the last holder is dropped.
+    fn vip_series(&self, key: &VipKey) -> VipSeries {
+        let vip = key.to_string();
+        series_acquire(&self.vip_refs, &vip);
+        let l = |result| VipLabels {
+            vip: vip.clone(),
+            result,
         };
-        *e.get_mut() -= 1;
-        if *e.get() == 0 {
-            e.remove();
-            let l = BackendLabels {
-                backend: addr.to_string(),
+        let only = VipOnly { vip: vip.clone() };
+        VipSeries {
+            ok: self.vip_connections.get_or_create_owned(&l("ok")),
+            failed: self.vip_connections.get_or_create_owned(&l("failed")),
+            bytes: self.vip_bytes.get_or_create_owned(&only),
+            backends_active: self.vip_backends_active.get_or_create_owned(&only),
+            metrics: self.clone(),
+            vip,
+        }
+    }
+}
+
+/// A backend's metric handles (no label lookup per connection); dropping the last one of an
+/// address removes its series.
+#[derive(Debug)]
+pub(crate) struct BackendSeries {
+    pub(crate) connect_failures: Counter,
+    pub(crate) ejections: Counter,
+    /// Created at the first successful connect: a backend never connected to exports no
+    /// histogram (20 lines per backend on a large agent's `/metrics` otherwise).
+    connect_seconds: std::sync::OnceLock<latency::ConnectLatency>,
+    metrics: ForwardMetrics,
+    labels: BackendLabels,
+}
+
+impl BackendSeries {
+    /// Record one successful connect (one atomic load once the histogram exists).
+    pub(crate) fn observe_connect(&self, took: Duration) {
+        self.connect_seconds
+            .get_or_init(|| {
+                self.metrics
+                    .connect_seconds
+                    .get_or_create_owned(&self.labels)
+            })
+            .observe(took);
+    }
+
+    /// Connect latency so far (empty before the first connect).
+    pub(crate) fn connect_latency(&self) -> latency::Snapshot {
+        self.connect_seconds
+            .get()
+            .map(latency::ConnectLatency::snapshot)
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for BackendSeries {
+    fn drop(&mut self) {
+        let m = &self.metrics;
+        if series_release(&m.backend_refs, &self.labels.backend) {
+            m.connect_failures.remove(&self.labels);
+            m.ejections.remove(&self.labels);
+            m.connect_seconds.remove(&self.labels);
+        }
+    }
+}
+
+/// A VIP's connection counters; dropping the last one of a VIP removes its series.
+#[derive(Debug)]
+pub(crate) struct VipSeries {
+    pub(crate) ok: Counter,
+    pub(crate) failed: Counter,
+    /// Shared with every backend of the VIP (one more relaxed add per chunk moved).
+    pub(crate) bytes: Counter,
+    pub(crate) backends_active: Gauge,
+    metrics: ForwardMetrics,
+    vip: String,
+}
+
+impl Drop for VipSeries {
+    fn drop(&mut self) {
+        let m = &self.metrics;
+        if series_release(&m.vip_refs, &self.vip) {
+            for result in ["ok", "failed"] {
+                m.vip_connections.remove(&VipLabels {
+                    vip: self.vip.clone(),
+                    result,
+                });
+            }
+            let only = VipOnly {
+                vip: self.vip.clone(),
             };
-            self.connect_failures.remove(&l);
-            self.ejections.remove(&l);
+            m.vip_bytes.remove(&only);
+            m.vip_backends_active.remove(&only);
         }
     }
 }
@@ -271,7 +411,7 @@ pub struct ApplyReport {
 }
 
 /// Live numbers for one backend of one VIP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BackendStats {
     /// Open TCP connections (or UDP sessions).
     pub active_connections: u64,
@@ -279,6 +419,21 @@ pub struct BackendStats {
     pub bytes: u64,
     /// Ejected by passive health right now.
     pub ejected: bool,
+    /// Successful connects through this VIP, in total.
+    pub connects: u64,
+    /// Failed or timed-out connects through this VIP, in total.
+    pub connect_failures: u64,
+    /// Connect latency p50 and p99 in seconds, none before the first connect (per backend
+    /// address: shared by every VIP it backs, like the Prometheus series).
+    pub connect_p50: Option<f64>,
+    pub connect_p99: Option<f64>,
+}
+
+/// Client connections of one VIP, by result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VipStats {
+    pub ok: u64,
+    pub failed: u64,
 }
 
 /// Read-only view of the forwarder's per-backend numbers, for the HTTP API.
@@ -297,10 +452,25 @@ impl ForwardStats {
         let vips = self.vips.read().unwrap_or_else(PoisonError::into_inner);
         let set = vips.get(vip)?.set.load();
         let (b, _) = set.get(backend)?;
+        let lat = b.connect_latency();
         Some(BackendStats {
             active_connections: b.active.load(Ordering::Relaxed),
             bytes: b.bytes.load(Ordering::Relaxed),
             ejected: b.is_ejected(Instant::now()),
+            connects: b.connects(),
+            connect_failures: b.connect_failures(),
+            connect_p50: lat.quantile(0.5),
+            connect_p99: lat.quantile(0.99),
+        })
+    }
+
+    /// Client connections of `vip` by result, if it is served.
+    pub fn vip(&self, vip: &VipKey) -> Option<VipStats> {
+        let vips = self.vips.read().unwrap_or_else(PoisonError::into_inner);
+        let v = vips.get(vip)?;
+        Some(VipStats {
+            ok: v.series.ok.get(),
+            failed: v.series.failed.get(),
         })
     }
 }
@@ -438,7 +608,7 @@ impl Forwarder {
             let Some(vip) = table.vips.get(key) else {
                 continue;
             };
-            let shared = Arc::new(VipShared::new(*key));
+            let shared = Arc::new(VipShared::new(*key, &ctx.metrics));
             shared.update(vip, &ctx.metrics, drain, kill);
             let stop = self.accept_stop.child_token();
             // Every event of this VIP's loop, and of the connections it spawns, carries it.

@@ -15,8 +15,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::ForwardMetrics;
 use super::balancer::{self, Candidate, Failure, Health};
+use super::{BackendSeries, ForwardMetrics, VipSeries};
 use crate::model::{BackendState, Vip, VipKey};
 
 /// One backend of one VIP, shared by the set, its connections and the stats handle.
@@ -32,16 +32,13 @@ pub(crate) struct BackendShared {
     kill: Mutex<CancellationToken>,
     /// Bumped on every drain start/stop so a stale drain timer does nothing.
     drain_gen: AtomicU64,
-    connect_failures: Counter,
-    ejections: Counter,
-    /// To take this backend's series away when the last holder of them goes.
-    metrics: ForwardMetrics,
-}
-
-impl Drop for BackendShared {
-    fn drop(&mut self) {
-        self.metrics.release_backend(self.addr);
-    }
+    series: BackendSeries,
+    /// Successful and failed connects to this backend of this VIP (the series above are per
+    /// address, shared by every VIP the address backs).
+    connects: AtomicU64,
+    failures: AtomicU64,
+    /// The VIP's byte counter (`l4lb_vip_bytes_total`).
+    vip_bytes: Counter,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -49,8 +46,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl BackendShared {
-    pub(crate) fn new(addr: SocketAddr, metrics: &ForwardMetrics, kill: CancellationToken) -> Self {
-        let (connect_failures, ejections) = metrics.backend_counters(addr);
+    pub(crate) fn new(
+        addr: SocketAddr,
+        metrics: &ForwardMetrics,
+        vip_bytes: Counter,
+        kill: CancellationToken,
+    ) -> Self {
         BackendShared {
             addr,
             active: AtomicU64::new(0),
@@ -58,9 +59,10 @@ impl BackendShared {
             health: Mutex::new(Health::default()),
             kill: Mutex::new(kill),
             drain_gen: AtomicU64::new(0),
-            connect_failures,
-            ejections,
-            metrics: metrics.clone(),
+            series: metrics.backend_series(addr),
+            connects: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            vip_bytes,
         }
     }
 
@@ -69,15 +71,34 @@ impl BackendShared {
     }
 
     pub(crate) fn record_failure(&self, now: Instant, kind: Failure) {
-        self.connect_failures.inc();
+        self.series.connect_failures.inc();
+        self.failures.fetch_add(1, Ordering::Relaxed);
         if lock(&self.health).record_failure(now, kind) {
-            self.ejections.inc();
+            self.series.ejections.inc();
             tracing::info!(backend = %self.addr, "backend ejected after connect failure");
         }
     }
 
-    pub(crate) fn record_success(&self) {
+    /// A connect that took `took` succeeded.
+    pub(crate) fn record_success(&self, took: std::time::Duration) {
+        self.series.observe_connect(took);
+        self.connects.fetch_add(1, Ordering::Relaxed);
         lock(&self.health).record_success();
+    }
+
+    /// Successful connects to this backend of this VIP so far.
+    pub(crate) fn connects(&self) -> u64 {
+        self.connects.load(Ordering::Relaxed)
+    }
+
+    /// Failed connects to this backend of this VIP so far.
+    pub(crate) fn connect_failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Connect latency so far, of every VIP this address backs (for the API's p50/p99).
+    pub(crate) fn connect_latency(&self) -> super::latency::Snapshot {
+        self.series.connect_latency()
     }
 
     pub(crate) fn kill_token(&self) -> CancellationToken {
@@ -86,6 +107,7 @@ impl BackendShared {
 
     pub(crate) fn add_bytes(&self, n: u64) {
         self.bytes.fetch_add(n, Ordering::Relaxed);
+        self.vip_bytes.inc_by(n);
     }
 
     /// Start draining: after `timeout` (if any) the open connections are closed, unless the
@@ -165,14 +187,17 @@ pub(crate) struct VipShared {
     /// This VIP's open TCP connections (a token each), so that a removed VIP can tell when
     /// its last one ended.
     pub(crate) conns: TaskTracker,
+    /// Client connections forwarded / not forwarded.
+    pub(crate) series: VipSeries,
 }
 
 impl VipShared {
-    pub(crate) fn new(key: VipKey) -> Self {
+    pub(crate) fn new(key: VipKey, metrics: &ForwardMetrics) -> Self {
         VipShared {
             key,
             set: ArcSwap::from_pointee(BackendSet::default()),
             conns: TaskTracker::new(),
+            series: metrics.vip_series(&key),
         }
     }
 
@@ -200,7 +225,12 @@ impl VipShared {
                     Arc::clone(shared)
                 }
                 None => {
-                    let shared = Arc::new(BackendShared::new(b.addr, metrics, kill()));
+                    let shared = Arc::new(BackendShared::new(
+                        b.addr,
+                        metrics,
+                        self.series.bytes.clone(),
+                        kill(),
+                    ));
                     if b.state == BackendState::Draining {
                         shared.begin_drain(drain_timeout);
                     }
@@ -213,6 +243,12 @@ impl VipShared {
         entries.sort_by_key(|(b, _)| b.addr);
         entries.dedup_by_key(|(b, _)| b.addr);
         let new = BackendSet { entries };
+        let active = new
+            .entries
+            .iter()
+            .filter(|(_, s)| *s == BackendState::Active)
+            .count();
+        self.series.backends_active.set(active as i64);
         let mut removed = Vec::new();
         for (b, state) in &old.entries {
             if new.get(b.addr).is_none() {

@@ -182,13 +182,16 @@ async fn handle(ctx: &Ctx, vip: &VipShared, client: TcpStream) {
         Ok(up) => up,
         Err(Unreached::NoBackend) => {
             ctx.metrics.connections_no_backend.inc();
+            vip.series.failed.inc();
             return;
         }
         Err(Unreached::Local(kind)) => {
             ctx.metrics.local_error(kind);
+            vip.series.failed.inc();
             return;
         }
     };
+    vip.series.ok.inc();
     ctx.metrics.connections_active.inc();
     let backend = Arc::clone(&guard.0);
     let kill = backend.kill_token();
@@ -290,11 +293,12 @@ pub(super) async fn connect_upstream(
             ctx.metrics.connections_retried.inc();
         }
         let guard = ActiveGuard::new(Arc::clone(&backend));
+        let started = Instant::now();
         let failure = match tokio::time::timeout(ctx.cfg.connect_timeout, connect(backend.addr))
             .await
         {
             Ok(Ok(s)) => {
-                backend.record_success();
+                backend.record_success(started.elapsed());
                 return Ok((guard, s));
             }
             Ok(Err(ConnectError::Local(kind))) => {

@@ -1434,3 +1434,143 @@ async fn a_backend_series_leaves_metrics_with_the_backend() {
     assert_eq!(series(&reg), 0);
     fwd.shutdown(Duration::from_secs(1)).await;
 }
+
+fn scrape(reg: &Registry) -> String {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, reg).unwrap();
+    out
+}
+
+#[tokio::test]
+async fn connect_latency_and_vip_results_are_counted_and_leave_with_their_backend() {
+    let mut reg = Registry::with_prefix("l4lb");
+    let m = ForwardMetrics::new(&mut reg);
+    let (b0, b1) = (TcpBackend::start(0).await, TcpBackend::start(1).await);
+    let key = free_tcp_vip();
+    let mut fwd = Forwarder::new(ForwardConfig::default(), m, CancellationToken::new());
+    fwd.apply(&table(1, vec![vip(key, &active(&[b0.addr, b1.addr]))]))
+        .await;
+    for _ in 0..20 {
+        let (mut s, _) = open(key).await;
+        echo(&mut s, b"l").await;
+    }
+    let stats = fwd.stats();
+    let (s0, s1) = (
+        stats.backend(&key, b0.addr).unwrap(),
+        stats.backend(&key, b1.addr).unwrap(),
+    );
+    assert_eq!(s0.connects + s1.connects, 20, "{s0:?} {s1:?}");
+    for s in [s0, s1].iter().filter(|s| s.connects > 0) {
+        let (p50, p99) = (s.connect_p50.unwrap(), s.connect_p99.unwrap());
+        // A loopback connect: well under the 1 s connect timeout.
+        assert!(0.0 < p50 && p50 <= p99 && p99 < 1.0, "{s:?}");
+    }
+    assert_eq!(stats.vip(&key), Some(VipStats { ok: 20, failed: 0 }));
+    let out = scrape(&reg);
+    let count = |b: SocketAddr| format!("l4lb_backend_connect_seconds_count{{backend=\"{b}\"}}");
+    for (b, s) in [(b0.addr, s0), (b1.addr, s1)] {
+        // The histogram exists from a backend's first connect on.
+        let want = (s.connects > 0).then(|| format!("{} {}", count(b), s.connects));
+        match want {
+            Some(line) => assert!(out.contains(&line), "{out}"),
+            None => assert!(!out.contains(&count(b)), "{out}"),
+        }
+    }
+    assert!(
+        out.contains(&format!(
+            "l4lb_vip_connections_total{{vip=\"{key}\",result=\"ok\"}} 20"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("l4lb_vip_backends_active{{vip=\"{key}\"}} 2")),
+        "{out}"
+    );
+    let vip_bytes = out
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("l4lb_vip_bytes_total{{vip=\"{key}\"}} ")))
+        .and_then(|v| v.parse::<u64>().ok());
+    // Per connection: the id line, and the echo both ways.
+    assert!(vip_bytes.is_some_and(|b| b >= 20 * (3 + 1 + 1)), "{out}");
+
+    // Both backends die: the next client connection fails and is counted on the VIP.
+    b0.kill();
+    b1.kill();
+    tokio::task::yield_now().await;
+    let mut s = TcpStream::connect(key.socket_addr()).await.unwrap();
+    let mut buf = [0u8; 4];
+    assert_eq!(timeout(T, s.read(&mut buf)).await.unwrap().unwrap_or(0), 0);
+    assert_eq!(stats.vip(&key).unwrap().failed, 1);
+
+    // b1 leaves the VIP: its series go (bounded label sets); b0's stay.
+    fwd.apply(&table(2, vec![vip(key, &active(&[b0.addr]))]))
+        .await;
+    let out = scrape(&reg);
+    assert!(!out.contains(&b1.addr.to_string()), "{out}");
+    assert!(
+        out.contains(&format!("l4lb_vip_backends_active{{vip=\"{key}\"}} 1")),
+        "{out}"
+    );
+    assert!(out.contains(&count(b0.addr)), "{out}");
+    // The VIP leaves: its series and its backends' go.
+    fwd.apply(&table(3, vec![])).await;
+    // Connections hold the shared state until they end; give the closed ones a moment.
+    for _ in 0..50 {
+        if !scrape(&reg).contains(&b0.addr.to_string()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = scrape(&reg);
+    assert!(!out.contains(&b0.addr.to_string()), "{out}");
+    assert!(!out.contains(&format!("vip=\"{key}\"")), "{out}");
+    fwd.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_backend_of_two_vips_keeps_its_series_until_both_let_go() {
+    let mut reg = Registry::with_prefix("l4lb");
+    let m = ForwardMetrics::new(&mut reg);
+    let b = TcpBackend::start(0).await;
+    let (k1, k2) = (free_tcp_vip(), free_tcp_vip());
+    let mut fwd = Forwarder::new(ForwardConfig::default(), m, CancellationToken::new());
+    let both = vec![vip(k1, &active(&[b.addr])), vip(k2, &active(&[b.addr]))];
+    fwd.apply(&table(1, both)).await;
+    let series = format!(
+        "l4lb_backend_connect_seconds_count{{backend=\"{}\"}}",
+        b.addr
+    );
+    let failures = format!(
+        "l4lb_backend_connect_failures_total{{backend=\"{}\"}} 0",
+        b.addr
+    );
+    // Counters exist from the start; the histogram from the first connect (through k1).
+    assert!(scrape(&reg).contains(&failures));
+    assert!(!scrape(&reg).contains(&series));
+    let (mut s, _) = open(k1).await;
+    echo(&mut s, b"h").await;
+    drop(s);
+    assert!(scrape(&reg).contains(&format!("{series} 1")));
+    fwd.apply(&table(2, vec![vip(k2, &active(&[b.addr]))]))
+        .await;
+    // k2's backend set still holds the address (and shares the histogram).
+    assert!(
+        scrape(&reg).contains(&format!("{series} 1")),
+        "still a backend of {k2}"
+    );
+    let (mut s, _) = open(k2).await;
+    echo(&mut s, b"h").await;
+    drop(s);
+    assert!(scrape(&reg).contains(&format!("{series} 2")));
+    fwd.apply(&table(3, vec![])).await;
+    // The closed connections let go of the backend a moment after the client hangs up.
+    for _ in 0..100 {
+        if !scrape(&reg).contains(&b.addr.to_string()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = scrape(&reg);
+    assert!(!out.contains(&series) && !out.contains(&failures), "{out}");
+    fwd.shutdown(Duration::from_secs(1)).await;
+}

@@ -267,6 +267,7 @@ async fn stream_events(
         match client.events().await {
             Ok(resp) => {
                 m.request("events", "ok");
+                m.set_connected(true);
                 tracing::info!("Marathon event stream connected");
                 // Events may have been missed before the stream was up: re-read everything.
                 if tx.send(Signal::Connected).await.is_err() {
@@ -306,6 +307,7 @@ async fn stream_events(
                             ev.event.as_str()
                         };
                         m.event(kind);
+                        m.last_event_ms.set(now as i64);
                         let inv = invalidation(&ev);
                         if inv != Invalidation::None
                             && tx.send(Signal::Invalidate(inv, now)).await.is_err()
@@ -314,6 +316,7 @@ async fn stream_events(
                         }
                     }
                 }
+                m.set_connected(false);
                 if connected_at.elapsed() > Duration::from_secs(10) {
                     backoff.reset();
                 }
