@@ -115,20 +115,7 @@ pub struct Condition {
 /// returned as an error string and skipped alone.
 pub fn parse_pods(body: &[u8]) -> Result<(Vec<PodStatus>, Vec<String>), PayloadError> {
     let raw: Vec<Value> = serde_json::from_slice(body)?;
-    let mut pods = Vec::with_capacity(raw.len());
-    let mut bad = Vec::new();
-    for v in raw {
-        let id = v
-            .get("id")
-            .and_then(Value::as_str)
-            .unwrap_or("?")
-            .to_string();
-        match serde_json::from_value::<PodStatus>(v) {
-            Ok(p) => pods.push(p),
-            Err(e) => bad.push(format!("pod {id}: {e}")),
-        }
-    }
-    Ok((pods, bad))
+    Ok(super::types::parse_each(raw, "pod"))
 }
 
 /// One pod from a `GET /v2/pods/{id}::status` body.

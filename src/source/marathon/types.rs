@@ -130,7 +130,16 @@ pub fn parse_apps(body: &[u8]) -> Result<(Vec<App>, Vec<String>), PayloadError> 
     }
     let env: Envelope = serde_json::from_slice(body)?;
     let raw = env.apps.ok_or(PayloadError::Shape("apps"))?;
-    let mut apps = Vec::with_capacity(raw.len());
+    Ok(parse_each(raw, "app"))
+}
+
+/// Each element of a Marathon list on its own: one that does not parse is returned as an
+/// error string naming its `id` (`<what> <id>: <error>`) and skipped alone.
+pub(crate) fn parse_each<T: serde::de::DeserializeOwned>(
+    raw: Vec<Value>,
+    what: &str,
+) -> (Vec<T>, Vec<String>) {
+    let mut ok = Vec::with_capacity(raw.len());
     let mut bad = Vec::new();
     for v in raw {
         let id = v
@@ -138,12 +147,12 @@ pub fn parse_apps(body: &[u8]) -> Result<(Vec<App>, Vec<String>), PayloadError> 
             .and_then(Value::as_str)
             .unwrap_or("?")
             .to_string();
-        match serde_json::from_value::<App>(v) {
-            Ok(a) => apps.push(a),
-            Err(e) => bad.push(format!("app {id}: {e}")),
+        match serde_json::from_value::<T>(v) {
+            Ok(a) => ok.push(a),
+            Err(e) => bad.push(format!("{what} {id}: {e}")),
         }
     }
-    Ok((apps, bad))
+    (ok, bad)
 }
 
 /// The app from a `GET /v2/apps/{id}?embed=app.tasks` body (`{"app": {...}}`).
