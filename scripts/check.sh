@@ -3,6 +3,26 @@
 # root, doc tests). Usage: scripts/check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# As root on Debian, install what the end-to-end tests use when it is missing (the list
+# .ci/run installs), so this one command runs the whole suite on a fresh machine.
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+  need=()
+  for want in ip:iproute2 dig:bind9-dnsutils curl:curl socat:socat capsh:libcap2-bin \
+    ps:procps dnsmasq:dnsmasq-base unbound:unbound named:bind9 clang:clang llvm-strip:llvm \
+    bpftool:bpftool chromium:chromium chromedriver:chromium-driver promtool:prometheus \
+    /usr/include/bpf/bpf_helpers.h:libbpf-dev /usr/include/linux/bpf.h:linux-libc-dev \
+    /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf:fonts-dejavu-core; do
+    what=${want%%:*}
+    if [ "${what#/}" != "$what" ]; then [ -e "$what" ] && continue
+    else command -v "$what" >/dev/null && continue; fi
+    need+=("${want#*:}")
+  done
+  if [ ${#need[@]} -gt 0 ]; then
+    echo "check.sh: installing ${need[*]}" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  fi
+fi
 cargo fmt --all --check
 # The BPF object is committed (cargo build needs no clang); where clang is, rebuild it and prove
 # the committed bytes are what the source compiles to.
