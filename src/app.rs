@@ -222,6 +222,7 @@ fn start_source(
             auth,
             timeout,
             resync,
+            max_answer,
         } => {
             let shown: Vec<String> = masters
                 .iter()
@@ -230,7 +231,8 @@ fn start_source(
             let span = tracing::info_span!("source", marathon = ?shown);
             span.in_scope(|| tracing::info!(auth = ?auth, "following Marathon"));
             let c = client::Client::new(masters, auth, timeout)
-                .map_err(|e| anyhow::anyhow!("HTTP client: {e}"))?;
+                .map_err(|e| anyhow::anyhow!("HTTP client: {e}"))?
+                .with_max_body(max_answer);
             let cfg = sync::SyncConfig {
                 resync_interval: resync,
                 ..sync::SyncConfig::default()
@@ -248,6 +250,7 @@ fn start_source(
             masters,
             auth,
             timeout,
+            max_answer,
         } => {
             use crate::source::mesos;
             let shown: Vec<String> = masters
@@ -257,8 +260,12 @@ fn start_source(
             let span = tracing::info_span!("source", mesos = ?shown);
             span.in_scope(|| tracing::info!(auth = ?auth, "following Mesos"));
             let c = mesos::client::Client::new(masters, auth, timeout)
-                .map_err(|e| anyhow::anyhow!("HTTP client: {e}"))?;
-            let cfg = mesos::sync::SyncConfig::default();
+                .map_err(|e| anyhow::anyhow!("HTTP client: {e}"))?
+                .with_max_body(max_answer);
+            let cfg = mesos::sync::SyncConfig {
+                max_record: max_answer,
+                ..mesos::sync::SyncConfig::default()
+            };
             tasks.spawn(
                 "Mesos source",
                 async move {

@@ -25,6 +25,31 @@ use crate::source::controller::WatchConfig;
 use crate::source::marathon::client::Auth;
 use crate::source::state::BuildConfig;
 
+/// A size in bytes: a bare number, or one with `K`/`KiB`, `M`/`MiB`, `G`/`GiB` (powers of
+/// 1024), at least 1 KiB.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (use e.g. 128MiB, 64M, 1048576)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" | "kb" => 10,
+        "m" | "mib" | "mb" => 20,
+        "g" | "gib" | "gb" => 30,
+        _ => return Err(format!("{s:?}: unknown unit (use K, M or G)")),
+    };
+    let bytes = n
+        .checked_mul(1usize << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))?;
+    if bytes < 1024 {
+        return Err(format!("{s:?}: at least 1KiB"));
+    }
+    Ok(bytes)
+}
+
 /// A DNS server: `ip:port`, `[v6]:port`, or a bare address (port 53).
 pub fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
     let s = s.trim();
@@ -103,6 +128,10 @@ pub struct AgentCmdArgs {
     /// How long one blocking watch on a controller may wait.
     #[arg(long, env = "L4LB_WATCH_WAIT", value_parser = parse_duration, default_value = "30s")]
     pub watch_wait: Duration,
+    /// Longest controller answer read (`128MiB`, `64M`, bytes): a longer one is an error that
+    /// keeps the last table.
+    #[arg(long, env = "L4LB_MAX_ANSWER_SIZE", value_parser = parse_size, default_value = "128MiB")]
+    pub max_answer_size: usize,
     #[command(flatten)]
     pub agent: AgentArgs,
     #[command(flatten)]
@@ -186,6 +215,11 @@ pub struct SourceArgs {
     /// Timeout of one Marathon request.
     #[arg(long, env = "L4LB_MARATHON_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
     pub marathon_timeout: Duration,
+    /// Longest Marathon or Mesos answer read (`256MiB`, `64M`, bytes): a longer one is an
+    /// error that keeps the last good table. Parsing costs a multiple of the answer in memory,
+    /// so this bounds the process's peak too.
+    #[arg(long, env = "L4LB_MAX_ANSWER_SIZE", value_parser = parse_size, default_value = "128MiB")]
+    pub max_answer_size: usize,
     /// Full re-read of Marathon this often, whatever the event stream says.
     #[arg(long, env = "L4LB_RESYNC_INTERVAL", value_parser = parse_duration, default_value = "30s")]
     pub resync_interval: Duration,
@@ -350,6 +384,7 @@ pub enum SourceConfig {
         auth: Auth,
         timeout: Duration,
         resync: Duration,
+        max_answer: usize,
     },
     File {
         path: PathBuf,
@@ -359,6 +394,7 @@ pub enum SourceConfig {
         masters: Vec<Url>,
         auth: Auth,
         timeout: Duration,
+        max_answer: usize,
     },
 }
 
@@ -406,6 +442,7 @@ impl SourceArgs {
                 masters: self.mesos.iter().map(with_trailing_slash).collect(),
                 auth,
                 timeout: self.marathon_timeout,
+                max_answer: self.max_answer_size,
             });
         }
         for u in &self.marathon {
@@ -416,6 +453,7 @@ impl SourceArgs {
             auth,
             timeout: self.marathon_timeout,
             resync: self.resync_interval,
+            max_answer: self.max_answer_size,
         })
     }
 }
@@ -629,6 +667,7 @@ impl AgentCmdArgs {
                 token: api.token.clone(),
                 backoff_min: Duration::from_millis(100),
                 backoff_max: Duration::from_secs(2),
+                max_answer: self.max_answer_size,
             },
             node: self.agent.validate()?,
             api,
@@ -925,6 +964,17 @@ mod tests {
         assert_eq!(ok("[fd00::53]:5353"), "[fd00::53]:5353");
         assert!(parse_upstream("dns.example").is_err());
         assert!(parse_upstream("1.2.3.4:99999").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("128MiB"), Ok(128 << 20));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        for bad in ["", "12", "1T", "MiB", "-1M", "99999999999999999999G"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

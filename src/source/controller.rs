@@ -30,6 +30,9 @@ pub struct WatchConfig {
     pub token: Option<Secret>,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// Longest answer read (`--max-answer-size`); a longer one is an error that keeps the
+    /// last table.
+    pub max_answer: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -242,7 +245,7 @@ async fn poll(
     // answered at once, forever.
     let new_index = num(INDEX_HEADER).ok_or(WatchError::NoIndex)?;
     let changed_at = num(CHANGED_AT_HEADER).unwrap_or(0);
-    let limit = super::marathon::client::MAX_BODY;
+    let limit = cfg.max_answer;
     if resp.content_length().is_some_and(|n| n > limit as u64) {
         return Err(WatchError::TooLarge(limit));
     }
@@ -370,6 +373,15 @@ mod tests {
     /// Requests `run` sends to a controller answering `head`/`body` in `secs` seconds, and
     /// the table it published.
     async fn requests_in(head: &'static str, body: String, secs: u64) -> (usize, Arc<VipTable>) {
+        requests_in_capped(head, body, secs, 1 << 20).await
+    }
+
+    async fn requests_in_capped(
+        head: &'static str,
+        body: String,
+        secs: u64,
+        max_answer: usize,
+    ) -> (usize, Arc<VipTable>) {
         let (url, hits) = fake_controller(head, body).await;
         let (tx, rx) = tokio::sync::watch::channel(Arc::new(VipTable::default()));
         let cfg = WatchConfig {
@@ -378,6 +390,7 @@ mod tests {
             token: None,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_millis(400),
+            max_answer,
         };
         let metrics = SourceMetrics::new(&mut prometheus_client::registry::Registry::default());
         let stop = CancellationToken::new();
@@ -427,5 +440,18 @@ mod tests {
             let want = usize::from(what == "blocking query that never blocks");
             assert_eq!(t.vips.len(), want, "{what}");
         }
+    }
+
+    /// An answer over `--max-answer-size` is an error that keeps the last table (here: none),
+    /// and is retried with back-off, not in a loop; the same answer under the cap is taken.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_answer_over_the_cap_keeps_the_last_table() {
+        let body = delta(0, 7, true);
+        let head = "HTTP/1.1 200 OK\r\nx-l4lb-index: 7";
+        let (n, t) = requests_in_capped(head, body.clone(), 1, body.len() - 1).await;
+        assert!(t.vips.is_empty(), "a table over the cap was taken");
+        assert!((1..=25).contains(&n), "{n} requests in 1 s");
+        let (_, t) = requests_in_capped(head, body.clone(), 1, body.len()).await;
+        assert_eq!(t.vips.len(), 1, "at the cap the answer is read");
     }
 }

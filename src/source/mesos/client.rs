@@ -84,6 +84,17 @@ impl Client {
         })
     }
 
+    /// Refuse answers (and stream records) longer than `bytes` (default [`MAX_BODY`]).
+    pub fn with_max_body(mut self, bytes: usize) -> Self {
+        self.max_body = bytes;
+        self
+    }
+
+    /// The longest answer or record read.
+    pub fn max_body(&self) -> usize {
+        self.max_body
+    }
+
     fn authorize(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.auth {
             Auth::None => rb,
