@@ -92,6 +92,15 @@ pub struct AppVips {
 }
 
 impl AppVips {
+    /// Contributes nothing to a table: no VIP entry, rejection, task or address.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+            && self.rejections.is_empty()
+            && self.cluster_addrs.is_empty()
+            && self.unresolved_hosts.is_empty()
+            && self.tasks.is_empty()
+    }
+
     /// The framework this app's names live under.
     pub fn framework_or<'a>(&'a self, default: &'a str) -> &'a str {
         self.framework.as_deref().unwrap_or(default)

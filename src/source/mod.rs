@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use self::build::{AppVips, Rejection, app_vips};
-use self::marathon::types::{PayloadError, parse_app, parse_apps};
+use self::marathon::types::{PayloadError, map_apps, parse_app};
 use self::metrics::SourceMetrics;
 use self::state::{BuildConfig, TableState};
 use crate::model::status::{LabelRejection, carry_since};
@@ -117,12 +117,7 @@ pub fn contributions(
     body: &[u8],
     hosts: &HostCache,
 ) -> Result<(Vec<AppVips>, Vec<String>), PayloadError> {
-    let (apps, bad) = parse_apps(body)?;
-    let contribs = apps
-        .iter()
-        .map(|a| app_vips(a, &mut |h| hosts.resolve(h)))
-        .collect();
-    Ok((contribs, bad))
+    map_apps(body, |a| app_vips(&a, &mut |h| hosts.resolve(h)))
 }
 
 /// Why a source update was not applied. The last good table stays in every case.

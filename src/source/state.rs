@@ -97,14 +97,23 @@ impl TableState {
         }
     }
 
-    /// Replace every app (a full snapshot).
+    /// Replace every app (a full snapshot). Apps that contribute nothing (no VIP label, no
+    /// rejection, no task, no address) are not kept: most apps of a large cluster are such,
+    /// and they would cost memory per app for no effect on the table.
     pub fn replace_all(&mut self, apps: impl IntoIterator<Item = AppVips>) {
-        self.apps = apps.into_iter().map(|a| (a.app.clone(), a)).collect();
+        self.apps = apps
+            .into_iter()
+            .filter(|a| !a.is_empty())
+            .map(|a| (a.app.clone(), a))
+            .collect();
         self.pending = Pending::Full;
     }
 
-    /// Replace or add one app.
+    /// Replace or add one app (an app that now contributes nothing is forgotten).
     pub fn upsert(&mut self, app: AppVips) {
+        if app.is_empty() {
+            return self.remove(&app.app);
+        }
         let old = self.apps.insert(app.app.clone(), app.clone());
         if old.as_ref() == Some(&app) {
             return;

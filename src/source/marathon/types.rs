@@ -124,13 +124,43 @@ pub enum PayloadError {
 /// caller keeps its last good table); an app inside it that does not is returned as an error
 /// string and skipped alone.
 pub fn parse_apps(body: &[u8]) -> Result<(Vec<App>, Vec<String>), PayloadError> {
+    map_apps(body, |a| a)
+}
+
+/// [`parse_apps`] that hands each app to `f` as soon as it is parsed and keeps only what `f`
+/// returns: the body is never turned into a JSON tree (each app is a borrowed slice of it
+/// until parsed), and no more than one parsed app lives at a time.
+pub fn map_apps<T>(
+    body: &[u8],
+    mut f: impl FnMut(App) -> T,
+) -> Result<(Vec<T>, Vec<String>), PayloadError> {
     #[derive(Deserialize)]
-    struct Envelope {
-        apps: Option<Vec<Value>>,
+    struct Envelope<'a> {
+        #[serde(borrow)]
+        apps: Option<Vec<&'a serde_json::value::RawValue>>,
     }
-    let env: Envelope = serde_json::from_slice(body)?;
+    #[derive(Deserialize)]
+    struct Id {
+        id: Option<Value>,
+    }
+    let env: Envelope<'_> = serde_json::from_slice(body)?;
     let raw = env.apps.ok_or(PayloadError::Shape("apps"))?;
-    Ok(parse_each(raw, "app"))
+    let mut out = Vec::with_capacity(raw.len());
+    let mut bad = Vec::new();
+    for r in raw {
+        match serde_json::from_str::<App>(r.get()) {
+            Ok(a) => out.push(f(a)),
+            Err(e) => {
+                let id = serde_json::from_str::<Id>(r.get())
+                    .ok()
+                    .and_then(|i| i.id)
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_else(|| "?".into());
+                bad.push(format!("app {id}: {e}"));
+            }
+        }
+    }
+    Ok((out, bad))
 }
 
 /// Each element of a Marathon list on its own: one that does not parse is returned as an
