@@ -246,17 +246,10 @@ async fn poll(
     let new_index = num(INDEX_HEADER).ok_or(WatchError::NoIndex)?;
     let changed_at = num(CHANGED_AT_HEADER).unwrap_or(0);
     let limit = cfg.max_answer;
-    if resp.content_length().is_some_and(|n| n > limit as u64) {
-        return Err(WatchError::TooLarge(limit));
-    }
-    let mut resp = resp;
-    let mut body = Vec::new();
-    while let Some(c) = resp.chunk().await? {
-        if body.len() + c.len() > limit {
-            return Err(WatchError::TooLarge(limit));
-        }
-        body.extend_from_slice(&c);
-    }
+    let body = super::read_capped(resp, limit).await.map_err(|e| match e {
+        super::ReadError::TooLarge => WatchError::TooLarge(limit),
+        super::ReadError::Http(e) => WatchError::Http(e),
+    })?;
     let delta: DeltaJson = serde_json::from_slice(&body).map_err(WatchError::Body)?;
     Ok((new_index, changed_at, delta))
 }

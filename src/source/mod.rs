@@ -120,6 +120,36 @@ pub fn contributions(
     map_apps(body, |a| app_vips(&a, &mut |h| hosts.resolve(h)))
 }
 
+/// Why [`read_capped`] stopped.
+#[derive(Debug)]
+pub(crate) enum ReadError {
+    /// The answer is longer than the limit (declared or as read).
+    TooLarge,
+    Http(reqwest::Error),
+}
+
+/// An HTTP answer's body, at most `limit` bytes: refused at once when its declared length is
+/// over, else read chunk by chunk (no extra copy) until it ends or passes the limit. Every
+/// source reads through here (Marathon, Mesos, an agent's controller watch), so one cap
+/// bounds them all.
+pub(crate) async fn read_capped(
+    mut resp: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, ReadError> {
+    let declared = resp.content_length().unwrap_or(0);
+    if declared > limit as u64 {
+        return Err(ReadError::TooLarge);
+    }
+    let mut out = Vec::with_capacity(declared as usize);
+    while let Some(c) = resp.chunk().await.map_err(ReadError::Http)? {
+        if out.len() + c.len() > limit {
+            return Err(ReadError::TooLarge);
+        }
+        out.extend_from_slice(&c);
+    }
+    Ok(out)
+}
+
 /// Why a source update was not applied. The last good table stays in every case.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {

@@ -7,6 +7,7 @@ use reqwest::{StatusCode, Url, header};
 
 use super::events::RELEVANT_EVENTS;
 use crate::model::Secret;
+use crate::source::ReadError;
 
 /// How to authenticate to Marathon. `Debug` shows no secret.
 #[derive(Debug, Clone, Default)]
@@ -174,27 +175,15 @@ impl Client {
         let Some(r) = self.get(path_and_query, false).await? else {
             return Ok(None);
         };
-        let mut r = r;
         let url = redact(r.url());
         let limit = self.max_body;
-        let too_large = |url: String| Error::TooLarge { url, limit };
-        let declared = r.content_length().unwrap_or(0);
-        if declared > limit as u64 {
-            return Err(too_large(url));
-        }
-        let mut out = Vec::with_capacity(declared as usize);
-        loop {
-            match r.chunk().await {
-                Ok(Some(c)) if out.len() + c.len() > limit => return Err(too_large(url)),
-                Ok(Some(c)) => out.extend_from_slice(&c),
-                Ok(None) => return Ok(Some(out)),
-                Err(e) => {
-                    return Err(Error::Http {
-                        url,
-                        source: e.without_url(),
-                    });
-                }
-            }
+        match crate::source::read_capped(r, limit).await {
+            Ok(body) => Ok(Some(body)),
+            Err(ReadError::TooLarge) => Err(Error::TooLarge { url, limit }),
+            Err(ReadError::Http(e)) => Err(Error::Http {
+                url,
+                source: e.without_url(),
+            }),
         }
     }
 
@@ -262,7 +251,7 @@ fn with_password(masters: &[Url]) -> Vec<String> {
 }
 
 /// A URL fit for logs: no user info, no query.
-fn redact(u: &Url) -> String {
+pub(crate) fn redact(u: &Url) -> String {
     let mut u = u.clone();
     let _ = u.set_username("");
     let _ = u.set_password(None);

@@ -202,28 +202,17 @@ impl Client {
 
     /// One `GET_STATE` answer.
     pub async fn get_state(&self) -> Result<Vec<u8>, Error> {
-        let mut resp = self.call("GET_STATE", false).await?;
-        let url = resp.url().to_string();
-        let mut body = Vec::new();
-        loop {
-            match resp.chunk().await {
-                Ok(Some(c)) => {
-                    if body.len() + c.len() > self.max_body {
-                        return Err(Error::TooLarge {
-                            url,
-                            limit: self.max_body,
-                        });
-                    }
-                    body.extend_from_slice(&c);
-                }
-                Ok(None) => return Ok(body),
-                Err(source) => {
-                    return Err(Error::Http {
-                        url,
-                        source: source.without_url(),
-                    });
-                }
-            }
+        let resp = self.call("GET_STATE", false).await?;
+        // Without user info or query: errors are logged.
+        let url = crate::source::marathon::client::redact(resp.url());
+        let limit = self.max_body;
+        match crate::source::read_capped(resp, limit).await {
+            Ok(body) => Ok(body),
+            Err(crate::source::ReadError::TooLarge) => Err(Error::TooLarge { url, limit }),
+            Err(crate::source::ReadError::Http(e)) => Err(Error::Http {
+                url,
+                source: e.without_url(),
+            }),
         }
     }
 }
