@@ -126,19 +126,10 @@ impl Tasks {
         Ok(())
     }
 
-    fn record(&mut self, joined: Result<Ended, tokio::task::JoinError>, early: bool) {
-        let failure = match joined {
-            Ok((_, Ok(()))) => None,
-            Ok((name, Err(e))) => Some(format!("{name}: {e:#}")),
-            Err(e) if e.is_panic() => Some(format!("a task panicked: {e}")),
-            Err(e) => Some(format!("a task was cancelled: {e}")),
-        };
-        if let Some(f) = failure {
-            tracing::error!("{f}");
+    fn record(&mut self, joined: Result<Ended, tokio::task::JoinError>) {
+        if let Some(f) = failure(joined) {
             self.errors.push(f);
-            if early {
-                self.shutdown.cancel();
-            }
+            self.shutdown.cancel();
         }
     }
 
@@ -147,8 +138,8 @@ impl Tasks {
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                Some(j) = self.main.join_next() => self.record(j, true),
-                Some(j) = self.serving.join_next() => self.record(j, true),
+                Some(j) = self.main.join_next() => self.record(j),
+                Some(j) = self.serving.join_next() => self.record(j),
             }
         }
     }
@@ -158,29 +149,16 @@ impl Tasks {
     /// task that failed or had to be aborted.
     async fn drain(mut self, grace: Duration) -> Result<(), AppError> {
         self.shutdown.cancel();
-        let deadline = tokio::time::Instant::now() + grace;
-        while let Ok(Some(j)) = tokio::time::timeout_at(deadline, self.main.join_next()).await {
-            self.record(j, false);
-        }
-        if !self.main.is_empty() {
-            let n = self.main.len();
-            self.main.abort_all();
-            self.errors.push(format!(
-                "{n} task(s) still running after {grace:?}; aborted"
-            ));
-        }
+        reap(&mut self.main, grace, "task(s)", &mut self.errors).await;
         self.serving_stop.cancel();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        while let Ok(Some(j)) = tokio::time::timeout_at(deadline, self.serving.join_next()).await {
-            self.record(j, false);
-        }
-        if !self.serving.is_empty() {
-            let n = self.serving.len();
-            self.serving.abort_all();
-            self.errors.push(format!(
-                "{n} serving task(s) still running 2s after the drain; aborted"
-            ));
-        }
+        let after = Duration::from_secs(2);
+        reap(
+            &mut self.serving,
+            after,
+            "serving task(s)",
+            &mut self.errors,
+        )
+        .await;
         if self.errors.is_empty() {
             tracing::info!("stopped");
             Ok(())
@@ -190,6 +168,34 @@ impl Tasks {
                 self.errors.join("; ")
             )))
         }
+    }
+}
+
+/// How a task ended, if that was a failure (logged here).
+fn failure(joined: Result<Ended, tokio::task::JoinError>) -> Option<String> {
+    let f = match joined {
+        Ok((_, Ok(()))) => return None,
+        Ok((name, Err(e))) => format!("{name}: {e:#}"),
+        Err(e) if e.is_panic() => format!("a task panicked: {e}"),
+        Err(e) => format!("a task was cancelled: {e}"),
+    };
+    tracing::error!("{f}");
+    Some(f)
+}
+
+/// Await every task of `set` for up to `within`, then abort the rest; failures and aborted
+/// tasks go to `errors`.
+async fn reap(set: &mut JoinSet<Ended>, within: Duration, what: &str, errors: &mut Vec<String>) {
+    let deadline = tokio::time::Instant::now() + within;
+    while let Ok(Some(j)) = tokio::time::timeout_at(deadline, set.join_next()).await {
+        errors.extend(failure(j));
+    }
+    if !set.is_empty() {
+        errors.push(format!(
+            "{} {what} still running after {within:?}; aborted",
+            set.len()
+        ));
+        set.abort_all();
     }
 }
 
