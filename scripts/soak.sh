@@ -4,9 +4,13 @@
 # loop: task churn (1-3 of 3 live backends in the table), a flapping source (the apps file
 # replaced by garbage, then restored), the agent SIGKILLed and restarted, the agent SIGTERMed
 # and restarted, the controller SIGKILLed and restarted, `ip addr flush dev minuteman`.
-# Prints failed client connections (overall and outside the agent's own restarts, when
-# there is no data plane by definition), RSS and descriptors of both processes over time,
-# and the addresses left on the link at the end.
+# Prints failed client connections (overall, by the fault before them, and those while a data
+# plane existed: all but a SIGTERM's stop-and-start and, with the proxy, a SIGKILL's restart,
+# when the agent process is the data plane), RSS and descriptors of both processes over
+# time, and the addresses left on the link at the end.
+# The agent runs the kernel path where it loads (`--data-plane auto`, restricted to the soak's
+# namespace, pins in a BPF filesystem of the soak's own), so a SIGKILLed agent's programs keep
+# serving until the next agent takes over; SOAK_DATA_PLANE=proxy soaks the proxy alone.
 # Usage (as root): scripts/soak.sh [seconds, default 120]   (L4LB_BIN to pick the binary)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +31,7 @@ fi
 BIN=$(realpath "$BIN")
 NS=l4lb-soak-$$
 WORK=$(mktemp -d)
+PLANE=${SOAK_DATA_PLANE:-auto}
 CTL_API=127.0.0.1:62190
 AGENT_API=127.0.0.1:62191
 PIDS=()
@@ -42,6 +47,8 @@ cleanup() {
   sleep 0.5
   ip netns pids "$NS" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
   ip netns del "$NS" 2>/dev/null || true
+  # A killed agent's pins (and programs) go with their file system.
+  mountpoint -q "$WORK/bpffs" 2>/dev/null && umount "$WORK/bpffs"
   rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
@@ -49,6 +56,10 @@ in_ns() { ip netns exec "$NS" "$@"; }
 now_ms() { date +%s%3N; }
 event() { echo "$(now_ms) $*" >>"$WORK/events"; }
 
+# The agent's pins: a file system outside its `ip netns exec` mount namespace (whose /sys is
+# its own), so they outlive a killed agent as /sys/fs/bpf does on a host.
+mkdir "$WORK/bpffs"
+mount -t bpf bpf "$WORK/bpffs"
 ip netns add "$NS"
 in_ns ip link set lo up
 in_ns ip link add eth0 type bridge
@@ -98,7 +109,8 @@ start_controller() {
 }
 start_agent() {
   ip netns exec "$NS" "$BIN" agent --controller "http://$CTL_API/" --api-listen "$AGENT_API" \
-    --dns-listen 127.0.0.1:5454 --drain-timeout 2s --shutdown-grace 1s 2>>"$WORK/agent.log" &
+    --dns-listen 127.0.0.1:5454 --drain-timeout 2s --shutdown-grace 1s \
+    --data-plane "$PLANE" --bpf-netns-only --bpffs "$WORK/bpffs" 2>>"$WORK/agent.log" &
   AGENT=$!
 }
 wait_ready() {
@@ -113,8 +125,9 @@ start_controller
 wait_ready "$CTL_API"
 start_agent
 wait_ready "$AGENT_API"
+PLANE_RUNNING=$(in_ns curl -s "http://$AGENT_API/metrics" | grep -o 'data_plane{plane="[a-z]*"} 1' | grep -o '"[a-z]*"' | tr -d '"' || true)
 NAMED=$(in_ns "$BIN" vips --api "http://$AGENT_API" | grep -o '198\.18\.[0-9.]*:80' | grep -v 198.18.5.5 | head -1)
-echo "==> soak for ${DURATION}s: IP VIP 198.18.5.5:80, named VIP soak.marathon ($NAMED), binary $BIN"
+echo "==> soak for ${DURATION}s: IP VIP 198.18.5.5:80, named VIP soak.marathon ($NAMED), data plane ${PLANE_RUNNING:-?}, binary $BIN"
 
 # Clients: one connection after another through each VIP, each with a 2 s budget.
 client() {
@@ -144,7 +157,7 @@ restart_agent() {
   wait "$AGENT" 2>/dev/null || true
   start_agent
   wait_ready "$AGENT_API"
-  event "agent_down_end"
+  event "agent_down_end $sig"
 }
 
 step=0
@@ -173,33 +186,41 @@ done
 write_apps 18081 18082 18083
 sleep 1
 
-# Failures, and which of them fell while the agent itself was down (start to ready + 0.5 s).
+# Failures by the fault before them, and which fell while no data plane existed: a SIGTERM's
+# stop-and-start (stopping means stopping) and, with the proxy alone, a SIGKILL's restart.
 report() {
-  python3 - "$WORK" <<'PY'
+  python3 - "$WORK" "$PLANE_RUNNING" <<'PY'
 import sys
-w = sys.argv[1]
+w, plane = sys.argv[1], sys.argv[2]
 down, start, events = [], None, []
 for l in open(f"{w}/events"):
     t, ev = l.split()[:2]
-    events.append((int(t), ev))
-    if ev == "agent_down_start": start = int(t)
-    if ev == "agent_down_end" and start is not None: down.append((start, int(t) + 500)); start = None
+    sig = l.split()[2] if len(l.split()) > 2 else ""
+    events.append((int(t), ev + (f"_{sig}" if sig else "")))
+    if ev == "agent_down_start": start = (int(t), sig)
+    if ev == "agent_down_end" and start is not None:
+        if start[1] == "TERM" or plane != "bpf":
+            down.append((start[0], int(t) + 500))
+        start = None
+total_unexcused = 0
 for name in ("client-ip", "client-named"):
     ok = fail = excused = 0
     after = {}
     for l in open(f"{w}/{name}"):
         t, r = l.split()
-        if r == "ok": ok += 1
-        else:
-            fail += 1
-            # A connection started during the agent's restart has no data plane to reach.
-            if any(a - 2000 <= int(t) <= b for a, b in down): excused += 1
-            else:
-                prev = [ev for (te, ev) in events if te <= int(t) + 2000]
-                k = prev[-1] if prev else "start"
-                after[k] = after.get(k, 0) + 1
-    print(f"{name}: {ok + fail} connections, {fail} failed, {fail - excused} outside agent "
-          f"restarts (by the fault before them: {after or 'none'})")
+        if r == "ok":
+            ok += 1
+            continue
+        fail += 1
+        prev = [ev for (te, ev) in events if te <= int(t) + 2000]
+        k = prev[-1] if prev else "start"
+        after[k] = after.get(k, 0) + 1
+        # A connection started while no data plane existed could reach nothing.
+        if any(a - 2000 <= int(t) <= b for a, b in down): excused += 1
+    total_unexcused += fail - excused
+    print(f"{name}: {ok + fail} connections, {fail} failed (by the fault before them: "
+          f"{after or 'none'}), {fail - excused} while a data plane existed")
+print(f"failed while a data plane existed: {total_unexcused}")
 PY
 }
 echo "==> events: $(awk '{print $2}' "$WORK/events" | sort | uniq -c | tr -s ' ' | tr '\n' ',')"

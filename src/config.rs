@@ -349,6 +349,11 @@ pub struct AgentArgs {
     /// on one kernel).
     #[arg(long, env = "L4LB_BPF_INSTANCE", default_value = "default")]
     pub bpf_instance: String,
+    /// Kernel path: the BPF filesystem its pins go in (mounted there when none is). A killed
+    /// agent's pins keep its programs serving until the next one takes over, so it must be
+    /// a mount that outlives the agent (not one private to its mount namespace).
+    #[arg(long, env = "L4LB_BPFFS", default_value = "/sys/fs/bpf")]
+    pub bpffs: PathBuf,
     /// Kernel path: how often each TCP backend is probed (a connect, then close).
     #[arg(long, env = "L4LB_BPF_PROBE_INTERVAL", value_parser = parse_duration, default_value = "500ms")]
     pub bpf_probe_interval: Duration,
@@ -643,9 +648,16 @@ impl AgentArgs {
                 cg.display()
             )));
         }
+        if !self.bpffs.is_absolute() {
+            return Err(ConfigError::Invalid(format!(
+                "--bpffs {}: not an absolute path",
+                self.bpffs.display()
+            )));
+        }
         Ok(BpfConfig {
             instance: i.clone(),
             cgroup: self.cgroup.clone(),
+            bpffs: self.bpffs.clone(),
             netns_only: self.bpf_netns_only,
             probe_interval: positive("--bpf-probe-interval", self.bpf_probe_interval)?,
             probe_timeout: self.connect_timeout,
@@ -919,10 +931,13 @@ mod tests {
             "h1",
             "--cgroup",
             "/",
+            "--bpffs",
+            "/run/l4lb/bpffs",
         ])
         .unwrap();
         assert_eq!(n.data_plane, DataPlane::Bpf);
         assert_eq!(n.bpf.instance, "h1");
+        assert_eq!(n.bpf.bpffs, std::path::Path::new("/run/l4lb/bpffs"));
         assert_eq!(n.bpf.cgroup.as_deref(), Some(std::path::Path::new("/")));
         assert!(n.bpf.netns_only);
         for bad in [
@@ -931,6 +946,7 @@ mod tests {
             &["--bpf-instance", "a/b"],
             &["--data-plane", "auto", "--cgroup", "/nonexistent/l4lb"],
             &["--bpf-probe-interval", "0s"],
+            &["--bpffs", "relative/bpffs"],
         ] {
             assert!(
                 matches!(node(bad), Err(ConfigError::Invalid(_))),

@@ -32,7 +32,7 @@ fn named(label: &str, port: u16) -> String {
 /// Whether this run tests the kernel path (`L4LB_TEST_DATA_PLANE=bpf`), where a scenario about
 /// a proxy-only behaviour does not apply: say so and skip it.
 fn proxy_only(why: &str) -> bool {
-    let bpf = std::env::var("L4LB_TEST_DATA_PLANE").as_deref() == Ok("bpf");
+    let bpf = cluster::kernel_path();
     if bpf {
         eprintln!("note: proxy-only scenario skipped with the kernel path: {why}");
     }
@@ -670,6 +670,76 @@ fn s09a_agent_restart_clears_leftovers() {
     assert!(
         restored < 3 * SEC,
         "service restored only after {restored:?}"
+    );
+}
+
+/// Scenario 9c (kernel path): an agent SIGKILLed and restarted loses no client connection: the
+/// killed agent's pinned programs keep translating until the new one has its table in its own
+/// maps and takes over.
+#[test]
+fn s09c_agent_kill_and_restart_loses_no_connection() {
+    skip_unless_root!();
+    if !cluster::kernel_path() {
+        eprintln!("note: kernel-path-only scenario: with the proxy the agent is the data path");
+        return;
+    }
+    let mut c = Cluster::start("s09c", ClusterSpec::new(2, 1));
+    let b = c.tcp_backend(0, "b");
+    c.deploy(app(
+        "/k",
+        &["/k:80"],
+        "tcp",
+        &[(c.next_task_no(), c.hosts[0].ip, b.port(), "TASK_RUNNING")],
+    ));
+    let vip = named("k", 80);
+    c.wait_backends(&vip, &[(b.addr, "active")]);
+    let addr = c.vip_addr(1, &vip);
+    assert_eq!(c.get(1, addr).as_deref(), Ok("b"));
+    // A client in host 2 connects again and again through the restarts.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ns, stop2) = (c.hosts[1].name().to_string(), Arc::clone(&stop));
+    let client = std::thread::spawn(move || {
+        let (mut ok, mut failed) = (0usize, Vec::new());
+        while !stop2.load(Ordering::Relaxed) {
+            let r = cluster::in_ns(&ns, || cluster::http_get_timeout(addr, "/", SEC, 2 * SEC));
+            match r {
+                Ok((200, body)) if body.trim() == "b" => ok += 1,
+                other => failed.push(format!("{other:?}")),
+            }
+        }
+        (ok, failed)
+    });
+    for round in 0..3 {
+        std::thread::sleep(Duration::from_millis(300));
+        c.agent(1).kill();
+        c.hosts[1].agent = None;
+        std::thread::sleep(Duration::from_millis(300));
+        c.start_agent(1);
+        c.wait_agent_ready(1, 20 * SEC);
+        println!("round {round}: agent killed, restarted and ready");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = client.join().unwrap();
+    println!(
+        "{ok} connections through 3 agent kills and restarts, {} failed",
+        failed.len()
+    );
+    assert!(ok > 30, "too few connections to tell: {ok}");
+    assert!(failed.is_empty(), "failed connections: {failed:?}");
+    // The new agent serves from its own maps: a backend change reaches the kernel path.
+    let b2 = c.tcp_backend(0, "b2");
+    c.deploy(app(
+        "/k",
+        &["/k:80"],
+        "tcp",
+        &[(c.next_task_no(), c.hosts[0].ip, b2.port(), "TASK_RUNNING")],
+    ));
+    wait_for(
+        "the new backend served",
+        10 * SEC,
+        Duration::from_millis(20),
+        || (c.get_quick(1, addr).as_deref() == Ok("b2")).then_some(()),
     );
 }
 

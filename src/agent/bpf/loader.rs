@@ -2,9 +2,12 @@
 //! their maps: the I/O shell around [`plan`](super::plan).
 //!
 //! Everything lives under `<bpffs>/l4lb/<instance>/` (`prog_*`, `link_*`, `map_*`), so two
-//! agents on one kernel never clash, and a restarted agent finds what a killed one left: it
-//! unpins it (the links, held by nothing else once their owner is dead, detach) and waits until
-//! those links are gone before it attaches its own, so programs are never attached twice.
+//! agents on one kernel never clash. A killed agent's pinned links keep its programs attached
+//! and translating with its last maps. A restarted agent takes over without a gap: it loads
+//! and pins its own programs aside (`<instance>+<pid>-<n>/`), fills their maps from its first table,
+//! attaches them beside the old ones (a connection translated by one is a backend address to
+//! the other, so nothing is translated twice), then unpins the old links (they detach),
+//! carries the old reverse-translation entries over and renames its directory into place.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -43,16 +46,26 @@ const MAPS: [&str; 4] = ["services", "backends", "revnat", "counters"];
 /// How long a restarted agent waits for a killed one's links to go.
 const REPLACE_WAIT: Duration = Duration::from_secs(2);
 
+/// `struct nat_key` and `struct nat_val`: copied as bytes at a takeover.
+type NatKey = [u8; 32];
+type NatVal = [u8; 20];
+
 /// The programs attached to a cgroup, their pins and their maps.
 pub struct KernelPath {
     /// Holds the loaded programs (also pinned).
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
+    /// Empty while a predecessor's programs still serve.
     links: Vec<PinnedLink>,
+    /// Pin directories an earlier agent of this instance left, attached and serving until
+    /// this agent's first table is in its own maps.
+    predecessors: Vec<PathBuf>,
     services: BpfHash<MapData, SvcKey, SvcVal>,
     backends: BpfHash<MapData, BeKey, BeVal>,
     counters: PerCpuArray<MapData, Counters>,
     planner: Planner,
     pin_dir: PathBuf,
+    /// Where the pins go once this agent serves (`pin_dir` until then, during a takeover).
+    home: PathBuf,
     cgroup: PathBuf,
     netns_cookie: u64,
     /// File systems this agent mounted (unmounted at close).
@@ -114,34 +127,54 @@ impl KernelPath {
         } else {
             0
         };
-        let pin_dir = cfg.bpffs.join("l4lb").join(&cfg.instance);
-        replace(&pin_dir)?;
+        let home = cfg.bpffs.join("l4lb").join(&cfg.instance);
+        let predecessors = leftovers(&home);
+        // With no predecessor serving, attach at once; else pin aside and take over later.
+        let pin_dir = match predecessors.is_empty() {
+            true => home.clone(),
+            false => staging(&home),
+        };
         std::fs::create_dir_all(&pin_dir).map_err(io(&pin_dir))?;
-        match attach(&pin_dir, &cgroup, netns_cookie) {
-            Ok((ebpf, links, services, backends, counters)) => {
-                let nr_cpus = aya::util::nr_cpus().map_err(|(_, e)| BpfError::Io {
-                    path: PathBuf::from("/sys/devices/system/cpu/possible"),
-                    source: e,
-                })?;
+        let loaded = load_and_pin(&pin_dir, netns_cookie).and_then(|l| {
+            let nr_cpus = aya::util::nr_cpus().map_err(|(_, e)| BpfError::Io {
+                path: PathBuf::from("/sys/devices/system/cpu/possible"),
+                source: e,
+            })?;
+            let mut kp = KernelPath {
+                ebpf: l.ebpf,
+                links: Vec::new(),
+                predecessors,
+                services: l.services,
+                backends: l.backends,
+                counters: l.counters,
+                planner: Planner::default(),
+                pin_dir: pin_dir.clone(),
+                home,
+                cgroup: cgroup.clone(),
+                netns_cookie,
+                mounted: std::mem::take(mounted),
+                nr_cpus,
+            };
+            if kp.predecessors.is_empty() {
+                kp.links = attach(&mut kp.ebpf, &kp.pin_dir, &kp.cgroup)?;
+            } else {
+                tracing::info!(
+                    pins = %kp.pin_dir.display(),
+                    predecessors = ?kp.predecessors,
+                    "an earlier agent's kernel data path serves until this one has a table"
+                );
+            }
+            Ok(kp)
+        });
+        match loaded {
+            Ok(kp) => {
                 tracing::info!(
                     cgroup = %cgroup.display(),
                     pins = %pin_dir.display(),
                     netns_cookie,
-                    "kernel data path attached"
+                    "kernel data path loaded"
                 );
-                Ok(KernelPath {
-                    _ebpf: ebpf,
-                    links,
-                    services,
-                    backends,
-                    counters,
-                    planner: Planner::default(),
-                    pin_dir,
-                    cgroup,
-                    netns_cookie,
-                    mounted: std::mem::take(mounted),
-                    nr_cpus,
-                })
+                Ok(kp)
             }
             Err(e) => {
                 let _ = unpin_all(&pin_dir);
@@ -175,7 +208,72 @@ impl KernelPath {
                 return Err(e);
             }
         }
+        // Version 0 is the empty table before the first from the controller: the
+        // predecessor's maps are better than none until then.
+        if !self.predecessors.is_empty() && table.version != 0 {
+            self.take_over()?;
+        }
         Ok(n)
+    }
+
+    /// Whether an earlier agent's programs still serve (this one's are loaded, not attached).
+    pub fn taking_over(&self) -> bool {
+        !self.predecessors.is_empty()
+    }
+
+    /// Attach beside the predecessor's programs, detach theirs, keep their reverse entries
+    /// and move this agent's pins into place.
+    fn take_over(&mut self) -> Result<(), BpfError> {
+        self.links = attach(&mut self.ebpf, &self.pin_dir, &self.cgroup)?;
+        let started = Instant::now();
+        let mut carried = 0;
+        for dir in std::mem::take(&mut self.predecessors) {
+            // Opened before the unpin: the entries of connections made until the detach.
+            let old_revnat = MapData::from_pin(dir.join("map_revnat")).ok();
+            if let Err(e) = replace(&dir) {
+                tracing::warn!(error = %e, "an earlier agent's kernel data path lingers");
+            }
+            if let Some(old) = old_revnat {
+                carried += self.carry_revnat(old);
+            }
+        }
+        if self.pin_dir != self.home {
+            match std::fs::rename(&self.pin_dir, &self.home) {
+                Ok(()) => self.pin_dir = self.home.clone(),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    pins = %self.pin_dir.display(),
+                    "cannot move the pins into place; they stay where they are"
+                ),
+            }
+        }
+        tracing::info!(
+            carried,
+            takeover_us = started.elapsed().as_micros() as u64,
+            pins = %self.pin_dir.display(),
+            "kernel data path taken over from the earlier agent"
+        );
+        Ok(())
+    }
+
+    /// Copy a predecessor's reverse translations, so `getpeername()`/`recvmsg()` on sockets
+    /// it translated still show the VIP. Returns how many.
+    fn carry_revnat(&mut self, old: MapData) -> usize {
+        let Ok(old) = aya::maps::Map::from_map_data(old)
+            .and_then(BpfHash::<MapData, NatKey, NatVal>::try_from)
+        else {
+            return 0;
+        };
+        let Some(new) = self.ebpf.map_mut("revnat") else {
+            return 0;
+        };
+        let Ok(mut new) = BpfHash::<&mut MapData, NatKey, NatVal>::try_from(new) else {
+            return 0;
+        };
+        old.iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| new.insert(k, v, 0).is_ok())
+            .count()
     }
 
     fn execute(&mut self, op: &Op) -> Result<(), BpfError> {
@@ -282,23 +380,27 @@ impl KernelPath {
     /// Detach the programs, unpin everything and unmount what this agent mounted.
     pub fn close(self) -> Result<(), BpfError> {
         let KernelPath {
-            _ebpf,
+            ebpf,
             links,
+            predecessors,
             pin_dir,
             mounted,
             ..
         } = self;
         let mut first_err = None;
-        for l in links {
-            // Unpinned and dropped: the link's last reference goes and it detaches.
-            if let Err(e) = l.unpin() {
-                first_err.get_or_insert(e);
+        // Stopped before it took over: what the earlier agent left goes too.
+        for dir in predecessors {
+            if let Err(e) = replace(&dir) {
+                tracing::warn!(error = %e, "an earlier agent's kernel data path lingers");
             }
         }
+        // The pins go first, so the last reference to each link is this agent's descriptor
+        // and dropping it detaches at once (a pin's release is deferred work).
         if let Err(e) = unpin_all(&pin_dir) {
             first_err.get_or_insert(e);
         }
-        drop(_ebpf);
+        drop(links);
+        drop(ebpf);
         for m in mounted.iter().rev() {
             // A BPF filesystem another instance still pins into stays mounted.
             if !m.join("l4lb").exists() && sys::unmount(m).is_ok() {
@@ -322,7 +424,7 @@ impl KernelPath {
         PROGRAMS
             .iter()
             .filter_map(|n| {
-                let p: &CgroupSockAddr = self._ebpf.program(n)?.try_into().ok()?;
+                let p: &CgroupSockAddr = self.ebpf.program(n)?.try_into().ok()?;
                 p.info().ok().map(|i| i.id())
             })
             .collect()
@@ -346,19 +448,16 @@ fn remove<K: aya::Pod, V: aya::Pod>(
     }
 }
 
-type Attached = (
-    Ebpf,
-    Vec<PinnedLink>,
-    BpfHash<MapData, SvcKey, SvcVal>,
-    BpfHash<MapData, BeKey, BeVal>,
-    PerCpuArray<MapData, Counters>,
-);
+/// The loaded programs and the maps this agent writes.
+struct Loaded {
+    ebpf: Ebpf,
+    services: BpfHash<MapData, SvcKey, SvcVal>,
+    backends: BpfHash<MapData, BeKey, BeVal>,
+    counters: PerCpuArray<MapData, Counters>,
+}
 
-fn attach(pin_dir: &Path, cgroup: &Path, netns_cookie: u64) -> Result<Attached, BpfError> {
-    let cg = File::open(cgroup).map_err(|source| BpfError::Io {
-        path: cgroup.to_path_buf(),
-        source,
-    })?;
+/// Load the object, load its programs, and pin maps and programs in `pin_dir`.
+fn load_and_pin(pin_dir: &Path, netns_cookie: u64) -> Result<Loaded, BpfError> {
     let mut ebpf = EbpfLoader::new()
         .override_global("netns_cookie", &netns_cookie, true)
         .load(OBJECT)
@@ -368,7 +467,6 @@ fn attach(pin_dir: &Path, cgroup: &Path, netns_cookie: u64) -> Result<Attached, 
         m.pin(pin_dir.join(format!("map_{name}")))
             .map_err(|e| BpfError::Pin(name, e))?;
     }
-    let mut links = Vec::new();
     for name in PROGRAMS {
         let prog_err = |source| BpfError::Program { name, source };
         let prog: &mut CgroupSockAddr = ebpf
@@ -379,6 +477,35 @@ fn attach(pin_dir: &Path, cgroup: &Path, netns_cookie: u64) -> Result<Attached, 
         prog.load().map_err(prog_err)?;
         prog.pin(pin_dir.join(format!("prog_{name}")))
             .map_err(|e| BpfError::Pin(name, e))?;
+    }
+    let take =
+        |ebpf: &mut Ebpf, name: &'static str| ebpf.take_map(name).ok_or(BpfError::Missing(name));
+    let map = |name: &'static str| move |source| BpfError::Map { name, source };
+    let services = BpfHash::try_from(take(&mut ebpf, "services")?).map_err(map("services"))?;
+    let backends = BpfHash::try_from(take(&mut ebpf, "backends")?).map_err(map("backends"))?;
+    let counters = PerCpuArray::try_from(take(&mut ebpf, "counters")?).map_err(map("counters"))?;
+    Ok(Loaded {
+        ebpf,
+        services,
+        backends,
+        counters,
+    })
+}
+
+/// Attach the loaded programs to `cgroup` with links pinned in `pin_dir`.
+fn attach(ebpf: &mut Ebpf, pin_dir: &Path, cgroup: &Path) -> Result<Vec<PinnedLink>, BpfError> {
+    let cg = File::open(cgroup).map_err(|source| BpfError::Io {
+        path: cgroup.to_path_buf(),
+        source,
+    })?;
+    let mut links = Vec::new();
+    for name in PROGRAMS {
+        let prog_err = |source| BpfError::Program { name, source };
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or(BpfError::Missing(name))?
+            .try_into()
+            .map_err(prog_err)?;
         // A BPF link (aya uses one from Linux 5.7) is always attached as BPF_F_ALLOW_MULTI,
         // and the kernel refuses link_create with attach flags (EINVAL), hence no flag here.
         let id = prog
@@ -391,13 +518,42 @@ fn attach(pin_dir: &Path, cgroup: &Path, netns_cookie: u64) -> Result<Attached, 
                 .map_err(|e| BpfError::Pin(name, e))?,
         );
     }
-    let take =
-        |ebpf: &mut Ebpf, name: &'static str| ebpf.take_map(name).ok_or(BpfError::Missing(name));
-    let map = |name: &'static str| move |source| BpfError::Map { name, source };
-    let services = BpfHash::try_from(take(&mut ebpf, "services")?).map_err(map("services"))?;
-    let backends = BpfHash::try_from(take(&mut ebpf, "backends")?).map_err(map("backends"))?;
-    let counters = PerCpuArray::try_from(take(&mut ebpf, "counters")?).map_err(map("counters"))?;
-    Ok((ebpf, links, services, backends, counters))
+    Ok(links)
+}
+
+/// The pin directories of earlier agents of the instance pinned at `home`: `home` itself and
+/// any `<instance>+<pid>-<n>` a takeover left (`+` is not allowed in an instance name).
+fn leftovers(home: &Path) -> Vec<PathBuf> {
+    let (Some(parent), Some(name)) = (home.parent(), home.file_name()) else {
+        return Vec::new();
+    };
+    let name = name.to_string_lossy();
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n == name
+                || n.strip_prefix(name.as_ref())
+                    .is_some_and(|r| r.starts_with('+'))
+        })
+        .map(|e| e.path())
+        .collect();
+    found.sort();
+    found
+}
+
+/// Where a taking-over agent pins its own programs until it serves.
+fn staging(home: &Path) -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mut name = home.file_name().unwrap_or_default().to_os_string();
+    name.push(format!("+{}-{nanos}", std::process::id()));
+    home.with_file_name(name)
 }
 
 /// Unpin what an earlier agent of this instance left in `pin_dir`, and wait until its links

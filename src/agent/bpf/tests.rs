@@ -475,7 +475,7 @@ fn a_dead_backend_stops_getting_connections_within_2s() {
 }
 
 #[test]
-fn restart_after_kill_replaces_and_never_attaches_twice() {
+fn restart_after_kill_takes_over_without_a_gap() {
     if !is_root() {
         return;
     }
@@ -483,45 +483,87 @@ fn restart_after_kill_replaces_and_never_attaches_twice() {
     let ns = Netns::new();
     let vip = key("198.18.0.4:80", Protocol::Tcp);
     let (b1, _l1) = tcp_backend(&ns, "127.0.0.1:0", "b1");
+    let (b2, _l2) = tcp_backend(&ns, "127.0.0.1:0", "b2");
     let instance = unique("agent");
     let cfg = host.config(&instance);
-    let t = table(1, &[(vip, vec![(b1, A)])]);
-    let (cfg1, t1) = (cfg.clone(), Arc::clone(&t));
+    let home = host.bpffs.join("l4lb").join(&instance);
+    let t1 = table(1, &[(vip, vec![(b1, A)])]);
+    let (cfg1, t) = (cfg.clone(), Arc::clone(&t1));
     let first = ns.run(move || {
         let mut kp = KernelPath::load(&cfg1).expect("load");
-        kp.apply(&t1, &BTreeSet::new()).unwrap();
+        kp.apply(&t, &BTreeSet::new()).unwrap();
         kp
     });
     let old_ids = first.prog_ids();
     assert_eq!(old_ids.len(), 8);
     // As after SIGKILL: every descriptor closed, the pins left.
     first.abandon();
-    assert!(
-        host.bpffs
-            .join("l4lb")
-            .join(&instance)
-            .join("link_l4lb_connect4")
-            .exists()
-    );
+    assert!(home.join("link_l4lb_connect4").exists());
     assert_eq!(
         host.attached().len(),
         8,
         "pinned links keep the programs attached"
     );
-    assert_eq!(tcp_get(&ns, vip.socket_addr()).unwrap().0, "b1");
+    // A connection made by the old programs, held across the takeover.
+    let held = ns.run(move || {
+        let s = TcpStream::connect_timeout(&vip.socket_addr(), Duration::from_secs(2)).unwrap();
+        assert_eq!(s.peer_addr().unwrap(), vip.socket_addr());
+        s
+    });
 
+    // The new agent loads aside; the old programs serve until it has a table.
     let cfg2 = cfg.clone();
     let mut second = ns.run(move || KernelPath::load(&cfg2).expect("reload"));
-    let attached = host.attached();
-    assert_eq!(attached.len(), 8, "{attached:?}");
-    assert!(
-        attached
-            .iter()
-            .all(|(id, _)| !old_ids.contains(&(*id as u32))),
-        "{attached:?}"
-    );
-    second.apply(&t, &BTreeSet::new()).unwrap();
+    assert!(second.taking_over());
+    assert_ne!(second.pin_dir(), home.as_path());
+    let ids = |h: &Host| -> Vec<u32> { h.attached().iter().map(|(id, _)| *id as u32).collect() };
+    assert_eq!(ids(&host), old_ids, "the old programs still serve");
     assert_eq!(tcp_get(&ns, vip.socket_addr()).unwrap().0, "b1");
+    second.apply(&table(0, &[]), &BTreeSet::new()).unwrap();
+    assert!(
+        second.taking_over(),
+        "the empty startup table does not take over"
+    );
+    assert_eq!(ids(&host), old_ids);
+    assert_eq!(tcp_get(&ns, vip.socket_addr()).unwrap().0, "b1");
+
+    // Its first table (now b2) goes into its maps, then it serves and the old ones go.
+    second
+        .apply(&table(2, &[(vip, vec![(b2, A)])]), &BTreeSet::new())
+        .unwrap();
+    assert!(!second.taking_over());
+    assert_eq!(second.pin_dir(), home.as_path());
+    let new_ids = second.prog_ids();
+    let mut want = new_ids.clone();
+    want.sort();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let attached_now = || {
+        let mut now = ids(&host);
+        now.sort();
+        now
+    };
+    while attached_now() != want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        attached_now(),
+        want,
+        "exactly the new programs are attached"
+    );
+    assert!(new_ids.iter().all(|id| !old_ids.contains(id)));
+    assert_eq!(tcp_get(&ns, vip.socket_addr()).unwrap().0, "b2");
+    assert_eq!(
+        held.peer_addr().unwrap(),
+        vip.socket_addr(),
+        "the old reverse translation was carried over"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(host.bpffs.join("l4lb"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(leftovers, vec![std::ffi::OsString::from(&instance)]);
+    drop(held);
     second.close().unwrap();
     assert!(host.attached().is_empty());
     assert!(!host.bpffs.join("l4lb").exists());
@@ -544,6 +586,37 @@ fn restart_after_kill_replaces_and_never_attaches_twice() {
         left.retain(|id| live.contains(&(*id as u64)) && prog_exists(*id));
     }
     assert!(left.is_empty(), "programs still loaded: {left:?}");
+}
+
+#[test]
+fn stopped_before_taking_over_removes_the_old_path_too() {
+    if !is_root() {
+        return;
+    }
+    let host = Host::new();
+    let ns = Netns::new();
+    let vip = key("198.18.0.5:80", Protocol::Tcp);
+    let (b1, _l1) = tcp_backend(&ns, "127.0.0.1:0", "b1");
+    let cfg = host.config(&unique("agent"));
+    let t = table(1, &[(vip, vec![(b1, A)])]);
+    let cfg1 = cfg.clone();
+    let first = ns.run(move || {
+        let mut kp = KernelPath::load(&cfg1).expect("load");
+        kp.apply(&t, &BTreeSet::new()).unwrap();
+        kp
+    });
+    first.abandon();
+    let second = ns.run(move || KernelPath::load(&cfg).expect("reload"));
+    assert!(second.taking_over());
+    assert_eq!(host.attached().len(), 8);
+    // A clean stop means no VIP translation on this host any more, old or new.
+    second.close().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !host.attached().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(host.attached().is_empty(), "{:?}", host.attached());
+    assert!(!host.bpffs.join("l4lb").exists());
 }
 
 fn prog_exists(id: u32) -> bool {
@@ -798,13 +871,19 @@ fn restart_after_sigkill_of_a_real_process() {
     );
 
     let cfg = host.config(&instance);
-    let kp = ns.run(move || KernelPath::load(&cfg).expect("restart"));
+    let t = table(1, &[(vip, vec![(b1, A)])]);
+    let kp = ns.run(move || {
+        let mut kp = KernelPath::load(&cfg).expect("restart");
+        kp.apply(&t, &BTreeSet::new()).expect("take over");
+        kp
+    });
     let after = host.attached();
     assert_eq!(after.len(), 8, "{after:?}");
     assert!(
         after.iter().all(|p| !before.contains(p)),
         "old programs detached: {after:?}"
     );
+    assert_eq!(tcp_get(&ns, vip.socket_addr()).unwrap().0, "b1");
     kp.close().unwrap();
     assert!(host.attached().is_empty());
     assert!(!host.bpffs.join("l4lb").exists());

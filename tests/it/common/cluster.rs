@@ -166,12 +166,17 @@ impl ClusterSpec {
 /// same scenarios with the kernel path (each agent restricted to its own host namespace, as
 /// several agents share this kernel). `scripts/check.sh` runs the cluster suite both ways.
 fn data_plane_args() -> Vec<String> {
-    match std::env::var("L4LB_TEST_DATA_PLANE").as_deref() {
-        Ok("bpf") => ["--data-plane", "bpf", "--bpf-netns-only"]
+    match kernel_path() {
+        true => ["--data-plane", "bpf", "--bpf-netns-only"]
             .map(String::from)
             .to_vec(),
-        _ => Vec::new(),
+        false => Vec::new(),
     }
+}
+
+/// Whether this run tests the kernel path (`L4LB_TEST_DATA_PLANE=bpf`).
+pub fn kernel_path() -> bool {
+    std::env::var("L4LB_TEST_DATA_PLANE").as_deref() == Ok("bpf")
 }
 
 pub struct Cluster {
@@ -183,6 +188,9 @@ pub struct Cluster {
     procs: Vec<Proc>,
     next_task: AtomicUsize,
     tmp: tempfile::TempDir,
+    /// With the kernel path: a BPF filesystem shared by the agents (each `ip netns exec` has
+    /// its own /sys), so a killed agent's pins outlive it as on a real host; unmounted at drop.
+    bpffs: Option<std::path::PathBuf>,
     rt: Option<tokio::runtime::Runtime>,
     _switch: Switch,
 }
@@ -218,6 +226,18 @@ impl Cluster {
             let l = tokio::net::TcpListener::from_std(std_listener).unwrap();
             FakeMarathon::start_on(l).await
         });
+        let tmp = tempfile::tempdir().unwrap();
+        let bpffs = kernel_path().then(|| {
+            let dir = tmp.path().join("bpffs");
+            std::fs::create_dir(&dir).unwrap();
+            let st = std::process::Command::new("mount")
+                .args(["-t", "bpf", "bpf"])
+                .arg(&dir)
+                .status()
+                .expect("mount");
+            assert!(st.success(), "mount -t bpf {}", dir.display());
+            dir
+        });
         let mut c = Cluster {
             spec: spec.clone(),
             marathon,
@@ -225,7 +245,8 @@ impl Cluster {
             controllers: Vec::new(),
             procs: Vec::new(),
             next_task: AtomicUsize::new(1),
-            tmp: tempfile::tempdir().unwrap(),
+            tmp,
+            bpffs,
             rt: Some(rt),
             _switch: switch,
         };
@@ -313,6 +334,11 @@ impl Cluster {
             "5s",
         ])
         .args(&self.spec.extra_agent_args);
+        if let Some(fs) = &self.bpffs {
+            cmd.arg("--bpffs")
+                .arg(fs)
+                .args(["--bpf-instance", &format!("h{}", i + 1)]);
+        }
         Proc::spawn(&format!("agent on host {}", i + 1), cmd)
     }
 
@@ -678,6 +704,10 @@ impl Drop for Cluster {
             }
         }
         self.procs.clear();
+        if let Some(fs) = self.bpffs.take() {
+            // Killed agents' pins keep their programs attached until their file system goes.
+            let _ = std::process::Command::new("umount").arg(&fs).status();
+        }
         self.marathon.stop();
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
