@@ -130,7 +130,7 @@ pub fn parse_value(value: &str) -> Result<VipLabel, LabelError> {
 pub fn mangle(name: &str) -> String {
     let parts: Vec<String> = name
         .split('.')
-        .map(mangle_part)
+        .map(rfc1123)
         .filter(|p| !p.is_empty())
         .collect();
     parts.join(".")
@@ -147,7 +147,7 @@ const MAX_LABEL: usize = 63;
 /// One deviation, where Mesos-DNS's output is not a usable host name: a fill that ends in a
 /// dash (`a{61}--b-c` would give `a{61}b-`) loses its trailing dashes. (Mesos-DNS slices past
 /// the end of a short tail there, which its Go runtime may refuse; we take what there is.)
-fn mangle_part(part: &str) -> String {
+pub fn rfc1123(part: &str) -> String {
     let mapped: String = part
         .chars()
         .filter_map(|c| match c {

@@ -39,14 +39,10 @@ pub(crate) const DCOS_TASK_ZONES: [(&str, u8); 3] = [
 /// Longest DNS label.
 const MAX_LABEL: usize = 63;
 
-/// Mesos-DNS's RFC 1123 label mangling of a whole name: lowercase; `-`, `.`, `_` become `-`;
-/// every other character outside `[a-z0-9]` is dropped; no leading or trailing `-`; at most
-/// 63 characters. `web.b.a` → `web-b-a`.
+/// Mesos-DNS's RFC 1123 label of a whole task or app name (`.` becomes `-` too, so
+/// `web.b.a` is `web-b-a`): [`labels::rfc1123`](crate::labels::rfc1123), as VIP names get it.
 pub fn label(name: &str) -> String {
-    let whole = mangle(name);
-    whole[..whole.len().min(MAX_LABEL)]
-        .trim_end_matches('-')
-        .to_string()
+    crate::labels::rfc1123(name)
 }
 
 /// [`label`] without the length limit.
@@ -206,7 +202,11 @@ mod tests {
         }
         let long = format!("{}.tail", "x".repeat(70));
         assert_eq!(label(&long), "x".repeat(63));
-        assert_eq!(label(&format!("{}-y", "x".repeat(62))), "x".repeat(62));
+        // Mesos-DNS's trimCut: a dash at the cut is dropped and the label fills from the rest.
+        assert_eq!(
+            label(&format!("{}-y", "x".repeat(62))),
+            format!("{}y", "x".repeat(62))
+        );
         let id = format!("{}.e4d2a1f0-1f2e-11ef-9a3b-0242ac110002", "g_".repeat(30));
         let tl = task_label(&id);
         assert!(tl.len() <= 63 && tl.ends_with("0242ac110002") && !tl.starts_with('-'));
