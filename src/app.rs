@@ -20,6 +20,7 @@ use crate::agent::bpf::{KernelMetrics, KernelStats};
 use crate::agent::dns::{DnsCatalog, DnsMetrics, resolv};
 use crate::agent::forward::{ForwardMetrics, ForwardStats, Forwarder};
 use crate::agent::netif::{InterfaceKind, Netif, NetifError};
+use crate::agent::saved::SavedTable;
 use crate::agent::{Agent, AgentMetrics};
 use crate::api::{self, ApiState, BackendCounters, BackendStats, Readiness, VipCounters};
 use crate::config::{
@@ -27,8 +28,8 @@ use crate::config::{
     NodeConfig, RunConfig, SourceConfig, VipsConfig,
 };
 use crate::labels::ReasonLabel;
-use crate::model::VipKey;
 use crate::model::wire::{VipJson, table_to_json};
+use crate::model::{VipKey, VipTable};
 use crate::source::marathon::{client, sync};
 use crate::source::metrics::SourceMetrics;
 use crate::source::state::{BuildConfig, TableState};
@@ -628,13 +629,14 @@ async fn node(
         .instrument(tracing::info_span!("dns")),
     );
     // DNS is bound above, so the first applied table is all readiness waits for.
+    let restored = restore_table(&mut tasks, cfg, applied.clone());
     ready_on_first(&mut tasks, applied, ready.clone(), "applied");
     let grace = cfg.shutdown_grace;
     let stop = tasks.shutdown.clone();
     tasks.spawn(
         "agent",
         async move {
-            agent.run(tables, grace, stop).await;
+            agent.run(tables, restored, grace, stop).await;
             Ok(())
         }
         .instrument(tracing::info_span!("agent")),
@@ -650,6 +652,30 @@ async fn node(
     }
     // The agent's own drain is bounded by `grace`; give it a little more before aborting.
     tasks.drain(grace + Duration::from_secs(5)).await
+}
+
+/// The table an earlier agent saved (if it is usable), and a task that saves this one's.
+fn restore_table(tasks: &mut Tasks, cfg: &NodeConfig, applied: TableRx) -> Option<VipTable> {
+    let saved = match SavedTable::at(&cfg.state_dir, &cfg.interface, cfg.saved_max) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "no saved table: a restart waits for the source");
+            return None;
+        }
+    };
+    let restored = match saved.load() {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, path = %saved.path().display(), "saved table ignored");
+            None
+        }
+    };
+    let stop = tasks.shutdown.clone();
+    tasks.spawn("table saver", async move {
+        saved.keep(applied, stop).await;
+        Ok(())
+    });
+    restored
 }
 
 fn check(args: CheckConfig) -> Result<ExitCode, AppError> {

@@ -354,6 +354,11 @@ pub struct AgentArgs {
     /// a mount that outlives the agent (not one private to its mount namespace).
     #[arg(long, env = "L4LB_BPFFS", default_value = "/sys/fs/bpf")]
     pub bpffs: PathBuf,
+    /// Where the last applied table is saved (`<link>.<netns>.table.json`), so a restarted
+    /// agent serves it at once, even with every controller down; removed on a clean stop.
+    /// Under /run it does not outlive a reboot.
+    #[arg(long, env = "L4LB_STATE_DIR", default_value = "/run/l4lb")]
+    pub state_dir: PathBuf,
     /// Kernel path: how often each TCP backend is probed (a connect, then close).
     #[arg(long, env = "L4LB_BPF_PROBE_INTERVAL", value_parser = parse_duration, default_value = "500ms")]
     pub bpf_probe_interval: Duration,
@@ -592,9 +597,17 @@ impl AgentArgs {
                 )));
             }
         }
+        if !self.state_dir.is_absolute() {
+            return Err(ConfigError::Invalid(format!(
+                "--state-dir {}: not an absolute path",
+                self.state_dir.display()
+            )));
+        }
         Ok(NodeConfig {
             interface: self.interface.clone(),
             interface_kind: self.interface_kind,
+            state_dir: self.state_dir.clone(),
+            saved_max: DEFAULT_SAVED_MAX,
             dns_listen: self.dns_listen.clone(),
             resolv_conf: self.dns_resolv_conf.clone(),
             manage_resolv_conf: self.dns_manage_resolv_conf,
@@ -672,6 +685,8 @@ impl AgentCmdArgs {
             http_url("--controller", u)?;
         }
         let api = self.api.validate()?;
+        let mut node = self.agent.validate()?;
+        node.saved_max = self.max_answer_size as u64;
         Ok(AgentConfig {
             watch: WatchConfig {
                 controllers: self.controllers.iter().map(with_trailing_slash).collect(),
@@ -681,7 +696,7 @@ impl AgentCmdArgs {
                 backoff_max: Duration::from_secs(2),
                 max_answer: self.max_answer_size,
             },
-            node: self.agent.validate()?,
+            node,
             api,
         })
     }
@@ -700,7 +715,10 @@ impl Cli {
             Command::Run(a) => Mode::Run(RunConfig {
                 source: a.source.validate()?,
                 build: a.build.validate()?,
-                node: a.agent.validate()?,
+                node: NodeConfig {
+                    saved_max: a.source.max_answer_size as u64,
+                    ..a.agent.validate()?
+                },
                 api: a.api.validate()?,
             }),
             Command::Check(a) => Mode::Check(CheckConfig {
@@ -770,10 +788,17 @@ pub struct RunConfig {
 }
 
 /// What an agent (or `run`) serves on its host: the VIP interface, DNS and the forwarder.
+/// The saved table's size cap where no answer cap applies.
+const DEFAULT_SAVED_MAX: u64 = 128 << 20;
+
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub interface: String,
     pub interface_kind: InterfaceKind,
+    /// Where the last applied table is saved.
+    pub state_dir: PathBuf,
+    /// A larger saved table is not read (the answer cap of the agent's source).
+    pub saved_max: u64,
     pub dns_listen: Vec<SocketAddr>,
     /// Without `dns.upstreams`, forward to this file's nameservers.
     pub resolv_conf: PathBuf,

@@ -10,6 +10,7 @@ pub mod bpf;
 pub mod dns;
 pub mod forward;
 pub mod netif;
+pub mod saved;
 
 use std::collections::{BTreeSet, HashSet};
 use std::net::IpAddr;
@@ -349,9 +350,11 @@ impl Agent {
 
     /// Follow `tables` until `shutdown`, then drain: stop answering, stop accepting, let open
     /// connections finish for `grace`, remove the VIP addresses.
+    /// `restored`, a table an earlier agent saved, is served until the source has one.
     pub async fn run(
         mut self,
         mut tables: watch::Receiver<Arc<VipTable>>,
+        restored: Option<VipTable>,
         grace: Duration,
         shutdown: CancellationToken,
     ) {
@@ -362,18 +365,30 @@ impl Agent {
         // this: one netlink dump of the link when nothing changed.
         let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
         reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let first = tables.borrow_and_update().clone();
-            if first.version != 0 {
-                break;
+        match restored {
+            Some(t) if t.version != 0 && tables.borrow().version == 0 => {
+                tracing::info!(
+                    version = t.version,
+                    vips = t.vips.len(),
+                    "serving the saved table until the source has one"
+                );
+                self.apply(Arc::new(t)).await;
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return self.stop(grace).await,
-                r = tables.changed() => if r.is_err() { return self.stop(grace).await },
-            }
+            _ => loop {
+                let first = tables.borrow_and_update().clone();
+                if first.version != 0 {
+                    break;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return self.stop(grace).await,
+                    r = tables.changed() => if r.is_err() { return self.stop(grace).await },
+                }
+            },
         }
         let t = tables.borrow_and_update().clone();
-        self.apply(t).await;
+        if t.version != 0 {
+            self.apply(t).await;
+        }
         loop {
             let retry = !self.failed.is_empty();
             tokio::select! {
@@ -381,7 +396,9 @@ impl Agent {
                 r = tables.changed() => {
                     if r.is_err() { break }
                     let t = tables.borrow_and_update().clone();
-                    self.apply(t).await;
+                    if t.version != 0 {
+                        self.apply(t).await;
+                    }
                 }
                 _ = tokio::time::sleep(retry_every), if retry => {
                     let t = Arc::clone(&self.last);

@@ -743,6 +743,80 @@ fn s09c_agent_kill_and_restart_loses_no_connection() {
     );
 }
 
+/// Scenario 9d: an agent restarted while every controller is down serves the table it saved
+/// (addresses, listeners or kernel maps, and DNS) until a controller is back; a clean stop
+/// removes the saved table.
+#[test]
+fn s09d_agent_restart_with_controllers_down_serves_its_saved_table() {
+    skip_unless_root!();
+    let mut c = Cluster::start("s09d", ClusterSpec::new(2, 1));
+    let b = c.tcp_backend(0, "b");
+    c.deploy(app(
+        "/saved",
+        &["/saved:80"],
+        "tcp",
+        &[(c.next_task_no(), c.hosts[0].ip, b.port(), "TASK_RUNNING")],
+    ));
+    let vip = named("saved", 80);
+    c.wait_backends(&vip, &[(b.addr, "active")]);
+    let addr = c.vip_addr(1, &vip);
+    let saved_files = |c: &Cluster| -> Vec<String> {
+        std::fs::read_dir(c.state_dir())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".table.json"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    wait_for(
+        "both agents saved their table",
+        5 * SEC,
+        Duration::from_millis(50),
+        || (saved_files(&c).len() == 2).then_some(()),
+    );
+    std::thread::sleep(Duration::from_millis(1200)); // the table with the VIP, saved
+    c.kill_controller(0);
+    c.agent(1).kill();
+    c.hosts[1].agent = None;
+    let t0 = Instant::now();
+    c.start_agent(1);
+    c.wait_agent_ready(1, 10 * SEC);
+    let ready = t0.elapsed();
+    assert_eq!(
+        c.get(1, addr).as_deref(),
+        Ok("b"),
+        "the saved table is served"
+    );
+    let std::net::IpAddr::V4(v4) = addr.ip() else {
+        panic!("an IPv4 VIP: {addr}")
+    };
+    assert_eq!(c.dig(1, &format!("saved.{ZONE}")), vec![v4], "and its name");
+    println!("agent restarted with every controller down: ready and serving {ready:?} after spawn");
+    // The controller comes back with a change: the agent follows it.
+    c.restart_controller(0);
+    let b2 = c.tcp_backend(0, "b2");
+    c.deploy(app(
+        "/saved",
+        &["/saved:80"],
+        "tcp",
+        &[(c.next_task_no(), c.hosts[0].ip, b2.port(), "TASK_RUNNING")],
+    ));
+    wait_for(
+        "the new table served",
+        10 * SEC,
+        Duration::from_millis(20),
+        || (c.get_quick(1, addr).as_deref() == Ok("b2")).then_some(()),
+    );
+    // A clean stop removes the saved table: a stopped agent's successor waits to be told.
+    c.agent(1).signal(Signal::SIGTERM);
+    let st = c.agent(1).wait_exit(15 * SEC);
+    assert!(st.success(), "{st}");
+    c.hosts[1].agent = None;
+    assert_eq!(saved_files(&c).len(), 1, "{:?}", saved_files(&c));
+}
+
 /// Scenario 9b: SIGTERM: an open connection keeps working through the grace period, new connections
 /// are refused, and the VIP addresses are gone after exit.
 #[test]

@@ -333,13 +333,20 @@ impl Cluster {
             "--shutdown-grace",
             "5s",
         ])
-        .args(&self.spec.extra_agent_args);
+        .args(&self.spec.extra_agent_args)
+        .arg("--state-dir")
+        .arg(self.state_dir());
         if let Some(fs) = &self.bpffs {
             cmd.arg("--bpffs")
                 .arg(fs)
                 .args(["--bpf-instance", &format!("h{}", i + 1)]);
         }
         Proc::spawn(&format!("agent on host {}", i + 1), cmd)
+    }
+
+    /// Where the agents save their last table (one file per host namespace).
+    pub fn state_dir(&self) -> std::path::PathBuf {
+        self.tmp.path().join("state")
     }
 
     pub fn agent(&mut self, i: usize) -> &mut Proc {
