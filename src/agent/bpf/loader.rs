@@ -468,13 +468,9 @@ fn load_and_pin(pin_dir: &Path, netns_cookie: u64) -> Result<Loaded, BpfError> {
             .map_err(|e| BpfError::Pin(name, e))?;
     }
     for name in PROGRAMS {
-        let prog_err = |source| BpfError::Program { name, source };
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or(BpfError::Missing(name))?
-            .try_into()
-            .map_err(prog_err)?;
-        prog.load().map_err(prog_err)?;
+        let prog = program(&mut ebpf, name)?;
+        prog.load()
+            .map_err(|source| BpfError::Program { name, source })?;
         prog.pin(pin_dir.join(format!("prog_{name}")))
             .map_err(|e| BpfError::Pin(name, e))?;
     }
@@ -492,6 +488,14 @@ fn load_and_pin(pin_dir: &Path, netns_cookie: u64) -> Result<Loaded, BpfError> {
     })
 }
 
+/// The program `name` of the object.
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr, BpfError> {
+    ebpf.program_mut(name)
+        .ok_or(BpfError::Missing(name))?
+        .try_into()
+        .map_err(|source| BpfError::Program { name, source })
+}
+
 /// Attach the loaded programs to `cgroup` with links pinned in `pin_dir`.
 fn attach(ebpf: &mut Ebpf, pin_dir: &Path, cgroup: &Path) -> Result<Vec<PinnedLink>, BpfError> {
     let cg = File::open(cgroup).map_err(|source| BpfError::Io {
@@ -501,11 +505,7 @@ fn attach(ebpf: &mut Ebpf, pin_dir: &Path, cgroup: &Path) -> Result<Vec<PinnedLi
     let mut links = Vec::new();
     for name in PROGRAMS {
         let prog_err = |source| BpfError::Program { name, source };
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or(BpfError::Missing(name))?
-            .try_into()
-            .map_err(prog_err)?;
+        let prog = program(ebpf, name)?;
         // A BPF link (aya uses one from Linux 5.7) is always attached as BPF_F_ALLOW_MULTI,
         // and the kernel refuses link_create with attach flags (EINVAL), hence no flag here.
         let id = prog
