@@ -150,6 +150,7 @@ impl SavedTable {
         mut applied: watch::Receiver<Arc<VipTable>>,
         shutdown: CancellationToken,
     ) {
+        let mut failing = false;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -165,11 +166,21 @@ impl SavedTable {
                 continue;
             }
             let me = self.clone();
-            let saved = tokio::task::spawn_blocking(move || me.save(&table)).await;
+            let saved = tokio::task::spawn_blocking(move || me.save(&table))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
             match saved {
-                Ok(Ok(())) => tracing::debug!(path = %self.path.display(), "table saved"),
-                Ok(Err(e)) => tracing::warn!(error = %e, "cannot save the table"),
-                Err(e) => tracing::warn!(error = %e, "cannot save the table"),
+                Ok(()) => {
+                    tracing::debug!(path = %self.path.display(), "table saved");
+                    failing = false;
+                }
+                // Said once per run of failures (a read-only state dir fails on every change).
+                Err(e) if !failing => {
+                    tracing::warn!(error = %e, "cannot save the table; a restart waits for the source");
+                    failing = true;
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot save the table"),
             }
         }
         match self.remove() {
