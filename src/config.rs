@@ -307,6 +307,11 @@ pub struct AgentArgs {
     /// Mesos-DNS the cluster keeps). The DC/OS task zones are answered either way.
     #[arg(long, env = "L4LB_DNS_FORWARD_MESOS")]
     pub dns_forward_mesos: bool,
+    /// Answers of forwarded names kept in the cache at most (least recently used go first;
+    /// also bounded to 16 MiB; positive answers kept up to 1 h, negative ones up to 5 min,
+    /// within their TTLs); 0: no cache.
+    #[arg(long, env = "L4LB_DNS_CACHE_SIZE", default_value_t = crate::agent::dns::CacheConfig::default().entries)]
+    pub dns_cache_size: usize,
     /// Give up on a backend connect after this long (counts against the backend).
     #[arg(long, env = "L4LB_CONNECT_TIMEOUT", value_parser = parse_duration, default_value = "1s")]
     pub connect_timeout: Duration,
@@ -617,6 +622,10 @@ impl AgentArgs {
                 upstreams: self.dns_upstream.clone(),
                 upstream_timeout: positive("--dns-upstream-timeout", self.dns_upstream_timeout)?,
                 mesos: !self.dns_forward_mesos,
+                cache: crate::agent::dns::CacheConfig {
+                    entries: self.dns_cache_size,
+                    ..Default::default()
+                },
             },
             forward: ForwardConfig {
                 connect_timeout: positive("--connect-timeout", self.connect_timeout)?,

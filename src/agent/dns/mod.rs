@@ -4,6 +4,7 @@
 //!
 //! - `catalog`: the name map ([`DnsCatalog`], published by the agent).
 //! - `answer`: pure: parsed query + catalog snapshot → response (the reference path).
+//! - `cache`: pure: the cache of forwarded answers (key, TTLs, LRU bounds).
 //! - `fast`: answers pre-encoded at publish time for plain A/AAAA/SRV queries over UDP.
 //! - `forward`: upstream forwarding (two at once, TCP retry on truncation); `upstream`: the
 //!   pooled UDP sockets to each upstream.
@@ -14,6 +15,7 @@
 //! Depends on `model` only; knows nothing of `source`, `netif` or `forward` (the data plane).
 
 mod answer;
+mod cache;
 mod catalog;
 mod fast;
 mod forward;
@@ -31,8 +33,10 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+pub use cache::CacheConfig;
 pub use catalog::{DnsCatalog, ZONE_ALIASES};
 pub use server::{ServerLimits, serve, serve_with_limits};
 
@@ -50,6 +54,8 @@ pub struct DnsConfig {
     /// Answer task names in the `mesos` zone (Mesos-DNS's names); off: `.mesos` is forwarded
     /// like any other name, to an existing Mesos-DNS. The DC/OS task zones are always served.
     pub mesos: bool,
+    /// The cache of forwarded answers.
+    pub cache: CacheConfig,
 }
 
 impl Default for DnsConfig {
@@ -60,6 +66,7 @@ impl Default for DnsConfig {
             upstreams: Vec::new(),
             upstream_timeout: Duration::from_secs(2),
             mesos: true,
+            cache: CacheConfig::default(),
         }
     }
 }
@@ -122,7 +129,9 @@ const RCODE_NOERROR_IDX: u8 = 0;
 const SLOTS: usize = TYPE_LABELS.len() * RCODE_LABELS.len();
 
 /// DNS metrics: `l4lb_dns_queries_total{type,rcode}`, `l4lb_dns_forwarded_total`,
-/// `l4lb_dns_upstream_failures_total`. Cheap to clone (shared counters).
+/// `l4lb_dns_upstream_failures_total`, and the cache's `l4lb_dns_cache_hits_total`,
+/// `l4lb_dns_cache_misses_total`, `l4lb_dns_cache_entries` and
+/// `l4lb_dns_forward_coalesced_total`. Cheap to clone (shared counters).
 #[derive(Debug, Clone)]
 pub struct DnsMetrics {
     queries: Family<QueryLabels, Counter>,
@@ -131,6 +140,10 @@ pub struct DnsMetrics {
     slots: Arc<[OnceLock<Counter>; SLOTS]>,
     forwarded: Counter,
     upstream_failures: Counter,
+    cache_hits: Counter,
+    cache_misses: Counter,
+    cache_entries: Gauge,
+    coalesced: Counter,
 }
 
 impl Default for DnsMetrics {
@@ -140,6 +153,10 @@ impl Default for DnsMetrics {
             slots: Arc::new([const { OnceLock::new() }; SLOTS]),
             forwarded: Counter::default(),
             upstream_failures: Counter::default(),
+            cache_hits: Counter::default(),
+            cache_misses: Counter::default(),
+            cache_entries: Gauge::default(),
+            coalesced: Counter::default(),
         }
     }
 }
@@ -163,6 +180,26 @@ impl DnsMetrics {
             "dns_upstream_failures",
             "Forwarded DNS queries that got no usable upstream answer (answered SERVFAIL)",
             m.upstream_failures.clone(),
+        );
+        registry.register(
+            "dns_cache_hits",
+            "Forwarded-name queries answered from the cache",
+            m.cache_hits.clone(),
+        );
+        registry.register(
+            "dns_cache_misses",
+            "Forwarded-name queries the cache could not answer",
+            m.cache_misses.clone(),
+        );
+        registry.register(
+            "dns_cache_entries",
+            "Answers in the cache of forwarded names",
+            m.cache_entries.clone(),
+        );
+        registry.register(
+            "dns_forward_coalesced",
+            "Queries that waited for an identical query already upstream instead of forwarding",
+            m.coalesced.clone(),
         );
         m
     }
@@ -213,6 +250,36 @@ impl DnsMetrics {
         self.upstream_failures.inc();
     }
 
+    pub(crate) fn cache_hit(&self) {
+        self.cache_hits.inc();
+    }
+
+    pub(crate) fn cache_miss(&self) {
+        self.cache_misses.inc();
+    }
+
+    pub(crate) fn cache_entries(&self, n: usize) {
+        self.cache_entries.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub(crate) fn coalesced(&self) {
+        self.coalesced.inc();
+    }
+
+    /// Cache hits, misses and entries now (for tests and the API).
+    pub fn cache_counts(&self) -> (u64, u64, i64) {
+        (
+            self.cache_hits.get(),
+            self.cache_misses.get(),
+            self.cache_entries.get(),
+        )
+    }
+
+    /// Queries that joined an identical one in flight.
+    pub fn coalesced_count(&self) -> u64 {
+        self.coalesced.get()
+    }
+
     /// Queries counted so far with this type and rcode label (for tests and the API).
     pub fn queries_with(&self, qtype: &'static str, rcode: &'static str) -> u64 {
         self.queries
@@ -246,12 +313,21 @@ mod tests {
         m.query("A", "NOERROR");
         m.forwarded();
         m.upstream_failure();
+        m.cache_hit();
+        m.cache_miss();
+        m.cache_miss();
+        m.cache_entries(3);
+        m.coalesced();
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
         for want in [
             "l4lb_dns_queries_total{type=\"A\",rcode=\"NOERROR\"} 2",
             "l4lb_dns_forwarded_total 1",
             "l4lb_dns_upstream_failures_total 1",
+            "l4lb_dns_cache_hits_total 1",
+            "l4lb_dns_cache_misses_total 2",
+            "l4lb_dns_cache_entries 3",
+            "l4lb_dns_forward_coalesced_total 1",
         ] {
             assert!(text.contains(want), "{want} missing from\n{text}");
         }

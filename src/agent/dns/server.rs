@@ -2,21 +2,31 @@
 //! queries answered in order, idle timeout, a cap on concurrent connections), all on sockets
 //! the caller bound, until the shutdown token is cancelled. Answers come from `answer`;
 //! forwarding from `forward`.
+//!
+//! A forwarded name is looked up in the `cache` first (a hit is answered inline, over UDP
+//! without spawning a task); on a miss, identical queries in flight are coalesced: the first
+//! (per question, request flags and client transport) goes upstream and the others wait for
+//! its answer, taking it with their own id and question case; a good answer is stored before
+//! the flight ends, so a later query finds either the flight or the cache. Cached and shared
+//! answers are fitted to each client's size limit as forwarded ones are (TC over UDP).
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::serialize::binary::BinEncodable;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::answer::{self, Outcome, Transport};
+use super::cache::{Cache, Key, personalize};
 use super::forward::Forwarder;
 use super::{DnsCatalog, DnsConfig, DnsMetrics};
 
@@ -41,11 +51,82 @@ impl Default for ServerLimits {
     }
 }
 
+/// The answer a flight brought back (with the leader's id and case), or `None`: SERVFAIL.
+type Landed = Arc<Option<Vec<u8>>>;
+/// A forwarded query in flight: its key, and whether its client came over UDP (a UDP answer
+/// may be TC where a TCP client needs the whole answer).
+type FlightKey = (Key, bool);
+
 /// Everything a query needs, shared by every task.
 struct Shared {
     catalog: DnsCatalog,
     forwarder: Option<Forwarder>,
     metrics: DnsMetrics,
+    cache: Mutex<Cache>,
+    /// Forwarded queries in flight, for followers to wait on.
+    flights: Mutex<HashMap<FlightKey, watch::Receiver<Option<Landed>>>>,
+}
+
+impl Shared {
+    fn cache(&self) -> MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn flights(&self) -> MutexGuard<'_, HashMap<FlightKey, watch::Receiver<Option<Landed>>>> {
+        self.flights.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The client's answer from the cache, fitted to `limit`; counts the hit or miss.
+    fn cached(&self, req: &Message, key: &Key, limit: usize) -> Option<Vec<u8>> {
+        let (hit, entries) = {
+            let mut cache = self.cache();
+            if !cache.enabled() {
+                return None;
+            }
+            let hit = cache.get(key, now());
+            (hit, cache.len())
+        };
+        self.metrics.cache_entries(entries);
+        let Some(mut bytes) = hit else {
+            self.metrics.cache_miss();
+            return None;
+        };
+        let question = req.queries.first()?.to_bytes().ok()?;
+        if !personalize(&mut bytes, req.metadata.id, &question) {
+            return None;
+        }
+        self.metrics.cache_hit();
+        self.metrics.query(
+            answer::type_label(req),
+            answer::rcode_label(rcode_of(&bytes)),
+        );
+        fit(req, bytes, limit)
+    }
+}
+
+/// The cache's clock: tokio's, so tests can pause it.
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// Removes a flight from the table when its leader finishes or is dropped (a TCP client gone);
+/// followers of a dropped leader see the channel close and try again.
+struct Flight<'a> {
+    shared: &'a Shared,
+    key: FlightKey,
+    tx: watch::Sender<Option<Landed>>,
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        let mut flights = self.shared.flights();
+        if flights
+            .get(&self.key)
+            .is_some_and(|rx| rx.same_channel(&self.tx.subscribe()))
+        {
+            flights.remove(&self.key);
+        }
+    }
 }
 
 /// Serve UDP and TCP DNS on already-bound sockets until `shutdown` is cancelled, with the
@@ -96,6 +177,8 @@ pub async fn serve_with_limits(
         catalog,
         forwarder: Forwarder::new(&cfg.upstreams, cfg.upstream_timeout),
         metrics,
+        cache: Mutex::new(Cache::new(cfg.cache)),
+        flights: Mutex::new(HashMap::new()),
     });
     let tracker = TaskTracker::new();
     let forwards = Arc::new(Semaphore::new(limits.max_forwards_in_flight));
@@ -175,36 +258,142 @@ fn process(shared: &Shared, bytes: &[u8], transport: Transport) -> Step {
     }
 }
 
-/// Forward `req` and produce the bytes for the client (SERVFAIL on failure), within `limit`.
+/// Forward `req` (or join an identical query in flight) and produce the bytes for the client
+/// (SERVFAIL on failure), within `limit`.
 async fn forward(
     shared: &Shared,
     req: &Message,
+    key: Option<Key>,
     limit: usize,
     transport: Transport,
 ) -> Option<Vec<u8>> {
     let forwarder = shared.forwarder.as_ref()?;
-    shared.metrics.forwarded();
     let qtype = answer::type_label(req);
-    match forwarder.forward(req, transport).await {
-        Ok(bytes) => {
-            // The header's rcode (an extended one lives in the OPT record; its low bits do
-            // for the label): no decoding of the whole answer.
-            let rcode = ResponseCode::from(0, bytes.get(3).map_or(0, |b| b & 0x0f));
-            shared.metrics.query(qtype, answer::rcode_label(rcode));
-            if bytes.len() <= limit {
-                return Some(bytes);
-            }
-            match Message::from_vec(&bytes) {
-                Ok(m) => answer::encode(&m, limit),
-                Err(_) => servfail(req, limit),
-            }
+    let landed = match key {
+        Some(key) => coalesced(shared, forwarder, req, key, transport).await,
+        None => upstream(shared, forwarder, req, transport).await,
+    };
+    match landed {
+        Some(bytes) => {
+            shared
+                .metrics
+                .query(qtype, answer::rcode_label(rcode_of(&bytes)));
+            fit(req, bytes, limit)
         }
-        Err(e) => {
-            tracing::debug!(error = %e, "DNS forwarding failed");
-            shared.metrics.upstream_failure();
+        None => {
             shared.metrics.query(qtype, "SERVFAIL");
             servfail(req, limit)
         }
+    }
+}
+
+/// One query upstream: the answer with `req`'s id, or `None` (counted as a failure).
+async fn upstream(
+    shared: &Shared,
+    forwarder: &Forwarder,
+    req: &Message,
+    transport: Transport,
+) -> Option<Vec<u8>> {
+    shared.metrics.forwarded();
+    match forwarder.forward(req, transport).await {
+        Ok(bytes) => Some(bytes),
+        Err(e) => {
+            tracing::debug!(error = %e, "DNS forwarding failed");
+            shared.metrics.upstream_failure();
+            None
+        }
+    }
+}
+
+/// Lead a flight for `key` (forward, cache a good answer, hand it to the followers) or follow
+/// the one in flight; the answer comes back with `req`'s id and question case.
+async fn coalesced(
+    shared: &Shared,
+    forwarder: &Forwarder,
+    req: &Message,
+    key: Key,
+    transport: Transport,
+) -> Option<Vec<u8>> {
+    let fkey: FlightKey = (key, transport == Transport::Udp);
+    loop {
+        // Follow the flight in the table, or put one there and lead it.
+        let role = {
+            let mut flights = shared.flights();
+            match flights.get(&fkey) {
+                Some(rx) => Ok(rx.clone()),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    flights.insert(fkey.clone(), rx);
+                    Err(tx)
+                }
+            }
+        };
+        let mut rx = match role {
+            Ok(rx) => rx,
+            Err(tx) => {
+                let flight = Flight {
+                    shared,
+                    key: fkey,
+                    tx,
+                };
+                return lead(shared, forwarder, req, flight, transport).await;
+            }
+        };
+        shared.metrics.coalesced();
+        let landed = match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.clone(),
+            // The leader was dropped before landing: lead or follow anew.
+            Err(_) => continue,
+        };
+        let mut bytes = landed.and_then(|l| Option::clone(&l))?;
+        let question = req.queries.first()?.to_bytes().ok()?;
+        if !personalize(&mut bytes, req.metadata.id, &question) {
+            // A TC answer without its question: the id alone.
+            let id = req.metadata.id.to_be_bytes();
+            bytes.get_mut(..2)?.copy_from_slice(&id);
+        }
+        return Some(bytes);
+    }
+}
+
+async fn lead(
+    shared: &Shared,
+    forwarder: &Forwarder,
+    req: &Message,
+    flight: Flight<'_>,
+    transport: Transport,
+) -> Option<Vec<u8>> {
+    let answer = upstream(shared, forwarder, req, transport).await;
+    if let Some(bytes) = &answer {
+        let (stored, entries) = {
+            let mut cache = shared.cache();
+            let stored = cache.insert(flight.key.0.clone(), bytes, now());
+            (stored, cache.len())
+        };
+        if let Err(why) = stored {
+            tracing::trace!(%why, "DNS answer not cached");
+        }
+        shared.metrics.cache_entries(entries);
+    }
+    flight.tx.send_replace(Some(Arc::new(answer.clone())));
+    drop(flight);
+    answer
+}
+
+/// The response code in an answer's header (an extended one lives in the OPT record; its low
+/// bits do for the label): no decoding of the whole answer.
+fn rcode_of(bytes: &[u8]) -> ResponseCode {
+    ResponseCode::from(0, bytes.get(3).map_or(0, |b| b & 0x0f))
+}
+
+/// `bytes` as they are if they fit `limit`, else re-encoded within it (TC over UDP).
+fn fit(req: &Message, bytes: Vec<u8>, limit: usize) -> Option<Vec<u8>> {
+    if bytes.len() <= limit {
+        return Some(bytes);
+    }
+    match Message::from_vec(&bytes) {
+        Ok(m) => answer::encode(&m, limit),
+        Err(_) => servfail(req, limit),
     }
 }
 
@@ -265,6 +454,13 @@ async fn udp_loop(
             Step::Nothing => {}
             Step::Send(out) => send_udp(&sock, &out, peer).await,
             Step::Forward(req, limit) => {
+                let key = Key::of(&req);
+                if let Some(key) = &key
+                    && let Some(out) = shared.cached(&req, key, limit)
+                {
+                    send_udp(&sock, &out, peer).await;
+                    continue;
+                }
                 let Ok(permit) = forwards.clone().try_acquire_owned() else {
                     shared.metrics.upstream_failure();
                     if let Some(out) = servfail(&req, limit) {
@@ -274,7 +470,7 @@ async fn udp_loop(
                 };
                 let (sock, shared) = (sock.clone(), shared.clone());
                 tracker.spawn(async move {
-                    if let Some(out) = forward(&shared, &req, limit, Transport::Udp).await {
+                    if let Some(out) = forward(&shared, &req, key, limit, Transport::Udp).await {
                         send_udp(&sock, &out, peer).await;
                     }
                     drop(permit);
@@ -354,7 +550,13 @@ async fn tcp_conn(
                 Step::Nothing => {}
                 Step::Send(out) => write_framed(&mut stream, &out).await?,
                 Step::Forward(req, limit) => {
-                    pending.push(async move { forward(shared, &req, limit, Transport::Tcp).await })
+                    let key = Key::of(&req);
+                    match key.as_ref().and_then(|k| shared.cached(&req, k, limit)) {
+                        Some(out) => write_framed(&mut stream, &out).await?,
+                        None => pending.push(async move {
+                            forward(shared, &req, key, limit, Transport::Tcp).await
+                        }),
+                    }
                 }
             }
             if pending.len() >= MAX_TCP_PIPELINE {
