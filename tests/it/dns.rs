@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Edns, Message, MessageType, Query, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{Name, RData, Record, RecordType};
-use l4lb::agent::dns::{DnsCatalog, DnsConfig, DnsMetrics, ServerLimits, serve_with_limits};
+use l4lb::agent::dns::{
+    CacheConfig, DnsCatalog, DnsConfig, DnsMetrics, ServerLimits, serve_with_limits,
+};
 use l4lb::model::{Protocol, Vip, VipKey, VipName};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -386,6 +388,8 @@ async fn forwards_to_upstream_and_retries_over_tcp() {
     let s = Server::start(DnsConfig {
         upstreams: vec![good],
         upstream_timeout: Duration::from_secs(2),
+        // The forwarding path itself: every query goes upstream (the cache has its own tests).
+        cache: CacheConfig::off(),
         ..DnsConfig::default()
     })
     .await;
@@ -406,6 +410,8 @@ async fn forwards_to_upstream_and_retries_over_tcp() {
     let (trunc, _t) = upstream(Up::Truncate).await;
     let s = Server::start(DnsConfig {
         upstreams: vec![trunc],
+        // The forwarding path itself: every query goes upstream (the cache has its own tests).
+        cache: CacheConfig::off(),
         ..DnsConfig::default()
     })
     .await;
@@ -425,6 +431,8 @@ async fn silent_upstream_gives_servfail_and_a_live_one_wins() {
     let s = Server::start(DnsConfig {
         upstreams: vec![silent_addr],
         upstream_timeout: Duration::from_millis(300),
+        // The forwarding path itself: every query goes upstream (the cache has its own tests).
+        cache: CacheConfig::off(),
         ..DnsConfig::default()
     })
     .await;
@@ -462,6 +470,8 @@ async fn silent_upstream_gives_servfail_and_a_live_one_wins() {
     let s = Server::start(DnsConfig {
         upstreams: vec![silent_addr, good],
         upstream_timeout: Duration::from_secs(5),
+        // The forwarding path itself: every query goes upstream (the cache has its own tests).
+        cache: CacheConfig::off(),
         ..DnsConfig::default()
     })
     .await;
@@ -510,6 +520,7 @@ async fn a_refusing_upstream_does_not_beat_one_that_answers() {
     let s = Server::start(DnsConfig {
         upstreams: vec![refusing, slow],
         upstream_timeout: Duration::from_secs(3),
+        cache: CacheConfig::off(),
         ..DnsConfig::default()
     })
     .await;
@@ -798,4 +809,327 @@ async fn serve_needs_a_socket() {
     .await
     .expect_err("no sockets");
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+}
+
+// --- The cache of forwarded answers --------------------------------------------------------
+
+/// An upstream that counts the queries it gets, per name, and answers by name:
+/// `short.` A TTL 2, `long.` A TTL 60, `gone.` NXDOMAIN with an SOA (TTL 60, MINIMUM 2),
+/// `broken.` SERVFAIL, `zero.` A TTL 0, `slow.` A TTL 60 after 300 ms, `big.` forty A
+/// records TTL 60 (about 700 bytes); all under `example.`, anything else REFUSED.
+struct Counting {
+    addr: SocketAddr,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: CancellationToken,
+}
+
+impl Counting {
+    async fn start() -> Counting {
+        use hickory_proto::rr::rdata::SOA;
+        let udp = std::sync::Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+        let addr = udp.local_addr().expect("addr");
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        let (seen2, stop2) = (seen.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let (n, peer) = tokio::select! {
+                    _ = stop2.cancelled() => return,
+                    r = udp.recv_from(&mut buf) => match r { Ok(r) => r, Err(_) => continue },
+                };
+                let Ok(req) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let Some(q) = req.queries.first() else {
+                    continue;
+                };
+                let qname = q.name().clone();
+                let lower = qname.to_lowercase().to_string();
+                seen2.lock().unwrap().push(lower.clone());
+                let mut resp = Message::response(req.metadata.id, req.metadata.op_code);
+                resp.metadata.recursion_desired = req.metadata.recursion_desired;
+                resp.metadata.recursion_available = true;
+                resp.add_queries(req.queries.clone());
+                if let Some(e) = &req.edns {
+                    let mut out = Edns::new();
+                    out.set_max_payload(1232);
+                    out.flags_mut().dnssec_ok = e.flags().dnssec_ok;
+                    resp.set_edns(out);
+                }
+                let a = |ttl: u32, last: u8| {
+                    Record::from_rdata(qname.clone(), ttl, RData::A(A([192, 0, 2, last].into())))
+                };
+                let mut delay = None;
+                match lower.as_str() {
+                    "short.example." => {
+                        resp.add_answer(a(2, 1));
+                    }
+                    "long.example." => {
+                        resp.add_answer(a(60, 1));
+                    }
+                    "zero.example." => {
+                        resp.add_answer(a(0, 1));
+                    }
+                    "slow.example." => {
+                        resp.add_answer(a(60, 1));
+                        delay = Some(Duration::from_millis(300));
+                    }
+                    "big.example." => {
+                        for i in 1..=40 {
+                            resp.add_answer(a(60, i));
+                        }
+                    }
+                    "gone.example." => {
+                        resp.metadata.response_code = ResponseCode::NXDomain;
+                        resp.add_authority(Record::from_rdata(
+                            Name::from_ascii("example.").unwrap(),
+                            60,
+                            RData::SOA(SOA::new(
+                                Name::from_ascii("ns.example.").unwrap(),
+                                Name::from_ascii("hostmaster.example.").unwrap(),
+                                1,
+                                3600,
+                                600,
+                                86400,
+                                2,
+                            )),
+                        ));
+                    }
+                    "broken.example." => resp.metadata.response_code = ResponseCode::ServFail,
+                    _ => resp.metadata.response_code = ResponseCode::Refused,
+                }
+                let out = resp.to_vec().expect("encode");
+                let udp = udp.clone();
+                tokio::spawn(async move {
+                    if let Some(d) = delay {
+                        tokio::time::sleep(d).await;
+                    }
+                    let _ = udp.send_to(&out, peer).await;
+                });
+            }
+        });
+        Counting { addr, seen, stop }
+    }
+
+    /// Queries seen for `name` (lower case, fully qualified).
+    fn asked(&self, name: &str) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|n| *n == name)
+            .count()
+    }
+}
+
+impl Drop for Counting {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn with_upstream(up: &Counting, cache_entries: usize) -> Server {
+    Server::start(DnsConfig {
+        upstreams: vec![up.addr],
+        upstream_timeout: Duration::from_secs(3),
+        cache: CacheConfig {
+            entries: cache_entries,
+            ..Default::default()
+        },
+        ..DnsConfig::default()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn forwarded_answers_are_cached_for_their_ttl() {
+    let up = Counting::start().await;
+    let s = with_upstream(&up, 100).await;
+
+    // The first query goes upstream; the next ones, over UDP or TCP and in any case, do not,
+    // and come back with their own id and case and a TTL that does not grow.
+    let r = udp_query(s.udp, &query(1, "long.example.", RecordType::A)).await;
+    assert_eq!(a_records(&r), ["192.0.2.1"]);
+    assert_eq!(r.answers[0].ttl, 60);
+    assert_eq!(up.asked("long.example."), 1);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = udp_query(s.udp, &query(2, "LoNg.ExAmPlE.", RecordType::A)).await;
+    assert_eq!(r.metadata.id, 2);
+    assert_eq!(r.queries[0].name().to_string(), "LoNg.ExAmPlE.");
+    assert_eq!(a_records(&r), ["192.0.2.1"]);
+    let ttl = r.answers[0].ttl;
+    assert!(
+        (50..60).contains(&ttl),
+        "TTL {ttl} after a second in the cache"
+    );
+    let r = tcp_query(s.tcp, &query(3, "long.EXAMPLE.", RecordType::A)).await;
+    assert_eq!(r.queries[0].name().to_string(), "long.EXAMPLE.");
+    assert!(r.answers[0].ttl <= ttl);
+    assert_eq!(
+        up.asked("long.example."),
+        1,
+        "cached answers do not reach the upstream"
+    );
+    // Another type is another question.
+    let r = udp_query(s.udp, &query(4, "long.example.", RecordType::AAAA)).await;
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(up.asked("long.example."), 2);
+    let (hits, misses, entries) = s.metrics.cache_counts();
+    assert_eq!((hits, misses, entries), (2, 2, 2));
+    assert_eq!(s.metrics.forwarded_count(), 2);
+    assert_eq!(s.metrics.queries_with("A", "NOERROR"), 3);
+
+    // A TTL of 2 s: cached within it, asked again after it.
+    udp_query(s.udp, &query(5, "short.example.", RecordType::A)).await;
+    udp_query(s.udp, &query(6, "short.example.", RecordType::A)).await;
+    assert_eq!(up.asked("short.example."), 1);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = udp_query(s.udp, &query(7, "short.example.", RecordType::A)).await;
+    assert_eq!(r.answers[0].ttl, 2, "a fresh answer");
+    assert_eq!(up.asked("short.example."), 2);
+
+    // NXDOMAIN is cached for the SOA's MINIMUM (2 s), with its SOA counting down.
+    let r = udp_query(s.udp, &query(8, "gone.example.", RecordType::A)).await;
+    assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+    let r = udp_query(s.udp, &query(9, "Gone.Example.", RecordType::A)).await;
+    assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(r.metadata.id, 9);
+    assert!(r.authorities[0].ttl <= 60);
+    assert_eq!(up.asked("gone.example."), 1);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    udp_query(s.udp, &query(10, "gone.example.", RecordType::A)).await;
+    assert_eq!(up.asked("gone.example."), 2);
+
+    // SERVFAIL and TTL 0 are never cached.
+    for id in 11..14 {
+        let r = udp_query(s.udp, &query(id, "broken.example.", RecordType::A)).await;
+        assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
+        let r = udp_query(s.udp, &query(id, "zero.example.", RecordType::A)).await;
+        assert_eq!(r.answers[0].ttl, 0);
+    }
+    assert_eq!(up.asked("broken.example."), 3);
+    assert_eq!(up.asked("zero.example."), 3);
+    s.stop().await;
+
+    // The same queries with the cache off all reach the upstream.
+    let up = Counting::start().await;
+    let s = with_upstream(&up, 0).await;
+    for id in 0..3 {
+        udp_query(s.udp, &query(id, "long.example.", RecordType::A)).await;
+    }
+    assert_eq!(up.asked("long.example."), 3);
+    assert_eq!(s.metrics.cache_counts(), (0, 0, 0));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn identical_queries_in_flight_go_upstream_once() {
+    let up = Counting::start().await;
+    // Cache off: only coalescing can save the upstream the repeats.
+    let s = with_upstream(&up, 0).await;
+    let names = ["slow.example.", "SLOW.example.", "sLoW.eXaMpLe."];
+    let asks = (0..9u16).map(|id| {
+        let q = query(100 + id, names[usize::from(id) % 3], RecordType::A);
+        let server = s.udp;
+        tokio::spawn(async move { (q.clone(), udp_query(server, &q).await) })
+    });
+    for t in asks.collect::<Vec<_>>() {
+        let (q, r) = t.await.expect("query");
+        assert_eq!(r.metadata.id, q.metadata.id);
+        assert_eq!(
+            r.queries[0].name(),
+            q.queries[0].name(),
+            "the client's own case"
+        );
+        assert_eq!(a_records(&r), ["192.0.2.1"]);
+    }
+    assert_eq!(up.asked("slow.example."), 1);
+    assert_eq!(s.metrics.coalesced_count(), 8);
+    // Once it has landed, the next one goes upstream again (nothing cached).
+    udp_query(s.udp, &query(1, "slow.example.", RecordType::A)).await;
+    assert_eq!(up.asked("slow.example."), 2);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_cached_answer_is_truncated_for_a_small_udp_client() {
+    let up = Counting::start().await;
+    let s = with_upstream(&up, 100).await;
+    let edns = |id: u16, payload: u16| {
+        let mut q = query(id, "big.example.", RecordType::A);
+        let mut e = Edns::new();
+        e.set_max_payload(payload);
+        q.set_edns(e);
+        q
+    };
+    // Over TCP the whole answer comes back and is cached.
+    let r = tcp_query(s.tcp, &edns(1, 1232)).await;
+    assert_eq!(r.answers.len(), 40);
+    // A UDP client that takes 512 bytes gets TC from the cache; one that takes 1232, all.
+    let raw = udp_raw(s.udp, &edns(2, 512).to_vec().unwrap())
+        .await
+        .expect("an answer");
+    assert!(raw.len() <= 512, "{} bytes", raw.len());
+    let r = Message::from_vec(&raw).unwrap();
+    assert!(r.metadata.truncation);
+    assert_eq!(r.metadata.id, 2);
+    let r = udp_query(s.udp, &edns(3, 1232)).await;
+    assert!(!r.metadata.truncation);
+    assert_eq!(r.answers.len(), 40);
+    assert_eq!(up.asked("big.example."), 1);
+    assert_eq!(s.metrics.cache_counts().0, 2);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn dig_gets_cached_answers() {
+    if !std::path::Path::new("/usr/bin/dig").exists() {
+        eprintln!("dig not installed; skipping");
+        return;
+    }
+    let up = Counting::start().await;
+    let s = with_upstream(&up, 100).await;
+    let dig = |name: &'static str, tcp: bool| {
+        let port = if tcp { s.tcp.port() } else { s.udp.port() };
+        async move {
+            let mut cmd = tokio::process::Command::new("/usr/bin/dig");
+            cmd.args(["@127.0.0.1", "-p", &port.to_string(), "+time=2", "+tries=1"])
+                .args(["+noall", "+answer", "+comments", name, "A"]);
+            if tcp {
+                cmd.arg("+tcp");
+            }
+            let out = cmd.output().await.expect("run dig");
+            String::from_utf8_lossy(&out.stdout).to_string()
+        }
+    };
+    // `name. TTL IN A addr` lines: (TTL, addr).
+    let answers = |out: &str| -> Vec<(u32, String)> {
+        out.lines()
+            .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f[1].parse().expect("a TTL"), f[4].to_string())
+            })
+            .collect()
+    };
+    let first = dig("long.example.", false).await;
+    assert!(first.contains("status: NOERROR"), "{first}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let second = dig("long.example.", false).await;
+    let third = dig("long.example.", true).await;
+    let (a, b, c) = (answers(&first), answers(&second), answers(&third));
+    assert_eq!(a, [(60, "192.0.2.1".to_string())], "{first}");
+    assert_eq!(b.len(), 1, "{second}");
+    assert!(b[0].0 < 60 && b[0].1 == "192.0.2.1", "{second}");
+    assert!(c[0].0 <= b[0].0, "{third}");
+    assert_eq!(up.asked("long.example."), 1);
+    let nx = dig("gone.example.", false).await;
+    let nx2 = dig("gone.example.", false).await;
+    assert!(
+        nx.contains("status: NXDOMAIN") && nx2.contains("status: NXDOMAIN"),
+        "{nx2}"
+    );
+    assert_eq!(up.asked("gone.example."), 1);
+    s.stop().await;
 }
