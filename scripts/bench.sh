@@ -176,9 +176,11 @@ http {
 EOF
 } >"$WORK/backend-nginx.conf"
 start backend-nginx "$NSS" "$LOAD_CPU" nginx -p "$WORK" -c "$WORK/backend-nginx.conf"
+# --local-ttl: the answers carry a TTL as a real upstream's do (dnsmasq's default is 0, which
+# no cache keeps).
 start backend-dnsmasq "$NSS" "$LOAD_CPU" dnsmasq -k -C /dev/null -u root --no-resolv --no-hosts \
     --bind-interfaces --listen-address=198.18.0.2 --port=5300 --pid-file= \
-    --address=/bench.test/198.18.9.9
+    --address=/bench.test/198.18.9.9 --local-ttl=300
 wait_tcp "$NSS" 198.18.0.2:5201
 wait_tcp "$NSS" 198.18.0.2:8080
 
@@ -207,6 +209,11 @@ for i in $(seq 1 100); do
     sleep 0.1
 done
 grep -q "first table applied; ready" "$WORK/l4lb.log" || die "l4lb not ready: $(tail -5 "$WORK/l4lb.log")"
+# l4lb without its cache of forwarded answers, for the forwarding row (DNS only: no VIPs).
+echo '{"apps": []}' >"$WORK/no-apps.json"
+start l4lb-nocache "$NSC" "$PROXY_CPU" env RUST_LOG=warn,l4lb=info "$L4LB" --worker-threads 1 run \
+    --apps-file "$WORK/no-apps.json" --interface-kind none --api-listen 127.0.0.1:62083 \
+    --dns-listen 127.0.0.1:5458 --dns-upstream 198.18.0.2:5300 --dns-cache-size 0
 # l4lb bpf: the same apps on 198.18.5.7, served by the kernel data path (programs attached to
 # the cgroup2 root, acting only on this client namespace's sockets). BENCH_NO_BPF=1 skips it;
 # where the kernel path cannot load, the column stays empty.
@@ -299,6 +306,12 @@ seq 1 20000 | sed 's/.*/q&.bench.test A/' >"$WORK/forward-query.txt"
 start dnsmasq-fwd "$NSC" "$PROXY_CPU" dnsmasq -k -C /dev/null -u root --no-resolv --no-hosts \
     --bind-interfaces --listen-address=127.0.0.1 --port=5456 --pid-file= --cache-size=0 \
     --server=198.18.0.2#5300
+# Both with their caches on (l4lb's default 10,000 entries; dnsmasq's the same), for the
+# cached row: 1,000 names, each asked again and again as a host's programs do.
+seq 1 1000 | sed 's/.*/c&.bench.test A/' >"$WORK/cached-query.txt"
+start dnsmasq-cache "$NSC" "$PROXY_CPU" dnsmasq -k -C /dev/null -u root --no-resolv --no-hosts \
+    --bind-interfaces --listen-address=127.0.0.1 --port=5457 --pid-file= --cache-size=10000 \
+    --server=198.18.0.2#5300
 
 wait_tcp "$NSC" 198.18.5.5:8080
 wait_tcp "$NSC" 198.18.0.1:18080
@@ -309,6 +322,8 @@ C dig +short +time=1 +tries=3 @127.0.0.1 -p 5455 "${NAMES[0]% *}" >/dev/null || 
 C dig +short +time=1 +tries=3 @198.18.5.5 -p 5300 bench.test | grep -q 198.18.9.9 || die "UDP VIP does not answer"
 C dig +short +time=1 +tries=3 @127.0.0.1 -p 5454 bench.test | grep -q 198.18.9.9 || die "l4lb does not forward"
 C dig +short +time=1 +tries=3 @127.0.0.1 -p 5456 bench.test | grep -q 198.18.9.9 || die "dnsmasq does not forward"
+C dig +short +time=1 +tries=3 @127.0.0.1 -p 5457 bench.test | grep -q 198.18.9.9 || die "caching dnsmasq does not forward"
+C dig +short +time=1 +tries=3 @127.0.0.1 -p 5458 bench.test | grep -q 198.18.9.9 || die "l4lb without a cache does not forward"
 log "up: l4lb $(pid_of l4lb), haproxy $(pid_of haproxy), nginx $(pid_of proxy-nginx) on CPU $PROXY_CPU; load generators and backends on CPU $LOAD_CPU"
 
 RES="$WORK/results.tsv"
@@ -471,10 +486,19 @@ declare -A DNS_PORT=([l4lb]=5454 [dnsmasq]=5455)
 m_dns() { dnsperf_qps 127.0.0.1 "${DNS_PORT[$1]}" "$WORK/names.txt"; }
 if want dns; then rounds dns_server q/s m_dns -- l4lb dnsmasq; fi
 
-# --- 4b. forwarded names: l4lb vs dnsmasq (no cache), both to the same upstream ---------------
-declare -A FWD_PORT=([l4lb]=5454 [dnsmasq]=5456)
+# --- 4b. forwarded names: l4lb vs dnsmasq, both to the same upstream -------------------------
+# Without caches (l4lb --dns-cache-size 0, dnsmasq --cache-size=0): the forwarding path itself,
+# 20,000 distinct names so that neither merges identical queries in flight.
+declare -A FWD_PORT=([l4lb]=5458 [dnsmasq]=5456)
 m_dnsfwd() { dnsperf_qps 127.0.0.1 "${FWD_PORT[$1]}" "$WORK/forward-query.txt"; }
-if want dnsfwd; then rounds dns_forward q/s m_dnsfwd -- l4lb dnsmasq; fi
+# With caches (both 10,000 entries), 1,000 names asked over and over: after the first pass
+# (the first round warms both) every answer comes from the cache.
+declare -A CACHED_PORT=([l4lb]=5454 [dnsmasq]=5457)
+m_dnscached() { dnsperf_qps 127.0.0.1 "${CACHED_PORT[$1]}" "$WORK/cached-query.txt"; }
+if want dnsfwd; then
+    rounds dns_forward q/s m_dnsfwd -- l4lb dnsmasq
+    rounds dns_forward_cached q/s m_dnscached -- l4lb dnsmasq
+fi
 
 # --- 5. memory per idle connection ----------------------------------------------------------
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }

@@ -847,6 +847,13 @@ impl Counting {
                 let qname = q.name().clone();
                 let lower = qname.to_lowercase().to_string();
                 seen2.lock().unwrap().push(lower.clone());
+                if req
+                    .edns
+                    .as_ref()
+                    .is_some_and(|e| !e.options().as_ref().is_empty())
+                {
+                    seen2.lock().unwrap().push("<EDNS options>".into());
+                }
                 let mut resp = Message::response(req.metadata.id, req.metadata.op_code);
                 resp.metadata.recursion_desired = req.metadata.recursion_desired;
                 resp.metadata.recursion_available = true;
@@ -1131,5 +1138,7 @@ async fn dig_gets_cached_answers() {
         "{nx2}"
     );
     assert_eq!(up.asked("gone.example."), 1);
+    // dig sends a COOKIE; it is not passed on (nor cached for the next client).
+    assert_eq!(up.asked("<EDNS options>"), 0);
     s.stop().await;
 }

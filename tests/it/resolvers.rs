@@ -202,6 +202,10 @@ fn stock_resolvers_use_l4lb_unchanged() {
             "--user=root",
             &format!("--pid-file={}", d.join("internet.pid").display()),
             &format!("--host-record={UPSTREAM_NAME},{UPSTREAM_ADDR}"),
+            // A TTL, as a real upstream gives (dnsmasq's own default is 0, never cached),
+            // and a log line per query, to count what reaches the internet.
+            "--local-ttl=60",
+            "--log-queries",
             "--log-facility=-",
         ]),
         &inet_log,
@@ -252,6 +256,13 @@ fn stock_resolvers_use_l4lb_unchanged() {
     );
 
     // glibc, over UDP and over TCP; a bare name through the search line.
+    let upstream_asked = || {
+        std::fs::read_to_string(&inet_log)
+            .unwrap_or_default()
+            .matches(&format!("query[A] {UPSTREAM_NAME} "))
+            .count()
+    };
+    let asked_before = upstream_asked();
     for opts in [None, Some("use-vc")] {
         assert_eq!(getent(&ns, WEB, opts), vip, "glibc {opts:?}: VIP name");
         assert_eq!(getent(&ns, TASK, opts), tasks, "glibc {opts:?}: task name");
@@ -266,6 +277,13 @@ fn stock_resolvers_use_l4lb_unchanged() {
             "glibc {opts:?}: upstream"
         );
     }
+    // l4lb's cache: glibc's second lookup (over TCP) of the internet name did not reach the
+    // internet (its AAAA, NODATA without an SOA, is not cached and does).
+    assert_eq!(
+        upstream_asked() - asked_before,
+        1,
+        "A queries for {UPSTREAM_NAME} that reached the internet"
+    );
 
     // Other programs, unchanged: Python, Java (both through the host's resolver), curl to the
     // VIP by name, through l4lb to the task.

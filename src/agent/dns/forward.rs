@@ -6,6 +6,7 @@
 //! comes before the deadline. A truncated UDP answer is retried over TCP to the upstream that
 //! sent it when the client itself came over TCP (a UDP client gets the TC answer and retries
 //! over TCP itself). Everything runs under one deadline; the caller answers SERVFAIL on error.
+//! The client's EDNS options are not passed on (its payload size and DO bit are).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use futures::StreamExt;
 use futures::future::{BoxFuture, FutureExt};
 use futures::stream::FuturesUnordered;
 use hickory_proto::op::Message;
+use hickory_proto::rr::rdata::opt::OPT;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -80,6 +82,11 @@ impl Forwarder {
         let mut upstream_req = req.clone();
         let id: u16 = rand::random();
         upstream_req.metadata.id = id;
+        // The client's EDNS options (a COOKIE, a client subnet) are between it and l4lb, and
+        // the answer may be shared (coalesced, cached) with other clients: not passed on.
+        if let Some(edns) = upstream_req.edns.as_mut() {
+            *edns.options_mut() = OPT::new(Vec::new());
+        }
         let bytes = upstream_req.to_vec().map_err(|_| ForwardError::Encode)?;
         let question = question(&bytes).ok_or(ForwardError::Encode)?;
         let n = self.upstreams.len();
