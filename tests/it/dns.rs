@@ -973,6 +973,15 @@ async fn forwarded_answers_are_cached_for_their_ttl() {
     let r = tcp_query(s.tcp, &query(3, "long.EXAMPLE.", RecordType::A)).await;
     assert_eq!(r.queries[0].name().to_string(), "long.EXAMPLE.");
     assert!(r.answers[0].ttl <= ttl);
+    // A query the wire reader leaves to the decoding path (a byte after the question) is
+    // answered from the cache there.
+    let mut odd = query(33, "long.example.", RecordType::A).to_vec().unwrap();
+    odd.push(0);
+    let r = Message::from_vec(&udp_raw(s.udp, &odd).await.expect("an answer")).unwrap();
+    assert_eq!(
+        (r.metadata.id, a_records(&r)),
+        (33, vec!["192.0.2.1".to_string()])
+    );
     assert_eq!(
         up.asked("long.example."),
         1,
@@ -983,9 +992,9 @@ async fn forwarded_answers_are_cached_for_their_ttl() {
     assert_eq!(r.metadata.response_code, ResponseCode::NoError);
     assert_eq!(up.asked("long.example."), 2);
     let (hits, misses, entries) = s.metrics.cache_counts();
-    assert_eq!((hits, misses, entries), (2, 2, 2));
+    assert_eq!((hits, misses, entries), (3, 2, 2));
     assert_eq!(s.metrics.forwarded_count(), 2);
-    assert_eq!(s.metrics.queries_with("A", "NOERROR"), 3);
+    assert_eq!(s.metrics.queries_with("A", "NOERROR"), 4);
 
     // A TTL of 2 s: cached within it, asked again after it.
     udp_query(s.udp, &query(5, "short.example.", RecordType::A)).await;

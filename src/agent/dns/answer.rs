@@ -259,7 +259,12 @@ pub(crate) fn type_label(msg: &Message) -> &'static str {
     let Some(q) = msg.queries.first() else {
         return "none";
     };
-    match q.query_type() {
+    record_type_label(q.query_type())
+}
+
+/// The metrics label of a record type (bounded cardinality).
+pub(crate) fn record_type_label(t: RecordType) -> &'static str {
+    match t {
         RecordType::A => "A",
         RecordType::AAAA => "AAAA",
         RecordType::SRV => "SRV",

@@ -124,11 +124,93 @@ impl Key {
         Some(Key(bytes.into()))
     }
 
+    /// The key of a query read from the wire, without decoding it (the hit path runs before
+    /// any parsing, as `fast` does for our own names), and the query's question as it came.
+    /// `None` for anything but a plain query: header flags QR=0 and opcode QUERY, one
+    /// uncompressed question, no answer or authority records, and at most an OPT (version 0)
+    /// that ends the packet; such queries go the decoding path, which computes [`Key::of`].
+    pub(crate) fn of_wire(query: &[u8]) -> Option<Wire<'_>> {
+        let header = query.get(..12)?;
+        if header[2] & 0xf8 != 0 || header[4..10] != [0, 1, 0, 0, 0, 0] || header[10] != 0 {
+            return None;
+        }
+        let arcount = header[11];
+        let mut pos = 12;
+        loop {
+            let len = usize::from(*query.get(pos)?);
+            if len & 0xc0 != 0 || pos + len - 12 >= 255 {
+                return None;
+            }
+            pos += 1 + len;
+            if len == 0 {
+                break;
+            }
+        }
+        pos += 4;
+        let question = query.get(12..pos)?;
+        let mut flags = 0;
+        if header[2] & 0x01 != 0 {
+            flags |= RD;
+        }
+        if header[3] & 0x10 != 0 {
+            flags |= CD;
+        }
+        if header[3] & 0x20 != 0 {
+            flags |= AD;
+        }
+        let payload = match arcount {
+            0 if pos == query.len() => None,
+            1 => {
+                // Root owner, type OPT, payload, extended rcode 0, version 0, flags, options.
+                let opt = query.get(pos..pos + 11)?;
+                let rdlen = usize::from(u16::from_be_bytes([opt[9], opt[10]]));
+                if opt[0] != 0
+                    || opt[1..3] != T_OPT.to_be_bytes()
+                    || opt[5..7] != [0, 0]
+                    || pos + 11 + rdlen != query.len()
+                {
+                    return None;
+                }
+                flags |= EDNS;
+                if opt[7] & 0x80 != 0 {
+                    flags |= DO;
+                }
+                Some(u16::from_be_bytes([opt[3], opt[4]]))
+            }
+            _ => return None,
+        };
+        let mut bytes = Vec::with_capacity(1 + question.len());
+        bytes.push(flags);
+        bytes.extend(question.iter().map(u8::to_ascii_lowercase));
+        // The type and class were lower-cased with the name: put them back as they are.
+        let n = bytes.len();
+        bytes[n - 4..].copy_from_slice(&question[question.len() - 4..]);
+        Some(Wire {
+            key: Key(bytes.into()),
+            id: u16::from_be_bytes([header[0], header[1]]),
+            question,
+            qtype: u16::from_be_bytes([question[question.len() - 4], question[question.len() - 3]]),
+            payload,
+        })
+    }
+
     /// The question section, lower-cased.
     #[cfg(test)]
     fn question(&self) -> &[u8] {
         &self.0[1..]
     }
+}
+
+/// A plain query read from the wire by [`Key::of_wire`].
+#[derive(Debug)]
+pub(crate) struct Wire<'a> {
+    pub(crate) key: Key,
+    pub(crate) id: u16,
+    /// The question section as the client sent it (its case).
+    pub(crate) question: &'a [u8],
+    pub(crate) qtype: u16,
+    /// The EDNS UDP payload size, if the query had an OPT.
+    pub(crate) payload: Option<u16>,
 }
 
 /// What [`analyse`] finds in a cacheable answer.
@@ -854,6 +936,87 @@ mod tests {
         assert!(base.question().starts_with(b"\x03www\x07example\x00"));
     }
 
+    #[test]
+    fn wire_keys_agree_with_decoded_ones() {
+        type Edit = Box<dyn Fn(&mut Message)>;
+        let edits: Vec<(&str, Edit)> = vec![
+            ("plain", Box::new(|_| {})),
+            ("no RD", Box::new(|q| q.metadata.recursion_desired = false)),
+            (
+                "CD and AD",
+                Box::new(|q| {
+                    q.metadata.checking_disabled = true;
+                    q.metadata.authentic_data = true;
+                }),
+            ),
+            (
+                "EDNS 1232",
+                Box::new(|q| {
+                    let mut e = Edns::new();
+                    e.set_max_payload(1232);
+                    q.set_edns(e);
+                }),
+            ),
+            (
+                "DO and a cookie",
+                Box::new(|q| {
+                    use hickory_proto::rr::rdata::opt::{EdnsCode, EdnsOption};
+                    let mut e = Edns::new();
+                    e.flags_mut().dnssec_ok = true;
+                    e.options_mut()
+                        .insert(EdnsOption::Unknown(EdnsCode::Cookie.into(), vec![1; 8]));
+                    q.set_edns(e);
+                }),
+            ),
+            (
+                "class CH, type TXT",
+                Box::new(|q| {
+                    q.queries[0].set_query_class(hickory_proto::rr::DNSClass::CH);
+                    q.queries[0].set_query_type(RecordType::TXT);
+                }),
+            ),
+        ];
+        for name in ["WwW.Example.", "a.", ".", "x-Y_z.EXAMPLE.org."] {
+            for (what, edit) in &edits {
+                let mut q = query(name, RecordType::A);
+                q.metadata.id = 0xabcd;
+                edit(&mut q);
+                let bytes = q.to_vec().expect("encodes");
+                let wire = Key::of_wire(&bytes).unwrap_or_else(|| panic!("{name} {what}"));
+                assert_eq!(Some(&wire.key), Key::of(&q).as_ref(), "{name} {what}");
+                assert_eq!(wire.id, 0xabcd);
+                assert_eq!(
+                    wire.question,
+                    &q.queries[0].to_bytes().expect("encodes")[..]
+                );
+                assert_eq!(wire.qtype, u16::from(q.queries[0].query_type()));
+                assert_eq!(wire.payload, q.edns.as_ref().map(|e| e.max_payload()));
+            }
+        }
+        // Not plain: left to the decoding path.
+        let q = query("www.example.", RecordType::A)
+            .to_vec()
+            .expect("encodes");
+        let mut response = q.clone();
+        response[2] |= 0x80;
+        let mut trailing = q.clone();
+        trailing.push(0);
+        let mut two = q.clone();
+        two[5] = 2;
+        let mut an = q.clone();
+        an[7] = 1;
+        for (what, bytes) in [
+            ("a response", response),
+            ("trailing bytes", trailing),
+            ("two questions", two),
+            ("an answer record", an),
+            ("short", q[..q.len() - 1].to_vec()),
+            ("header only", q[..12].to_vec()),
+        ] {
+            assert!(Key::of_wire(&bytes).is_none(), "{what}");
+        }
+    }
+
     fn at(t0: Instant, secs: f64) -> Instant {
         t0 + Duration::from_secs_f64(secs)
     }
@@ -1075,6 +1238,16 @@ mod tests {
                 prop_assert_eq!(c.order().len(), c.len());
                 let sum: usize = c.slab.iter().flatten().map(|n| n.entry.size(&n.key)).sum();
                 prop_assert_eq!(sum, c.bytes());
+            }
+        }
+
+        /// Random bytes never panic the wire reader; whatever it reads decodes to the same key.
+        #[test]
+        fn wire_keys_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..80)) {
+            if let Some(w) = Key::of_wire(&bytes)
+                && let Ok(m) = Message::from_vec(&bytes)
+            {
+                prop_assert_eq!(Some(w.key), Key::of(&m));
             }
         }
 

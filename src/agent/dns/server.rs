@@ -18,6 +18,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::rr::RecordType;
 use hickory_proto::serialize::binary::BinEncodable;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -28,6 +29,7 @@ use tokio_util::task::TaskTracker;
 use super::answer::{self, Outcome, Transport};
 use super::cache::{Cache, Key, personalize};
 use super::forward::Forwarder;
+use super::records::{CLASSIC_UDP_PAYLOAD, MAX_UDP_PAYLOAD};
 use super::{DnsCatalog, DnsConfig, DnsMetrics};
 
 /// Resource limits of the server.
@@ -63,6 +65,8 @@ struct Shared {
     forwarder: Option<Forwarder>,
     metrics: DnsMetrics,
     cache: Mutex<Cache>,
+    /// Upstreams exist and the cache is on.
+    cache_on: bool,
     /// Forwarded queries in flight, for followers to wait on.
     flights: Mutex<HashMap<FlightKey, watch::Receiver<Option<Landed>>>>,
 }
@@ -74,6 +78,41 @@ impl Shared {
 
     fn flights(&self) -> MutexGuard<'_, HashMap<FlightKey, watch::Receiver<Option<Landed>>>> {
         self.flights.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The answer to a plain query straight from the cache, read and answered on the wire
+    /// without decoding the query (as `fast` answers our own names), fitted to what the
+    /// client takes. `None`, counting nothing, when the query is not plain or not cached: the
+    /// decoding path then decides (and counts the miss if it forwards).
+    fn cached_wire(&self, query: &[u8], transport: Transport) -> Option<Vec<u8>> {
+        if !self.cache_on {
+            return None;
+        }
+        let wire = Key::of_wire(query)?;
+        let (hit, entries) = {
+            let mut cache = self.cache();
+            (cache.get(&wire.key, now()), cache.len())
+        };
+        self.metrics.cache_entries(entries);
+        let mut bytes = hit?;
+        if !personalize(&mut bytes, wire.id, wire.question) {
+            return None;
+        }
+        self.metrics.cache_hit();
+        self.metrics.query(
+            answer::record_type_label(RecordType::from(wire.qtype)),
+            answer::rcode_label(rcode_of(&bytes)),
+        );
+        let limit = match transport {
+            Transport::Tcp => usize::from(u16::MAX),
+            Transport::Udp => usize::from(wire.payload.map_or(CLASSIC_UDP_PAYLOAD, |p| {
+                p.clamp(CLASSIC_UDP_PAYLOAD, MAX_UDP_PAYLOAD)
+            })),
+        };
+        if bytes.len() <= limit {
+            return Some(bytes);
+        }
+        answer::encode(&Message::from_vec(&bytes).ok()?, limit)
     }
 
     /// The client's answer from the cache, fitted to `limit`; counts the hit or miss.
@@ -178,6 +217,7 @@ pub async fn serve_with_limits(
         forwarder: Forwarder::new(&cfg.upstreams, cfg.upstream_timeout),
         metrics,
         cache: Mutex::new(Cache::new(cfg.cache)),
+        cache_on: !cfg.upstreams.is_empty() && cfg.cache.entries > 0,
         flights: Mutex::new(HashMap::new()),
     });
     let tracker = TaskTracker::new();
@@ -450,6 +490,11 @@ async fn udp_loop(
             send_udp(&sock, &out[..done.len], peer).await;
             continue;
         }
+        // A forwarded name answered before: from the cache, no parsing either.
+        if let Some(out) = shared.cached_wire(query, Transport::Udp) {
+            send_udp(&sock, &out, peer).await;
+            continue;
+        }
         match process(&shared, query, Transport::Udp) {
             Step::Nothing => {}
             Step::Send(out) => send_udp(&sock, &out, peer).await,
@@ -546,6 +591,10 @@ async fn tcp_conn(
             idle_timer
                 .as_mut()
                 .reset(tokio::time::Instant::now() + idle);
+            if let Some(out) = shared.cached_wire(&frame, Transport::Tcp) {
+                write_framed(&mut stream, &out).await?;
+                continue;
+            }
             match process(shared, &frame, Transport::Tcp) {
                 Step::Nothing => {}
                 Step::Send(out) => write_framed(&mut stream, &out).await?,
