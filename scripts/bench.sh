@@ -496,8 +496,8 @@ m_dnsfwd() { dnsperf_qps 127.0.0.1 "${FWD_PORT[$1]}" "$WORK/forward-query.txt"; 
 declare -A CACHED_PORT=([l4lb]=5454 [dnsmasq]=5457)
 m_dnscached() { dnsperf_qps 127.0.0.1 "${CACHED_PORT[$1]}" "$WORK/cached-query.txt"; }
 if want dnsfwd; then
-    rounds dns_forward q/s m_dnsfwd -- l4lb dnsmasq
-    rounds dns_forward_cached q/s m_dnscached -- l4lb dnsmasq
+    rounds dns_forward q/s m_dnsfwd "µs/query" 1 -- l4lb dnsmasq
+    rounds dns_forward_cached q/s m_dnscached "µs/query" 1 -- l4lb dnsmasq
 fi
 
 # --- 5. memory per idle connection ----------------------------------------------------------
