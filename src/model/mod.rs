@@ -4,6 +4,7 @@
 //! Nothing here does I/O. `source`, `agent` and `api` depend on this module; it depends on
 //! none of them.
 
+pub mod delta_in;
 mod diff;
 mod secret;
 pub mod status;

@@ -234,7 +234,7 @@ pub fn merge_families(list: Vec<VipJson>) -> Vec<VipJson> {
     out
 }
 
-fn split_fqdn(fqdn: &str) -> Option<VipName> {
+pub(super) fn split_fqdn(fqdn: &str) -> Option<VipName> {
     let rest = fqdn.strip_suffix(super::DEFAULT_ZONE)?.strip_suffix('.')?;
     let (label, framework) = rest.rsplit_once('.')?;
     Some(VipName {

@@ -18,7 +18,7 @@ use super::TableTx;
 use super::marathon::sync::Backoff;
 use super::metrics::SourceMetrics;
 use crate::model::Secret;
-use crate::model::wire::DeltaJson;
+use crate::model::delta_in::Delta;
 use crate::model::wire::{CHANGED_AT_HEADER, INDEX_HEADER};
 use crate::model::{VipTable, unix_ms_now};
 
@@ -217,7 +217,7 @@ async fn poll(
     base: &Url,
     index: u64,
     cfg: &WatchConfig,
-) -> Result<(u64, u64, DeltaJson), WatchError> {
+) -> Result<(u64, u64, Delta), WatchError> {
     let mut url = base.clone();
     url.set_path(&format!(
         "{}/v1/vips/delta",
@@ -250,7 +250,10 @@ async fn poll(
         super::ReadError::TooLarge => WatchError::TooLarge(limit),
         super::ReadError::Http(e) => WatchError::Http(e),
     })?;
-    let delta: DeltaJson = serde_json::from_slice(&body).map_err(WatchError::Body)?;
+    // Straight into model types (the body's strings borrowed while read); the body goes as
+    // soon as it is parsed.
+    let delta = Delta::from_slice(&body).map_err(WatchError::Body)?;
+    drop(body);
     Ok((new_index, changed_at, delta))
 }
 
