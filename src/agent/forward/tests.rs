@@ -936,7 +936,8 @@ async fn tcp_connect_timeouts_are_retried_and_eject() {
     let st = fwd.stats().backend(&key, hole).unwrap();
     assert!(st.ejected, "{st:?}");
     assert_eq!(
-        m.connect_failures
+        m.backend
+            .connect_failures
             .get_or_create(&BackendLabels {
                 backend: hole.to_string()
             })
@@ -1188,7 +1189,7 @@ async fn out_of_descriptors() {
     let l = BackendLabels {
         backend: b.addr.to_string(),
     };
-    assert_eq!(m.connect_failures.get_or_create(&l).get(), 0);
+    assert_eq!(m.backend.connect_failures.get_or_create(&l).get(), 0);
     assert_eq!(m.connections_retried.get(), 0);
     let stats = fwd.stats().backend(&key, b.addr).unwrap();
     assert!(!stats.ejected, "healthy backend was ejected");
@@ -1217,7 +1218,7 @@ async fn out_of_descriptors() {
     assert_eq!(&id, b"b0\n");
     echo(&mut c, b"after").await;
     assert_eq!(m.connections_no_backend.get(), 0);
-    assert_eq!(m.connect_failures.get_or_create(&l).get(), 0);
+    assert_eq!(m.backend.connect_failures.get_or_create(&l).get(), 0);
 
     // No descriptor for a UDP session's upstream socket: the datagram is dropped and
     // counted, the backend not blamed; the next datagram makes the session.
@@ -1231,7 +1232,7 @@ async fn out_of_descriptors() {
     let ul = BackendLabels {
         backend: ub.addr.to_string(),
     };
-    assert_eq!(m.connect_failures.get_or_create(&ul).get(), 0);
+    assert_eq!(m.backend.connect_failures.get_or_create(&ul).get(), 0);
     fwd.shutdown(Duration::from_secs(1)).await;
 }
 
