@@ -18,6 +18,7 @@ pub mod alloc;
 pub mod api;
 pub mod app;
 pub mod config;
+pub mod heap;
 pub mod labels;
 pub mod model;
 pub mod source;

@@ -143,6 +143,11 @@ pub struct Agent {
     last: Arc<VipTable>,
 }
 
+/// An apply that changed at least this many VIPs, or this many backends, is followed by
+/// [`crate::heap::release`] (small changes free too little to be worth one).
+const TRIM_AFTER_VIPS: usize = 64;
+const TRIM_AFTER_BACKENDS: usize = 4096;
+
 impl Agent {
     pub fn new(netif: Netif, forwarder: Forwarder, dns: DnsCatalog, metrics: AgentMetrics) -> Self {
         let (applied, _) = watch::channel(Arc::new(VipTable::default()));
@@ -252,7 +257,14 @@ impl Agent {
         if new_version || **self.applied.borrow() != *applied {
             self.applied.send_replace(applied);
         }
+        let big = d.added.len() + d.removed.len() + d.changed.len() >= TRIM_AFTER_VIPS
+            || self.last.backend_count().abs_diff(table.backend_count()) >= TRIM_AFTER_BACKENDS;
         self.last = table;
+        if big {
+            // What reading and applying a large table freed (the source's body and parse,
+            // the old table) stays in glibc's arenas otherwise.
+            tokio::task::spawn_blocking(crate::heap::release);
+        }
     }
 
     /// Make the interface hold exactly `want` plus the addresses of removed VIPs that still

@@ -50,6 +50,33 @@ impl ApiLimits {
     }
 }
 
+/// When to give the memory of ended connections back (see [`crate::heap`]): once the open
+/// connections fell to a quarter of the most seen since the last time, if that was at least
+/// [`TRIM_HIGH`]. Pure: the accept loop tells it every open and close.
+#[derive(Debug, Default)]
+struct TrimMark {
+    high: usize,
+}
+
+/// Fewer connections than this at once free too little to be worth a trim.
+const TRIM_HIGH: usize = 64;
+
+impl TrimMark {
+    fn opened(&mut self, open: usize) {
+        self.high = self.high.max(open);
+    }
+
+    /// One closed and `open` remain: true when it is time to trim.
+    fn closed(&mut self, open: usize) -> bool {
+        if self.high >= TRIM_HIGH && open <= self.high / 4 {
+            self.high = open;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// The soft `RLIMIT_NOFILE`, if it can be read and is finite.
 fn nofile() -> Option<u64> {
     use nix::sys::resource::{Resource, getrlimit};
@@ -73,6 +100,8 @@ pub async fn serve(
         );
     }
     let permits = Arc::new(Semaphore::new(max));
+    let mark = Arc::new(std::sync::Mutex::new(TrimMark::default()));
+    let open = move |p: &Semaphore| max - p.available_permits();
     let tracker = TaskTracker::new();
     let service = TowerToHyperService::new(router);
     loop {
@@ -93,8 +122,12 @@ pub async fn serve(
             drop(stream);
             continue;
         };
+        if let Ok(mut m) = mark.lock() {
+            m.opened(open(&permits));
+        }
         let service = service.clone();
         let stop = shutdown.clone();
+        let (permits, mark) = (Arc::clone(&permits), Arc::clone(&mark));
         tracker.spawn(async move {
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -112,6 +145,10 @@ pub async fn serve(
                 tracing::debug!(%peer, error = %e, "API connection ended");
             }
             drop(permit);
+            // A thousand blocked watchers gone leave their buffers in glibc's arenas.
+            if mark.lock().is_ok_and(|mut m| m.closed(open(&permits))) {
+                tokio::task::spawn_blocking(crate::heap::release);
+            }
         });
     }
     tracker.close();
@@ -124,6 +161,40 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
+
+    #[test]
+    fn memory_is_trimmed_when_connections_fall_from_a_high_mark() {
+        // (opens up to, then closes down to) -> the open counts at which it trims.
+        type Case = (&'static [(usize, usize)], &'static [usize]);
+        let cases: [Case; 4] = [
+            // A few connections come and go: never.
+            (&[(10, 0), (63, 0)], &[]),
+            // A thousand watchers leave: at a quarter, then at a quarter of that.
+            (&[(1000, 0)], &[250, 62]),
+            // Churn near the top never trims; falling later does.
+            (&[(100, 90), (100, 0)], &[25]),
+            // After a trim, a new high mark is needed.
+            (&[(64, 16), (20, 0)], &[16]),
+        ];
+        for (i, (moves, want)) in cases.into_iter().enumerate() {
+            let mut m = TrimMark::default();
+            let mut open = 0;
+            let mut trims = Vec::new();
+            for &(up, down) in moves {
+                while open < up {
+                    open += 1;
+                    m.opened(open);
+                }
+                while open > down {
+                    open -= 1;
+                    if m.closed(open) {
+                        trims.push(open);
+                    }
+                }
+            }
+            assert_eq!(trims, want, "case {i}");
+        }
+    }
 
     #[test]
     fn the_cap_leaves_most_descriptors_to_the_data_plane() {
