@@ -16,8 +16,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::model::VipTable;
+use crate::model::delta_in::Delta;
 use crate::model::unix_ms_now;
-use crate::model::wire::DeltaJson;
+use crate::model::wire::FullDelta;
 
 /// Changes within this are saved once, as of the last.
 pub const SAVE_EVERY: Duration = Duration::from_secs(1);
@@ -40,21 +41,28 @@ pub enum SavedError {
     TooOld { age_s: u64 },
 }
 
-/// What is on disk.
-#[derive(Serialize, Deserialize)]
+/// What is on disk, as written: the table serialised from itself, one VIP at a time.
+#[derive(Serialize)]
+struct Saving<'a> {
+    saved_at_ms: u64,
+    table: FullDelta<'a>,
+}
+
+/// What is on disk, as read: the table parsed straight into model types.
+#[derive(Deserialize)]
 struct Saved {
     saved_at_ms: u64,
-    table: DeltaJson,
+    table: Delta,
 }
 
 /// `table` as saved at `now_ms`.
 pub fn encode(table: &VipTable, now_ms: u64) -> Vec<u8> {
-    let saved = Saved {
+    let saving = Saving {
         saved_at_ms: now_ms,
-        table: DeltaJson::between(None, table),
+        table: FullDelta(table),
     };
-    // A DeltaJson has string keys only: serializing it cannot fail.
-    serde_json::to_vec(&saved).unwrap_or_default()
+    // String keys only: serializing it cannot fail.
+    serde_json::to_vec(&saving).unwrap_or_default()
 }
 
 /// The table saved in `bytes`, if it is one and younger than [`MAX_AGE`] at `now_ms`.
@@ -128,7 +136,15 @@ impl SavedTable {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
         let tmp = self.path.with_extension("json.new");
-        std::fs::write(&tmp, encode(table, unix_ms_now())).map_err(io)?;
+        // Streamed to the file: never the whole JSON in memory beside the table.
+        let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
+        let saving = Saving {
+            saved_at_ms: unix_ms_now(),
+            table: FullDelta(table),
+        };
+        serde_json::to_writer(&mut w, &saving).map_err(|e| io(e.into()))?;
+        std::io::Write::flush(&mut w).map_err(io)?;
+        drop(w);
         std::fs::rename(&tmp, &self.path).map_err(io)
     }
 

@@ -175,63 +175,99 @@ impl VipJson {
 pub fn merge_families(list: Vec<VipJson>) -> Vec<VipJson> {
     let mut out: Vec<VipJson> = Vec::with_capacity(list.len());
     for j in list {
-        if let Some(prev) = out.last_mut()
-            && prev.name.is_some()
-            && prev.name == j.name
-            && prev.vip == j.vip
-            && prev.protocol == j.protocol
-            && prev.ip6.is_none()
-            && prev.ip.is_ipv4() != j.ip.is_ipv4()
-        {
-            // The kernel path may translate one family and not the other (an IPv4 socket
-            // is never sent to an IPv6 backend): say bpf if it translates either.
-            if j.data_plane.as_deref() == Some("bpf") {
-                prev.data_plane = j.data_plane.clone();
-            }
-            if prev.ip.is_ipv6() {
-                prev.ip6 = Some(prev.ip);
-                prev.ip = j.ip;
-            } else {
-                prev.ip6 = Some(j.ip);
-            }
-            let sum = |a: Option<u64>, b: Option<u64>| match (a, b) {
-                (None, None) => None,
-                (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
-            };
-            prev.connections_ok = sum(prev.connections_ok, j.connections_ok);
-            prev.connections_failed = sum(prev.connections_failed, j.connections_failed);
-            for b in j.backend {
-                match prev
-                    .backend
-                    .iter_mut()
-                    .find(|p| p.ip == b.ip && p.port == b.port)
-                {
-                    Some(p) => {
-                        let sum = |a: Option<u64>, b: Option<u64>| match (a, b) {
-                            (None, None) => None,
-                            (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
-                        };
-                        p.connections = sum(p.connections, b.connections);
-                        p.bytes = sum(p.bytes, b.bytes);
-                        p.kernel_connections = sum(p.kernel_connections, b.kernel_connections);
-                        p.connects = sum(p.connects, b.connects);
-                        p.connect_failures = sum(p.connect_failures, b.connect_failures);
-                        // Latency is kept per backend address: both families show the same.
-                        p.connect_p50_seconds = p.connect_p50_seconds.or(b.connect_p50_seconds);
-                        p.connect_p99_seconds = p.connect_p99_seconds.or(b.connect_p99_seconds);
-                        p.ejected = match (p.ejected, b.ejected) {
-                            (None, None) => None,
-                            (a, b) => Some(a.unwrap_or(false) || b.unwrap_or(false)),
-                        };
-                    }
-                    None => prev.backend.push(b),
-                }
-            }
-            continue;
-        }
-        out.push(j);
+        let rest = match out.last_mut() {
+            Some(prev) => merge_pair(prev, j),
+            None => Some(j),
+        };
+        out.extend(rest);
     }
     out
+}
+
+/// [`merge_families`] as an iterator: one entry held at a time.
+struct Merged<I> {
+    inner: I,
+    pending: Option<VipJson>,
+}
+
+impl<I: Iterator<Item = VipJson>> Iterator for Merged<I> {
+    type Item = VipJson;
+
+    fn next(&mut self) -> Option<VipJson> {
+        loop {
+            let Some(j) = self.inner.next() else {
+                return self.pending.take();
+            };
+            match self.pending.take() {
+                None => self.pending = Some(j),
+                Some(mut prev) => match merge_pair(&mut prev, j) {
+                    None => self.pending = Some(prev),
+                    Some(j) => {
+                        self.pending = Some(j);
+                        return Some(prev);
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Merge `j` into `prev` if they are the two families of one named VIP; else give it back.
+fn merge_pair(prev: &mut VipJson, j: VipJson) -> Option<VipJson> {
+    if prev.name.is_some()
+        && prev.name == j.name
+        && prev.vip == j.vip
+        && prev.protocol == j.protocol
+        && prev.ip6.is_none()
+        && prev.ip.is_ipv4() != j.ip.is_ipv4()
+    {
+        // The kernel path may translate one family and not the other (an IPv4 socket
+        // is never sent to an IPv6 backend): say bpf if it translates either.
+        if j.data_plane.as_deref() == Some("bpf") {
+            prev.data_plane = j.data_plane.clone();
+        }
+        if prev.ip.is_ipv6() {
+            prev.ip6 = Some(prev.ip);
+            prev.ip = j.ip;
+        } else {
+            prev.ip6 = Some(j.ip);
+        }
+        let sum = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+        };
+        prev.connections_ok = sum(prev.connections_ok, j.connections_ok);
+        prev.connections_failed = sum(prev.connections_failed, j.connections_failed);
+        for b in j.backend {
+            match prev
+                .backend
+                .iter_mut()
+                .find(|p| p.ip == b.ip && p.port == b.port)
+            {
+                Some(p) => {
+                    let sum = |a: Option<u64>, b: Option<u64>| match (a, b) {
+                        (None, None) => None,
+                        (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+                    };
+                    p.connections = sum(p.connections, b.connections);
+                    p.bytes = sum(p.bytes, b.bytes);
+                    p.kernel_connections = sum(p.kernel_connections, b.kernel_connections);
+                    p.connects = sum(p.connects, b.connects);
+                    p.connect_failures = sum(p.connect_failures, b.connect_failures);
+                    // Latency is kept per backend address: both families show the same.
+                    p.connect_p50_seconds = p.connect_p50_seconds.or(b.connect_p50_seconds);
+                    p.connect_p99_seconds = p.connect_p99_seconds.or(b.connect_p99_seconds);
+                    p.ejected = match (p.ejected, b.ejected) {
+                        (None, None) => None,
+                        (a, b) => Some(a.unwrap_or(false) || b.unwrap_or(false)),
+                    };
+                }
+                None => prev.backend.push(b),
+            }
+        }
+        return None;
+    }
+    Some(j)
 }
 
 pub(super) fn split_fqdn(fqdn: &str) -> Option<VipName> {
@@ -282,6 +318,54 @@ pub struct DeltaJson {
     /// Apps gone (no running task left, or removed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub remove_apps: Vec<String>,
+}
+
+/// `DeltaJson::between(None, table)` as it serialises, written from the table one VIP at a
+/// time: no `Vec<VipJson>` or copy of every app's tasks (an agent saving a 20 MiB table once
+/// held 70 MiB more for it).
+#[derive(Debug, Clone, Copy)]
+pub struct FullDelta<'a>(pub &'a VipTable);
+
+impl Serialize for FullDelta<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        struct Upsert<'a>(&'a VipTable);
+        impl Serialize for Upsert<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_seq(Merged {
+                    inner: self
+                        .0
+                        .sorted_for_api()
+                        .into_iter()
+                        .map(|v| VipJson::from_vip(v)),
+                    pending: None,
+                })
+            }
+        }
+        #[derive(Serialize)]
+        struct AppRef<'a> {
+            app: &'a str,
+            #[serde(flatten)]
+            tasks: &'a AppTasks,
+        }
+        struct Apps<'a>(&'a VipTable);
+        impl Serialize for Apps<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_seq(self.0.apps.iter().map(|(app, tasks)| AppRef { app, tasks }))
+            }
+        }
+        let t = self.0;
+        let mut m = s.serialize_struct("DeltaJson", 6)?;
+        m.serialize_field("from", &0u64)?;
+        m.serialize_field("to", &t.version)?;
+        m.serialize_field("full", &true)?;
+        m.serialize_field("upsert", &Upsert(t))?;
+        m.serialize_field("remove", &[] as &[KeyJson])?;
+        if !t.apps.is_empty() {
+            m.serialize_field("upsert_apps", &Apps(t))?;
+        }
+        m.end()
+    }
 }
 
 /// One app's running tasks on the wire: its id beside the model's fields.
@@ -429,6 +513,49 @@ mod tests {
         assert!(back.same_content(&t));
         let full = DeltaJson::between(None, &t).apply(&VipTable::default());
         assert!(full.same_content(&t));
+    }
+
+    #[test]
+    fn a_full_delta_streams_as_it_serialises() {
+        let name = Some(VipName {
+            label: "db".into(),
+            framework: "cassandra".into(),
+        });
+        let backends = ["198.18.1.2:9042", "[fd00::2]:9042"];
+        let mut v4 = vip("11.1.2.3", 9042, &backends);
+        let mut v6 = vip("fd01:c::7", 9042, &backends);
+        v4.name = name.clone();
+        v6.name = name;
+        let mut udp = v4.clone();
+        udp.key.protocol = crate::model::Protocol::Udp;
+        let apps = [(
+            "/db".to_string(),
+            Arc::new(AppTasks {
+                name: "db".into(),
+                framework: "marathon".into(),
+                tasks: vec![TaskRecord {
+                    id: "db.1".into(),
+                    host: Some([198, 18, 1, 2].into()),
+                    container: vec![],
+                    ports: vec![TaskPort {
+                        port: 9042,
+                        protocol: crate::model::Protocol::Tcp,
+                        name: None,
+                    }],
+                }],
+            }),
+        )];
+        for t in [
+            VipTable::default(),
+            VipTable::new(3, [vip("198.18.5.5", 80, &["198.18.1.3:1"])]),
+            VipTable::new(7, [v4, v6, udp, vip("198.18.5.5", 80, &["198.18.1.3:1"])])
+                .with_apps(apps),
+        ] {
+            assert_eq!(
+                serde_json::to_string(&FullDelta(&t)).unwrap(),
+                serde_json::to_string(&DeltaJson::between(None, &t)).unwrap()
+            );
+        }
     }
 
     #[test]
