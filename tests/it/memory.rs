@@ -156,13 +156,16 @@ fn big_table(version: u64, vips: usize, per: usize, port: u16) -> l4lb::model::V
 const APPLIED: &str = "l4lb::agent: table applied";
 
 /// RSS of a real `l4lb agent` following a real controller API that publishes an empty table,
-/// then `table`: (before `table`, peak since, after it was applied and settled), KiB.
+/// then `table`: (before `table`, peak since, after it was applied, saved and settled), KiB.
 async fn agent_rss(table: l4lb::model::VipTable) -> (u64, u64, u64) {
     use l4lb::api::{self, ApiState, Readiness};
     use l4lb::model::VipTable;
     use std::sync::Arc;
     use std::time::Duration;
 
+    let vips = table.vips.len();
+    // Its own state directory: no table saved by another agent is served first.
+    let state_dir = tempfile::tempdir().unwrap();
     let (tx, rx) = tokio::sync::watch::channel(Arc::new(VipTable::new(1, [])));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let ctl = listener.local_addr().unwrap();
@@ -193,7 +196,9 @@ async fn agent_rss(table: l4lb::model::VipTable) -> (u64, u64, u64) {
         "127.0.0.1:0",
         "--dns-listen",
         "127.0.0.1:0",
-    ]);
+        "--state-dir",
+    ])
+    .arg(state_dir.path());
     let agent = crate::common::process::Proc::spawn("agent", cmd);
     let log = agent.log();
     log.wait_for("first table applied", Duration::from_secs(20));
@@ -209,12 +214,19 @@ async fn agent_rss(table: l4lb::model::VipTable) -> (u64, u64, u64) {
             "the table applied",
             Duration::from_secs(60),
             Duration::from_millis(20),
-            || (l.count(APPLIED) >= 2).then_some(()),
+            || {
+                let line = format!("live={vips} ");
+                l.text()
+                    .lines()
+                    .any(|x| x.contains(APPLIED) && x.contains(&line))
+                    .then_some(())
+            },
         )
     })
     .await
     .unwrap();
-    // Let whatever follows an apply (DNS records, the forwarder's listeners, the trim) settle.
+    // Let whatever follows an apply (DNS records, the forwarder's listeners, the saved copy,
+    // the trim) settle.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (rss, peak) = rss_kib(pid);
     if ht {
