@@ -29,6 +29,7 @@ use crate::labels::{IpPolicy, LabelError, ReasonLabel};
 use crate::model::{VipKey, VipTable, diff, unix_ms_now};
 use dns::DnsCatalog;
 use forward::Forwarder;
+use netif::watch as linkwatch;
 use netif::{InterfaceKind, Netif};
 
 /// The agent's own metrics (apply and propagation).
@@ -41,6 +42,7 @@ pub struct AgentMetrics {
     refused_ip_vips: Counter,
     netif_errors: Counter,
     reconciled: Counter,
+    watch_overruns: Counter,
     /// The control plane's `label_errors` family (already registered): an IP VIP refused
     /// here is a label error like any other (`reason="host_address"`).
     label_errors: Family<ReasonLabel, Counter>,
@@ -60,6 +62,7 @@ impl AgentMetrics {
             refused_ip_vips: Counter::default(),
             netif_errors: Counter::default(),
             reconciled: Counter::default(),
+            watch_overruns: Counter::default(),
             label_errors,
         };
         registry.register(
@@ -98,11 +101,21 @@ impl AgentMetrics {
             "Times the VIP interface's addresses were found changed by someone else and put back",
             m.reconciled.clone(),
         );
+        registry.register(
+            "interface_watch_overruns",
+            "Times the netlink watch of the VIP interface lost notifications (ENOBUFS) and the \
+             link was checked in full",
+            m.watch_overruns.clone(),
+        );
         m
     }
 }
 
-/// How often the link's addresses are checked against the table.
+/// How often the link's addresses are checked against the table while the netlink watch
+/// ([`netif::watch`]) runs: a backstop only, the watch heals within milliseconds.
+const BACKSTOP_EVERY: Duration = Duration::from_secs(5);
+
+/// How often they are checked when the watch could not start or died.
 const RECONCILE_EVERY: Duration = Duration::from_millis(500);
 
 /// What a controller refuses whatever its flags, refused again here before an address goes on
@@ -281,25 +294,51 @@ impl Agent {
         }
     }
 
-    /// Put back what the table says if the link's addresses changed behind our back.
-    async fn reconcile(&mut self) {
+    /// Every address that belongs on the link now: the table's VIPs and those of removed VIPs
+    /// that still drain ([`Netif::sync`] adds the kept ones).
+    fn want(&self) -> BTreeSet<IpAddr> {
         let mut want: BTreeSet<IpAddr> = self.last.vips.keys().map(|k| k.ip).collect();
         want.extend(self.forwarder.retiring_addrs());
+        want
+    }
+
+    /// Put back what the table says if the link (deleted, set down) or its addresses changed
+    /// behind our back. `why` names what prompted it (a watch verdict, or the periodic check).
+    async fn reconcile(&mut self, why: &'static str) {
+        let healed = match self.netif.heal().await {
+            Ok(healed) => healed,
+            Err(e) => {
+                tracing::warn!(error = %e, why, "cannot restore the VIP interface");
+                self.metrics.netif_errors.inc();
+                return;
+            }
+        };
+        let want = self.want();
         match self.netif.sync(&want).await {
-            Ok((added, removed)) if !added.is_empty() || !removed.is_empty() => {
+            Ok((added, removed)) if healed || !added.is_empty() || !removed.is_empty() => {
                 tracing::warn!(
+                    why,
+                    link_restored = healed,
                     added = added.len(),
                     removed = removed.len(),
-                    "VIP addresses changed behind l4lb's back; reconciled"
+                    "VIP interface changed behind l4lb's back; reconciled"
                 );
                 self.metrics.reconciled.inc();
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!(error = %e, "cannot reconcile VIP addresses");
+                tracing::warn!(error = %e, why, "cannot reconcile VIP addresses");
                 self.metrics.netif_errors.inc();
             }
         }
+    }
+
+    /// Whether a burst of link notifications asks for a reconcile, and why.
+    fn judge(&self, notes: &[linkwatch::Note]) -> Option<linkwatch::Why> {
+        let link = self.netif.watched()?;
+        let want = self.want();
+        let kept = self.netif.kept();
+        linkwatch::burst_verdict(notes, link, |ip| want.contains(&ip) || kept.contains(&ip))
     }
 
     /// Drop VIPs this host must not serve: VIPs (named or not) on an address of one of its
@@ -373,10 +412,11 @@ impl Agent {
         // Left-overs of a previous run are reconciled by the first apply (its final sync), so
         // VIPs that stay across a restart never leave the interface.
         let retry_every = Duration::from_secs(2);
-        // Someone else's `ip addr flush` (or a second, misconfigured agent) is undone within
-        // this: one netlink dump of the link when nothing changed.
-        let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
-        reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Someone else's `ip addr flush`, `ip link set down` or `ip link del` is seen over
+        // netlink and undone at once; the periodic check (a link lookup and an address dump)
+        // is the backstop, and the only way when the watch cannot run.
+        let mut watch = self.open_watch();
+        let mut reconcile = backstop(watch.is_some());
         match restored {
             Some(t) if t.version != 0 && tables.borrow().version == 0 => {
                 tracing::info!(
@@ -417,8 +457,26 @@ impl Agent {
                     self.apply(t).await;
                 }
                 _ = reconcile.tick(), if self.netif.kind() != InterfaceKind::None => {
-                    self.reconcile().await;
+                    self.reconcile("periodic").await;
                 }
+                burst = next_burst(&mut watch) => match burst {
+                    Some(notes) => {
+                        if let Some(why) = self.judge(&notes) {
+                            if why == linkwatch::Why::Overrun {
+                                tracing::warn!("netlink watch lost notifications; checking the VIP interface in full");
+                                self.metrics.watch_overruns.inc();
+                            }
+                            tracing::debug!(why = why.as_str(), notes = notes.len(), "VIP interface changed");
+                            self.reconcile(why.as_str()).await;
+                        }
+                    }
+                    None => {
+                        tracing::warn!(every_ms = RECONCILE_EVERY.as_millis() as u64, "netlink watch of the VIP interface closed; checking it periodically instead");
+                        watch = None;
+                        reconcile = backstop(false);
+                        self.reconcile("watch closed").await;
+                    }
+                },
                 vip = self.forwarder.retired() => {
                     tracing::info!(%vip, "removed VIP drained; its address may go");
                     let want = self.last.vips.keys().map(|k| k.ip).collect();
@@ -427,6 +485,21 @@ impl Agent {
             }
         }
         self.stop(grace).await;
+    }
+
+    /// The netlink watch of the VIP link, unless there is no link or it cannot start.
+    fn open_watch(&self) -> Option<linkwatch::LinkWatch> {
+        if self.netif.kind() == InterfaceKind::None {
+            return None;
+        }
+        match linkwatch::LinkWatch::open() {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, every_ms = RECONCILE_EVERY.as_millis() as u64, "cannot watch the VIP interface; checking it periodically instead");
+                self.metrics.netif_errors.inc();
+                None
+            }
+        }
     }
 
     async fn stop(self, grace: Duration) {
@@ -441,5 +514,26 @@ impl Agent {
                 tracing::info!("VIP addresses removed");
             }
         }
+    }
+}
+
+/// The periodic check of the VIP link: a slow backstop beside the netlink watch, the only
+/// check without it.
+fn backstop(watching: bool) -> tokio::time::Interval {
+    let every = if watching {
+        BACKSTOP_EVERY
+    } else {
+        RECONCILE_EVERY
+    };
+    let mut i = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    i
+}
+
+/// The next burst of `watch`; pending forever without one. Cancel-safe.
+async fn next_burst(watch: &mut Option<linkwatch::LinkWatch>) -> Option<Vec<linkwatch::Note>> {
+    match watch {
+        Some(w) => w.burst().await,
+        None => std::future::pending().await,
     }
 }

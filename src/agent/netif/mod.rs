@@ -7,6 +7,7 @@
 
 mod lock;
 mod plan;
+pub mod watch;
 
 pub use lock::LOCK_DIR;
 
@@ -22,7 +23,7 @@ use ipnet::IpNet;
 use netlink_packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
 };
-use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use nix::errno::Errno;
 use rtnetlink::{AddressMessageBuilder, Handle, LinkBridge, LinkDummy, LinkUnspec};
 use tokio::task::JoinHandle;
@@ -223,6 +224,62 @@ impl Netif {
     /// The link's name, or `None` for [`InterfaceKind::None`].
     pub fn name(&self) -> Option<&str> {
         self.link.as_ref().map(|l| l.name.as_str())
+    }
+
+    /// The link as [`watch`] knows it (index and name), or `None` for [`InterfaceKind::None`].
+    pub fn watched(&self) -> Option<watch::Watched<'_>> {
+        self.link.as_ref().map(|l| watch::Watched {
+            index: l.index,
+            name: &l.name,
+        })
+    }
+
+    /// Addresses kept on the link besides the VIPs ([`Netif::keep`]).
+    pub fn kept(&self) -> &BTreeSet<IpAddr> {
+        &self.kept
+    }
+
+    /// Make sure the link exists and is up: re-create it if someone deleted it, adopt a link
+    /// of its name that someone re-created (if it is one l4lb may manage, as at
+    /// [`Netif::open`]), bring it up if someone set it down. Addresses are [`Netif::sync`]'s
+    /// business (a re-created link has none; a link set down lost its IPv6 ones). Returns
+    /// whether anything was done; a no-op for `None`.
+    pub async fn heal(&mut self) -> Result<bool, NetifError> {
+        let Some(link) = &self.link else {
+            return Ok(false);
+        };
+        let (name, old) = (link.name.clone(), link.index);
+        let (index, up) = match self.find_link(&name).await? {
+            Some(msg) if msg.header.index == old => (old, msg.header.flags.contains(LinkFlags::Up)),
+            Some(msg) => {
+                let (index, kind) = self
+                    .check_existing(&name, InterfaceKind::Auto, &msg)
+                    .await?;
+                warn!(interface = %name, index, "VIP interface was re-created by someone else; adopting it");
+                self.kind = kind;
+                (index, msg.header.flags.contains(LinkFlags::Up))
+            }
+            None => {
+                warn!(interface = %name, "VIP interface was deleted; re-creating it");
+                let (index, kind) = self.create(&name, self.kind).await?;
+                self.kind = kind;
+                (index, false)
+            }
+        };
+        let changed = index != old || !up;
+        self.link = Some(Link {
+            name: name.clone(),
+            index,
+        });
+        if !up {
+            self.handle
+                .link()
+                .set(LinkUnspec::new_with_index(index).up().build())
+                .execute()
+                .await
+                .map_err(|e| nl_err(format!("bringing {name} up"), e))?;
+        }
+        Ok(changed)
     }
 
     /// Make the addresses on the link exactly `want` (each /32 or /128): add the missing,
