@@ -12,6 +12,7 @@ mod cluster;
 mod controller;
 mod dns;
 mod harden;
+mod heal;
 mod memory;
 mod mesos;
 mod netif;
