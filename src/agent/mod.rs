@@ -336,9 +336,12 @@ impl Agent {
     /// Whether a burst of link notifications asks for a reconcile, and why.
     fn judge(&self, notes: &[linkwatch::Note]) -> Option<linkwatch::Why> {
         let link = self.netif.watched()?;
-        let want = self.want();
+        // Built only if an address of our link is in the burst (not for other links' news).
+        let want = std::cell::OnceCell::new();
         let kept = self.netif.kept();
-        linkwatch::burst_verdict(notes, link, |ip| want.contains(&ip) || kept.contains(&ip))
+        linkwatch::burst_verdict(notes, link, |ip| {
+            kept.contains(&ip) || want.get_or_init(|| self.want()).contains(&ip)
+        })
     }
 
     /// Drop VIPs this host must not serve: VIPs (named or not) on an address of one of its

@@ -198,11 +198,14 @@ const MAX_NOTES: usize = 65_536;
 /// notifications: a flush of 1,000 VIPs would overflow it while the runtime is busy).
 const RCVBUF: usize = 4 << 20;
 
+type Messages = UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>;
+
 /// The I/O shell: an rtnetlink multicast socket on link and address changes, read by a task
 /// of its own. Dropping it closes the socket.
 pub struct LinkWatch {
-    messages: UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
-    conn: JoinHandle<()>,
+    messages: Messages,
+    /// The task reading the socket (none in unit tests, which feed `messages` themselves).
+    conn: Option<JoinHandle<()>>,
     /// The burst being gathered: kept here so a cancelled [`LinkWatch::burst`] loses nothing.
     notes: Vec<Note>,
     started: Option<Instant>,
@@ -218,7 +221,9 @@ impl std::fmt::Debug for LinkWatch {
 
 impl Drop for LinkWatch {
     fn drop(&mut self) {
-        self.conn.abort();
+        if let Some(conn) = &self.conn {
+            conn.abort();
+        }
     }
 }
 
@@ -240,12 +245,18 @@ impl LinkWatch {
         {
             tracing::debug!(error = %e, "cannot grow the netlink receive buffer");
         }
-        Ok(LinkWatch {
+        let mut w = LinkWatch::from_messages(messages);
+        w.conn = Some(tokio::spawn(conn));
+        Ok(w)
+    }
+
+    fn from_messages(messages: Messages) -> Self {
+        LinkWatch {
             messages,
-            conn: tokio::spawn(conn),
+            conn: None,
             notes: Vec::new(),
             started: None,
-        })
+        }
     }
 
     /// The next burst of notes: wait for one, then take what follows until [`QUIET`] passes
@@ -260,7 +271,14 @@ impl LinkWatch {
                 self.started = Some(Instant::now());
                 continue;
             };
-            let deadline = (Instant::now() + QUIET).min(started + MAX_BURST);
+            let now = Instant::now();
+            // (Checked here: a timeout polls its future first, so a steady stream of ready
+            // notes would never see a deadline that has passed.)
+            if now >= started + MAX_BURST {
+                self.started = None;
+                return Some(std::mem::take(&mut self.notes));
+            }
+            let deadline = (now + QUIET).min(started + MAX_BURST);
             match tokio::time::timeout_at(deadline, self.next_note()).await {
                 Ok(Some(n)) if self.notes.len() < MAX_NOTES => self.notes.push(n),
                 Ok(Some(_)) => {
@@ -448,6 +466,82 @@ mod tests {
         for (what, notes, expect) in cases {
             assert_eq!(burst_verdict(notes, LINK, want), *expect, "{what}");
         }
+    }
+
+    fn del_addr(last: u8) -> NetlinkMessage<RouteNetlinkMessage> {
+        let mut a = AddressMessage::default();
+        a.header.index = 7;
+        a.header.prefix_len = 32;
+        a.attributes
+            .push(AddressAttribute::Address(IpAddr::from([198, 18, 5, last])));
+        NetlinkMessage::from(RouteNetlinkMessage::DelAddress(a))
+    }
+
+    fn feed() -> (
+        futures::channel::mpsc::UnboundedSender<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
+        LinkWatch,
+    ) {
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        (tx, LinkWatch::from_messages(rx))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bursts_are_coalesced_bounded_and_survive_cancellation() {
+        let from = SocketAddr::new(0, 0);
+        let (tx, mut w) = feed();
+
+        // A flush: many notes at once are one burst, handed out once QUIET has passed.
+        for i in 0..1000u32 {
+            tx.unbounded_send((del_addr(i as u8), from)).expect("send");
+        }
+        let t = Instant::now();
+        assert_eq!(w.burst().await.expect("open").len(), 1000);
+        assert_eq!(t.elapsed(), QUIET);
+
+        // Notes further apart than QUIET are separate bursts.
+        let tx2 = tx.clone();
+        let sender = tokio::spawn(async move {
+            for i in 0..2u8 {
+                tx2.unbounded_send((del_addr(i), from)).expect("send");
+                tokio::time::sleep(QUIET * 3).await;
+            }
+        });
+        assert_eq!(w.burst().await.expect("open").len(), 1);
+        assert_eq!(w.burst().await.expect("open").len(), 1);
+        sender.await.expect("sender");
+
+        // A steady stream is cut at MAX_BURST.
+        let tx2 = tx.clone();
+        let sender = tokio::spawn(async move {
+            for i in 0..100u8 {
+                tx2.unbounded_send((del_addr(i), from)).expect("send");
+                tokio::time::sleep(QUIET / 3).await;
+            }
+        });
+        let t = Instant::now();
+        let n = w.burst().await.expect("open").len();
+        assert!(t.elapsed() <= MAX_BURST + QUIET, "{:?}", t.elapsed());
+        assert!(n < 100, "{n}");
+        let mut total = n;
+        while total < 100 {
+            total += w.burst().await.expect("open").len();
+        }
+        assert_eq!(total, 100);
+        sender.await.expect("sender");
+
+        // A call cancelled mid-burst loses nothing: the next hands the notes out.
+        tx.unbounded_send((del_addr(1), from)).expect("send");
+        let cut = tokio::time::timeout(QUIET / 2, w.burst()).await;
+        assert!(cut.is_err(), "the burst was not cut short");
+        tx.unbounded_send((del_addr(2), from)).expect("send");
+        assert_eq!(w.burst().await.expect("open").len(), 2);
+
+        // Closed: what came is handed out, then `None` for good.
+        tx.unbounded_send((del_addr(3), from)).expect("send");
+        drop(tx);
+        assert_eq!(w.burst().await.expect("last burst").len(), 1);
+        assert!(w.burst().await.is_none());
+        assert!(w.burst().await.is_none());
     }
 
     #[test]
