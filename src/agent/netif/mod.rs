@@ -5,10 +5,12 @@
 //! IP-VIP safety check (§3). Depends on nothing else in l4lb; the agent calls [`Netif::sync`]
 //! with the VIP addresses of each table. The reconciliation itself is the pure [`plan`].
 
+mod anchor;
 mod lock;
 mod plan;
 pub mod watch;
 
+pub use anchor::ANCHOR_PROTO;
 pub use lock::LOCK_DIR;
 
 pub use plan::{Plan, host_prefix, is_kernel_managed, plan};
@@ -152,6 +154,9 @@ pub struct Netif {
     conn: JoinHandle<()>,
     /// Held while this `Netif` manages the link (none for `None`).
     _lock: Option<lock::LinkLock>,
+    /// A route per VIP that keeps it local while its address is missing (none for `None`,
+    /// or when they cannot be set up).
+    anchors: Option<anchor::Anchors>,
 }
 
 impl fmt::Debug for Netif {
@@ -185,6 +190,7 @@ impl Netif {
             handle,
             conn,
             _lock: None,
+            anchors: None,
         };
         if kind == InterfaceKind::None {
             info!(
@@ -212,6 +218,16 @@ impl Netif {
             name: name.to_string(),
             index,
         });
+        me.anchors = match me.find_link("lo").await {
+            Ok(Some(lo)) => anchor::Anchors::open(lo.header.index)
+                .inspect_err(|e| warn!(error = %e, "no anchor routes for VIPs"))
+                .ok(),
+            Ok(None) => None,
+            Err(e) => {
+                warn!(error = %e, "no anchor routes for VIPs");
+                None
+            }
+        };
         harden_arp();
         Ok(me)
     }
@@ -317,9 +333,6 @@ impl Netif {
         let current = self.link_addresses(link).await?;
         let nets: BTreeSet<IpNet> = current.iter().map(|(net, _)| *net).collect();
         let plan = plan(&nets, want);
-        if plan.is_empty() {
-            return Ok((Vec::new(), Vec::new()));
-        }
         // One bad address must not keep the others off the link: try everything, then
         // report the first failure (the caller retries the whole sync).
         let mut first_err = None;
@@ -335,8 +348,22 @@ impl Netif {
                 first_err.get_or_insert(e);
             }
         }
+        // The addresses first (they are what a flush took), then their anchors.
+        if let Some(anchors) = &self.anchors {
+            match anchors.sync(want).await {
+                Ok((0, 0)) => {}
+                Ok((added, removed)) => debug!(added, removed, "anchor routes synced"),
+                Err(e) => {
+                    warn!(error = %e, "syncing anchor routes failed");
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
         if let Some(e) = first_err {
             return Err(e);
+        }
+        if plan.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
         }
         let removed: Vec<IpAddr> = plan.to_remove.iter().map(IpNet::addr).collect();
         info!(
