@@ -1,9 +1,11 @@
 //! The VIP interface (DESIGN §7): a dummy link (or, where the kernel has no dummy driver, an
 //! empty bridge) that carries every VIP address as a /32 or /128, managed over rtnetlink.
 //!
-//! Owns the link and the addresses on it, and reports the host's other addresses for the
-//! IP-VIP safety check (§3). Depends on nothing else in l4lb; the agent calls [`Netif::sync`]
-//! with the VIP addresses of each table. The reconciliation itself is the pure [`plan`].
+//! Owns the link, the addresses on it and their anchor routes on `lo` (`anchor`: a VIP stays
+//! local while someone has flushed its address), and reports the host's other addresses for
+//! the IP-VIP safety check (§3). Depends on nothing else in l4lb; the agent calls
+//! [`Netif::sync`] with the VIP addresses of each table, and [`Netif::heal`] when [`watch`]
+//! sees the link changed behind its back. The reconciliation itself is the pure [`plan`].
 
 mod anchor;
 mod lock;
@@ -303,7 +305,8 @@ impl Netif {
     /// length). IPv6 link-local addresses the kernel put there are left alone. Returns
     /// `(added, removed)`. A no-op for `None`. `want` is expected to hold VIPs that passed the
     /// §3 checks (never link-local). On error every other change has still been attempted.
-    /// Addresses in [`Netif::keep`] are always wanted.
+    /// Addresses in [`Netif::keep`] are always wanted. Their anchor routes are made to match
+    /// too (after the addresses); `(added, removed)` counts addresses only.
     pub async fn sync(
         &self,
         want: &BTreeSet<IpAddr>,
