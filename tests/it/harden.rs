@@ -341,10 +341,11 @@ fn root_a_flushed_link_heals_within_a_second_and_a_second_agent_is_refused() {
     log.wait_for("first table applied", Duration::from_secs(20));
     assert!(answers(&ns));
 
-    // Someone flushes the link: the table's addresses are back within a second.
+    // Someone flushes the link: the table's addresses are back within a second. (The netlink
+    // watch often has them back before the next `ip` starts, so their absence is not checked
+    // here; `heal::` measures how long the VIP is gone, which is not at all.)
     ns.exec_ok(&["ip", "addr", "flush", "dev", "minuteman"]);
     let flushed = Instant::now();
-    assert!(!addrs_on(&ns, "minuteman").contains("198.18.5.5/32"));
     wait_for(
         "the flushed VIP address to come back",
         Duration::from_secs(1),
