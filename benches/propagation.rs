@@ -24,13 +24,17 @@ use marathon::{FakeMarathon, add_task, host_app, task};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// A child process killed on drop.
-struct Proc(Child);
+/// A child process killed on drop, with the directory it saves its table in.
+struct Proc {
+    child: Child,
+    /// Removed after the child is gone (fields drop after `drop`).
+    _state: tempfile::TempDir,
+}
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -76,6 +80,8 @@ fn app_on(vip: SocketAddr, backend: SocketAddr, n: usize) -> serde_json::Value {
 
 fn start_l4lb(marathon: &str) -> Proc {
     let bin = std::env::var("L4LB_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_l4lb").to_string());
+    // Killed at the end: its saved table must not reach a later agent in this namespace.
+    let state = tempfile::tempdir().expect("a state directory");
     let mut child = Command::new(bin)
         .args([
             "--worker-threads",
@@ -94,6 +100,7 @@ fn start_l4lb(marathon: &str) -> Proc {
             "198.18.128.0/17",
         ])
         .env("RUST_LOG", "info")
+        .env("L4LB_STATE_DIR", state.path())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -109,7 +116,10 @@ fn start_l4lb(marathon: &str) -> Proc {
     });
     rx.recv_timeout(Duration::from_secs(30))
         .expect("l4lb never logged 'first table applied; ready'");
-    Proc(child)
+    Proc {
+        child,
+        _state: state,
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

@@ -3,7 +3,9 @@
 //! namespace; the inode of the namespace is in the name, links being per namespace) would
 //! remove the first one's addresses and clear the link on exit; it is refused at start
 //! instead. The kernel drops the lock when the holder dies, so a SIGKILLed agent never
-//! leaves a stale one.
+//! leaves a stale one (only its file, which the next agent takes). A clean release unlinks
+//! the file while still holding the lock; a taker checks that the file it locked is still
+//! the one at the path, and retries if not.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
@@ -43,29 +45,42 @@ impl LinkLock {
             .ino();
         std::fs::create_dir_all(dir).map_err(|e| io(format!("creating {}", dir.display()), e))?;
         let path = dir.join(format!("{link}.{ns}.lock"));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| io(format!("opening {}", path.display()), e))?;
-        let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(f) => f,
-            Err((mut file, Errno::EWOULDBLOCK)) => {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                return Err(NetifError::Busy {
-                    link: link.to_string(),
-                    holder: holder.trim().to_string(),
-                    lock: path,
-                });
-            }
-            Err((_, e)) => {
-                return Err(io(
-                    format!("locking {}", path.display()),
-                    std::io::Error::from(e),
-                ));
+        // The holder unlinks the file when it lets go, so a lock taken on a file that is no
+        // longer the one at `path` (unlinked, or replaced by a newer one) is worthless: retry.
+        let mut file = loop {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(|e| io(format!("opening {}", path.display()), e))?;
+            let file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(f) => f,
+                Err((mut file, Errno::EWOULDBLOCK)) => {
+                    let mut holder = String::new();
+                    let _ = file.read_to_string(&mut holder);
+                    return Err(NetifError::Busy {
+                        link: link.to_string(),
+                        holder: holder.trim().to_string(),
+                        lock: path,
+                    });
+                }
+                Err((_, e)) => {
+                    return Err(io(
+                        format!("locking {}", path.display()),
+                        std::io::Error::from(e),
+                    ));
+                }
+            };
+            let held = file
+                .metadata()
+                .map_err(|e| io(format!("reading {}", path.display()), e))?;
+            match std::fs::metadata(&path) {
+                Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => break file,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(format!("reading {}", path.display()), e)),
             }
         };
         // Who holds it, for the next one's error message.
@@ -82,6 +97,14 @@ impl LinkLock {
 
     pub(super) fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+impl Drop for LinkLock {
+    /// Unlink the file while still holding the lock (the lock goes with the field, after
+    /// this), so lock files do not pile up; `acquire` copes with one unlinked under it.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -103,7 +126,32 @@ mod tests {
         }
         // Another link is another lock.
         let _other = LinkLock::acquire(dir.path(), "vip8").unwrap();
+        let path = first.path().to_path_buf();
         drop(first);
-        LinkLock::acquire(dir.path(), "vip9").expect("released on drop");
+        assert!(!path.exists(), "the lock file goes with the lock");
+        let again = LinkLock::acquire(dir.path(), "vip9").expect("released on drop");
+        assert!(path.exists());
+        drop(again);
+    }
+
+    #[test]
+    fn a_lock_on_a_file_unlinked_under_it_is_retaken_on_the_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = LinkLock::acquire(dir.path(), "vip7").unwrap();
+        // As if the holder let go between another's open and its flock: the file that
+        // other one opened is unlinked, and a third took the path.
+        let stale = File::open(first.path()).unwrap();
+        let path = first.path().to_path_buf();
+        drop(first);
+        let third = LinkLock::acquire(dir.path(), "vip7").unwrap();
+        let stale = Flock::lock(stale, FlockArg::LockExclusiveNonblock)
+            .expect("the unlinked file's lock is free");
+        // The stale lock does not count: the path's file is locked by `third`.
+        assert!(matches!(
+            LinkLock::acquire(dir.path(), "vip7"),
+            Err(NetifError::Busy { .. })
+        ));
+        drop(stale);
+        assert_eq!(third.path(), path);
     }
 }

@@ -16,6 +16,31 @@ use std::time::{Duration, Instant};
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_l4lb");
 
+/// Where the l4lb processes this test run spawns save their tables (`L4LB_STATE_DIR`, set by
+/// [`process::Proc::spawn`] and [`netns::NetNs::command`]): a directory of this run's own under
+/// Cargo's test scratch space, so a killed agent's saved table never reaches a later run
+/// (agents in the host namespace would all share `/run/l4lb/minuteman.<netns>.table.json`).
+/// Directories of runs that are gone are removed on first use.
+pub fn state_dir() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let base = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+        if let Ok(entries) = std::fs::read_dir(base) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = name.strip_prefix("l4lb-state-")
+                    && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let dir = base.join(format!("l4lb-state-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        dir
+    })
+}
+
 /// Poll `f` every `every` until it returns `Some` or `within` passes (then panic with `what`).
 #[track_caller]
 pub fn wait_for<T>(

@@ -106,7 +106,9 @@ impl NetNs {
     /// add arguments, environment and stdio, then [`NetNs::spawn`] or run it.
     pub(crate) fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd.args(["netns", "exec", &self.name])
+            .arg(program)
+            .env("L4LB_STATE_DIR", super::state_dir());
         cmd
     }
 
@@ -154,6 +156,18 @@ impl Drop for NetNs {
             if let Ok(pid) = i32::try_from(pid) {
                 // Already gone (ESRCH) is fine.
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        // What killed agents left under /run/l4lb for this namespace (lock files, saved
+        // tables): named by the namespace's inode, which no later namespace is sure not to get.
+        if let Ok(m) = std::fs::metadata(format!("/run/netns/{}", self.name)) {
+            let tag = format!(".{}.", std::os::unix::fs::MetadataExt::ino(&m));
+            for dir in ["/run/l4lb".into(), super::state_dir().to_path_buf()] {
+                for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                    if e.file_name().to_string_lossy().contains(&tag) {
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
             }
         }
         let out = Command::new("ip")

@@ -26,6 +26,7 @@ impl Proc {
             .borrow_mut()
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            .env("L4LB_STATE_DIR", super::state_dir())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
