@@ -475,8 +475,8 @@ mod tests {
     use crate::model::{TaskPort, TaskRecord};
     use std::sync::Arc;
 
-    #[test]
-    fn a_dual_stack_name_is_listed_once_per_vip_and_protocol() {
+    /// One name, `db.cassandra`, on an IPv4 and an IPv6 VIP with the same two backends.
+    fn dual_stack_db() -> (Vip, Vip) {
         let name = Some(VipName {
             label: "db".into(),
             framework: "cassandra".into(),
@@ -486,6 +486,12 @@ mod tests {
         let mut v6 = vip("fd01:c::7", 9042, &backends);
         v4.name = name.clone();
         v6.name = name;
+        (v4, v6)
+    }
+
+    #[test]
+    fn a_dual_stack_name_is_listed_once_per_vip_and_protocol() {
+        let (v4, v6) = dual_stack_db();
         let t = VipTable::new(7, [v4, v6, vip("198.18.5.5", 80, &["198.18.1.3:31002"])]);
         let json = table_to_json(&t);
         let entries: Vec<String> = json
@@ -517,15 +523,7 @@ mod tests {
 
     #[test]
     fn a_full_delta_streams_as_it_serialises() {
-        let name = Some(VipName {
-            label: "db".into(),
-            framework: "cassandra".into(),
-        });
-        let backends = ["198.18.1.2:9042", "[fd00::2]:9042"];
-        let mut v4 = vip("11.1.2.3", 9042, &backends);
-        let mut v6 = vip("fd01:c::7", 9042, &backends);
-        v4.name = name.clone();
-        v6.name = name;
+        let (v4, v6) = dual_stack_db();
         let mut udp = v4.clone();
         udp.key.protocol = crate::model::Protocol::Udp;
         let apps = [(
