@@ -265,8 +265,9 @@ async fn agent_rss(table: l4lb::model::VipTable) -> (u64, u64, u64) {
 async fn a_controller_delta_costs_an_agent_a_small_multiple_of_its_size() {
     use l4lb::model::wire::DeltaJson;
 
-    /// Peak RSS growth per body byte allowed (measured 9.9 after the fix, 11.6 before).
-    const MAX_PER_BYTE: f64 = 10.6;
+    /// Peak RSS growth per body byte allowed (measured 9.9-10.0 after the fix, 11.6-11.8
+    /// before; the margin is for other machines' allocators and page sizes).
+    const MAX_PER_BYTE: f64 = 11.0;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
