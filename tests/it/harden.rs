@@ -390,3 +390,93 @@ fn root_a_flushed_link_heals_within_a_second_and_a_second_agent_is_refused() {
         third.log_text()
     );
 }
+
+/// Break 8: SIGHUP (a closed terminal, a stray `kill -HUP`) is a clean stop, never a crash: an
+/// open connection keeps working through the grace, then the agent exits 0 and leaves no VIP
+/// address, anchor route, lock file or saved table behind. (Before, SIGHUP's default action
+/// killed the process on the spot and left all of them.)
+#[test]
+fn root_sighup_drains_and_leaves_nothing() {
+    skip_unless_root!();
+    let ns = netns::NetNs::new("hup");
+    ns.exec_ok(&["ip", "link", "add", "eth0", "type", "bridge"]);
+    ns.exec_ok(&["ip", "addr", "add", "198.18.0.1/15", "dev", "eth0"]);
+    ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
+    let listener = ns.run(|| async { std::net::TcpListener::bind("198.18.0.1:0").unwrap() });
+    let backend = listener.local_addr().unwrap();
+    line_echo(listener);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("apps.json");
+    let apps = serde_json::json!({ "apps": [app("/hup", "198.18.5.6:80", &[backend])] });
+    std::fs::write(&file, apps.to_string()).unwrap();
+    let vip: SocketAddr = "198.18.5.6:80".parse().unwrap();
+
+    let state = tempfile::tempdir().unwrap();
+    let mut cmd = ns.command(BIN);
+    cmd.args([
+        "run",
+        "--apps-file",
+        file.to_str().unwrap(),
+        "--api-listen",
+        "127.0.0.1:0",
+        "--dns-listen",
+        "127.0.0.1:0",
+        "--shutdown-grace",
+        "1s",
+        "--state-dir",
+    ])
+    .arg(state.path());
+    let mut agent = Proc::spawn("l4lb", &mut cmd);
+    agent.wait_log("first table applied", Duration::from_secs(20));
+    let mut conn = ns.run(move || async move {
+        let c = TcpStream::connect_timeout(&vip, Duration::from_secs(1)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        c
+    });
+    assert_eq!(echo(&mut conn, b"before\n").unwrap(), b"before\n");
+    wait_for(
+        "the table saved",
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || (std::fs::read_dir(state.path()).ok()?.count() > 0).then_some(()),
+    );
+
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    // Draining: the open connection still works.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(echo(&mut conn, b"during\n").unwrap(), b"during\n");
+    let status = agent.exit_within(Duration::from_secs(10));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        agent.log_text()
+    );
+    assert!(agent.log_text().contains("SIGHUP"), "{}", agent.log_text());
+    assert!(
+        !addrs_on(&ns, "minuteman").contains("198.18.5.6"),
+        "VIP address left"
+    );
+    let routes = ns.exec(&["ip", "route", "show", "table", "local", "proto", "76"]);
+    assert!(
+        String::from_utf8_lossy(&routes.stdout).trim().is_empty(),
+        "anchor routes left: {}",
+        String::from_utf8_lossy(&routes.stdout)
+    );
+    let saved: Vec<_> = std::fs::read_dir(state.path()).unwrap().flatten().collect();
+    assert!(saved.is_empty(), "saved table left: {saved:?}");
+    let ino = std::os::unix::fs::MetadataExt::ino(
+        &std::fs::metadata(format!("/run/netns/{}", ns.name())).unwrap(),
+    );
+    let locks: Vec<_> = std::fs::read_dir("/run/l4lb")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .contains(&format!(".{ino}."))
+        })
+        .collect();
+    assert!(locks.is_empty(), "lock file left: {locks:?}");
+}
