@@ -939,7 +939,7 @@ async fn tcp_connect_timeouts_are_retried_and_eject() {
         m.backend
             .connect_failures
             .get_or_create(&BackendLabels {
-                backend: hole.to_string()
+                backend: AddrLabel(hole)
             })
             .get(),
         u64::from(balancer::FAILURES_TO_EJECT)
@@ -1187,7 +1187,7 @@ async fn out_of_descriptors() {
         r.map(|_| ())
     );
     let l = BackendLabels {
-        backend: b.addr.to_string(),
+        backend: AddrLabel(b.addr),
     };
     assert_eq!(m.backend.connect_failures.get_or_create(&l).get(), 0);
     assert_eq!(m.connections_retried.get(), 0);
@@ -1230,7 +1230,7 @@ async fn out_of_descriptors() {
     assert_eq!(emfile(), before + 1);
     assert_eq!(udp_ask(&uc, ukey, "hi").await, "b5:hi");
     let ul = BackendLabels {
-        backend: ub.addr.to_string(),
+        backend: AddrLabel(ub.addr),
     };
     assert_eq!(m.backend.connect_failures.get_or_create(&ul).get(), 0);
     fwd.shutdown(Duration::from_secs(1)).await;
