@@ -88,10 +88,12 @@ impl Acc {
     }
 }
 
+/// A node key of exactly its length: grown by pushes, a 70-byte task name's key held 128.
 fn key(group: u8, name: &Name) -> Vec<u8> {
     let mut k = Vec::new();
     key_of(name.iter(), &mut k);
     k.insert(0, group);
+    k.shrink_to_fit();
     k
 }
 
