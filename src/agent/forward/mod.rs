@@ -597,7 +597,6 @@ impl Forwarder {
         }
         let ctx = &self.ctx;
         let drain = ctx.cfg.drain_timeout;
-        let kill = || ctx.hard_kill.child_token();
 
         let mut stopped = Vec::new();
         for key in &d.removed {
@@ -619,7 +618,7 @@ impl Forwarder {
                 continue;
             };
             self.current.vips.insert(change.key, Arc::clone(vip));
-            let c = live.shared.update(vip, &ctx.metrics, drain, kill);
+            let c = live.shared.update(vip, &ctx.metrics, drain);
             if let Some(u) = &live.udp {
                 u.drop_backends(&c.removed);
             }
@@ -629,7 +628,7 @@ impl Forwarder {
                 continue;
             };
             let shared = Arc::new(VipShared::new(*key, &ctx.metrics));
-            shared.update(vip, &ctx.metrics, drain, kill);
+            shared.update(vip, &ctx.metrics, drain);
             let stop = self.accept_stop.child_token();
             // Every event of this VIP's loop, and of the connections it spawns, carries it.
             let span = tracing::info_span!("vip", vip = %key);

@@ -29,7 +29,9 @@ pub(crate) struct BackendShared {
     pub(crate) bytes: AtomicU64,
     health: Mutex<Health>,
     /// Cancelled when the drain timeout of this backend expires; connections then close.
-    kill: Mutex<CancellationToken>,
+    /// Made by the first connection that needs it: a child token is ~150 bytes, and most
+    /// backends of a large agent (80,000 in `memory::a_controller`) never carry a connection.
+    kill: Mutex<Option<CancellationToken>>,
     /// Bumped on every drain start/stop so a stale drain timer does nothing.
     drain_gen: AtomicU64,
     series: BackendSeries,
@@ -46,18 +48,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl BackendShared {
-    pub(crate) fn new(
-        addr: SocketAddr,
-        metrics: &ForwardMetrics,
-        vip_bytes: Counter,
-        kill: CancellationToken,
-    ) -> Self {
+    pub(crate) fn new(addr: SocketAddr, metrics: &ForwardMetrics, vip_bytes: Counter) -> Self {
         BackendShared {
             addr,
             active: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             health: Mutex::new(Health::default()),
-            kill: Mutex::new(kill),
+            kill: Mutex::new(None),
             drain_gen: AtomicU64::new(0),
             series: metrics.backend_series(addr),
             connects: AtomicU64::new(0),
@@ -101,8 +98,19 @@ impl BackendShared {
         self.series.connect_latency()
     }
 
-    pub(crate) fn kill_token(&self) -> CancellationToken {
-        lock(&self.kill).clone()
+    /// The token a new connection to this backend closes on: a child of `parent` (the
+    /// forwarder's hard kill), already cancelled if this backend's drain timeout expired.
+    pub(crate) fn kill_token(&self, parent: &CancellationToken) -> CancellationToken {
+        lock(&self.kill)
+            .get_or_insert_with(|| parent.child_token())
+            .clone()
+    }
+
+    /// The drain timeout expired: close every connection, and any that still starts.
+    fn kill(&self) {
+        lock(&self.kill)
+            .get_or_insert_with(CancellationToken::new)
+            .cancel();
     }
 
     pub(crate) fn add_bytes(&self, n: u64) {
@@ -121,18 +129,18 @@ impl BackendShared {
             if let Some(me) = me.upgrade()
                 && me.drain_gen.load(Ordering::Acquire) == generation
             {
-                me.kill_token().cancel();
+                me.kill();
             }
         });
     }
 
     /// Stop draining (the backend is active again): a pending drain timer does nothing, and
     /// new connections get a fresh kill token.
-    pub(crate) fn end_drain(&self, fresh: impl FnOnce() -> CancellationToken) {
+    pub(crate) fn end_drain(&self) {
         self.drain_gen.fetch_add(1, Ordering::AcqRel);
         let mut k = lock(&self.kill);
-        if k.is_cancelled() {
-            *k = fresh();
+        if k.as_ref().is_some_and(CancellationToken::is_cancelled) {
+            *k = None;
         }
     }
 }
@@ -208,7 +216,6 @@ impl VipShared {
         vip: &Vip,
         metrics: &ForwardMetrics,
         drain_timeout: Option<std::time::Duration>,
-        kill: impl Fn() -> CancellationToken,
     ) -> SetChange {
         let old = self.set.load_full();
         let mut entries = Vec::with_capacity(vip.backends.len());
@@ -219,7 +226,7 @@ impl VipShared {
                         (BackendState::Active, BackendState::Draining) => {
                             shared.begin_drain(drain_timeout)
                         }
-                        (BackendState::Draining, BackendState::Active) => shared.end_drain(&kill),
+                        (BackendState::Draining, BackendState::Active) => shared.end_drain(),
                         _ => {}
                     }
                     Arc::clone(shared)
@@ -229,7 +236,6 @@ impl VipShared {
                         b.addr,
                         metrics,
                         self.series.bytes.clone(),
-                        kill(),
                     ));
                     if b.state == BackendState::Draining {
                         shared.begin_drain(drain_timeout);

@@ -194,7 +194,7 @@ async fn handle(ctx: &Ctx, vip: &VipShared, client: TcpStream) {
     vip.series.ok.inc();
     ctx.metrics.connections_active.inc();
     let backend = Arc::clone(&guard.0);
-    let kill = backend.kill_token();
+    let kill = backend.kill_token(&ctx.hard_kill);
     let idle = ctx.cfg.tcp_idle_timeout;
     let activity = Activity::new(idle.is_some());
     let finished = AtomicBool::new(false);
