@@ -501,8 +501,8 @@ mod tests {
         assert_eq!(
             s.get(&key("api.hello-world.marathon")),
             Some(&Node::Host {
-                v4: vec!["11.0.0.1".parse().expect("ip")],
-                v6: vec!["fd01:c::1".parse().expect("ip")],
+                v4: vec!["11.0.0.1".parse().expect("ip")].into(),
+                v6: vec!["fd01:c::1".parse().expect("ip")].into(),
             })
         );
         let Some(Node::Srv(t)) = s.get(&key("_api.hello-world._tcp.marathon")) else {
@@ -519,8 +519,8 @@ mod tests {
         assert_eq!(
             s.get(&key("ns")),
             Some(&Node::Host {
-                v4: vec![],
-                v6: vec![]
+                v4: vec![].into(),
+                v6: vec![].into()
             })
         );
         // IP VIPs are not served; only names, their ancestors and `ns` are.
@@ -536,8 +536,8 @@ mod tests {
         assert_eq!(
             s.get(&key("ns")),
             Some(&Node::Host {
-                v4: vec!["198.51.100.2".parse().expect("ip")],
-                v6: vec![]
+                v4: vec!["198.51.100.2".parse().expect("ip")].into(),
+                v6: vec![].into()
             })
         );
     }

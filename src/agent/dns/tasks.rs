@@ -292,7 +292,7 @@ mod tests {
         };
         assert_eq!(
             tcp.iter()
-                .map(|t| (t.host.to_string(), t.port, t.v4.clone()))
+                .map(|t| (t.host.to_string(), t.port, t.v4.to_vec()))
                 .collect::<Vec<_>>(),
             vec![
                 (
