@@ -4,7 +4,6 @@
 //! so that `catalog` (which builds snapshots), `tasks`, `fast` and `answer` (which read
 //! them) all point down to it and never at each other in a circle.
 
-use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use hickory_proto::rr::Name;
@@ -61,8 +60,10 @@ pub(crate) const NS_TTL: u32 = 3600;
 /// name looked up just before its app starts is not hidden behind a cached NXDOMAIN.
 pub(crate) const NEGATIVE_TTL: u32 = 1;
 
-/// Addresses sorted and split by family.
-pub(crate) fn split(ips: &BTreeSet<IpAddr>) -> (Box<[Ipv4Addr]>, Box<[Ipv6Addr]>) {
+/// Addresses split by family, in the order given (callers give them sorted and unique).
+pub(crate) fn split<'a>(
+    ips: impl IntoIterator<Item = &'a IpAddr>,
+) -> (Box<[Ipv4Addr]>, Box<[Ipv6Addr]>) {
     let mut v4 = Vec::new();
     let mut v6 = Vec::new();
     for ip in ips {
