@@ -27,6 +27,8 @@ const OPT_RR: [u8; 11] = {
 
 /// One pre-encoded response for the lowercase query name with id 0, RD/CD/RA clear and no OPT.
 /// Names other than the question (SRV targets) are in their canonical, lowercase spelling.
+/// Once in the table, the question name is cut out of `bytes` (the key holds it, and every
+/// answer copies the client's spelling in anyway): 80 bytes less for each of 80,000 task names.
 #[derive(Debug)]
 pub(crate) struct Prepared {
     bytes: Box<[u8]>,
@@ -66,10 +68,19 @@ impl FastTable {
             return;
         }
         let mut put = |qtype: u16, prepared: Option<Prepared>| {
-            if let Some(p) = prepared.filter(|p| p.bytes.len() <= MAX_UDP_PAYLOAD as usize) {
+            if let Some(p) = prepared.filter(|p| {
+                p.bytes.len() <= MAX_UDP_PAYLOAD as usize
+                    && p.bytes.get(12..12 + qname.len()) == Some(&qname[..])
+            }) {
                 let mut key = Vec::with_capacity(qname.len() + 2);
                 key.extend_from_slice(&qname);
                 key.extend_from_slice(&qtype.to_be_bytes());
+                let mut bytes = p.bytes.into_vec();
+                bytes.drain(12..12 + qname.len());
+                let p = Prepared {
+                    bytes: bytes.into(),
+                    type_idx: p.type_idx,
+                };
                 self.map.insert(key.into(), p);
             }
         };
@@ -151,16 +162,17 @@ impl FastTable {
         };
         let p = self.map.get(&key[..name_len + 2])?;
         let opt_len = if arcount == 1 { OPT_RR.len() } else { 0 };
-        if p.bytes.len() + opt_len > limit as usize {
+        if p.bytes.len() + name_len + opt_len > limit as usize {
             return None;
         }
         out.clear();
-        out.extend_from_slice(&p.bytes);
+        // The question as the client spelled it (answers own it through a pointer).
+        out.extend_from_slice(&p.bytes[..12]);
+        out.extend_from_slice(&query[12..12 + name_len]);
+        out.extend_from_slice(&p.bytes[12..]);
         out[..2].copy_from_slice(&header[..2]);
         out[2] |= header[2] & 0x01; // RD
         out[3] |= (header[3] & 0x10) | if ra { 0x80 } else { 0 }; // CD, RA
-        // The question as the client spelled it (answers own it through a pointer).
-        out[12..12 + name_len].copy_from_slice(&query[12..12 + name_len]);
         if arcount == 1 {
             out[11] += 1;
             out.extend_from_slice(&OPT_RR);
