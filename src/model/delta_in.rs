@@ -42,28 +42,11 @@ impl Delta {
 
     /// Apply to `base` (which must be version `from` unless `full`), giving version `to`.
     pub fn apply(self, base: &VipTable) -> VipTable {
-        let apps = self.upsert_apps;
         if self.full {
-            return VipTable::new(self.to, self.upsert).with_apps(apps);
+            return VipTable::new(self.to, self.upsert).with_apps(self.upsert_apps);
         }
-        let mut t = base.clone();
-        t.version = self.to;
-        for k in self.remove {
-            t.vips.remove(&VipKey {
-                ip: k.ip,
-                port: k.port,
-                protocol: k.protocol,
-            });
-        }
-        for mut v in self.upsert {
-            v.normalize();
-            t.vips.insert(v.key, Arc::new(v));
-        }
-        for app in self.remove_apps {
-            t.apps.remove(&app);
-        }
-        t.apps.extend(apps);
-        t
+        let remove = self.remove.into_iter().map(KeyJson::key);
+        base.patched(self.to, remove, self.upsert, self.remove_apps, self.upsert_apps)
     }
 }
 

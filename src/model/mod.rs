@@ -237,6 +237,33 @@ impl VipTable {
         self
     }
 
+    /// `self` changed into version `to`: `remove` and `remove_apps` gone, `upsert` and
+    /// `upsert_apps` put in (replacing what had their keys). What both readers of a delta
+    /// (`wire::DeltaJson`, `delta_in::Delta`) do once they have model types.
+    pub fn patched(
+        &self,
+        to: u64,
+        remove: impl IntoIterator<Item = VipKey>,
+        upsert: impl IntoIterator<Item = Vip>,
+        remove_apps: impl IntoIterator<Item = String>,
+        upsert_apps: impl IntoIterator<Item = (String, Arc<AppTasks>)>,
+    ) -> VipTable {
+        let mut t = self.clone();
+        t.version = to;
+        for k in remove {
+            t.vips.remove(&k);
+        }
+        for mut v in upsert {
+            v.normalize();
+            t.vips.insert(v.key, Arc::new(v));
+        }
+        for app in remove_apps {
+            t.apps.remove(&app);
+        }
+        t.apps.extend(upsert_apps);
+        t
+    }
+
     /// Same VIPs as `self` (by value), ignoring version and timestamps.
     pub fn same_content(&self, other: &VipTable) -> bool {
         self.vips.len() == other.vips.len()

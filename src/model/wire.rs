@@ -302,6 +302,16 @@ pub struct KeyJson {
     pub protocol: Protocol,
 }
 
+impl KeyJson {
+    pub fn key(self) -> VipKey {
+        VipKey {
+            ip: self.ip,
+            port: self.port,
+            protocol: self.protocol,
+        }
+    }
+}
+
 /// What turns version `from` into version `to` (`GET /v1/vips/delta`). With `full`, `upsert`
 /// is the whole table and `remove` is empty (the server no longer had `from`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -448,23 +458,9 @@ impl DeltaJson {
         if self.full {
             return table_from_json(self.to, self.upsert).with_apps(apps);
         }
-        let mut t = base.clone();
-        t.version = self.to;
-        for k in self.remove {
-            t.vips.remove(&VipKey {
-                ip: k.ip,
-                port: k.port,
-                protocol: k.protocol,
-            });
-        }
-        for v in self.upsert.into_iter().flat_map(VipJson::into_vips) {
-            t.vips.insert(v.key, std::sync::Arc::new(v));
-        }
-        for app in self.remove_apps {
-            t.apps.remove(&app);
-        }
-        t.apps.extend(apps);
-        t
+        let remove = self.remove.into_iter().map(KeyJson::key);
+        let upsert = self.upsert.into_iter().flat_map(VipJson::into_vips);
+        base.patched(self.to, remove, upsert, self.remove_apps, apps)
     }
 }
 
