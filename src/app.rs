@@ -231,10 +231,7 @@ fn start_source(
             resync,
             max_answer,
         } => {
-            let shown: Vec<String> = masters
-                .iter()
-                .map(|u| u.host_str().unwrap_or("?").to_string())
-                .collect();
+            let shown = hosts(&masters);
             let span = tracing::info_span!("source", marathon = ?shown);
             span.in_scope(|| tracing::info!(auth = ?auth, "following Marathon"));
             let c = client::Client::new(masters, auth, timeout)
@@ -260,10 +257,7 @@ fn start_source(
             max_answer,
         } => {
             use crate::source::mesos;
-            let shown: Vec<String> = masters
-                .iter()
-                .map(|u| u.host_str().unwrap_or("?").to_string())
-                .collect();
+            let shown = hosts(&masters);
             let span = tracing::info_span!("source", mesos = ?shown);
             span.in_scope(|| tracing::info!(auth = ?auth, "following Mesos"));
             let c = mesos::client::Client::new(masters, auth, timeout)
@@ -284,6 +278,13 @@ fn start_source(
         }
     }
     Ok((rx, label_errors))
+}
+
+/// The hosts of `urls`, for logs (never their credentials or paths).
+fn hosts(urls: &[reqwest::Url]) -> Vec<String> {
+    urls.iter()
+        .map(|u| u.host_str().unwrap_or("?").to_string())
+        .collect()
 }
 
 /// Bind the API listener and serve `state` on it until the serving group stops.
