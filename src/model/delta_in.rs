@@ -46,7 +46,13 @@ impl Delta {
             return VipTable::new(self.to, self.upsert).with_apps(self.upsert_apps);
         }
         let remove = self.remove.into_iter().map(KeyJson::key);
-        base.patched(self.to, remove, self.upsert, self.remove_apps, self.upsert_apps)
+        base.patched(
+            self.to,
+            remove,
+            self.upsert,
+            self.remove_apps,
+            self.upsert_apps,
+        )
     }
 }
 

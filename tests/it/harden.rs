@@ -295,6 +295,11 @@ fn root_an_agent_refuses_host_loopback_link_local_and_broadcast_vips_named_or_no
 
 /// `l4lb run` in `ns` from `file`, serving on a bridge link named `minuteman`.
 fn run_agent(ns: &netns::NetNs, file: &std::path::Path) -> Proc {
+    run_agent_with(ns, file, &[])
+}
+
+/// [`run_agent`] with `extra` flags.
+fn run_agent_with(ns: &netns::NetNs, file: &std::path::Path, extra: &[&str]) -> Proc {
     let mut cmd = ns.command(BIN);
     cmd.args([
         "run",
@@ -308,14 +313,15 @@ fn run_agent(ns: &netns::NetNs, file: &std::path::Path) -> Proc {
         "127.0.0.1:0",
         "--shutdown-grace",
         "1s",
-    ]);
+    ])
+    .args(extra);
     Proc::spawn("l4lb", &mut cmd)
 }
 
-#[test]
-fn root_a_flushed_link_heals_within_a_second_and_a_second_agent_is_refused() {
-    skip_unless_root!();
-    let ns = netns::NetNs::new("heal");
+/// A namespace with a bridge `eth0` (198.18.0.1/15), a line-echo backend on it, and an apps
+/// file (`apps.json` in the returned directory) giving app `id` the IP VIP `vip` on it.
+fn host_with_ip_vip(name: &str, id: &str, vip: &str) -> (netns::NetNs, tempfile::TempDir) {
+    let ns = netns::NetNs::new(name);
     ns.exec_ok(&["ip", "link", "add", "eth0", "type", "bridge"]);
     ns.exec_ok(&["ip", "addr", "add", "198.18.0.1/15", "dev", "eth0"]);
     ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
@@ -323,9 +329,16 @@ fn root_a_flushed_link_heals_within_a_second_and_a_second_agent_is_refused() {
     let backend = listener.local_addr().unwrap();
     line_echo(listener);
     let dir = tempfile::tempdir().unwrap();
+    let apps = serde_json::json!({ "apps": [app(id, vip, &[backend])] });
+    std::fs::write(dir.path().join("apps.json"), apps.to_string()).unwrap();
+    (ns, dir)
+}
+
+#[test]
+fn root_a_flushed_link_heals_within_a_second_and_a_second_agent_is_refused() {
+    skip_unless_root!();
+    let (ns, dir) = host_with_ip_vip("heal", "/heal", "198.18.5.5:80");
     let file = dir.path().join("apps.json");
-    let apps = serde_json::json!({ "apps": [app("/heal", "198.18.5.5:80", &[backend])] });
-    std::fs::write(&file, apps.to_string()).unwrap();
     let vip: SocketAddr = "198.18.5.5:80".parse().unwrap();
     let answers = |ns: &netns::NetNs| {
         ns.run(move || async move {
@@ -398,35 +411,14 @@ fn root_a_flushed_link_heals_within_a_second_and_a_second_agent_is_refused() {
 #[test]
 fn root_sighup_drains_and_leaves_nothing() {
     skip_unless_root!();
-    let ns = netns::NetNs::new("hup");
-    ns.exec_ok(&["ip", "link", "add", "eth0", "type", "bridge"]);
-    ns.exec_ok(&["ip", "addr", "add", "198.18.0.1/15", "dev", "eth0"]);
-    ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
-    let listener = ns.run(|| async { std::net::TcpListener::bind("198.18.0.1:0").unwrap() });
-    let backend = listener.local_addr().unwrap();
-    line_echo(listener);
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("apps.json");
-    let apps = serde_json::json!({ "apps": [app("/hup", "198.18.5.6:80", &[backend])] });
-    std::fs::write(&file, apps.to_string()).unwrap();
+    let (ns, dir) = host_with_ip_vip("hup", "/hup", "198.18.5.6:80");
     let vip: SocketAddr = "198.18.5.6:80".parse().unwrap();
-
     let state = tempfile::tempdir().unwrap();
-    let mut cmd = ns.command(BIN);
-    cmd.args([
-        "run",
-        "--apps-file",
-        file.to_str().unwrap(),
-        "--api-listen",
-        "127.0.0.1:0",
-        "--dns-listen",
-        "127.0.0.1:0",
-        "--shutdown-grace",
-        "1s",
-        "--state-dir",
-    ])
-    .arg(state.path());
-    let mut agent = Proc::spawn("l4lb", &mut cmd);
+    let mut agent = run_agent_with(
+        &ns,
+        &dir.path().join("apps.json"),
+        &["--state-dir", state.path().to_str().unwrap()],
+    );
     agent.wait_log("first table applied", Duration::from_secs(20));
     let mut conn = ns.run(move || async move {
         let c = TcpStream::connect_timeout(&vip, Duration::from_secs(1)).unwrap();
