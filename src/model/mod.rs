@@ -319,6 +319,28 @@ pub fn unix_ms_now() -> u64 {
 pub(crate) mod test_util {
     use super::*;
 
+    /// A running task at `host` (and `container` addresses) with unnamed host `ports`.
+    pub(crate) fn task_record(
+        id: &str,
+        host: &str,
+        container: &[&str],
+        ports: &[(u16, Protocol)],
+    ) -> TaskRecord {
+        TaskRecord {
+            id: id.into(),
+            host: Some(host.parse().expect("ip")),
+            container: container.iter().map(|c| c.parse().expect("ip")).collect(),
+            ports: ports
+                .iter()
+                .map(|(port, protocol)| TaskPort {
+                    port: *port,
+                    protocol: *protocol,
+                    name: None,
+                })
+                .collect(),
+        }
+    }
+
     pub(crate) fn backend(addr: &str, state: BackendState) -> Backend {
         Backend {
             addr: addr.parse().unwrap(),

@@ -299,7 +299,7 @@ mod tests {
     use super::*;
     use crate::agent::dns::{DnsCatalog, DnsConfig};
     use crate::model::test_util::named;
-    use crate::model::{AppTasks, Protocol, TaskPort, TaskRecord, Vip};
+    use crate::model::{AppTasks, Protocol, Vip};
     use hickory_proto::op::Query;
     use proptest::prelude::*;
 
@@ -469,19 +469,7 @@ mod tests {
     }
 
     pub(crate) fn tasks_fixture() -> std::collections::BTreeMap<String, std::sync::Arc<AppTasks>> {
-        let t = |id: &str, host: &str, container: &[&str], ports: &[(u16, Protocol)]| TaskRecord {
-            id: id.into(),
-            host: Some(host.parse().expect("ip")),
-            container: container.iter().map(|c| c.parse().expect("ip")).collect(),
-            ports: ports
-                .iter()
-                .map(|(port, protocol)| TaskPort {
-                    port: *port,
-                    protocol: *protocol,
-                    name: None,
-                })
-                .collect(),
-        };
+        let t = crate::model::test_util::task_record;
         let app = |name: &str, tasks| {
             std::sync::Arc::new(AppTasks {
                 name: name.into(),

@@ -195,7 +195,6 @@ pub(crate) fn collect(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{TaskPort, TaskRecord};
 
     #[test]
     fn labels_as_mesos_dns_mangles_them() {
@@ -228,19 +227,7 @@ mod tests {
 
     #[test]
     fn nodes_per_zone() {
-        let t = |id: &str, host: &str, container: &[&str], ports: &[(u16, Protocol)]| TaskRecord {
-            id: id.into(),
-            host: Some(host.parse().expect("ip")),
-            container: container.iter().map(|c| c.parse().expect("ip")).collect(),
-            ports: ports
-                .iter()
-                .map(|(port, protocol)| TaskPort {
-                    port: *port,
-                    protocol: *protocol,
-                    name: None,
-                })
-                .collect(),
-        };
+        let t = crate::model::test_util::task_record;
         let apps: BTreeMap<String, Arc<AppTasks>> = [
             (
                 "/a/web".to_string(),
