@@ -92,6 +92,28 @@ pub struct AppVips {
 }
 
 impl AppVips {
+    /// One entry of a labelled port per protocol it names, all with the same backends.
+    pub fn push_entries(
+        &mut self,
+        protocols: &[Protocol],
+        target: &VipLabel,
+        backends: &[Backend],
+        port_index: usize,
+        key: &str,
+        value: &str,
+    ) {
+        for &protocol in protocols {
+            self.entries.push(Entry {
+                target: target.clone(),
+                protocol,
+                backends: backends.to_vec(),
+                port_index,
+                key: key.to_string(),
+                value: value.to_string(),
+            });
+        }
+    }
+
     /// Contributes nothing to a table: no VIP entry, rejection, task or address.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
@@ -451,16 +473,7 @@ pub fn app_vips(app: &App, resolve: &mut dyn FnMut(&str) -> Option<IpAddr>) -> A
                     });
                 }
             }
-            for protocol in protos {
-                out.entries.push(Entry {
-                    target: target.clone(),
-                    protocol,
-                    backends: backends.clone(),
-                    port_index: idx,
-                    key: key.clone(),
-                    value: value.to_string(),
-                });
-            }
+            out.push_entries(&protos, &target, &backends, idx, key, value);
         }
     }
     legacy_vips(app, tasks, &task_ids, &hosts, &mut out);

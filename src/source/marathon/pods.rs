@@ -13,7 +13,7 @@ use serde_json::Value;
 use super::types::{Network, PayloadError};
 use crate::labels::{self, LabelError};
 use crate::model::{Backend, BackendState};
-use crate::source::build::{AppVips, Entry, Rejection, protocols};
+use crate::source::build::{AppVips, Rejection, protocols};
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -254,16 +254,7 @@ pub fn pod_vips(pod: &PodStatus, resolve: &mut dyn FnMut(&str) -> Option<IpAddr>
                         });
                     }
                 }
-                for protocol in protos {
-                    out.entries.push(Entry {
-                        target: target.clone(),
-                        protocol,
-                        backends: backends.clone(),
-                        port_index: idx,
-                        key: key.clone(),
-                        value: text.clone(),
-                    });
-                }
+                out.push_entries(&protos, &target, &backends, idx, key, &text);
             }
         }
     }

@@ -417,16 +417,7 @@ impl Cluster {
                         backend(SocketAddr::new(ip, port.unwrap_or_default()), &mut out)
                     })
                     .collect();
-                for protocol in protos {
-                    out.entries.push(Entry {
-                        target: target.clone(),
-                        protocol,
-                        backends: backends.clone(),
-                        port_index: idx,
-                        key: l.key.clone(),
-                        value: value.to_string(),
-                    });
-                }
+                out.push_entries(&protos, &target, &backends, idx, &l.key, value);
             }
         }
         // Legacy task labels: the VIP's backend is the agent and the task's n-th port.
