@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use l4lb::api::{self, ApiState, Readiness};
 use l4lb::model::wire::VipJson;
-use l4lb::source::marathon::client::{Auth, Client};
+use l4lb::source::http::Auth;
+use l4lb::source::marathon::client::Client;
 use l4lb::source::marathon::sync::{self, SyncConfig};
 use l4lb::source::metrics::SourceMetrics;
 use l4lb::source::state::BuildConfig;
@@ -441,6 +442,7 @@ async fn apps_file_is_reread_on_change_and_a_bad_edit_keeps_the_table() {
         path.clone(),
         Duration::from_millis(20),
         publisher,
+        l4lb::source::marathon::apps::contributions,
         shutdown.clone(),
     ));
     let v1 = wait_version(&mut rx, 0).await;

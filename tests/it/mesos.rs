@@ -14,7 +14,7 @@ use crate::common::process::Proc;
 use l4lb::api::{self, ApiState, Readiness};
 use l4lb::model::VipTable;
 use l4lb::model::wire::VipJson;
-use l4lb::source::marathon::client::Auth;
+use l4lb::source::http::Auth;
 use l4lb::source::mesos::client::Client;
 use l4lb::source::mesos::sync::{self, SyncConfig};
 use l4lb::source::metrics::SourceMetrics;

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use crate::common::marathon::FakeMarathon;
-use l4lb::source::marathon::client::{Auth, Client};
+use l4lb::source::http::Auth;
+use l4lb::source::marathon::client::Client;
 use l4lb::source::marathon::sync::{self, SyncConfig};
 use l4lb::source::metrics::SourceMetrics;
 use l4lb::source::state::BuildConfig;

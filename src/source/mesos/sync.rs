@@ -17,7 +17,7 @@ use super::recordio::RecordIoDecoder;
 use super::types::parse_event;
 use crate::model::unix_ms_now;
 use crate::source::Publisher;
-use crate::source::marathon::sync::Backoff;
+use crate::source::http::{Backoff, MAX_BODY};
 
 /// How the loop behaves.
 #[derive(Debug, Clone)]
@@ -36,7 +36,7 @@ impl Default for SyncConfig {
         SyncConfig {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
-            max_record: super::client::MAX_BODY,
+            max_record: MAX_BODY,
             // Mesos's default heartbeat is 15 s.
             heartbeat_grace: Duration::from_secs(45),
         }

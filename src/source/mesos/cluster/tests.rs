@@ -1,5 +1,6 @@
 use super::*;
 use crate::model::VipTable;
+use crate::source::entries::Rejection;
 use crate::source::mesos::types::parse_event;
 use crate::source::state::{BuildConfig, TableState};
 

@@ -1,4 +1,4 @@
-//! An agent's source: follow one or more controllers with Consul-style blocking queries on
+//! The agent's client of its controllers (not the controller): follow one or more controllers with Consul-style blocking queries on
 //! `GET /v1/vips/delta?index=N&wait=…` (only what changed since the version held), failing
 //! over between them. When every controller is down
 //! the last table stays published, so the data plane keeps forwarding.
@@ -11,11 +11,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::{StatusCode, Url, header};
+use reqwest::{StatusCode, Url};
 use tokio_util::sync::CancellationToken;
 
 use super::TableTx;
-use super::marathon::sync::Backoff;
+use super::http::{Auth, Backoff, ReadError, read_capped};
 use super::metrics::SourceMetrics;
 use crate::model::Secret;
 use crate::model::delta_in::Delta;
@@ -227,11 +227,8 @@ async fn poll(
         "index={index}&wait={}s",
         cfg.wait.as_secs().max(1)
     )));
-    let mut rb = http.get(url);
-    if let Some(t) = &cfg.token {
-        rb = rb.header(header::AUTHORIZATION, format!("Bearer {}", t.expose()));
-    }
-    let resp = rb.send().await?;
+    let auth = cfg.token.clone().map_or(Auth::None, Auth::Bearer);
+    let resp = auth.apply(http.get(url)).send().await?;
     if !resp.status().is_success() {
         return Err(WatchError::Status(resp.status()));
     }
@@ -246,9 +243,9 @@ async fn poll(
     let new_index = num(INDEX_HEADER).ok_or(WatchError::NoIndex)?;
     let changed_at = num(CHANGED_AT_HEADER).unwrap_or(0);
     let limit = cfg.max_answer;
-    let body = super::read_capped(resp, limit).await.map_err(|e| match e {
-        super::ReadError::TooLarge => WatchError::TooLarge(limit),
-        super::ReadError::Http(e) => WatchError::Http(e),
+    let body = read_capped(resp, limit).await.map_err(|e| match e {
+        ReadError::TooLarge => WatchError::TooLarge(limit),
+        ReadError::Http(e) => WatchError::Http(e),
     })?;
     // Straight into model types (the body's strings borrowed while read); the body goes as
     // soon as it is parsed.
