@@ -959,6 +959,86 @@ mod tests {
         walk(&Cli::command());
     }
 
+    /// `controller --marathon m1` with `extra` flags: its source's auth and timeout.
+    fn source_access(extra: &[&str]) -> Result<(Auth, Duration), ConfigError> {
+        let mut args = vec!["l4lb", "controller", "--marathon", "http://m1:8080"];
+        args.extend_from_slice(extra);
+        let Command::Controller(c) = Cli::try_parse_from(args).unwrap().command else {
+            panic!()
+        };
+        match c.source.validate()? {
+            SourceConfig::Marathon { auth, timeout, .. } => Ok((auth, timeout)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn source_flags_have_neutral_names_and_still_take_the_old_ones() {
+        let token = |a: &Auth| match a {
+            Auth::Token(t) => t.expose().to_string(),
+            other => panic!("{other:?}"),
+        };
+        let (auth, timeout) = source_access(&[]).unwrap();
+        assert!(matches!(auth, Auth::None));
+        assert_eq!(timeout, Duration::from_secs(10));
+        let new = ["--source-auth", "token", "--source-credentials", "t1"];
+        let (auth, timeout) =
+            source_access(&[&new[..], &["--source-timeout", "3s"]].concat()).unwrap();
+        assert_eq!(
+            (token(&auth), timeout),
+            ("t1".into(), Duration::from_secs(3))
+        );
+        let old = ["--marathon-auth", "token", "--marathon-credentials", "t2"];
+        let (auth, timeout) =
+            source_access(&[&old[..], &["--marathon-timeout", "4s"]].concat()).unwrap();
+        assert_eq!(
+            (token(&auth), timeout),
+            ("t2".into(), Duration::from_secs(4))
+        );
+        // A new name beside an old one wins; the old one fills what the new ones leave out.
+        let (auth, timeout) = source_access(&[
+            "--marathon-auth",
+            "basic",
+            "--source-auth",
+            "token",
+            "--marathon-credentials",
+            "t3",
+            "--marathon-timeout",
+            "5s",
+            "--source-timeout",
+            "6s",
+        ])
+        .unwrap();
+        assert_eq!(
+            (token(&auth), timeout),
+            ("t3".into(), Duration::from_secs(6))
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("creds");
+        std::fs::write(&file, "u:pw\n").unwrap();
+        let file = file.to_str().unwrap();
+        for flag in ["--source-credentials-file", "--marathon-credentials-file"] {
+            let (auth, _) = source_access(&["--source-auth", "basic", flag, file]).unwrap();
+            assert!(
+                matches!(&auth, Auth::Basic { user, password } if user == "u" && password.expose() == "pw"),
+                "{flag}: {auth:?}"
+            );
+        }
+        assert!(matches!(
+            source_access(&["--marathon-auth", "basic"]),
+            Err(ConfigError::MissingCredentials(SourceAuthKind::Basic))
+        ));
+        // The old names are hidden from --help.
+        let help = Cli::command()
+            .find_subcommand_mut("controller")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(help.contains("--source-auth"), "{help}");
+        assert!(!help.contains("--marathon-auth"), "{help}");
+        assert!(!help.contains("L4LB_MARATHON_TIMEOUT"), "{help}");
+    }
+
     #[test]
     fn secrets_never_in_debug() {
         let cli = Cli::try_parse_from([
@@ -966,14 +1046,14 @@ mod tests {
             "controller",
             "--marathon",
             "http://m1:8080",
-            "--marathon-auth",
+            "--source-auth",
             "basic",
-            "--marathon-credentials",
+            "--source-credentials",
             "u:hunter2",
         ])
         .unwrap();
         let shown = format!("{cli:?}");
-        assert!(shown.contains("marathon_credentials"), "{shown}");
+        assert!(shown.contains("source_credentials"), "{shown}");
         assert!(!shown.contains("hunter2"), "{shown}");
         let Command::Controller(c) = cli.command else {
             panic!()

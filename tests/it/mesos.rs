@@ -342,43 +342,60 @@ fn check_reads_a_get_state_file() {
     assert!(!out.status.success());
 }
 
+/// The real binary follows a Mesos master that demands a token, given by the source flags'
+/// environment variables under their neutral names and under the old Marathon ones.
 #[tokio::test]
-async fn controller_binary_follows_mesos() {
-    let leader = FakeMesos::start().await;
-    leader.set_script(fixture_lines("hello-overlay.json"));
-    let url = leader.url();
-    let (_proc, api) = tokio::task::spawn_blocking(move || {
-        let mut cmd = std::process::Command::new(BIN);
-        cmd.args(["controller", "--mesos", &url, "--api-listen", "127.0.0.1:0"]);
-        let p = Proc::spawn("l4lb", cmd);
-        let addr: SocketAddr = p.log().addr("API listening", Duration::from_secs(20));
-        (p, addr)
-    })
-    .await
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let vips: Vec<VipJson> = reqwest::get(format!("http://{api}/v1/vips"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let mut names: Vec<String> = vips.iter().filter_map(|v| v.name.clone()).collect();
-        names.sort();
-        if names
-            == [
-                API,
-                "host-vip.hello-world.l4lb.thisdcos.directory",
-                "overlay-vip.hello-world.l4lb.thisdcos.directory",
-            ]
-        {
-            break;
+async fn controller_binary_follows_mesos_with_credentials_by_new_or_old_names() {
+    l4lb::tls::init();
+    for env in [
+        [
+            ("L4LB_SOURCE_AUTH", "token"),
+            ("L4LB_SOURCE_CREDENTIALS", "s3cret"),
+        ],
+        [
+            ("L4LB_MARATHON_AUTH", "token"),
+            ("L4LB_MARATHON_CREDENTIALS", "s3cret"),
+        ],
+    ] {
+        let leader = FakeMesos::start().await;
+        leader.require_auth("token=s3cret");
+        leader.set_script(fixture_lines("hello-overlay.json"));
+        let url = leader.url();
+        let (_proc, api) = tokio::task::spawn_blocking(move || {
+            let mut cmd = std::process::Command::new(BIN);
+            cmd.args(["controller", "--mesos", &url, "--api-listen", "127.0.0.1:0"])
+                .envs(env);
+            let p = Proc::spawn("l4lb", cmd);
+            let addr: SocketAddr = p.log().addr("API listening", Duration::from_secs(20));
+            (p, addr)
+        })
+        .await
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let vips: Vec<VipJson> = reqwest::get(format!("http://{api}/v1/vips"))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let mut names: Vec<String> = vips.iter().filter_map(|v| v.name.clone()).collect();
+            names.sort();
+            if names
+                == [
+                    API,
+                    "host-vip.hello-world.l4lb.thisdcos.directory",
+                    "overlay-vip.hello-world.l4lb.thisdcos.directory",
+                ]
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{env:?}: still {names:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(Instant::now() < deadline, "still {names:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(leader.subscribes.load(Ordering::SeqCst), 1, "{env:?}");
+        assert_eq!(leader.unauthorized.load(Ordering::SeqCst), 0, "{env:?}");
     }
-    assert_eq!(leader.subscribes.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
