@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use rand::RngExt;
 use reqwest::{RequestBuilder, Response, StatusCode, Url, header};
+use tokio_util::sync::CancellationToken;
 
 use crate::model::Secret;
 
@@ -97,10 +98,13 @@ impl Error {
 /// out-of-memory kill.
 pub const MAX_BODY: usize = 1 << 30;
 
-/// The two clients a source needs (one for requests, bounded by the timeout; one for streams
-/// that stay open, bounded only on connect), its credentials and its answer cap.
+/// What a source client holds whatever its API: the servers it may ask (the masters), the two
+/// clients (one for requests, bounded by the timeout; one for streams that stay open, bounded
+/// only on connect), its credentials and its answer cap. `Debug` shows the masters as in logs
+/// and no secret.
 #[derive(Clone)]
 pub struct Transport {
+    masters: Vec<Url>,
     request: reqwest::Client,
     stream: reqwest::Client,
     auth: Auth,
@@ -108,13 +112,17 @@ pub struct Transport {
 }
 
 impl Transport {
-    /// Clients with `timeout` per request (and on connect, at most 5 s); redirects are
-    /// followed by reqwest unless `follow_redirects` is false (the caller follows them).
+    /// Clients for `masters` (given as `flag`) with `timeout` per request (and on connect, at
+    /// most 5 s); redirects are followed by reqwest unless `follow_redirects` is false (the
+    /// caller follows them). A password in a master's URL is warned about.
     pub fn new(
+        flag: &str,
+        masters: Vec<Url>,
         auth: Auth,
         timeout: Duration,
         follow_redirects: bool,
     ) -> Result<Self, reqwest::Error> {
+        warn_passwords(flag, &masters);
         let base = || {
             let b = crate::tls::client_builder()
                 .connect_timeout(timeout.min(Duration::from_secs(5)))
@@ -126,6 +134,7 @@ impl Transport {
             }
         };
         Ok(Transport {
+            masters,
             request: base().timeout(timeout).build()?,
             stream: base().build()?,
             auth,
@@ -137,6 +146,11 @@ impl Transport {
     pub fn with_max_body(mut self, bytes: usize) -> Self {
         self.max_body = bytes;
         self
+    }
+
+    /// The servers to ask, as configured.
+    pub fn masters(&self) -> &[Url] {
+        &self.masters
     }
 
     /// The longest answer (or stream record) read.
@@ -205,9 +219,19 @@ pub fn redact(u: &Url) -> String {
     u.to_string()
 }
 
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let masters: Vec<String> = self.masters.iter().map(redact).collect();
+        f.debug_struct("Transport")
+            .field("masters", &masters)
+            .field("auth", &self.auth)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Warn about every URL in `urls` that carries a password: a password in a flag is visible
 /// to every user in `ps` and `/proc/<pid>/cmdline`.
-pub fn warn_passwords(flag: &str, urls: &[Url]) {
+fn warn_passwords(flag: &str, urls: &[Url]) {
     for u in with_password(urls) {
         tracing::warn!(
             url = %u,
@@ -223,19 +247,6 @@ fn with_password(urls: &[Url]) -> Vec<String> {
         .filter(|u| u.password().is_some())
         .map(redact)
         .collect()
-}
-
-/// A source client's `Debug`: its masters as in logs, its credentials redacted.
-pub fn debug_client(
-    f: &mut std::fmt::Formatter<'_>,
-    masters: &[Url],
-    http: &Transport,
-) -> std::fmt::Result {
-    let masters: Vec<String> = masters.iter().map(redact).collect();
-    f.debug_struct("Client")
-        .field("masters", &masters)
-        .field("auth", &http.auth)
-        .finish_non_exhaustive()
 }
 
 /// Exponential back-off with full jitter.
@@ -265,6 +276,15 @@ impl Backoff {
 
     pub fn reset(&mut self) {
         self.current = self.min;
+    }
+
+    /// Sleep the next wait; `false` when `shutdown` came first.
+    pub async fn pause(&mut self, shutdown: &CancellationToken) -> bool {
+        let wait = self.next_delay();
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = tokio::time::sleep(wait) => true,
+        }
     }
 }
 

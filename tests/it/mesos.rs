@@ -4,64 +4,38 @@
 //! `/v1/vips` watcher.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::common::BIN;
-use crate::common::mesos::{self, FakeMesos, fixture_lines};
+use crate::common::ctl::{BACKOFF, Ctl};
+use crate::common::mesos::{FakeMesos, fixture, fixture_lines};
 use crate::common::process::Proc;
-use l4lb::api::{self, ApiState, Readiness};
 use l4lb::model::VipTable;
 use l4lb::model::wire::VipJson;
 use l4lb::source::http::Auth;
 use l4lb::source::mesos::client::Client;
 use l4lb::source::mesos::sync::{self, SyncConfig};
-use l4lb::source::metrics::SourceMetrics;
 use l4lb::source::state::BuildConfig;
-use l4lb::source::{Publisher, TableRx, table_channel};
-use prometheus_client::registry::Registry;
-use tokio_util::sync::CancellationToken;
 
-struct Ctl {
-    api: SocketAddr,
-    rx: TableRx,
-    shutdown: CancellationToken,
-}
-
-impl Drop for Ctl {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
+/// A controller following the Mesos masters `masters`.
 async fn start_controller(masters: &[String], auth: Auth) -> Ctl {
-    let mut reg = Registry::with_prefix("l4lb");
-    let metrics = SourceMetrics::new(&mut reg);
-    let (tx, rx) = table_channel();
-    let publisher = Publisher::new(BuildConfig::default(), tx, metrics);
+    l4lb::tls::init();
     let client = Client::new(
         masters.iter().map(|u| u.parse().unwrap()).collect(),
         auth,
         Duration::from_secs(5),
     )
     .unwrap();
-    let shutdown = CancellationToken::new();
     let cfg = SyncConfig {
-        backoff_min: Duration::from_millis(20),
-        backoff_max: Duration::from_millis(200),
+        backoff_min: BACKOFF.0,
+        backoff_max: BACKOFF.1,
         ..SyncConfig::default()
     };
-    tokio::spawn(sync::run(client, publisher, cfg, shutdown.clone()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api_addr = listener.local_addr().unwrap();
-    let state = ApiState::new(rx.clone(), Arc::new(reg), Readiness::default());
-    tokio::spawn(api::serve(listener, state, shutdown.clone()));
-    Ctl {
-        api: api_addr,
-        rx,
-        shutdown,
-    }
+    Ctl::start(BuildConfig::default(), |publisher, stop| {
+        sync::run(client, publisher, cfg, stop)
+    })
+    .await
 }
 
 /// (name or IP, port/protocol, backends with state), sorted.
@@ -92,18 +66,6 @@ fn s(name: &str, port: &str, backends: &[&str]) -> (String, String, Vec<String>)
         port.into(),
         backends.iter().map(|b| b.to_string()).collect(),
     )
-}
-
-/// Wait until the published table satisfies `f`.
-async fn wait_table(rx: &mut TableRx, f: impl Fn(&VipTable) -> bool) -> Arc<VipTable> {
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        rx.wait_for(|t| t.version > 0 && f(t)),
-    )
-    .await
-    .expect("no such table within 10 s")
-    .unwrap()
-    .clone()
 }
 
 async fn wait_until(what: &str, f: impl Fn() -> bool) {
@@ -137,7 +99,7 @@ async fn follows_the_leader_with_credentials_and_applies_a_stream_event_by_event
             &["9.0.2.3:4044 Active"],
         ),
     ];
-    let t = wait_table(&mut ctl.rx, |t| summary(t) == want).await;
+    let t = ctl.wait(|t| summary(t) == want).await;
     assert_eq!(summary(&t), want);
     assert_eq!(leader.subscribes.load(Ordering::SeqCst), 1);
     assert_eq!(leader.unauthorized.load(Ordering::SeqCst), 0);
@@ -159,9 +121,7 @@ async fn wrong_credentials_are_refused_and_nothing_is_published() {
     let leader = FakeMesos::start().await;
     leader.require_auth("token=s3cret");
     leader.set_script(fixture_lines("hello-overlay.json"));
-    leader.set_state(
-        std::fs::read_to_string(format!("{}/tcp-and-udp.json", mesos::FIXTURES)).unwrap(),
-    );
+    leader.set_state(fixture("tcp-and-udp.json"));
     let ctl = start_controller(&[leader.url()], Auth::Token("wrong".into())).await;
     wait_until("two refusals", || {
         leader.unauthorized.load(Ordering::SeqCst) >= 2
@@ -190,7 +150,7 @@ async fn an_event_reaches_a_blocked_watcher_within_milliseconds() {
     let leader = FakeMesos::start().await;
     leader.set_script(vec![lines[0].clone()]);
     let mut ctl = start_controller(&[leader.url()], Auth::None).await;
-    let first = wait_table(&mut ctl.rx, |t| !t.vips.is_empty()).await;
+    let first = ctl.wait(|t| !t.vips.is_empty()).await;
     assert_eq!(
         summary(&first),
         [s(API, "80/tcp", &["172.17.0.4:21872 Active"])]
@@ -228,11 +188,9 @@ async fn a_stream_dropped_mid_frame_reads_the_state_and_subscribes_again() {
     let lines = fixture_lines("hello-world.json");
     let leader = FakeMesos::start().await;
     leader.set_script(vec![lines[0].clone()]);
-    leader.set_state(
-        std::fs::read_to_string(format!("{}/tcp-and-udp.json", mesos::FIXTURES)).unwrap(),
-    );
+    leader.set_state(fixture("tcp-and-udp.json"));
     let mut ctl = start_controller(&[leader.url()], Auth::None).await;
-    wait_table(&mut ctl.rx, |t| !t.vips.is_empty()).await;
+    ctl.wait(|t| !t.vips.is_empty()).await;
     wait_until("the stream", || leader.open_streams() == 1).await;
     leader.cut();
     // The state is read at once, then the stream is opened again (its SUBSCRIBED wins).
@@ -241,13 +199,12 @@ async fn a_stream_dropped_mid_frame_reads_the_state_and_subscribes_again() {
     })
     .await;
     assert_eq!(leader.subscribes.load(Ordering::SeqCst), 2);
-    let t = wait_table(&mut ctl.rx, |t| {
-        summary(t) == [s(API, "80/tcp", &["172.17.0.4:21872 Active"])]
-    })
-    .await;
+    let t = ctl
+        .wait(|t| summary(t) == [s(API, "80/tcp", &["172.17.0.4:21872 Active"])])
+        .await;
     // Events flow on the new stream.
     leader.emit(&lines[1]);
-    let t = wait_table(&mut ctl.rx, |n| n.version > t.version).await;
+    let t = ctl.wait(|n| n.version > t.version).await;
     assert_eq!(
         summary(&t),
         [s(API, "80/tcp", &["172.17.0.4:21872 Draining"])]
@@ -258,11 +215,9 @@ async fn a_stream_dropped_mid_frame_reads_the_state_and_subscribes_again() {
 async fn get_state_is_the_fallback_when_subscribe_is_refused() {
     let leader = FakeMesos::start().await;
     leader.refuse_subscribe(true);
-    leader.set_state(
-        std::fs::read_to_string(format!("{}/tcp-and-udp.json", mesos::FIXTURES)).unwrap(),
-    );
+    leader.set_state(fixture("tcp-and-udp.json"));
     let mut ctl = start_controller(&[leader.url()], Auth::None).await;
-    let t = wait_table(&mut ctl.rx, |t| !t.vips.is_empty()).await;
+    let t = ctl.wait(|t| !t.vips.is_empty()).await;
     assert_eq!(
         summary(&t),
         [
@@ -281,14 +236,14 @@ async fn get_state_is_the_fallback_when_subscribe_is_refused() {
     // It keeps trying to subscribe; once the master accepts, the stream takes over.
     leader.set_script(fixture_lines("hello-overlay.json"));
     leader.refuse_subscribe(false);
-    wait_table(&mut ctl.rx, |t| summary(t).iter().any(|v| v.0 == API)).await;
+    ctl.wait(|t| summary(t).iter().any(|v| v.0 == API)).await;
     assert_eq!(leader.subscribes.load(Ordering::SeqCst), 1);
 }
 
 #[test]
 fn check_reads_a_get_state_file() {
     let bin = BIN;
-    let file = format!("{}/tcp-and-udp.json", mesos::FIXTURES);
+    let file = format!("{}/tcp-and-udp.json", crate::common::mesos::FIXTURES);
     let out = std::process::Command::new(bin)
         .args(["check", "--mesos-state-file", &file])
         .output()
@@ -406,17 +361,16 @@ async fn a_new_leader_after_fail_over_is_found_through_the_configured_masters() 
     let b = FakeMesos::start().await;
     b.redirect_to(a.addr);
     let mut ctl = start_controller(&[b.url()], Auth::None).await;
-    wait_table(&mut ctl.rx, |t| !t.vips.is_empty()).await;
+    ctl.wait(|t| !t.vips.is_empty()).await;
     assert_eq!(a.subscribes.load(Ordering::SeqCst), 1);
     // The leader dies; the other master takes over with the state that has the task killing.
     a.stop();
     a.cut();
     b.set_script(vec![lines[0].clone(), lines[1].clone()]);
     b.lead();
-    let t = wait_table(&mut ctl.rx, |t| {
-        summary(t) == [s(API, "80/tcp", &["172.17.0.4:21872 Draining"])]
-    })
-    .await;
+    let t = ctl
+        .wait(|t| summary(t) == [s(API, "80/tcp", &["172.17.0.4:21872 Draining"])])
+        .await;
     assert!(t.version > 0);
     assert_eq!(b.subscribes.load(Ordering::SeqCst), 1);
 }
@@ -432,7 +386,7 @@ async fn a_silent_stream_is_dropped_after_three_heartbeat_intervals() {
     leader.set_script(vec![first.to_string()]);
     let started = Instant::now();
     let mut ctl = start_controller(&[leader.url()], Auth::None).await;
-    wait_table(&mut ctl.rx, |t| !t.vips.is_empty()).await;
+    ctl.wait(|t| !t.vips.is_empty()).await;
     wait_until("a second subscription", || {
         leader.subscribes.load(Ordering::SeqCst) >= 2
     })

@@ -8,28 +8,25 @@ use std::time::Duration;
 use reqwest::{Method, StatusCode, Url, header};
 
 use super::events::RELEVANT_EVENTS;
-use crate::source::http::{self, Auth, Error, Transport};
+use crate::source::http::{Auth, Error, Transport};
 
 /// A client over one or more Marathon masters. Requests go to the master that last answered;
-/// on failure the next ones are tried in turn.
-#[derive(Clone)]
+/// on failure the next ones are tried in turn. `Debug` shows no secret.
+#[derive(Clone, Debug)]
 pub struct Client {
-    masters: Vec<Url>,
     http: Transport,
     preferred: Arc<AtomicUsize>,
 }
 
 impl Client {
     pub fn new(masters: Vec<Url>, auth: Auth, timeout: Duration) -> Result<Self, reqwest::Error> {
-        http::warn_passwords("--marathon", &masters);
         Ok(Client {
-            masters,
-            http: Transport::new(auth, timeout, true)?,
+            http: Transport::new("--marathon", masters, auth, timeout, true)?,
             preferred: Arc::default(),
         })
     }
 
-    /// Refuse answers longer than `bytes` (default [`http::MAX_BODY`]).
+    /// Refuse answers longer than `bytes` (default [`MAX_BODY`](crate::source::http::MAX_BODY)).
     pub fn with_max_body(mut self, bytes: usize) -> Self {
         self.http = self.http.with_max_body(bytes);
         self
@@ -42,15 +39,16 @@ impl Client {
         path_and_query: &str,
         stream: bool,
     ) -> Result<Option<reqwest::Response>, Error> {
-        if self.masters.is_empty() {
+        let masters = self.http.masters();
+        if masters.is_empty() {
             return Err(Error::NoMasters("Marathon"));
         }
-        let n = self.masters.len();
+        let n = masters.len();
         let first = self.preferred.load(Ordering::Relaxed) % n;
         let mut last_err = None;
         for i in 0..n {
             let idx = (first + i) % n;
-            let Ok(url) = self.masters[idx].join(path_and_query) else {
+            let Ok(url) = masters[idx].join(path_and_query) else {
                 continue;
             };
             let accept = if stream {
@@ -121,13 +119,6 @@ impl Client {
                 url: "/v2/events".into(),
                 status: StatusCode::NOT_FOUND,
             })
-    }
-}
-
-impl std::fmt::Debug for Client {
-    /// Masters as in logs (no user info, no query); the credentials show as redacted.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        http::debug_client(f, &self.masters, &self.http)
     }
 }
 

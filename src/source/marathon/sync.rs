@@ -364,10 +364,8 @@ async fn stream_events(
                 m.sync_error(e.kind());
             }
         }
-        let wait = backoff.next_delay();
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+        if !backoff.pause(&shutdown).await {
+            return;
         }
     }
 }

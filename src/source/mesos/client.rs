@@ -17,7 +17,6 @@ const MAX_REDIRECTS: usize = 3;
 
 #[derive(Clone)]
 pub struct Client {
-    masters: Vec<Url>,
     http: Transport,
     /// The leader's API URL once a master named it (or one answered).
     leader: Arc<Mutex<Option<Url>>>,
@@ -27,10 +26,8 @@ impl Client {
     /// `masters` are base URLs (`http://m1:5050/`); `timeout` bounds each request except the
     /// open stream (whose connect it bounds).
     pub fn new(masters: Vec<Url>, auth: Auth, timeout: Duration) -> Result<Self, reqwest::Error> {
-        http::warn_passwords("--mesos", &masters);
         Ok(Client {
-            masters,
-            http: Transport::new(auth, timeout, false)?,
+            http: Transport::new("--mesos", masters, auth, timeout, false)?,
             leader: Arc::default(),
         })
     }
@@ -55,7 +52,7 @@ impl Client {
             .and_then(|l| l.clone())
             .into_iter()
             .collect();
-        for m in &self.masters {
+        for m in self.http.masters() {
             if let Ok(u) = m.join("api/v1")
                 && !out.contains(&u)
             {
@@ -139,6 +136,8 @@ impl Client {
 impl std::fmt::Debug for Client {
     /// Masters as in logs (no user info, no query); the credentials show as redacted.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        http::debug_client(f, &self.masters, &self.http)
+        f.debug_struct("Client")
+            .field("http", &self.http)
+            .finish_non_exhaustive()
     }
 }

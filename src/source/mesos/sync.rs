@@ -99,10 +99,8 @@ pub async fn run(
             }
         }
         read_state(&client, &cluster, &publisher).await;
-        let wait = backoff.next_delay();
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+        if !backoff.pause(&shutdown).await {
+            return;
         }
     }
 }

@@ -2,7 +2,7 @@
 //! master in [`super::mesos`]): a server on a port-0 listener that stops when the test stops
 //! it or drops its last handle ([`Fake`]), streaming answers fed by a task (Marathon's SSE,
 //! Mesos's chunked RecordIO; [`stream`]), and the events a test emits to every open stream
-//! ([`next_event`]).
+//! ([`Events`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -85,6 +85,31 @@ where
     let (tx, mut rx) = mpsc::channel(64);
     tokio::spawn(feed(tx));
     Body::from_stream(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+}
+
+/// What a test emits to every open stream of a fake.
+#[derive(Clone)]
+pub struct Events<T>(broadcast::Sender<T>);
+
+impl<T: Clone> Default for Events<T> {
+    fn default() -> Self {
+        Events(broadcast::channel(4096).0)
+    }
+}
+
+impl<T: Clone> Events<T> {
+    pub fn send(&self, ev: T) {
+        let _ = self.0.send(ev);
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<T> {
+        self.0.subscribe()
+    }
+
+    /// Streams open.
+    pub fn receivers(&self) -> usize {
+        self.0.receiver_count()
+    }
 }
 
 /// The next event the test emitted, or `None` once the fake stops (a stream that fell behind

@@ -14,14 +14,14 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Value, json};
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use super::fake::{self, Fake, next_event};
+use super::fake::{self, Events, Fake, next_event};
 
 /// How the fake misbehaves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Fault {
+    #[default]
     None,
     /// 200 with a body that is not JSON.
     Garbage,
@@ -33,6 +33,7 @@ pub enum Fault {
     Hang,
 }
 
+#[derive(Default)]
 struct Inner {
     apps: BTreeMap<String, Value>,
     /// Pod statuses (`/v2/pods/::status` items) by id.
@@ -44,10 +45,10 @@ struct Inner {
 pub type FakeMarathon = Fake<Marathon>;
 
 /// The fake's state: what the test changes and the counters it reads.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct Marathon {
     inner: Arc<Mutex<Inner>>,
-    events: broadcast::Sender<String>,
+    events: Events<String>,
     pub apps_requests: Arc<AtomicU64>,
     pub app_requests: Arc<AtomicU64>,
     pub event_streams: Arc<AtomicU64>,
@@ -60,18 +61,7 @@ impl FakeMarathon {
     }
 
     pub async fn start_on(listener: tokio::net::TcpListener) -> Self {
-        let state = Marathon {
-            inner: Arc::new(Mutex::new(Inner {
-                apps: BTreeMap::new(),
-                pods: BTreeMap::new(),
-                fault: Fault::None,
-            })),
-            events: broadcast::channel(1024).0,
-            apps_requests: Arc::default(),
-            app_requests: Arc::default(),
-            event_streams: Arc::default(),
-            stop: CancellationToken::new(),
-        };
+        let state = Marathon::default();
         let router = Router::new()
             .route("/v2/apps", get(apps))
             .route("/v2/apps/{*id}", get(app))
@@ -114,7 +104,7 @@ impl Marathon {
     /// Send one SSE event with `data` as its JSON body.
     pub fn emit(&self, event_type: &str, data: Value) {
         let frame = format!("event: {event_type}\ndata: {data}\n\n");
-        let _ = self.events.send(frame);
+        self.events.send(frame);
     }
 
     /// A `status_update_event` in the shape of the fixture stream.

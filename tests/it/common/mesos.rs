@@ -16,21 +16,24 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::Value;
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use super::fake::{self, Fake, Sink, next_event};
+use super::fake::{self, Events, Fake, Sink, next_event};
 
 pub const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/mesos");
 
 /// The lines of a fixture (one JSON document a line).
 pub fn fixture_lines(file: &str) -> Vec<String> {
-    std::fs::read_to_string(format!("{FIXTURES}/{file}"))
-        .unwrap()
+    fixture(file)
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(str::to_string)
         .collect()
+}
+
+/// A fixture's text.
+pub fn fixture(file: &str) -> String {
+    std::fs::read_to_string(format!("{FIXTURES}/{file}")).unwrap()
 }
 
 /// RecordIO framing, as a master writes it.
@@ -47,6 +50,7 @@ enum Msg {
     Cut,
 }
 
+#[derive(Default)]
 struct Inner {
     /// Sent on every subscription, one event at a time (the first is the `SUBSCRIBED`).
     script: Vec<String>,
@@ -63,10 +67,10 @@ struct Inner {
 pub type FakeMesos = Fake<Mesos>;
 
 /// The fake's state: what the test changes and the counters it reads.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct Mesos {
     inner: Arc<Mutex<Inner>>,
-    events: broadcast::Sender<Msg>,
+    events: Events<Msg>,
     pub subscribes: Arc<AtomicU64>,
     pub get_states: Arc<AtomicU64>,
     pub redirects: Arc<AtomicU64>,
@@ -76,21 +80,7 @@ pub struct Mesos {
 
 impl FakeMesos {
     pub async fn start() -> Self {
-        let state = Mesos {
-            inner: Arc::new(Mutex::new(Inner {
-                script: Vec::new(),
-                state: None,
-                leader: None,
-                auth: None,
-                refuse_subscribe: false,
-            })),
-            events: broadcast::channel(4096).0,
-            subscribes: Arc::default(),
-            get_states: Arc::default(),
-            redirects: Arc::default(),
-            unauthorized: Arc::default(),
-            stop: CancellationToken::new(),
-        };
+        let state = Mesos::default();
         let router = Router::new()
             .route("/api/v1", post(api))
             .with_state(state.clone());
@@ -129,16 +119,16 @@ impl Mesos {
 
     /// Send one event on every open stream.
     pub fn emit(&self, line: &str) {
-        let _ = self.events.send(Msg::Event(line.to_string()));
+        self.events.send(Msg::Event(line.to_string()));
     }
 
     /// Break every open stream in the middle of a frame.
     pub fn cut(&self) {
-        let _ = self.events.send(Msg::Cut);
+        self.events.send(Msg::Cut);
     }
 
     pub fn open_streams(&self) -> usize {
-        self.events.receiver_count()
+        self.events.receivers()
     }
 }
 

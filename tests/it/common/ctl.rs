@@ -1,0 +1,84 @@
+//! A controller in the test's own process: a source (Marathon, Mesos or the apps file, started
+//! by the test against a fake) publishing into a table that the real API serves on a port-0
+//! listener. Stops when dropped.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use l4lb::api::{self, ApiState, Readiness};
+use l4lb::model::VipTable;
+use l4lb::source::metrics::SourceMetrics;
+use l4lb::source::state::BuildConfig;
+use l4lb::source::{Publisher, TableRx, table_channel};
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+pub struct Ctl {
+    /// The API's address.
+    pub api: SocketAddr,
+    /// The source's table.
+    pub rx: TableRx,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Ctl {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Back-offs short enough for a test: 20 ms, growing to 200 ms.
+pub const BACKOFF: (Duration, Duration) = (Duration::from_millis(20), Duration::from_millis(200));
+
+impl Ctl {
+    /// Spawn the source `run` returns (given its publisher and the shutdown token), building
+    /// with `build`, and the API over its table.
+    pub async fn start<Fut>(
+        build: BuildConfig,
+        run: impl FnOnce(Publisher, CancellationToken) -> Fut,
+    ) -> Ctl
+    where
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        l4lb::tls::init();
+        let mut reg = Registry::with_prefix("l4lb");
+        let (tx, rx) = table_channel();
+        let publisher = Publisher::new(build, tx, SourceMetrics::new(&mut reg));
+        let shutdown = CancellationToken::new();
+        tokio::spawn(run(publisher, shutdown.clone()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api = listener.local_addr().unwrap();
+        let state = ApiState::new(rx.clone(), Arc::new(reg), Readiness::default());
+        tokio::spawn(api::serve(listener, state, shutdown.clone()));
+        Ctl { api, rx, shutdown }
+    }
+
+    /// The first published table (version > 0) that satisfies `f`, within 10 s.
+    pub async fn wait(&mut self, f: impl Fn(&VipTable) -> bool) -> Arc<VipTable> {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            self.rx.wait_for(|t| t.version > 0 && f(t)),
+        )
+        .await
+        .expect("no such table within 10 s")
+        .unwrap()
+        .clone()
+    }
+
+    /// The version of the first table after version `above`.
+    pub async fn wait_version(&mut self, above: u64) -> u64 {
+        self.wait(|t| t.version > above).await.version
+    }
+
+    /// `/metrics` of the API.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.api))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
