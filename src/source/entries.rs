@@ -79,6 +79,9 @@ impl LabelValue<'_> {
     }
 }
 
+/// A contribution's hosts (names or IP literals), each resolved once.
+pub type Hosts<'h> = BTreeMap<&'h str, Option<IpAddr>>;
+
 /// One VIP label on one port of one app, with that port's backends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -168,6 +171,28 @@ impl Contribution {
                 Err(e) => self.reject(legacy.port_index, key, value.text(), &e),
             }
         }
+    }
+
+    /// Resolve each of `hosts` once (an IP literal is its own address; a name goes to
+    /// `resolve`), noting every address as a cluster address and every name that does not
+    /// resolve.
+    pub fn resolve_hosts<'h>(
+        &mut self,
+        hosts: impl IntoIterator<Item = &'h str>,
+        resolve: &mut dyn FnMut(&str) -> Option<IpAddr>,
+    ) -> Hosts<'h> {
+        let mut out = Hosts::new();
+        for h in hosts {
+            out.entry(h)
+                .or_insert_with(|| h.parse::<IpAddr>().ok().or_else(|| resolve(h)));
+        }
+        for (h, ip) in &out {
+            match ip {
+                Some(ip) => self.cluster_addrs.push(ip.to_canonical()),
+                None => self.unresolved_hosts.push(h.to_string()),
+            }
+        }
+        out
     }
 
     fn reject(&mut self, index: usize, key: &str, value: &str, e: &LabelError) {
@@ -416,6 +441,48 @@ pub fn assemble<'a>(
     rejections.sort();
     rejections.dedup();
     Built { vips, rejections }
+}
+
+/// Test helpers of the sources: VIPs as text a test can compare.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use crate::model::Vip;
+
+    /// (FQDN or IP, `port/protocol`, backends as `addr State`, with ` task` when asked).
+    pub(crate) type Summary = (String, String, Vec<String>);
+
+    /// `vips` summarized, sorted.
+    pub(crate) fn summary<'a>(
+        vips: impl IntoIterator<Item = &'a Vip>,
+        tasks: bool,
+    ) -> Vec<Summary> {
+        let mut out: Vec<Summary> = vips
+            .into_iter()
+            .map(|v| {
+                let name = v
+                    .name
+                    .as_ref()
+                    .map_or_else(|| v.key.ip.to_string(), |n| n.fqdn());
+                let backends = v
+                    .backends
+                    .iter()
+                    .map(|b| match tasks {
+                        true => format!("{} {:?} {}", b.addr, b.state, b.task),
+                        false => format!("{} {:?}", b.addr, b.state),
+                    })
+                    .collect();
+                (name, format!("{}/{}", v.key.port, v.key.protocol), backends)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// One expected [`Summary`].
+    pub(crate) fn s(name: &str, port: &str, backends: &[&str]) -> Summary {
+        let backends = backends.iter().map(|b| b.to_string()).collect();
+        (name.to_string(), port.to_string(), backends)
+    }
 }
 
 #[cfg(test)]

@@ -229,14 +229,7 @@ impl Publisher {
         changed_at_ms: u64,
     ) {
         self.report_hosts(changes.iter().filter_map(|(_, c)| c.as_ref()));
-        self.apply(changed_at_ms, |s| {
-            for (id, c) in changes {
-                match c {
-                    Some(c) => s.upsert(c),
-                    None => s.remove(&id),
-                }
-            }
-        });
+        self.apply(changed_at_ms, |s| s.update(changes));
     }
 
     /// The host-name cache every build of this source shares.

@@ -121,10 +121,20 @@ impl TableState {
         self.note(old, Some(app));
     }
 
-    /// Forget one app (deleted in Marathon).
+    /// Forget one contribution (an app deleted in Marathon, a task gone in Mesos).
     pub fn remove(&mut self, app_id: &str) {
         if let Some(old) = self.apps.remove(app_id) {
             self.note(Some(old), None);
+        }
+    }
+
+    /// Replace (`Some`) or remove (`None`) the contributions named.
+    pub fn update(&mut self, changes: impl IntoIterator<Item = (String, Option<Contribution>)>) {
+        for (id, c) in changes {
+            match c {
+                Some(c) => self.upsert(c),
+                None => self.remove(&id),
+            }
         }
     }
 

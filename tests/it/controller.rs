@@ -5,13 +5,12 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::common::ctl::{BACKOFF, Ctl};
+use crate::common::ctl::Ctl;
 use crate::common::marathon::{FakeMarathon, Fault, add_task, host_app, task};
 use l4lb::api;
 use l4lb::model::wire::VipJson;
 use l4lb::source::http::Auth;
 use l4lb::source::marathon::client::Client;
-use l4lb::source::marathon::sync::{self, SyncConfig};
 use l4lb::source::state::BuildConfig;
 use serde_json::Value;
 
@@ -22,27 +21,11 @@ const EAGER: (Duration, Duration) = (Duration::from_millis(100), Duration::from_
 
 /// A controller following the Marathon masters `urls` with `timing`.
 async fn start_controller(urls: &[String], (resync, timeout): (Duration, Duration)) -> Ctl {
-    l4lb::tls::init();
-    let client = Client::new(
-        urls.iter().map(|u| u.parse().unwrap()).collect(),
-        Auth::None,
-        timeout,
-    )
-    .unwrap();
-    let cfg = SyncConfig {
-        resync_interval: resync,
-        backoff_min: BACKOFF.0,
-        backoff_max: BACKOFF.1,
-        ..SyncConfig::default()
-    };
     let build = BuildConfig {
         vip_cidr: "198.18.128.0/17".parse().unwrap(),
         ..BuildConfig::default()
     };
-    Ctl::start(build, |publisher, stop| {
-        sync::run(client, publisher, cfg, stop)
-    })
-    .await
+    Ctl::marathon(urls, build, resync, timeout).await
 }
 
 /// A fake Marathon serving `apps` and a controller following `before` (masters tried first)

@@ -8,52 +8,25 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::common::BIN;
-use crate::common::ctl::{BACKOFF, Ctl};
+use crate::common::ctl::Ctl;
 use crate::common::mesos::{FakeMesos, fixture, fixture_lines};
 use crate::common::process::Proc;
 use l4lb::model::VipTable;
-use l4lb::model::wire::VipJson;
+use l4lb::model::wire::{VipJson, table_to_json};
 use l4lb::source::http::Auth;
-use l4lb::source::mesos::client::Client;
-use l4lb::source::mesos::sync::{self, SyncConfig};
-use l4lb::source::state::BuildConfig;
 
-/// A controller following the Mesos masters `masters`.
-async fn start_controller(masters: &[String], auth: Auth) -> Ctl {
-    l4lb::tls::init();
-    let client = Client::new(
-        masters.iter().map(|u| u.parse().unwrap()).collect(),
-        auth,
-        Duration::from_secs(5),
-    )
-    .unwrap();
-    let cfg = SyncConfig {
-        backoff_min: BACKOFF.0,
-        backoff_max: BACKOFF.1,
-        ..SyncConfig::default()
-    };
-    Ctl::start(BuildConfig::default(), |publisher, stop| {
-        sync::run(client, publisher, cfg, stop)
-    })
-    .await
-}
-
-/// (name or IP, port/protocol, backends with state), sorted.
+/// (name or IP, port/protocol, backends with state) of each VIP as the API shows it, sorted.
 fn summary(t: &VipTable) -> Vec<(String, String, Vec<String>)> {
-    let mut out: Vec<_> = t
-        .vips
-        .values()
+    let mut out: Vec<_> = table_to_json(t)
+        .into_iter()
         .map(|v| {
-            let name = v
-                .name
-                .as_ref()
-                .map_or_else(|| v.key.ip.to_string(), |n| n.fqdn());
             let backends = v
-                .backends
+                .backend
                 .iter()
-                .map(|b| format!("{} {:?}", b.addr, b.state))
+                .map(|b| format!("{} {:?}", SocketAddr::new(b.ip, b.port), b.state))
                 .collect();
-            (name, format!("{}/{}", v.key.port, v.key.protocol), backends)
+            let name = v.name.unwrap_or_else(|| v.ip.to_string());
+            (name, format!("{}/{}", v.port, v.protocol), backends)
         })
         .collect();
     out.sort();
@@ -85,7 +58,7 @@ async fn follows_the_leader_with_credentials_and_applies_a_stream_event_by_event
     leader.set_script(fixture_lines("hello-overlay.json"));
     let follower = FakeMesos::start().await;
     follower.redirect_to(leader.addr);
-    let mut ctl = start_controller(&[follower.url()], Auth::Token("s3cret".into())).await;
+    let mut ctl = Ctl::mesos(&[follower.url()], Auth::Token("s3cret".into())).await;
     let want = [
         s(API, "80/tcp", &["10.0.0.49:19630 Active"]),
         s(
@@ -122,7 +95,7 @@ async fn wrong_credentials_are_refused_and_nothing_is_published() {
     leader.require_auth("token=s3cret");
     leader.set_script(fixture_lines("hello-overlay.json"));
     leader.set_state(fixture("tcp-and-udp.json"));
-    let ctl = start_controller(&[leader.url()], Auth::Token("wrong".into())).await;
+    let ctl = Ctl::mesos(&[leader.url()], Auth::Token("wrong".into())).await;
     wait_until("two refusals", || {
         leader.unauthorized.load(Ordering::SeqCst) >= 2
     })
@@ -149,7 +122,7 @@ async fn an_event_reaches_a_blocked_watcher_within_milliseconds() {
     let lines = fixture_lines("hello-world.json");
     let leader = FakeMesos::start().await;
     leader.set_script(vec![lines[0].clone()]);
-    let mut ctl = start_controller(&[leader.url()], Auth::None).await;
+    let mut ctl = Ctl::mesos(&[leader.url()], Auth::None).await;
     let first = ctl.wait(|t| !t.vips.is_empty()).await;
     assert_eq!(
         summary(&first),
@@ -189,7 +162,7 @@ async fn a_stream_dropped_mid_frame_reads_the_state_and_subscribes_again() {
     let leader = FakeMesos::start().await;
     leader.set_script(vec![lines[0].clone()]);
     leader.set_state(fixture("tcp-and-udp.json"));
-    let mut ctl = start_controller(&[leader.url()], Auth::None).await;
+    let mut ctl = Ctl::mesos(&[leader.url()], Auth::None).await;
     ctl.wait(|t| !t.vips.is_empty()).await;
     wait_until("the stream", || leader.open_streams() == 1).await;
     leader.cut();
@@ -216,7 +189,7 @@ async fn get_state_is_the_fallback_when_subscribe_is_refused() {
     let leader = FakeMesos::start().await;
     leader.refuse_subscribe(true);
     leader.set_state(fixture("tcp-and-udp.json"));
-    let mut ctl = start_controller(&[leader.url()], Auth::None).await;
+    let mut ctl = Ctl::mesos(&[leader.url()], Auth::None).await;
     let t = ctl.wait(|t| !t.vips.is_empty()).await;
     assert_eq!(
         summary(&t),
@@ -360,7 +333,7 @@ async fn a_new_leader_after_fail_over_is_found_through_the_configured_masters() 
     a.set_script(vec![lines[0].clone()]);
     let b = FakeMesos::start().await;
     b.redirect_to(a.addr);
-    let mut ctl = start_controller(&[b.url()], Auth::None).await;
+    let mut ctl = Ctl::mesos(&[b.url()], Auth::None).await;
     ctl.wait(|t| !t.vips.is_empty()).await;
     assert_eq!(a.subscribes.load(Ordering::SeqCst), 1);
     // The leader dies; the other master takes over with the state that has the task killing.
@@ -385,7 +358,7 @@ async fn a_silent_stream_is_dropped_after_three_heartbeat_intervals() {
     let leader = FakeMesos::start().await;
     leader.set_script(vec![first.to_string()]);
     let started = Instant::now();
-    let mut ctl = start_controller(&[leader.url()], Auth::None).await;
+    let mut ctl = Ctl::mesos(&[leader.url()], Auth::None).await;
     ctl.wait(|t| !t.vips.is_empty()).await;
     wait_until("a second subscription", || {
         leader.subscribes.load(Ordering::SeqCst) >= 2

@@ -3,12 +3,9 @@
 
 use std::time::Duration;
 
-use crate::common::ctl::{BACKOFF, Ctl};
+use crate::common::ctl::Ctl;
 use crate::common::marathon::FakeMarathon;
 use l4lb::source::TableRx;
-use l4lb::source::http::Auth;
-use l4lb::source::marathon::client::Client;
-use l4lb::source::marathon::sync::{self, SyncConfig};
 use l4lb::source::state::BuildConfig;
 use serde_json::{Value, json};
 
@@ -16,27 +13,6 @@ const FIXTURE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/fixtures/marathon/l4lb-pods-status.json"
 );
-
-async fn start(url: String) -> Ctl {
-    l4lb::tls::init();
-    let client = Client::new(
-        vec![url.parse().unwrap()],
-        Auth::None,
-        Duration::from_secs(5),
-    )
-    .unwrap();
-    let cfg = SyncConfig {
-        // No resync during the test: only events may change the table.
-        resync_interval: Duration::from_secs(3600),
-        backoff_min: BACKOFF.0,
-        backoff_max: BACKOFF.1,
-        ..SyncConfig::default()
-    };
-    Ctl::start(BuildConfig::default(), |publisher, stop| {
-        sync::run(client, publisher, cfg, stop)
-    })
-    .await
-}
 
 /// Named VIPs and their backend counts, sorted.
 fn names(rx: &TableRx) -> Vec<(String, usize)> {
@@ -71,7 +47,9 @@ async fn pods_are_read_with_apps_and_followed_by_their_events() {
     for p in &pods {
         fake.put_pod(p.clone());
     }
-    let mut ctl = start(fake.url()).await;
+    // No resync during the test: only events may change the table.
+    let (resync, timeout) = (Duration::from_secs(3600), Duration::from_secs(5));
+    let mut ctl = Ctl::marathon(&[fake.url()], BuildConfig::default(), resync, timeout).await;
     wait_names(&mut ctl.rx, &[("db", 3), ("web-pod", 1)]).await;
     wait_for_stream(&fake).await;
     // The second instance of /web-pod starts running: an instance event re-reads the pod.

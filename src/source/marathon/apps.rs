@@ -5,7 +5,7 @@
 //! contributions ([`contributions`]). The labels themselves go through the neutral
 //! [`entries`](crate::source::entries) builder.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -14,7 +14,7 @@ use serde_json::Value;
 use super::types::{App, PortMapping, Task, label_values, map_apps};
 use crate::labels::LabelError;
 use crate::model::{Backend, BackendState, TaskPort, TaskRecord};
-use crate::source::entries::{Contribution, protocols};
+use crate::source::entries::{Contribution, Hosts, protocols};
 use crate::source::{HostCache, PayloadError};
 
 /// Parse a whole apps payload into per-app contributions (blocking: JSON and DNS); apps that
@@ -30,12 +30,7 @@ pub fn contributions(
 /// as Mesos-DNS does) with their host, container addresses and host ports. Container
 /// addresses only in container networking: in host and bridge mode `ipAddresses` holds the
 /// agent's or a non-routable bridge address (§4), which no other host can reach.
-fn running_tasks(
-    app: &App,
-    mode: Mode,
-    ports: &[Port<'_>],
-    hosts: &HashMap<&str, Option<IpAddr>>,
-) -> Vec<TaskRecord> {
+fn running_tasks(app: &App, mode: Mode, ports: &[Port<'_>], hosts: &Hosts<'_>) -> Vec<TaskRecord> {
     let mut out: Vec<TaskRecord> = app
         .tasks
         .iter()
@@ -250,20 +245,7 @@ pub fn app_contribution(
     let tasks = app.tasks.as_deref().unwrap_or_default();
     let app_id: Arc<str> = app.id.as_str().into();
     let task_ids: Vec<Arc<str>> = tasks.iter().map(|t| t.id.as_str().into()).collect();
-    let mut hosts: HashMap<&str, Option<IpAddr>> = HashMap::new();
-    for t in tasks {
-        if let Some(h) = t.host.as_deref() {
-            hosts
-                .entry(h)
-                .or_insert_with(|| h.parse::<IpAddr>().ok().or_else(|| resolve(h)));
-        }
-    }
-    for (h, ip) in &hosts {
-        match ip {
-            Some(ip) => out.cluster_addrs.push(*ip),
-            None => out.unresolved_hosts.push(h.to_string()),
-        }
-    }
+    let hosts = out.resolve_hosts(tasks.iter().filter_map(|t| t.host.as_deref()), resolve);
     // Every task's own addresses (container networking), whatever its state and whether or
     // not a port is labelled: an IP VIP on one of them would take over that task's traffic.
     out.cluster_addrs.extend(
@@ -275,18 +257,32 @@ pub fn app_contribution(
     );
     let app_ports = ports(app, mode);
     out.tasks = running_tasks(app, mode, &app_ports, &hosts);
+    // The tasks that are backends (by their state), with their host's address.
+    let live: Vec<(&Task, BackendState, Option<IpAddr>, &Arc<str>)> = tasks
+        .iter()
+        .zip(&task_ids)
+        .filter_map(|(t, id)| {
+            let host = t
+                .host
+                .as_deref()
+                .and_then(|h| hosts.get(h).copied().flatten());
+            Some((t, task_state(app, t)?, host, id))
+        })
+        .collect();
+    let backend = |addr: SocketAddr, state, task: &Arc<str>, out: &mut Contribution| {
+        out.cluster_addrs.push(addr.ip());
+        Backend {
+            addr,
+            state,
+            app: Arc::clone(&app_id),
+            task: Arc::clone(task),
+        }
+    };
     for (idx, port) in app_ports.iter().enumerate() {
         let Some(labels) = port.labels else { continue };
         out.add_port(idx, port.protocol, label_values(labels), |out| {
             let mut backends = Vec::new();
-            for (ti, t) in tasks.iter().enumerate() {
-                let Some(state) = task_state(app, t) else {
-                    continue;
-                };
-                let host = t
-                    .host
-                    .as_deref()
-                    .and_then(|h| hosts.get(h).copied().flatten());
+            for &(t, state, host, id) in &live {
                 if host.is_none() && port.host_port_index.is_some() {
                     continue;
                 }
@@ -295,13 +291,7 @@ pub fn app_contribution(
                     continue;
                 };
                 for addr in addrs {
-                    out.cluster_addrs.push(addr.ip());
-                    backends.push(Backend {
-                        addr,
-                        state,
-                        app: Arc::clone(&app_id),
-                        task: Arc::clone(&task_ids[ti]),
-                    });
+                    backends.push(backend(addr, state, id, out));
                 }
             }
             backends
@@ -312,34 +302,14 @@ pub fn app_contribution(
     if let Some(labels) = &app.labels {
         out.add_legacy(label_values(labels), |n, out| {
             let mut backends = Vec::new();
-            for (ti, t) in tasks.iter().enumerate() {
-                let Some(state) = task_state(app, t) else {
-                    continue;
-                };
-                let Some(host) = t
-                    .host
-                    .as_deref()
-                    .and_then(|h| hosts.get(h).copied().flatten())
-                else {
-                    continue;
-                };
-                let Some(port) = t
-                    .ports
-                    .as_ref()
-                    .and_then(|ps| ps.get(n))
+            for &(t, state, host, id) in &live {
+                let port = t.ports.as_ref().and_then(|ps| ps.get(n));
+                let port = port
                     .and_then(|p| u16::try_from(*p).ok())
-                    .filter(|p| *p != 0)
-                else {
-                    continue;
-                };
-                let addr = SocketAddr::new(host, port);
-                out.cluster_addrs.push(addr.ip());
-                backends.push(Backend {
-                    addr,
-                    state,
-                    app: Arc::clone(&app_id),
-                    task: Arc::clone(&task_ids[ti]),
-                });
+                    .filter(|p| *p != 0);
+                if let (Some(host), Some(port)) = (host, port) {
+                    backends.push(backend(SocketAddr::new(host, port), state, id, out));
+                }
             }
             Ok(backends)
         });

@@ -160,21 +160,12 @@ pub fn pod_contribution(
         .first()
         .is_some_and(|n| n.mode.as_deref() == Some("container"));
     let pod_id: Arc<str> = pod.id.as_str().into();
-    // Each instance's agent address and own addresses, resolved once.
-    let mut hosts: BTreeMap<&str, Option<IpAddr>> = BTreeMap::new();
-    for i in &pod.instances {
-        if let Some(h) = i.agent_hostname.as_deref() {
-            hosts
-                .entry(h)
-                .or_insert_with(|| h.parse::<IpAddr>().ok().or_else(|| resolve(h)));
-        }
-    }
-    for (h, ip) in &hosts {
-        match ip {
-            Some(ip) => out.cluster_addrs.push(ip.to_canonical()),
-            None => out.unresolved_hosts.push(h.to_string()),
-        }
-    }
+    // Each instance's agent, resolved once.
+    let agents = pod
+        .instances
+        .iter()
+        .filter_map(|i| i.agent_hostname.as_deref());
+    let hosts = out.resolve_hosts(agents, resolve);
     let instance_ips = |i: &PodInstance| -> Vec<IpAddr> {
         i.networks
             .iter()

@@ -348,6 +348,20 @@ impl Cluster {
             .collect()
     }
 
+    /// The contributions of the tasks `keys` names (`None`: a task no longer known).
+    pub fn changed(
+        &self,
+        keys: BTreeSet<String>,
+        resolve: &mut dyn FnMut(&str) -> Option<IpAddr>,
+    ) -> Vec<(String, Option<Contribution>)> {
+        keys.into_iter()
+            .map(|k| {
+                let c = self.contribution(&k, resolve);
+                (k, c)
+            })
+            .collect()
+    }
+
     /// One task's contribution; `None` when the task is not (or no longer) known.
     pub fn contribution(
         &self,

@@ -224,14 +224,7 @@ pub fn apply_records(
         tracing::info!(tasks = c.task_count(), "Mesos state read");
         publisher.replace_contributions(c.contributions(&mut resolve), now);
     } else if !touched.is_empty() {
-        let changes = touched
-            .into_iter()
-            .map(|k| {
-                let contribution = c.contribution(&k, &mut resolve);
-                (k, contribution)
-            })
-            .collect();
-        publisher.update_contributions(changes, now);
+        publisher.update_contributions(c.changed(touched, &mut resolve), now);
     }
     heartbeat
 }

@@ -9,9 +9,11 @@ use std::time::Duration;
 
 use l4lb::api::{self, ApiState, Readiness};
 use l4lb::model::VipTable;
+use l4lb::source::http::Auth;
 use l4lb::source::metrics::SourceMetrics;
 use l4lb::source::state::BuildConfig;
 use l4lb::source::{Publisher, TableRx, table_channel};
+use l4lb::source::{marathon, mesos};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
@@ -30,9 +32,48 @@ impl Drop for Ctl {
 }
 
 /// Back-offs short enough for a test: 20 ms, growing to 200 ms.
-pub const BACKOFF: (Duration, Duration) = (Duration::from_millis(20), Duration::from_millis(200));
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(20), Duration::from_millis(200));
+
+fn urls(masters: &[String]) -> Vec<reqwest::Url> {
+    masters.iter().map(|u| u.parse().unwrap()).collect()
+}
 
 impl Ctl {
+    /// Following the Marathon `masters` (no auth), with a full re-read every `resync` and
+    /// `timeout` per request.
+    pub async fn marathon(
+        masters: &[String],
+        build: BuildConfig,
+        resync: Duration,
+        timeout: Duration,
+    ) -> Ctl {
+        l4lb::tls::init();
+        let client = marathon::client::Client::new(urls(masters), Auth::None, timeout).unwrap();
+        let cfg = marathon::sync::SyncConfig {
+            resync_interval: resync,
+            backoff_min: BACKOFF.0,
+            backoff_max: BACKOFF.1,
+            ..Default::default()
+        };
+        Ctl::start(build, |p, stop| marathon::sync::run(client, p, cfg, stop)).await
+    }
+
+    /// Following the Mesos `masters` with `auth`.
+    pub async fn mesos(masters: &[String], auth: Auth) -> Ctl {
+        l4lb::tls::init();
+        let timeout = Duration::from_secs(5);
+        let client = mesos::client::Client::new(urls(masters), auth, timeout).unwrap();
+        let cfg = mesos::sync::SyncConfig {
+            backoff_min: BACKOFF.0,
+            backoff_max: BACKOFF.1,
+            ..Default::default()
+        };
+        Ctl::start(BuildConfig::default(), |p, stop| {
+            mesos::sync::run(client, p, cfg, stop)
+        })
+        .await
+    }
+
     /// Spawn the source `run` returns (given its publisher and the shutdown token), building
     /// with `build`, and the API over its table.
     pub async fn start<Fut>(

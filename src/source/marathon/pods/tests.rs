@@ -2,6 +2,7 @@ use super::*;
 use crate::alloc::Allocator;
 use crate::labels::IpPolicy;
 use crate::source::entries::assemble;
+use crate::source::entries::test_util::{s, summary};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/marathon");
 
@@ -23,30 +24,7 @@ fn pods_publish_endpoint_labels_with_each_instances_backends() {
         "fd01:c::/64".parse().unwrap(),
     );
     let b = assemble(&contribs, "marathon", &IpPolicy::default(), &mut alloc);
-    let mut got: Vec<(String, String, Vec<String>)> = b
-        .vips
-        .iter()
-        .map(|v| {
-            let name = v
-                .name
-                .as_ref()
-                .map_or_else(|| v.key.ip.to_string(), |n| n.fqdn());
-            let backends = v
-                .backends
-                .iter()
-                .map(|b| format!("{} {:?} {}", b.addr, b.state, b.task))
-                .collect();
-            (name, format!("{}/{}", v.key.port, v.key.protocol), backends)
-        })
-        .collect();
-    got.sort();
-    let s = |n: &str, p: &str, b: &[&str]| {
-        (
-            n.to_string(),
-            p.to_string(),
-            b.iter().map(|x| x.to_string()).collect::<Vec<_>>(),
-        )
-    };
+    let got = summary(&b.vips, true);
     assert_eq!(
         got,
         [
