@@ -480,6 +480,15 @@ mod tests {
             .find(|o| slot(o) == slot("db"))
             .unwrap();
         for full in [false, true] {
+            // The incremental path, or the full one.
+            let rebuild = |s: &mut TableState, v: u64| {
+                let r = if full {
+                    s.rebuild_full(v)
+                } else {
+                    s.rebuild(v)
+                };
+                r.table.unwrap()
+            };
             let mut s = TableState::new(cfg.clone(), 1);
             s.replace_all(contribs(&app("db", &["198.18.0.1", "fd00::1"])));
             let first = v6_of(&s.rebuild(1).table.unwrap(), "db").expect("an AAAA address");
@@ -487,23 +496,11 @@ mod tests {
             // when another name that hashes to it arrives meanwhile.
             s.upsert(contribs(&app("db", &["198.18.0.1"])).remove(0));
             s.upsert(contribs(&app(&other, &["fd00::9"])).remove(0));
-            let t = if full {
-                s.rebuild_full(2)
-            } else {
-                s.rebuild(2)
-            }
-            .table
-            .unwrap();
+            let t = rebuild(&mut s, 2);
             assert_eq!(v6_of(&t, "db"), None);
             assert_ne!(v6_of(&t, &other), Some(first), "full path: {full}");
             s.upsert(contribs(&app("db", &["198.18.0.1", "fd00::2"])).remove(0));
-            let t = if full {
-                s.rebuild_full(3)
-            } else {
-                s.rebuild(3)
-            }
-            .table
-            .unwrap();
+            let t = rebuild(&mut s, 3);
             assert_eq!(v6_of(&t, "db"), Some(first), "full path: {full}");
         }
     }

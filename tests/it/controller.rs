@@ -200,19 +200,12 @@ async fn faults_keep_the_last_good_table_then_recover() {
         assert_eq!(backends(&vips), vec!["198.18.0.1:31000"], "{fault:?}");
         fake.put_app(web_app(1));
     }
-    let m = ctl.metrics().await;
-    assert!(
-        m.contains("l4lb_sync_errors_total{kind=\"payload\"}"),
-        "{m}"
-    );
-    assert!(
-        m.contains("l4lb_sync_errors_total{kind=\"timeout\"}"),
-        "{m}"
-    );
-    assert!(
-        m.contains("l4lb_sync_errors_total{kind=\"status_5xx\"}"),
-        "{m}"
-    );
+    ctl.assert_metrics(&[
+        "l4lb_sync_errors_total{kind=\"payload\"}",
+        "l4lb_sync_errors_total{kind=\"timeout\"}",
+        "l4lb_sync_errors_total{kind=\"status_5xx\"}",
+    ])
+    .await;
 
     // Recovery: the change made during the outage now lands.
     fake.set_fault(Fault::None);
@@ -259,11 +252,8 @@ async fn marathon_going_away_keeps_the_table_and_failover_finds_another_master()
     let (idx, vips) = get_vips(ctl.api, None, "").await;
     assert_eq!(idx, v);
     assert_eq!(backends(&vips).len(), 3);
-    let m = ctl.metrics().await;
-    assert!(
-        m.contains("l4lb_sync_errors_total{kind=\"connect\"}"),
-        "{m}"
-    );
+    ctl.assert_metrics(&["l4lb_sync_errors_total{kind=\"connect\"}"])
+        .await;
 }
 
 #[tokio::test]
@@ -287,15 +277,11 @@ async fn a_bad_label_drops_only_itself_and_is_counted() {
     let (_, vips) = get_vips(ctl.api, None, "").await;
     assert_eq!(vips.len(), 1);
     assert_eq!(vips[0].vip, "good.marathon.l4lb.thisdcos.directory:80");
-    let m = ctl.metrics().await;
-    assert!(
-        m.contains("l4lb_label_errors_total{reason=\"missing_port\"} 1"),
-        "{m}"
-    );
-    assert!(
-        m.contains("l4lb_label_errors_total{reason=\"cluster_address\"} 1"),
-        "{m}"
-    );
+    ctl.assert_metrics(&[
+        "l4lb_label_errors_total{reason=\"missing_port\"} 1",
+        "l4lb_label_errors_total{reason=\"cluster_address\"} 1",
+    ])
+    .await;
 }
 
 #[tokio::test]
@@ -370,15 +356,11 @@ async fn apps_file_is_reread_on_change_and_a_bad_edit_keeps_the_table() {
     write(3);
     ctl.wait_version(v2).await;
     assert_eq!(ctl.rx.borrow().backend_count(), 3);
-    let m = ctl.metrics().await;
-    assert!(
-        m.contains("l4lb_sync_errors_total{kind=\"file_payload\"} 1"),
-        "{m}"
-    );
-    assert!(
-        m.contains("l4lb_sync_errors_total{kind=\"file_read\"} 1"),
-        "{m}"
-    );
+    ctl.assert_metrics(&[
+        "l4lb_sync_errors_total{kind=\"file_payload\"} 1",
+        "l4lb_sync_errors_total{kind=\"file_read\"} 1",
+    ])
+    .await;
 }
 
 #[tokio::test]

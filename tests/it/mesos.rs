@@ -33,6 +33,19 @@ fn summary(t: &VipTable) -> Vec<(String, String, Vec<String>)> {
     out
 }
 
+/// The names the API at `api` serves, sorted.
+async fn vip_names(api: SocketAddr) -> Vec<String> {
+    let vips: Vec<VipJson> = reqwest::get(format!("http://{api}/v1/vips"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut names: Vec<String> = vips.into_iter().filter_map(|v| v.name).collect();
+    names.sort();
+    names
+}
+
 fn s(name: &str, port: &str, backends: &[&str]) -> (String, String, Vec<String>) {
     (
         name.into(),
@@ -50,6 +63,7 @@ async fn wait_until(what: &str, f: impl Fn() -> bool) {
 }
 
 const API: &str = "api.hello-world.marathon.l4lb.thisdcos.directory";
+const APP: &str = "app.marathon.l4lb.thisdcos.directory";
 
 #[tokio::test]
 async fn follows_the_leader_with_credentials_and_applies_a_stream_event_by_event() {
@@ -78,15 +92,10 @@ async fn follows_the_leader_with_credentials_and_applies_a_stream_event_by_event
     assert_eq!(leader.unauthorized.load(Ordering::SeqCst), 0);
     assert!(follower.redirects.load(Ordering::SeqCst) >= 1);
     // The same through the API.
-    let vips: Vec<VipJson> = reqwest::get(format!("http://{}/v1/vips", ctl.api))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let mut names: Vec<_> = vips.iter().filter_map(|v| v.name.clone()).collect();
-    names.sort();
-    assert_eq!(names, want.iter().map(|w| w.0.clone()).collect::<Vec<_>>());
+    assert_eq!(
+        vip_names(ctl.api).await,
+        want.iter().map(|w| w.0.clone()).collect::<Vec<_>>()
+    );
 }
 
 #[tokio::test]
@@ -191,21 +200,9 @@ async fn get_state_is_the_fallback_when_subscribe_is_refused() {
     leader.set_state(fixture("tcp-and-udp.json"));
     let mut ctl = Ctl::mesos(&[leader.url()], Auth::None).await;
     let t = ctl.wait(|t| !t.vips.is_empty()).await;
-    assert_eq!(
-        summary(&t),
-        [
-            s(
-                "app.marathon.l4lb.thisdcos.directory",
-                "80/tcp",
-                &["172.17.0.3:6416 Active"]
-            ),
-            s(
-                "app.marathon.l4lb.thisdcos.directory",
-                "80/udp",
-                &["172.17.0.3:6416 Active"]
-            ),
-        ]
-    );
+    // One task, its label on a tcp and a udp port: two VIPs of one name.
+    let app = |port| s(APP, port, &["172.17.0.3:6416 Active"]);
+    assert_eq!(summary(&t), [app("80/tcp"), app("80/udp")]);
     // It keeps trying to subscribe; once the master accepts, the stream takes over.
     leader.set_script(fixture_lines("hello-overlay.json"));
     leader.refuse_subscribe(false);
@@ -301,14 +298,7 @@ async fn controller_binary_follows_mesos_with_credentials_by_new_or_old_names() 
         .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let vips: Vec<VipJson> = reqwest::get(format!("http://{api}/v1/vips"))
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let mut names: Vec<String> = vips.iter().filter_map(|v| v.name.clone()).collect();
-            names.sort();
+            let names = vip_names(api).await;
             if names
                 == [
                     API,

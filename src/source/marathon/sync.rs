@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::apps::{app_contribution, contributions};
 use super::client::Client;
-use super::events::{Invalidation, SseDecoder, invalidation};
+use super::events::{COUNTED_EVENTS, Invalidation, SseDecoder, invalidation};
 use super::pods::{parse_pod, parse_pods, pod_contribution};
 use super::types::parse_app;
 use crate::model::unix_ms_now;
@@ -343,7 +343,7 @@ async fn stream_events(
                         } else {
                             ev.event.as_str()
                         };
-                        m.event(kind);
+                        m.event(kind, COUNTED_EVENTS);
                         m.last_event_ms.set(now as i64);
                         let inv = invalidation(&ev);
                         if inv != Invalidation::None

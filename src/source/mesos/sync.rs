@@ -19,6 +19,19 @@ use crate::model::unix_ms_now;
 use crate::source::Publisher;
 use crate::source::http::{Backoff, MAX_BODY};
 
+/// The event types counted by name in `marathon_events_total{type}` (any other is `other`).
+const EVENTS: &[&str] = &[
+    "SUBSCRIBED",
+    "TASK_ADDED",
+    "TASK_UPDATED",
+    "AGENT_ADDED",
+    "AGENT_REMOVED",
+    "FRAMEWORK_ADDED",
+    "FRAMEWORK_UPDATED",
+    "FRAMEWORK_REMOVED",
+    "HEARTBEAT",
+];
+
 /// How the loop behaves.
 #[derive(Debug, Clone)]
 pub struct SyncConfig {
@@ -200,7 +213,7 @@ pub fn apply_records(
                 continue;
             }
         };
-        m.event(&ev.kind);
+        m.event(&ev.kind, EVENTS);
         if let Some(s) = &ev.subscribed {
             heartbeat = s.heartbeat_interval_seconds;
         }

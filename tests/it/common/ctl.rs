@@ -113,13 +113,16 @@ impl Ctl {
         self.wait(|t| t.version > above).await.version
     }
 
-    /// `/metrics` of the API.
-    pub async fn metrics(&self) -> String {
-        reqwest::get(format!("http://{}/metrics", self.api))
+    /// Assert that `/metrics` of the API has each of `lines` (a sample, or its start).
+    pub async fn assert_metrics(&self, lines: &[&str]) {
+        let m = reqwest::get(format!("http://{}/metrics", self.api))
             .await
             .unwrap()
             .text()
             .await
-            .unwrap()
+            .unwrap();
+        for l in lines {
+            assert!(m.contains(l), "no {l} in\n{m}");
+        }
     }
 }

@@ -802,29 +802,21 @@ fn running_tasks_of_every_app_become_task_records() {
     );
     // Running only (staging and killing are not instances to list), sorted by id; an
     // unresolvable host leaves the task out; "udp,tcp" is two ports.
+    let record = |id: &str, host: &str, first: u16| TaskRecord {
+        id: id.into(),
+        host: Some(host.parse().unwrap()),
+        container: vec![],
+        ports: vec![
+            port(first, Protocol::Udp, "dns"),
+            port(first, Protocol::Tcp, "dns"),
+            port(first + 1, Protocol::Tcp, "http"),
+        ],
+    };
     assert_eq!(
         web.tasks,
         vec![
-            TaskRecord {
-                id: "a_b_web.1".into(),
-                host: Some("198.18.1.2".parse().unwrap()),
-                container: vec![],
-                ports: vec![
-                    port(31000, Protocol::Udp, "dns"),
-                    port(31000, Protocol::Tcp, "dns"),
-                    port(31001, Protocol::Tcp, "http"),
-                ],
-            },
-            TaskRecord {
-                id: "a_b_web.2".into(),
-                host: Some("198.18.1.1".parse().unwrap()),
-                container: vec![],
-                ports: vec![
-                    port(31002, Protocol::Udp, "dns"),
-                    port(31002, Protocol::Tcp, "dns"),
-                    port(31003, Protocol::Tcp, "http"),
-                ],
-            },
+            record("a_b_web.1", "198.18.1.2", 31000),
+            record("a_b_web.2", "198.18.1.1", 31002),
         ]
     );
     // Container networking: container addresses, and only the mapping with a host port.
