@@ -6,6 +6,7 @@
 
 #[macro_use]
 pub mod netns;
+pub mod apps;
 pub mod backends;
 pub mod cluster;
 pub mod ctl;
