@@ -1,6 +1,7 @@
 //! The integration tests' harness, shared by every module of the one test crate: fake sources
 //! on the real payloads (a Marathon in [`marathon`], a Mesos master in [`mesos`], both served
-//! by [`fake`]), a controller in the test's process following one ([`ctl`]), small real backends ([`backends`]), child processes killed by PID on drop
+//! by [`fake`]), a controller in the test's process following one ([`ctl`]), apps files
+//! ([`apps`]), small real backends ([`backends`]), child processes killed by PID on drop
 //! ([`process`]), throw-away network namespaces ([`netns`]) and a whole cluster in them
 //! ([`cluster`]).
 
