@@ -210,61 +210,45 @@ async fn get_state_is_the_fallback_when_subscribe_is_refused() {
     assert_eq!(leader.subscribes.load(Ordering::SeqCst), 1);
 }
 
-#[test]
-fn check_reads_a_get_state_file() {
-    let bin = BIN;
-    let file = format!("{}/tcp-and-udp.json", crate::common::mesos::FIXTURES);
-    let out = std::process::Command::new(bin)
-        .args(["check", "--mesos-state-file", &file])
+/// `l4lb check` with `args`: its exit code, stdout and stderr.
+fn check(args: &[&str]) -> (Option<i32>, Vec<u8>, String) {
+    let out = std::process::Command::new(BIN)
+        .arg("check")
+        .args(args)
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let vips: Vec<VipJson> = serde_json::from_slice(&out.stdout).unwrap();
-    let got: Vec<(String, String)> = vips
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code(), out.stdout, err)
+}
+
+#[test]
+fn check_reads_a_get_state_file() {
+    let file = format!("{}/tcp-and-udp.json", crate::common::mesos::FIXTURES);
+    let (code, out, err) = check(&["--mesos-state-file", &file]);
+    assert_eq!(code, Some(0), "{err}");
+    let vips: Vec<VipJson> = serde_json::from_slice(&out).unwrap();
+    let got: Vec<String> = vips
         .iter()
-        .map(|v| (v.vip.clone(), v.protocol.as_str().to_string()))
+        .map(|v| format!("{} {}", v.vip, v.protocol.as_str()))
         .collect();
-    assert_eq!(
-        got,
-        [
-            (
-                "app.marathon.l4lb.thisdcos.directory:80".to_string(),
-                "tcp".to_string()
-            ),
-            (
-                "app.marathon.l4lb.thisdcos.directory:80".to_string(),
-                "udp".to_string()
-            ),
-        ]
-    );
+    assert_eq!(got, [format!("{APP}:80 tcp"), format!("{APP}:80 udp")]);
     // A bad label is reported with its task and reason, and fails the check.
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("state.json");
-    let body = std::fs::read_to_string(&file)
-        .unwrap()
-        .replace("/app:80", "/app:70000");
-    std::fs::write(&bad, body).unwrap();
-    let out = std::process::Command::new(bin)
-        .args(["check", "--mesos-state-file", bad.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    std::fs::write(
+        &bad,
+        fixture("tcp-and-udp.json").replace("/app:80", "/app:70000"),
+    )
+    .unwrap();
+    let (code, _, err) = check(&["--mesos-state-file", bad.to_str().unwrap()]);
+    assert_eq!(code, Some(1));
     assert!(
         err.contains("[bad_port]") && err.contains("app.80eefa01"),
         "{err}"
     );
     // Not both files at once.
-    let out = std::process::Command::new(bin)
-        .args(["check", "--mesos-state-file", &file, "--apps-file", &file])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    let (code, _, _) = check(&["--mesos-state-file", &file, "--apps-file", &file]);
+    assert_ne!(code, Some(0));
 }
 
 /// The real binary follows a Mesos master that demands a token, given by the source flags'

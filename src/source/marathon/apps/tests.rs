@@ -37,6 +37,14 @@ fn build(apps_json: serde_json::Value) -> Built {
     assemble(&contribs, "marathon", &IpPolicy::default(), &mut alloc())
 }
 
+/// Each rejected label's key and reason.
+fn reasons(b: &Built) -> Vec<(&str, &str)> {
+    b.rejections
+        .iter()
+        .map(|r| (r.key.as_str(), r.reason))
+        .collect()
+}
+
 fn backends(v: &Vip) -> Vec<(String, BackendState)> {
     v.backends
         .iter()
@@ -269,11 +277,7 @@ fn bad_labels_drop_only_themselves() {
                    "state": "TASK_STAGING"}]
     }]}));
     assert_eq!(b.vips.len(), 1);
-    let reasons: Vec<_> = b
-        .rejections
-        .iter()
-        .map(|r| (r.key.as_str(), r.reason))
-        .collect();
+    let reasons = reasons(&b);
     assert_eq!(
         reasons,
         vec![
@@ -699,11 +703,7 @@ fn legacy_app_labels_use_each_tasks_nth_port() {
         .find(|v| v.name.as_ref().is_some_and(|n| n.label == "far"))
         .unwrap();
     assert!(far.backends.is_empty());
-    let reasons: Vec<_> = b
-        .rejections
-        .iter()
-        .map(|r| (r.key.as_str(), r.reason))
-        .collect();
+    let reasons = reasons(&b);
     assert_eq!(
         reasons,
         [("VIP_PORT2", "legacy_scheme"), ("VIP_PORTx", "legacy_key")]
