@@ -26,7 +26,7 @@ pub struct SourceMetrics {
     pub events: Family<Label, Counter>,
     pub unresolved_hosts: Counter,
     /// 1 while the source answers (Marathon's event stream open, the controller watch
-    /// answering, the apps file readable), else 0.
+    /// answering, the apps file readable), else 0. The Mesos source does not set it (yet).
     pub connected: Gauge,
     /// When the source last reported a change (an event, a changed table or file; Unix ms).
     pub last_event_ms: Gauge,
