@@ -16,6 +16,7 @@ pub mod http;
 pub mod marathon;
 pub mod mesos;
 pub mod metrics;
+pub mod rendezvous;
 pub mod state;
 
 use std::collections::HashMap;
