@@ -1,7 +1,8 @@
 //! Where VIP tables come from: Marathon (REST snapshot + SSE invalidation, apps and pods), the
 //! Mesos master (operator API `SUBSCRIBE`), an apps file in Marathon's shape, or, for agents,
-//! a controller's `/v1/vips` watch ([`controller_client`]). Every source publishes whole tables
-//! on a `tokio::sync::watch` channel. Depends on `model`, never on `agent`.
+//! a controller's `/v1/vips` watch ([`controller_client`]; [`rendezvous`] ranks controllers
+//! per agent). Every source publishes whole tables on a `tokio::sync::watch` channel. Depends
+//! on `model`, never on `agent`.
 //!
 //! A neutral core serves them all: [`http`] (credentials, errors, capped reads, redaction,
 //! back-off), [`entries`] (labelled ports → VIP entries), [`state`] (contributions → versioned
