@@ -16,6 +16,7 @@ use reqwest::Url;
 
 use crate::agent::bpf::{BpfConfig, DataPlane};
 use crate::agent::dns::DnsConfig;
+use crate::agent::dns::listen::ListenConfig;
 use crate::agent::forward::ForwardConfig;
 use crate::agent::netif::InterfaceKind;
 use crate::labels::IpPolicy;
@@ -613,9 +614,11 @@ impl AgentArgs {
             interface_kind: self.interface_kind,
             state_dir: self.state_dir.clone(),
             saved_max: DEFAULT_SAVED_MAX,
-            dns_listen: self.dns_listen.clone(),
-            resolv_conf: self.dns_resolv_conf.clone(),
-            manage_resolv_conf: self.dns_manage_resolv_conf,
+            dns_listen: ListenConfig {
+                addrs: self.dns_listen.clone(),
+                resolv_conf: self.dns_resolv_conf.clone(),
+                manage_resolv_conf: self.dns_manage_resolv_conf,
+            },
             dns: DnsConfig {
                 zone: dns_zone(&self.zone)?,
                 ttl: self.dns_ttl,
@@ -796,10 +799,10 @@ pub struct RunConfig {
     pub api: ApiConfig,
 }
 
-/// What an agent (or `run`) serves on its host: the VIP interface, DNS and the forwarder.
 /// The saved table's size cap where no answer cap applies.
 const DEFAULT_SAVED_MAX: u64 = 128 << 20;
 
+/// What an agent (or `run`) serves on its host: the VIP interface, DNS and the forwarder.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub interface: String,
@@ -808,12 +811,9 @@ pub struct NodeConfig {
     pub state_dir: PathBuf,
     /// A larger saved table is not read (the answer cap of the agent's source).
     pub saved_max: u64,
-    pub dns_listen: Vec<SocketAddr>,
-    /// Without `dns.upstreams`, forward to this file's nameservers.
-    pub resolv_conf: PathBuf,
-    /// Point `resolv_conf` at the port-53 listen addresses while running.
-    pub manage_resolv_conf: bool,
-    /// `upstreams` empty: taken from `resolv_conf` at start.
+    /// Where DNS listens, and the resolv.conf its upstreams may come from.
+    pub dns_listen: ListenConfig,
+    /// `upstreams` empty: taken from `dns_listen.resolv_conf` at start.
     pub dns: DnsConfig,
     pub forward: ForwardConfig,
     pub shutdown_grace: Duration,

@@ -1,4 +1,4 @@
-//! The embedded DNS (DESIGN.md §8): authoritative for the VIP zone and its aliases, answering
+//! The embedded DNS: authoritative for the VIP zone and its aliases, answering
 //! A/AAAA/SRV/SOA/NS for live named VIPs from a map swapped atomically with each table, and
 //! forwarding everything else to upstream resolvers (or refusing it).
 //!
@@ -11,14 +11,18 @@
 //! - `resolv`: the host's resolv.conf: default upstreams, and managing it to point at l4lb.
 //! - `server`: the UDP/TCP I/O shells ([`serve`]).
 //! - `tasks`: task names (the Mesos-DNS job) from the running tasks in the table.
+//! - `listen`: start-up on a node ([`listen::listen`]): listen addresses kept on the VIP link,
+//!   sockets bound, the resolv.conf policy.
 //!
-//! Depends on `model` only; knows nothing of `source`, `netif` or `forward` (the data plane).
+//! Depends on `model` only, but for `listen`, which also uses `netif`; knows nothing of
+//! `source` or `forward` (the data plane).
 
 mod answer;
 mod cache;
 mod catalog;
 mod fast;
 mod forward;
+pub mod listen;
 mod records;
 pub mod resolv;
 mod server;
