@@ -16,7 +16,6 @@
 //! the exit status of every failure.
 
 pub mod agent;
-pub mod alloc;
 pub mod api;
 pub mod app;
 pub mod cli;
@@ -29,3 +28,4 @@ pub mod node;
 pub mod source;
 pub mod tasks;
 pub mod tls;
+pub mod vip_alloc;

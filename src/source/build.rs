@@ -11,11 +11,11 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::marathon::types::{App, PortMapping, Task};
-use crate::alloc::{Allocator, Family};
 use crate::labels::{self, IpPolicy, LabelError, VipLabel};
 use crate::model::{
     AppTasks, Backend, BackendState, Protocol, TaskPort, TaskRecord, Vip, VipKey, VipName,
 };
+use crate::vip_alloc::{Family, VipAllocator};
 
 /// A label that did not make it into the table, and why.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -565,7 +565,7 @@ pub fn assemble<'a>(
     apps: impl IntoIterator<Item = &'a AppVips>,
     framework: &str,
     policy: &IpPolicy,
-    alloc: &mut Allocator,
+    alloc: &mut VipAllocator,
 ) -> Built {
     let apps: Vec<&AppVips> = apps.into_iter().collect();
     let cluster: HashSet<IpAddr> = apps

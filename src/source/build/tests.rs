@@ -7,8 +7,8 @@ use crate::source::marathon::types::parse_apps;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/marathon");
 
-fn alloc() -> Allocator {
-    Allocator::new(
+fn alloc() -> VipAllocator {
+    VipAllocator::new(
         "11.0.0.0/8".parse().unwrap(),
         "fd01:c::/64".parse().unwrap(),
     )
@@ -387,7 +387,7 @@ fn ipv6_exhaustion_keeps_the_names_ipv4_vips() {
     let body = serde_json::to_vec(&json!({ "apps": apps })).unwrap();
     let (apps, _) = parse_apps(&body).unwrap();
     let contribs: Vec<AppVips> = apps.iter().map(|a| app_vips(a, &mut resolver())).collect();
-    let mut a = Allocator::new(
+    let mut a = VipAllocator::new(
         "198.18.128.0/24".parse().unwrap(),
         "fd01:c::/126".parse().unwrap(),
     );
@@ -623,7 +623,7 @@ mod fuzz {
             let Ok((apps, _bad)) = parse_apps(&body) else { return Ok(()) };
             let contribs: Vec<AppVips> = apps.iter().map(|a| app_vips(a, &mut |_| None)).collect();
             // A tiny pool, so exhaustion is exercised too.
-            let mut a = Allocator::new("11.0.0.0/30".parse().unwrap(), "fd01:c::/126".parse().unwrap());
+            let mut a = VipAllocator::new("11.0.0.0/30".parse().unwrap(), "fd01:c::/126".parse().unwrap());
             let b = assemble(&contribs, "marathon", &IpPolicy::default(), &mut a);
             for v in &b.vips {
                 prop_assert!(v.key.port != 0);

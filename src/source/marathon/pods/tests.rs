@@ -1,7 +1,7 @@
 use super::*;
-use crate::alloc::Allocator;
 use crate::labels::IpPolicy;
 use crate::source::build::assemble;
+use crate::vip_alloc::VipAllocator;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/marathon");
 
@@ -15,7 +15,7 @@ fn pods_publish_endpoint_labels_with_each_instances_backends() {
     let (pods, bad) = parse_pods(&body).unwrap();
     assert!(bad.is_empty(), "{bad:?}");
     let contribs: Vec<AppVips> = pods.iter().map(|p| pod_vips(p, &mut resolve)).collect();
-    let mut alloc = Allocator::new(
+    let mut alloc = VipAllocator::new(
         "11.0.0.0/8".parse().unwrap(),
         "fd01:c::/64".parse().unwrap(),
     );
