@@ -18,6 +18,14 @@ use crate::model::{BackendState, Vip, VipKey, VipTable};
 
 const T: Duration = Duration::from_secs(10);
 
+/// What the fixtures need of a test backend of either protocol.
+trait TestBackend: Sized {
+    const PROTOCOL: Protocol;
+    /// Listen on a free loopback port, answering as backend `id`.
+    async fn start(id: u8) -> Self;
+    fn addr(&self) -> SocketAddr;
+}
+
 /// A TCP backend: on connect it writes `b<id>\n`, then echoes until EOF, then half-closes.
 struct TcpBackend {
     id: u8,
@@ -25,7 +33,9 @@ struct TcpBackend {
     accept: JoinHandle<()>,
 }
 
-impl TcpBackend {
+impl TestBackend for TcpBackend {
+    const PROTOCOL: Protocol = Protocol::Tcp;
+
     async fn start(id: u8) -> Self {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -44,6 +54,12 @@ impl TcpBackend {
         TcpBackend { id, addr, accept }
     }
 
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl TcpBackend {
     /// Close the listener (open connections stay): new connects are refused.
     fn kill(&self) {
         self.accept.abort();
@@ -56,7 +72,9 @@ struct UdpBackend {
     task: JoinHandle<()>,
 }
 
-impl UdpBackend {
+impl TestBackend for UdpBackend {
+    const PROTOCOL: Protocol = Protocol::Udp;
+
     async fn start(id: u8) -> Self {
         let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = s.local_addr().unwrap();
@@ -70,26 +88,35 @@ impl UdpBackend {
         });
         UdpBackend { addr, task }
     }
+
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// A loopback VIP of `protocol` on a port found free by a throwaway bind.
+fn free_vip(protocol: Protocol) -> VipKey {
+    let a = match protocol {
+        Protocol::Tcp => std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap(),
+        Protocol::Udp => std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .unwrap(),
+    };
+    VipKey {
+        ip: a.ip(),
+        port: a.port(),
+        protocol,
+    }
 }
 
 fn free_tcp_vip() -> VipKey {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let a = l.local_addr().unwrap();
-    VipKey {
-        ip: a.ip(),
-        port: a.port(),
-        protocol: Protocol::Tcp,
-    }
+    free_vip(Protocol::Tcp)
 }
 
 fn free_udp_vip() -> VipKey {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let a = s.local_addr().unwrap();
-    VipKey {
-        ip: a.ip(),
-        port: a.port(),
-        protocol: Protocol::Udp,
-    }
+    free_vip(Protocol::Udp)
 }
 
 fn vip(key: VipKey, backends: &[(SocketAddr, BackendState)]) -> Vip {
@@ -111,10 +138,101 @@ fn table(version: u64, vips: Vec<Vip>) -> VipTable {
     VipTable::new(version, vips)
 }
 
-fn forwarder(cfg: ForwardConfig) -> (Forwarder, ForwardMetrics) {
-    let mut reg = Registry::with_prefix("l4lb");
-    let m = ForwardMetrics::new(&mut reg);
-    (Forwarder::new(cfg, m.clone(), CancellationToken::new()), m)
+/// A forwarder under test with its metrics and registry. It derefs to the [`Forwarder`] and
+/// stops when dropped: listeners closed, open connections cut at once, so a test that ends
+/// (or fails) leaves nothing serving. [`Fwd::shutdown`] is the agent's bounded drain.
+struct Fwd {
+    fwd: Option<Forwarder>,
+    m: ForwardMetrics,
+    reg: Registry,
+}
+
+impl Fwd {
+    fn new(cfg: ForwardConfig) -> Self {
+        let mut reg = Registry::with_prefix("l4lb");
+        let m = ForwardMetrics::new(&mut reg);
+        let fwd = Forwarder::new(cfg, m.clone(), CancellationToken::new());
+        Fwd {
+            fwd: Some(fwd),
+            m,
+            reg,
+        }
+    }
+
+    /// A forwarder with `cfg` serving `key` on `backends` (all active) as table 1.
+    async fn serving(cfg: ForwardConfig, key: VipKey, backends: &[SocketAddr]) -> Self {
+        let mut f = Fwd::new(cfg);
+        f.serve(1, key, backends).await;
+        f
+    }
+
+    /// Apply table `version`: `key` on `backends`, all active.
+    async fn serve(&mut self, version: u64, key: VipKey, backends: &[SocketAddr]) -> ApplyReport {
+        self.apply(&table(version, vec![vip(key, &active(backends))]))
+            .await
+    }
+
+    /// The same forwarder, changed by one of its test switches (`without_splice`, ...).
+    fn with(mut self, f: impl FnOnce(Forwarder) -> Forwarder) -> Self {
+        self.fwd = self.fwd.take().map(f);
+        self
+    }
+
+    /// The metrics as `/metrics` shows them.
+    fn scrape(&self) -> String {
+        scrape(&self.reg)
+    }
+
+    /// Stop accepting and drain for up to `grace`, as the agent does on shutdown.
+    async fn shutdown(mut self, grace: Duration) {
+        if let Some(f) = self.fwd.take() {
+            f.shutdown(grace).await;
+        }
+    }
+}
+
+impl std::ops::Deref for Fwd {
+    type Target = Forwarder;
+    fn deref(&self) -> &Forwarder {
+        self.fwd.as_ref().expect("a forwarder until shutdown")
+    }
+}
+
+impl std::ops::DerefMut for Fwd {
+    fn deref_mut(&mut self) -> &mut Forwarder {
+        self.fwd.as_mut().expect("a forwarder until shutdown")
+    }
+}
+
+impl Drop for Fwd {
+    fn drop(&mut self) {
+        if let Some(f) = self.fwd.take() {
+            f.accept_stop.cancel();
+            f.ctx.hard_kill.cancel();
+        }
+    }
+}
+
+/// `n` backends, ids 0..n.
+async fn backends<B: TestBackend>(n: u8) -> Vec<B> {
+    let mut bs = Vec::new();
+    for id in 0..n {
+        bs.push(B::start(id).await);
+    }
+    bs
+}
+
+/// A UDP client on a fresh loopback port.
+async fn udp_client() -> UdpSocket {
+    UdpSocket::bind("127.0.0.1:0").await.unwrap()
+}
+
+/// One backend (id 0) behind a free VIP of its protocol, served by a forwarder with `cfg`.
+async fn one<B: TestBackend>(cfg: ForwardConfig) -> (B, VipKey, Fwd) {
+    let b = B::start(0).await;
+    let key = free_vip(B::PROTOCOL);
+    let fwd = Fwd::serving(cfg, key, &[b.addr()]).await;
+    (b, key, fwd)
 }
 
 /// The set-up most TCP tests share: `n` echo backends (ids 0..n), a free VIP on loopback
@@ -122,27 +240,22 @@ fn forwarder(cfg: ForwardConfig) -> (Forwarder, ForwardMetrics) {
 struct TcpFixture {
     bs: Vec<TcpBackend>,
     key: VipKey,
-    fwd: Forwarder,
-    m: ForwardMetrics,
+    fwd: Fwd,
     addrs: Vec<SocketAddr>,
 }
 
 impl TcpFixture {
     async fn new(n: u8, cfg: ForwardConfig) -> Self {
-        let mut bs = Vec::new();
-        for id in 0..n {
-            bs.push(TcpBackend::start(id).await);
-        }
+        let bs = backends::<TcpBackend>(n).await;
         let key = free_tcp_vip();
-        let (mut fwd, m) = forwarder(cfg);
         let addrs: Vec<_> = bs.iter().map(|b| b.addr).collect();
-        let r = fwd.apply(&table(1, vec![vip(key, &active(&addrs))])).await;
+        let mut fwd = Fwd::new(cfg);
+        let r = fwd.serve(1, key, &addrs).await;
         assert_eq!(r.bound, vec![key], "the VIP binds");
         TcpFixture {
             bs,
             key,
             fwd,
-            m,
             addrs,
         }
     }
@@ -186,7 +299,6 @@ async fn tcp_reaches_every_backend_evenly() {
         bs: _bs,
         key,
         fwd,
-        m,
         addrs,
     } = TcpFixture::new(3, ForwardConfig::default()).await;
 
@@ -199,8 +311,8 @@ async fn tcp_reaches_every_backend_evenly() {
     for h in hits {
         assert!(h >= 60, "uneven spread: {hits:?}");
     }
-    assert_eq!(m.connections.get(), 300);
-    assert!(m.bytes_c2b.get() >= 300 * 4);
+    assert_eq!(fwd.m.connections.get(), 300);
+    assert!(fwd.m.bytes_c2b.get() >= 300 * 4);
     let stats = fwd.stats();
     let total: u64 = addrs
         .iter()
@@ -208,7 +320,6 @@ async fn tcp_reaches_every_backend_evenly() {
         .sum();
     // id line + echo per connection.
     assert!(total >= 300 * (3 + 4 + 4), "{total}");
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
@@ -217,7 +328,6 @@ async fn tcp_dead_backend_costs_no_client_connection() {
         bs,
         key,
         fwd,
-        m,
         addrs: _,
     } = TcpFixture::new(3, ForwardConfig::default()).await;
     let (mut warm, _) = open(key).await;
@@ -234,11 +344,10 @@ async fn tcp_dead_backend_costs_no_client_connection() {
     assert_eq!(seen[1], 0, "{seen:?}");
     assert!(seen[0] > 0 && seen[2] > 0, "{seen:?}");
     // The dead backend was tried at most once before ejection (refused ejects at once).
-    assert!(m.connections_retried.get() >= 1);
+    assert!(fwd.m.connections_retried.get() >= 1);
     assert!(fwd.stats().backend(&key, bs[1].addr).unwrap().ejected);
     // The connection opened before the kill still works.
     echo(&mut warm, b"y").await;
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
@@ -247,16 +356,13 @@ async fn tcp_all_backends_dead_fails_cleanly() {
     b.kill();
     tokio::task::yield_now().await;
     let key = free_tcp_vip();
-    let (mut fwd, m) = forwarder(ForwardConfig::default());
-    fwd.apply(&table(1, vec![vip(key, &active(&[b.addr]))]))
-        .await;
+    let fwd = Fwd::serving(ForwardConfig::default(), key, &[b.addr]).await;
     let mut s = TcpStream::connect(key.socket_addr()).await.unwrap();
     let mut buf = [0u8; 8];
     let n = timeout(T, s.read(&mut buf)).await.unwrap().unwrap_or(0);
     assert_eq!(n, 0);
-    assert_eq!(m.connections_no_backend.get(), 1);
-    assert_eq!(m.connections_refused.get(), 0);
-    fwd.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(fwd.m.connections_no_backend.get(), 1);
+    assert_eq!(fwd.m.connections_refused.get(), 0);
 }
 
 #[tokio::test]
@@ -264,11 +370,7 @@ async fn tcp_connect_retries_bound_the_backends_one_connection_tries() {
     // Three dead backends: a refused connect ejects at once, so the number ejected after one
     // client connection is the number of backends it tried.
     for (retries, tried) in [(0, 1), (1, 2), (2, 3), (5, 3)] {
-        let bs = [
-            TcpBackend::start(0).await,
-            TcpBackend::start(1).await,
-            TcpBackend::start(2).await,
-        ];
+        let bs = backends::<TcpBackend>(3).await;
         for b in &bs {
             b.kill();
         }
@@ -278,9 +380,9 @@ async fn tcp_connect_retries_bound_the_backends_one_connection_tries() {
             connect_retries: retries,
             ..ForwardConfig::default()
         };
-        let (mut fwd, m) = forwarder(cfg);
+        let mut fwd = Fwd::new(cfg);
         let addrs: Vec<_> = bs.iter().map(|b| b.addr).collect();
-        fwd.apply(&table(1, vec![vip(key, &active(&addrs))])).await;
+        fwd.serve(1, key, &addrs).await;
         let mut s = TcpStream::connect(key.socket_addr()).await.unwrap();
         let mut buf = [0u8; 8];
         let n = timeout(T, s.read(&mut buf)).await.unwrap().unwrap_or(0);
@@ -290,9 +392,12 @@ async fn tcp_connect_retries_bound_the_backends_one_connection_tries() {
             .filter(|a| fwd.stats().backend(&key, **a).unwrap().ejected)
             .count();
         assert_eq!(ejected, tried, "--connect-retries {retries}");
-        assert_eq!(m.connections_retried.get(), tried as u64 - 1, "{retries}");
-        assert_eq!(m.connections_no_backend.get(), 1);
-        fwd.shutdown(Duration::from_secs(1)).await;
+        assert_eq!(
+            fwd.m.connections_retried.get(),
+            tried as u64 - 1,
+            "{retries}"
+        );
+        assert_eq!(fwd.m.connections_no_backend.get(), 1);
     }
 }
 
@@ -325,19 +430,14 @@ async fn tcp_draining_backend_keeps_open_connection_gets_no_new_one() {
     echo(&mut held, b"still flowing").await;
     let st = fwd.stats().backend(&key, drained).unwrap();
     assert_eq!(st.active_connections, 1);
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
 async fn tcp_table_change_leaves_staying_connections_intact() {
-    let bs = [
-        TcpBackend::start(0).await,
-        TcpBackend::start(1).await,
-        TcpBackend::start(2).await,
-    ];
+    let bs = backends::<TcpBackend>(3).await;
     let key = free_tcp_vip();
     let other_key = free_tcp_vip();
-    let (mut fwd, _) = forwarder(ForwardConfig::default());
+    let mut fwd = Fwd::new(ForwardConfig::default());
     let t1 = table(
         1,
         vec![
@@ -372,20 +472,15 @@ async fn tcp_table_change_leaves_staying_connections_intact() {
     // Stats follow the table.
     assert!(fwd.stats().backend(&key, bs[1].addr).is_none());
     assert!(fwd.stats().backend(&key, bs[2].addr).is_some());
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
 async fn tcp_drain_timeout_closes_connections_to_removed_backend() {
-    let b = TcpBackend::start(0).await;
-    let key = free_tcp_vip();
     let cfg = ForwardConfig {
         drain_timeout: Some(Duration::from_millis(200)),
         ..ForwardConfig::default()
     };
-    let (mut fwd, _) = forwarder(cfg);
-    fwd.apply(&table(1, vec![vip(key, &active(&[b.addr]))]))
-        .await;
+    let (_b, key, mut fwd) = one::<TcpBackend>(cfg).await;
     let (mut held, _) = open(key).await;
     fwd.apply(&table(2, vec![vip(key, &[])])).await;
     echo(&mut held, b"within the drain timeout").await;
@@ -395,27 +490,22 @@ async fn tcp_drain_timeout_closes_connections_to_removed_backend() {
         .expect("drain timeout did not close the connection")
         .unwrap_or(0);
     assert_eq!(n, 0);
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
 async fn tcp_connection_cap_refuses_cleanly() {
-    let b = TcpBackend::start(0).await;
-    let key = free_tcp_vip();
     let cfg = ForwardConfig {
         max_connections: 2,
         ..ForwardConfig::default()
     };
-    let (mut fwd, m) = forwarder(cfg);
-    fwd.apply(&table(1, vec![vip(key, &active(&[b.addr]))]))
-        .await;
+    let (_b, key, fwd) = one::<TcpBackend>(cfg).await;
     let (mut c1, _) = open(key).await;
     let (c2, _) = open(key).await;
     let mut c3 = TcpStream::connect(key.socket_addr()).await.unwrap();
     let mut buf = [0u8; 8];
     let n = timeout(T, c3.read(&mut buf)).await.unwrap().unwrap_or(0);
     assert_eq!(n, 0, "over the cap the connection must close at once");
-    assert_eq!(m.connections_refused.get(), 1);
+    assert_eq!(fwd.m.connections_refused.get(), 1);
     // Nothing else degrades.
     echo(&mut c1, b"fine").await;
     drop(c2);
@@ -431,7 +521,6 @@ async fn tcp_connection_cap_refuses_cleanly() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(ok);
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
@@ -444,22 +533,25 @@ async fn tcp_half_close_with_copy_fallback() {
     half_close(false).await;
 }
 
+/// A forwarder with the default settings, splicing or (`splice` false) copying.
+fn splicing(splice: bool) -> Fwd {
+    match splice {
+        true => Fwd::new(ForwardConfig::default()),
+        false => Fwd::new(ForwardConfig::default()).with(Forwarder::without_splice),
+    }
+}
+
 async fn half_close(splice: bool) {
     let b = TcpBackend::start(4).await;
     let key = free_tcp_vip();
-    let (mut fwd, _) = forwarder(ForwardConfig::default());
-    if !splice {
-        fwd = fwd.without_splice();
-    }
-    fwd.apply(&table(1, vec![vip(key, &active(&[b.addr]))]))
-        .await;
+    let mut fwd = splicing(splice);
+    fwd.serve(1, key, &[b.addr]).await;
     let mut s = TcpStream::connect(key.socket_addr()).await.unwrap();
     s.write_all(b"request body").await.unwrap();
     s.shutdown().await.unwrap();
     let mut got = Vec::new();
     timeout(T, s.read_to_end(&mut got)).await.unwrap().unwrap();
     assert_eq!(got, b"b4\nrequest body");
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -476,34 +568,19 @@ async fn tcp_large_transfer_with_copy_fallback() {
 /// the direction copies; not a byte lost or doubled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_large_transfer_when_splice_out_is_refused() {
-    let b = TcpBackend::start(0).await;
-    let key = free_tcp_vip();
-    let (fwd, m) = forwarder(ForwardConfig::default());
-    let fwd = fwd.refusing_splice_out();
-    transfer_through(fwd, key, b.addr, 8 << 20, &m).await;
-    drop(b);
+    let fwd = Fwd::new(ForwardConfig::default()).with(Forwarder::refusing_splice_out);
+    transfer_through(fwd, 8 << 20).await;
 }
 
 async fn large_transfer(len: usize, splice: bool) {
-    let b = TcpBackend::start(0).await;
-    let key = free_tcp_vip();
-    let (mut fwd, m) = forwarder(ForwardConfig::default());
-    if !splice {
-        fwd = fwd.without_splice();
-    }
-    transfer_through(fwd, key, b.addr, len, &m).await;
-    drop(b);
+    transfer_through(splicing(splice), len).await;
 }
 
-async fn transfer_through(
-    mut fwd: Forwarder,
-    key: VipKey,
-    backend: SocketAddr,
-    len: usize,
-    m: &ForwardMetrics,
-) {
-    fwd.apply(&table(1, vec![vip(key, &active(&[backend]))]))
-        .await;
+/// `len` bytes through `fwd` to an echo backend and back, byte for byte.
+async fn transfer_through(mut fwd: Fwd, len: usize) {
+    let b = TcpBackend::start(0).await;
+    let key = free_tcp_vip();
+    fwd.serve(1, key, &[b.addr]).await;
     let (s, _) = open(key).await;
     let (mut r, mut w) = s.into_split();
     // A cheap deterministic pattern that is not periodic at any small size.
@@ -524,19 +601,14 @@ async fn transfer_through(
     writer.await.unwrap();
     assert_eq!(got.len(), len);
     assert!(got == *data, "payload differs");
-    assert_eq!(m.bytes_c2b.get(), len as u64);
-    assert_eq!(m.bytes_b2c.get(), len as u64 + 3);
-    fwd.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(fwd.m.bytes_c2b.get(), len as u64);
+    assert_eq!(fwd.m.bytes_b2c.get(), len as u64 + 3);
 }
 
 #[tokio::test]
 async fn tcp_shutdown_stops_accepting_and_drains_with_deadline() {
     let TcpFixture {
-        mut bs,
-        key,
-        fwd,
-        m: _,
-        ..
+        mut bs, key, fwd, ..
     } = TcpFixture::new(1, ForwardConfig::default()).await;
     let _b = bs.remove(0);
     let (mut held, _) = open(key).await;
@@ -559,7 +631,7 @@ async fn apply_reports_bind_failures_and_retries_them() {
         protocol: Protocol::Tcp,
     };
     let b = TcpBackend::start(0).await;
-    let (mut fwd, _) = forwarder(ForwardConfig::default());
+    let mut fwd = Fwd::new(ForwardConfig::default());
     let t = table(1, vec![vip(key, &active(&[b.addr]))]);
     let r = fwd.apply(&t).await;
     assert!(r.bound.is_empty());
@@ -570,26 +642,21 @@ async fn apply_reports_bind_failures_and_retries_them() {
     assert_eq!(r.bound, vec![key]);
     let (_, id) = open(key).await;
     assert_eq!(id, 0);
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
 async fn udp_reaches_every_backend_and_sessions_stick() {
-    let bs = [
-        UdpBackend::start(0).await,
-        UdpBackend::start(1).await,
-        UdpBackend::start(2).await,
-    ];
+    let bs = backends::<UdpBackend>(3).await;
     let key = free_udp_vip();
-    let (mut fwd, m) = forwarder(ForwardConfig::default());
+    let mut fwd = Fwd::new(ForwardConfig::default());
     let addrs: Vec<_> = bs.iter().map(|b| b.addr).collect();
-    let r = fwd.apply(&table(1, vec![vip(key, &active(&addrs))])).await;
+    let r = fwd.serve(1, key, &addrs).await;
     assert_eq!(r.bound, vec![key]);
     let mut hits: HashMap<String, u32> = HashMap::new();
     // Keep every client socket open so no client port is reused (that would be one session).
     let mut clients = Vec::new();
     for i in 0..90 {
-        let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let c = udp_client().await;
         let first = udp_ask(&c, key, &format!("hello{i}")).await;
         let (id, payload) = first.split_once(':').unwrap();
         assert_eq!(payload, format!("hello{i}"));
@@ -603,21 +670,20 @@ async fn udp_reaches_every_backend_and_sessions_stick() {
     for h in hits.values() {
         assert!(*h >= 15, "uneven spread: {hits:?}");
     }
-    assert_eq!(m.udp_c2b.get(), 180);
-    assert_eq!(m.udp_b2c.get(), 180);
-    assert_eq!(m.udp_sessions_active.get(), 90);
-    fwd.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(fwd.m.udp_c2b.get(), 180);
+    assert_eq!(fwd.m.udp_b2c.get(), 180);
+    assert_eq!(fwd.m.udp_sessions_active.get(), 90);
 }
 
 #[tokio::test]
 async fn udp_sessions_move_when_their_backend_leaves() {
-    let bs = [UdpBackend::start(0).await, UdpBackend::start(1).await];
+    let bs = backends::<UdpBackend>(2).await;
     let key = free_udp_vip();
-    let (mut fwd, m) = forwarder(ForwardConfig::default());
+    let mut fwd = Fwd::new(ForwardConfig::default());
     let addrs: Vec<_> = bs.iter().map(|b| b.addr).collect();
     let t1 = table(1, vec![vip(key, &active(&addrs))]);
     fwd.apply(&t1).await;
-    let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let c = udp_client().await;
     let first = udp_ask(&c, key, "x").await;
     let id: usize = first[1..2].parse().unwrap();
     let (leaving, staying) = (bs[id].addr, bs[1 - id].addr);
@@ -631,26 +697,29 @@ async fn udp_sessions_move_when_their_backend_leaves() {
 
     fwd.apply(&table(2, vec![vip(key, &active(&[staying]))]).share_with(&t1))
         .await;
-    assert_eq!(m.udp_sessions_active.get(), 0, "session must drop at once");
+    assert_eq!(
+        fwd.m.udp_sessions_active.get(),
+        0,
+        "session must drop at once"
+    );
     let moved = udp_ask(&c, key, "y").await;
     assert_eq!(moved, format!("b{}:y", 1 - id));
     // The old backend is still up but gets nothing more from this client.
     let again = udp_ask(&c, key, "z").await;
     assert_eq!(again, format!("b{}:z", 1 - id));
     bs[id].task.abort();
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
 async fn udp_vip_removed_closes_its_socket_and_sessions() {
     let b = UdpBackend::start(0).await;
     let key = free_udp_vip();
-    let (mut fwd, m) = forwarder(ForwardConfig::default());
+    let mut fwd = Fwd::new(ForwardConfig::default());
     let t1 = table(1, vec![vip(key, &active(&[b.addr]))]);
     fwd.apply(&t1).await;
-    let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let c = udp_client().await;
     assert_eq!(udp_ask(&c, key, "x").await, "b0:x");
-    assert_eq!(m.udp_sessions_active.get(), 1);
+    assert_eq!(fwd.m.udp_sessions_active.get(), 1);
 
     fwd.apply(&table(2, vec![]).share_with(&t1)).await;
     // The address is free again: something else can bind it (without SO_REUSEADDR, which the
@@ -672,44 +741,34 @@ async fn udp_vip_removed_closes_its_socket_and_sessions() {
         .unwrap()
         .unwrap();
     assert_eq!(&buf[..n], b"after");
-    assert_eq!(m.udp_sessions_active.get(), 0);
-    fwd.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(fwd.m.udp_sessions_active.get(), 0);
 }
 
 #[tokio::test]
 async fn udp_sessions_expire_when_idle() {
-    let b = UdpBackend::start(0).await;
-    let key = free_udp_vip();
     let cfg = ForwardConfig {
         udp_idle_timeout: Duration::from_millis(100),
         ..ForwardConfig::default()
     };
-    let (mut fwd, m) = forwarder(cfg);
-    fwd.apply(&table(1, vec![vip(key, &active(&[b.addr]))]))
-        .await;
-    let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (_b, key, fwd) = one::<UdpBackend>(cfg).await;
+    let c = udp_client().await;
     assert_eq!(udp_ask(&c, key, "a").await, "b0:a");
-    assert_eq!(m.udp_sessions_active.get(), 1);
+    assert_eq!(fwd.m.udp_sessions_active.get(), 1);
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(m.udp_sessions_active.get(), 0);
+    assert_eq!(fwd.m.udp_sessions_active.get(), 0);
     assert_eq!(udp_ask(&c, key, "b").await, "b0:b");
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
 async fn udp_session_cap_refuses_new_clients() {
-    let b = UdpBackend::start(0).await;
-    let key = free_udp_vip();
     let cfg = ForwardConfig {
         max_udp_sessions: 1,
         ..ForwardConfig::default()
     };
-    let (mut fwd, m) = forwarder(cfg);
-    fwd.apply(&table(1, vec![vip(key, &active(&[b.addr]))]))
-        .await;
-    let c1 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (b, key, mut fwd) = one::<UdpBackend>(cfg).await;
+    let c1 = udp_client().await;
     assert_eq!(udp_ask(&c1, key, "a").await, "b0:a");
-    let c2 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let c2 = udp_client().await;
     c2.send_to(b"b", key.socket_addr()).await.unwrap();
     let mut buf = [0u8; 64];
     assert!(
@@ -717,7 +776,7 @@ async fn udp_session_cap_refuses_new_clients() {
             .await
             .is_err()
     );
-    assert_eq!(m.udp_sessions_refused.get(), 1);
+    assert_eq!(fwd.m.udp_sessions_refused.get(), 1);
     assert_eq!(udp_ask(&c1, key, "c").await, "b0:c");
     // The cap is global: another UDP VIP is refused too.
     let key2 = free_udp_vip();
@@ -732,21 +791,19 @@ async fn udp_session_cap_refuses_new_clients() {
             .await
             .is_err()
     );
-    assert_eq!(m.udp_sessions_refused.get(), 2);
-    fwd.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(fwd.m.udp_sessions_refused.get(), 2);
 }
 
 #[tokio::test]
 async fn apply_of_unchanged_table_is_a_no_op() {
     let b = TcpBackend::start(0).await;
     let key = free_tcp_vip();
-    let (mut fwd, _) = forwarder(ForwardConfig::default());
+    let mut fwd = Fwd::new(ForwardConfig::default());
     let t = table(1, vec![vip(key, &active(&[b.addr]))]);
     assert_eq!(fwd.apply(&t).await.bound.len(), 1);
     let r = fwd.apply(&t).await;
     assert!(r.bound.is_empty() && r.failed.is_empty() && r.removed.is_empty());
     assert_eq!(b.id, open(key).await.1);
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 /// A one-backend change on a 10,000-VIP table touches one VIP: no rebind, no rebuild.
@@ -777,7 +834,7 @@ async fn apply_of_one_change_on_a_large_table_is_cheap() {
             vip(key(i), &active(&addrs))
         })
     };
-    let (mut fwd, _) = forwarder(ForwardConfig::default());
+    let mut fwd = Fwd::new(ForwardConfig::default());
     let t1 = VipTable::new(1, vips(None));
     let start = std::time::Instant::now();
     let r = fwd.apply(&t1).await;
@@ -793,20 +850,15 @@ async fn apply_of_one_change_on_a_large_table_is_cheap() {
     eprintln!("apply: {N} VIPs bound in {bind_all:?}; one-backend change in {one_change:?}");
     // Debug build, shared CI machine: generous, but far below a rebuild.
     assert!(one_change < bind_all / 10, "{one_change:?} vs {bind_all:?}");
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
 async fn tcp_idle_timeout_closes_quiet_connections() {
-    let b = TcpBackend::start(0).await;
-    let key = free_tcp_vip();
     let cfg = ForwardConfig {
         tcp_idle_timeout: Some(Duration::from_millis(200)),
         ..ForwardConfig::default()
     };
-    let (mut fwd, m) = forwarder(cfg);
-    fwd.apply(&table(1, vec![vip(key, &active(&[b.addr]))]))
-        .await;
+    let (_b, key, fwd) = one::<TcpBackend>(cfg).await;
     let (mut s, _) = open(key).await;
     // Traffic keeps it open past the timeout...
     for _ in 0..4 {
@@ -821,29 +873,24 @@ async fn tcp_idle_timeout_closes_quiet_connections() {
         .unwrap_or(0);
     assert_eq!(n, 0);
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(m.connections_active.get(), 0);
-    fwd.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(fwd.m.connections_active.get(), 0);
 }
 
 #[tokio::test]
 async fn metrics_are_exported_with_the_l4lb_prefix() {
-    let mut reg = Registry::with_prefix("l4lb");
-    let m = ForwardMetrics::new(&mut reg);
     let b = TcpBackend::start(0).await;
     let dead = TcpBackend::start(1).await;
     dead.kill();
     tokio::task::yield_now().await;
     let key = free_tcp_vip();
-    let mut fwd = Forwarder::new(ForwardConfig::default(), m, CancellationToken::new());
-    fwd.apply(&table(1, vec![vip(key, &active(&[b.addr, dead.addr]))]))
-        .await;
+    let mut fwd = Fwd::new(ForwardConfig::default());
+    fwd.serve(1, key, &[b.addr, dead.addr]).await;
     for _ in 0..10 {
         let (mut s, id) = open(key).await;
         assert_eq!(id, 0);
         echo(&mut s, b"m").await;
     }
-    let mut out = String::new();
-    prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+    let out = fwd.scrape();
     for want in [
         "l4lb_connections_total 10",
         "l4lb_connections_active",
@@ -867,7 +914,6 @@ async fn metrics_are_exported_with_the_l4lb_prefix() {
     );
     assert!(out.contains(&failed), "{out}");
     assert!(out.contains(&ejected), "{out}");
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
@@ -890,13 +936,12 @@ async fn tcp_over_ipv6_loopback() {
         port,
         protocol: Protocol::Tcp,
     };
-    let (mut fwd, _) = forwarder(ForwardConfig::default());
+    let mut fwd = Fwd::new(ForwardConfig::default());
     let r = fwd
         .apply(&table(1, vec![vip(key, &active(&[baddr]))]))
         .await;
     assert_eq!(r.bound, vec![key], "{:?}", r.failed);
     assert_eq!(open(key).await.1, 6);
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 /// A listener whose accept queue is full drops SYNs: connects to it time out.
@@ -924,9 +969,7 @@ async fn tcp_connect_timeouts_are_retried_and_eject() {
         connect_timeout: Duration::from_millis(100),
         ..ForwardConfig::default()
     };
-    let (mut fwd, m) = forwarder(cfg);
-    fwd.apply(&table(1, vec![vip(key, &active(&[good.addr, hole]))]))
-        .await;
+    let fwd = Fwd::serving(cfg, key, &[good.addr, hole]).await;
     for _ in 0..20 {
         let (mut s, id) = open(key).await;
         assert_eq!(id, 0);
@@ -936,7 +979,8 @@ async fn tcp_connect_timeouts_are_retried_and_eject() {
     let st = fwd.stats().backend(&key, hole).unwrap();
     assert!(st.ejected, "{st:?}");
     assert_eq!(
-        m.backend
+        fwd.m
+            .backend
             .connect_failures
             .get_or_create(&BackendLabels {
                 backend: AddrLabel(hole)
@@ -945,20 +989,19 @@ async fn tcp_connect_timeouts_are_retried_and_eject() {
         u64::from(balancer::FAILURES_TO_EJECT)
     );
     assert_eq!(
-        m.connections_retried.get(),
+        fwd.m.connections_retried.get(),
         u64::from(balancer::FAILURES_TO_EJECT)
     );
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
 async fn udp_dead_backend_session_moves_to_a_live_one() {
-    let bs = [UdpBackend::start(0).await, UdpBackend::start(1).await];
+    let bs = backends::<UdpBackend>(2).await;
     let key = free_udp_vip();
-    let (mut fwd, _) = forwarder(ForwardConfig::default());
+    let mut fwd = Fwd::new(ForwardConfig::default());
     let addrs: Vec<_> = bs.iter().map(|b| b.addr).collect();
-    fwd.apply(&table(1, vec![vip(key, &active(&addrs))])).await;
-    let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    fwd.serve(1, key, &addrs).await;
+    let c = udp_client().await;
     let first = udp_ask(&c, key, "x").await;
     let id: usize = first[1..2].parse().unwrap();
     bs[id].task.abort();
@@ -977,20 +1020,15 @@ async fn udp_dead_backend_session_moves_to_a_live_one() {
     }
     assert_eq!(moved, Some(format!("b{}:y", 1 - id)));
     assert!(fwd.stats().backend(&key, bs[id].addr).unwrap().ejected);
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
 async fn tcp_backend_active_again_cancels_its_drain_timeout() {
-    let b = TcpBackend::start(0).await;
-    let key = free_tcp_vip();
     let cfg = ForwardConfig {
         drain_timeout: Some(Duration::from_millis(200)),
         ..ForwardConfig::default()
     };
-    let (mut fwd, _) = forwarder(cfg);
-    fwd.apply(&table(1, vec![vip(key, &active(&[b.addr]))]))
-        .await;
+    let (b, key, mut fwd) = one::<TcpBackend>(cfg).await;
     let (mut held, _) = open(key).await;
     fwd.apply(&table(
         2,
@@ -998,11 +1036,9 @@ async fn tcp_backend_active_again_cancels_its_drain_timeout() {
     ))
     .await;
     tokio::time::sleep(Duration::from_millis(50)).await;
-    fwd.apply(&table(3, vec![vip(key, &active(&[b.addr]))]))
-        .await;
+    fwd.serve(3, key, &[b.addr]).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     echo(&mut held, b"survived").await;
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[test]
@@ -1054,11 +1090,7 @@ async fn accepted_sockets_inherit_keepalive_and_nodelay_from_the_listener() {
 #[tokio::test]
 async fn tcp_short_exchanges_never_touch_a_pipe() {
     let TcpFixture {
-        mut bs,
-        key,
-        fwd,
-        m: _,
-        ..
+        mut bs, key, fwd, ..
     } = TcpFixture::new(1, ForwardConfig::default()).await;
     let _b = bs.remove(0);
     for _ in 0..20 {
@@ -1067,17 +1099,12 @@ async fn tcp_short_exchanges_never_touch_a_pipe() {
     }
     assert_eq!(fwd.ctx.pipes.leased(), 0);
     assert_eq!(fwd.ctx.pipes.pooled(), 0, "no pipe was ever created");
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_idle_connections_hold_no_pipe() {
     let TcpFixture {
-        mut bs,
-        key,
-        fwd,
-        m: _,
-        ..
+        mut bs, key, fwd, ..
     } = TcpFixture::new(1, ForwardConfig::default()).await;
     let _b = bs.remove(0);
     // Bulk both ways (past the auto-splice threshold), then every connection sits idle.
@@ -1109,7 +1136,6 @@ async fn tcp_idle_connections_hold_no_pipe() {
         echo(&mut s, b"still alive").await;
     }
     assert_eq!(fwd.ctx.pipes.leased(), 0);
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 fn open_fds() -> usize {
@@ -1147,15 +1173,15 @@ async fn out_of_descriptors() {
     let ub = UdpBackend::start(5).await;
     let key = free_tcp_vip();
     let ukey = free_udp_vip();
-    let (mut fwd, m) = forwarder(ForwardConfig::default());
+    let mut fwd = Fwd::new(ForwardConfig::default());
     let vips = vec![vip(key, &active(&[b.addr])), vip(ukey, &active(&[ub.addr]))];
     fwd.apply(&table(1, vips)).await;
     let (mut s, _) = open(key).await;
     echo(&mut s, b"warm").await;
-    let uc = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let uc = udp_client().await;
     drop(s);
     // Let that connection close on every side, so no descriptor frees up later.
-    while m.connections_active.get() > 0 {
+    while fwd.m.connections_active.get() > 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1171,7 +1197,8 @@ async fn out_of_descriptors() {
         f
     };
     let emfile = || {
-        m.local_errors
+        fwd.m
+            .local_errors
             .get_or_create(&KindLabels { kind: "emfile" })
             .get()
     };
@@ -1189,8 +1216,8 @@ async fn out_of_descriptors() {
     let l = BackendLabels {
         backend: AddrLabel(b.addr),
     };
-    assert_eq!(m.backend.connect_failures.get_or_create(&l).get(), 0);
-    assert_eq!(m.connections_retried.get(), 0);
+    assert_eq!(fwd.m.backend.connect_failures.get_or_create(&l).get(), 0);
+    assert_eq!(fwd.m.connections_retried.get(), 0);
     let stats = fwd.stats().backend(&key, b.addr).unwrap();
     assert!(!stats.ejected, "healthy backend was ejected");
     assert_eq!(stats.active_connections, 0);
@@ -1217,8 +1244,8 @@ async fn out_of_descriptors() {
     timeout(T, c.read_exact(&mut id)).await.unwrap().unwrap();
     assert_eq!(&id, b"b0\n");
     echo(&mut c, b"after").await;
-    assert_eq!(m.connections_no_backend.get(), 0);
-    assert_eq!(m.backend.connect_failures.get_or_create(&l).get(), 0);
+    assert_eq!(fwd.m.connections_no_backend.get(), 0);
+    assert_eq!(fwd.m.backend.connect_failures.get_or_create(&l).get(), 0);
 
     // No descriptor for a UDP session's upstream socket: the datagram is dropped and
     // counted, the backend not blamed; the next datagram makes the session.
@@ -1232,8 +1259,7 @@ async fn out_of_descriptors() {
     let ul = BackendLabels {
         backend: AddrLabel(ub.addr),
     };
-    assert_eq!(m.backend.connect_failures.get_or_create(&ul).get(), 0);
-    fwd.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(fwd.m.backend.connect_failures.get_or_create(&ul).get(), 0);
 }
 
 /// A client-first backend: reads one request (up to `\n`), answers `b<id>:<request>`, then
@@ -1270,8 +1296,7 @@ async fn request_reply_backend(id: u8, reset: bool) -> SocketAddr {
 async fn tcp_client_bytes_sent_with_the_connect_arrive_once() {
     let b = request_reply_backend(3, false).await;
     let key = free_tcp_vip();
-    let (mut fwd, m) = forwarder(ForwardConfig::default());
-    fwd.apply(&table(1, vec![vip(key, &active(&[b]))])).await;
+    let fwd = Fwd::serving(ForwardConfig::default(), key, &[b]).await;
     let req = b"GET / HTTP/1.0\n";
     for early in [true, false] {
         let mut s = if early {
@@ -1292,12 +1317,11 @@ async fn tcp_client_bytes_sent_with_the_connect_arrive_once() {
         assert_eq!(got, b"b3:GET / HTTP/1.0\n", "early={early}");
     }
     assert_eq!(
-        m.bytes_c2b.get(),
+        fwd.m.bytes_c2b.get(),
         2 * req.len() as u64,
         "no byte sent twice"
     );
-    assert_eq!(m.bytes_b2c.get(), 2 * (req.len() as u64 + 3));
-    fwd.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(fwd.m.bytes_b2c.get(), 2 * (req.len() as u64 + 3));
 }
 
 #[tokio::test]
@@ -1305,8 +1329,7 @@ async fn tcp_reply_then_close_or_reset_still_delivers_the_reply() {
     for reset in [false, true] {
         let b = request_reply_backend(5, reset).await;
         let key = free_tcp_vip();
-        let (mut fwd, _) = forwarder(ForwardConfig::default());
-        fwd.apply(&table(1, vec![vip(key, &active(&[b]))])).await;
+        let _fwd = Fwd::serving(ForwardConfig::default(), key, &[b]).await;
         for _ in 0..20 {
             let mut s = TcpStream::connect(key.socket_addr()).await.unwrap();
             s.write_all(b"ping\n").await.unwrap();
@@ -1315,17 +1338,16 @@ async fn tcp_reply_then_close_or_reset_still_delivers_the_reply() {
             let _ = timeout(T, s.read_to_end(&mut got)).await.unwrap();
             assert_eq!(got, b"b5:ping\n", "reset={reset}");
         }
-        fwd.shutdown(Duration::from_secs(1)).await;
     }
 }
 
 #[tokio::test]
 async fn udp_bursts_from_many_clients_arrive_whole_and_stay_on_their_backend() {
-    let bs = [UdpBackend::start(0).await, UdpBackend::start(1).await];
+    let bs = backends::<UdpBackend>(2).await;
     let key = free_udp_vip();
-    let (mut fwd, m) = forwarder(ForwardConfig::default());
+    let mut fwd = Fwd::new(ForwardConfig::default());
     let addrs: Vec<_> = bs.iter().map(|b| b.addr).collect();
-    fwd.apply(&table(1, vec![vip(key, &active(&addrs))])).await;
+    fwd.serve(1, key, &addrs).await;
     // Every client fires its whole burst before anyone reads: the VIP socket and the
     // upstream sockets hold many datagrams at once, so they move in multi-datagram batches
     // that interleave clients, and past one batch (32).
@@ -1333,7 +1355,7 @@ async fn udp_bursts_from_many_clients_arrive_whole_and_stay_on_their_backend() {
     const BURST: usize = 50;
     let mut clients = Vec::new();
     for c in 0..CLIENTS {
-        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let s = udp_client().await;
         clients.push((c, s));
     }
     let (mut sent_bytes, mut got_bytes) = (0u64, 0u64);
@@ -1364,19 +1386,18 @@ async fn udp_bursts_from_many_clients_arrive_whole_and_stay_on_their_backend() {
         let want: Vec<String> = (0..BURST).map(|i| format!("c{c}-{i}")).collect();
         assert_eq!(seen, want, "client {c}: every datagram, in order");
     }
-    assert_eq!(m.udp_c2b.get(), (CLIENTS * BURST) as u64);
-    assert_eq!(m.udp_b2c.get(), (CLIENTS * BURST) as u64);
-    assert_eq!(m.udp_bytes_c2b.get(), sent_bytes);
-    assert_eq!(m.udp_bytes_b2c.get(), got_bytes);
-    assert_eq!(m.udp_sessions_active.get(), CLIENTS as i64);
-    fwd.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(fwd.m.udp_c2b.get(), (CLIENTS * BURST) as u64);
+    assert_eq!(fwd.m.udp_b2c.get(), (CLIENTS * BURST) as u64);
+    assert_eq!(fwd.m.udp_bytes_c2b.get(), sent_bytes);
+    assert_eq!(fwd.m.udp_bytes_b2c.get(), got_bytes);
+    assert_eq!(fwd.m.udp_sessions_active.get(), CLIENTS as i64);
 }
 
 #[tokio::test]
 async fn tcp_removed_vip_retires_until_its_last_connection_ends() {
     let b = TcpBackend::start(0).await;
     let (idle, busy) = (free_tcp_vip(), free_tcp_vip());
-    let (mut fwd, _) = forwarder(ForwardConfig::default());
+    let mut fwd = Fwd::new(ForwardConfig::default());
     let both = |v| {
         table(
             v,
@@ -1404,14 +1425,11 @@ async fn tcp_removed_vip_retires_until_its_last_connection_ends() {
     let k = timeout(RETIRE_LINGER + T, fwd.retired()).await.unwrap();
     assert_eq!(k, busy);
     assert_eq!(fwd.retiring_addrs().count(), 0);
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
 async fn a_backend_series_leaves_metrics_with_the_backend() {
-    let mut reg = Registry::with_prefix("l4lb");
-    let m = ForwardMetrics::new(&mut reg);
-    let mut fwd = Forwarder::new(ForwardConfig::default(), m, CancellationToken::new());
+    let mut fwd = Fwd::new(ForwardConfig::default());
     let key = free_tcp_vip();
     let series = |reg: &Registry| {
         let mut out = String::new();
@@ -1430,10 +1448,9 @@ async fn a_backend_series_leaves_metrics_with_the_backend() {
             .await;
     }
     // Two backends, two families (connect failures, ejections).
-    assert_eq!(series(&reg), 4);
+    assert_eq!(series(&fwd.reg), 4);
     fwd.apply(&table(101, vec![])).await;
-    assert_eq!(series(&reg), 0);
-    fwd.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(series(&fwd.reg), 0);
 }
 
 fn scrape(reg: &Registry) -> String {
@@ -1444,13 +1461,10 @@ fn scrape(reg: &Registry) -> String {
 
 #[tokio::test]
 async fn connect_latency_and_vip_results_are_counted_and_leave_with_their_backend() {
-    let mut reg = Registry::with_prefix("l4lb");
-    let m = ForwardMetrics::new(&mut reg);
     let (b0, b1) = (TcpBackend::start(0).await, TcpBackend::start(1).await);
     let key = free_tcp_vip();
-    let mut fwd = Forwarder::new(ForwardConfig::default(), m, CancellationToken::new());
-    fwd.apply(&table(1, vec![vip(key, &active(&[b0.addr, b1.addr]))]))
-        .await;
+    let mut fwd = Fwd::new(ForwardConfig::default());
+    fwd.serve(1, key, &[b0.addr, b1.addr]).await;
     for _ in 0..20 {
         let (mut s, _) = open(key).await;
         echo(&mut s, b"l").await;
@@ -1467,7 +1481,7 @@ async fn connect_latency_and_vip_results_are_counted_and_leave_with_their_backen
         assert!(0.0 < p50 && p50 <= p99 && p99 < 1.0, "{s:?}");
     }
     assert_eq!(stats.vip(&key), Some(VipStats { ok: 20, failed: 0 }));
-    let out = scrape(&reg);
+    let out = fwd.scrape();
     let count = |b: SocketAddr| format!("l4lb_backend_connect_seconds_count{{backend=\"{b}\"}}");
     for (b, s) in [(b0.addr, s0), (b1.addr, s1)] {
         // The histogram exists from a backend's first connect on.
@@ -1504,9 +1518,8 @@ async fn connect_latency_and_vip_results_are_counted_and_leave_with_their_backen
     assert_eq!(stats.vip(&key).unwrap().failed, 1);
 
     // b1 leaves the VIP: its series go (bounded label sets); b0's stay.
-    fwd.apply(&table(2, vec![vip(key, &active(&[b0.addr]))]))
-        .await;
-    let out = scrape(&reg);
+    fwd.serve(2, key, &[b0.addr]).await;
+    let out = fwd.scrape();
     assert!(!out.contains(&b1.addr.to_string()), "{out}");
     assert!(
         out.contains(&format!("l4lb_vip_backends_active{{vip=\"{key}\"}} 1")),
@@ -1517,24 +1530,21 @@ async fn connect_latency_and_vip_results_are_counted_and_leave_with_their_backen
     fwd.apply(&table(3, vec![])).await;
     // Connections hold the shared state until they end; give the closed ones a moment.
     for _ in 0..50 {
-        if !scrape(&reg).contains(&b0.addr.to_string()) {
+        if !fwd.scrape().contains(&b0.addr.to_string()) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let out = scrape(&reg);
+    let out = fwd.scrape();
     assert!(!out.contains(&b0.addr.to_string()), "{out}");
     assert!(!out.contains(&format!("vip=\"{key}\"")), "{out}");
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
 async fn a_backend_of_two_vips_keeps_its_series_until_both_let_go() {
-    let mut reg = Registry::with_prefix("l4lb");
-    let m = ForwardMetrics::new(&mut reg);
     let b = TcpBackend::start(0).await;
     let (k1, k2) = (free_tcp_vip(), free_tcp_vip());
-    let mut fwd = Forwarder::new(ForwardConfig::default(), m, CancellationToken::new());
+    let mut fwd = Fwd::new(ForwardConfig::default());
     let both = vec![vip(k1, &active(&[b.addr])), vip(k2, &active(&[b.addr]))];
     fwd.apply(&table(1, both)).await;
     let series = format!(
@@ -1546,32 +1556,30 @@ async fn a_backend_of_two_vips_keeps_its_series_until_both_let_go() {
         b.addr
     );
     // Counters exist from the start; the histogram from the first connect (through k1).
-    assert!(scrape(&reg).contains(&failures));
-    assert!(!scrape(&reg).contains(&series));
+    assert!(fwd.scrape().contains(&failures));
+    assert!(!fwd.scrape().contains(&series));
     let (mut s, _) = open(k1).await;
     echo(&mut s, b"h").await;
     drop(s);
-    assert!(scrape(&reg).contains(&format!("{series} 1")));
-    fwd.apply(&table(2, vec![vip(k2, &active(&[b.addr]))]))
-        .await;
+    assert!(fwd.scrape().contains(&format!("{series} 1")));
+    fwd.serve(2, k2, &[b.addr]).await;
     // k2's backend set still holds the address (and shares the histogram).
     assert!(
-        scrape(&reg).contains(&format!("{series} 1")),
+        fwd.scrape().contains(&format!("{series} 1")),
         "still a backend of {k2}"
     );
     let (mut s, _) = open(k2).await;
     echo(&mut s, b"h").await;
     drop(s);
-    assert!(scrape(&reg).contains(&format!("{series} 2")));
+    assert!(fwd.scrape().contains(&format!("{series} 2")));
     fwd.apply(&table(3, vec![])).await;
     // The closed connections let go of the backend a moment after the client hangs up.
     for _ in 0..100 {
-        if !scrape(&reg).contains(&b.addr.to_string()) {
+        if !fwd.scrape().contains(&b.addr.to_string()) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let out = scrape(&reg);
+    let out = fwd.scrape();
     assert!(!out.contains(&series) && !out.contains(&failures), "{out}");
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
