@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use futures::future::{BoxFuture, FutureExt};
 use prometheus_client::registry::Registry;
 use tracing::Instrument;
 
@@ -32,7 +33,7 @@ pub async fn main(cfg: Config) -> Result<ExitCode, AppError> {
 }
 
 /// A registry whose metrics all carry the `l4lb_` prefix.
-pub(crate) fn registry() -> Registry {
+fn registry() -> Registry {
     Registry::with_prefix("l4lb")
 }
 
@@ -54,18 +55,13 @@ fn start_source(
     let publisher = Publisher::new(build, tx, metrics);
     let label_errors = publisher.label_errors();
     let stop = tasks.shutdown();
-    match source {
+    // What runs, under which task name and log span.
+    let (name, span, run): (&'static str, tracing::Span, BoxFuture<'static, ()>) = match source {
         SourceConfig::File { path, poll } => {
             let span = tracing::info_span!("source", file = %path.display());
             span.in_scope(|| tracing::info!("reading apps from file"));
-            tasks.spawn(
-                "apps file source",
-                async move {
-                    source::file::run(path, poll, publisher, stop).await;
-                    Ok(())
-                }
-                .instrument(span),
-            );
+            let run = source::file::run(path, poll, publisher, stop);
+            ("apps file source", span, run.boxed())
         }
         SourceConfig::Marathon {
             masters,
@@ -84,14 +80,11 @@ fn start_source(
                 resync_interval: resync,
                 ..sync::SyncConfig::default()
             };
-            tasks.spawn(
+            (
                 "Marathon source",
-                async move {
-                    sync::run(c, publisher, cfg, stop).await;
-                    Ok(())
-                }
-                .instrument(span),
-            );
+                span,
+                sync::run(c, publisher, cfg, stop).boxed(),
+            )
         }
         SourceConfig::Mesos {
             masters,
@@ -110,16 +103,18 @@ fn start_source(
                 max_record: max_answer,
                 ..mesos::sync::SyncConfig::default()
             };
-            tasks.spawn(
-                "Mesos source",
-                async move {
-                    mesos::sync::run(c, publisher, cfg, stop).await;
-                    Ok(())
-                }
-                .instrument(span),
-            );
+            let run = mesos::sync::run(c, publisher, cfg, stop);
+            ("Mesos source", span, run.boxed())
         }
-    }
+    };
+    tasks.spawn(
+        name,
+        async move {
+            run.await;
+            Ok(())
+        }
+        .instrument(span),
+    );
     Ok((rx, label_errors))
 }
 
