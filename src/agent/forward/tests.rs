@@ -18,79 +18,63 @@ use crate::model::{BackendState, Vip, VipKey, VipTable};
 
 const T: Duration = Duration::from_secs(10);
 
-/// What the fixtures need of a test backend of either protocol.
-trait TestBackend: Sized {
-    const PROTOCOL: Protocol;
-    /// Listen on a free loopback port, answering as backend `id`.
-    async fn start(id: u8) -> Self;
-    fn addr(&self) -> SocketAddr;
-}
-
-/// A TCP backend: on connect it writes `b<id>\n`, then echoes until EOF, then half-closes.
-struct TcpBackend {
+/// A backend on a free loopback port. Over TCP it writes `b<id>\n` on connect, then echoes
+/// until EOF, then half-closes; over UDP it answers each datagram with `b<id>:<payload>`.
+struct Backend {
     id: u8,
-    addr: SocketAddr,
-    accept: JoinHandle<()>,
-}
-
-impl TestBackend for TcpBackend {
-    const PROTOCOL: Protocol = Protocol::Tcp;
-
-    async fn start(id: u8) -> Self {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let accept = tokio::spawn(async move {
-            while let Ok((s, _)) = l.accept().await {
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.into_split();
-                    if w.write_all(format!("b{id}\n").as_bytes()).await.is_err() {
-                        return;
-                    }
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                    let _ = w.shutdown().await;
-                });
-            }
-        });
-        TcpBackend { id, addr, accept }
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-}
-
-impl TcpBackend {
-    /// Close the listener (open connections stay): new connects are refused.
-    fn kill(&self) {
-        self.accept.abort();
-    }
-}
-
-/// A UDP backend: answers each datagram with `b<id>:<payload>`.
-struct UdpBackend {
     addr: SocketAddr,
     task: JoinHandle<()>,
 }
 
-impl TestBackend for UdpBackend {
-    const PROTOCOL: Protocol = Protocol::Udp;
-
-    async fn start(id: u8) -> Self {
-        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = s.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            let mut buf = vec![0u8; 65536];
-            while let Ok((n, from)) = s.recv_from(&mut buf).await {
-                let mut reply = format!("b{id}:").into_bytes();
-                reply.extend_from_slice(&buf[..n]);
-                let _ = s.send_to(&reply, from).await;
+impl Backend {
+    async fn start(protocol: Protocol, id: u8) -> Self {
+        let (addr, task) = match protocol {
+            Protocol::Tcp => {
+                let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                (l.local_addr().unwrap(), tokio::spawn(serve_tcp(l, id)))
             }
-        });
-        UdpBackend { addr, task }
+            Protocol::Udp => {
+                let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+                (s.local_addr().unwrap(), tokio::spawn(serve_udp(s, id)))
+            }
+        };
+        Backend { id, addr, task }
     }
 
-    fn addr(&self) -> SocketAddr {
-        self.addr
+    async fn tcp(id: u8) -> Self {
+        Backend::start(Protocol::Tcp, id).await
+    }
+
+    async fn udp(id: u8) -> Self {
+        Backend::start(Protocol::Udp, id).await
+    }
+
+    /// Stop serving: a TCP backend's listener closes (open connections stay, new connects
+    /// are refused); a UDP backend's socket closes.
+    fn kill(&self) {
+        self.task.abort();
+    }
+}
+
+async fn serve_tcp(l: TcpListener, id: u8) {
+    while let Ok((s, _)) = l.accept().await {
+        tokio::spawn(async move {
+            let (mut r, mut w) = s.into_split();
+            if w.write_all(format!("b{id}\n").as_bytes()).await.is_err() {
+                return;
+            }
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+            let _ = w.shutdown().await;
+        });
+    }
+}
+
+async fn serve_udp(s: UdpSocket, id: u8) {
+    let mut buf = vec![0u8; 65536];
+    while let Ok((n, from)) = s.recv_from(&mut buf).await {
+        let mut reply = format!("b{id}:").into_bytes();
+        reply.extend_from_slice(&buf[..n]);
+        let _ = s.send_to(&reply, from).await;
     }
 }
 
@@ -138,6 +122,11 @@ fn table(version: u64, vips: Vec<Vip>) -> VipTable {
     VipTable::new(version, vips)
 }
 
+/// Table `version` with one VIP, `key`, on `backends`, all active.
+fn one_vip(version: u64, key: VipKey, backends: &[SocketAddr]) -> VipTable {
+    table(version, vec![vip(key, &active(backends))])
+}
+
 /// A forwarder under test with its metrics and registry. It derefs to the [`Forwarder`] and
 /// stops when dropped: listeners closed, open connections cut at once, so a test that ends
 /// (or fails) leaves nothing serving. [`Fwd::shutdown`] is the agent's bounded drain.
@@ -168,8 +157,7 @@ impl Fwd {
 
     /// Apply table `version`: `key` on `backends`, all active.
     async fn serve(&mut self, version: u64, key: VipKey, backends: &[SocketAddr]) -> ApplyReport {
-        self.apply(&table(version, vec![vip(key, &active(backends))]))
-            .await
+        self.apply(&one_vip(version, key, backends)).await
     }
 
     /// The same forwarder, changed by one of its test switches (`without_splice`, ...).
@@ -213,11 +201,11 @@ impl Drop for Fwd {
     }
 }
 
-/// `n` backends, ids 0..n.
-async fn backends<B: TestBackend>(n: u8) -> Vec<B> {
+/// `n` backends of `protocol`, ids 0..n.
+async fn backends(protocol: Protocol, n: u8) -> Vec<Backend> {
     let mut bs = Vec::new();
     for id in 0..n {
-        bs.push(B::start(id).await);
+        bs.push(Backend::start(protocol, id).await);
     }
     bs
 }
@@ -227,37 +215,66 @@ async fn udp_client() -> UdpSocket {
     UdpSocket::bind("127.0.0.1:0").await.unwrap()
 }
 
-/// One backend (id 0) behind a free VIP of its protocol, served by a forwarder with `cfg`.
-async fn one<B: TestBackend>(cfg: ForwardConfig) -> (B, VipKey, Fwd) {
-    let b = B::start(0).await;
-    let key = free_vip(B::PROTOCOL);
-    let fwd = Fwd::serving(cfg, key, &[b.addr()]).await;
+/// One backend (id 0) behind a free VIP of `protocol`, served by a forwarder with `cfg`.
+async fn one(protocol: Protocol, cfg: ForwardConfig) -> (Backend, VipKey, Fwd) {
+    let b = Backend::start(protocol, 0).await;
+    let key = free_vip(protocol);
+    let fwd = Fwd::serving(cfg, key, &[b.addr]).await;
     (b, key, fwd)
 }
 
-/// The set-up most TCP tests share: `n` echo backends (ids 0..n), a free VIP on loopback
-/// serving all of them as active, and a forwarder with `cfg` that has applied that table.
-struct TcpFixture {
-    bs: Vec<TcpBackend>,
+/// The set-up most tests share: `n` backends (ids 0..n), a free VIP on loopback serving all
+/// of them as active, and a forwarder with `cfg` that has applied that table.
+struct Fixture {
+    bs: Vec<Backend>,
     key: VipKey,
     fwd: Fwd,
     addrs: Vec<SocketAddr>,
 }
 
-impl TcpFixture {
-    async fn new(n: u8, cfg: ForwardConfig) -> Self {
-        let bs = backends::<TcpBackend>(n).await;
-        let key = free_tcp_vip();
+impl Fixture {
+    async fn new(protocol: Protocol, n: u8, cfg: ForwardConfig) -> Self {
+        let bs = backends(protocol, n).await;
+        let key = free_vip(protocol);
         let addrs: Vec<_> = bs.iter().map(|b| b.addr).collect();
         let mut fwd = Fwd::new(cfg);
         let r = fwd.serve(1, key, &addrs).await;
         assert_eq!(r.bound, vec![key], "the VIP binds");
-        TcpFixture {
+        Fixture {
             bs,
             key,
             fwd,
             addrs,
         }
+    }
+}
+
+/// Expect the peer to close `s` (EOF, or an error) within `within`.
+async fn assert_closed(s: &mut TcpStream, within: Duration, what: &str) {
+    let mut buf = [0u8; 8];
+    let n = timeout(within, s.read(&mut buf))
+        .await
+        .expect(what)
+        .unwrap_or(0);
+    assert_eq!(n, 0, "{what}");
+}
+
+/// Wait (up to `tries` times 20 ms) until `/metrics` no longer mentions `what`; the scrape.
+async fn scrape_without(fwd: &Fwd, what: &str, tries: u32) -> String {
+    for _ in 0..tries {
+        if !fwd.scrape().contains(what) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    fwd.scrape()
+}
+
+/// The default settings, with a drain timeout of `ms` milliseconds.
+fn draining_for(ms: u64) -> ForwardConfig {
+    ForwardConfig {
+        drain_timeout: Some(Duration::from_millis(ms)),
+        ..ForwardConfig::default()
     }
 }
 
@@ -295,12 +312,12 @@ async fn udp_ask(s: &UdpSocket, vip: VipKey, msg: &str) -> String {
 
 #[tokio::test]
 async fn tcp_reaches_every_backend_evenly() {
-    let TcpFixture {
+    let Fixture {
         bs: _bs,
         key,
         fwd,
         addrs,
-    } = TcpFixture::new(3, ForwardConfig::default()).await;
+    } = Fixture::new(Protocol::Tcp, 3, ForwardConfig::default()).await;
 
     let mut hits = [0u32; 3];
     for _ in 0..300 {
@@ -324,12 +341,12 @@ async fn tcp_reaches_every_backend_evenly() {
 
 #[tokio::test]
 async fn tcp_dead_backend_costs_no_client_connection() {
-    let TcpFixture {
+    let Fixture {
         bs,
         key,
         fwd,
         addrs: _,
-    } = TcpFixture::new(3, ForwardConfig::default()).await;
+    } = Fixture::new(Protocol::Tcp, 3, ForwardConfig::default()).await;
     let (mut warm, _) = open(key).await;
     echo(&mut warm, b"x").await;
 
@@ -352,7 +369,7 @@ async fn tcp_dead_backend_costs_no_client_connection() {
 
 #[tokio::test]
 async fn tcp_all_backends_dead_fails_cleanly() {
-    let b = TcpBackend::start(0).await;
+    let b = Backend::tcp(0).await;
     b.kill();
     tokio::task::yield_now().await;
     let key = free_tcp_vip();
@@ -370,7 +387,7 @@ async fn tcp_connect_retries_bound_the_backends_one_connection_tries() {
     // Three dead backends: a refused connect ejects at once, so the number ejected after one
     // client connection is the number of backends it tried.
     for (retries, tried) in [(0, 1), (1, 2), (2, 3), (5, 3)] {
-        let bs = backends::<TcpBackend>(3).await;
+        let bs = backends(Protocol::Tcp, 3).await;
         for b in &bs {
             b.kill();
         }
@@ -403,9 +420,9 @@ async fn tcp_connect_retries_bound_the_backends_one_connection_tries() {
 
 #[tokio::test]
 async fn tcp_draining_backend_keeps_open_connection_gets_no_new_one() {
-    let TcpFixture {
+    let Fixture {
         bs, key, mut fwd, ..
-    } = TcpFixture::new(2, ForwardConfig::default()).await;
+    } = Fixture::new(Protocol::Tcp, 2, ForwardConfig::default()).await;
     let (mut held, id) = open(key).await;
     let (drained, other) = (bs[id as usize].addr, bs[1 - id as usize].addr);
 
@@ -434,7 +451,7 @@ async fn tcp_draining_backend_keeps_open_connection_gets_no_new_one() {
 
 #[tokio::test]
 async fn tcp_table_change_leaves_staying_connections_intact() {
-    let bs = backends::<TcpBackend>(3).await;
+    let bs = backends(Protocol::Tcp, 3).await;
     let key = free_tcp_vip();
     let other_key = free_tcp_vip();
     let mut fwd = Fwd::new(ForwardConfig::default());
@@ -453,7 +470,7 @@ async fn tcp_table_change_leaves_staying_connections_intact() {
         held.insert(id, s);
     }
     // Backend 1 leaves, backend 2 joins; the other VIP goes away.
-    let t2 = table(2, vec![vip(key, &active(&[bs[0].addr, bs[2].addr]))]).share_with(&t1);
+    let t2 = one_vip(2, key, &[bs[0].addr, bs[2].addr]).share_with(&t1);
     let r = fwd.apply(&t2).await;
     assert!(r.bound.is_empty());
     assert_eq!(r.removed, vec![other_key]);
@@ -476,20 +493,12 @@ async fn tcp_table_change_leaves_staying_connections_intact() {
 
 #[tokio::test]
 async fn tcp_drain_timeout_closes_connections_to_removed_backend() {
-    let cfg = ForwardConfig {
-        drain_timeout: Some(Duration::from_millis(200)),
-        ..ForwardConfig::default()
-    };
-    let (_b, key, mut fwd) = one::<TcpBackend>(cfg).await;
+    let (_b, key, mut fwd) = one(Protocol::Tcp, draining_for(200)).await;
     let (mut held, _) = open(key).await;
     fwd.apply(&table(2, vec![vip(key, &[])])).await;
     echo(&mut held, b"within the drain timeout").await;
-    let mut buf = [0u8; 8];
-    let n = timeout(Duration::from_secs(3), held.read(&mut buf))
-        .await
-        .expect("drain timeout did not close the connection")
-        .unwrap_or(0);
-    assert_eq!(n, 0);
+    let closes = "drain timeout did not close the connection";
+    assert_closed(&mut held, Duration::from_secs(3), closes).await;
 }
 
 #[tokio::test]
@@ -498,7 +507,7 @@ async fn tcp_connection_cap_refuses_cleanly() {
         max_connections: 2,
         ..ForwardConfig::default()
     };
-    let (_b, key, fwd) = one::<TcpBackend>(cfg).await;
+    let (_b, key, fwd) = one(Protocol::Tcp, cfg).await;
     let (mut c1, _) = open(key).await;
     let (c2, _) = open(key).await;
     let mut c3 = TcpStream::connect(key.socket_addr()).await.unwrap();
@@ -542,7 +551,7 @@ fn splicing(splice: bool) -> Fwd {
 }
 
 async fn half_close(splice: bool) {
-    let b = TcpBackend::start(4).await;
+    let b = Backend::tcp(4).await;
     let key = free_tcp_vip();
     let mut fwd = splicing(splice);
     fwd.serve(1, key, &[b.addr]).await;
@@ -578,7 +587,7 @@ async fn large_transfer(len: usize, splice: bool) {
 
 /// `len` bytes through `fwd` to an echo backend and back, byte for byte.
 async fn transfer_through(mut fwd: Fwd, len: usize) {
-    let b = TcpBackend::start(0).await;
+    let b = Backend::tcp(0).await;
     let key = free_tcp_vip();
     fwd.serve(1, key, &[b.addr]).await;
     let (s, _) = open(key).await;
@@ -607,10 +616,9 @@ async fn transfer_through(mut fwd: Fwd, len: usize) {
 
 #[tokio::test]
 async fn tcp_shutdown_stops_accepting_and_drains_with_deadline() {
-    let TcpFixture {
-        mut bs, key, fwd, ..
-    } = TcpFixture::new(1, ForwardConfig::default()).await;
-    let _b = bs.remove(0);
+    let Fixture {
+        bs: _bs, key, fwd, ..
+    } = Fixture::new(Protocol::Tcp, 1, ForwardConfig::default()).await;
     let (mut held, _) = open(key).await;
     let start = tokio::time::Instant::now();
     fwd.shutdown(Duration::from_millis(300)).await;
@@ -630,9 +638,9 @@ async fn apply_reports_bind_failures_and_retries_them() {
         port: a.port(),
         protocol: Protocol::Tcp,
     };
-    let b = TcpBackend::start(0).await;
+    let b = Backend::tcp(0).await;
     let mut fwd = Fwd::new(ForwardConfig::default());
-    let t = table(1, vec![vip(key, &active(&[b.addr]))]);
+    let t = one_vip(1, key, &[b.addr]);
     let r = fwd.apply(&t).await;
     assert!(r.bound.is_empty());
     assert_eq!(r.failed.len(), 1);
@@ -646,12 +654,9 @@ async fn apply_reports_bind_failures_and_retries_them() {
 
 #[tokio::test]
 async fn udp_reaches_every_backend_and_sessions_stick() {
-    let bs = backends::<UdpBackend>(3).await;
-    let key = free_udp_vip();
-    let mut fwd = Fwd::new(ForwardConfig::default());
-    let addrs: Vec<_> = bs.iter().map(|b| b.addr).collect();
-    let r = fwd.serve(1, key, &addrs).await;
-    assert_eq!(r.bound, vec![key]);
+    let Fixture {
+        bs: _bs, key, fwd, ..
+    } = Fixture::new(Protocol::Udp, 3, ForwardConfig::default()).await;
     let mut hits: HashMap<String, u32> = HashMap::new();
     // Keep every client socket open so no client port is reused (that would be one session).
     let mut clients = Vec::new();
@@ -677,11 +682,11 @@ async fn udp_reaches_every_backend_and_sessions_stick() {
 
 #[tokio::test]
 async fn udp_sessions_move_when_their_backend_leaves() {
-    let bs = backends::<UdpBackend>(2).await;
+    let bs = backends(Protocol::Udp, 2).await;
     let key = free_udp_vip();
     let mut fwd = Fwd::new(ForwardConfig::default());
     let addrs: Vec<_> = bs.iter().map(|b| b.addr).collect();
-    let t1 = table(1, vec![vip(key, &active(&addrs))]);
+    let t1 = one_vip(1, key, &addrs);
     fwd.apply(&t1).await;
     let c = udp_client().await;
     let first = udp_ask(&c, key, "x").await;
@@ -695,7 +700,7 @@ async fn udp_sessions_move_when_their_backend_leaves() {
         1
     );
 
-    fwd.apply(&table(2, vec![vip(key, &active(&[staying]))]).share_with(&t1))
+    fwd.apply(&one_vip(2, key, &[staying]).share_with(&t1))
         .await;
     assert_eq!(
         fwd.m.udp_sessions_active.get(),
@@ -707,21 +712,17 @@ async fn udp_sessions_move_when_their_backend_leaves() {
     // The old backend is still up but gets nothing more from this client.
     let again = udp_ask(&c, key, "z").await;
     assert_eq!(again, format!("b{}:z", 1 - id));
-    bs[id].task.abort();
+    bs[id].kill();
 }
 
 #[tokio::test]
 async fn udp_vip_removed_closes_its_socket_and_sessions() {
-    let b = UdpBackend::start(0).await;
-    let key = free_udp_vip();
-    let mut fwd = Fwd::new(ForwardConfig::default());
-    let t1 = table(1, vec![vip(key, &active(&[b.addr]))]);
-    fwd.apply(&t1).await;
+    let (_b, key, mut fwd) = one(Protocol::Udp, ForwardConfig::default()).await;
     let c = udp_client().await;
     assert_eq!(udp_ask(&c, key, "x").await, "b0:x");
     assert_eq!(fwd.m.udp_sessions_active.get(), 1);
 
-    fwd.apply(&table(2, vec![]).share_with(&t1)).await;
+    fwd.apply(&table(2, vec![])).await;
     // The address is free again: something else can bind it (without SO_REUSEADDR, which the
     // forwarder's socket had), and what a client sends there reaches that, not a backend.
     let deadline = Instant::now() + Duration::from_secs(2);
@@ -750,7 +751,7 @@ async fn udp_sessions_expire_when_idle() {
         udp_idle_timeout: Duration::from_millis(100),
         ..ForwardConfig::default()
     };
-    let (_b, key, fwd) = one::<UdpBackend>(cfg).await;
+    let (_b, key, fwd) = one(Protocol::Udp, cfg).await;
     let c = udp_client().await;
     assert_eq!(udp_ask(&c, key, "a").await, "b0:a");
     assert_eq!(fwd.m.udp_sessions_active.get(), 1);
@@ -765,7 +766,7 @@ async fn udp_session_cap_refuses_new_clients() {
         max_udp_sessions: 1,
         ..ForwardConfig::default()
     };
-    let (b, key, mut fwd) = one::<UdpBackend>(cfg).await;
+    let (b, key, mut fwd) = one(Protocol::Udp, cfg).await;
     let c1 = udp_client().await;
     assert_eq!(udp_ask(&c1, key, "a").await, "b0:a");
     let c2 = udp_client().await;
@@ -796,10 +797,10 @@ async fn udp_session_cap_refuses_new_clients() {
 
 #[tokio::test]
 async fn apply_of_unchanged_table_is_a_no_op() {
-    let b = TcpBackend::start(0).await;
+    let b = Backend::tcp(0).await;
     let key = free_tcp_vip();
     let mut fwd = Fwd::new(ForwardConfig::default());
-    let t = table(1, vec![vip(key, &active(&[b.addr]))]);
+    let t = one_vip(1, key, &[b.addr]);
     assert_eq!(fwd.apply(&t).await.bound.len(), 1);
     let r = fwd.apply(&t).await;
     assert!(r.bound.is_empty() && r.failed.is_empty() && r.removed.is_empty());
@@ -858,7 +859,7 @@ async fn tcp_idle_timeout_closes_quiet_connections() {
         tcp_idle_timeout: Some(Duration::from_millis(200)),
         ..ForwardConfig::default()
     };
-    let (_b, key, fwd) = one::<TcpBackend>(cfg).await;
+    let (_b, key, fwd) = one(Protocol::Tcp, cfg).await;
     let (mut s, _) = open(key).await;
     // Traffic keeps it open past the timeout...
     for _ in 0..4 {
@@ -866,20 +867,15 @@ async fn tcp_idle_timeout_closes_quiet_connections() {
         echo(&mut s, b"tick").await;
     }
     // ...silence closes it.
-    let mut buf = [0u8; 8];
-    let n = timeout(Duration::from_secs(3), s.read(&mut buf))
-        .await
-        .expect("idle connection not closed")
-        .unwrap_or(0);
-    assert_eq!(n, 0);
+    assert_closed(&mut s, Duration::from_secs(3), "idle connection not closed").await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(fwd.m.connections_active.get(), 0);
 }
 
 #[tokio::test]
 async fn metrics_are_exported_with_the_l4lb_prefix() {
-    let b = TcpBackend::start(0).await;
-    let dead = TcpBackend::start(1).await;
+    let b = Backend::tcp(0).await;
+    let dead = Backend::tcp(1).await;
     dead.kill();
     tokio::task::yield_now().await;
     let key = free_tcp_vip();
@@ -937,9 +933,7 @@ async fn tcp_over_ipv6_loopback() {
         protocol: Protocol::Tcp,
     };
     let mut fwd = Fwd::new(ForwardConfig::default());
-    let r = fwd
-        .apply(&table(1, vec![vip(key, &active(&[baddr]))]))
-        .await;
+    let r = fwd.apply(&one_vip(1, key, &[baddr])).await;
     assert_eq!(r.bound, vec![key], "{:?}", r.failed);
     assert_eq!(open(key).await.1, 6);
 }
@@ -962,7 +956,7 @@ fn blackhole() -> (socket2::Socket, Vec<std::net::TcpStream>, SocketAddr) {
 
 #[tokio::test]
 async fn tcp_connect_timeouts_are_retried_and_eject() {
-    let good = TcpBackend::start(0).await;
+    let good = Backend::tcp(0).await;
     let (_hole, _fillers, hole) = blackhole();
     let key = free_tcp_vip();
     let cfg = ForwardConfig {
@@ -996,15 +990,12 @@ async fn tcp_connect_timeouts_are_retried_and_eject() {
 
 #[tokio::test]
 async fn udp_dead_backend_session_moves_to_a_live_one() {
-    let bs = backends::<UdpBackend>(2).await;
-    let key = free_udp_vip();
-    let mut fwd = Fwd::new(ForwardConfig::default());
-    let addrs: Vec<_> = bs.iter().map(|b| b.addr).collect();
-    fwd.serve(1, key, &addrs).await;
+    let Fixture { bs, key, fwd, .. } =
+        Fixture::new(Protocol::Udp, 2, ForwardConfig::default()).await;
     let c = udp_client().await;
     let first = udp_ask(&c, key, "x").await;
     let id: usize = first[1..2].parse().unwrap();
-    bs[id].task.abort();
+    bs[id].kill();
     tokio::time::sleep(Duration::from_millis(20)).await;
     // The datagram that meets the dead backend is lost (ICMP ends the session); a retry by
     // the client reaches the live backend.
@@ -1024,11 +1015,7 @@ async fn udp_dead_backend_session_moves_to_a_live_one() {
 
 #[tokio::test]
 async fn tcp_backend_active_again_cancels_its_drain_timeout() {
-    let cfg = ForwardConfig {
-        drain_timeout: Some(Duration::from_millis(200)),
-        ..ForwardConfig::default()
-    };
-    let (b, key, mut fwd) = one::<TcpBackend>(cfg).await;
+    let (b, key, mut fwd) = one(Protocol::Tcp, draining_for(200)).await;
     let (mut held, _) = open(key).await;
     fwd.apply(&table(
         2,
@@ -1089,10 +1076,9 @@ async fn accepted_sockets_inherit_keepalive_and_nodelay_from_the_listener() {
 
 #[tokio::test]
 async fn tcp_short_exchanges_never_touch_a_pipe() {
-    let TcpFixture {
-        mut bs, key, fwd, ..
-    } = TcpFixture::new(1, ForwardConfig::default()).await;
-    let _b = bs.remove(0);
+    let Fixture {
+        bs: _bs, key, fwd, ..
+    } = Fixture::new(Protocol::Tcp, 1, ForwardConfig::default()).await;
     for _ in 0..20 {
         let (mut s, _) = open(key).await;
         echo(&mut s, b"GET / HTTP/1.1\r\n\r\n").await;
@@ -1103,10 +1089,9 @@ async fn tcp_short_exchanges_never_touch_a_pipe() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_idle_connections_hold_no_pipe() {
-    let TcpFixture {
-        mut bs, key, fwd, ..
-    } = TcpFixture::new(1, ForwardConfig::default()).await;
-    let _b = bs.remove(0);
+    let Fixture {
+        bs: _bs, key, fwd, ..
+    } = Fixture::new(Protocol::Tcp, 1, ForwardConfig::default()).await;
     // Bulk both ways (past the auto-splice threshold), then every connection sits idle.
     let big = vec![7u8; 256 << 10];
     let mut conns = Vec::new();
@@ -1169,8 +1154,8 @@ fn tcp_out_of_descriptors_is_a_local_error_not_a_backend_failure() {
 
 async fn out_of_descriptors() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let b = TcpBackend::start(0).await;
-    let ub = UdpBackend::start(5).await;
+    let b = Backend::tcp(0).await;
+    let ub = Backend::udp(5).await;
     let key = free_tcp_vip();
     let ukey = free_udp_vip();
     let mut fwd = Fwd::new(ForwardConfig::default());
@@ -1343,11 +1328,9 @@ async fn tcp_reply_then_close_or_reset_still_delivers_the_reply() {
 
 #[tokio::test]
 async fn udp_bursts_from_many_clients_arrive_whole_and_stay_on_their_backend() {
-    let bs = backends::<UdpBackend>(2).await;
-    let key = free_udp_vip();
-    let mut fwd = Fwd::new(ForwardConfig::default());
-    let addrs: Vec<_> = bs.iter().map(|b| b.addr).collect();
-    fwd.serve(1, key, &addrs).await;
+    let Fixture {
+        bs: _bs, key, fwd, ..
+    } = Fixture::new(Protocol::Udp, 2, ForwardConfig::default()).await;
     // Every client fires its whole burst before anyone reads: the VIP socket and the
     // upstream sockets hold many datagrams at once, so they move in multi-datagram batches
     // that interleave clients, and past one batch (32).
@@ -1395,7 +1378,7 @@ async fn udp_bursts_from_many_clients_arrive_whole_and_stay_on_their_backend() {
 
 #[tokio::test]
 async fn tcp_removed_vip_retires_until_its_last_connection_ends() {
-    let b = TcpBackend::start(0).await;
+    let b = Backend::tcp(0).await;
     let (idle, busy) = (free_tcp_vip(), free_tcp_vip());
     let mut fwd = Fwd::new(ForwardConfig::default());
     let both = |v| {
@@ -1461,7 +1444,7 @@ fn scrape(reg: &Registry) -> String {
 
 #[tokio::test]
 async fn connect_latency_and_vip_results_are_counted_and_leave_with_their_backend() {
-    let (b0, b1) = (TcpBackend::start(0).await, TcpBackend::start(1).await);
+    let (b0, b1) = (Backend::tcp(0).await, Backend::tcp(1).await);
     let key = free_tcp_vip();
     let mut fwd = Fwd::new(ForwardConfig::default());
     fwd.serve(1, key, &[b0.addr, b1.addr]).await;
@@ -1529,20 +1512,14 @@ async fn connect_latency_and_vip_results_are_counted_and_leave_with_their_backen
     // The VIP leaves: its series and its backends' go.
     fwd.apply(&table(3, vec![])).await;
     // Connections hold the shared state until they end; give the closed ones a moment.
-    for _ in 0..50 {
-        if !fwd.scrape().contains(&b0.addr.to_string()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let out = fwd.scrape();
+    let out = scrape_without(&fwd, &b0.addr.to_string(), 50).await;
     assert!(!out.contains(&b0.addr.to_string()), "{out}");
     assert!(!out.contains(&format!("vip=\"{key}\"")), "{out}");
 }
 
 #[tokio::test]
 async fn a_backend_of_two_vips_keeps_its_series_until_both_let_go() {
-    let b = TcpBackend::start(0).await;
+    let b = Backend::tcp(0).await;
     let (k1, k2) = (free_tcp_vip(), free_tcp_vip());
     let mut fwd = Fwd::new(ForwardConfig::default());
     let both = vec![vip(k1, &active(&[b.addr])), vip(k2, &active(&[b.addr]))];
@@ -1574,12 +1551,6 @@ async fn a_backend_of_two_vips_keeps_its_series_until_both_let_go() {
     assert!(fwd.scrape().contains(&format!("{series} 2")));
     fwd.apply(&table(3, vec![])).await;
     // The closed connections let go of the backend a moment after the client hangs up.
-    for _ in 0..100 {
-        if !fwd.scrape().contains(&b.addr.to_string()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let out = fwd.scrape();
+    let out = scrape_without(&fwd, &b.addr.to_string(), 100).await;
     assert!(!out.contains(&series) && !out.contains(&failures), "{out}");
 }
