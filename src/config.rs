@@ -286,12 +286,7 @@ pub struct AgentArgs {
     pub dns_ttl: u32,
     /// Forward names outside the zone to these servers, `ip` or `ip:port` (port 53 by
     /// default; repeatable); none: REFUSED.
-    #[arg(
-        long = "dns-upstream",
-        env = "L4LB_DNS_UPSTREAM",
-        value_delimiter = ',',
-        value_parser = parse_upstream
-    )]
+    #[arg(long, env = "L4LB_DNS_UPSTREAM", value_delimiter = ',', value_parser = parse_upstream)]
     pub dns_upstream: Vec<SocketAddr>,
     /// Answer SERVFAIL when no upstream has answered within this long.
     #[arg(long, env = "L4LB_DNS_UPSTREAM_TIMEOUT", value_parser = parse_duration, default_value = "2s")]
