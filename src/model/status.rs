@@ -88,12 +88,6 @@ impl Plane {
     }
 }
 
-impl fmt::Display for Plane {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// Live counters of one backend of one VIP, as an agent sees them.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct BackendCounters {
@@ -185,7 +179,6 @@ mod tests {
     fn planes_are_named_as_the_api_names_them() {
         for (p, s) in [(Plane::Kernel, "bpf"), (Plane::Proxy, "proxy")] {
             assert_eq!(p.as_str(), s);
-            assert_eq!(p.to_string(), s);
             let json = format!("\"{s}\"");
             assert_eq!(
                 serde_json::to_string(&p).ok().as_deref(),

@@ -215,26 +215,20 @@ mod tests {
         let q = encoded("www.example.", RecordType::A, 7);
         let qs = question(&q).expect("one question");
         assert_eq!(qs.len(), "www.example.".len() + 1 + 4);
+        // An answer to another query, unedited.
+        let to = |name: &str, t, id| answer_to(&encoded(name, t, id), |_| {});
         let cases: Vec<(&str, Vec<u8>, bool)> = vec![
             ("the answer", answer_to(&q, |_| {}), true),
-            (
-                "0x20 case",
-                answer_to(&encoded("WwW.ExAmple.", RecordType::A, 7), |_| {}),
-                true,
-            ),
-            (
-                "another id",
-                answer_to(&encoded("www.example.", RecordType::A, 8), |_| {}),
-                false,
-            ),
+            ("0x20 case", to("WwW.ExAmple.", RecordType::A, 7), true),
+            ("another id", to("www.example.", RecordType::A, 8), false),
             (
                 "another type",
-                answer_to(&encoded("www.example.", RecordType::AAAA, 7), |_| {}),
+                to("www.example.", RecordType::AAAA, 7),
                 false,
             ),
             (
                 "another name",
-                answer_to(&encoded("www.example.org.", RecordType::A, 7), |_| {}),
+                to("www.example.org.", RecordType::A, 7),
                 false,
             ),
             ("a query, not an answer", q.clone(), false),
