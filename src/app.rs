@@ -12,6 +12,7 @@ use futures::future::{BoxFuture, FutureExt};
 use prometheus_client::registry::Registry;
 use tracing::Instrument;
 
+use crate::api::limits::ApiRole;
 use crate::cli;
 use crate::config::{AgentConfig, Config, ControllerConfig, Mode, RunConfig, SourceConfig};
 pub use crate::exit::AppError;
@@ -131,7 +132,8 @@ async fn controller(cfg: ControllerConfig) -> Result<(), AppError> {
     let metrics = SourceMetrics::new(&mut reg);
     let (rx, rejected) = start_source(&mut tasks, cfg.source, cfg.build, metrics)?;
     let ready = crate::api::Readiness::default();
-    let state = node::api_state(rx.clone(), reg, &ready, &cfg.api).with_label_errors(rejected);
+    let state = node::api_state(rx.clone(), reg, &ready, &cfg.api, ApiRole::Controller)
+        .with_label_errors(rejected);
     node::start_api(&mut tasks, &cfg.api, None, state).await?;
     node::ready_on_first(&mut tasks, rx, ready.clone(), "built");
     tasks.until_shutdown().await;

@@ -24,7 +24,8 @@ use crate::agent::netif::Netif;
 use crate::agent::saved::SavedTable;
 use crate::agent::stats::AgentStats;
 use crate::agent::{Agent, AgentMetrics};
-use crate::api::{self, ApiState, Readiness};
+use crate::api::limits::ApiRole;
+use crate::api::{self, ApiLimits, ApiMetrics, ApiState, Readiness};
 use crate::config::{ApiConfig, NodeConfig};
 use crate::exit::AppError;
 use crate::labels::ReasonLabel;
@@ -119,7 +120,7 @@ impl<'a> NodeBuilder<'a> {
             ..
         } = node;
         let ready = Readiness::default();
-        let mut state = api_state(applied.clone(), registry, &ready, self.api)
+        let mut state = api_state(applied.clone(), registry, &ready, self.api, ApiRole::Node)
             .with_stats(Arc::new(AgentStats::new(forward, kernel)));
         if let Some(rx) = self.rejected {
             state = state.with_label_errors(rx);
@@ -265,15 +266,19 @@ impl Steps<'_> {
     }
 }
 
-/// The API's state: `table` and the metrics in `registry`, behind `api`'s token.
+/// The API's state: `table` and the metrics in `registry` (its own series added), behind
+/// `api`'s token, with the connection cap of `role`.
 pub fn api_state(
     table: TableRx,
-    registry: Registry,
+    mut registry: Registry,
     ready: &Readiness,
     api: &ApiConfig,
+    role: ApiRole,
 ) -> ApiState {
+    let metrics = ApiMetrics::new(&mut registry);
     ApiState::new(table, Arc::new(registry), ready.clone())
         .with_token(api.token.as_ref().map(|t| t.expose().to_string()))
+        .with_limits(ApiLimits::for_role(role, api.max_connections), metrics)
 }
 
 /// Bind the API listener on `--api-listen`: the one place the API's socket is made.
