@@ -17,7 +17,7 @@ use crate::cli;
 use crate::config::{AgentConfig, Config, ControllerConfig, Mode, RunConfig, SourceConfig};
 pub use crate::exit::AppError;
 use crate::node::{self, NodeBuilder};
-use crate::source::marathon::{client, sync};
+use crate::source::marathon::{apps, client, sync};
 use crate::source::metrics::SourceMetrics;
 use crate::source::state::BuildConfig;
 use crate::source::{self, LabelErrorsRx, Publisher, TableRx};
@@ -45,7 +45,7 @@ fn tasks() -> Result<Tasks, AppError> {
     Ok(tasks)
 }
 
-/// Start the configured source (Marathon or apps file) publishing into a new table channel.
+/// Start the configured source (Marathon, Mesos or apps file) publishing into a new table channel.
 fn start_source(
     tasks: &mut Tasks,
     source: SourceConfig,
@@ -61,7 +61,7 @@ fn start_source(
         SourceConfig::File { path, poll } => {
             let span = tracing::info_span!("source", file = %path.display());
             span.in_scope(|| tracing::info!("reading apps from file"));
-            let run = source::file::run(path, poll, publisher, stop);
+            let run = source::file::run(path, poll, publisher, apps::contributions, stop);
             ("apps file source", span, run.boxed())
         }
         SourceConfig::Marathon {
@@ -154,7 +154,7 @@ async fn agent(cfg: AgentConfig) -> Result<(), AppError> {
     tasks.spawn(
         "controller watch",
         async move {
-            source::controller::run(cfg.watch, tx, metrics, stop).await;
+            source::controller_client::run(cfg.watch, tx, metrics, stop).await;
             Ok(())
         }
         .instrument(span),

@@ -27,7 +27,8 @@ pub fn check(args: CheckConfig) -> Result<ExitCode, AppError> {
         source::mesos::cluster::contributions_of_state(&body, &mut |h| hosts.resolve(h))
             .with_context(|| path.display().to_string())?
     } else {
-        source::contributions(&body, &hosts).with_context(|| path.display().to_string())?
+        source::marathon::apps::contributions(&body, &hosts)
+            .with_context(|| path.display().to_string())?
     };
     let mut state = TableState::new(args.build, 1);
     state.replace_all(contribs);
