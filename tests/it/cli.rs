@@ -495,7 +495,7 @@ fn data_plane_bpf_that_cannot_load_exits_1_and_auto_falls_back() {
     let out = agent("bpf").output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    let last = err.lines().last().unwrap_or_default();
+    let last = error_line(&err);
     assert!(
         last.starts_with("l4lb: --data-plane bpf: BPF program l4lb_connect4:"),
         "{err}"
@@ -547,10 +547,21 @@ fn data_plane_bpf_without_privilege_exits_2() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    let last = err.lines().last().unwrap_or_default();
+    let last = error_line(&err);
     assert!(last.starts_with("l4lb: --data-plane bpf: "), "{err}");
     assert!(
         last.contains("Permission denied") || last.contains("Operation not permitted"),
         "{err}"
     );
+}
+
+/// The error line `l4lb` prints as it exits (tasks still running may log after it).
+fn error_line(stderr: &str) -> &str {
+    let mut errors = stderr.lines().filter(|l| l.starts_with("l4lb: "));
+    let line = errors.next().unwrap_or_default();
+    assert!(
+        errors.next().is_none(),
+        "more than one error line:\n{stderr}"
+    );
+    line
 }
