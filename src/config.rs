@@ -16,6 +16,7 @@ use reqwest::Url;
 
 use crate::agent::bpf::{BpfConfig, DataPlane};
 use crate::agent::dns::DnsConfig;
+use crate::agent::dns::listen::ListenConfig;
 use crate::agent::forward::ForwardConfig;
 use crate::agent::netif::InterfaceKind;
 use crate::labels::IpPolicy;
@@ -325,12 +326,7 @@ pub struct AgentArgs {
     pub dns_ttl: u32,
     /// Forward names outside the zone to these servers, `ip` or `ip:port` (port 53 by
     /// default; repeatable); none: REFUSED.
-    #[arg(
-        long = "dns-upstream",
-        env = "L4LB_DNS_UPSTREAM",
-        value_delimiter = ',',
-        value_parser = parse_upstream
-    )]
+    #[arg(long, env = "L4LB_DNS_UPSTREAM", value_delimiter = ',', value_parser = parse_upstream)]
     pub dns_upstream: Vec<SocketAddr>,
     /// Answer SERVFAIL when no upstream has answered within this long.
     #[arg(long, env = "L4LB_DNS_UPSTREAM_TIMEOUT", value_parser = parse_duration, default_value = "2s")]
@@ -677,9 +673,11 @@ impl AgentArgs {
             interface_kind: self.interface_kind,
             state_dir: self.state_dir.clone(),
             saved_max: DEFAULT_SAVED_MAX,
-            dns_listen: self.dns_listen.clone(),
-            resolv_conf: self.dns_resolv_conf.clone(),
-            manage_resolv_conf: self.dns_manage_resolv_conf,
+            dns_listen: ListenConfig {
+                addrs: self.dns_listen.clone(),
+                resolv_conf: self.dns_resolv_conf.clone(),
+                manage_resolv_conf: self.dns_manage_resolv_conf,
+            },
             dns: DnsConfig {
                 zone: dns_zone(&self.zone)?,
                 ttl: self.dns_ttl,
@@ -873,10 +871,10 @@ pub struct RunConfig {
     pub api: ApiConfig,
 }
 
-/// What an agent (or `run`) serves on its host: the VIP interface, DNS and the forwarder.
 /// The saved table's size cap where no answer cap applies.
 const DEFAULT_SAVED_MAX: u64 = 128 << 20;
 
+/// What an agent (or `run`) serves on its host: the VIP interface, DNS and the forwarder.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub interface: String,
@@ -885,12 +883,9 @@ pub struct NodeConfig {
     pub state_dir: PathBuf,
     /// A larger saved table is not read (the answer cap of the agent's source).
     pub saved_max: u64,
-    pub dns_listen: Vec<SocketAddr>,
-    /// Without `dns.upstreams`, forward to this file's nameservers.
-    pub resolv_conf: PathBuf,
-    /// Point `resolv_conf` at the port-53 listen addresses while running.
-    pub manage_resolv_conf: bool,
-    /// `upstreams` empty: taken from `resolv_conf` at start.
+    /// Where DNS listens, and the resolv.conf its upstreams may come from.
+    pub dns_listen: ListenConfig,
+    /// `upstreams` empty: taken from `dns_listen.resolv_conf` at start.
     pub dns: DnsConfig,
     pub forward: ForwardConfig,
     pub shutdown_grace: Duration,

@@ -7,7 +7,7 @@ use std::num::NonZeroUsize;
 use std::process::ExitCode;
 
 use clap::Parser;
-use l4lb::app::{self, AppError};
+use l4lb::app;
 use l4lb::config::{Cli, LogFormat};
 
 fn main() -> ExitCode {
@@ -41,12 +41,9 @@ fn main() -> ExitCode {
     match rt.block_on(app::main(config)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("l4lb: {e:#}");
-            ExitCode::from(match e {
-                AppError::Config(_) => 64,
-                AppError::Privilege(_) => 2,
-                AppError::Other(_) => 1,
-            })
+            // The chain, each cause once (see `l4lb::exit`).
+            eprintln!("l4lb: {e}");
+            ExitCode::from(e.code())
         }
     }
 }

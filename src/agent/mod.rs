@@ -4,13 +4,16 @@
 //! address installed → listener bound → name answered; removal runs the other way, and a
 //! removed VIP's address stays until its open connections have drained (see
 //! `Forwarder::retired`).
-//! Consumes `model::VipTable` from a watch channel; never imports `source`.
+//! `stats` shows the forwarder's and the kernel path's counters through `model`'s
+//! [`LiveStats`](crate::model::status::LiveStats) view, for the API.
+//! Consumes `model::VipTable` from a watch channel; never imports `source` or `api`.
 
 pub mod bpf;
 pub mod dns;
 pub mod forward;
 pub mod netif;
 pub mod saved;
+pub mod stats;
 
 use std::collections::{BTreeSet, HashSet};
 use std::net::IpAddr;

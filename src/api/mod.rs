@@ -1,7 +1,7 @@
 //! The HTTP API of controllers and agents: `GET /v1/vips` (with Consul-style blocking
 //! queries), `/v1/label-errors`, `/healthz`, `/ready`, `/metrics` and the status page at `/`
 //! ([`page`]). Depends on `model` only; the agent's per-backend counters come in through the
-//! [`BackendStats`] trait, a source's rejected labels through a watch channel.
+//! [`LiveStats`] trait, a source's rejected labels through a watch channel.
 
 mod page;
 
@@ -27,49 +27,11 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::model::status::LabelRejection;
+use crate::model::VipTable;
+use crate::model::status::{LabelRejection, LiveStats};
 use crate::model::wire::{DeltaJson, VipJson, table_to_json};
-use crate::model::{VipKey, VipTable};
 
 pub use crate::model::wire::{CHANGED_AT_HEADER, INDEX_HEADER};
-
-/// Live counters of one backend of one VIP, as an agent sees them.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct BackendCounters {
-    pub connections: u64,
-    pub bytes: u64,
-    pub ejected: bool,
-    /// Connections the kernel path sent to it, when it runs.
-    pub kernel_connections: Option<u64>,
-    /// Successful connects, in total.
-    pub connects: u64,
-    /// Failed or timed-out connects to this backend through this VIP, in total.
-    pub connect_failures: u64,
-    /// Connect latency p50 and p99 in seconds (none before the first connect).
-    pub connect_p50: Option<f64>,
-    pub connect_p99: Option<f64>,
-}
-
-/// Client connections of one VIP, by result.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct VipCounters {
-    pub ok: u64,
-    pub failed: u64,
-}
-
-/// Where an agent's API reads per-backend counters from.
-pub trait BackendStats: Send + Sync {
-    fn backend(&self, vip: &VipKey, addr: SocketAddr) -> Option<BackendCounters>;
-    /// Per-VIP connection counters (none by default).
-    fn vip(&self, _vip: &VipKey) -> Option<VipCounters> {
-        None
-    }
-
-    /// `bpf` or `proxy`: what serves `vip` (`None`: not said).
-    fn data_plane(&self, _vip: &VipKey) -> Option<&'static str> {
-        None
-    }
-}
 
 /// The readiness latch behind `/ready`: starting → ready (once) → draining (for good). Its
 /// only writer is the process's wiring, which marks it ready when the first table is in place
@@ -106,7 +68,7 @@ pub struct ApiState {
     pub table: watch::Receiver<Arc<VipTable>>,
     pub registry: Arc<Registry>,
     pub ready: Readiness,
-    pub stats: Option<Arc<dyn BackendStats>>,
+    pub stats: Option<Arc<dyn LiveStats>>,
     /// The source's rejected labels (controller and `run`; an agent has none to show).
     pub label_errors: Option<watch::Receiver<Arc<Vec<LabelRejection>>>>,
     /// When set, `/v1/*` and `/metrics` require `Authorization: Bearer <token>`.
@@ -215,7 +177,7 @@ impl ApiState {
         self
     }
 
-    pub fn with_stats(mut self, stats: Arc<dyn BackendStats>) -> Self {
+    pub fn with_stats(mut self, stats: Arc<dyn LiveStats>) -> Self {
         self.stats = Some(stats);
         self
     }
@@ -522,13 +484,13 @@ where
     .clone()
 }
 
-fn agent_body(table: &VipTable, stats: &dyn BackendStats) -> Vec<u8> {
+fn agent_body(table: &VipTable, stats: &dyn LiveStats) -> Vec<u8> {
     let vips: Vec<VipJson> = table
         .sorted_for_api()
         .into_iter()
         .map(|v| {
             let mut j = VipJson::from_vip(v);
-            j.data_plane = stats.data_plane(&v.key).map(str::to_string);
+            j.data_plane = stats.data_plane(&v.key);
             for b in &mut j.backend {
                 let c = stats
                     .backend(&v.key, SocketAddr::new(b.ip, b.port))

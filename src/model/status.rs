@@ -1,8 +1,13 @@
 //! What the API shows beside the table: the VIP labels a source rejected, with the words
-//! `l4lb check`, `/v1/label-errors` and the status page all use. Pure data; `source` fills
-//! it, `api` serves it, neither imports the other.
+//! `l4lb check`, `/v1/label-errors` and the status page all use; and an agent's live view of
+//! its data plane ([`LiveStats`]: which [`Plane`] serves a VIP, per-backend counters). Pure
+//! data and one trait; `source` and `agent` fill them, `api` serves them, none of them
+//! imports another.
 
 use std::fmt;
+use std::net::SocketAddr;
+
+use super::VipKey;
 
 use serde::{Deserialize, Serialize};
 
@@ -62,6 +67,66 @@ fn same_rejection(a: &LabelRejection, b: &LabelRejection) -> bool {
         && a.reason == b.reason
 }
 
+/// What carries a VIP's connections on an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Plane {
+    /// Translated inside `connect()`/`sendmsg()` by the eBPF programs.
+    #[serde(rename = "bpf")]
+    Kernel,
+    /// The splice proxy's listeners.
+    #[serde(rename = "proxy")]
+    Proxy,
+}
+
+impl Plane {
+    /// The label the API, the metrics and the logs use: `bpf` or `proxy`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Plane::Kernel => "bpf",
+            Plane::Proxy => "proxy",
+        }
+    }
+}
+
+/// Live counters of one backend of one VIP, as an agent sees them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct BackendCounters {
+    pub connections: u64,
+    pub bytes: u64,
+    pub ejected: bool,
+    /// Connections the kernel path sent to it, when it runs.
+    pub kernel_connections: Option<u64>,
+    /// Successful connects, in total.
+    pub connects: u64,
+    /// Failed or timed-out connects to this backend through this VIP, in total.
+    pub connect_failures: u64,
+    /// Connect latency p50 and p99 in seconds (none before the first connect).
+    pub connect_p50: Option<f64>,
+    pub connect_p99: Option<f64>,
+}
+
+/// Client connections of one VIP, by result.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VipCounters {
+    pub ok: u64,
+    pub failed: u64,
+}
+
+/// An agent's live view of its data plane, read by its API: the agent implements it, the API
+/// holds it as a trait object.
+pub trait LiveStats: Send + Sync {
+    fn backend(&self, vip: &VipKey, addr: SocketAddr) -> Option<BackendCounters>;
+    /// Per-VIP connection counters (none by default).
+    fn vip(&self, _vip: &VipKey) -> Option<VipCounters> {
+        None
+    }
+
+    /// What serves `vip` (`None`: not said).
+    fn data_plane(&self, _vip: &VipKey) -> Option<Plane> {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +172,19 @@ mod tests {
             ),
         ] {
             assert_eq!(carry_since(&prev, cur, 9), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn planes_are_named_as_the_api_names_them() {
+        for (p, s) in [(Plane::Kernel, "bpf"), (Plane::Proxy, "proxy")] {
+            assert_eq!(p.as_str(), s);
+            let json = format!("\"{s}\"");
+            assert_eq!(
+                serde_json::to_string(&p).ok().as_deref(),
+                Some(json.as_str())
+            );
+            assert_eq!(serde_json::from_str::<Plane>(&json).ok(), Some(p));
         }
     }
 

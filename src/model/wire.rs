@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::status::Plane;
 use super::{AppTasks, Backend, BackendState, Protocol, Vip, VipKey, VipName, VipTable};
 
 /// Table version header of `/v1/vips` answers (also the blocking-query index).
@@ -45,7 +46,7 @@ pub struct VipJson {
     pub port: u16,
     /// Agent only: `bpf` when the kernel path translates this VIP, `proxy` otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data_plane: Option<String>,
+    pub data_plane: Option<Plane>,
     pub backend: Vec<BackendJson>,
     /// Agent only: client connections forwarded to a backend, in total.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -223,8 +224,8 @@ fn merge_pair(prev: &mut VipJson, j: VipJson) -> Option<VipJson> {
     {
         // The kernel path may translate one family and not the other (an IPv4 socket
         // is never sent to an IPv6 backend): say bpf if it translates either.
-        if j.data_plane.as_deref() == Some("bpf") {
-            prev.data_plane = j.data_plane.clone();
+        if j.data_plane == Some(Plane::Kernel) {
+            prev.data_plane = j.data_plane;
         }
         if prev.ip.is_ipv6() {
             prev.ip6 = Some(prev.ip);

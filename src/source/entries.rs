@@ -12,9 +12,9 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::alloc::{Allocator, Family};
 use crate::labels::{self, IpPolicy, LabelError, VipLabel};
 use crate::model::{AppTasks, Backend, Protocol, TaskRecord, Vip, VipKey, VipName};
+use crate::vip_alloc::{Family, VipAllocator};
 
 /// A label that did not make it into the table, and why.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -310,7 +310,7 @@ pub fn assemble<'a>(
     apps: impl IntoIterator<Item = &'a Contribution>,
     framework: &str,
     policy: &IpPolicy,
-    alloc: &mut Allocator,
+    alloc: &mut VipAllocator,
 ) -> Built {
     let apps: Vec<&Contribution> = apps.into_iter().collect();
     let cluster: HashSet<IpAddr> = apps

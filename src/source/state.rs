@@ -10,9 +10,9 @@ use std::sync::Arc;
 use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::entries::{Contribution, Rejection, app_tasks, assemble, tasks_of};
-use crate::alloc::{Allocator, Family};
 use crate::labels::{IpPolicy, VipLabel};
 use crate::model::{Backend, Protocol, Vip, VipKey, VipName, VipTable};
+use crate::vip_alloc::{Family, VipAllocator};
 
 /// Settings that shape the table.
 #[derive(Debug, Clone)]
@@ -71,7 +71,7 @@ enum Pending {
 #[derive(Debug)]
 pub struct TableState {
     cfg: BuildConfig,
-    alloc: Allocator,
+    alloc: VipAllocator,
     apps: BTreeMap<String, Contribution>,
     current: Arc<VipTable>,
     rejections: BTreeSet<Rejection>,
@@ -84,7 +84,7 @@ impl TableState {
     /// `first_version` should grow across restarts (the caller passes the start time in ms),
     /// so agents watching with an old index never wait on a restarted controller.
     pub fn new(cfg: BuildConfig, first_version: u64) -> Self {
-        let alloc = Allocator::new(cfg.vip_cidr, cfg.vip_cidr6);
+        let alloc = VipAllocator::new(cfg.vip_cidr, cfg.vip_cidr6);
         TableState {
             cfg,
             alloc,
@@ -479,7 +479,7 @@ mod tests {
             vip_cidr6: "fd01:c::/126".parse().unwrap(),
             ..BuildConfig::default()
         };
-        let slot = |label: &str| crate::alloc::stable_hash(&format!("{label}.marathon")) % 3;
+        let slot = |label: &str| crate::vip_alloc::stable_hash(&format!("{label}.marathon")) % 3;
         let other = (0..)
             .map(|i| format!("o{i}"))
             .find(|o| slot(o) == slot("db"))

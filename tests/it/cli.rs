@@ -480,34 +480,22 @@ fn the_demo_runs_clean() {
 }
 
 /// `--data-plane bpf` where the programs cannot attach (here: `--cgroup` is not a cgroup) is a
-/// one-line error and exit 2; `auto` says why and serves with the proxy. Run in a private mount
-/// namespace, as the agent mounts a BPF filesystem where none is.
+/// one-line error and exit 1 (not a missing privilege); `auto` says why and serves with the
+/// proxy. Run in a private mount namespace, as the agent mounts a BPF filesystem where none is.
 #[test]
-fn data_plane_bpf_that_cannot_load_exits_2_and_auto_falls_back() {
+fn data_plane_bpf_that_cannot_load_exits_1_and_auto_falls_back() {
     skip_unless_root!();
     let agent = |plane: &str| {
         let mut cmd = Command::new("unshare");
-        cmd.args(["-m", "--propagation", "private", BIN]).args([
-            "agent",
-            "--controller",
-            "http://127.0.0.1:1",
-            "--interface-kind",
-            "none",
-            "--dns-listen",
-            "127.0.0.1:0",
-            "--api-listen",
-            "127.0.0.1:0",
-            "--data-plane",
-            plane,
-            "--cgroup",
-            "/proc",
-        ]);
+        cmd.args(["-m", "--propagation", "private", BIN])
+            .args(bpf_agent_args(plane))
+            .args(["--cgroup", "/proc"]);
         cmd
     };
     let out = agent("bpf").output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    let last = err.lines().last().unwrap_or_default();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let last = error_line(&err);
     assert!(
         last.starts_with("l4lb: --data-plane bpf: BPF program l4lb_connect4:"),
         "{err}"
@@ -522,4 +510,58 @@ fn data_plane_bpf_that_cannot_load_exits_2_and_auto_falls_back() {
     assert!(line.contains("data_plane=\"proxy\""), "{line}");
     p.log()
         .wait_for("kernel data path unavailable", Duration::from_secs(1));
+}
+
+/// An agent's flags for `--data-plane plane` that reach the kernel path without touching the
+/// host: no VIP link, DNS and API on free loopback ports, a controller nobody serves.
+fn bpf_agent_args(plane: &str) -> [&str; 11] {
+    [
+        "agent",
+        "--controller",
+        "http://127.0.0.1:1",
+        "--interface-kind",
+        "none",
+        "--dns-listen",
+        "127.0.0.1:0",
+        "--api-listen",
+        "127.0.0.1:0",
+        "--data-plane",
+        plane,
+    ]
+}
+
+/// `--data-plane bpf` run by a user the kernel refuses (EPERM, EACCES) is a missing privilege:
+/// exit 2, one line. In a private mount namespace, as nobody, with no capabilities.
+#[test]
+fn data_plane_bpf_without_privilege_exits_2() {
+    skip_unless_root!();
+    let bpffs = tempfile::tempdir().unwrap();
+    let out = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "setpriv"])
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["--inh-caps=-all", "--bounding-set=-all", BIN])
+        .args(bpf_agent_args("bpf"))
+        .arg("--bpffs")
+        .arg(bpffs.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let last = error_line(&err);
+    assert!(last.starts_with("l4lb: --data-plane bpf: "), "{err}");
+    assert!(
+        last.contains("Permission denied") || last.contains("Operation not permitted"),
+        "{err}"
+    );
+}
+
+/// The error line `l4lb` prints as it exits (tasks still running may log after it).
+fn error_line(stderr: &str) -> &str {
+    let mut errors = stderr.lines().filter(|l| l.starts_with("l4lb: "));
+    let line = errors.next().unwrap_or_default();
+    assert!(
+        errors.next().is_none(),
+        "more than one error line:\n{stderr}"
+    );
+    line
 }

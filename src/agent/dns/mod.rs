@@ -1,4 +1,4 @@
-//! The embedded DNS (DESIGN.md §8): authoritative for the VIP zone and its aliases, answering
+//! The embedded DNS: authoritative for the VIP zone and its aliases, answering
 //! A/AAAA/SRV/SOA/NS for live named VIPs from a map swapped atomically with each table, and
 //! forwarding everything else to upstream resolvers (or refusing it).
 //!
@@ -6,19 +6,22 @@
 //! - `answer`: pure: parsed query + catalog snapshot → response (the reference path).
 //! - `cache`: pure: the cache of forwarded answers (key, TTLs, LRU bounds).
 //! - `fast`: answers pre-encoded at publish time for plain A/AAAA/SRV queries over UDP.
-//! - `forward`: upstream forwarding (two at once, TCP retry on truncation); `upstream`: the
-//!   pooled UDP sockets to each upstream.
+//! - `upstream`: forwarding to the upstream resolvers (two at once, TCP retry on truncation;
+//!   `UpstreamForwarder`), over pooled UDP sockets to each upstream (`upstream::pool`).
 //! - `resolv`: the host's resolv.conf: default upstreams, and managing it to point at l4lb.
 //! - `server`: the UDP/TCP I/O shells ([`serve`]).
 //! - `tasks`: task names (the Mesos-DNS job) from the running tasks in the table.
+//! - `listen`: start-up on a node ([`listen::listen`]): listen addresses kept on the VIP link,
+//!   sockets bound, the resolv.conf policy.
 //!
-//! Depends on `model` only; knows nothing of `source`, `netif` or `forward` (the data plane).
+//! Depends on `model` only, but for `listen`, which also uses `netif`; knows nothing of
+//! `source` or the data plane (`agent::forward`).
 
 mod answer;
 mod cache;
 mod catalog;
 mod fast;
-mod forward;
+pub mod listen;
 mod records;
 pub mod resolv;
 mod server;

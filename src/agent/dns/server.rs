@@ -28,8 +28,8 @@ use tokio_util::task::TaskTracker;
 
 use super::answer::{self, Outcome, Transport};
 use super::cache::{Cache, Key, personalize};
-use super::forward::Forwarder;
 use super::records::{CLASSIC_UDP_PAYLOAD, MAX_UDP_PAYLOAD};
+use super::upstream::UpstreamForwarder;
 use super::{DnsCatalog, DnsConfig, DnsMetrics};
 
 /// Resource limits of the server.
@@ -62,7 +62,7 @@ type FlightKey = (Key, bool);
 /// Everything a query needs, shared by every task.
 struct Shared {
     catalog: DnsCatalog,
-    forwarder: Option<Forwarder>,
+    forwarder: Option<UpstreamForwarder>,
     metrics: DnsMetrics,
     cache: Mutex<Cache>,
     /// Upstreams exist and the cache is on.
@@ -214,7 +214,7 @@ pub async fn serve_with_limits(
     ));
     let shared = Arc::new(Shared {
         catalog,
-        forwarder: Forwarder::new(&cfg.upstreams, cfg.upstream_timeout),
+        forwarder: UpstreamForwarder::new(&cfg.upstreams, cfg.upstream_timeout),
         metrics,
         cache: Mutex::new(Cache::new(cfg.cache)),
         cache_on: !cfg.upstreams.is_empty() && cfg.cache.entries > 0,
@@ -330,7 +330,7 @@ async fn forward(
 /// One query upstream: the answer with `req`'s id, or `None` (counted as a failure).
 async fn upstream(
     shared: &Shared,
-    forwarder: &Forwarder,
+    forwarder: &UpstreamForwarder,
     req: &Message,
     transport: Transport,
 ) -> Option<Vec<u8>> {
@@ -349,7 +349,7 @@ async fn upstream(
 /// the one in flight; the answer comes back with `req`'s id and question case.
 async fn coalesced(
     shared: &Shared,
-    forwarder: &Forwarder,
+    forwarder: &UpstreamForwarder,
     req: &Message,
     key: Key,
     transport: Transport,
@@ -398,7 +398,7 @@ async fn coalesced(
 
 async fn lead(
     shared: &Shared,
-    forwarder: &Forwarder,
+    forwarder: &UpstreamForwarder,
     req: &Message,
     flight: Flight<'_>,
     transport: Transport,

@@ -18,78 +18,89 @@ use crate::model::{BackendState, Vip, VipKey, VipTable};
 
 const T: Duration = Duration::from_secs(10);
 
-/// A TCP backend: on connect it writes `b<id>\n`, then echoes until EOF, then half-closes.
-struct TcpBackend {
+/// A backend on a free loopback port. Over TCP it writes `b<id>\n` on connect, then echoes
+/// until EOF, then half-closes; over UDP it answers each datagram with `b<id>:<payload>`.
+struct Backend {
     id: u8,
-    addr: SocketAddr,
-    accept: JoinHandle<()>,
-}
-
-impl TcpBackend {
-    async fn start(id: u8) -> Self {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let accept = tokio::spawn(async move {
-            while let Ok((s, _)) = l.accept().await {
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.into_split();
-                    if w.write_all(format!("b{id}\n").as_bytes()).await.is_err() {
-                        return;
-                    }
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                    let _ = w.shutdown().await;
-                });
-            }
-        });
-        TcpBackend { id, addr, accept }
-    }
-
-    /// Close the listener (open connections stay): new connects are refused.
-    fn kill(&self) {
-        self.accept.abort();
-    }
-}
-
-/// A UDP backend: answers each datagram with `b<id>:<payload>`.
-struct UdpBackend {
     addr: SocketAddr,
     task: JoinHandle<()>,
 }
 
-impl UdpBackend {
-    async fn start(id: u8) -> Self {
-        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = s.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            let mut buf = vec![0u8; 65536];
-            while let Ok((n, from)) = s.recv_from(&mut buf).await {
-                let mut reply = format!("b{id}:").into_bytes();
-                reply.extend_from_slice(&buf[..n]);
-                let _ = s.send_to(&reply, from).await;
+impl Backend {
+    async fn start(protocol: Protocol, id: u8) -> Self {
+        let (addr, task) = match protocol {
+            Protocol::Tcp => {
+                let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                (l.local_addr().unwrap(), tokio::spawn(serve_tcp(l, id)))
             }
+            Protocol::Udp => {
+                let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+                (s.local_addr().unwrap(), tokio::spawn(serve_udp(s, id)))
+            }
+        };
+        Backend { id, addr, task }
+    }
+
+    async fn tcp(id: u8) -> Self {
+        Backend::start(Protocol::Tcp, id).await
+    }
+
+    async fn udp(id: u8) -> Self {
+        Backend::start(Protocol::Udp, id).await
+    }
+
+    /// Stop serving: a TCP backend's listener closes (open connections stay, new connects
+    /// are refused); a UDP backend's socket closes.
+    fn kill(&self) {
+        self.task.abort();
+    }
+}
+
+async fn serve_tcp(l: TcpListener, id: u8) {
+    while let Ok((s, _)) = l.accept().await {
+        tokio::spawn(async move {
+            let (mut r, mut w) = s.into_split();
+            if w.write_all(format!("b{id}\n").as_bytes()).await.is_err() {
+                return;
+            }
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+            let _ = w.shutdown().await;
         });
-        UdpBackend { addr, task }
+    }
+}
+
+async fn serve_udp(s: UdpSocket, id: u8) {
+    let mut buf = vec![0u8; 65536];
+    while let Ok((n, from)) = s.recv_from(&mut buf).await {
+        let mut reply = format!("b{id}:").into_bytes();
+        reply.extend_from_slice(&buf[..n]);
+        let _ = s.send_to(&reply, from).await;
+    }
+}
+
+/// A loopback VIP of `protocol` on a port found free by a throwaway bind.
+fn free_vip(protocol: Protocol) -> VipKey {
+    let a = match protocol {
+        Protocol::Tcp => std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap(),
+        Protocol::Udp => std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .unwrap(),
+    };
+    VipKey {
+        ip: a.ip(),
+        port: a.port(),
+        protocol,
     }
 }
 
 fn free_tcp_vip() -> VipKey {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let a = l.local_addr().unwrap();
-    VipKey {
-        ip: a.ip(),
-        port: a.port(),
-        protocol: Protocol::Tcp,
-    }
+    free_vip(Protocol::Tcp)
 }
 
 fn free_udp_vip() -> VipKey {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let a = s.local_addr().unwrap();
-    VipKey {
-        ip: a.ip(),
-        port: a.port(),
-        protocol: Protocol::Udp,
-    }
+    free_vip(Protocol::Udp)
 }
 
 fn vip(key: VipKey, backends: &[(SocketAddr, BackendState)]) -> Vip {
@@ -111,40 +122,159 @@ fn table(version: u64, vips: Vec<Vip>) -> VipTable {
     VipTable::new(version, vips)
 }
 
-fn forwarder(cfg: ForwardConfig) -> (Forwarder, ForwardMetrics) {
-    let mut reg = Registry::with_prefix("l4lb");
-    let m = ForwardMetrics::new(&mut reg);
-    (Forwarder::new(cfg, m.clone(), CancellationToken::new()), m)
+/// Table `version` with one VIP, `key`, on `backends`, all active.
+fn one_vip(version: u64, key: VipKey, backends: &[SocketAddr]) -> VipTable {
+    table(version, vec![vip(key, &active(backends))])
 }
 
-/// The set-up most TCP tests share: `n` echo backends (ids 0..n), a free VIP on loopback
-/// serving all of them as active, and a forwarder with `cfg` that has applied that table.
-struct TcpFixture {
-    bs: Vec<TcpBackend>,
-    key: VipKey,
-    fwd: Forwarder,
+/// A forwarder under test with its metrics and registry. It derefs to the [`Forwarder`] and
+/// stops when dropped: listeners closed, open connections cut at once, so a test that ends
+/// (or fails) leaves nothing serving. [`Fwd::shutdown`] is the agent's bounded drain.
+struct Fwd {
+    fwd: Option<Forwarder>,
     m: ForwardMetrics,
+    reg: Registry,
+}
+
+impl Fwd {
+    fn new(cfg: ForwardConfig) -> Self {
+        let mut reg = Registry::with_prefix("l4lb");
+        let m = ForwardMetrics::new(&mut reg);
+        let fwd = Forwarder::new(cfg, m.clone(), CancellationToken::new());
+        Fwd {
+            fwd: Some(fwd),
+            m,
+            reg,
+        }
+    }
+
+    /// A forwarder with `cfg` serving `key` on `backends` (all active) as table 1.
+    async fn serving(cfg: ForwardConfig, key: VipKey, backends: &[SocketAddr]) -> Self {
+        let mut f = Fwd::new(cfg);
+        f.serve(1, key, backends).await;
+        f
+    }
+
+    /// Apply table `version`: `key` on `backends`, all active.
+    async fn serve(&mut self, version: u64, key: VipKey, backends: &[SocketAddr]) -> ApplyReport {
+        self.apply(&one_vip(version, key, backends)).await
+    }
+
+    /// The same forwarder, changed by one of its test switches (`without_splice`, ...).
+    fn with(mut self, f: impl FnOnce(Forwarder) -> Forwarder) -> Self {
+        self.fwd = self.fwd.take().map(f);
+        self
+    }
+
+    /// The metrics as `/metrics` shows them.
+    fn scrape(&self) -> String {
+        scrape(&self.reg)
+    }
+
+    /// Stop accepting and drain for up to `grace`, as the agent does on shutdown.
+    async fn shutdown(mut self, grace: Duration) {
+        if let Some(f) = self.fwd.take() {
+            f.shutdown(grace).await;
+        }
+    }
+}
+
+impl std::ops::Deref for Fwd {
+    type Target = Forwarder;
+    fn deref(&self) -> &Forwarder {
+        self.fwd.as_ref().expect("a forwarder until shutdown")
+    }
+}
+
+impl std::ops::DerefMut for Fwd {
+    fn deref_mut(&mut self) -> &mut Forwarder {
+        self.fwd.as_mut().expect("a forwarder until shutdown")
+    }
+}
+
+impl Drop for Fwd {
+    fn drop(&mut self) {
+        if let Some(f) = self.fwd.take() {
+            f.accept_stop.cancel();
+            f.ctx.hard_kill.cancel();
+        }
+    }
+}
+
+/// `n` backends of `protocol`, ids 0..n.
+async fn backends(protocol: Protocol, n: u8) -> Vec<Backend> {
+    let mut bs = Vec::new();
+    for id in 0..n {
+        bs.push(Backend::start(protocol, id).await);
+    }
+    bs
+}
+
+/// A UDP client on a fresh loopback port.
+async fn udp_client() -> UdpSocket {
+    UdpSocket::bind("127.0.0.1:0").await.unwrap()
+}
+
+/// One backend (id 0) behind a free VIP of `protocol`, served by a forwarder with `cfg`.
+async fn one(protocol: Protocol, cfg: ForwardConfig) -> (Backend, VipKey, Fwd) {
+    let b = Backend::start(protocol, 0).await;
+    let key = free_vip(protocol);
+    let fwd = Fwd::serving(cfg, key, &[b.addr]).await;
+    (b, key, fwd)
+}
+
+/// The set-up most tests share: `n` backends (ids 0..n), a free VIP on loopback serving all
+/// of them as active, and a forwarder with `cfg` that has applied that table.
+struct Fixture {
+    bs: Vec<Backend>,
+    key: VipKey,
+    fwd: Fwd,
     addrs: Vec<SocketAddr>,
 }
 
-impl TcpFixture {
-    async fn new(n: u8, cfg: ForwardConfig) -> Self {
-        let mut bs = Vec::new();
-        for id in 0..n {
-            bs.push(TcpBackend::start(id).await);
-        }
-        let key = free_tcp_vip();
-        let (mut fwd, m) = forwarder(cfg);
+impl Fixture {
+    async fn new(protocol: Protocol, n: u8, cfg: ForwardConfig) -> Self {
+        let bs = backends(protocol, n).await;
+        let key = free_vip(protocol);
         let addrs: Vec<_> = bs.iter().map(|b| b.addr).collect();
-        let r = fwd.apply(&table(1, vec![vip(key, &active(&addrs))])).await;
+        let mut fwd = Fwd::new(cfg);
+        let r = fwd.serve(1, key, &addrs).await;
         assert_eq!(r.bound, vec![key], "the VIP binds");
-        TcpFixture {
+        Fixture {
             bs,
             key,
             fwd,
-            m,
             addrs,
         }
+    }
+}
+
+/// Expect the peer to close `s` (EOF, or an error) within `within`.
+async fn assert_closed(s: &mut TcpStream, within: Duration, what: &str) {
+    let mut buf = [0u8; 8];
+    let n = timeout(within, s.read(&mut buf))
+        .await
+        .expect(what)
+        .unwrap_or(0);
+    assert_eq!(n, 0, "{what}");
+}
+
+/// Wait (up to `tries` times 20 ms) until `/metrics` no longer mentions `what`; the scrape.
+async fn scrape_without(fwd: &Fwd, what: &str, tries: u32) -> String {
+    for _ in 0..tries {
+        if !fwd.scrape().contains(what) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    fwd.scrape()
+}
+
+/// The default settings, with a drain timeout of `ms` milliseconds.
+fn draining_for(ms: u64) -> ForwardConfig {
+    ForwardConfig {
+        drain_timeout: Some(Duration::from_millis(ms)),
+        ..ForwardConfig::default()
     }
 }
 
@@ -182,13 +312,12 @@ async fn udp_ask(s: &UdpSocket, vip: VipKey, msg: &str) -> String {
 
 #[tokio::test]
 async fn tcp_reaches_every_backend_evenly() {
-    let TcpFixture {
+    let Fixture {
         bs: _bs,
         key,
         fwd,
-        m,
         addrs,
-    } = TcpFixture::new(3, ForwardConfig::default()).await;
+    } = Fixture::new(Protocol::Tcp, 3, ForwardConfig::default()).await;
 
     let mut hits = [0u32; 3];
     for _ in 0..300 {
@@ -199,8 +328,8 @@ async fn tcp_reaches_every_backend_evenly() {
     for h in hits {
         assert!(h >= 60, "uneven spread: {hits:?}");
     }
-    assert_eq!(m.connections.get(), 300);
-    assert!(m.bytes_c2b.get() >= 300 * 4);
+    assert_eq!(fwd.m.connections.get(), 300);
+    assert!(fwd.m.bytes_c2b.get() >= 300 * 4);
     let stats = fwd.stats();
     let total: u64 = addrs
         .iter()
@@ -208,18 +337,16 @@ async fn tcp_reaches_every_backend_evenly() {
         .sum();
     // id line + echo per connection.
     assert!(total >= 300 * (3 + 4 + 4), "{total}");
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
 async fn tcp_dead_backend_costs_no_client_connection() {
-    let TcpFixture {
+    let Fixture {
         bs,
         key,
         fwd,
-        m,
         addrs: _,
-    } = TcpFixture::new(3, ForwardConfig::default()).await;
+    } = Fixture::new(Protocol::Tcp, 3, ForwardConfig::default()).await;
     let (mut warm, _) = open(key).await;
     echo(&mut warm, b"x").await;
 
@@ -234,29 +361,25 @@ async fn tcp_dead_backend_costs_no_client_connection() {
     assert_eq!(seen[1], 0, "{seen:?}");
     assert!(seen[0] > 0 && seen[2] > 0, "{seen:?}");
     // The dead backend was tried at most once before ejection (refused ejects at once).
-    assert!(m.connections_retried.get() >= 1);
+    assert!(fwd.m.connections_retried.get() >= 1);
     assert!(fwd.stats().backend(&key, bs[1].addr).unwrap().ejected);
     // The connection opened before the kill still works.
     echo(&mut warm, b"y").await;
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
 async fn tcp_all_backends_dead_fails_cleanly() {
-    let b = TcpBackend::start(0).await;
+    let b = Backend::tcp(0).await;
     b.kill();
     tokio::task::yield_now().await;
     let key = free_tcp_vip();
-    let (mut fwd, m) = forwarder(ForwardConfig::default());
-    fwd.apply(&table(1, vec![vip(key, &active(&[b.addr]))]))
-        .await;
+    let fwd = Fwd::serving(ForwardConfig::default(), key, &[b.addr]).await;
     let mut s = TcpStream::connect(key.socket_addr()).await.unwrap();
     let mut buf = [0u8; 8];
     let n = timeout(T, s.read(&mut buf)).await.unwrap().unwrap_or(0);
     assert_eq!(n, 0);
-    assert_eq!(m.connections_no_backend.get(), 1);
-    assert_eq!(m.connections_refused.get(), 0);
-    fwd.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(fwd.m.connections_no_backend.get(), 1);
+    assert_eq!(fwd.m.connections_refused.get(), 0);
 }
 
 #[tokio::test]
@@ -264,11 +387,7 @@ async fn tcp_connect_retries_bound_the_backends_one_connection_tries() {
     // Three dead backends: a refused connect ejects at once, so the number ejected after one
     // client connection is the number of backends it tried.
     for (retries, tried) in [(0, 1), (1, 2), (2, 3), (5, 3)] {
-        let bs = [
-            TcpBackend::start(0).await,
-            TcpBackend::start(1).await,
-            TcpBackend::start(2).await,
-        ];
+        let bs = backends(Protocol::Tcp, 3).await;
         for b in &bs {
             b.kill();
         }
@@ -278,9 +397,9 @@ async fn tcp_connect_retries_bound_the_backends_one_connection_tries() {
             connect_retries: retries,
             ..ForwardConfig::default()
         };
-        let (mut fwd, m) = forwarder(cfg);
+        let mut fwd = Fwd::new(cfg);
         let addrs: Vec<_> = bs.iter().map(|b| b.addr).collect();
-        fwd.apply(&table(1, vec![vip(key, &active(&addrs))])).await;
+        fwd.serve(1, key, &addrs).await;
         let mut s = TcpStream::connect(key.socket_addr()).await.unwrap();
         let mut buf = [0u8; 8];
         let n = timeout(T, s.read(&mut buf)).await.unwrap().unwrap_or(0);
@@ -290,17 +409,20 @@ async fn tcp_connect_retries_bound_the_backends_one_connection_tries() {
             .filter(|a| fwd.stats().backend(&key, **a).unwrap().ejected)
             .count();
         assert_eq!(ejected, tried, "--connect-retries {retries}");
-        assert_eq!(m.connections_retried.get(), tried as u64 - 1, "{retries}");
-        assert_eq!(m.connections_no_backend.get(), 1);
-        fwd.shutdown(Duration::from_secs(1)).await;
+        assert_eq!(
+            fwd.m.connections_retried.get(),
+            tried as u64 - 1,
+            "{retries}"
+        );
+        assert_eq!(fwd.m.connections_no_backend.get(), 1);
     }
 }
 
 #[tokio::test]
 async fn tcp_draining_backend_keeps_open_connection_gets_no_new_one() {
-    let TcpFixture {
+    let Fixture {
         bs, key, mut fwd, ..
-    } = TcpFixture::new(2, ForwardConfig::default()).await;
+    } = Fixture::new(Protocol::Tcp, 2, ForwardConfig::default()).await;
     let (mut held, id) = open(key).await;
     let (drained, other) = (bs[id as usize].addr, bs[1 - id as usize].addr);
 
@@ -325,19 +447,14 @@ async fn tcp_draining_backend_keeps_open_connection_gets_no_new_one() {
     echo(&mut held, b"still flowing").await;
     let st = fwd.stats().backend(&key, drained).unwrap();
     assert_eq!(st.active_connections, 1);
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
 async fn tcp_table_change_leaves_staying_connections_intact() {
-    let bs = [
-        TcpBackend::start(0).await,
-        TcpBackend::start(1).await,
-        TcpBackend::start(2).await,
-    ];
+    let bs = backends(Protocol::Tcp, 3).await;
     let key = free_tcp_vip();
     let other_key = free_tcp_vip();
-    let (mut fwd, _) = forwarder(ForwardConfig::default());
+    let mut fwd = Fwd::new(ForwardConfig::default());
     let t1 = table(
         1,
         vec![
@@ -353,7 +470,7 @@ async fn tcp_table_change_leaves_staying_connections_intact() {
         held.insert(id, s);
     }
     // Backend 1 leaves, backend 2 joins; the other VIP goes away.
-    let t2 = table(2, vec![vip(key, &active(&[bs[0].addr, bs[2].addr]))]).share_with(&t1);
+    let t2 = one_vip(2, key, &[bs[0].addr, bs[2].addr]).share_with(&t1);
     let r = fwd.apply(&t2).await;
     assert!(r.bound.is_empty());
     assert_eq!(r.removed, vec![other_key]);
@@ -372,50 +489,32 @@ async fn tcp_table_change_leaves_staying_connections_intact() {
     // Stats follow the table.
     assert!(fwd.stats().backend(&key, bs[1].addr).is_none());
     assert!(fwd.stats().backend(&key, bs[2].addr).is_some());
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
 async fn tcp_drain_timeout_closes_connections_to_removed_backend() {
-    let b = TcpBackend::start(0).await;
-    let key = free_tcp_vip();
-    let cfg = ForwardConfig {
-        drain_timeout: Some(Duration::from_millis(200)),
-        ..ForwardConfig::default()
-    };
-    let (mut fwd, _) = forwarder(cfg);
-    fwd.apply(&table(1, vec![vip(key, &active(&[b.addr]))]))
-        .await;
+    let (_b, key, mut fwd) = one(Protocol::Tcp, draining_for(200)).await;
     let (mut held, _) = open(key).await;
     fwd.apply(&table(2, vec![vip(key, &[])])).await;
     echo(&mut held, b"within the drain timeout").await;
-    let mut buf = [0u8; 8];
-    let n = timeout(Duration::from_secs(3), held.read(&mut buf))
-        .await
-        .expect("drain timeout did not close the connection")
-        .unwrap_or(0);
-    assert_eq!(n, 0);
-    fwd.shutdown(Duration::from_secs(1)).await;
+    let closes = "drain timeout did not close the connection";
+    assert_closed(&mut held, Duration::from_secs(3), closes).await;
 }
 
 #[tokio::test]
 async fn tcp_connection_cap_refuses_cleanly() {
-    let b = TcpBackend::start(0).await;
-    let key = free_tcp_vip();
     let cfg = ForwardConfig {
         max_connections: 2,
         ..ForwardConfig::default()
     };
-    let (mut fwd, m) = forwarder(cfg);
-    fwd.apply(&table(1, vec![vip(key, &active(&[b.addr]))]))
-        .await;
+    let (_b, key, fwd) = one(Protocol::Tcp, cfg).await;
     let (mut c1, _) = open(key).await;
     let (c2, _) = open(key).await;
     let mut c3 = TcpStream::connect(key.socket_addr()).await.unwrap();
     let mut buf = [0u8; 8];
     let n = timeout(T, c3.read(&mut buf)).await.unwrap().unwrap_or(0);
     assert_eq!(n, 0, "over the cap the connection must close at once");
-    assert_eq!(m.connections_refused.get(), 1);
+    assert_eq!(fwd.m.connections_refused.get(), 1);
     // Nothing else degrades.
     echo(&mut c1, b"fine").await;
     drop(c2);
@@ -431,7 +530,6 @@ async fn tcp_connection_cap_refuses_cleanly() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(ok);
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
@@ -444,22 +542,25 @@ async fn tcp_half_close_with_copy_fallback() {
     half_close(false).await;
 }
 
-async fn half_close(splice: bool) {
-    let b = TcpBackend::start(4).await;
-    let key = free_tcp_vip();
-    let (mut fwd, _) = forwarder(ForwardConfig::default());
-    if !splice {
-        fwd = fwd.without_splice();
+/// A forwarder with the default settings, splicing or (`splice` false) copying.
+fn splicing(splice: bool) -> Fwd {
+    match splice {
+        true => Fwd::new(ForwardConfig::default()),
+        false => Fwd::new(ForwardConfig::default()).with(Forwarder::without_splice),
     }
-    fwd.apply(&table(1, vec![vip(key, &active(&[b.addr]))]))
-        .await;
+}
+
+async fn half_close(splice: bool) {
+    let b = Backend::tcp(4).await;
+    let key = free_tcp_vip();
+    let mut fwd = splicing(splice);
+    fwd.serve(1, key, &[b.addr]).await;
     let mut s = TcpStream::connect(key.socket_addr()).await.unwrap();
     s.write_all(b"request body").await.unwrap();
     s.shutdown().await.unwrap();
     let mut got = Vec::new();
     timeout(T, s.read_to_end(&mut got)).await.unwrap().unwrap();
     assert_eq!(got, b"b4\nrequest body");
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -476,34 +577,19 @@ async fn tcp_large_transfer_with_copy_fallback() {
 /// the direction copies; not a byte lost or doubled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_large_transfer_when_splice_out_is_refused() {
-    let b = TcpBackend::start(0).await;
-    let key = free_tcp_vip();
-    let (fwd, m) = forwarder(ForwardConfig::default());
-    let fwd = fwd.refusing_splice_out();
-    transfer_through(fwd, key, b.addr, 8 << 20, &m).await;
-    drop(b);
+    let fwd = Fwd::new(ForwardConfig::default()).with(Forwarder::refusing_splice_out);
+    transfer_through(fwd, 8 << 20).await;
 }
 
 async fn large_transfer(len: usize, splice: bool) {
-    let b = TcpBackend::start(0).await;
-    let key = free_tcp_vip();
-    let (mut fwd, m) = forwarder(ForwardConfig::default());
-    if !splice {
-        fwd = fwd.without_splice();
-    }
-    transfer_through(fwd, key, b.addr, len, &m).await;
-    drop(b);
+    transfer_through(splicing(splice), len).await;
 }
 
-async fn transfer_through(
-    mut fwd: Forwarder,
-    key: VipKey,
-    backend: SocketAddr,
-    len: usize,
-    m: &ForwardMetrics,
-) {
-    fwd.apply(&table(1, vec![vip(key, &active(&[backend]))]))
-        .await;
+/// `len` bytes through `fwd` to an echo backend and back, byte for byte.
+async fn transfer_through(mut fwd: Fwd, len: usize) {
+    let b = Backend::tcp(0).await;
+    let key = free_tcp_vip();
+    fwd.serve(1, key, &[b.addr]).await;
     let (s, _) = open(key).await;
     let (mut r, mut w) = s.into_split();
     // A cheap deterministic pattern that is not periodic at any small size.
@@ -524,21 +610,15 @@ async fn transfer_through(
     writer.await.unwrap();
     assert_eq!(got.len(), len);
     assert!(got == *data, "payload differs");
-    assert_eq!(m.bytes_c2b.get(), len as u64);
-    assert_eq!(m.bytes_b2c.get(), len as u64 + 3);
-    fwd.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(fwd.m.bytes_c2b.get(), len as u64);
+    assert_eq!(fwd.m.bytes_b2c.get(), len as u64 + 3);
 }
 
 #[tokio::test]
 async fn tcp_shutdown_stops_accepting_and_drains_with_deadline() {
-    let TcpFixture {
-        mut bs,
-        key,
-        fwd,
-        m: _,
-        ..
-    } = TcpFixture::new(1, ForwardConfig::default()).await;
-    let _b = bs.remove(0);
+    let Fixture {
+        bs: _bs, key, fwd, ..
+    } = Fixture::new(Protocol::Tcp, 1, ForwardConfig::default()).await;
     let (mut held, _) = open(key).await;
     let start = tokio::time::Instant::now();
     fwd.shutdown(Duration::from_millis(300)).await;
@@ -558,9 +638,9 @@ async fn apply_reports_bind_failures_and_retries_them() {
         port: a.port(),
         protocol: Protocol::Tcp,
     };
-    let b = TcpBackend::start(0).await;
-    let (mut fwd, _) = forwarder(ForwardConfig::default());
-    let t = table(1, vec![vip(key, &active(&[b.addr]))]);
+    let b = Backend::tcp(0).await;
+    let mut fwd = Fwd::new(ForwardConfig::default());
+    let t = one_vip(1, key, &[b.addr]);
     let r = fwd.apply(&t).await;
     assert!(r.bound.is_empty());
     assert_eq!(r.failed.len(), 1);
@@ -570,26 +650,18 @@ async fn apply_reports_bind_failures_and_retries_them() {
     assert_eq!(r.bound, vec![key]);
     let (_, id) = open(key).await;
     assert_eq!(id, 0);
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
 async fn udp_reaches_every_backend_and_sessions_stick() {
-    let bs = [
-        UdpBackend::start(0).await,
-        UdpBackend::start(1).await,
-        UdpBackend::start(2).await,
-    ];
-    let key = free_udp_vip();
-    let (mut fwd, m) = forwarder(ForwardConfig::default());
-    let addrs: Vec<_> = bs.iter().map(|b| b.addr).collect();
-    let r = fwd.apply(&table(1, vec![vip(key, &active(&addrs))])).await;
-    assert_eq!(r.bound, vec![key]);
+    let Fixture {
+        bs: _bs, key, fwd, ..
+    } = Fixture::new(Protocol::Udp, 3, ForwardConfig::default()).await;
     let mut hits: HashMap<String, u32> = HashMap::new();
     // Keep every client socket open so no client port is reused (that would be one session).
     let mut clients = Vec::new();
     for i in 0..90 {
-        let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let c = udp_client().await;
         let first = udp_ask(&c, key, &format!("hello{i}")).await;
         let (id, payload) = first.split_once(':').unwrap();
         assert_eq!(payload, format!("hello{i}"));
@@ -603,21 +675,20 @@ async fn udp_reaches_every_backend_and_sessions_stick() {
     for h in hits.values() {
         assert!(*h >= 15, "uneven spread: {hits:?}");
     }
-    assert_eq!(m.udp_c2b.get(), 180);
-    assert_eq!(m.udp_b2c.get(), 180);
-    assert_eq!(m.udp_sessions_active.get(), 90);
-    fwd.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(fwd.m.udp_c2b.get(), 180);
+    assert_eq!(fwd.m.udp_b2c.get(), 180);
+    assert_eq!(fwd.m.udp_sessions_active.get(), 90);
 }
 
 #[tokio::test]
 async fn udp_sessions_move_when_their_backend_leaves() {
-    let bs = [UdpBackend::start(0).await, UdpBackend::start(1).await];
+    let bs = backends(Protocol::Udp, 2).await;
     let key = free_udp_vip();
-    let (mut fwd, m) = forwarder(ForwardConfig::default());
+    let mut fwd = Fwd::new(ForwardConfig::default());
     let addrs: Vec<_> = bs.iter().map(|b| b.addr).collect();
-    let t1 = table(1, vec![vip(key, &active(&addrs))]);
+    let t1 = one_vip(1, key, &addrs);
     fwd.apply(&t1).await;
-    let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let c = udp_client().await;
     let first = udp_ask(&c, key, "x").await;
     let id: usize = first[1..2].parse().unwrap();
     let (leaving, staying) = (bs[id].addr, bs[1 - id].addr);
@@ -629,30 +700,29 @@ async fn udp_sessions_move_when_their_backend_leaves() {
         1
     );
 
-    fwd.apply(&table(2, vec![vip(key, &active(&[staying]))]).share_with(&t1))
+    fwd.apply(&one_vip(2, key, &[staying]).share_with(&t1))
         .await;
-    assert_eq!(m.udp_sessions_active.get(), 0, "session must drop at once");
+    assert_eq!(
+        fwd.m.udp_sessions_active.get(),
+        0,
+        "session must drop at once"
+    );
     let moved = udp_ask(&c, key, "y").await;
     assert_eq!(moved, format!("b{}:y", 1 - id));
     // The old backend is still up but gets nothing more from this client.
     let again = udp_ask(&c, key, "z").await;
     assert_eq!(again, format!("b{}:z", 1 - id));
-    bs[id].task.abort();
-    fwd.shutdown(Duration::from_secs(1)).await;
+    bs[id].kill();
 }
 
 #[tokio::test]
 async fn udp_vip_removed_closes_its_socket_and_sessions() {
-    let b = UdpBackend::start(0).await;
-    let key = free_udp_vip();
-    let (mut fwd, m) = forwarder(ForwardConfig::default());
-    let t1 = table(1, vec![vip(key, &active(&[b.addr]))]);
-    fwd.apply(&t1).await;
-    let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (_b, key, mut fwd) = one(Protocol::Udp, ForwardConfig::default()).await;
+    let c = udp_client().await;
     assert_eq!(udp_ask(&c, key, "x").await, "b0:x");
-    assert_eq!(m.udp_sessions_active.get(), 1);
+    assert_eq!(fwd.m.udp_sessions_active.get(), 1);
 
-    fwd.apply(&table(2, vec![]).share_with(&t1)).await;
+    fwd.apply(&table(2, vec![])).await;
     // The address is free again: something else can bind it (without SO_REUSEADDR, which the
     // forwarder's socket had), and what a client sends there reaches that, not a backend.
     let deadline = Instant::now() + Duration::from_secs(2);
@@ -672,44 +742,34 @@ async fn udp_vip_removed_closes_its_socket_and_sessions() {
         .unwrap()
         .unwrap();
     assert_eq!(&buf[..n], b"after");
-    assert_eq!(m.udp_sessions_active.get(), 0);
-    fwd.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(fwd.m.udp_sessions_active.get(), 0);
 }
 
 #[tokio::test]
 async fn udp_sessions_expire_when_idle() {
-    let b = UdpBackend::start(0).await;
-    let key = free_udp_vip();
     let cfg = ForwardConfig {
         udp_idle_timeout: Duration::from_millis(100),
         ..ForwardConfig::default()
     };
-    let (mut fwd, m) = forwarder(cfg);
-    fwd.apply(&table(1, vec![vip(key, &active(&[b.addr]))]))
-        .await;
-    let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (_b, key, fwd) = one(Protocol::Udp, cfg).await;
+    let c = udp_client().await;
     assert_eq!(udp_ask(&c, key, "a").await, "b0:a");
-    assert_eq!(m.udp_sessions_active.get(), 1);
+    assert_eq!(fwd.m.udp_sessions_active.get(), 1);
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(m.udp_sessions_active.get(), 0);
+    assert_eq!(fwd.m.udp_sessions_active.get(), 0);
     assert_eq!(udp_ask(&c, key, "b").await, "b0:b");
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
 async fn udp_session_cap_refuses_new_clients() {
-    let b = UdpBackend::start(0).await;
-    let key = free_udp_vip();
     let cfg = ForwardConfig {
         max_udp_sessions: 1,
         ..ForwardConfig::default()
     };
-    let (mut fwd, m) = forwarder(cfg);
-    fwd.apply(&table(1, vec![vip(key, &active(&[b.addr]))]))
-        .await;
-    let c1 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (b, key, mut fwd) = one(Protocol::Udp, cfg).await;
+    let c1 = udp_client().await;
     assert_eq!(udp_ask(&c1, key, "a").await, "b0:a");
-    let c2 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let c2 = udp_client().await;
     c2.send_to(b"b", key.socket_addr()).await.unwrap();
     let mut buf = [0u8; 64];
     assert!(
@@ -717,7 +777,7 @@ async fn udp_session_cap_refuses_new_clients() {
             .await
             .is_err()
     );
-    assert_eq!(m.udp_sessions_refused.get(), 1);
+    assert_eq!(fwd.m.udp_sessions_refused.get(), 1);
     assert_eq!(udp_ask(&c1, key, "c").await, "b0:c");
     // The cap is global: another UDP VIP is refused too.
     let key2 = free_udp_vip();
@@ -732,21 +792,19 @@ async fn udp_session_cap_refuses_new_clients() {
             .await
             .is_err()
     );
-    assert_eq!(m.udp_sessions_refused.get(), 2);
-    fwd.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(fwd.m.udp_sessions_refused.get(), 2);
 }
 
 #[tokio::test]
 async fn apply_of_unchanged_table_is_a_no_op() {
-    let b = TcpBackend::start(0).await;
+    let b = Backend::tcp(0).await;
     let key = free_tcp_vip();
-    let (mut fwd, _) = forwarder(ForwardConfig::default());
-    let t = table(1, vec![vip(key, &active(&[b.addr]))]);
+    let mut fwd = Fwd::new(ForwardConfig::default());
+    let t = one_vip(1, key, &[b.addr]);
     assert_eq!(fwd.apply(&t).await.bound.len(), 1);
     let r = fwd.apply(&t).await;
     assert!(r.bound.is_empty() && r.failed.is_empty() && r.removed.is_empty());
     assert_eq!(b.id, open(key).await.1);
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 /// A one-backend change on a 10,000-VIP table touches one VIP: no rebind, no rebuild.
@@ -777,7 +835,7 @@ async fn apply_of_one_change_on_a_large_table_is_cheap() {
             vip(key(i), &active(&addrs))
         })
     };
-    let (mut fwd, _) = forwarder(ForwardConfig::default());
+    let mut fwd = Fwd::new(ForwardConfig::default());
     let t1 = VipTable::new(1, vips(None));
     let start = std::time::Instant::now();
     let r = fwd.apply(&t1).await;
@@ -793,20 +851,15 @@ async fn apply_of_one_change_on_a_large_table_is_cheap() {
     eprintln!("apply: {N} VIPs bound in {bind_all:?}; one-backend change in {one_change:?}");
     // Debug build, shared CI machine: generous, but far below a rebuild.
     assert!(one_change < bind_all / 10, "{one_change:?} vs {bind_all:?}");
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
 async fn tcp_idle_timeout_closes_quiet_connections() {
-    let b = TcpBackend::start(0).await;
-    let key = free_tcp_vip();
     let cfg = ForwardConfig {
         tcp_idle_timeout: Some(Duration::from_millis(200)),
         ..ForwardConfig::default()
     };
-    let (mut fwd, m) = forwarder(cfg);
-    fwd.apply(&table(1, vec![vip(key, &active(&[b.addr]))]))
-        .await;
+    let (_b, key, fwd) = one(Protocol::Tcp, cfg).await;
     let (mut s, _) = open(key).await;
     // Traffic keeps it open past the timeout...
     for _ in 0..4 {
@@ -814,36 +867,26 @@ async fn tcp_idle_timeout_closes_quiet_connections() {
         echo(&mut s, b"tick").await;
     }
     // ...silence closes it.
-    let mut buf = [0u8; 8];
-    let n = timeout(Duration::from_secs(3), s.read(&mut buf))
-        .await
-        .expect("idle connection not closed")
-        .unwrap_or(0);
-    assert_eq!(n, 0);
+    assert_closed(&mut s, Duration::from_secs(3), "idle connection not closed").await;
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(m.connections_active.get(), 0);
-    fwd.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(fwd.m.connections_active.get(), 0);
 }
 
 #[tokio::test]
 async fn metrics_are_exported_with_the_l4lb_prefix() {
-    let mut reg = Registry::with_prefix("l4lb");
-    let m = ForwardMetrics::new(&mut reg);
-    let b = TcpBackend::start(0).await;
-    let dead = TcpBackend::start(1).await;
+    let b = Backend::tcp(0).await;
+    let dead = Backend::tcp(1).await;
     dead.kill();
     tokio::task::yield_now().await;
     let key = free_tcp_vip();
-    let mut fwd = Forwarder::new(ForwardConfig::default(), m, CancellationToken::new());
-    fwd.apply(&table(1, vec![vip(key, &active(&[b.addr, dead.addr]))]))
-        .await;
+    let mut fwd = Fwd::new(ForwardConfig::default());
+    fwd.serve(1, key, &[b.addr, dead.addr]).await;
     for _ in 0..10 {
         let (mut s, id) = open(key).await;
         assert_eq!(id, 0);
         echo(&mut s, b"m").await;
     }
-    let mut out = String::new();
-    prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+    let out = fwd.scrape();
     for want in [
         "l4lb_connections_total 10",
         "l4lb_connections_active",
@@ -867,7 +910,6 @@ async fn metrics_are_exported_with_the_l4lb_prefix() {
     );
     assert!(out.contains(&failed), "{out}");
     assert!(out.contains(&ejected), "{out}");
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
@@ -890,13 +932,10 @@ async fn tcp_over_ipv6_loopback() {
         port,
         protocol: Protocol::Tcp,
     };
-    let (mut fwd, _) = forwarder(ForwardConfig::default());
-    let r = fwd
-        .apply(&table(1, vec![vip(key, &active(&[baddr]))]))
-        .await;
+    let mut fwd = Fwd::new(ForwardConfig::default());
+    let r = fwd.apply(&one_vip(1, key, &[baddr])).await;
     assert_eq!(r.bound, vec![key], "{:?}", r.failed);
     assert_eq!(open(key).await.1, 6);
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 /// A listener whose accept queue is full drops SYNs: connects to it time out.
@@ -917,16 +956,14 @@ fn blackhole() -> (socket2::Socket, Vec<std::net::TcpStream>, SocketAddr) {
 
 #[tokio::test]
 async fn tcp_connect_timeouts_are_retried_and_eject() {
-    let good = TcpBackend::start(0).await;
+    let good = Backend::tcp(0).await;
     let (_hole, _fillers, hole) = blackhole();
     let key = free_tcp_vip();
     let cfg = ForwardConfig {
         connect_timeout: Duration::from_millis(100),
         ..ForwardConfig::default()
     };
-    let (mut fwd, m) = forwarder(cfg);
-    fwd.apply(&table(1, vec![vip(key, &active(&[good.addr, hole]))]))
-        .await;
+    let fwd = Fwd::serving(cfg, key, &[good.addr, hole]).await;
     for _ in 0..20 {
         let (mut s, id) = open(key).await;
         assert_eq!(id, 0);
@@ -936,7 +973,8 @@ async fn tcp_connect_timeouts_are_retried_and_eject() {
     let st = fwd.stats().backend(&key, hole).unwrap();
     assert!(st.ejected, "{st:?}");
     assert_eq!(
-        m.backend
+        fwd.m
+            .backend
             .connect_failures
             .get_or_create(&BackendLabels {
                 backend: AddrLabel(hole)
@@ -945,23 +983,19 @@ async fn tcp_connect_timeouts_are_retried_and_eject() {
         u64::from(balancer::FAILURES_TO_EJECT)
     );
     assert_eq!(
-        m.connections_retried.get(),
+        fwd.m.connections_retried.get(),
         u64::from(balancer::FAILURES_TO_EJECT)
     );
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
 async fn udp_dead_backend_session_moves_to_a_live_one() {
-    let bs = [UdpBackend::start(0).await, UdpBackend::start(1).await];
-    let key = free_udp_vip();
-    let (mut fwd, _) = forwarder(ForwardConfig::default());
-    let addrs: Vec<_> = bs.iter().map(|b| b.addr).collect();
-    fwd.apply(&table(1, vec![vip(key, &active(&addrs))])).await;
-    let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let Fixture { bs, key, fwd, .. } =
+        Fixture::new(Protocol::Udp, 2, ForwardConfig::default()).await;
+    let c = udp_client().await;
     let first = udp_ask(&c, key, "x").await;
     let id: usize = first[1..2].parse().unwrap();
-    bs[id].task.abort();
+    bs[id].kill();
     tokio::time::sleep(Duration::from_millis(20)).await;
     // The datagram that meets the dead backend is lost (ICMP ends the session); a retry by
     // the client reaches the live backend.
@@ -977,20 +1011,11 @@ async fn udp_dead_backend_session_moves_to_a_live_one() {
     }
     assert_eq!(moved, Some(format!("b{}:y", 1 - id)));
     assert!(fwd.stats().backend(&key, bs[id].addr).unwrap().ejected);
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
 async fn tcp_backend_active_again_cancels_its_drain_timeout() {
-    let b = TcpBackend::start(0).await;
-    let key = free_tcp_vip();
-    let cfg = ForwardConfig {
-        drain_timeout: Some(Duration::from_millis(200)),
-        ..ForwardConfig::default()
-    };
-    let (mut fwd, _) = forwarder(cfg);
-    fwd.apply(&table(1, vec![vip(key, &active(&[b.addr]))]))
-        .await;
+    let (b, key, mut fwd) = one(Protocol::Tcp, draining_for(200)).await;
     let (mut held, _) = open(key).await;
     fwd.apply(&table(
         2,
@@ -998,11 +1023,9 @@ async fn tcp_backend_active_again_cancels_its_drain_timeout() {
     ))
     .await;
     tokio::time::sleep(Duration::from_millis(50)).await;
-    fwd.apply(&table(3, vec![vip(key, &active(&[b.addr]))]))
-        .await;
+    fwd.serve(3, key, &[b.addr]).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     echo(&mut held, b"survived").await;
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[test]
@@ -1053,33 +1076,22 @@ async fn accepted_sockets_inherit_keepalive_and_nodelay_from_the_listener() {
 
 #[tokio::test]
 async fn tcp_short_exchanges_never_touch_a_pipe() {
-    let TcpFixture {
-        mut bs,
-        key,
-        fwd,
-        m: _,
-        ..
-    } = TcpFixture::new(1, ForwardConfig::default()).await;
-    let _b = bs.remove(0);
+    let Fixture {
+        bs: _bs, key, fwd, ..
+    } = Fixture::new(Protocol::Tcp, 1, ForwardConfig::default()).await;
     for _ in 0..20 {
         let (mut s, _) = open(key).await;
         echo(&mut s, b"GET / HTTP/1.1\r\n\r\n").await;
     }
     assert_eq!(fwd.ctx.pipes.leased(), 0);
     assert_eq!(fwd.ctx.pipes.pooled(), 0, "no pipe was ever created");
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_idle_connections_hold_no_pipe() {
-    let TcpFixture {
-        mut bs,
-        key,
-        fwd,
-        m: _,
-        ..
-    } = TcpFixture::new(1, ForwardConfig::default()).await;
-    let _b = bs.remove(0);
+    let Fixture {
+        bs: _bs, key, fwd, ..
+    } = Fixture::new(Protocol::Tcp, 1, ForwardConfig::default()).await;
     // Bulk both ways (past the auto-splice threshold), then every connection sits idle.
     let big = vec![7u8; 256 << 10];
     let mut conns = Vec::new();
@@ -1097,19 +1109,27 @@ async fn tcp_idle_connections_hold_no_pipe() {
         fwd.ctx.pipes.pooled() > 0,
         "bulk traffic went through pipes"
     );
-    // The last bytes can reach the client just before the forwarder returns its pipe.
+    assert_eq!(
+        pipes_leased_after(&fwd).await,
+        0,
+        "idle connections hold no pipe"
+    );
+    for mut s in conns {
+        echo(&mut s, b"still alive").await;
+    }
+    assert_eq!(pipes_leased_after(&fwd).await, 0);
+}
+
+/// The pipes `fwd` still leases once its connections are quiet: the last bytes can reach the
+/// client just before the forwarder returns its pipe, so this waits up to a second for 0.
+async fn pipes_leased_after(fwd: &Fwd) -> usize {
     for _ in 0..100 {
         if fwd.ctx.pipes.leased() == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(fwd.ctx.pipes.leased(), 0, "idle connections hold no pipe");
-    for mut s in conns {
-        echo(&mut s, b"still alive").await;
-    }
-    assert_eq!(fwd.ctx.pipes.leased(), 0);
-    fwd.shutdown(Duration::from_secs(1)).await;
+    fwd.ctx.pipes.leased()
 }
 
 fn open_fds() -> usize {
@@ -1143,19 +1163,19 @@ fn tcp_out_of_descriptors_is_a_local_error_not_a_backend_failure() {
 
 async fn out_of_descriptors() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let b = TcpBackend::start(0).await;
-    let ub = UdpBackend::start(5).await;
+    let b = Backend::tcp(0).await;
+    let ub = Backend::udp(5).await;
     let key = free_tcp_vip();
     let ukey = free_udp_vip();
-    let (mut fwd, m) = forwarder(ForwardConfig::default());
+    let mut fwd = Fwd::new(ForwardConfig::default());
     let vips = vec![vip(key, &active(&[b.addr])), vip(ukey, &active(&[ub.addr]))];
     fwd.apply(&table(1, vips)).await;
     let (mut s, _) = open(key).await;
     echo(&mut s, b"warm").await;
-    let uc = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let uc = udp_client().await;
     drop(s);
     // Let that connection close on every side, so no descriptor frees up later.
-    while m.connections_active.get() > 0 {
+    while fwd.m.connections_active.get() > 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1171,7 +1191,8 @@ async fn out_of_descriptors() {
         f
     };
     let emfile = || {
-        m.local_errors
+        fwd.m
+            .local_errors
             .get_or_create(&KindLabels { kind: "emfile" })
             .get()
     };
@@ -1189,8 +1210,8 @@ async fn out_of_descriptors() {
     let l = BackendLabels {
         backend: AddrLabel(b.addr),
     };
-    assert_eq!(m.backend.connect_failures.get_or_create(&l).get(), 0);
-    assert_eq!(m.connections_retried.get(), 0);
+    assert_eq!(fwd.m.backend.connect_failures.get_or_create(&l).get(), 0);
+    assert_eq!(fwd.m.connections_retried.get(), 0);
     let stats = fwd.stats().backend(&key, b.addr).unwrap();
     assert!(!stats.ejected, "healthy backend was ejected");
     assert_eq!(stats.active_connections, 0);
@@ -1217,8 +1238,8 @@ async fn out_of_descriptors() {
     timeout(T, c.read_exact(&mut id)).await.unwrap().unwrap();
     assert_eq!(&id, b"b0\n");
     echo(&mut c, b"after").await;
-    assert_eq!(m.connections_no_backend.get(), 0);
-    assert_eq!(m.backend.connect_failures.get_or_create(&l).get(), 0);
+    assert_eq!(fwd.m.connections_no_backend.get(), 0);
+    assert_eq!(fwd.m.backend.connect_failures.get_or_create(&l).get(), 0);
 
     // No descriptor for a UDP session's upstream socket: the datagram is dropped and
     // counted, the backend not blamed; the next datagram makes the session.
@@ -1232,8 +1253,7 @@ async fn out_of_descriptors() {
     let ul = BackendLabels {
         backend: AddrLabel(ub.addr),
     };
-    assert_eq!(m.backend.connect_failures.get_or_create(&ul).get(), 0);
-    fwd.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(fwd.m.backend.connect_failures.get_or_create(&ul).get(), 0);
 }
 
 /// A client-first backend: reads one request (up to `\n`), answers `b<id>:<request>`, then
@@ -1270,8 +1290,7 @@ async fn request_reply_backend(id: u8, reset: bool) -> SocketAddr {
 async fn tcp_client_bytes_sent_with_the_connect_arrive_once() {
     let b = request_reply_backend(3, false).await;
     let key = free_tcp_vip();
-    let (mut fwd, m) = forwarder(ForwardConfig::default());
-    fwd.apply(&table(1, vec![vip(key, &active(&[b]))])).await;
+    let fwd = Fwd::serving(ForwardConfig::default(), key, &[b]).await;
     let req = b"GET / HTTP/1.0\n";
     for early in [true, false] {
         let mut s = if early {
@@ -1292,12 +1311,11 @@ async fn tcp_client_bytes_sent_with_the_connect_arrive_once() {
         assert_eq!(got, b"b3:GET / HTTP/1.0\n", "early={early}");
     }
     assert_eq!(
-        m.bytes_c2b.get(),
+        fwd.m.bytes_c2b.get(),
         2 * req.len() as u64,
         "no byte sent twice"
     );
-    assert_eq!(m.bytes_b2c.get(), 2 * (req.len() as u64 + 3));
-    fwd.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(fwd.m.bytes_b2c.get(), 2 * (req.len() as u64 + 3));
 }
 
 #[tokio::test]
@@ -1305,8 +1323,7 @@ async fn tcp_reply_then_close_or_reset_still_delivers_the_reply() {
     for reset in [false, true] {
         let b = request_reply_backend(5, reset).await;
         let key = free_tcp_vip();
-        let (mut fwd, _) = forwarder(ForwardConfig::default());
-        fwd.apply(&table(1, vec![vip(key, &active(&[b]))])).await;
+        let _fwd = Fwd::serving(ForwardConfig::default(), key, &[b]).await;
         for _ in 0..20 {
             let mut s = TcpStream::connect(key.socket_addr()).await.unwrap();
             s.write_all(b"ping\n").await.unwrap();
@@ -1315,17 +1332,14 @@ async fn tcp_reply_then_close_or_reset_still_delivers_the_reply() {
             let _ = timeout(T, s.read_to_end(&mut got)).await.unwrap();
             assert_eq!(got, b"b5:ping\n", "reset={reset}");
         }
-        fwd.shutdown(Duration::from_secs(1)).await;
     }
 }
 
 #[tokio::test]
 async fn udp_bursts_from_many_clients_arrive_whole_and_stay_on_their_backend() {
-    let bs = [UdpBackend::start(0).await, UdpBackend::start(1).await];
-    let key = free_udp_vip();
-    let (mut fwd, m) = forwarder(ForwardConfig::default());
-    let addrs: Vec<_> = bs.iter().map(|b| b.addr).collect();
-    fwd.apply(&table(1, vec![vip(key, &active(&addrs))])).await;
+    let Fixture {
+        bs: _bs, key, fwd, ..
+    } = Fixture::new(Protocol::Udp, 2, ForwardConfig::default()).await;
     // Every client fires its whole burst before anyone reads: the VIP socket and the
     // upstream sockets hold many datagrams at once, so they move in multi-datagram batches
     // that interleave clients, and past one batch (32).
@@ -1333,7 +1347,7 @@ async fn udp_bursts_from_many_clients_arrive_whole_and_stay_on_their_backend() {
     const BURST: usize = 50;
     let mut clients = Vec::new();
     for c in 0..CLIENTS {
-        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let s = udp_client().await;
         clients.push((c, s));
     }
     let (mut sent_bytes, mut got_bytes) = (0u64, 0u64);
@@ -1364,19 +1378,18 @@ async fn udp_bursts_from_many_clients_arrive_whole_and_stay_on_their_backend() {
         let want: Vec<String> = (0..BURST).map(|i| format!("c{c}-{i}")).collect();
         assert_eq!(seen, want, "client {c}: every datagram, in order");
     }
-    assert_eq!(m.udp_c2b.get(), (CLIENTS * BURST) as u64);
-    assert_eq!(m.udp_b2c.get(), (CLIENTS * BURST) as u64);
-    assert_eq!(m.udp_bytes_c2b.get(), sent_bytes);
-    assert_eq!(m.udp_bytes_b2c.get(), got_bytes);
-    assert_eq!(m.udp_sessions_active.get(), CLIENTS as i64);
-    fwd.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(fwd.m.udp_c2b.get(), (CLIENTS * BURST) as u64);
+    assert_eq!(fwd.m.udp_b2c.get(), (CLIENTS * BURST) as u64);
+    assert_eq!(fwd.m.udp_bytes_c2b.get(), sent_bytes);
+    assert_eq!(fwd.m.udp_bytes_b2c.get(), got_bytes);
+    assert_eq!(fwd.m.udp_sessions_active.get(), CLIENTS as i64);
 }
 
 #[tokio::test]
 async fn tcp_removed_vip_retires_until_its_last_connection_ends() {
-    let b = TcpBackend::start(0).await;
+    let b = Backend::tcp(0).await;
     let (idle, busy) = (free_tcp_vip(), free_tcp_vip());
-    let (mut fwd, _) = forwarder(ForwardConfig::default());
+    let mut fwd = Fwd::new(ForwardConfig::default());
     let both = |v| {
         table(
             v,
@@ -1404,14 +1417,11 @@ async fn tcp_removed_vip_retires_until_its_last_connection_ends() {
     let k = timeout(RETIRE_LINGER + T, fwd.retired()).await.unwrap();
     assert_eq!(k, busy);
     assert_eq!(fwd.retiring_addrs().count(), 0);
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
 async fn a_backend_series_leaves_metrics_with_the_backend() {
-    let mut reg = Registry::with_prefix("l4lb");
-    let m = ForwardMetrics::new(&mut reg);
-    let mut fwd = Forwarder::new(ForwardConfig::default(), m, CancellationToken::new());
+    let mut fwd = Fwd::new(ForwardConfig::default());
     let key = free_tcp_vip();
     let series = |reg: &Registry| {
         let mut out = String::new();
@@ -1430,10 +1440,9 @@ async fn a_backend_series_leaves_metrics_with_the_backend() {
             .await;
     }
     // Two backends, two families (connect failures, ejections).
-    assert_eq!(series(&reg), 4);
+    assert_eq!(series(&fwd.reg), 4);
     fwd.apply(&table(101, vec![])).await;
-    assert_eq!(series(&reg), 0);
-    fwd.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(series(&fwd.reg), 0);
 }
 
 fn scrape(reg: &Registry) -> String {
@@ -1444,13 +1453,10 @@ fn scrape(reg: &Registry) -> String {
 
 #[tokio::test]
 async fn connect_latency_and_vip_results_are_counted_and_leave_with_their_backend() {
-    let mut reg = Registry::with_prefix("l4lb");
-    let m = ForwardMetrics::new(&mut reg);
-    let (b0, b1) = (TcpBackend::start(0).await, TcpBackend::start(1).await);
+    let (b0, b1) = (Backend::tcp(0).await, Backend::tcp(1).await);
     let key = free_tcp_vip();
-    let mut fwd = Forwarder::new(ForwardConfig::default(), m, CancellationToken::new());
-    fwd.apply(&table(1, vec![vip(key, &active(&[b0.addr, b1.addr]))]))
-        .await;
+    let mut fwd = Fwd::new(ForwardConfig::default());
+    fwd.serve(1, key, &[b0.addr, b1.addr]).await;
     for _ in 0..20 {
         let (mut s, _) = open(key).await;
         echo(&mut s, b"l").await;
@@ -1467,7 +1473,7 @@ async fn connect_latency_and_vip_results_are_counted_and_leave_with_their_backen
         assert!(0.0 < p50 && p50 <= p99 && p99 < 1.0, "{s:?}");
     }
     assert_eq!(stats.vip(&key), Some(VipStats { ok: 20, failed: 0 }));
-    let out = scrape(&reg);
+    let out = fwd.scrape();
     let count = |b: SocketAddr| format!("l4lb_backend_connect_seconds_count{{backend=\"{b}\"}}");
     for (b, s) in [(b0.addr, s0), (b1.addr, s1)] {
         // The histogram exists from a backend's first connect on.
@@ -1504,9 +1510,8 @@ async fn connect_latency_and_vip_results_are_counted_and_leave_with_their_backen
     assert_eq!(stats.vip(&key).unwrap().failed, 1);
 
     // b1 leaves the VIP: its series go (bounded label sets); b0's stay.
-    fwd.apply(&table(2, vec![vip(key, &active(&[b0.addr]))]))
-        .await;
-    let out = scrape(&reg);
+    fwd.serve(2, key, &[b0.addr]).await;
+    let out = fwd.scrape();
     assert!(!out.contains(&b1.addr.to_string()), "{out}");
     assert!(
         out.contains(&format!("l4lb_vip_backends_active{{vip=\"{key}\"}} 1")),
@@ -1516,25 +1521,16 @@ async fn connect_latency_and_vip_results_are_counted_and_leave_with_their_backen
     // The VIP leaves: its series and its backends' go.
     fwd.apply(&table(3, vec![])).await;
     // Connections hold the shared state until they end; give the closed ones a moment.
-    for _ in 0..50 {
-        if !scrape(&reg).contains(&b0.addr.to_string()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let out = scrape(&reg);
+    let out = scrape_without(&fwd, &b0.addr.to_string(), 50).await;
     assert!(!out.contains(&b0.addr.to_string()), "{out}");
     assert!(!out.contains(&format!("vip=\"{key}\"")), "{out}");
-    fwd.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
 async fn a_backend_of_two_vips_keeps_its_series_until_both_let_go() {
-    let mut reg = Registry::with_prefix("l4lb");
-    let m = ForwardMetrics::new(&mut reg);
-    let b = TcpBackend::start(0).await;
+    let b = Backend::tcp(0).await;
     let (k1, k2) = (free_tcp_vip(), free_tcp_vip());
-    let mut fwd = Forwarder::new(ForwardConfig::default(), m, CancellationToken::new());
+    let mut fwd = Fwd::new(ForwardConfig::default());
     let both = vec![vip(k1, &active(&[b.addr])), vip(k2, &active(&[b.addr]))];
     fwd.apply(&table(1, both)).await;
     let series = format!(
@@ -1546,32 +1542,24 @@ async fn a_backend_of_two_vips_keeps_its_series_until_both_let_go() {
         b.addr
     );
     // Counters exist from the start; the histogram from the first connect (through k1).
-    assert!(scrape(&reg).contains(&failures));
-    assert!(!scrape(&reg).contains(&series));
+    assert!(fwd.scrape().contains(&failures));
+    assert!(!fwd.scrape().contains(&series));
     let (mut s, _) = open(k1).await;
     echo(&mut s, b"h").await;
     drop(s);
-    assert!(scrape(&reg).contains(&format!("{series} 1")));
-    fwd.apply(&table(2, vec![vip(k2, &active(&[b.addr]))]))
-        .await;
+    assert!(fwd.scrape().contains(&format!("{series} 1")));
+    fwd.serve(2, k2, &[b.addr]).await;
     // k2's backend set still holds the address (and shares the histogram).
     assert!(
-        scrape(&reg).contains(&format!("{series} 1")),
+        fwd.scrape().contains(&format!("{series} 1")),
         "still a backend of {k2}"
     );
     let (mut s, _) = open(k2).await;
     echo(&mut s, b"h").await;
     drop(s);
-    assert!(scrape(&reg).contains(&format!("{series} 2")));
+    assert!(fwd.scrape().contains(&format!("{series} 2")));
     fwd.apply(&table(3, vec![])).await;
     // The closed connections let go of the backend a moment after the client hangs up.
-    for _ in 0..100 {
-        if !scrape(&reg).contains(&b.addr.to_string()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let out = scrape(&reg);
+    let out = scrape_without(&fwd, &b.addr.to_string(), 100).await;
     assert!(!out.contains(&series) && !out.contains(&failures), "{out}");
-    fwd.shutdown(Duration::from_secs(1)).await;
 }

@@ -3,17 +3,17 @@ use std::collections::HashMap;
 use serde_json::json;
 
 use super::*;
-use crate::alloc::Allocator;
 use crate::labels::IpPolicy;
 use crate::model::{Protocol, Vip};
 use crate::source::HostCache;
 use crate::source::entries::{Built, app_tasks, assemble, task_name};
 use crate::source::marathon::types::parse_apps;
+use crate::vip_alloc::VipAllocator;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/marathon");
 
-fn alloc() -> Allocator {
-    Allocator::new(
+fn alloc() -> VipAllocator {
+    VipAllocator::new(
         "11.0.0.0/8".parse().unwrap(),
         "fd01:c::/64".parse().unwrap(),
     )
@@ -399,7 +399,7 @@ fn ipv6_exhaustion_keeps_the_names_ipv4_vips() {
         .iter()
         .map(|a| app_contribution(a, &mut resolver()))
         .collect();
-    let mut a = Allocator::new(
+    let mut a = VipAllocator::new(
         "198.18.128.0/24".parse().unwrap(),
         "fd01:c::/126".parse().unwrap(),
     );
@@ -635,7 +635,7 @@ mod fuzz {
             let Ok((apps, _bad)) = parse_apps(&body) else { return Ok(()) };
             let contribs: Vec<Contribution> = apps.iter().map(|a| app_contribution(a, &mut |_| None)).collect();
             // A tiny pool, so exhaustion is exercised too.
-            let mut a = Allocator::new("11.0.0.0/30".parse().unwrap(), "fd01:c::/126".parse().unwrap());
+            let mut a = VipAllocator::new("11.0.0.0/30".parse().unwrap(), "fd01:c::/126".parse().unwrap());
             let b = assemble(&contribs, "marathon", &IpPolicy::default(), &mut a);
             for v in &b.vips {
                 prop_assert!(v.key.port != 0);

@@ -1,8 +1,8 @@
 use super::*;
-use crate::alloc::Allocator;
 use crate::labels::IpPolicy;
 use crate::source::entries::assemble;
 use crate::source::entries::test_util::{s, summary};
+use crate::vip_alloc::VipAllocator;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/marathon");
 
@@ -19,7 +19,7 @@ fn pods_publish_endpoint_labels_with_each_instances_backends() {
         .iter()
         .map(|p| pod_contribution(p, &mut resolve))
         .collect();
-    let mut alloc = Allocator::new(
+    let mut alloc = VipAllocator::new(
         "11.0.0.0/8".parse().unwrap(),
         "fd01:c::/64".parse().unwrap(),
     );

@@ -40,17 +40,7 @@ impl Pool {
         let base = u128::from(u32::from(net.network()));
         let total = 1u128 << (32 - u32::from(net.prefix_len()));
         // Skip the network and broadcast addresses where the net has them.
-        let (first, size) = if total > 2 {
-            (1, total - 2)
-        } else {
-            (0, total)
-        };
-        Pool {
-            base,
-            first,
-            size,
-            v6: false,
-        }
+        Pool::skipping(base, total, 2, false)
     }
 
     fn v6(net: Ipv6Net) -> Self {
@@ -62,8 +52,14 @@ impl Pool {
             1u128 << bits
         };
         // Skip the subnet-router anycast address (offset 0).
-        let (first, size) = if total > 1 {
-            (1, total - 1)
+        Pool::skipping(base, total, 1, true)
+    }
+
+    /// `total` addresses from `base`, less `reserved` of them (offset 0, and for IPv4 the
+    /// last) where the net is larger than that.
+    fn skipping(base: u128, total: u128, reserved: u128, v6: bool) -> Self {
+        let (first, size) = if total > reserved {
+            (1, total - reserved)
         } else {
             (0, total)
         };
@@ -71,7 +67,7 @@ impl Pool {
             base,
             first,
             size,
-            v6: true,
+            v6,
         }
     }
 
@@ -85,12 +81,12 @@ impl Pool {
     }
 }
 
-/// Sticky allocator for both families.
+/// Sticky allocator of named VIPs' addresses, for both families.
 #[derive(Debug, Clone)]
-pub struct Allocator {
+pub struct VipAllocator {
     v4: Pool,
     v6: Pool,
-    /// The two ranges, as configured (for [`Allocator::in_range`]).
+    /// The two ranges, as configured (for [`VipAllocator::in_range`]).
     nets: (Ipv4Net, Ipv6Net),
     assigned: HashMap<(String, Family), IpAddr>,
     /// The values of `assigned`, for O(1) probing.
@@ -104,9 +100,9 @@ pub struct Assignment {
     pub failed: Vec<(String, Family, AllocError)>,
 }
 
-impl Allocator {
+impl VipAllocator {
     pub fn new(v4: Ipv4Net, v6: Ipv6Net) -> Self {
-        Allocator {
+        VipAllocator {
             v4: Pool::v4(v4.trunc()),
             v6: Pool::v6(v6.trunc()),
             nets: (v4.trunc(), v6.trunc()),
@@ -125,7 +121,7 @@ impl Allocator {
 
     /// The address of one name, allocating it if new (incremental form of [`assign`]).
     ///
-    /// [`assign`]: Allocator::assign
+    /// [`assign`]: VipAllocator::assign
     pub fn assign_one(
         &mut self,
         name: &str,
@@ -223,8 +219,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn alloc(v4: &str) -> Allocator {
-        Allocator::new(v4.parse().unwrap(), "fd01:c::/64".parse().unwrap())
+    fn alloc(v4: &str) -> VipAllocator {
+        VipAllocator::new(v4.parse().unwrap(), "fd01:c::/64".parse().unwrap())
     }
 
     fn wants(names: &[&str]) -> BTreeSet<(String, Family)> {
@@ -312,14 +308,14 @@ mod tests {
         fn order_independent_unique_and_inside(names in prop::collection::btree_set("[a-z]{1,8}", 0..60), prefix in 24u8..30) {
             let net: Ipv4Net = format!("198.18.0.0/{prefix}").parse().unwrap();
             let w: BTreeSet<_> = names.iter().map(|n| (n.clone(), Family::V4)).collect();
-            let mut a = Allocator::new(net, "fd01:c::/64".parse().unwrap());
+            let mut a = VipAllocator::new(net, "fd01:c::/64".parse().unwrap());
             let first = a.assign(&w, &HashSet::new());
             // A fresh allocator agrees: a set is always placed in sorted order, so the insertion
             // order of the input cannot matter (this pins that design, it cannot catch a hash bug).
             let mut rev: Vec<_> = w.iter().cloned().collect();
             rev.reverse();
             let w2: BTreeSet<_> = rev.into_iter().collect();
-            let second = Allocator::new(net, "fd01:c::/64".parse().unwrap()).assign(&w2, &HashSet::new());
+            let second = VipAllocator::new(net, "fd01:c::/64".parse().unwrap()).assign(&w2, &HashSet::new());
             prop_assert_eq!(&first.addrs, &second.addrs);
             let uniq: HashSet<_> = first.addrs.values().collect();
             prop_assert_eq!(uniq.len(), first.addrs.len());
@@ -336,7 +332,7 @@ mod tests {
             others in prop::collection::btree_set("[A-Z]{1,6}", 0..20),
         ) {
             let net: Ipv4Net = "198.18.0.0/26".parse().unwrap();
-            let mut a = Allocator::new(net, "fd01:c::/64".parse().unwrap());
+            let mut a = VipAllocator::new(net, "fd01:c::/64".parse().unwrap());
             let w: BTreeSet<_> = keep.iter().map(|n| (n.clone(), Family::V4)).collect();
             let before = a.assign(&w, &HashSet::new());
             let mut more = w.clone();

@@ -238,7 +238,7 @@ pub(crate) fn matches(answer: &[u8], id: &[u8], question: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::dns::forward::question;
+    use crate::agent::dns::upstream::question;
     use hickory_proto::op::{Message, MessageType, Query};
     use hickory_proto::rr::{Name, RecordType};
     use std::time::Duration;

@@ -1,9 +1,9 @@
-//! Forwarding of queries outside our zones to upstream resolvers: the query goes to two
-//! upstreams at once over UDP (one if only one is configured) under a fresh random id, from a
-//! random one of each upstream's pooled sockets (`upstream`); the first matching answer that resolves the question (NOERROR or
-//! NXDOMAIN) wins. A SERVFAIL or REFUSED from one upstream waits for the other, so one broken
-//! resolver cannot fail names the other can answer; it is passed on only if nothing better
-//! comes before the deadline. A truncated UDP answer is retried over TCP to the upstream that
+//! Forwarding of queries outside our zones to upstream resolvers ([`UpstreamForwarder`]): the
+//! query goes to two upstreams at once over UDP (one if only one is configured) under a fresh
+//! random id, from a random one of each upstream's pooled sockets (`pool`); the first
+//! matching answer that resolves the question (NOERROR or NXDOMAIN) wins. A SERVFAIL or
+//! REFUSED from one upstream waits for the other, so one broken resolver cannot fail names the
+//! other can answer; it is passed on only if nothing better comes before the deadline. A truncated UDP answer is retried over TCP to the upstream that
 //! sent it when the client itself came over TCP (a UDP client gets the TC answer and retries
 //! over TCP itself). Everything runs under one deadline; the caller answers SERVFAIL on error.
 //! The client's EDNS options are not passed on (its payload size and DO bit are).
@@ -23,7 +23,9 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::answer::Transport;
-use super::upstream::{self, Pool, matches};
+use pool::{Pool, matches};
+
+mod pool;
 
 /// Why forwarding produced no answer.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +40,7 @@ pub(crate) enum ForwardError {
 
 /// The upstream set and the deadline, shared by every forwarded query.
 #[derive(Debug)]
-pub(crate) struct Forwarder {
+pub(crate) struct UpstreamForwarder {
     upstreams: Arc<[SocketAddr]>,
     /// The UDP sockets of each upstream, in `upstreams` order.
     pools: Vec<Pool>,
@@ -48,24 +50,24 @@ pub(crate) struct Forwarder {
     stop: CancellationToken,
 }
 
-impl Drop for Forwarder {
+impl Drop for UpstreamForwarder {
     fn drop(&mut self) {
         self.stop.cancel();
     }
 }
 
-impl Forwarder {
+impl UpstreamForwarder {
     /// `None` when there are no upstreams.
-    pub(crate) fn new(upstreams: &[SocketAddr], timeout: Duration) -> Option<Forwarder> {
+    pub(crate) fn new(upstreams: &[SocketAddr], timeout: Duration) -> Option<UpstreamForwarder> {
         if upstreams.is_empty() {
             return None;
         }
         let stop = CancellationToken::new();
-        Some(Forwarder {
+        Some(UpstreamForwarder {
             upstreams: upstreams.into(),
             pools: upstreams
                 .iter()
-                .map(|a| Pool::new(*a, upstream::SOCKETS, upstream::ROTATE, stop.clone()))
+                .map(|a| Pool::new(*a, pool::SOCKETS, pool::ROTATE, stop.clone()))
                 .collect(),
             timeout,
             next: AtomicUsize::new(rand::random::<u32>() as usize),
@@ -213,26 +215,20 @@ mod tests {
         let q = encoded("www.example.", RecordType::A, 7);
         let qs = question(&q).expect("one question");
         assert_eq!(qs.len(), "www.example.".len() + 1 + 4);
+        // An answer to another query, unedited.
+        let to = |name: &str, t, id| answer_to(&encoded(name, t, id), |_| {});
         let cases: Vec<(&str, Vec<u8>, bool)> = vec![
             ("the answer", answer_to(&q, |_| {}), true),
-            (
-                "0x20 case",
-                answer_to(&encoded("WwW.ExAmple.", RecordType::A, 7), |_| {}),
-                true,
-            ),
-            (
-                "another id",
-                answer_to(&encoded("www.example.", RecordType::A, 8), |_| {}),
-                false,
-            ),
+            ("0x20 case", to("WwW.ExAmple.", RecordType::A, 7), true),
+            ("another id", to("www.example.", RecordType::A, 8), false),
             (
                 "another type",
-                answer_to(&encoded("www.example.", RecordType::AAAA, 7), |_| {}),
+                to("www.example.", RecordType::AAAA, 7),
                 false,
             ),
             (
                 "another name",
-                answer_to(&encoded("www.example.org.", RecordType::A, 7), |_| {}),
+                to("www.example.org.", RecordType::A, 7),
                 false,
             ),
             ("a query, not an answer", q.clone(), false),

@@ -1,0 +1,329 @@
+//! An agent's node (`l4lb agent`, `l4lb run`): everything that serves on a host around the
+//! table channel, assembled by [`NodeBuilder`] one step at a time: the VIP interface
+//! ([`open_netif`]), DNS, the forwarder and the agent, the kernel path, the API, the saved
+//! table and readiness. The steps that bind sockets (DNS, the API) are one place each, and
+//! either can be handed sockets bound elsewhere instead. Wiring only, like `app`: the parts
+//! live in `agent` and `api`; the API and readiness steps serve the controller too.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tracing::Instrument;
+
+use crate::agent::bpf::{KernelMetrics, KernelStats};
+use crate::agent::dns::listen::{self, DnsSockets, Listening};
+use crate::agent::dns::resolv::ManagedResolvConf;
+use crate::agent::dns::{DnsCatalog, DnsMetrics};
+use crate::agent::forward::{ForwardMetrics, ForwardStats, Forwarder};
+use crate::agent::netif::Netif;
+use crate::agent::saved::SavedTable;
+use crate::agent::stats::AgentStats;
+use crate::agent::{Agent, AgentMetrics};
+use crate::api::limits::ApiRole;
+use crate::api::{self, ApiLimits, ApiMetrics, ApiState, Readiness};
+use crate::config::{ApiConfig, NodeConfig};
+use crate::exit::AppError;
+use crate::labels::ReasonLabel;
+use crate::model::VipTable;
+use crate::model::status::Plane;
+use crate::source::{LabelErrorsRx, TableRx};
+use crate::tasks::Tasks;
+
+/// Open (create) the VIP interface: the node's privileged step, taken before anything else
+/// starts, so that missing `CAP_NET_ADMIN` fails at once (exit 2).
+pub async fn open_netif(cfg: &NodeConfig) -> Result<Netif, AppError> {
+    let netif = Netif::open(&cfg.interface, cfg.interface_kind)
+        .await
+        .map_err(|e| AppError::from_netif(e, &cfg.interface))?;
+    tracing::info!(interface = %cfg.interface, kind = netif.kind().as_str(), "VIP interface ready");
+    Ok(netif)
+}
+
+/// The node's settings and what it is handed; [`NodeBuilder::run`] assembles and runs it.
+pub struct NodeBuilder<'a> {
+    cfg: &'a NodeConfig,
+    api: &'a ApiConfig,
+    registry: Registry,
+    label_errors: Family<ReasonLabel, Counter>,
+    rejected: Option<LabelErrorsRx>,
+    dns_sockets: Option<DnsSockets>,
+    api_listener: Option<TcpListener>,
+}
+
+impl<'a> NodeBuilder<'a> {
+    /// A node of `cfg` with its API on `api`, registering its metrics in `registry`. Labels
+    /// the agent refuses are counted in `label_errors`, the source's family.
+    pub fn new(
+        cfg: &'a NodeConfig,
+        api: &'a ApiConfig,
+        registry: Registry,
+        label_errors: Family<ReasonLabel, Counter>,
+    ) -> Self {
+        NodeBuilder {
+            cfg,
+            api,
+            registry,
+            label_errors,
+            rejected: None,
+            dns_sockets: None,
+            api_listener: None,
+        }
+    }
+
+    /// Show the labels the source rejected (where the source runs in this process).
+    pub fn rejected_labels(mut self, rx: LabelErrorsRx) -> Self {
+        self.rejected = Some(rx);
+        self
+    }
+
+    /// Serve DNS on `sockets` instead of binding the listen addresses.
+    pub fn dns_sockets(mut self, sockets: DnsSockets) -> Self {
+        self.dns_sockets = Some(sockets);
+        self
+    }
+
+    /// Serve the API on `listener` instead of binding `--api-listen`.
+    pub fn api_listener(mut self, listener: TcpListener) -> Self {
+        self.api_listener = Some(listener);
+        self
+    }
+
+    /// Assemble the node around `tables` on `netif`, serve until shutdown, drain.
+    pub async fn run(
+        self,
+        tasks: Tasks,
+        mut netif: Netif,
+        tables: TableRx,
+    ) -> Result<(), AppError> {
+        let cfg = self.cfg;
+        let mut node = Steps {
+            cfg,
+            tasks,
+            registry: self.registry,
+        };
+        let dns = node.dns(&mut netif, self.dns_sockets).await?;
+        let catalog = DnsCatalog::new(&dns.config);
+        let (agent, forward) = node.agent(netif, catalog.clone(), self.label_errors);
+        let applied = agent.applied();
+        let kernel = node.kernel_path(&applied)?;
+        let managed = node.serve_dns(dns, catalog);
+        let restored = node.saved_table(applied.clone());
+        // Every part has registered its metrics: the API takes the registry.
+        let Steps {
+            mut tasks,
+            registry,
+            ..
+        } = node;
+        let ready = Readiness::default();
+        let mut state = api_state(applied.clone(), registry, &ready, self.api, ApiRole::Node)
+            .with_stats(Arc::new(AgentStats::new(forward, kernel)));
+        if let Some(rx) = self.rejected {
+            state = state.with_label_errors(rx);
+        }
+        start_api(&mut tasks, self.api, self.api_listener, state).await?;
+        // DNS is bound above, so the first applied table is all readiness waits for.
+        ready_on_first(&mut tasks, applied, ready.clone(), "applied");
+        let (grace, stop) = (cfg.shutdown_grace, tasks.shutdown());
+        tasks.spawn(
+            "agent",
+            async move {
+                agent.run(tables, restored, grace, stop).await;
+                Ok(())
+            }
+            .instrument(tracing::info_span!("agent")),
+        );
+        tasks.until_shutdown().await;
+        ready.mark_draining();
+        // The host's programs go back to their own resolvers before l4lb stops answering.
+        if let Some(guard) = managed {
+            match guard.restore() {
+                Ok(()) => tracing::info!("resolv.conf restored"),
+                Err(e) => tracing::error!(error = %e, "cannot restore resolv.conf"),
+            }
+        }
+        // The agent's own drain is bounded by `grace`; give it a little more before aborting.
+        Ok(tasks.drain(grace + Duration::from_secs(5)).await?)
+    }
+}
+
+/// The node while it is assembled: its tasks and the registry its parts register in.
+struct Steps<'a> {
+    cfg: &'a NodeConfig,
+    tasks: Tasks,
+    registry: Registry,
+}
+
+impl Steps<'_> {
+    /// DNS listening: addresses kept on the link, sockets bound (unless `given`), the
+    /// resolv.conf policy applied.
+    async fn dns(
+        &mut self,
+        netif: &mut Netif,
+        given: Option<DnsSockets>,
+    ) -> Result<Listening, AppError> {
+        listen::listen(&self.cfg.dns_listen, &self.cfg.dns, netif, given)
+            .await
+            .map_err(|e| AppError::classify(e.into()))
+    }
+
+    /// The forwarder and the agent that drives it, the interface and the DNS catalog.
+    fn agent(
+        &mut self,
+        netif: Netif,
+        catalog: DnsCatalog,
+        label_errors: Family<ReasonLabel, Counter>,
+    ) -> (Agent, ForwardStats) {
+        let forward_metrics = ForwardMetrics::new(&mut self.registry);
+        let agent_metrics = AgentMetrics::new(&mut self.registry, label_errors);
+        let forwarder = Forwarder::new(
+            self.cfg.forward.clone(),
+            forward_metrics,
+            self.tasks.shutdown(),
+        );
+        let stats = forwarder.stats();
+        (Agent::new(netif, forwarder, catalog, agent_metrics), stats)
+    }
+
+    /// The kernel path, where asked for and where it loads (the proxy runs in every mode),
+    /// driven from the applied tables. Its counters, when it runs.
+    fn kernel_path(&mut self, applied: &TableRx) -> Result<Option<KernelStats>, AppError> {
+        let cfg = self.cfg;
+        let kernel = cfg
+            .data_plane
+            .start(&cfg.bpf)
+            .map_err(|e| AppError::from_bpf(e, "--data-plane bpf"))?;
+        let plane = match kernel {
+            Some(_) => Plane::Kernel,
+            None => Plane::Proxy,
+        };
+        tracing::info!(data_plane = plane.as_str(), requested = ?cfg.data_plane, "data plane chosen");
+        let stats =
+            KernelStats::with_metrics(KernelMetrics::new(&mut self.registry, plane.as_str()));
+        let Some(kp) = kernel else {
+            return Ok(None);
+        };
+        let (bpf, applied, ks, stop) = (
+            cfg.bpf.clone(),
+            applied.clone(),
+            stats.clone(),
+            self.tasks.shutdown(),
+        );
+        self.tasks.spawn(
+            "kernel data path",
+            async move { Ok(crate::agent::bpf::run(kp, &bpf, applied, ks, stop).await?) }
+                .instrument(tracing::info_span!("bpf")),
+        );
+        Ok(Some(stats))
+    }
+
+    /// Serve DNS on the sockets `dns` holds until the serving group stops. Returns the
+    /// resolv.conf guard, to restore the host's file first thing on shutdown.
+    fn serve_dns(&mut self, dns: Listening, catalog: DnsCatalog) -> Option<ManagedResolvConf> {
+        let metrics = DnsMetrics::new(&mut self.registry);
+        let Listening {
+            sockets,
+            config,
+            resolv_conf,
+        } = dns;
+        let stop = self.tasks.serving_stop();
+        self.tasks.spawn_serving(
+            "DNS server",
+            async move {
+                let (udp, tcp) = (sockets.udp, sockets.tcp);
+                crate::agent::dns::serve(config, catalog, udp, tcp, metrics, stop).await?;
+                Ok(())
+            }
+            .instrument(tracing::info_span!("dns")),
+        );
+        resolv_conf
+    }
+
+    /// The table an earlier agent saved (if it is usable), and a task that saves this one's.
+    fn saved_table(&mut self, applied: TableRx) -> Option<VipTable> {
+        let cfg = self.cfg;
+        let saved = match SavedTable::at(&cfg.state_dir, &cfg.interface, cfg.saved_max) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "no saved table: a restart waits for the source");
+                return None;
+            }
+        };
+        let restored = saved.load().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, path = %saved.path().display(), "saved table ignored");
+            None
+        });
+        let stop = self.tasks.shutdown();
+        self.tasks.spawn("table saver", async move {
+            saved.keep(applied, stop).await;
+            Ok(())
+        });
+        restored
+    }
+}
+
+/// The API's state: `table` and the metrics in `registry` (its own series added), behind
+/// `api`'s token, with the connection cap of `role`.
+pub fn api_state(
+    table: TableRx,
+    mut registry: Registry,
+    ready: &Readiness,
+    api: &ApiConfig,
+    role: ApiRole,
+) -> ApiState {
+    let metrics = ApiMetrics::new(&mut registry);
+    ApiState::new(table, Arc::new(registry), ready.clone())
+        .with_token(api.token.as_ref().map(|t| t.expose().to_string()))
+        .with_limits(ApiLimits::for_role(role, api.max_connections), metrics)
+}
+
+/// Bind the API listener on `--api-listen`: the one place the API's socket is made.
+pub async fn bind_api(cfg: &ApiConfig) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot bind the API on {}", cfg.listen))
+}
+
+/// Serve `state` on `given` (else on a listener bound here) until the serving group stops.
+pub async fn start_api(
+    tasks: &mut Tasks,
+    cfg: &ApiConfig,
+    given: Option<TcpListener>,
+    state: ApiState,
+) -> Result<(), AppError> {
+    let listener = match given {
+        Some(l) => l,
+        None => bind_api(cfg).await?,
+    };
+    let addr = listener.local_addr().context("API address")?;
+    tracing::info!(%addr, "API listening");
+    let stop = tasks.serving_stop();
+    tasks.spawn_serving(
+        "API server",
+        async move { Ok(api::serve(listener, state, stop).await?) }
+            .instrument(tracing::info_span!("api", %addr)),
+    );
+    Ok(())
+}
+
+/// Mark `ready` once `table` holds a version (built, or applied), unless shutdown comes first.
+pub fn ready_on_first(tasks: &mut Tasks, mut table: TableRx, ready: Readiness, what: &'static str) {
+    let stop = tasks.shutdown();
+    tasks.spawn("readiness", async move {
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            r = table.wait_for(|t| t.version != 0) => {
+                if let Ok(t) = r
+                    && ready.mark_ready()
+                {
+                    tracing::info!(version = t.version, "first table {what}; ready");
+                }
+            }
+        }
+        Ok(())
+    });
+}
