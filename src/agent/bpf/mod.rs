@@ -12,6 +12,7 @@
 
 mod layout;
 mod loader;
+mod object;
 mod plan;
 mod probe;
 mod sys;
