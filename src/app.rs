@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::agent::bpf::{KernelMetrics, KernelStats};
+use crate::agent::bpf::KernelStats;
 use crate::agent::dns::{DnsCatalog, DnsMetrics, resolv};
 use crate::agent::forward::{ForwardMetrics, ForwardStats, Forwarder};
 use crate::agent::netif::{InterfaceKind, Netif, NetifError};
@@ -401,7 +401,7 @@ async fn open_netif(cfg: &NodeConfig) -> Result<Netif, AppError> {
 }
 
 /// Adapts the forwarder's counters, and the kernel path's when it runs, to the API's view.
-struct ForwardCounters(ForwardStats, Option<KernelStats>);
+struct ForwardCounters(ForwardStats, KernelStats);
 
 impl BackendStats for ForwardCounters {
     fn backend(&self, vip: &VipKey, addr: std::net::SocketAddr) -> Option<BackendCounters> {
@@ -419,10 +419,10 @@ impl BackendStats for ForwardCounters {
                 connect_p99: s.connect_p99,
             })
             .unwrap_or_default();
-        c.kernel_connections = self
-            .1
-            .as_ref()
-            .map(|k| k.backend(vip, addr).map_or(0, |k| k.connections));
+        let k = &self.1;
+        c.kernel_connections = k
+            .runs()
+            .then(|| k.backend(vip, addr).map_or(0, |k| k.connections));
         Some(c)
     }
 
@@ -433,9 +433,9 @@ impl BackendStats for ForwardCounters {
         })
     }
 
-    fn data_plane(&self, vip: &VipKey) -> Option<&'static str> {
-        let k = self.1.as_ref()?;
-        Some(if k.translates(vip) { "bpf" } else { "proxy" })
+    fn data_plane(&self, vip: &VipKey) -> Option<(&'static str, Option<String>)> {
+        let p = self.1.plane(vip);
+        Some((p.name(), p.reason().map(str::to_string)))
     }
 }
 
@@ -592,10 +592,10 @@ async fn node(
         .data_plane
         .start(&cfg.bpf)
         .map_err(|e| AppError::Privilege(format!("--data-plane bpf: {e}")))?;
-    let plane = if kernel.is_some() { "bpf" } else { "proxy" };
+    let plane = if kernel.is_ok() { "bpf" } else { "proxy" };
     tracing::info!(data_plane = plane, requested = ?cfg.data_plane, "data plane chosen");
-    let kernel_stats = KernelStats::with_metrics(KernelMetrics::new(&mut reg, plane));
-    if let Some(kp) = kernel {
+    let kernel_stats = KernelStats::new(&mut reg, kernel.as_ref().err().cloned(), applied.clone());
+    if let Ok(kp) = kernel {
         let bpf_cfg = cfg.bpf.clone();
         let (applied, ks, stop) = (
             applied.clone(),
@@ -613,9 +613,8 @@ async fn node(
     }
 
     let ready = Readiness::default();
-    let mut state = api_state(applied.clone(), reg, &ready, api_cfg).with_stats(Arc::new(
-        ForwardCounters(stats, (plane == "bpf").then_some(kernel_stats)),
-    ));
+    let mut state = api_state(applied.clone(), reg, &ready, api_cfg)
+        .with_stats(Arc::new(ForwardCounters(stats, kernel_stats)));
     if let Some(rx) = rejected {
         state = state.with_label_errors(rx);
     }

@@ -65,8 +65,8 @@ pub trait BackendStats: Send + Sync {
         None
     }
 
-    /// `bpf` or `proxy`: what serves `vip` (`None`: not said).
-    fn data_plane(&self, _vip: &VipKey) -> Option<&'static str> {
+    /// `bpf` or `proxy`: what serves `vip` (`None`: not said), and why when it is the proxy.
+    fn data_plane(&self, _vip: &VipKey) -> Option<(&'static str, Option<String>)> {
         None
     }
 }
@@ -469,7 +469,10 @@ fn agent_body(table: &VipTable, stats: &dyn BackendStats) -> Vec<u8> {
         .into_iter()
         .map(|v| {
             let mut j = VipJson::from_vip(v);
-            j.data_plane = stats.data_plane(&v.key).map(str::to_string);
+            if let Some((plane, reason)) = stats.data_plane(&v.key) {
+                j.data_plane = Some(plane.to_string());
+                j.data_plane_reason = reason;
+            }
             for b in &mut j.backend {
                 let c = stats
                     .backend(&v.key, SocketAddr::new(b.ip, b.port))

@@ -46,6 +46,9 @@ pub struct VipJson {
     /// Agent only: `bpf` when the kernel path translates this VIP, `proxy` otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_plane: Option<String>,
+    /// Agent only, with `data_plane` `proxy`: why the kernel path does not serve this VIP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_plane_reason: Option<String>,
     pub backend: Vec<BackendJson>,
     /// Agent only: client connections forwarded to a backend, in total.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -101,6 +104,7 @@ impl VipJson {
             ip6: None,
             port: v.key.port,
             data_plane: None,
+            data_plane_reason: None,
             backend: v
                 .backends
                 .iter()
@@ -225,6 +229,7 @@ fn merge_pair(prev: &mut VipJson, j: VipJson) -> Option<VipJson> {
         // is never sent to an IPv6 backend): say bpf if it translates either.
         if j.data_plane.as_deref() == Some("bpf") {
             prev.data_plane = j.data_plane.clone();
+            prev.data_plane_reason = None;
         }
         if prev.ip.is_ipv6() {
             prev.ip6 = Some(prev.ip);
@@ -564,6 +569,7 @@ mod tests {
             ip6: None,
             port: 5432,
             data_plane: None,
+            data_plane_reason: None,
             backend: vec![BackendJson {
                 ip: "198.18.1.2".parse().unwrap(),
                 port: 5432,

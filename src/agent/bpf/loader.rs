@@ -403,6 +403,16 @@ impl KernelPath {
         self.planner.installed_count()
     }
 
+    /// The (VIP, backend) pairs the applies since the last call moved.
+    pub(crate) fn take_moves(&mut self) -> super::plan::Moves {
+        self.planner.take_moves()
+    }
+
+    /// Why each VIP of the last applied table that the kernel does not translate is not.
+    pub(crate) fn not_translated(&self) -> BTreeMap<VipKey, super::plan::NotTranslated> {
+        self.planner.not_translated_all()
+    }
+
     /// Distinct backend addresses of the TCP VIPs applied last (what health probes).
     pub fn tcp_backends(&self) -> std::collections::HashSet<SocketAddr> {
         self.planner.tcp_backends()
