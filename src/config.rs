@@ -994,7 +994,11 @@ mod tests {
             );
         }
         // A --cgroup the proxy never uses is not checked.
-        assert!(node(&["--cgroup", "/nonexistent/l4lb"]).is_ok());
+        assert!(node(&["--data-plane", "proxy", "--cgroup", "/nonexistent/l4lb"]).is_ok());
+        assert!(
+            node(&["--cgroup", "/nonexistent/l4lb"]).is_err(),
+            "auto uses it"
+        );
     }
 
     #[test]
