@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::marathon::{add_task, host_app, task};
+use crate::common::apps::{labelled_app, run_args, write_apps};
 use crate::common::netns::NetNs;
 use crate::common::process::{Log, Proc};
 use crate::common::{BIN, wait_for};
@@ -74,24 +74,13 @@ impl Node {
         ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("apps.json");
-        std::fs::write(&file, r#"{"apps":[]}"#).unwrap();
+        write_apps(&file, vec![]);
         let bpffs = (plane == Plane::Bpf).then(Bpffs::new);
         let mut cmd = ns.command(BIN);
-        cmd.args([
-            "run",
-            "--apps-file",
-            file.to_str().unwrap(),
-            "--apps-file-poll",
-            "50ms",
-            "--vip-cidr",
-            "198.18.128.0/17",
-            "--api-listen",
-            "127.0.0.1:0",
-            "--dns-listen",
-            "127.0.0.1:0",
-            "--shutdown-grace",
-            "1s",
-        ]);
+        cmd.args(run_args(
+            &file,
+            &["--vip-cidr", "198.18.128.0/17", "--shutdown-grace", "1s"],
+        ));
         match &bpffs {
             Some(fs) => {
                 let instance = format!("follow-{}", std::process::id());
@@ -135,19 +124,11 @@ impl Node {
     fn apps(&self, apps: &[(&str, &str, &str, &[SocketAddr])]) {
         let apps: Vec<Value> = apps
             .iter()
-            .map(|(id, vip, protocol, backends)| {
-                let mut a = host_app(id, &[vip], protocol);
-                for (i, b) in backends.iter().enumerate() {
-                    add_task(
-                        &mut a,
-                        task(id, i, &b.ip().to_string(), &[b.port()], "TASK_RUNNING"),
-                    );
-                }
-                a
-            })
+            .map(|(id, vip, protocol, backends)| labelled_app(id, &[vip], protocol, backends))
             .collect();
+        // Renamed into place: the agent never reads half a file.
         let tmp = self.file.with_extension("new");
-        std::fs::write(&tmp, serde_json::json!({ "apps": apps }).to_string()).unwrap();
+        write_apps(&tmp, apps);
         std::fs::rename(&tmp, &self.file).unwrap();
     }
 }
