@@ -22,7 +22,10 @@ use crate::agent::forward::{ForwardMetrics, ForwardStats, Forwarder};
 use crate::agent::netif::{InterfaceKind, Netif, NetifError};
 use crate::agent::saved::SavedTable;
 use crate::agent::{Agent, AgentMetrics};
-use crate::api::{self, ApiState, BackendCounters, BackendStats, Readiness, VipCounters};
+use crate::api::limits::ApiRole;
+use crate::api::{
+    self, ApiLimits, ApiMetrics, ApiState, BackendCounters, BackendStats, Readiness, VipCounters,
+};
 use crate::config::{
     AgentConfig, ApiConfig, CheckConfig, CheckFile, Config, ConfigError, ControllerConfig, Mode,
     NodeConfig, RunConfig, SourceConfig, VipsConfig,
@@ -30,7 +33,7 @@ use crate::config::{
 use crate::labels::ReasonLabel;
 use crate::model::wire::{VipJson, table_to_json};
 use crate::model::{VipKey, VipTable};
-use crate::source::marathon::{client, sync};
+use crate::source::marathon::{apps, client, sync};
 use crate::source::metrics::SourceMetrics;
 use crate::source::state::{BuildConfig, TableState};
 use crate::source::{self, LabelErrorsRx, Publisher, TableRx};
@@ -200,7 +203,7 @@ async fn reap(set: &mut JoinSet<Ended>, within: Duration, what: &str, errors: &m
     }
 }
 
-/// Start the configured source (Marathon or apps file) publishing into a new table channel.
+/// Start the configured source (Marathon, Mesos or apps file) publishing into a new table channel.
 fn start_source(
     tasks: &mut Tasks,
     source: SourceConfig,
@@ -218,7 +221,7 @@ fn start_source(
             tasks.spawn(
                 "apps file source",
                 async move {
-                    source::file::run(path, poll, publisher, stop).await;
+                    source::file::run(path, poll, publisher, apps::contributions, stop).await;
                     Ok(())
                 }
                 .instrument(span),
@@ -305,9 +308,17 @@ async fn start_api(tasks: &mut Tasks, cfg: &ApiConfig, state: ApiState) -> Resul
     Ok(())
 }
 
-fn api_state(table: TableRx, registry: Registry, ready: &Readiness, api: &ApiConfig) -> ApiState {
+fn api_state(
+    table: TableRx,
+    mut registry: Registry,
+    ready: &Readiness,
+    api: &ApiConfig,
+    role: ApiRole,
+) -> ApiState {
+    let metrics = ApiMetrics::new(&mut registry);
     ApiState::new(table, Arc::new(registry), ready.clone())
         .with_token(api.token.as_ref().map(|t| t.expose().to_string()))
+        .with_limits(ApiLimits::for_role(role, api.max_connections), metrics)
 }
 
 /// Mark `ready` once `table` holds a version (built, or applied), unless shutdown comes first.
@@ -338,7 +349,8 @@ async fn controller(cfg: ControllerConfig) -> Result<(), AppError> {
     start_api(
         &mut tasks,
         &cfg.api,
-        api_state(rx.clone(), reg, &ready, &cfg.api).with_label_errors(rejected),
+        api_state(rx.clone(), reg, &ready, &cfg.api, ApiRole::Controller)
+            .with_label_errors(rejected),
     )
     .await?;
     ready_on_first(&mut tasks, rx, ready.clone(), "built");
@@ -361,7 +373,7 @@ async fn agent(cfg: AgentConfig) -> Result<(), AppError> {
     tasks.spawn(
         "controller watch",
         async move {
-            source::controller::run(cfg.watch, tx, metrics, stop).await;
+            source::controller_client::run(cfg.watch, tx, metrics, stop).await;
             Ok(())
         }
         .instrument(span),
@@ -613,7 +625,7 @@ async fn node(
     }
 
     let ready = Readiness::default();
-    let mut state = api_state(applied.clone(), reg, &ready, api_cfg)
+    let mut state = api_state(applied.clone(), reg, &ready, api_cfg, ApiRole::Node)
         .with_stats(Arc::new(ForwardCounters(stats, kernel_stats)));
     if let Some(rx) = rejected {
         state = state.with_label_errors(rx);
@@ -694,7 +706,7 @@ fn check(args: CheckConfig) -> Result<ExitCode, AppError> {
         source::mesos::cluster::contributions_of_state(&body, &mut |h| hosts.resolve(h))
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
     } else {
-        source::contributions(&body, &hosts)
+        apps::contributions(&body, &hosts)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
     };
     let mut state = TableState::new(build, 1);
