@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Data-plane benchmarks of l4lb against a direct connection, HAProxy and nginx `stream`, in the
-# same run, printed as a table of ratios and written as JSON.
+# same run, printed as a table of ratios and written as JSON. Column "l4lb" is what a user gets
+# by default (`--data-plane auto`: the kernel path where it loads, else the proxy); column
+# "proxy" is l4lb with `--data-plane proxy` (the splice forwarder).
 #
 #   scripts/bench.sh                  # full run: 2 rounds x 4 s per measurement, ~4 minutes
 #   BENCH_SECONDS=2 scripts/bench.sh  # shorter
@@ -17,7 +19,8 @@
 #                   propagation);
 #                   default all. A partial run still writes the JSON, with only those rows.
 #   BENCH_BASE      path to another l4lb binary (say, a build of the previous commit) measured
-#                   in the same run as column "base" (VIP 198.18.5.6) for the TCP, new-connection
+#                   in the same run as column "base" (VIP 198.18.5.6, the same data-plane
+#                   flags as column "l4lb") for the TCP, new-connection
 #                   and UDP workloads: an A/B on a noisy machine, under the same scheduler
 #                   group as everything else (start the two side by side by hand and the
 #                   session's autogroup alone skews a stream by ~20%)
@@ -32,7 +35,10 @@
 #   ns "client" 198.18.0.1/30 ==veth== 198.18.0.2/30 ns "server"
 #     load generators (CPU 1)            iperf3 -s, nginx HTTP (tiny body), dnsmasq (CPU 1)
 #     proxy under test (CPU 0):
-#       l4lb   VIP 198.18.5.5 on its "minuteman" bridge, --worker-threads 1
+#       l4lb   VIP 198.18.5.7 on its "l4lbauto" bridge, default data plane (auto; its
+#              programs act on this namespace's sockets only), --worker-threads 1
+#       l4lb   VIP 198.18.5.5 on its "minuteman" bridge, --data-plane proxy (column "proxy";
+#              also the DNS server and forwarder measured), --worker-threads 1
 #       haproxy  198.18.0.1:1xxxx  (mode tcp, nbthread 1)
 #       nginx    198.18.0.1:2xxxx  (stream, worker_processes 1; also UDP)
 #
@@ -129,8 +135,8 @@ pid_of() { cat "$WORK/$1.pid"; }
 
 # wait_port NS PROTO ADDR:PORT
 wait_tcp() {
-    local ns=$1 hostport=$2 i
-    for i in $(seq 1 100); do
+    local ns=$1 hostport=$2
+    for _ in $(seq 1 100); do
         if ip netns exec "$ns" bash -c "exec 3<>/dev/tcp/${hostport%:*}/${hostport#*:}" 2>/dev/null; then return 0; fi
         sleep 0.1
     done
@@ -185,7 +191,8 @@ wait_tcp "$NSS" 198.18.0.2:5201
 wait_tcp "$NSS" 198.18.0.2:8080
 
 # --- proxies (client namespace, proxy CPU) ---------------------------------------------------
-# l4lb: IP VIP 198.18.5.5 for each workload, plus named VIPs for the DNS comparison.
+# l4lb --data-plane proxy (process "l4lb", column "proxy"): IP VIP 198.18.5.5 for each
+# workload, plus named VIPs for the DNS comparison.
 python3 - "$WORK/apps.json" <<'EOF'
 import json, sys
 def app(i, label, vips, proto, port):
@@ -202,8 +209,9 @@ json.dump({"apps": apps}, open(sys.argv[1], "w"))
 EOF
 start l4lb "$NSC" "$PROXY_CPU" env RUST_LOG=warn,l4lb=info "$L4LB" --worker-threads 1 run \
     --apps-file "$WORK/apps.json" --interface-kind auto --api-listen 127.0.0.1:62080 \
-    --dns-listen 127.0.0.1:5454 --vip-cidr 198.18.128.0/17 --dns-upstream 198.18.0.2:5300
-for i in $(seq 1 100); do
+    --dns-listen 127.0.0.1:5454 --vip-cidr 198.18.128.0/17 --dns-upstream 198.18.0.2:5300 \
+    --data-plane proxy
+for _ in $(seq 1 100); do
     grep -q "first table applied; ready" "$WORK/l4lb.log" 2>/dev/null && break
     kill -0 "$(pid_of l4lb)" 2>/dev/null || die "l4lb exited: $(tail -5 "$WORK/l4lb.log")"
     sleep 0.1
@@ -214,36 +222,35 @@ echo '{"apps": []}' >"$WORK/no-apps.json"
 start l4lb-nocache "$NSC" "$PROXY_CPU" env RUST_LOG=warn,l4lb=info "$L4LB" --worker-threads 1 run \
     --apps-file "$WORK/no-apps.json" --interface-kind none --api-listen 127.0.0.1:62083 \
     --dns-listen 127.0.0.1:5458 --dns-upstream 198.18.0.2:5300 --dns-cache-size 0
-# l4lb bpf: the same apps on 198.18.5.7, served by the kernel data path (programs attached to
-# the cgroup2 root, acting only on this client namespace's sockets). BENCH_NO_BPF=1 skips it;
-# where the kernel path cannot load, the column stays empty.
-HAVE_BPF=
-if [ -z "${BENCH_NO_BPF:-}" ]; then
-    sed 's/198\.18\.5\.5/198.18.5.7/g' "$WORK/apps.json" >"$WORK/apps-bpf.json"
-    start l4lb-bpf "$NSC" "$PROXY_CPU" env RUST_LOG=warn,l4lb=info "$L4LB" --worker-threads 1 run \
-        --apps-file "$WORK/apps-bpf.json" --interface l4lbbpf --interface-kind auto \
-        --api-listen 127.0.0.1:62082 --dns-listen 127.0.0.1:5474 --vip-cidr 198.18.32.0/19 \
-        --data-plane bpf --bpf-netns-only --bpf-instance "bench-$$"
-    for i in $(seq 1 100); do
-        grep -q "first table applied; ready" "$WORK/l4lb-bpf.log" 2>/dev/null && break
-        kill -0 "$(pid_of l4lb-bpf)" 2>/dev/null || break
-        sleep 0.1
-    done
-    if grep -q "first table applied; ready" "$WORK/l4lb-bpf.log" 2>/dev/null; then
-        HAVE_BPF=1
-        sleep 1 # the kernel path follows the applied table
-    else
-        log "l4lb bpf not started: $(tail -2 "$WORK/l4lb-bpf.log")"
-    fi
-fi
+# l4lb with the default data plane (process "l4lb-auto", column "l4lb"): the same apps on
+# 198.18.5.7. Where the programs load, the kernel path serves the VIPs (attached to the cgroup2
+# root, acting only on this client namespace's sockets: --bpf-netns-only, as any lab with
+# several agents on one kernel needs); where they cannot, the proxy does, and the log says why.
+# The auto-or-not choice is the flag's default: the other flags only scope the kernel path.
+AUTO_FLAGS=(--bpf-netns-only)
+sed 's/198\.18\.5\.5/198.18.5.7/g' "$WORK/apps.json" >"$WORK/apps-auto.json"
+start l4lb-auto "$NSC" "$PROXY_CPU" env RUST_LOG=warn,l4lb=info "$L4LB" --worker-threads 1 run \
+    --apps-file "$WORK/apps-auto.json" --interface l4lbauto --interface-kind auto \
+    --api-listen 127.0.0.1:62082 --dns-listen 127.0.0.1:5474 --vip-cidr 198.18.32.0/19 \
+    "${AUTO_FLAGS[@]}" --bpf-instance "bench-$$"
+for _ in $(seq 1 100); do
+    grep -q "first table applied; ready" "$WORK/l4lb-auto.log" 2>/dev/null && break
+    kill -0 "$(pid_of l4lb-auto)" 2>/dev/null || die "l4lb (auto) exited: $(tail -5 "$WORK/l4lb-auto.log")"
+    sleep 0.1
+done
+grep -q "first table applied; ready" "$WORK/l4lb-auto.log" || die "l4lb (auto) not ready: $(tail -5 "$WORK/l4lb-auto.log")"
+log "l4lb (default data plane): $(grep -o 'data plane chosen.*' "$WORK/l4lb-auto.log" | head -1)"
+sleep 1 # the kernel path follows the applied table
 BASE=${BENCH_BASE:-}
 if [ -n "$BASE" ]; then
     [ -x "$BASE" ] || die "BENCH_BASE: no executable $BASE"
     sed 's/198\.18\.5\.5/198.18.5.6/g' "$WORK/apps.json" >"$WORK/apps-base.json"
+    # The base runs with the default data plane too, whatever its own default (explicit auto).
     start l4lb-base "$NSC" "$PROXY_CPU" env RUST_LOG=warn,l4lb=info "$BASE" --worker-threads 1 run \
         --apps-file "$WORK/apps-base.json" --interface l4lbbase --interface-kind auto \
-        --api-listen 127.0.0.1:62081 --dns-listen 127.0.0.1:5464 --vip-cidr 198.18.64.0/18
-    for i in $(seq 1 100); do
+        --api-listen 127.0.0.1:62081 --dns-listen 127.0.0.1:5464 --vip-cidr 198.18.64.0/18 \
+        --data-plane auto "${AUTO_FLAGS[@]}" --bpf-instance "bench-base-$$"
+    for _ in $(seq 1 100); do
         grep -q "first table applied; ready" "$WORK/l4lb-base.log" 2>/dev/null && break
         sleep 0.1
     done
@@ -314,6 +321,7 @@ start dnsmasq-cache "$NSC" "$PROXY_CPU" dnsmasq -k -C /dev/null -u root --no-res
     --server=198.18.0.2#5300
 
 wait_tcp "$NSC" 198.18.5.5:8080
+wait_tcp "$NSC" 198.18.5.7:8080
 wait_tcp "$NSC" 198.18.0.1:18080
 wait_tcp "$NSC" 198.18.0.1:28080
 sleep 0.5
@@ -324,13 +332,13 @@ C dig +short +time=1 +tries=3 @127.0.0.1 -p 5454 bench.test | grep -q 198.18.9.9
 C dig +short +time=1 +tries=3 @127.0.0.1 -p 5456 bench.test | grep -q 198.18.9.9 || die "dnsmasq does not forward"
 C dig +short +time=1 +tries=3 @127.0.0.1 -p 5457 bench.test | grep -q 198.18.9.9 || die "caching dnsmasq does not forward"
 C dig +short +time=1 +tries=3 @127.0.0.1 -p 5458 bench.test | grep -q 198.18.9.9 || die "l4lb without a cache does not forward"
-log "up: l4lb $(pid_of l4lb), haproxy $(pid_of haproxy), nginx $(pid_of proxy-nginx) on CPU $PROXY_CPU; load generators and backends on CPU $LOAD_CPU"
+log "up: l4lb $(pid_of l4lb-auto) (default data plane), l4lb $(pid_of l4lb) (proxy), haproxy $(pid_of haproxy), nginx $(pid_of proxy-nginx) on CPU $PROXY_CPU; load generators and backends on CPU $LOAD_CPU"
 
 RES="$WORK/results.tsv"
 : >"$RES"
 PERF_DIR=$(dirname "$OUT")
 mkdir -p "$PERF_DIR"
-# perf_on NAME / perf_off: profile l4lb (call graphs, cpu-clock: VMs often lack PMU counters).
+# perf_on NAME / perf_off: profile l4lb --data-plane proxy (call graphs, cpu-clock: VMs often lack PMU counters).
 perf_on() {
     PERF_PID=
     [ -n "${BENCH_PERF:-}" ] || return 0
@@ -360,11 +368,10 @@ perf_off() {
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$RES"; log "$1 $2: $3 $4"; }
 L() { C taskset -c "$LOAD_CPU" "$@"; }
 
-declare -A TCP_DST=([direct]=198.18.0.2:5201 [l4lb]=198.18.5.5:5201 [haproxy]=198.18.0.1:15201 [nginx]=198.18.0.1:25201 [base]=198.18.5.6:5201 [bpf]=198.18.5.7:5201)
-declare -A WEB_DST=([direct]=198.18.0.2:8080 [l4lb]=198.18.5.5:8080 [haproxy]=198.18.0.1:18080 [nginx]=198.18.0.1:28080 [base]=198.18.5.6:8080 [bpf]=198.18.5.7:8080)
-TARGETS=(direct l4lb haproxy nginx)
-UDP_TARGETS=(direct l4lb nginx)
-if [ -n "$HAVE_BPF" ]; then TARGETS+=(bpf); UDP_TARGETS+=(bpf); fi
+declare -A TCP_DST=([direct]=198.18.0.2:5201 [l4lb]=198.18.5.7:5201 [proxy]=198.18.5.5:5201 [haproxy]=198.18.0.1:15201 [nginx]=198.18.0.1:25201 [base]=198.18.5.6:5201)
+declare -A WEB_DST=([direct]=198.18.0.2:8080 [l4lb]=198.18.5.7:8080 [proxy]=198.18.5.5:8080 [haproxy]=198.18.0.1:18080 [nginx]=198.18.0.1:28080 [base]=198.18.5.6:8080)
+TARGETS=(direct l4lb proxy haproxy nginx)
+UDP_TARGETS=(direct l4lb proxy nginx)
 if [ -n "$BASE" ]; then TARGETS+=(base); UDP_TARGETS+=(base); fi
 
 # Every throughput workload runs ROUNDS times, the targets interleaved (direct, l4lb, haproxy,
@@ -413,13 +420,13 @@ PY
 # WORKLOAD_busy_load (%), and with a cost unit as WORKLOAD_cpu and WORKLOAD_cpu_kernel
 # (µs-per-unit x COST_SCALE, in COST_UNIT).
 rounds() {
-    local w=$1 unit=$2 fn=$3 cunit= cscale= r t v best s0 s1 suffix u
+    local w=$1 unit=$2 fn=$3 cunit='' cscale='' r t v best s0 s1 suffix u
     shift 3
     if [ "$1" != -- ]; then cunit=$1 cscale=$2; shift 2; fi
     shift
     for r in $(seq 1 "$ROUNDS"); do
         for t in "$@"; do
-            if [ "$t" = l4lb ] && [ "$r" = 1 ]; then perf_on "$w"; fi
+            if [ "$t" = proxy ] && [ "$r" = 1 ]; then perf_on "$w"; fi
             s0=$(cpu_snap)
             v=$("$fn" "$t")
             s1=$(cpu_snap)
@@ -474,7 +481,7 @@ dnsperf_qps() {
     L dnsperf -s "$host" -p "$port" -d "$file" -l "$T" -c 8 -q 200 -t 1 2>&1 |
         awk '/Queries per second/ {printf "%.0f", $4}'
 }
-declare -A UDP_DST=([direct]=198.18.0.2:5300 [l4lb]=198.18.5.5:5300 [nginx]=198.18.0.1:25300 [base]=198.18.5.6:5300 [bpf]=198.18.5.7:5300)
+declare -A UDP_DST=([direct]=198.18.0.2:5300 [l4lb]=198.18.5.7:5300 [proxy]=198.18.5.5:5300 [nginx]=198.18.0.1:25300 [base]=198.18.5.6:5300)
 m_udp() { dnsperf_qps "${UDP_DST[$1]%:*}" "${UDP_DST[$1]#*:}" "$WORK/bench-query.txt"; }
 if want udp; then
     rounds udp_req_resp q/s m_udp "µs/query" 1 -- "${UDP_TARGETS[@]}"
@@ -507,10 +514,11 @@ idle_per_conn() {
     before=$(rss_kib "$pid")
     local fd_before fd_after
     fd_before=$(ls "/proc/$pid/fd" | wc -l)
-    coproc IDLE { exec ip netns exec "$NSC" taskset -c "$LOAD_CPU" python3 "$HERE/idle_conns.py" "${dst%:*}" "${dst#*:}" "$IDLE"; }
-    local cpid=$IDLE_PID
+    # Not named IDLE: a coproc's name becomes an array, which would hide the global $IDLE.
+    coproc IDLER { exec ip netns exec "$NSC" taskset -c "$LOAD_CPU" python3 "$HERE/idle_conns.py" "${dst%:*}" "${dst#*:}" "$IDLE"; }
+    local cpid=$IDLER_PID
     PIDS+=("$cpid")
-    read -r line <&"${IDLE[0]}"
+    read -r line <&"${IDLER[0]}"
     sleep 2
     # Count what reached the backend: a proxy out of descriptors accepts (in the kernel's
     # backlog) more than it forwards.
@@ -518,20 +526,22 @@ idle_per_conn() {
     after=$(rss_kib "$pid")
     fd_after=$(ls "/proc/$pid/fd" | wc -l)
     python3 -c "print('%.2f' % (($fd_after - $fd_before) / max($opened, 1)))" >"$WORK/idle-fds-$pid"
-    eval "exec ${IDLE[1]}>&-"
+    eval "exec ${IDLER[1]}>&-"
     wait "$cpid" 2>/dev/null || true
     log "idle $dst: client $line; $opened reached the backend; RSS ${before} -> ${after} KiB"
     echo "$opened" >"$WORK/idle-reached-$pid"
     python3 -c "print('%.2f' % (($after - $before) / max($opened, 1)))"
     sleep 2
 }
+# The proxies' memory: l4lb's proxy (in the kernel path a connection holds nothing in l4lb).
 if want idle; then
-    record idle_conn_mem l4lb "$(idle_per_conn "$(pid_of l4lb)" 198.18.5.5:8080)" KiB/conn
+    record idle_conn_mem proxy "$(idle_per_conn "$(pid_of l4lb)" 198.18.5.5:8080)" KiB/conn
     record idle_conn_mem haproxy "$(idle_per_conn "$(pid_of haproxy)" 198.18.0.1:18080)" KiB/conn
     record idle_conn_mem nginx "$(idle_per_conn "$(pid_of proxy-nginx)" 198.18.0.1:28080)" KiB/conn
-    for t in l4lb haproxy proxy-nginx; do
-        record idle_conns_held "${t#proxy-}" "$(cat "$WORK/idle-reached-$(pid_of "$t")")" "of $IDLE"
-        record idle_conn_fds "${t#proxy-}" "$(cat "$WORK/idle-fds-$(pid_of "$t")")" fd/conn
+    for pair in l4lb:proxy haproxy:haproxy proxy-nginx:nginx; do
+        p=${pair%%:*} t=${pair#*:}
+        record idle_conns_held "$t" "$(cat "$WORK/idle-reached-$(pid_of "$p")")" "of $IDLE"
+        record idle_conn_fds "$t" "$(cat "$WORK/idle-fds-$(pid_of "$p")")" fd/conn
     done
 fi
 

@@ -42,6 +42,7 @@ cleanup() {
   sleep 0.5
   ip netns pids "$NS" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
   ip netns del "$NS" 2>/dev/null || true
+  mountpoint -q "$WORK/bpffs" 2>/dev/null && umount "$WORK/bpffs"
   rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
@@ -84,8 +85,14 @@ cp examples/apps.json "$WORK/apps.json"
 say "the apps file (Marathon /v2/apps?embed=apps.tasks shape): labels VIP_0=/hello:80, VIP_1=198.18.5.5:80, /echo:5000 (udp)"
 grep -E '"VIP_[0-9]"' "$WORK/apps.json"
 
-say "l4lb run --apps-file apps.json --vip-cidr 198.18.128.0/17"
+# The default data plane (auto): the kernel path where it loads, else the proxy. Inside the
+# demo's namespace it acts on the namespace's sockets only (--bpf-netns-only), and pins into a
+# BPF filesystem of the demo's own, so a host's l4lb is left alone.
+mkdir "$WORK/bpffs"
+mount -t bpf bpf "$WORK/bpffs"
+say "l4lb run --apps-file apps.json --vip-cidr 198.18.128.0/17 (--data-plane auto, the default)"
 ip netns exec "$NS" "$BIN" run --apps-file "$WORK/apps.json" --vip-cidr 198.18.128.0/17 \
+  --bpf-netns-only --bpffs "$WORK/bpffs" --bpf-instance "demo-$$" \
   --dns-listen 127.0.0.1:5454 --api-listen 127.0.0.1:62080 --shutdown-grace 1s 2>"$WORK/l4lb.log" &
 PIDS+=($!)
 for _ in $(seq 1 100); do
@@ -93,7 +100,8 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 in_ns curl -sf http://127.0.0.1:62080/ready >/dev/null || { cat "$WORK/l4lb.log"; exit 1; }
-echo "ready; VIP addresses on the minuteman interface:"
+echo "ready; $(grep -o 'data plane chosen.*' "$WORK/l4lb.log" | head -1)"
+echo "VIP addresses on the minuteman interface:"
 in_ns ip -brief addr show dev minuteman
 
 say "dig @127.0.0.1 -p 5454 hello.marathon.l4lb.thisdcos.directory"

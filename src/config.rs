@@ -372,10 +372,11 @@ pub struct AgentArgs {
     /// On SIGTERM, let open connections finish for this long.
     #[arg(long, env = "L4LB_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "10s")]
     pub shutdown_grace: Duration,
-    /// Where VIP connections go: `proxy` (the splice forwarder), `bpf` (translated inside
-    /// connect()/sendmsg() by eBPF programs; fail with exit 2 where they cannot load) or
-    /// `auto` (bpf where it loads, else proxy). The proxy listeners run in every mode.
-    #[arg(long, env = "L4LB_DATA_PLANE", default_value = "proxy")]
+    /// Where VIP connections go: `auto` (bpf where it loads, else proxy, the reason logged),
+    /// `bpf` (translated inside connect()/sendmsg() by eBPF programs; fail with exit 2 where
+    /// they cannot load) or `proxy` (the splice forwarder only). The proxy listeners run in
+    /// every mode and serve what the kernel path does not.
+    #[arg(long, env = "L4LB_DATA_PLANE", default_value = "auto")]
     pub data_plane: DataPlane,
     /// cgroup2 directory the kernel path attaches to (default: the cgroup2 root, mounted at
     /// /run/l4lb/cgroup2 where none is mounted).
@@ -745,6 +746,7 @@ impl AgentArgs {
             netns_only: self.bpf_netns_only,
             probe_interval: positive("--bpf-probe-interval", self.bpf_probe_interval)?,
             probe_timeout: self.connect_timeout,
+            drain_timeout: self.drain_timeout,
             ..BpfConfig::default()
         })
     }
@@ -1108,7 +1110,11 @@ mod tests {
             a.validate().map(|c| c.node)
         };
         let n = node(&[]).unwrap();
-        assert_eq!(n.data_plane, DataPlane::Proxy, "the proxy unless asked");
+        assert_eq!(
+            n.data_plane,
+            DataPlane::Auto,
+            "the kernel path where it loads"
+        );
         assert_eq!(n.bpf.instance, "default");
         assert!(!n.bpf.netns_only);
         let n = node(&[
@@ -1142,7 +1148,11 @@ mod tests {
             );
         }
         // A --cgroup the proxy never uses is not checked.
-        assert!(node(&["--cgroup", "/nonexistent/l4lb"]).is_ok());
+        assert!(node(&["--data-plane", "proxy", "--cgroup", "/nonexistent/l4lb"]).is_ok());
+        assert!(
+            node(&["--cgroup", "/nonexistent/l4lb"]).is_err(),
+            "auto uses it"
+        );
     }
 
     #[test]

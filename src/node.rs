@@ -15,7 +15,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
-use crate::agent::bpf::{KernelMetrics, KernelStats};
+use crate::agent::bpf::KernelStats;
 use crate::agent::dns::listen::{self, DnsSockets, Listening};
 use crate::agent::dns::resolv::ManagedResolvConf;
 use crate::agent::dns::{DnsCatalog, DnsMetrics};
@@ -191,21 +191,24 @@ impl Steps<'_> {
 
     /// The kernel path, where asked for and where it loads (the proxy runs in every mode),
     /// driven from the applied tables. Its counters, when it runs.
-    fn kernel_path(&mut self, applied: &TableRx) -> Result<Option<KernelStats>, AppError> {
+    fn kernel_path(&mut self, applied: &TableRx) -> Result<KernelStats, AppError> {
         let cfg = self.cfg;
         let kernel = cfg
             .data_plane
             .start(&cfg.bpf)
             .map_err(|e| AppError::from_bpf(e, "--data-plane bpf"))?;
         let plane = match kernel {
-            Some(_) => Plane::Kernel,
-            None => Plane::Proxy,
+            Ok(_) => Plane::Kernel,
+            Err(_) => Plane::Proxy,
         };
         tracing::info!(data_plane = plane.as_str(), requested = ?cfg.data_plane, "data plane chosen");
-        let stats =
-            KernelStats::with_metrics(KernelMetrics::new(&mut self.registry, plane.as_str()));
-        let Some(kp) = kernel else {
-            return Ok(None);
+        let stats = KernelStats::new(
+            &mut self.registry,
+            kernel.as_ref().err().cloned(),
+            applied.clone(),
+        );
+        let Ok(kp) = kernel else {
+            return Ok(stats);
         };
         let (bpf, applied, ks, stop) = (
             cfg.bpf.clone(),
@@ -218,7 +221,7 @@ impl Steps<'_> {
             async move { Ok(crate::agent::bpf::run(kp, &bpf, applied, ks, stop).await?) }
                 .instrument(tracing::info_span!("bpf")),
         );
-        Ok(Some(stats))
+        Ok(stats)
     }
 
     /// Serve DNS on the sockets `dns` holds until the serving group stops. Returns the

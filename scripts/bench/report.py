@@ -43,7 +43,8 @@ ROWS = [
     ("propagation_p99", "propagation Marathon event -> new backend, p99", False, None),
 ]
 ABSOLUTE = {"idle_conn_mem": 10.0, "propagation_p99": 200.0}
-COLS = ["direct", "dnsmasq", "l4lb", "bpf", "haproxy", "nginx", "base"]
+# "l4lb": the default data plane (auto); "proxy": l4lb --data-plane proxy.
+COLS = ["direct", "dnsmasq", "l4lb", "proxy", "haproxy", "nginx", "base"]
 
 
 def num(s):
@@ -116,13 +117,13 @@ def main() -> int:
     results = []
     lines = []
     has_base = any("base" in row for row in data.values())
-    # 'bpf': l4lb with --data-plane bpf (the kernel path), when it could load.
-    has_bpf = any("bpf" in row for row in data.values())
-    cols = [c for c in COLS if (c != "base" or has_base) and (c != "bpf" or has_bpf)]
+    # 'proxy': l4lb with --data-plane proxy, beside the default data plane's 'l4lb'.
+    has_proxy = any("proxy" in row for row in data.values())
+    cols = [c for c in COLS if (c != "base" or has_base) and (c != "proxy" or has_proxy)]
     head = f"{'workload':<50} {'unit':<9}" + "".join(f"{c:>9}" for c in cols)
     head += f"  {'l4lb/direct':>11} {'l4lb/haproxy':>12} {'l4lb/nginx':>10}"
-    if has_bpf:
-        head += f" {'bpf/direct':>10} {'bpf/haproxy':>11}"
+    if has_proxy:
+        head += f" {'prx/direct':>10} {'prx/haproxy':>11}"
     head += f" {'l4lb/base':>9}  target" if has_base else "  target"
     lines.append(head)
     lines.append("-" * len(head))
@@ -130,7 +131,8 @@ def main() -> int:
         if key not in data:
             continue
         row = data[key]
-        l4 = row.get("l4lb")
+        # Rows only l4lb's proxy has (idle connections) judge the proxy.
+        l4 = row.get("l4lb", row.get("proxy"))
         ratios = {}
         for other in [] if units[key] == "%" else ("direct", "haproxy", "nginx", "dnsmasq", "base"):
             o = row.get(other)
@@ -149,12 +151,12 @@ def main() -> int:
                 "n/a" if l4 is None else ("MET" if l4 <= limit else "MISSED")
             )
         cells = "".join(f"{fmt(row.get(c)) if c in row else '':>9}" for c in cols)
-        bpf = row.get("bpf")
-        bpf_ratios = {}
+        prx = row.get("proxy")
+        prx_ratios = {}
         for other in [] if units[key] == "%" else ("direct", "haproxy"):
             o = row.get(other)
-            if bpf is not None and o:
-                bpf_ratios[other] = bpf / o
+            if prx is not None and o:
+                prx_ratios[other] = prx / o
 
         if "direct" not in ratios and "dnsmasq" in ratios:
             # The DNS row: the baseline is dnsmasq serving the same names.
@@ -169,10 +171,10 @@ def main() -> int:
             f"{label:<50} {units[key]:<9}{cells}  {rc('direct', 11)} {rc('haproxy', 12)} {rc('nginx', 10)}"
             + (
                 "".join(
-                    f" {bpf_ratios[k]:>{w}.2f}" if k in bpf_ratios else f" {'':>{w}}"
+                    f" {prx_ratios[k]:>{w}.2f}" if k in prx_ratios else f" {'':>{w}}"
                     for k, w in (("direct", 10), ("haproxy", 11))
                 )
-                if has_bpf
+                if has_proxy
                 else ""
             )
             + (f" {rc('base', 9)}" if has_base else "")
@@ -187,7 +189,7 @@ def main() -> int:
                 "values": row,
                 "rounds": samples.get(key),
                 "ratios_l4lb_to": ratios,
-                "ratios_bpf_to": bpf_ratios,
+                "ratios_proxy_to": prx_ratios,
                 "target": verdict or None,
             }
         )
@@ -202,11 +204,13 @@ def main() -> int:
     lines.append("DNS row: 'dnsmasq' is dnsmasq serving the same names; its l4lb/direct column is l4lb/dnsmasq.")
     if has_base:
         lines.append("'base' is the BENCH_BASE binary, measured in the same rounds as l4lb.")
-    if has_bpf:
-        lines.append(
-            "'bpf' is l4lb --data-plane bpf: the kernel path translates the VIP in connect()/sendmsg(), "
-            "no proxy in the path (its cpu rows measure the proxy CPU, where nothing runs per connection)."
-        )
+    lines.append(
+        "'l4lb' is l4lb as installed (--data-plane auto: the kernel path translates the VIP in "
+        "connect()/sendmsg() where it loads, no proxy in the path; its cpu rows measure the proxy "
+        "CPU, where nothing runs per connection then)."
+    )
+    if has_proxy:
+        lines.append("'proxy' is l4lb --data-plane proxy (the splice forwarder); idle rows are its.")
     table = "\n".join(lines)
     print(table)
 

@@ -13,12 +13,13 @@ use super::forward::ForwardStats;
 #[derive(Debug, Clone)]
 pub struct AgentStats {
     forward: ForwardStats,
-    kernel: Option<KernelStats>,
+    kernel: KernelStats,
 }
 
 impl AgentStats {
-    /// `kernel`: the kernel path's counters, where it runs (else every VIP is the proxy's).
-    pub fn new(forward: ForwardStats, kernel: Option<KernelStats>) -> Self {
+    /// `kernel`: the kernel path's counters and which plane serves each VIP (every VIP is
+    /// the proxy's, with the reason, where it does not run).
+    pub fn new(forward: ForwardStats, kernel: KernelStats) -> Self {
         AgentStats { forward, kernel }
     }
 }
@@ -39,10 +40,10 @@ impl LiveStats for AgentStats {
                 connect_p99: s.connect_p99,
             })
             .unwrap_or_default();
-        c.kernel_connections = self
-            .kernel
-            .as_ref()
-            .map(|k| k.backend(vip, addr).map_or(0, |k| k.connections));
+        let k = &self.kernel;
+        c.kernel_connections = k
+            .runs()
+            .then(|| k.backend(vip, addr).map_or(0, |k| k.connections));
         Some(c)
     }
 
@@ -53,13 +54,9 @@ impl LiveStats for AgentStats {
         })
     }
 
-    fn data_plane(&self, vip: &VipKey) -> Option<Plane> {
-        let k = self.kernel.as_ref()?;
-        Some(if k.translates(vip) {
-            Plane::Kernel
-        } else {
-            Plane::Proxy
-        })
+    fn data_plane(&self, vip: &VipKey) -> Option<(Plane, Option<String>)> {
+        let p = self.kernel.plane(vip);
+        Some((p.plane(), p.reason().map(str::to_string)))
     }
 }
 
@@ -69,23 +66,30 @@ mod tests {
     use crate::model::Protocol;
 
     #[test]
-    fn without_the_kernel_path_nothing_is_said_of_planes_or_kernel_counts() {
+    fn the_plane_and_kernel_counts_follow_whether_the_kernel_path_runs() {
         let key = VipKey {
             ip: "198.18.128.9".parse().expect("ip"),
             port: 80,
             protocol: Protocol::Tcp,
         };
         let addr: SocketAddr = "198.18.0.2:31000".parse().expect("addr");
-        let proxy_only = AgentStats::new(ForwardStats::default(), None);
-        assert_eq!(proxy_only.data_plane(&key), None);
+        // Without the kernel path: every VIP is the proxy's, with the reason, and no kernel
+        // counts are shown.
+        let mut reg = prometheus_client::registry::Registry::default();
+        let (_tx, rx) = tokio::sync::watch::channel(std::sync::Arc::default());
+        let off = KernelStats::new(&mut reg, Some("--data-plane proxy".into()), rx);
+        let proxy_only = AgentStats::new(ForwardStats::default(), off);
+        let (plane, why) = proxy_only.data_plane(&key).expect("said");
+        assert_eq!(plane, Plane::Proxy);
+        assert!(why.is_some_and(|w| w.contains("--data-plane proxy")));
         assert_eq!(
             proxy_only.backend(&key, addr),
             Some(BackendCounters::default())
         );
         // With the kernel path, a VIP it does not translate is the proxy's, and a backend
         // it never counted shows 0 kernel connections (not "unknown").
-        let both = AgentStats::new(ForwardStats::default(), Some(KernelStats::default()));
-        assert_eq!(both.data_plane(&key), Some(Plane::Proxy));
+        let both = AgentStats::new(ForwardStats::default(), KernelStats::default());
+        assert_eq!(both.data_plane(&key).map(|p| p.0), Some(Plane::Proxy));
         assert_eq!(
             both.backend(&key, addr).and_then(|c| c.kernel_connections),
             Some(0)

@@ -490,7 +490,10 @@ fn agent_body(table: &VipTable, stats: &dyn LiveStats) -> Vec<u8> {
         .into_iter()
         .map(|v| {
             let mut j = VipJson::from_vip(v);
-            j.data_plane = stats.data_plane(&v.key);
+            if let Some((plane, reason)) = stats.data_plane(&v.key) {
+                j.data_plane = Some(plane);
+                j.data_plane_reason = reason;
+            }
             for b in &mut j.backend {
                 let c = stats
                     .backend(&v.key, SocketAddr::new(b.ip, b.port))

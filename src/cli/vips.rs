@@ -87,7 +87,12 @@ pub fn render_vips(vips: &[VipJson], version: &str) -> String {
 fn vip_line(v: &VipJson) -> String {
     let addr = SocketAddr::new(v.ip, v.port).to_string();
     let plane = v.data_plane.map_or("", |p| p.as_str());
-    format!("{:<5} {:<46} {:<24} {plane}", v.protocol, v.vip, addr)
+    // Why the kernel path does not serve it, when it does not.
+    let why = v
+        .data_plane_reason
+        .as_deref()
+        .map_or_else(String::new, |r| format!(" ({r})"));
+    format!("{:<5} {:<46} {:<24} {plane}{why}", v.protocol, v.vip, addr)
 }
 
 fn backend_line(b: &BackendJson) -> String {
@@ -148,6 +153,18 @@ mod tests {
         assert!(vip_line.ends_with("bpf"), "{out}");
         let backend_line = out.lines().nth(3).unwrap();
         assert!(backend_line.contains(" 7  /web web.1"), "{out}");
+    }
+
+    #[test]
+    fn vips_table_says_why_the_proxy_serves_a_vip() {
+        let vips: Vec<VipJson> = serde_json::from_str(
+            r#"[{"vip":"198.18.5.5:80","protocol":"tcp","ip":"198.18.5.5","port":80,
+                 "data_plane":"proxy","data_plane_reason":"all backends ejected","backend":[]}]"#,
+        )
+        .unwrap();
+        let out = render_vips(&vips, "3");
+        let vip_line = out.lines().nth(2).unwrap();
+        assert!(vip_line.ends_with("proxy (all backends ejected)"), "{out}");
     }
 
     #[test]

@@ -121,8 +121,8 @@ pub trait LiveStats: Send + Sync {
         None
     }
 
-    /// What serves `vip` (`None`: not said).
-    fn data_plane(&self, _vip: &VipKey) -> Option<Plane> {
+    /// What serves `vip` (`None`: not said), and why when it is not the kernel path.
+    fn data_plane(&self, _vip: &VipKey) -> Option<(Plane, Option<String>)> {
         None
     }
 }

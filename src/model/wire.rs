@@ -47,6 +47,9 @@ pub struct VipJson {
     /// Agent only: `bpf` when the kernel path translates this VIP, `proxy` otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_plane: Option<Plane>,
+    /// Agent only, with `data_plane` `proxy`: why the kernel path does not serve this VIP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_plane_reason: Option<String>,
     pub backend: Vec<BackendJson>,
     /// Agent only: client connections forwarded to a backend, in total.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -102,6 +105,7 @@ impl VipJson {
             ip6: None,
             port: v.key.port,
             data_plane: None,
+            data_plane_reason: None,
             backend: v
                 .backends
                 .iter()
@@ -226,6 +230,7 @@ fn merge_pair(prev: &mut VipJson, j: VipJson) -> Option<VipJson> {
         // is never sent to an IPv6 backend): say bpf if it translates either.
         if j.data_plane == Some(Plane::Kernel) {
             prev.data_plane = j.data_plane;
+            prev.data_plane_reason = None;
         }
         if prev.ip.is_ipv6() {
             prev.ip6 = Some(prev.ip);
@@ -565,6 +570,7 @@ mod tests {
             ip6: None,
             port: 5432,
             data_plane: None,
+            data_plane_reason: None,
             backend: vec![BackendJson {
                 ip: "198.18.1.2".parse().unwrap(),
                 port: 5432,

@@ -12,6 +12,7 @@ mod cluster;
 mod controller;
 mod dns;
 mod fleet;
+mod follow;
 mod harden;
 mod heal;
 mod memory;

@@ -18,10 +18,11 @@ use std::time::{Duration, Instant};
 
 use aya::maps::{HashMap as BpfHash, MapData, PerCpuArray, PerCpuValues};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, Iter};
 use aya::{Ebpf, EbpfLoader};
 
-use super::layout::{self, BeKey, BeVal, Counters, SvcKey, SvcVal};
+use super::layout::{self, BeKey, BeVal, Counters, DestroyKey, NatKey, NatVal, SvcKey, SvcVal};
+use super::object;
 use super::plan::{Op, Planner};
 use super::sys;
 use super::{BpfConfig, BpfError, KernelCounters};
@@ -29,6 +30,8 @@ use crate::model::{VipKey, VipTable};
 
 /// The compiled programs (`progs/l4lb.bpf.c`, built by `scripts/build-bpf.sh`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!("progs/l4lb.bpf.o");
+/// The socket iterators (`progs/sockets.bpf.c`), loaded beside them where the kernel can.
+static SOCKETS: &[u8] = aya::include_bytes_aligned!("progs/sockets.bpf.o");
 
 /// The programs, by function name in the object.
 pub(crate) const PROGRAMS: [&str; 8] = [
@@ -42,13 +45,18 @@ pub(crate) const PROGRAMS: [&str; 8] = [
     "l4lb_getpeername6",
 ];
 const MAPS: [&str; 4] = ["services", "backends", "revnat", "counters"];
+/// The socket iterators, by function name, with the kernel's iterator they walk.
+const ITERATORS: [(&str, &str); 2] = [("l4lb_iter_udp", "udp"), ("l4lb_iter_tcp", "tcp")];
+
+/// The objects as committed: the programs, and the socket iterators (the kfunc placeholder
+/// not yet patched).
+#[cfg(test)]
+pub(crate) fn objects() -> [&'static [u8]; 2] {
+    [OBJECT, SOCKETS]
+}
 
 /// How long a restarted agent waits for a killed one's links to go.
 const REPLACE_WAIT: Duration = Duration::from_secs(2);
-
-/// `struct nat_key` and `struct nat_val`: copied as bytes at a takeover.
-type NatKey = [u8; 32];
-type NatVal = [u8; 20];
 
 /// The programs attached to a cgroup, their pins and their maps.
 pub struct KernelPath {
@@ -62,6 +70,9 @@ pub struct KernelPath {
     services: BpfHash<MapData, SvcKey, SvcVal>,
     backends: BpfHash<MapData, BeKey, BeVal>,
     counters: PerCpuArray<MapData, Counters>,
+    /// The socket iterators and the (VIP, backend) pairs they close sockets of, or why the
+    /// kernel cannot run them (logged once at load).
+    sockets: Result<Sockets, String>,
     planner: Planner,
     pin_dir: PathBuf,
     /// Where the pins go once this agent serves (`pin_dir` until then, during a takeover).
@@ -147,6 +158,7 @@ impl KernelPath {
                 services: l.services,
                 backends: l.backends,
                 counters: l.counters,
+                sockets: l.sockets,
                 planner: Planner::default(),
                 pin_dir: pin_dir.clone(),
                 home,
@@ -316,6 +328,48 @@ impl KernelPath {
         }
     }
 
+    /// Whether this kernel runs the socket iterators, or why not (then
+    /// [`Self::destroy_sockets`] does nothing).
+    pub fn closes_sockets(&self) -> Result<(), &str> {
+        self.sockets.as_ref().map(|_| ()).map_err(String::as_str)
+    }
+
+    /// Destroy (`ECONNABORTED`) the connected sockets of this network namespace that the
+    /// programs translated from one of `pairs`' VIPs to its backend; sockets connected to the
+    /// backend directly are not touched. Returns how many were destroyed.
+    pub fn destroy_sockets(&mut self, pairs: &[(VipKey, SocketAddr)]) -> Result<usize, BpfError> {
+        let Ok(Sockets { ebpf, destroy }) = self.sockets.as_mut() else {
+            return Ok(0);
+        };
+        if pairs.is_empty() {
+            return Ok(0);
+        }
+        let map = |source| BpfError::Map {
+            name: "destroy",
+            source,
+        };
+        let keys: Vec<DestroyKey> = pairs
+            .iter()
+            .map(|(vip, b)| layout::destroy_key(vip, *b))
+            .collect();
+        let mut res = Ok(0);
+        for k in &keys {
+            if let Err(e) = destroy.insert(k, 1, 0) {
+                res = Err(map(e));
+                break;
+            }
+        }
+        if res.is_ok() {
+            res = ITERATORS
+                .iter()
+                .try_fold(0, |n, (name, _)| Ok(n + run_iterator(ebpf, name)?));
+        }
+        for k in &keys {
+            let _ = remove(destroy, k);
+        }
+        res
+    }
+
     /// Empty the service and backend maps and forget what was planned.
     fn clear(&mut self) {
         let keys: Vec<SvcKey> = self.services.keys().filter_map(Result::ok).collect();
@@ -347,6 +401,16 @@ impl KernelPath {
     /// Number of VIPs the kernel translates.
     pub fn installed_count(&self) -> usize {
         self.planner.installed_count()
+    }
+
+    /// The (VIP, backend) pairs the applies since the last call moved.
+    pub(crate) fn take_moves(&mut self) -> super::plan::Moves {
+        self.planner.take_moves()
+    }
+
+    /// Why each VIP of the last applied table that the kernel does not translate is not.
+    pub(crate) fn not_translated(&self) -> BTreeMap<VipKey, super::plan::NotTranslated> {
+        self.planner.not_translated_all()
     }
 
     /// Distinct backend addresses of the TCP VIPs applied last (what health probes).
@@ -437,6 +501,27 @@ impl KernelPath {
     }
 }
 
+/// Run the iterator `name` once over this network namespace's sockets: the bytes it writes
+/// are the sockets it destroyed.
+fn run_iterator(ebpf: &mut Ebpf, name: &'static str) -> Result<usize, BpfError> {
+    use std::io::Read as _;
+    let prog_err = |source| BpfError::Program { name, source };
+    let prog: &mut Iter = ebpf
+        .program_mut(name)
+        .ok_or(BpfError::Missing(name))?
+        .try_into()
+        .map_err(prog_err)?;
+    let id = prog.attach().map_err(prog_err)?;
+    let link = prog.take_link(id).map_err(prog_err)?;
+    let mut file = link.into_file().map_err(|e| BpfError::Link(name, e))?;
+    let mut out = Vec::new();
+    file.read_to_end(&mut out).map_err(|source| BpfError::Io {
+        path: PathBuf::from(format!("bpf_iter:{name}")),
+        source,
+    })?;
+    Ok(out.len())
+}
+
 /// Remove `key`; absent is fine.
 fn remove<K: aya::Pod, V: aya::Pod>(
     map: &mut BpfHash<MapData, K, V>,
@@ -454,6 +539,44 @@ struct Loaded {
     services: BpfHash<MapData, SvcKey, SvcVal>,
     backends: BpfHash<MapData, BeKey, BeVal>,
     counters: PerCpuArray<MapData, Counters>,
+    sockets: Result<Sockets, String>,
+}
+
+/// The loaded socket iterators (`progs/sockets.bpf.c`) and their `destroy` map.
+struct Sockets {
+    ebpf: Ebpf,
+    destroy: BpfHash<MapData, DestroyKey, u8>,
+}
+
+/// Load the socket iterators, their `bpf_sock_destroy()` calls bound to this kernel's
+/// function and their `revnat` the programs' own (pinned at `revnat_pin`). Not pinned
+/// themselves: each run attaches them anew, and a restarted agent loads its own.
+fn load_sockets(revnat_pin: &Path) -> Result<Sockets, String> {
+    let vmlinux =
+        std::fs::read("/sys/kernel/btf/vmlinux").map_err(|e| format!("no kernel BTF: {e}"))?;
+    let id = object::func_id(&vmlinux, "bpf_sock_destroy")
+        .map_err(|e| format!("cannot read the kernel BTF: {e}"))?
+        .ok_or("the kernel has no bpf_sock_destroy() (Linux 6.5)")?;
+    let (bytes, _) = object::patch_kfunc(SOCKETS, id).map_err(|e| e.to_string())?;
+    let mut ebpf = EbpfLoader::new()
+        .map_pin_path("revnat", revnat_pin)
+        .load(&bytes)
+        .map_err(|e| super::chain(&e))?;
+    let btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
+    for (name, kind) in ITERATORS {
+        let prog: &mut Iter = ebpf
+            .program_mut(name)
+            .ok_or_else(|| format!("the object has no {name}"))?
+            .try_into()
+            .map_err(|e| format!("{name}: {}", super::chain(&e)))?;
+        prog.load(kind, &btf)
+            .map_err(|e| format!("{name}: {}", super::chain(&e)))?;
+    }
+    let destroy = ebpf
+        .take_map("destroy")
+        .ok_or("the object has no destroy")?;
+    let destroy = BpfHash::try_from(destroy).map_err(|e| super::chain(&e))?;
+    Ok(Sockets { ebpf, destroy })
 }
 
 /// Load the object, load its programs, and pin maps and programs in `pin_dir`.
@@ -480,11 +603,20 @@ fn load_and_pin(pin_dir: &Path, netns_cookie: u64) -> Result<Loaded, BpfError> {
     let services = BpfHash::try_from(take(&mut ebpf, "services")?).map_err(map("services"))?;
     let backends = BpfHash::try_from(take(&mut ebpf, "backends")?).map_err(map("backends"))?;
     let counters = PerCpuArray::try_from(take(&mut ebpf, "counters")?).map_err(map("counters"))?;
+    let sockets = load_sockets(&pin_dir.join("map_revnat"));
+    if let Err(why) = &sockets {
+        tracing::warn!(
+            reason = %why,
+            "kernel path: sockets connected to a removed backend cannot be closed; \
+             they keep sending to it until the application reconnects"
+        );
+    }
     Ok(Loaded {
         ebpf,
         services,
         backends,
         counters,
+        sockets,
     })
 }
 

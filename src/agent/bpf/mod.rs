@@ -1,17 +1,22 @@
 //! The kernel data path: VIPs translated inside `connect()`/`sendmsg()` by eBPF programs
 //! attached to a cgroup2, so a VIP connection costs what a direct one costs.
 //!
-//! `progs/` holds the BPF C source and its committed object; `layout` mirrors its map
-//! layouts; `plan` is the pure planner from one table to the next (map operations);
-//! [`KernelPath`] loads, attaches, pins and applies (the I/O shell); `probe` ejects backends
-//! that stop answering, since the agent no longer sees connect failures; [`run`] drives it all
-//! from the table watch, as the forwarder is driven. The proxy listeners stay bound beside it:
-//! a VIP the kernel does not translate (no active backend, a socket outside the cgroup) still
-//! reaches the VIP address and the proxy serves it.
+//! `progs/` holds the BPF C sources and their committed objects; `object` reads them (ELF
+//! sections, BTF); `layout` mirrors their map layouts; `plan` is the pure planner from one
+//! table to the next (map operations); `follow` decides when sockets connected to a backend
+//! that left are closed (the proxy's drain semantics); [`KernelPath`] loads, attaches, pins,
+//! applies and runs the socket iterators (the I/O shell); `probe` ejects TCP backends that
+//! stop answering, since the agent no longer sees connect failures; [`run`] drives it all from
+//! the table watch, as the forwarder is driven. The proxy listeners stay bound beside it: a
+//! VIP the kernel does not translate (no active backend, a socket outside the cgroup) still
+//! reaches the VIP address and the proxy serves it; [`KernelStats`] says which plane serves
+//! each VIP, and why when it is the proxy.
 //! Consumes `model::VipTable`; never imports `source`.
 
+mod follow;
 mod layout;
 mod loader;
+mod object;
 mod plan;
 mod probe;
 mod sys;
@@ -31,6 +36,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::model::status::Plane;
 use crate::model::{VipKey, VipTable};
 
 pub use loader::KernelPath;
@@ -53,6 +59,9 @@ pub struct BpfConfig {
     pub probe_interval: Duration,
     /// A probe that has not connected by then failed.
     pub probe_timeout: Duration,
+    /// `--drain-timeout`: TCP sockets connected to a backend that left the table are closed
+    /// this long after (never when `None`); UDP ones at once.
+    pub drain_timeout: Option<Duration>,
 }
 
 impl Default for BpfConfig {
@@ -65,6 +74,7 @@ impl Default for BpfConfig {
             netns_only: false,
             probe_interval: Duration::from_millis(500),
             probe_timeout: Duration::from_secs(1),
+            drain_timeout: None,
         }
     }
 }
@@ -113,18 +123,18 @@ pub enum DataPlane {
 }
 
 impl DataPlane {
-    /// Start the data plane `self` asks for: `Some` kernel path, or `None` for the proxy
+    /// Start the data plane `self` asks for: `Ok` kernel path, or `Err(why)` for the proxy
     /// alone (the proxy listeners run in every mode). `Bpf` fails where the kernel path
     /// cannot load; `Auto` logs why and falls back.
-    pub fn start(self, cfg: &BpfConfig) -> Result<Option<KernelPath>, BpfError> {
+    pub fn start(self, cfg: &BpfConfig) -> Result<Result<KernelPath, String>, BpfError> {
         match self {
-            DataPlane::Proxy => Ok(None),
-            DataPlane::Bpf => KernelPath::load(cfg).map(Some),
+            DataPlane::Proxy => Ok(Err("--data-plane proxy".into())),
+            DataPlane::Bpf => KernelPath::load(cfg).map(Ok),
             DataPlane::Auto => match KernelPath::load(cfg) {
-                Ok(k) => Ok(Some(k)),
+                Ok(k) => Ok(Ok(k)),
                 Err(e) => {
                     tracing::warn!(error = %e, "kernel data path unavailable: using the proxy");
-                    Ok(None)
+                    Ok(Err(format!("kernel path unavailable: {e}")))
                 }
             },
         }
@@ -134,24 +144,16 @@ impl DataPlane {
 /// `[("vip", …), ("backend", …)]`: the labels of the kernel path's per-backend counters.
 type VipBackendLabels = [(&'static str, String); 2];
 
-/// The kernel path's metrics: which data plane runs, and what the kernel counted.
+/// The kernel path's metrics: what the kernel counted.
 #[derive(Debug, Clone)]
-pub struct KernelMetrics {
+struct KernelMetrics {
     connections: Family<VipBackendLabels, Counter>,
     datagrams: Family<VipBackendLabels, Counter>,
     translated: Gauge,
 }
 
 impl KernelMetrics {
-    /// Register under `registry`, with `data_plane{plane}` set to 1 for `plane`.
-    pub fn new(registry: &mut Registry, plane: &'static str) -> Self {
-        let info: Family<[(&'static str, &'static str); 1], Gauge> = Family::default();
-        info.get_or_create(&[("plane", plane)]).set(1);
-        registry.register(
-            "data_plane",
-            "The data plane this agent runs (bpf: kernel path and proxy; proxy: proxy only)",
-            info,
-        );
+    fn new(registry: &mut Registry) -> Self {
         let m = KernelMetrics {
             connections: Family::default(),
             datagrams: Family::default(),
@@ -180,29 +182,194 @@ impl KernelMetrics {
 struct Snapshot {
     counters: BTreeMap<(VipKey, SocketAddr), KernelCounters>,
     translated: BTreeSet<VipKey>,
+    /// Why the VIPs of the last applied table that have no service entry have none.
+    not_translated: BTreeMap<VipKey, plan::NotTranslated>,
+    /// The last apply failed (the maps were cleared): every VIP goes to the proxy.
+    map_error: Option<String>,
 }
 
-/// The kernel's counters as of the last apply or refresh, shared with the API (and, given
-/// [`KernelMetrics`], added to them).
+/// Why the proxy serves a VIP, as the `reason` label of `l4lb_data_plane` (a fixed set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyReason {
+    /// `--data-plane proxy`.
+    Configured,
+    /// The kernel path could not load (`--data-plane auto`).
+    Unavailable,
+    NoActiveBackend,
+    AllEjected,
+    MapsFull,
+    MapsFailed,
+    /// Not in the kernel maps yet (a table newer than the kernel path's last apply).
+    Pending,
+}
+
+impl ProxyReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            ProxyReason::Configured => "configured",
+            ProxyReason::Unavailable => "unavailable",
+            ProxyReason::NoActiveBackend => "no_active_backend",
+            ProxyReason::AllEjected => "all_ejected",
+            ProxyReason::MapsFull => "maps_full",
+            ProxyReason::MapsFailed => "maps_failed",
+            ProxyReason::Pending => "pending",
+        }
+    }
+}
+
+/// Which plane serves one VIP, and why when it is the proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlaneOf {
+    Kernel,
+    Proxy(ProxyReason, String),
+}
+
+impl PlaneOf {
+    /// `bpf` or `proxy`, as `/v1/vips` and the metric name them.
+    pub fn plane(&self) -> Plane {
+        match self {
+            PlaneOf::Kernel => Plane::Kernel,
+            PlaneOf::Proxy(..) => Plane::Proxy,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.plane().as_str()
+    }
+
+    /// Why the proxy serves the VIP (`None` for the kernel path).
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            PlaneOf::Kernel => None,
+            PlaneOf::Proxy(_, why) => Some(why),
+        }
+    }
+}
+
+/// The kernel's counters as of the last apply or refresh, shared with the API (and, when
+/// registered, added to the metrics), and which plane serves each VIP.
 #[derive(Debug, Clone, Default)]
 pub struct KernelStats {
     inner: Arc<std::sync::RwLock<Snapshot>>,
     metrics: Option<KernelMetrics>,
+    /// Why the proxy serves every VIP (`None`: the kernel path runs).
+    off: Option<Arc<str>>,
+}
+
+/// `l4lb_data_plane{vip, plane, reason}`, encoded from the table at every scrape.
+#[derive(Debug)]
+struct PlaneCollector {
+    stats: KernelStats,
+    table: watch::Receiver<Arc<VipTable>>,
+}
+
+impl prometheus_client::collector::Collector for PlaneCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let family: Family<[(&'static str, String); 3], Gauge> = Family::default();
+        let table = self.table.borrow().clone();
+        for k in table.vips.keys() {
+            let p = self.stats.plane(k);
+            let reason = match &p {
+                PlaneOf::Kernel => "",
+                PlaneOf::Proxy(r, _) => r.label(),
+            };
+            let labels = [
+                ("vip", k.to_string()),
+                ("plane", p.name().to_string()),
+                ("reason", reason.to_string()),
+            ];
+            family.get_or_create(&labels).set(1);
+        }
+        let m = encoder.encode_descriptor(
+            "data_plane",
+            "Which plane serves each VIP (bpf: the kernel path; proxy: the splice proxy, with \
+             the reason: configured, unavailable, no_active_backend, all_ejected, maps_full, \
+             maps_failed, pending)",
+            None,
+            family.metric_type(),
+        )?;
+        family.encode(m)
+    }
 }
 
 impl KernelStats {
-    pub fn with_metrics(metrics: KernelMetrics) -> Self {
-        KernelStats {
+    /// Register the kernel path's metrics and `l4lb_data_plane` (one series per VIP of
+    /// `table`) under `registry`. `off`: why the proxy serves every VIP (`None`: the kernel
+    /// path runs).
+    pub fn new(
+        registry: &mut Registry,
+        off: Option<String>,
+        table: watch::Receiver<Arc<VipTable>>,
+    ) -> Self {
+        let stats = KernelStats {
             inner: Arc::default(),
-            metrics: Some(metrics),
-        }
+            metrics: Some(KernelMetrics::new(registry)),
+            off: off.map(Arc::from),
+        };
+        registry.register_collector(Box::new(PlaneCollector {
+            stats: stats.clone(),
+            table,
+        }));
+        stats
     }
 
-    /// Replace the snapshot with what `kp` reads from the kernel now.
-    pub fn refresh(&self, kp: &KernelPath) {
+    /// Whether the kernel path runs in this agent.
+    pub fn runs(&self) -> bool {
+        self.off.is_none()
+    }
+
+    /// Which plane serves `vip`, and why when it is the proxy.
+    pub fn plane(&self, vip: &VipKey) -> PlaneOf {
+        if let Some(why) = &self.off {
+            let r = match why.starts_with("--") {
+                true => ProxyReason::Configured,
+                false => ProxyReason::Unavailable,
+            };
+            return PlaneOf::Proxy(r, why.to_string());
+        }
+        let snap = self
+            .inner
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if snap.translated.contains(vip) {
+            return PlaneOf::Kernel;
+        }
+        if let Some(e) = &snap.map_error {
+            return PlaneOf::Proxy(
+                ProxyReason::MapsFailed,
+                format!("kernel maps not updated: {e}"),
+            );
+        }
+        let (r, why) = match snap.not_translated.get(vip) {
+            Some(plan::NotTranslated::NoActiveBackend) => (
+                ProxyReason::NoActiveBackend,
+                "no active backend by the source's health",
+            ),
+            Some(plan::NotTranslated::AllEjected) => (
+                ProxyReason::AllEjected,
+                "all backends ejected: their TCP probes failed",
+            ),
+            Some(plan::NotTranslated::MapsFull) => (
+                ProxyReason::MapsFull,
+                "too many VIPs or backends for the kernel maps",
+            ),
+            None => (ProxyReason::Pending, "not in the kernel maps yet"),
+        };
+        PlaneOf::Proxy(r, why.to_string())
+    }
+
+    /// Replace the snapshot with what `kp` reads from the kernel now; `map_error`: the last
+    /// apply failed so.
+    fn refresh(&self, kp: &KernelPath, map_error: Option<String>) {
         let now = Snapshot {
             counters: kp.counters(),
             translated: kp.translated().copied().collect(),
+            not_translated: kp.not_translated(),
+            map_error,
         };
         let mut snap = self
             .inner
@@ -241,15 +408,6 @@ impl KernelStats {
             .counters
             .get(&(*vip, backend))
             .copied()
-    }
-
-    /// Whether the kernel path translates `vip` (else the proxy serves it).
-    pub fn translates(&self, vip: &VipKey) -> bool {
-        self.inner
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .translated
-            .contains(vip)
     }
 }
 
@@ -298,11 +456,13 @@ pub async fn run(
         probe_stop.clone(),
     ));
     let mut table = tables.borrow_and_update().clone();
+    let mut follow = follow::Follow::new(cfg.drain_timeout);
     'outer: loop {
         let ejected = ejected_rx.borrow_and_update().clone();
         let started = std::time::Instant::now();
         let waiting_before = kp.over_capacity();
         let applied = kp.apply(&table, &ejected);
+        let map_error = applied.as_ref().err().map(ToString::to_string);
         let failed = applied.is_err();
         if kp.over_capacity() != waiting_before && kp.over_capacity() > 0 {
             tracing::warn!(
@@ -328,10 +488,19 @@ pub async fn run(
             }
             changed
         });
-        stats.refresh(&kp);
+        let close = follow.moved(kp.take_moves(), tokio::time::Instant::now());
+        close_sockets(&mut kp, &close);
+        stats.refresh(&kp, map_error.clone());
         loop {
+            let drained = follow.next();
             tokio::select! {
                 _ = shutdown.cancelled() => break 'outer,
+                _ = tokio::time::sleep_until(drained.unwrap_or_else(tokio::time::Instant::now)),
+                    if drained.is_some() =>
+                {
+                    let due = follow.due(tokio::time::Instant::now());
+                    close_sockets(&mut kp, &due);
+                }
                 r = tables.changed() => {
                     if r.is_err() { break 'outer }
                     table = tables.borrow_and_update().clone();
@@ -339,7 +508,7 @@ pub async fn run(
                 }
                 r = ejected_rx.changed() => if r.is_err() { break 'outer } else { break },
                 _ = refresh.tick() => {
-                    stats.refresh(&kp);
+                    stats.refresh(&kp, map_error.clone());
                     if failed {
                         break; // the maps were cleared: rewrite them whole
                     }
@@ -350,4 +519,22 @@ pub async fn run(
     probe_stop.cancel();
     let _ = prober.await;
     kp.close()
+}
+
+/// Close the sockets connected through `pairs` (logged; a failure is logged and skipped).
+fn close_sockets(kp: &mut KernelPath, pairs: &[(VipKey, SocketAddr)]) {
+    if pairs.is_empty() || kp.closes_sockets().is_err() {
+        return;
+    }
+    match kp.destroy_sockets(pairs) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            sockets = n,
+            backends = pairs.len(),
+            "closed sockets connected to backends that left"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot close sockets connected to backends that left")
+        }
+    }
 }

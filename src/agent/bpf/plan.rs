@@ -7,7 +7,10 @@
 //! service entry is switched to it in one update, then the old set's slots are deleted: a
 //! `connect()` sees the old set or the new one, never a half-written one. A VIP with no active
 //! backend has no service entry at all: the programs leave it alone and the proxy listener on
-//! the VIP address serves it (the fallback).
+//! the VIP address serves it (the fallback). Health ejections (from TCP probes) apply to TCP
+//! VIPs only: a UDP backend is judged by the source's health alone, whatever answers TCP on
+//! its port. Each plan also records which (VIP, backend) pairs left (and came back), so the
+//! sockets connected through them can follow ([`Moves`]).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -43,6 +46,28 @@ pub(crate) enum Op {
     DelService { vip: VipKey },
     /// Delete a slot of a set no service entry points to any more.
     DelBackend { set: u32, slot: u32 },
+}
+
+/// (VIP, backend) pairs a plan moved, for the sockets connected through them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Moves {
+    /// No longer translated to: removed, draining, ejected, or the VIP left the kernel.
+    pub(crate) left_kernel: Vec<(VipKey, SocketAddr)>,
+    /// No longer an active backend of the VIP in the table (removed or draining; not ejected).
+    pub(crate) left_table: Vec<(VipKey, SocketAddr)>,
+    /// Active backends of the VIP in the table again.
+    pub(crate) back: Vec<(VipKey, SocketAddr)>,
+}
+
+/// Why a VIP of the table has no service entry: the proxy serves it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NotTranslated {
+    /// No backend is active by the source's account.
+    NoActiveBackend,
+    /// Every active backend of this TCP VIP failed its probe.
+    AllEjected,
+    /// The maps are full.
+    MapsFull,
 }
 
 /// Ids handed out from a pool, smallest free first is not needed: freed ids are reused.
@@ -106,6 +131,14 @@ pub(crate) struct Planner {
     counters: HashMap<(VipKey, SocketAddr), u32>,
     sets: IdPool,
     counter_ids: IdPool,
+    /// What the plans since the last [`Planner::take_moves`] moved.
+    moves: Moves,
+}
+
+/// Whether `b` of `k` is translated to, with `ejected` backends out (TCP VIPs only).
+fn eligible(k: &VipKey, b: &crate::model::Backend, ejected: &BTreeSet<SocketAddr>) -> bool {
+    b.state == BackendState::Active
+        && !(k.protocol == crate::model::Protocol::Tcp && ejected.contains(&b.addr))
 }
 
 impl Planner {
@@ -167,6 +200,9 @@ impl Planner {
                 for b in &v.backends {
                     self.unindex(b.addr, k);
                     gone.push((*k, b.addr));
+                    if b.state == BackendState::Active {
+                        self.moves.left_table.push((*k, b.addr));
+                    }
                 }
             }
         }
@@ -175,6 +211,9 @@ impl Planner {
             if let Some(v) = table.vips.get(k) {
                 for b in &v.backends {
                     self.index(b.addr, *k, &mut ops);
+                    if b.state == BackendState::Active {
+                        self.moves.back.push((*k, b.addr));
+                    }
                 }
             }
         }
@@ -189,9 +228,17 @@ impl Planner {
             for a in &c.backends_removed {
                 self.unindex(*a, &c.key);
                 gone.push((c.key, *a));
+                self.moves.left_table.push((c.key, *a));
             }
             for a in &c.backends_added {
                 self.index(*a, c.key, &mut ops);
+                self.moves.back.push((c.key, *a));
+            }
+            for (a, state) in &c.state_changed {
+                match state {
+                    BackendState::Active => self.moves.back.push((c.key, *a)),
+                    BackendState::Draining => self.moves.left_table.push((c.key, *a)),
+                }
             }
         }
         for a in self.ejected.symmetric_difference(ejected) {
@@ -206,7 +253,7 @@ impl Planner {
             let want: Vec<SocketAddr> = table.vips.get(&k).map_or_else(Vec::new, |v| {
                 v.backends
                     .iter()
-                    .filter(|b| b.state == BackendState::Active && !ejected.contains(&b.addr))
+                    .filter(|b| eligible(&k, b, ejected))
                     .map(|b| b.addr)
                     .collect()
             });
@@ -215,6 +262,10 @@ impl Planner {
                 continue;
             }
             let old = self.installed.remove(&k);
+            if let Some(o) = &old {
+                let left = o.backends.iter().filter(|a| !want.contains(a));
+                self.moves.left_kernel.extend(left.map(|a| (k, *a)));
+            }
             // The new set is written while the old one still stands.
             let fits = self.slots + want.len() <= self.limits.slots
                 && (old.is_some() || self.installed.len() < self.limits.services);
@@ -295,6 +346,36 @@ impl Planner {
                 self.by_backend.remove(&addr);
             }
         }
+    }
+
+    /// The pairs moved since the last call.
+    pub(crate) fn take_moves(&mut self) -> Moves {
+        std::mem::take(&mut self.moves)
+    }
+
+    /// Why `vip` of the table planned last has no service entry (`None`: it has one, or it is
+    /// not in the table).
+    pub(crate) fn not_translated(&self, vip: &VipKey) -> Option<NotTranslated> {
+        if self.installed.contains_key(vip) {
+            return None;
+        }
+        let v = self.table.vips.get(vip)?;
+        Some(if self.waiting.contains(vip) {
+            NotTranslated::MapsFull
+        } else if v.backends.iter().any(|b| b.state == BackendState::Active) {
+            NotTranslated::AllEjected
+        } else {
+            NotTranslated::NoActiveBackend
+        })
+    }
+
+    /// [`Planner::not_translated`] of every VIP of the table that has no service entry.
+    pub(crate) fn not_translated_all(&self) -> std::collections::BTreeMap<VipKey, NotTranslated> {
+        self.table
+            .vips
+            .keys()
+            .filter_map(|k| Some((*k, self.not_translated(k)?)))
+            .collect()
     }
 
     /// Every counter index in use, with its VIP and backend.

@@ -2,6 +2,8 @@
 //! so it probes instead. Every `interval`, one TCP connect (handshake, then close) to each
 //! distinct backend address of a TCP VIP, with the proxy's own passive-health policy
 //! ([`Health`]): a refusal ejects at once, timeouts after a few in a row, back-off doubling.
+//! An ejection leaves the backend out of TCP VIPs only: a UDP backend is never judged by a
+//! TCP probe (the planner ignores the ejected set for UDP VIPs; the source's health rules).
 //! The probes are the cost: per agent, one handshake per backend per `interval` (2/s at the
 //! default 500 ms), which the backend sees as an accepted-then-closed connection.
 

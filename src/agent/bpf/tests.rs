@@ -408,6 +408,85 @@ fn backend_change_and_vip_removal_while_connections_are_open() {
     kp.close().unwrap();
 }
 
+/// Whether `r` is the error a destroyed socket reports (or the one a UDP socket it
+/// disconnected gives on its next send).
+fn aborted<T>(r: &std::io::Result<T>) -> bool {
+    matches!(
+        r.as_ref().map_err(|e| e.raw_os_error()),
+        Err(Some(
+            libc::ECONNABORTED | libc::EDESTADDRREQ | libc::ECONNRESET
+        ))
+    )
+}
+
+#[test]
+fn sockets_translated_to_a_gone_backend_are_destroyed_and_direct_ones_kept() {
+    if !is_root() {
+        return;
+    }
+    let host = Host::new();
+    let ns = Netns::new();
+    let (b1, _l1) = tcp_backend(&ns, "127.0.0.1:0", "b1");
+    let u1 = udp_backend(&ns, "127.0.0.1:0", "u1");
+    let tvip = key("198.18.0.7:80", Protocol::Tcp);
+    let uvip = key("198.18.0.7:53", Protocol::Udp);
+    let cfg = host.config(&unique("agent"));
+    let t = table(1, &[(tvip, vec![(b1, A)]), (uvip, vec![(u1, A)])]);
+    let (tv, uv) = (tvip.socket_addr(), uvip.socket_addr());
+    ns.run(move || {
+        let mut kp = KernelPath::load(&cfg).expect("load");
+        assert_eq!(
+            kp.closes_sockets(),
+            Ok(()),
+            "this kernel runs the socket iterators"
+        );
+        kp.apply(&t, &BTreeSet::new()).expect("apply");
+        let udp = |to: SocketAddr| {
+            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.connect(to).unwrap();
+            s.send(b"x").unwrap();
+            let mut buf = [0u8; 64];
+            s.recv(&mut buf).expect("an answer");
+            s
+        };
+        let tcp = |to: SocketAddr| {
+            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut buf = [0u8; 2];
+            s.read_exact(&mut buf).unwrap();
+            s
+        };
+        let (via_vip, direct) = (udp(uv), udp(u1));
+        let (mut tcp_via_vip, mut tcp_direct) = (tcp(tv), tcp(b1));
+        // A pair nobody is connected through destroys nothing.
+        assert_eq!(kp.destroy_sockets(&[(uvip, b1)]).unwrap(), 0);
+        let n = kp.destroy_sockets(&[(uvip, u1), (tvip, b1)]).unwrap();
+        assert_eq!(n, 2, "the two sockets connected via the VIPs");
+        let mut buf = [0u8; 64];
+        let first = via_vip.recv(&mut buf);
+        assert!(aborted(&first), "{first:?}");
+        let again = via_vip.send(b"x");
+        assert!(
+            again.is_err(),
+            "the destroyed UDP socket is no longer connected"
+        );
+        let r = tcp_via_vip.read(&mut buf);
+        assert!(aborted(&r) || matches!(r, Ok(0)), "{r:?}");
+        // The ones connected to the backends directly still talk to them.
+        direct.send(b"y").unwrap();
+        let n = direct.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"u1y");
+        tcp_direct.write_all(b"z").unwrap();
+        tcp_direct.read_exact(&mut buf[..1]).unwrap();
+        assert_eq!(&buf[..1], b"z");
+        // The map of pairs is empty again: a later run destroys nothing.
+        let (_again, _tcp_again) = (udp(uv), tcp(tv));
+        assert_eq!(kp.destroy_sockets(&[]).unwrap(), 0);
+        kp.close().unwrap();
+    });
+}
+
 #[test]
 fn a_dead_backend_stops_getting_connections_within_2s() {
     if !is_root() {

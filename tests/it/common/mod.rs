@@ -46,6 +46,18 @@ pub fn state_dir() -> &'static std::path::Path {
     })
 }
 
+/// Make `cmd` run the proxy data plane unless it asks for one (`--data-plane` or
+/// `L4LB_DATA_PLANE`): the default (`auto`) would attach the kernel path to the host's cgroup2
+/// root for every socket on the machine, under one pin directory that concurrent tests share.
+/// Tests of the kernel path ask for it with `--bpf-netns-only` and a BPF filesystem of their own.
+pub fn proxy_unless_asked(cmd: &mut std::process::Command) {
+    let asked = cmd.get_args().any(|a| a == "--data-plane")
+        || cmd.get_envs().any(|(k, _)| k == "L4LB_DATA_PLANE");
+    if !asked {
+        cmd.env("L4LB_DATA_PLANE", "proxy");
+    }
+}
+
 /// Poll `f` every `every` until it returns `Some` or `within` passes (then panic with `what`).
 #[track_caller]
 pub fn wait_for<T>(

@@ -109,6 +109,7 @@ impl NetNs {
         cmd.args(["netns", "exec", &self.name])
             .arg(program)
             .env("L4LB_STATE_DIR", super::state_dir());
+        super::proxy_unless_asked(&mut cmd);
         cmd
     }
 

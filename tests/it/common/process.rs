@@ -22,8 +22,9 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(what: &str, mut cmd: impl std::borrow::BorrowMut<Command>) -> Proc {
+        let cmd = cmd.borrow_mut();
+        super::proxy_unless_asked(cmd);
         let mut child = cmd
-            .borrow_mut()
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .env("L4LB_STATE_DIR", super::state_dir())

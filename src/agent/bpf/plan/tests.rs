@@ -82,10 +82,11 @@ fn want(table: &VipTable, ejected: &BTreeSet<SocketAddr>) -> BTreeMap<VipKey, Ve
         .vips
         .iter()
         .map(|(k, v)| {
+            // Probes eject TCP backends only: a UDP VIP keeps every active backend.
             let a: Vec<_> = v
                 .active_backends()
                 .map(|b| b.addr)
-                .filter(|a| !ejected.contains(a))
+                .filter(|a| k.protocol == Protocol::Udp || !ejected.contains(a))
                 .collect();
             (*k, a)
         })
@@ -109,6 +110,7 @@ fn cases() {
         map_ops: usize,
     }
     let t = key(1, Protocol::Tcp);
+    let t2 = key(2, Protocol::Tcp);
     let u = key(1, Protocol::Udp);
     let cases = [
         Case {
@@ -154,17 +156,24 @@ fn cases() {
             map_ops: 3,
         },
         Case {
-            name: "ejected backend left out of every VIP it serves",
+            name: "ejected backend left out of every TCP VIP it serves",
             before: vec![
                 vip(t, &[(A, Active), (B, Active)]),
-                vip(u, &[(A, Active), (C, Active)]),
+                vip(t2, &[(A, Active), (C, Active)]),
             ],
             after: vec![
                 vip(t, &[(A, Active), (B, Active)]),
-                vip(u, &[(A, Active), (C, Active)]),
+                vip(t2, &[(A, Active), (C, Active)]),
             ],
             ejected: vec![A],
             map_ops: (1 + 1 + 2) * 2,
+        },
+        Case {
+            name: "a probe's ejection does not touch a UDP VIP on the same address",
+            before: vec![vip(t, &[(A, Active), (B, Active)]), vip(u, &[(A, Active)])],
+            after: vec![vip(t, &[(A, Active), (B, Active)]), vip(u, &[(A, Active)])],
+            ejected: vec![A],
+            map_ops: 1 + 1 + 2,
         },
     ];
     for c in cases {
@@ -362,4 +371,53 @@ proptest! {
             prop_assert_eq!(maps.services.len() + p.over_capacity(), now_want.len());
         }
     }
+}
+
+#[test]
+fn moves_name_the_pairs_that_left_and_came_back() {
+    let (t, u) = (key(1, Protocol::Tcp), key(1, Protocol::Udp));
+    let (a, b): (SocketAddr, SocketAddr) = (A.parse().unwrap(), B.parse().unwrap());
+    let mut p = Planner::default();
+    let none = BTreeSet::new();
+    let one = Arc::new(VipTable::new(
+        1,
+        [
+            vip(t, &[(A, Active), (B, Active)]),
+            vip(u, &[(A, Active), (B, Active)]),
+        ],
+    ));
+    p.plan(&one, &none);
+    let m = p.take_moves();
+    assert!(m.left_kernel.is_empty() && m.left_table.is_empty());
+    assert_eq!(m.back.len(), 4, "every backend of a new VIP arrives");
+
+    // A is ejected: it leaves the TCP VIP's set (not the table), and the UDP VIP keeps it.
+    p.plan(&one, &BTreeSet::from([a]));
+    let m = p.take_moves();
+    assert_eq!(m.left_kernel, vec![(t, a)]);
+    assert!(m.left_table.is_empty());
+    assert_eq!(p.not_translated(&u), None);
+
+    // B is removed from both, A turns draining in the UDP VIP.
+    let two = Arc::new(VipTable::new(
+        2,
+        [vip(t, &[(A, Active)]), vip(u, &[(A, Draining)])],
+    ));
+    p.plan(&two, &BTreeSet::from([a]));
+    let mut m = p.take_moves();
+    m.left_kernel.sort();
+    m.left_table.sort();
+    assert_eq!(m.left_kernel, vec![(t, b), (u, a), (u, b)]);
+    assert_eq!(m.left_table, vec![(t, b), (u, a), (u, b)]);
+    assert_eq!(p.not_translated(&t), Some(NotTranslated::AllEjected));
+    assert_eq!(p.not_translated(&u), Some(NotTranslated::NoActiveBackend));
+
+    // A is active in the UDP VIP again; the TCP VIP goes.
+    let three = Arc::new(VipTable::new(3, [vip(u, &[(A, Active)])]));
+    p.plan(&three, &none);
+    let m = p.take_moves();
+    assert_eq!(m.back, vec![(u, a)]);
+    assert_eq!(m.left_table, vec![(t, a)]);
+    assert!(m.left_kernel.is_empty(), "the TCP VIP had no set left");
+    assert_eq!(p.not_translated(&t), None, "not in the table");
 }

@@ -3,19 +3,21 @@
 // connect4/6 give TCP and connected UDP sockets to a VIP:port a backend's address once, so every
 // packet after that goes straight to the backend; sendmsg4/6 do it per datagram for unconnected
 // UDP; recvmsg4/6 and getpeername4/6 show the VIP again to the application, from the reverse
-// table written at translation time (keyed by socket cookie + backend).
+// table written at translation time (keyed by socket cookie + backend). sockets.bpf.c (a
+// separate object: its kfunc needs a GPL-compatible license) closes the sockets translated to
+// a backend that is gone, found through `revnat`.
 //
-// Maps (layouts mirrored byte for byte in src/agent/bpf/maps.rs):
+// Maps (their Rust side: src/agent/bpf/layout.rs, checked against this object's BTF by a test):
 //   services  VIP (16-byte address, IPv4 as ::ffff:a.b.c.d; port; protocol) -> (count, set)
 //   backends  (set, slot) -> backend address, port, counter index
-//   revnat    LRU (socket cookie, backend) -> VIP, for recvmsg/getpeername
+//   revnat    LRU (socket cookie, backend) -> VIP, for recvmsg/getpeername and sockets.bpf.c
 //   counters  per-CPU, by counter index: connections, datagrams
 // Userspace writes a changed VIP's active backends as a new set, then switches the service
 // entry to it in one update; a VIP with no service entry is left alone (the proxy listener on
 // the VIP address still serves it).
 //
-// Build (scripts/build-bpf.sh; the object is committed beside this file):
-//   clang -O2 -g -target bpf -c l4lb.bpf.c -o l4lb.bpf.o && llvm-strip -g l4lb.bpf.o
+// Build: scripts/build-bpf.sh (clang -O2 -g -target bpf, then llvm-strip -g: DWARF goes, BTF
+// stays); the object is committed beside this file and scripts/check.sh rebuilds and compares.
 // Only helpers that are not GPL-only are used, so the project's license is declared.
 
 #include <linux/bpf.h>
@@ -27,6 +29,13 @@
 #define MAX_BACKENDS 262144
 #define MAX_REVNAT 65536
 #define MAX_COUNTERS 65536
+
+/* What a cgroup sock_addr program returns: go on with the (possibly rewritten) call, or fail
+ * it with EPERM. l4lb never refuses a call: what it does not translate goes where it was sent. */
+enum verdict {
+	VERDICT_REJECT = 0,
+	VERDICT_PROCEED = 1,
+};
 
 struct svc_key {
 	__u32 ip[4];   /* network order; IPv4 as ::ffff:a.b.c.d */
@@ -113,6 +122,19 @@ static __always_inline int is_v4mapped(const __u32 *ip)
 	return ip[0] == 0 && ip[1] == 0 && ip[2] == bpf_htonl(0xffff);
 }
 
+static __always_inline void set_v4mapped(__u32 *ip, __u32 v4)
+{
+	ip[0] = 0;
+	ip[1] = 0;
+	ip[2] = bpf_htonl(0xffff);
+	ip[3] = v4;
+}
+
+static __always_inline int same_ip(const __u32 *a, const __u32 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
 /* The backend for `key`, uniform among the set's active backends; NULL when not a VIP. */
 static __always_inline struct be_val *pick(struct svc_key *key)
 {
@@ -126,12 +148,17 @@ static __always_inline struct be_val *pick(struct svc_key *key)
 	return bpf_map_lookup_elem(&backends, &bk);
 }
 
+/* Record that this socket's `be` stands for `vip`, unless it already says so: a connected or
+ * unconnected UDP socket comes here for every datagram, and the lookup spares it a write. */
 static __always_inline void remember(struct bpf_sock_addr *ctx, const struct be_val *be,
 				     const struct svc_key *vip)
 {
 	struct nat_key nk = { .cookie = bpf_get_socket_cookie(ctx), .port = be->port };
-	struct nat_val nv = { .port = vip->port };
 	__builtin_memcpy(nk.ip, be->ip, sizeof(nk.ip));
+	struct nat_val *old = bpf_map_lookup_elem(&revnat, &nk);
+	if (old && old->port == vip->port && same_ip(old->ip, vip->ip))
+		return;
+	struct nat_val nv = { .port = vip->port };
 	__builtin_memcpy(nv.ip, vip->ip, sizeof(nv.ip));
 	bpf_map_update_elem(&revnat, &nk, &nv, BPF_ANY);
 }
@@ -159,33 +186,34 @@ static __always_inline int wanted(struct bpf_sock_addr *ctx, int udp_only)
 static __always_inline int translate4(struct bpf_sock_addr *ctx, int datagram)
 {
 	if (!wanted(ctx, datagram))
-		return 1;
+		return VERDICT_PROCEED;
 	struct svc_key key = { .port = (__u16)ctx->user_port, .proto = (__u8)ctx->protocol };
-	key.ip[2] = bpf_htonl(0xffff);
-	key.ip[3] = ctx->user_ip4;
+	set_v4mapped(key.ip, ctx->user_ip4);
 	struct be_val *be = pick(&key);
 	/* An IPv6 backend cannot take an IPv4 socket: the proxy listener serves it. */
 	if (!be || !is_v4mapped(be->ip))
-		return 1;
+		return VERDICT_PROCEED;
 	ctx->user_ip4 = be->ip[3];
 	ctx->user_port = be->port;
 	remember(ctx, be, &key);
 	count(be, datagram);
-	return 1;
+	return VERDICT_PROCEED;
 }
 
 static __always_inline int translate6(struct bpf_sock_addr *ctx, int datagram)
 {
 	if (!wanted(ctx, datagram))
-		return 1;
+		return VERDICT_PROCEED;
 	struct svc_key key = { .port = (__u16)ctx->user_port, .proto = (__u8)ctx->protocol };
+	/* The context's fields are loaded one 4-byte word at a time (the verifier allows no
+	 * other access to them), so these are copies by word, not __builtin_memcpy. */
 	key.ip[0] = ctx->user_ip6[0];
 	key.ip[1] = ctx->user_ip6[1];
 	key.ip[2] = ctx->user_ip6[2];
 	key.ip[3] = ctx->user_ip6[3];
 	struct be_val *be = pick(&key);
 	if (!be)
-		return 1;
+		return VERDICT_PROCEED;
 	ctx->user_ip6[0] = be->ip[0];
 	ctx->user_ip6[1] = be->ip[1];
 	ctx->user_ip6[2] = be->ip[2];
@@ -193,35 +221,50 @@ static __always_inline int translate6(struct bpf_sock_addr *ctx, int datagram)
 	ctx->user_port = be->port;
 	remember(ctx, be, &key);
 	count(be, datagram);
-	return 1;
+	return VERDICT_PROCEED;
+}
+
+/* The VIP this socket's peer `nk` stands for, if the kernel path still serves that VIP. An
+ * entry for a VIP that lost its service entry is stale: deleted, and the peer shown as it is. */
+static __always_inline struct nat_val *reverse_lookup(struct nat_key *nk, __u8 proto)
+{
+	struct nat_val *nv = bpf_map_lookup_elem(&revnat, nk);
+	if (!nv)
+		return NULL;
+	struct svc_key vip = { .port = nv->port, .proto = proto };
+	__builtin_memcpy(vip.ip, nv->ip, sizeof(vip.ip));
+	if (!bpf_map_lookup_elem(&services, &vip)) {
+		bpf_map_delete_elem(&revnat, nk);
+		return NULL;
+	}
+	return nv;
 }
 
 /* Show the VIP instead of the backend the socket talks to (recvmsg source, getpeername). */
 static __always_inline int reverse4(struct bpf_sock_addr *ctx)
 {
 	if (!in_scope(ctx))
-		return 1;
+		return VERDICT_PROCEED;
 	struct nat_key nk = { .cookie = bpf_get_socket_cookie(ctx), .port = (__u16)ctx->user_port };
-	nk.ip[2] = bpf_htonl(0xffff);
-	nk.ip[3] = ctx->user_ip4;
-	struct nat_val *nv = bpf_map_lookup_elem(&revnat, &nk);
+	set_v4mapped(nk.ip, ctx->user_ip4);
+	struct nat_val *nv = reverse_lookup(&nk, (__u8)ctx->protocol);
 	if (nv && is_v4mapped(nv->ip)) {
 		ctx->user_ip4 = nv->ip[3];
 		ctx->user_port = nv->port;
 	}
-	return 1;
+	return VERDICT_PROCEED;
 }
 
 static __always_inline int reverse6(struct bpf_sock_addr *ctx)
 {
 	if (!in_scope(ctx))
-		return 1;
+		return VERDICT_PROCEED;
 	struct nat_key nk = { .cookie = bpf_get_socket_cookie(ctx), .port = (__u16)ctx->user_port };
 	nk.ip[0] = ctx->user_ip6[0];
 	nk.ip[1] = ctx->user_ip6[1];
 	nk.ip[2] = ctx->user_ip6[2];
 	nk.ip[3] = ctx->user_ip6[3];
-	struct nat_val *nv = bpf_map_lookup_elem(&revnat, &nk);
+	struct nat_val *nv = reverse_lookup(&nk, (__u8)ctx->protocol);
 	if (nv) {
 		ctx->user_ip6[0] = nv->ip[0];
 		ctx->user_ip6[1] = nv->ip[1];
@@ -229,7 +272,7 @@ static __always_inline int reverse6(struct bpf_sock_addr *ctx)
 		ctx->user_ip6[3] = nv->ip[3];
 		ctx->user_port = nv->port;
 	}
-	return 1;
+	return VERDICT_PROCEED;
 }
 
 SEC("cgroup/connect4")
