@@ -9,6 +9,7 @@
 pub mod bpf;
 pub mod dns;
 pub mod forward;
+pub mod handoff;
 pub mod netif;
 pub mod saved;
 
