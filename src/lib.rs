@@ -21,5 +21,6 @@ pub mod config;
 pub mod heap;
 pub mod labels;
 pub mod model;
+pub mod sd_notify;
 pub mod source;
 pub mod tls;
