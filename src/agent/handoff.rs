@@ -254,6 +254,12 @@ impl Sockets {
             .collect()
     }
 
+    /// What a successor would inherit from this book (the hand-over without the socket).
+    #[cfg(test)]
+    pub(crate) fn passed_on(&self) -> Sockets {
+        Sockets::inherited(self.snapshot().unwrap_or_default())
+    }
+
     /// Take the inherited socket of `kind` bound to `want` (with port 0, any port of its IP:
     /// the predecessor's pick), checking it is of the right type and address.
     pub fn take(&self, kind: Kind, want: SocketAddr) -> Option<(SocketAddr, OwnedFd)> {
