@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +20,7 @@ use tracing::Instrument;
 use crate::agent::bpf::{KernelMetrics, KernelStats};
 use crate::agent::dns::{DnsCatalog, DnsMetrics, resolv};
 use crate::agent::forward::{ForwardMetrics, ForwardStats, Forwarder};
+use crate::agent::handoff::{HandedOver, Kind, Name, Sockets, Successor};
 use crate::agent::netif::{InterfaceKind, Netif, NetifError};
 use crate::agent::saved::SavedTable;
 use crate::agent::{Agent, AgentMetrics};
@@ -34,6 +36,7 @@ use crate::source::marathon::{client, sync};
 use crate::source::metrics::SourceMetrics;
 use crate::source::state::{BuildConfig, TableState};
 use crate::source::{self, LabelErrorsRx, Publisher, TableRx};
+use crate::upgrade;
 
 /// How `l4lb` failed, which decides its exit code.
 #[derive(Debug, thiserror::Error)]
@@ -287,14 +290,23 @@ fn hosts(urls: &[reqwest::Url]) -> Vec<String> {
         .collect()
 }
 
-/// Bind the API listener and serve `state` on it until the serving group stops.
-async fn start_api(tasks: &mut Tasks, cfg: &ApiConfig, state: ApiState) -> Result<(), AppError> {
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot bind the API on {}: {e}", cfg.listen))?;
+/// Bind the API listener (or take the predecessor's from `sockets`) and serve `state` on it
+/// until the serving group stops.
+async fn start_api(
+    tasks: &mut Tasks,
+    cfg: &ApiConfig,
+    state: ApiState,
+    sockets: &Sockets,
+) -> Result<(), AppError> {
+    let listener = match sockets.take_tcp(Kind::Api, cfg.listen) {
+        Some(l) => tokio::net::TcpListener::from_std(l),
+        None => tokio::net::TcpListener::bind(cfg.listen).await,
+    }
+    .map_err(|e| anyhow::anyhow!("cannot bind the API on {}: {e}", cfg.listen))?;
     let addr = listener
         .local_addr()
         .map_err(|e| anyhow::anyhow!("API address: {e}"))?;
+    sockets.offer(Name::socket(Kind::Api, addr), listener.as_fd());
     tracing::info!(%addr, "API listening");
     let stop = tasks.serving_stop.clone();
     tasks.spawn_serving(
@@ -339,6 +351,7 @@ async fn controller(cfg: ControllerConfig) -> Result<(), AppError> {
         &mut tasks,
         &cfg.api,
         api_state(rx.clone(), reg, &ready, &cfg.api).with_label_errors(rejected),
+        &Sockets::default(),
     )
     .await?;
     ready_on_first(&mut tasks, rx, ready.clone(), "built");
@@ -353,8 +366,9 @@ async fn agent(cfg: AgentConfig) -> Result<(), AppError> {
     let mut reg = registry();
     let metrics = SourceMetrics::new(&mut reg);
     let label_errors = metrics.label_errors.clone();
+    let takeover = Takeover::start(&cfg.node).await?;
     // The privileged step first: without CAP_NET_ADMIN, fail before anything else starts.
-    let netif = open_netif(&cfg.node).await?;
+    let netif = open_netif(&cfg.node, &takeover.sockets).await?;
     let (tx, rx) = source::table_channel();
     let stop = tasks.shutdown.clone();
     let span = tracing::info_span!("source", controllers = cfg.watch.controllers.len());
@@ -370,7 +384,17 @@ async fn agent(cfg: AgentConfig) -> Result<(), AppError> {
         label_errors,
         rejected: None,
     };
-    node(tasks, netif, &cfg.node, &cfg.api, reg, rx, from_source).await
+    node(
+        tasks,
+        netif,
+        &cfg.node,
+        &cfg.api,
+        reg,
+        rx,
+        from_source,
+        takeover,
+    )
+    .await
 }
 
 async fn run(cfg: RunConfig) -> Result<(), AppError> {
@@ -379,18 +403,49 @@ async fn run(cfg: RunConfig) -> Result<(), AppError> {
     let mut reg = registry();
     let metrics = SourceMetrics::new(&mut reg);
     let label_errors = metrics.label_errors.clone();
-    let netif = open_netif(&cfg.node).await?;
+    let takeover = Takeover::start(&cfg.node).await?;
+    let netif = open_netif(&cfg.node, &takeover.sockets).await?;
     let (rx, rejected) = start_source(&mut tasks, cfg.source, cfg.build, metrics)?;
     let from_source = FromSource {
         label_errors,
         rejected: Some(rejected),
     };
-    node(tasks, netif, &cfg.node, &cfg.api, reg, rx, from_source).await
+    node(
+        tasks,
+        netif,
+        &cfg.node,
+        &cfg.api,
+        reg,
+        rx,
+        from_source,
+        takeover,
+    )
+    .await
+}
+
+/// What a node takes over from the agent it replaces (`--take-over`), and what it offers the
+/// one that will replace it.
+struct Takeover {
+    path: std::path::PathBuf,
+    sockets: Sockets,
+    successor: Option<Successor>,
+}
+
+impl Takeover {
+    async fn start(cfg: &NodeConfig) -> Result<Self, AppError> {
+        let path = upgrade::socket_path(&cfg.state_dir, &cfg.interface)?;
+        let (sockets, successor) = upgrade::inherit(cfg.take_over, &path).await?;
+        Ok(Takeover {
+            path,
+            sockets,
+            successor,
+        })
+    }
 }
 
 /// Open (create) the VIP interface; missing privilege is its own error (exit 2).
-async fn open_netif(cfg: &NodeConfig) -> Result<Netif, AppError> {
-    let netif = Netif::open(&cfg.interface, cfg.interface_kind)
+async fn open_netif(cfg: &NodeConfig, sockets: &Sockets) -> Result<Netif, AppError> {
+    let netif = Netif::open_with(&cfg.interface, cfg.interface_kind, sockets)
         .await
         .map_err(|e| match e {
             NetifError::PermissionDenied { .. } => AppError::Privilege(e.to_string()),
@@ -437,6 +492,33 @@ impl BackendStats for ForwardCounters {
         let k = self.1.as_ref()?;
         Some(if k.translates(vip) { "bpf" } else { "proxy" })
     }
+}
+
+/// The DNS sockets of `addr`: the predecessor's where `sockets` has both, else bound here;
+/// offered to a successor either way.
+async fn dns_sockets(
+    addr: std::net::SocketAddr,
+    sockets: &Sockets,
+) -> Result<(tokio::net::UdpSocket, tokio::net::TcpListener), AppError> {
+    let inherited = sockets.take_udp(Kind::DnsUdp, addr).and_then(|u| {
+        let at = u.local_addr().ok()?;
+        let t = sockets.take_tcp(Kind::DnsTcp, at)?;
+        Some((u, t))
+    });
+    let (u, t) = match inherited {
+        Some((u, t)) => (
+            tokio::net::UdpSocket::from_std(u)
+                .map_err(|e| anyhow::anyhow!("DNS on udp {addr}: {e}"))?,
+            tokio::net::TcpListener::from_std(t)
+                .map_err(|e| anyhow::anyhow!("DNS on tcp {addr}: {e}"))?,
+        ),
+        None => bind_dns(addr).await?,
+    };
+    if let (Ok(ua), Ok(ta)) = (u.local_addr(), t.local_addr()) {
+        sockets.offer(Name::socket(Kind::DnsUdp, ua), u.as_fd());
+        sockets.offer(Name::socket(Kind::DnsTcp, ta), t.as_fd());
+    }
+    Ok((u, t))
 }
 
 /// UDP and TCP DNS sockets on the same address and port. With port 0 the UDP socket picks the
@@ -532,6 +614,7 @@ struct FromSource {
 }
 
 /// Interface, DNS, forwarder and API around `tables`, until shutdown and the drain end.
+#[allow(clippy::too_many_arguments)]
 async fn node(
     mut tasks: Tasks,
     netif: Netif,
@@ -540,7 +623,15 @@ async fn node(
     mut reg: Registry,
     tables: TableRx,
     from_source: FromSource,
+    takeover: Takeover,
 ) -> Result<(), AppError> {
+    let Takeover {
+        path: handoff_path,
+        sockets,
+        successor,
+    } = takeover;
+    let handed = HandedOver::default();
+    let notify = crate::sd_notify::Notifier::from_env().map(Arc::new);
     let FromSource {
         label_errors,
         rejected,
@@ -551,7 +642,7 @@ async fn node(
     let mut tcp = Vec::new();
     let mut listen = Vec::new();
     for addr in &cfg.dns_listen {
-        let (u, t) = bind_dns(*addr).await?;
+        let (u, t) = dns_sockets(*addr, &sockets).await?;
         if let Ok(a) = u.local_addr() {
             tracing::info!(addr = %a, "DNS listening");
             listen.push(a);
@@ -582,9 +673,11 @@ async fn node(
     let dns_metrics = DnsMetrics::new(&mut reg);
     let forward_metrics = ForwardMetrics::new(&mut reg);
     let agent_metrics = AgentMetrics::new(&mut reg, label_errors);
-    let forwarder = Forwarder::new(cfg.forward.clone(), forward_metrics, tasks.shutdown.clone());
+    let forwarder = Forwarder::new(cfg.forward.clone(), forward_metrics, tasks.shutdown.clone())
+        .with_sockets(sockets.clone());
     let stats = forwarder.stats();
-    let agent = Agent::new(netif, forwarder, catalog.clone(), agent_metrics);
+    let agent =
+        Agent::new(netif, forwarder, catalog.clone(), agent_metrics).with_hand_over(handed.clone());
     let applied = agent.applied();
 
     // The kernel path, where asked for and where it loads; the proxy runs in every mode.
@@ -597,15 +690,16 @@ async fn node(
     let kernel_stats = KernelStats::with_metrics(KernelMetrics::new(&mut reg, plane));
     if let Some(kp) = kernel {
         let bpf_cfg = cfg.bpf.clone();
-        let (applied, ks, stop) = (
+        let (applied, ks, stop, handed) = (
             applied.clone(),
             kernel_stats.clone(),
             tasks.shutdown.clone(),
+            handed.clone(),
         );
         tasks.spawn(
             "kernel data path",
             async move {
-                crate::agent::bpf::run(kp, &bpf_cfg, applied, ks, stop).await?;
+                crate::agent::bpf::run(kp, &bpf_cfg, applied, ks, stop, handed).await?;
                 Ok(())
             }
             .instrument(tracing::info_span!("bpf")),
@@ -619,7 +713,7 @@ async fn node(
     if let Some(rx) = rejected {
         state = state.with_label_errors(rx);
     }
-    start_api(&mut tasks, api_cfg, state).await?;
+    start_api(&mut tasks, api_cfg, state, &sockets).await?;
     let dns_stop = tasks.serving_stop.clone();
     tasks.spawn_serving(
         "DNS server",
@@ -630,8 +724,20 @@ async fn node(
         .instrument(tracing::info_span!("dns")),
     );
     // DNS is bound above, so the first applied table is all readiness waits for.
-    let restored = restore_table(&mut tasks, cfg, applied.clone());
-    ready_on_first(&mut tasks, applied, ready.clone(), "applied");
+    let (restored, saved) = restore_table(&mut tasks, cfg, applied.clone(), &handed);
+    ready_on_first(&mut tasks, applied.clone(), ready.clone(), "applied");
+    start_upgrades(
+        &mut tasks,
+        Upgrades {
+            path: handoff_path,
+            sockets,
+            successor,
+            saved,
+            applied,
+            handed: handed.clone(),
+            notify: notify.clone(),
+        },
+    );
     let grace = cfg.shutdown_grace;
     let stop = tasks.shutdown.clone();
     tasks.spawn(
@@ -644,8 +750,13 @@ async fn node(
     );
     tasks.until_shutdown().await;
     ready.mark_draining();
-    // The host's programs go back to their own resolvers before l4lb stops answering.
-    if let Some(guard) = managed {
+    let handed_over = handed.is_set();
+    if !handed_over && let Some(n) = &notify {
+        n.tell(&[crate::sd_notify::State::Stopping]);
+    }
+    // The host's programs go back to their own resolvers before l4lb stops answering (after
+    // a hand-over the successor answers them: the file stays).
+    if let Some(guard) = managed.filter(|_| !handed_over) {
         match guard.restore() {
             Ok(()) => tracing::info!("resolv.conf restored"),
             Err(e) => tracing::error!(error = %e, "cannot restore resolv.conf"),
@@ -655,13 +766,68 @@ async fn node(
     tasks.drain(grace + Duration::from_secs(5)).await
 }
 
-/// The table an earlier agent saved (if it is usable), and a task that saves this one's.
-fn restore_table(tasks: &mut Tasks, cfg: &NodeConfig, applied: TableRx) -> Option<VipTable> {
+/// What [`start_upgrades`] needs.
+struct Upgrades {
+    path: std::path::PathBuf,
+    sockets: Sockets,
+    successor: Option<Successor>,
+    saved: Option<SavedTable>,
+    applied: TableRx,
+    handed: HandedOver,
+    notify: Option<Arc<crate::sd_notify::Notifier>>,
+}
+
+/// Tell the predecessor and systemd once serving, then offer this agent's sockets to a
+/// successor; start one on SIGUSR2.
+fn start_upgrades(tasks: &mut Tasks, u: Upgrades) {
+    let (shutdown, serving) = (tasks.shutdown.clone(), tasks.serving_stop.clone());
+    let (notify, stop) = (u.notify.clone(), shutdown.clone());
+    tasks.spawn(
+        "hand-over",
+        async move {
+            let announced = upgrade::announce(
+                u.successor,
+                &u.sockets,
+                u.applied.clone(),
+                u.notify.as_deref(),
+                &shutdown,
+            )
+            .await;
+            if !announced {
+                return Ok(());
+            }
+            upgrade::serve_successors(
+                u.path, u.sockets, u.saved, u.applied, u.handed, shutdown, serving,
+            )
+            .await
+        }
+        .instrument(tracing::info_span!("hand-over")),
+    );
+    match std::env::current_exe() {
+        Ok(exe) => {
+            let args = upgrade::successor_args(std::env::args_os().skip(1));
+            tasks.spawn(
+                "reload signal",
+                upgrade::reexec_on_usr2(exe, args, notify, stop),
+            );
+        }
+        Err(e) => tracing::warn!(error = %e, "own executable unknown: SIGUSR2 cannot upgrade"),
+    }
+}
+
+/// The table an earlier agent saved (if it is usable), and a task that saves this one's
+/// (removed at the end unless `handed` over); the saver, to save for a successor.
+fn restore_table(
+    tasks: &mut Tasks,
+    cfg: &NodeConfig,
+    applied: TableRx,
+    handed: &HandedOver,
+) -> (Option<VipTable>, Option<SavedTable>) {
     let saved = match SavedTable::at(&cfg.state_dir, &cfg.interface, cfg.saved_max) {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "no saved table: a restart waits for the source");
-            return None;
+            return (None, None);
         }
     };
     let restored = match saved.load() {
@@ -671,12 +837,12 @@ fn restore_table(tasks: &mut Tasks, cfg: &NodeConfig, applied: TableRx) -> Optio
             None
         }
     };
-    let stop = tasks.shutdown.clone();
+    let (stop, handed, keeper) = (tasks.shutdown.clone(), handed.clone(), saved.clone());
     tasks.spawn("table saver", async move {
-        saved.keep(applied, stop).await;
+        keeper.keep(applied, stop, handed).await;
         Ok(())
     });
-    restored
+    (restored, Some(saved))
 }
 
 fn check(args: CheckConfig) -> Result<ExitCode, AppError> {

@@ -24,3 +24,4 @@ pub mod model;
 pub mod sd_notify;
 pub mod source;
 pub mod tls;
+pub mod upgrade;

@@ -57,7 +57,7 @@ impl LinkLock {
         std::fs::create_dir_all(dir).map_err(|e| io(format!("creating {}", dir.display()), e))?;
         // The holder unlinks the file when it lets go, so a lock taken on a file that is no
         // longer the one at `path` (unlinked, or replaced by a newer one) is worthless: retry.
-        let mut file = loop {
+        let file = loop {
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
