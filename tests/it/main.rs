@@ -19,3 +19,4 @@ mod netif;
 mod ops;
 mod pods;
 mod resolvers;
+mod takeover;
