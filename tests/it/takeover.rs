@@ -140,7 +140,7 @@ impl Load {
                 let mut i: u16 = 0;
                 while !st.load(Ordering::Relaxed) {
                     i = i.wrapping_add(1);
-                    t.count(&t.dns, dns_query(i, &n, vip.ip(), i % 10 == 0));
+                    t.count(&t.dns, dns_query(i, &n, vip.ip(), i.is_multiple_of(10)));
                     std::thread::sleep(Duration::from_millis(5));
                 }
             }),
@@ -247,6 +247,20 @@ fn take_over_under_load(prefix: &str, plane: &[&str]) {
     assert!(!old.log_has("VIP addresses removed"), "{}", old.log_text());
     c.wait_agent_ready(0, 10 * SEC);
     assert!(c.agent(0).log_has("taking over from the running agent"));
+    if c.bpffs().is_some() {
+        // The successor adopted the pinned programs; the old agent detached nothing.
+        let new = c.agent(0);
+        new.wait_log(
+            "kernel data path taken over from the earlier agent",
+            10 * SEC,
+        );
+        assert!(old.log_has("kernel data path left to the successor"));
+        assert!(
+            !old.log_has("kernel data path detached"),
+            "{}",
+            old.log_text()
+        );
+    }
     // Traffic through the successor alone for a while.
     std::thread::sleep(2 * SEC);
     let tally = load.stop();
