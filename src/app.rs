@@ -794,6 +794,7 @@ fn start_upgrades(tasks: &mut Tasks, u: Upgrades) {
             )
             .await;
             if !announced {
+                u.sockets.withdraw_all();
                 return Ok(());
             }
             upgrade::serve_successors(

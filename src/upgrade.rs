@@ -127,12 +127,15 @@ pub async fn serve_successors(
             tracing::warn!(error = %e, "cannot save the table for the successor");
         }
     };
-    if let Some(pid) = listener.serve(&sockets, prepare, &shutdown).await {
+    let successor = listener.serve(&sockets, prepare, &shutdown).await;
+    if let Some(pid) = successor {
         tracing::info!(successor = pid, "handed over; finishing open connections");
         handed.set();
         serving.cancel();
         shutdown.cancel();
     }
+    // Stopping: no socket may stay open for a successor that will not come.
+    sockets.withdraw_all();
     Ok(())
 }
 

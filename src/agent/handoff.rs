@@ -207,12 +207,25 @@ impl HandedOver {
     }
 }
 
-#[derive(Debug, Default)]
+/// A socket held for a successor: shared with the part serving it, so the book costs no
+/// descriptor of its own.
+type Held = Arc<dyn AsFd + Send + Sync>;
+
+#[derive(Default)]
 struct Book {
-    /// Duplicates of what this agent serves, offered to a successor.
-    offered: BTreeMap<Name, OwnedFd>,
+    /// What this agent serves, offered to a successor.
+    offered: BTreeMap<Name, Held>,
     /// What a predecessor passed and nothing has taken yet.
     inherited: Vec<(Name, OwnedFd)>,
+}
+
+impl fmt::Debug for Book {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Book")
+            .field("offered", &self.offered.keys().collect::<Vec<_>>())
+            .field("inherited", &self.inherited)
+            .finish()
+    }
 }
 
 /// The sockets this agent serves and those it inherited. Cheap to clone (one book).
@@ -230,34 +243,48 @@ impl Sockets {
         s
     }
 
-    /// Offer (a duplicate of) `fd` to a successor under `name`, until [`Sockets::withdraw`].
+    /// Offer a duplicate of `fd` to a successor under `name`, until [`Sockets::withdraw`]
+    /// (for the few sockets whose owner does not share them: DNS, the API, the lock).
     pub fn offer(&self, name: Name, fd: BorrowedFd<'_>) {
         match fd.try_clone_to_owned() {
-            Ok(dup) => {
-                self.book().offered.insert(name, dup);
-            }
+            Ok(dup) => self.offer_shared(name, Arc::new(dup)),
             Err(e) => tracing::warn!(%name, error = %e, "cannot keep the socket for a successor"),
         }
     }
 
-    /// Stop offering `name` (its socket is closing: a duplicate kept here would keep it open).
+    /// Offer `socket` (shared with whoever serves it) under `name`, until
+    /// [`Sockets::withdraw`].
+    pub fn offer_shared(&self, name: Name, socket: Held) {
+        self.book().offered.insert(name, socket);
+    }
+
+    /// Stop offering `name`: its socket is closing, and the book must not keep it open.
     pub fn withdraw(&self, name: &Name) {
         self.book().offered.remove(name);
     }
 
-    /// Duplicates of everything offered, for one offer.
-    fn snapshot(&self) -> io::Result<Vec<(Name, OwnedFd)>> {
+    /// Offer nothing any more (stopping: every socket must close with its server).
+    pub fn withdraw_all(&self) {
+        self.book().offered.clear();
+    }
+
+    /// Everything offered, for one offer.
+    fn snapshot(&self) -> Vec<(Name, Held)> {
         self.book()
             .offered
             .iter()
-            .map(|(n, fd)| Ok((n.clone(), fd.try_clone()?)))
+            .map(|(n, fd)| (n.clone(), Arc::clone(fd)))
             .collect()
     }
 
     /// What a successor would inherit from this book (the hand-over without the socket).
     #[cfg(test)]
     pub(crate) fn passed_on(&self) -> Sockets {
-        Sockets::inherited(self.snapshot().unwrap_or_default())
+        let dups = self.snapshot().into_iter().map(|(n, fd)| {
+            let dup = fd.as_fd().try_clone_to_owned().expect("dup");
+            (n, dup)
+        });
+        Sockets::inherited(dups.collect())
     }
 
     /// Take the inherited socket of `kind` bound to `want` (with port 0, any port of its IP:
@@ -573,9 +600,7 @@ impl Listener {
             return Err(e);
         }
         prepare();
-        let entries = sockets
-            .snapshot()
-            .map_err(sock_err("duplicating sockets for"))?;
+        let entries = sockets.snapshot();
         tracing::info!(
             sockets = entries.len(),
             "a successor asks to take over; offering"

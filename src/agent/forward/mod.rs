@@ -664,8 +664,9 @@ impl Forwarder {
                     None => tcp::bind(addr),
                 }
                 .map(|listener| {
+                    let listener = Arc::new(listener);
                     self.sockets
-                        .offer(handoff_name(key), std::os::fd::AsFd::as_fd(&listener));
+                        .offer_shared(handoff_name(key), Arc::clone(&listener) as _);
                     let task = ctx.tracker.spawn(
                         tcp::accept_loop(
                             Arc::clone(ctx),
@@ -681,7 +682,8 @@ impl Forwarder {
                     let inherited = self.sockets.take_udp(Kind::Udp, addr);
                     udp::io::UdpVip::bind(Arc::clone(ctx), Arc::clone(&shared), inherited).map(
                         |u| {
-                            self.sockets.offer(handoff_name(key), u.as_fd());
+                            self.sockets
+                                .offer_shared(handoff_name(key), u.socket() as _);
                             let u = Arc::new(u);
                             let task = ctx
                                 .tracker
@@ -794,6 +796,10 @@ impl Forwarder {
     /// Stop accepting everywhere, let open TCP connections finish for up to `grace`, then
     /// close whatever is left.
     pub async fn shutdown(self, grace: Duration) {
+        // The listeners close with their loops (none is kept open for a successor).
+        for key in self.live.keys() {
+            self.sockets.withdraw(&handoff_name(key));
+        }
         self.accept_stop.cancel();
         for live in self.live.values() {
             live.shared.drain_all();

@@ -163,8 +163,8 @@ impl UdpVip {
     }
 
     /// The VIP socket, to offer a successor.
-    pub(crate) fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        std::os::fd::AsFd::as_fd(&*self.socket)
+    pub(crate) fn socket(&self) -> Arc<UdpSocket> {
+        Arc::clone(&self.socket)
     }
 
     /// Relay client datagrams until `stop` is cancelled; then every session closes (after a
