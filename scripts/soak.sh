@@ -3,11 +3,14 @@
 # keep connecting through an IP VIP and a named VIP, and faults come every few seconds, in a
 # loop: task churn (1-3 of 3 live backends in the table), a flapping source (the apps file
 # replaced by garbage, then restored), the agent SIGKILLed and restarted, the agent SIGTERMed
-# and restarted, the controller SIGKILLed and restarted, `ip addr flush dev minuteman`.
+# and restarted, the controller SIGKILLed and restarted, `ip addr flush dev minuteman`, and
+# the agent upgraded in place: a new one started with `--take-over` takes its sockets, lock,
+# table and kernel path, and the old one finishes its connections and exits 0.
 # Prints failed client connections (overall, by the fault before them, and those while a data
 # plane existed: all but a SIGTERM's stop-and-start and, with the proxy, a SIGKILL's restart,
 # when the agent process is the data plane), RSS and descriptors of both processes over
-# time, and the addresses left on the link at the end.
+# time, the take-overs' exit codes, and the addresses left on the link at the end. A
+# take-over must lose nothing: its failures are never excused.
 # The agent runs the kernel path where it loads (`--data-plane auto`, restricted to the soak's
 # namespace, pins in a BPF filesystem of the soak's own), so a SIGKILLed agent's programs keep
 # serving until the next agent takes over; SOAK_DATA_PLANE=proxy soaks the proxy alone.
@@ -107,10 +110,11 @@ start_controller() {
     --vip-cidr 198.18.128.0/17 --api-listen "$CTL_API" 2>>"$WORK/controller.log" &
   CTL=$!
 }
+# Extra flags (`--take-over`) go after the usual ones.
 start_agent() {
   ip netns exec "$NS" "$BIN" agent --controller "http://$CTL_API/" --api-listen "$AGENT_API" \
     --dns-listen 127.0.0.1:5454 --drain-timeout 2s --shutdown-grace 1s \
-    --data-plane "$PLANE" --bpf-netns-only --bpffs "$WORK/bpffs" 2>>"$WORK/agent.log" &
+    --data-plane "$PLANE" --bpf-netns-only --bpffs "$WORK/bpffs" "$@" 2>>"$WORK/agent.log" &
   AGENT=$!
 }
 wait_ready() {
@@ -160,6 +164,17 @@ restart_agent() {
   event "agent_down_end $sig"
 }
 
+# Upgrade in place: the old agent must exit 0 by itself once the new one serves.
+take_over() {
+  local old=$AGENT rc=0
+  event "agent_takeover_start"
+  start_agent --take-over
+  wait "$old" || rc=$?
+  wait_ready "$AGENT_API"
+  event "agent_takeover_end $rc"
+  echo "$rc" >>"$WORK/takeovers"
+}
+
 step=0
 END=$(( START + DURATION * 1000 ))
 while [ "$(now_ms)" -lt "$END" ]; do
@@ -169,8 +184,10 @@ while [ "$(now_ms)" -lt "$END" ]; do
     line="$line $(awk '/VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo -) $(ls "/proc/$p/fd" 2>/dev/null | wc -l)"
   done
   echo "$line" >>"$WORK/samples"
-  case $(( step % 6 )) in
-    0) event churn; write_apps $(shuf -e 18081 18082 18083 | head -n $(( RANDOM % 3 + 1 ))) ;;
+  case $(( step % 7 )) in
+    0) event churn
+       mapfile -t live < <(shuf -e 18081 18082 18083 | head -n $(( RANDOM % 3 + 1 )))
+       write_apps "${live[@]}" ;;
     1) event flap; cp "$WORK/apps.json" "$WORK/good.json"
        echo '{"apps": [garbage' >"$WORK/apps.json.new" && mv "$WORK/apps.json.new" "$WORK/apps.json"
        sleep 2; mv "$WORK/good.json" "$WORK/apps.json" ;;
@@ -179,6 +196,7 @@ while [ "$(now_ms)" -lt "$END" ]; do
        sleep 1; start_controller; wait_ready "$CTL_API" ;;
     4) event flush; in_ns ip addr flush dev minuteman ;;
     5) restart_agent TERM ;;
+    6) take_over ;;
   esac
   step=$(( step + 1 ))
   sleep 3
@@ -223,6 +241,8 @@ for name in ("client-ip", "client-named"):
 print(f"failed while a data plane existed: {total_unexcused}")
 PY
 }
+touch "$WORK/takeovers"
+echo "==> take-overs: $(wc -l <"$WORK/takeovers"), old agents' exit codes: $(sort "$WORK/takeovers" | uniq -c | tr -s ' ' | tr '\n' ',')"
 echo "==> events: $(awk '{print $2}' "$WORK/events" | sort | uniq -c | tr -s ' ' | tr '\n' ',')"
 echo "==> clients"
 report

@@ -16,7 +16,7 @@ use crate::api::limits::ApiRole;
 use crate::cli;
 use crate::config::{AgentConfig, Config, ControllerConfig, Mode, RunConfig, SourceConfig};
 pub use crate::exit::AppError;
-use crate::node::{self, NodeBuilder};
+use crate::node::{self, NodeBuilder, Takeover};
 use crate::source::marathon::{apps, client, sync};
 use crate::source::metrics::SourceMetrics;
 use crate::source::state::BuildConfig;
@@ -147,7 +147,8 @@ async fn agent(cfg: AgentConfig) -> Result<(), AppError> {
     let metrics = SourceMetrics::new(&mut reg);
     let label_errors = metrics.label_errors.clone();
     // The privileged step first: without CAP_NET_ADMIN, fail before anything else starts.
-    let netif = node::open_netif(&cfg.node).await?;
+    let takeover = Takeover::start(&cfg.node).await?;
+    let netif = node::open_netif(&cfg.node, &takeover).await?;
     let (tx, rx) = source::table_channel();
     let stop = tasks.shutdown();
     let span = tracing::info_span!("source", controllers = cfg.watch.controllers.len());
@@ -160,7 +161,7 @@ async fn agent(cfg: AgentConfig) -> Result<(), AppError> {
         .instrument(span),
     );
     NodeBuilder::new(&cfg.node, &cfg.api, reg, label_errors)
-        .run(tasks, netif, rx)
+        .run(tasks, netif, rx, takeover)
         .await
 }
 
@@ -169,10 +170,11 @@ async fn run(cfg: RunConfig) -> Result<(), AppError> {
     let mut reg = registry();
     let metrics = SourceMetrics::new(&mut reg);
     let label_errors = metrics.label_errors.clone();
-    let netif = node::open_netif(&cfg.node).await?;
+    let takeover = Takeover::start(&cfg.node).await?;
+    let netif = node::open_netif(&cfg.node, &takeover).await?;
     let (rx, rejected) = start_source(&mut tasks, cfg.source, cfg.build, metrics)?;
     NodeBuilder::new(&cfg.node, &cfg.api, reg, label_errors)
         .rejected_labels(rejected)
-        .run(tasks, netif, rx)
+        .run(tasks, netif, rx, takeover)
         .await
 }

@@ -401,6 +401,12 @@ pub struct AgentArgs {
     /// Under /run it does not outlive a reboot.
     #[arg(long, env = "L4LB_STATE_DIR", default_value = "/run/l4lb")]
     pub state_dir: PathBuf,
+    /// Replace the agent running on this link with this one, losing nothing: take its
+    /// listening sockets, link lock and table over a unix socket in --state-dir, serve, then
+    /// tell it to stop accepting (it finishes its open connections within its
+    /// --shutdown-grace and exits, removing nothing). Nothing running: start as usual.
+    #[arg(long, env = "L4LB_TAKE_OVER")]
+    pub take_over: bool,
     /// Kernel path: how often each TCP backend is probed (a connect, then close).
     #[arg(long, env = "L4LB_BPF_PROBE_INTERVAL", value_parser = parse_duration, default_value = "500ms")]
     pub bpf_probe_interval: Duration,
@@ -673,6 +679,7 @@ impl AgentArgs {
             interface: self.interface.clone(),
             interface_kind: self.interface_kind,
             state_dir: self.state_dir.clone(),
+            take_over: self.take_over,
             saved_max: DEFAULT_SAVED_MAX,
             dns_listen: ListenConfig {
                 addrs: self.dns_listen.clone(),
@@ -881,8 +888,10 @@ const DEFAULT_SAVED_MAX: u64 = 128 << 20;
 pub struct NodeConfig {
     pub interface: String,
     pub interface_kind: InterfaceKind,
-    /// Where the last applied table is saved.
+    /// Where the last applied table is saved (and the hand-over socket listens).
     pub state_dir: PathBuf,
+    /// Replace the agent running on this link (`--take-over`).
+    pub take_over: bool,
     /// A larger saved table is not read (the answer cap of the agent's source).
     pub saved_max: u64,
     /// Where DNS listens, and the resolv.conf its upstreams may come from.

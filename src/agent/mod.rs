@@ -11,6 +11,7 @@
 pub mod bpf;
 pub mod dns;
 pub mod forward;
+pub mod handoff;
 pub mod netif;
 pub mod saved;
 pub mod stats;
@@ -157,6 +158,8 @@ pub struct Agent {
     /// IP VIPs refused here so far (logged once each).
     refused: HashSet<VipKey>,
     last: Arc<VipTable>,
+    /// Set when a successor took over: the stop then removes nothing (see [`handoff`]).
+    handed_over: handoff::HandedOver,
 }
 
 /// An apply that changed at least this many VIPs, or this many backends, is followed by
@@ -176,7 +179,14 @@ impl Agent {
             failed: HashSet::new(),
             refused: HashSet::new(),
             last: Arc::new(VipTable::default()),
+            handed_over: handoff::HandedOver::default(),
         }
+    }
+
+    /// Stop as a hand-over once `handed` is set: finish open connections, remove nothing.
+    pub fn with_hand_over(mut self, handed: handoff::HandedOver) -> Self {
+        self.handed_over = handed;
+        self
     }
 
     /// The applied tables, for the API.
@@ -519,6 +529,16 @@ impl Agent {
     }
 
     async fn stop(self, grace: Duration) {
+        if self.handed_over.is_set() {
+            // The successor answers the names, serves the VIPs and keeps the addresses.
+            tracing::info!(
+                grace_ms = grace.as_millis() as u64,
+                "handed over: finishing open connections, removing nothing"
+            );
+            self.forwarder.hand_over(grace).await;
+            self.netif.hand_over();
+            return;
+        }
         self.dns.publish(std::iter::empty());
         self.dns.publish_tasks(&std::collections::BTreeMap::new());
         tracing::info!(grace_ms = grace.as_millis() as u64, "draining connections");

@@ -160,11 +160,12 @@ impl SavedTable {
     }
 
     /// Save every applied table (at most once every [`SAVE_EVERY`]) until `shutdown`, then
-    /// remove the file.
+    /// remove the file, unless `handed` is set by then (a successor serves and saves it).
     pub async fn keep(
         self,
         mut applied: watch::Receiver<Arc<VipTable>>,
         shutdown: CancellationToken,
+        handed: crate::agent::handoff::HandedOver,
     ) {
         let mut failing = false;
         loop {
@@ -198,6 +199,9 @@ impl SavedTable {
                 }
                 Err(e) => tracing::debug!(error = %e, "cannot save the table"),
             }
+        }
+        if handed.is_set() {
+            return;
         }
         match self.remove() {
             Ok(()) => tracing::debug!(path = %self.path.display(), "saved table removed"),

@@ -21,3 +21,4 @@ mod netif;
 mod ops;
 mod pods;
 mod resolvers;
+mod takeover;

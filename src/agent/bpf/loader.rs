@@ -441,6 +441,13 @@ impl KernelPath {
             .collect()
     }
 
+    /// Let go without detaching, unpinning or unmounting anything: a successor
+    /// (`--take-over`) has taken the pins over. The links this agent still holds detach
+    /// when it drops them, the successor's own being attached already.
+    pub fn release(self) {
+        tracing::info!(pins = %self.home.display(), "kernel data path left to the successor");
+    }
+
     /// Detach the programs, unpin everything and unmount what this agent mounted.
     pub fn close(self) -> Result<(), BpfError> {
         let KernelPath {

@@ -435,14 +435,16 @@ pub struct KernelCounters {
 /// How often [`run`] reads the kernel's counters into [`KernelStats`].
 const STATS_EVERY: Duration = Duration::from_secs(1);
 
-/// Follow `tables` (and health's ejections) until `shutdown`, then detach and unpin. `stats`
-/// gets the kernel's counters after every apply and every [`STATS_EVERY`].
+/// Follow `tables` (and health's ejections) until `shutdown`, then detach and unpin (unless
+/// `handed` is set by then: a successor took the pins over). `stats` gets the kernel's
+/// counters after every apply and every [`STATS_EVERY`].
 pub async fn run(
     mut kp: KernelPath,
     cfg: &BpfConfig,
     mut tables: watch::Receiver<Arc<VipTable>>,
     stats: KernelStats,
     shutdown: CancellationToken,
+    handed: crate::agent::handoff::HandedOver,
 ) -> Result<(), BpfError> {
     let mut refresh = tokio::time::interval(STATS_EVERY);
     let (targets_tx, targets_rx) = watch::channel(HashSet::new());
@@ -518,6 +520,10 @@ pub async fn run(
     }
     probe_stop.cancel();
     let _ = prober.await;
+    if handed.is_set() {
+        kp.release();
+        return Ok(());
+    }
     kp.close()
 }
 

@@ -511,7 +511,7 @@ fn a_dead_backend_stops_getting_connections_within_2s() {
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(run(kp, &cfg, rx, stats2, stop2))
+        rt.block_on(run(kp, &cfg, rx, stats2, stop2, Default::default()))
     });
     let va = vip.socket_addr();
     let deadline = Instant::now() + Duration::from_secs(5);

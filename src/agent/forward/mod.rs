@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::agent::handoff::{Kind, Name, Sockets};
 use crate::model::{Protocol, VipKey, VipTable, diff};
 use state::VipShared;
 
@@ -511,6 +512,9 @@ struct Ctx {
     hard_kill: CancellationToken,
     /// Accept loops and connections, for the bounded drain at shutdown.
     tracker: TaskTracker,
+    /// Set when a successor took this agent's sockets over: a UDP VIP then stops reading
+    /// but keeps its sessions (their replies) until they expire or the grace ends.
+    handing_over: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -538,6 +542,17 @@ pub struct Forwarder {
     retiring: HashMap<VipKey, usize>,
     retired_tx: mpsc::UnboundedSender<VipKey>,
     retired_rx: mpsc::UnboundedReceiver<VipKey>,
+    /// Sockets inherited from a predecessor (taken before binding) and offered to a successor.
+    sockets: Sockets,
+}
+
+/// A VIP's name in the hand-over manifest.
+fn handoff_name(key: &VipKey) -> Name {
+    let kind = match key.protocol {
+        Protocol::Tcp => Kind::Tcp,
+        Protocol::Udp => Kind::Udp,
+    };
+    Name::socket(kind, key.socket_addr())
 }
 
 impl Forwarder {
@@ -561,6 +576,7 @@ impl Forwarder {
                 splice: true,
                 hard_kill: CancellationToken::new(),
                 tracker: TaskTracker::new(),
+                handing_over: std::sync::atomic::AtomicBool::new(false),
             }),
             accept_stop: shutdown.child_token(),
             current: VipTable::default(),
@@ -569,7 +585,15 @@ impl Forwarder {
             retiring: HashMap::new(),
             retired_tx,
             retired_rx,
+            sockets: Sockets::default(),
         }
+    }
+
+    /// Serve VIPs from `sockets`' inherited listeners where it has them (a predecessor's,
+    /// with `--take-over`), and offer every VIP socket bound from now on there.
+    pub fn with_sockets(mut self, sockets: Sockets) -> Self {
+        self.sockets = sockets;
+        self
     }
 
     /// Make the forwarder serve exactly `table`: bind every VIP not yet bound, update the
@@ -602,6 +626,7 @@ impl Forwarder {
         for key in &d.removed {
             self.current.vips.remove(key);
             if let Some(live) = self.live.remove(key) {
+                self.sockets.withdraw(&handoff_name(key));
                 live.stop.cancel();
                 stopped.push((*key, live.task, Arc::clone(&live.shared)));
                 live.shared.retire(drain);
@@ -632,8 +657,16 @@ impl Forwarder {
             let stop = self.accept_stop.child_token();
             // Every event of this VIP's loop, and of the connections it spawns, carries it.
             let span = tracing::info_span!("vip", vip = %key);
+            let addr = key.socket_addr();
             let bound = match key.protocol {
-                Protocol::Tcp => tcp::bind(key.socket_addr()).map(|listener| {
+                Protocol::Tcp => match self.sockets.take_tcp(Kind::Tcp, addr) {
+                    Some(l) => tokio::net::TcpListener::from_std(l),
+                    None => tcp::bind(addr),
+                }
+                .map(|listener| {
+                    let listener = Arc::new(listener);
+                    self.sockets
+                        .offer_shared(handoff_name(key), Arc::clone(&listener) as _);
                     let task = ctx.tracker.spawn(
                         tcp::accept_loop(
                             Arc::clone(ctx),
@@ -646,13 +679,18 @@ impl Forwarder {
                     (task, None)
                 }),
                 Protocol::Udp => {
-                    udp::io::UdpVip::bind(Arc::clone(ctx), Arc::clone(&shared)).map(|u| {
-                        let u = Arc::new(u);
-                        let task = ctx
-                            .tracker
-                            .spawn(Arc::clone(&u).run(stop.clone()).instrument(span));
-                        (task, Some(u))
-                    })
+                    let inherited = self.sockets.take_udp(Kind::Udp, addr);
+                    udp::io::UdpVip::bind(Arc::clone(ctx), Arc::clone(&shared), inherited).map(
+                        |u| {
+                            self.sockets
+                                .offer_shared(handoff_name(key), u.socket() as _);
+                            let u = Arc::new(u);
+                            let task = ctx
+                                .tracker
+                                .spawn(Arc::clone(&u).run(stop.clone()).instrument(span));
+                            (task, Some(u))
+                        },
+                    )
                 }
             };
             match bound {
@@ -747,9 +785,21 @@ impl Forwarder {
         self.stats.clone()
     }
 
+    /// [`Forwarder::shutdown`] after a successor took the sockets over: stop accepting and
+    /// reading (the successor does), and let open TCP connections and the replies of UDP
+    /// sessions finish for up to `grace`.
+    pub async fn hand_over(self, grace: Duration) {
+        self.ctx.handing_over.store(true, Ordering::SeqCst);
+        self.shutdown(grace).await;
+    }
+
     /// Stop accepting everywhere, let open TCP connections finish for up to `grace`, then
     /// close whatever is left.
     pub async fn shutdown(self, grace: Duration) {
+        // The listeners close with their loops (none is kept open for a successor).
+        for key in self.live.keys() {
+            self.sockets.withdraw(&handoff_name(key));
+        }
         self.accept_stop.cancel();
         for live in self.live.values() {
             live.shared.drain_all();

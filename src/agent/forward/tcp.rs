@@ -110,7 +110,7 @@ impl ConnectError {
 pub(super) async fn accept_loop(
     ctx: Arc<Ctx>,
     vip: Arc<VipShared>,
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     stop: CancellationToken,
 ) {
     loop {

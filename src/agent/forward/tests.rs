@@ -171,6 +171,11 @@ impl Fwd {
         scrape(&self.reg)
     }
 
+    /// The forwarder itself, no longer stopped on drop (a test that hands it over).
+    fn into_inner(mut self) -> Forwarder {
+        self.fwd.take().expect("a forwarder until shutdown")
+    }
+
     /// Stop accepting and drain for up to `grace`, as the agent does on shutdown.
     async fn shutdown(mut self, grace: Duration) {
         if let Some(f) = self.fwd.take() {
@@ -1562,4 +1567,63 @@ async fn a_backend_of_two_vips_keeps_its_series_until_both_let_go() {
     // The closed connections let go of the backend a moment after the client hangs up.
     let out = scrape_without(&fwd, &b.addr.to_string(), 100).await;
     assert!(!out.contains(&series) && !out.contains(&failures), "{out}");
+}
+
+#[tokio::test]
+async fn a_successor_serves_from_the_inherited_sockets_while_the_old_connections_finish() {
+    let b = Backend::start(Protocol::Tcp, 0).await;
+    let u = Backend::start(Protocol::Udp, 1).await;
+    let (tk, uk) = (free_tcp_vip(), free_udp_vip());
+    let t = table(
+        1,
+        vec![vip(tk, &active(&[b.addr])), vip(uk, &active(&[u.addr]))],
+    );
+    let cfg = ForwardConfig {
+        udp_idle_timeout: Duration::from_millis(300),
+        ..ForwardConfig::default()
+    };
+    let book = crate::agent::handoff::Sockets::default();
+    let mut old = Fwd::new(cfg.clone()).with(|f| f.with_sockets(book.clone()));
+    assert_eq!(old.apply(&t).await.bound.len(), 2);
+    let (mut conn, _) = open(tk).await;
+    echo(&mut conn, b"before\n").await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.send_to(b"x", uk.socket_addr()).await.unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = timeout(T, client.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf[..n], b"b1:x");
+
+    // The successor binds nothing: both VIPs are served from the old sockets.
+    let passed = book.passed_on();
+    let mut new = Fwd::new(cfg).with(|f| f.with_sockets(passed.clone()));
+    let r = new.apply(&t).await;
+    assert_eq!(r.bound.len(), 2, "{:?}", r.failed);
+    assert_eq!(passed.unclaimed(), 0);
+    let handing = tokio::spawn(old.into_inner().hand_over(Duration::from_secs(10)));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    // New connections and datagrams go to the successor; the open one still works.
+    let (mut fresh, _) = open(tk).await;
+    echo(&mut fresh, b"after\n").await;
+    assert_eq!(new.m.connections.get(), 1);
+    echo(&mut conn, b"still\n").await;
+    client.send_to(b"y", uk.socket_addr()).await.unwrap();
+    let (n, _) = timeout(T, client.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf[..n], b"b1:y");
+
+    // The old forwarder ends once its connection closed and its UDP session went idle,
+    // without closing what the successor serves.
+    drop(conn);
+    timeout(Duration::from_secs(5), handing)
+        .await
+        .expect("the old forwarder drained")
+        .unwrap();
+    let (mut later, _) = open(tk).await;
+    echo(&mut later, b"later\n").await;
 }

@@ -5,10 +5,13 @@
 //! instead. The kernel drops the lock when the holder dies, so a SIGKILLed agent never
 //! leaves a stale one (only its file, which the next agent takes). A clean release unlinks
 //! the file while still holding the lock; a taker checks that the file it locked is still
-//! the one at the path, and retries if not.
+//! the one at the path, and retries if not. A successor (`--take-over`) is passed the open
+//! file ([`LinkLock::adopt`]): the lock belongs to the open file, so it holds the lock at
+//! once, and the predecessor lets go without unlinking ([`LinkLock::hand_over`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -23,8 +26,19 @@ pub const LOCK_DIR: &str = "/run/l4lb";
 /// The held lock; dropping it releases it.
 #[derive(Debug)]
 pub(super) struct LinkLock {
-    _file: Flock<File>,
+    /// `None` only once handed over and dropped.
+    file: Option<Flock<File>>,
     path: PathBuf,
+    /// A successor holds the same lock: leave the file.
+    handed_over: bool,
+}
+
+/// The lock file of `link` in the calling thread's network namespace.
+pub(super) fn lock_path(dir: &Path, link: &str) -> std::io::Result<PathBuf> {
+    // /proc/self names the process's main thread; a thread that entered another namespace
+    // (tests do) must ask about itself.
+    let ns = std::fs::metadata("/proc/thread-self/ns/net")?.ino();
+    Ok(dir.join(format!("{link}.{ns}.lock")))
 }
 
 impl LinkLock {
@@ -38,16 +52,12 @@ impl LinkLock {
                 NetifError::Lock { op, source: e }
             }
         };
-        // /proc/self names the process's main thread; a thread that entered another namespace
-        // (tests do) must ask about itself.
-        let ns = std::fs::metadata("/proc/thread-self/ns/net")
-            .map_err(|e| io("reading the network namespace".into(), e))?
-            .ino();
+        let path =
+            lock_path(dir, link).map_err(|e| io("reading the network namespace".into(), e))?;
         std::fs::create_dir_all(dir).map_err(|e| io(format!("creating {}", dir.display()), e))?;
-        let path = dir.join(format!("{link}.{ns}.lock"));
         // The holder unlinks the file when it lets go, so a lock taken on a file that is no
         // longer the one at `path` (unlinked, or replaced by a newer one) is worthless: retry.
-        let mut file = loop {
+        let file = loop {
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -83,7 +93,44 @@ impl LinkLock {
                 Err(e) => return Err(io(format!("reading {}", path.display()), e)),
             }
         };
-        // Who holds it, for the next one's error message.
+        Ok(LinkLock::holding(file, path))
+    }
+
+    /// Hold the lock of `link` through `file`, the open lock file a predecessor passed on:
+    /// it must be the file at the lock's path, and its lock must be the predecessor's (a
+    /// lock that another open file holds is refused as [`NetifError::Busy`]).
+    pub(super) fn adopt(dir: &Path, link: &str, file: File) -> Result<Self, NetifError> {
+        let err = |op: String, source| NetifError::Lock { op, source };
+        let path =
+            lock_path(dir, link).map_err(|e| err("reading the network namespace".into(), e))?;
+        let held = file
+            .metadata()
+            .map_err(|e| err("reading the inherited lock".into(), e))?;
+        let now =
+            std::fs::metadata(&path).map_err(|e| err(format!("reading {}", path.display()), e))?;
+        if now.ino() != held.ino() || now.dev() != held.dev() {
+            return Err(err(
+                format!("adopting {}", path.display()),
+                std::io::Error::other("the inherited lock is not the file at the path"),
+            ));
+        }
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(f) => Ok(LinkLock::holding(f, path)),
+            Err((mut file, Errno::EWOULDBLOCK)) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                Err(NetifError::Busy {
+                    link: link.to_string(),
+                    holder: holder.trim().to_string(),
+                    lock: path,
+                })
+            }
+            Err((_, e)) => Err(err(format!("locking {}", path.display()), e.into())),
+        }
+    }
+
+    /// Write our PID into the held lock (who holds it, for the next one's error message).
+    fn holding(mut file: Flock<File>, path: PathBuf) -> Self {
         let pid = std::process::id();
         let written = file
             .set_len(0)
@@ -92,11 +139,25 @@ impl LinkLock {
         if let Err(e) = written {
             tracing::debug!(path = %path.display(), error = %e, "cannot write the PID into the lock");
         }
-        Ok(LinkLock { _file: file, path })
+        LinkLock {
+            file: Some(file),
+            path,
+            handed_over: false,
+        }
     }
 
     pub(super) fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The open lock file, to pass to a successor.
+    pub(super) fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.file.as_ref().map(|f| f.as_fd())
+    }
+
+    /// A successor holds the lock now (through the same open file): keep the file on drop.
+    pub(super) fn hand_over(&mut self) {
+        self.handed_over = true;
     }
 }
 
@@ -104,7 +165,13 @@ impl Drop for LinkLock {
     /// Unlink the file while still holding the lock (the lock goes with the field, after
     /// this), so lock files do not pile up; `acquire` copes with one unlinked under it.
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if self.handed_over {
+            // Dropping the `Flock` would unlock the open file the successor shares: leave
+            // the descriptor to the process's exit instead.
+            std::mem::forget(self.file.take());
+        } else {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -132,6 +199,29 @@ mod tests {
         let again = LinkLock::acquire(dir.path(), "vip9").expect("released on drop");
         assert!(path.exists());
         drop(again);
+    }
+
+    #[test]
+    fn a_successor_adopts_the_passed_lock_and_the_predecessor_leaves_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut old = LinkLock::acquire(dir.path(), "vip6").unwrap();
+        // A file opened anew is another open file: its lock is refused.
+        let other = File::open(old.path()).unwrap();
+        assert!(matches!(
+            LinkLock::adopt(dir.path(), "vip6", other),
+            Err(NetifError::Busy { .. })
+        ));
+        let passed = File::from(old.fd().unwrap().try_clone_to_owned().unwrap());
+        let new = LinkLock::adopt(dir.path(), "vip6", passed).expect("the same open file");
+        old.hand_over();
+        drop(old);
+        assert!(new.path().exists(), "the successor's lock file stays");
+        assert!(matches!(
+            LinkLock::acquire(dir.path(), "vip6"),
+            Err(NetifError::Busy { .. })
+        ));
+        drop(new);
+        assert!(LinkLock::acquire(dir.path(), "vip6").is_ok());
     }
 
     #[test]

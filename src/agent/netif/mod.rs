@@ -22,6 +22,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
+use crate::agent::handoff::{Kind, Name, Sockets};
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::address::{
@@ -183,6 +184,16 @@ impl Netif {
     /// ([`NetifError::Unsuitable`]); a link another live `Netif` holds (another agent) is
     /// refused ([`NetifError::Busy`]). `None` installs nothing. Must run inside a tokio runtime.
     pub async fn open(name: &str, kind: InterfaceKind) -> Result<Self, NetifError> {
+        Self::open_with(name, kind, &Sockets::default()).await
+    }
+
+    /// [`Netif::open`], holding the link's lock through the lock file a predecessor passed
+    /// in `sockets` if it did (`--take-over`), and offering it there to a successor.
+    pub async fn open_with(
+        name: &str,
+        kind: InterfaceKind,
+        sockets: &Sockets,
+    ) -> Result<Self, NetifError> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(NetifError::Socket)?;
         let conn = tokio::spawn(conn);
         let mut me = Netif {
@@ -202,8 +213,25 @@ impl Netif {
             return Ok(me);
         }
         // Before touching anything: a second agent on this link must not undo the first.
-        let lock = lock::LinkLock::acquire(std::path::Path::new(LOCK_DIR), name)?;
+        let dir = std::path::Path::new(LOCK_DIR);
+        let inherited = lock::lock_path(dir, name)
+            .ok()
+            .and_then(|p| sockets.take_lock(&p));
+        let lock = match inherited {
+            Some(file) => lock::LinkLock::adopt(dir, name, file)?,
+            None => lock::LinkLock::acquire(dir, name)?,
+        };
         debug!(lock = %lock.path().display(), "holding the link's lock");
+        if let Some(fd) = lock.fd() {
+            let at = lock.path().display().to_string();
+            sockets.offer(
+                Name {
+                    kind: Kind::Lock,
+                    at,
+                },
+                fd,
+            );
+        }
         me._lock = Some(lock);
         let (index, actual) = match me.find_link(name).await? {
             Some(msg) => me.check_existing(name, kind, &msg).await?,
@@ -435,6 +463,14 @@ impl Netif {
             }
         }
         Ok(out)
+    }
+
+    /// Let go of the link for a successor that serves it now (`--take-over`): every address,
+    /// anchor and the lock file stay.
+    pub fn hand_over(mut self) {
+        if let Some(l) = &mut self._lock {
+            l.hand_over();
+        }
     }
 
     /// Remove every VIP address, and every kept one, from the link (shutdown); the link

@@ -237,7 +237,8 @@ impl Cluster {
             FakeMarathon::start_on(l).await
         });
         let tmp = tempfile::tempdir().unwrap();
-        let bpffs = kernel_path().then(|| {
+        let bpf = kernel_path() || spec.extra_agent_args.iter().any(|a| a == "bpf");
+        let bpffs = bpf.then(|| {
             let dir = tmp.path().join("bpffs");
             std::fs::create_dir(&dir).unwrap();
             let st = std::process::Command::new("mount")
@@ -325,6 +326,19 @@ impl Cluster {
     }
 
     pub fn spawn_agent(&self, i: usize) -> Proc {
+        self.spawn_agent_with(i, &[])
+    }
+
+    /// [`Cluster::spawn_agent`] with `extra` flags after the usual ones.
+    pub fn spawn_agent_with(&self, i: usize, extra: &[&str]) -> Proc {
+        Proc::spawn(
+            &format!("agent on host {}", i + 1),
+            self.agent_command(i, extra),
+        )
+    }
+
+    /// The command [`Cluster::spawn_agent_with`] runs.
+    pub fn agent_command(&self, i: usize, extra: &[&str]) -> std::process::Command {
         let host = &self.hosts[i];
         let mut cmd = host.ns.command(BIN);
         cmd.args(["--worker-threads", "2", "agent"]);
@@ -351,7 +365,13 @@ impl Cluster {
                 .arg(fs)
                 .args(["--bpf-instance", &format!("h{}", i + 1)]);
         }
-        Proc::spawn(&format!("agent on host {}", i + 1), cmd)
+        cmd.args(extra);
+        cmd
+    }
+
+    /// The BPF file system the agents pin into, when they run the kernel path.
+    pub fn bpffs(&self) -> Option<&std::path::Path> {
+        self.bpffs.as_deref()
     }
 
     /// Where the agents save their last table (one file per host namespace).

@@ -120,9 +120,18 @@ fn bind_socket(addr: SocketAddr, reuse: bool) -> io::Result<UdpSocket> {
 }
 
 impl UdpVip {
-    /// Bind the VIP's socket. Must run inside a tokio runtime.
-    pub(crate) fn bind(ctx: Arc<Ctx>, vip: Arc<VipShared>) -> io::Result<Self> {
-        let socket = Arc::new(bind_socket(vip.key.socket_addr(), true)?);
+    /// Bind the VIP's socket, or serve `inherited` (a predecessor's, already bound to the
+    /// VIP). Must run inside a tokio runtime.
+    pub(crate) fn bind(
+        ctx: Arc<Ctx>,
+        vip: Arc<VipShared>,
+        inherited: Option<std::net::UdpSocket>,
+    ) -> io::Result<Self> {
+        let socket = match inherited {
+            Some(s) => UdpSocket::from_std(s)?,
+            None => bind_socket(vip.key.socket_addr(), true)?,
+        };
+        let socket = Arc::new(socket);
         let flows = Arc::new(Mutex::new(FlowTable::new(
             ctx.cfg.udp_idle_timeout,
             ctx.cfg.max_udp_sessions,
@@ -153,7 +162,14 @@ impl UdpVip {
         drop(gone);
     }
 
-    /// Relay client datagrams until `stop` is cancelled; then every session closes.
+    /// The VIP socket, to offer a successor.
+    pub(crate) fn socket(&self) -> Arc<UdpSocket> {
+        Arc::clone(&self.socket)
+    }
+
+    /// Relay client datagrams until `stop` is cancelled; then every session closes (after a
+    /// hand-over, once idle: their replies still come back through this socket, while the
+    /// successor reads what clients send).
     pub(crate) async fn run(self: Arc<Self>, stop: CancellationToken) {
         let every = (self.ctx.cfg.udp_idle_timeout / 4)
             .clamp(Duration::from_millis(10), Duration::from_secs(1));
@@ -173,7 +189,24 @@ impl UdpVip {
                 },
             }
         }
+        if self.ctx.handing_over.load(Ordering::SeqCst) {
+            self.linger(&mut sweep).await;
+        }
         self.drop_all();
+    }
+
+    /// Keep the sessions until each has been idle for the idle timeout, or the shutdown
+    /// grace ends.
+    async fn linger(&self, sweep: &mut tokio::time::Interval) {
+        while !lock(&self.flows).is_empty() {
+            tokio::select! {
+                () = self.ctx.hard_kill.cancelled() => return,
+                _ = sweep.tick() => {
+                    let gone = lock(&self.flows).expire(Instant::now());
+                    drop(gone);
+                }
+            }
+        }
     }
 
     /// Forward what the VIP socket has queued, a batch at a time, up to [`ROUNDS`] batches.
