@@ -3,7 +3,6 @@
 //! table, real `curl` and `dig`, left-overs reconciled, shutdown removing addresses).
 
 use crate::common::backends;
-use crate::common::marathon;
 use crate::common::netns;
 
 use std::net::SocketAddr;
@@ -12,29 +11,9 @@ use std::time::{Duration, Instant};
 
 use crate::common::BIN;
 use crate::common::process::{Log, Proc};
-use marathon::{add_task, host_app, task};
 use serde_json::Value;
 
-fn apps_json(apps: Vec<Value>) -> String {
-    serde_json::json!({ "apps": apps }).to_string()
-}
-
-/// An app whose tasks are `backends` (host:port), with one port carrying `labels`.
-fn app(id: &str, labels: &[&str], protocol: &str, backends: &[SocketAddr]) -> Value {
-    let mut a = host_app(id, &labels[..1], protocol);
-    let mut l = serde_json::Map::new();
-    for (i, v) in labels.iter().enumerate() {
-        l.insert(format!("VIP_{i}"), Value::from(*v));
-    }
-    a["portDefinitions"][0]["labels"] = Value::Object(l);
-    for (i, b) in backends.iter().enumerate() {
-        add_task(
-            &mut a,
-            task(id, i, &b.ip().to_string(), &[b.port()], "TASK_RUNNING"),
-        );
-    }
-    a
-}
+use crate::common::apps::{ON_LOOPBACK, agent_args, apps_json, labelled_app as app, run_args};
 
 fn spawn_l4lb(cmd: &mut Command) -> (Proc, Log) {
     let p = Proc::spawn("l4lb", cmd);
@@ -123,26 +102,12 @@ async fn run_on_loopback_serves_tcp_udp_dns_and_follows_the_file() {
     write(&web);
 
     // One thread for everything (the current-thread runtime); the cluster suite runs two.
-    let (mut proc, log) = spawn_l4lb(Command::new(BIN).args([
-        "--worker-threads",
-        "1",
-        "run",
-        "--apps-file",
-        file.to_str().unwrap(),
-        "--apps-file-poll",
-        "50ms",
-        "--interface-kind",
-        "none",
-        "--allow-loopback-vips",
-        "--vip-cidr",
-        "127.128.0.0/16",
-        "--api-listen",
-        "127.0.0.1:0",
-        "--dns-listen",
-        "127.0.0.1:0",
-        "--shutdown-grace",
-        "2s",
-    ]));
+    let (mut proc, log) = spawn_l4lb(
+        Command::new(BIN)
+            .args(["--worker-threads", "1"])
+            .args(run_args(&file, &ON_LOOPBACK))
+            .args(["--shutdown-grace", "2s"]),
+    );
     let api = log.addr("API listening", Duration::from_secs(20));
     let dns = log.addr("DNS listening", Duration::from_secs(20));
     wait_until("ready", Duration::from_secs(10), || async {
@@ -310,22 +275,11 @@ async fn a_vip_that_could_not_bind_is_retried_and_the_api_follows_through_the_dr
     let labels = ["/web:80".to_string(), vip.to_string()];
     let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
     std::fs::write(&file, apps_json(vec![app("/web", &labels, "tcp", &[web])])).unwrap();
-    let (mut proc, log) = spawn_l4lb(Command::new(BIN).args([
-        "run",
-        "--apps-file",
-        file.to_str().unwrap(),
-        "--interface-kind",
-        "none",
-        "--allow-loopback-vips",
-        "--vip-cidr",
-        "127.128.0.0/16",
-        "--api-listen",
-        "127.0.0.1:0",
-        "--dns-listen",
-        "127.0.0.1:0",
-        "--shutdown-grace",
-        "10s",
-    ]));
+    let (mut proc, log) = spawn_l4lb(
+        Command::new(BIN)
+            .args(run_args(&file, &ON_LOOPBACK))
+            .args(["--shutdown-grace", "10s"]),
+    );
     let api = log.addr("API listening", Duration::from_secs(20));
     let url = format!("http://{api}/v1/vips");
     wait_until("ready", Duration::from_secs(10), || async {
@@ -437,17 +391,7 @@ async fn an_agent_refuses_vips_no_listener_may_take_whatever_the_controller_send
     );
     tokio::spawn(api::serve(listener, state, stop.clone()));
 
-    let (_agent, log) = spawn_l4lb(Command::new(BIN).args([
-        "agent",
-        "--controller",
-        &format!("http://{ctl}"),
-        "--interface-kind",
-        "none",
-        "--api-listen",
-        "127.0.0.1:0",
-        "--dns-listen",
-        "127.0.0.1:0",
-    ]));
+    let (_agent, log) = spawn_l4lb(Command::new(BIN).args(agent_args(&format!("http://{ctl}"))));
     let api = log.addr("API listening", Duration::from_secs(20));
     log.wait_for("first table applied", Duration::from_secs(20));
     let url = format!("http://{api}/v1/vips");
@@ -599,9 +543,7 @@ fn root_run_in_a_namespace_installs_follows_and_removes_vip_addresses() {
     assert!(!out.status.success(), "removed IP VIP still answers");
 
     // SIGTERM: exit 0 and the VIP addresses are gone.
-    proc.signal(nix::sys::signal::Signal::SIGTERM);
-    let status = proc.exit_within(Duration::from_secs(10));
-    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", log.text());
+    proc.stop_cleanly(Duration::from_secs(10));
     let on = addrs_on(&ns, "minuteman");
     assert!(
         !on.contains("198.18."),

@@ -12,7 +12,7 @@ use crate::common::process::Proc;
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/apps.json");
 
 /// Start `l4lb args…` and wait for its "API listening" log line; return the API address.
-fn start(args: &[&str]) -> (Proc, SocketAddr) {
+fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (Proc, SocketAddr) {
     let mut cmd = Command::new(BIN);
     cmd.args(args);
     let p = Proc::spawn("l4lb", cmd);
@@ -380,19 +380,9 @@ async fn api_token_guards_the_api_and_an_agent_follows_with_it() {
     // An agent given the same file follows the controller (and guards its own API with it).
     let ctl_url = format!("http://{api}");
     let (_agent, agent_api) = tokio::task::spawn_blocking(move || {
-        start(&[
-            "agent",
-            "--controller",
-            &ctl_url,
-            "--api-token-file",
-            &token,
-            "--interface-kind",
-            "none",
-            "--api-listen",
-            "127.0.0.1:0",
-            "--dns-listen",
-            "127.0.0.1:0",
-        ])
+        let mut args = crate::common::apps::agent_args(&ctl_url);
+        args.extend(["--api-token-file".to_string(), token]);
+        start(&args)
     })
     .await
     .unwrap();

@@ -477,20 +477,14 @@ fn s06_controllers_down_then_back() {
     c.marathon.put_app(app(id, &["/ha:80"], "tcp", &tasks));
     let t0 = Instant::now();
     c.marathon.emit_status(id, &task_id(id, no), "TASK_RUNNING");
-    c.wait_backends(
+    third_backend_arrives(
+        &c,
         &vip,
-        &[
-            (b1.addr, "active"),
-            (b2.addr, "active"),
-            (b3.addr, "active"),
-        ],
+        addr,
+        [&b1, &b2, &b3],
+        t0,
+        "after a controller came back",
     );
-    println!(
-        "change after a controller came back reached every agent in {:?}",
-        t0.elapsed()
-    );
-    let hit = (0..60).any(|i| c.get(i % 3, addr).as_deref() == Ok("b3"));
-    assert!(hit, "the new backend was never reached");
 }
 
 /// Scenario 7: Marathon returns garbage, then hangs: tables stay; after recovery they update.
@@ -561,20 +555,7 @@ fn s07_marathon_garbage_and_hang_keep_tables() {
     let t0 = Instant::now();
     c.marathon
         .emit_status(id, &task_id(id, t3.0), "TASK_RUNNING");
-    c.wait_backends(
-        &vip,
-        &[
-            (b1.addr, "active"),
-            (b2.addr, "active"),
-            (b3.addr, "active"),
-        ],
-    );
-    println!(
-        "after recovery the change reached every agent in {:?}",
-        t0.elapsed()
-    );
-    let hit = (0..60).any(|i| c.get(i % 3, addr).as_deref() == Ok("b3"));
-    assert!(hit, "b3 never reached after recovery");
+    third_backend_arrives(&c, &vip, addr, [&b1, &b2, &b3], t0, "after recovery");
 }
 
 /// Scenario 8: Hostile IP VIP labels are refused everywhere; the app's other VIPs are unaffected.
@@ -1109,4 +1090,25 @@ fn s12_kernel_data_path() {
     for p in procs {
         c.keep(p);
     }
+}
+
+/// Wait until every agent lists `backends` active on `vip`, say how long that took since
+/// `t0`, then require that the last of them is reached through `addr`.
+fn third_backend_arrives(
+    c: &Cluster,
+    vip: &str,
+    addr: SocketAddr,
+    backends: [&cluster::Backend; 3],
+    t0: Instant,
+    when: &str,
+) {
+    let want: Vec<_> = backends.iter().map(|b| (b.addr, "active")).collect();
+    c.wait_backends(vip, &want);
+    println!(
+        "the change {when} reached every agent in {:?}",
+        t0.elapsed()
+    );
+    let last = &backends[2].name;
+    let hit = (0..60).any(|i| c.get(i % 3, addr).as_deref() == Ok(last.as_str()));
+    assert!(hit, "{last} was never reached {when}");
 }

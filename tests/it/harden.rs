@@ -9,19 +9,12 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use crate::common::marathon::{add_task, host_app, task};
+use crate::common::apps::{labelled_app, run_args};
 use serde_json::Value;
 
 /// An app with one TCP port labelled `label`, its tasks at `backends`.
 fn app(id: &str, label: &str, backends: &[SocketAddr]) -> Value {
-    let mut a = host_app(id, &[label], "tcp");
-    for (i, b) in backends.iter().enumerate() {
-        add_task(
-            &mut a,
-            task(id, i, &b.ip().to_string(), &[b.port()], "TASK_RUNNING"),
-        );
-    }
-    a
+    labelled_app(id, &[label], "tcp", backends)
 }
 
 fn addrs_on(ns: &netns::NetNs, dev: &str) -> String {
@@ -84,23 +77,7 @@ fn root_a_removed_vip_drains_its_connections_then_closes_them() {
         std::fs::write(&file, serde_json::json!({ "apps": apps }).to_string()).unwrap();
     };
     write(vec![app("/held", "198.18.5.5:80", &[backend])]);
-    let mut cmd = ns.command(BIN);
-    cmd.args([
-        "run",
-        "--apps-file",
-        file.to_str().unwrap(),
-        "--apps-file-poll",
-        "50ms",
-        "--api-listen",
-        "127.0.0.1:0",
-        "--dns-listen",
-        "127.0.0.1:0",
-        "--drain-timeout",
-        "3s",
-        "--shutdown-grace",
-        "1s",
-    ]);
-    let mut proc = Proc::spawn("l4lb", &mut cmd);
+    let mut proc = run_agent_with(&ns, &file, &["--drain-timeout", "3s"]);
     let log = proc.log();
     log.wait_for("first table applied", Duration::from_secs(20));
     let vip: SocketAddr = "198.18.5.5:80".parse().unwrap();
@@ -186,9 +163,7 @@ fn root_a_removed_vip_drains_its_connections_then_closes_them() {
         },
     );
 
-    proc.signal(nix::sys::signal::Signal::SIGTERM);
-    let status = proc.exit_within(Duration::from_secs(10));
-    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", log.text());
+    proc.stop_cleanly(Duration::from_secs(10));
 }
 
 /// One VIP of a controller's table, as the wire carries it.
@@ -288,9 +263,7 @@ fn root_an_agent_refuses_host_loopback_link_local_and_broadcast_vips_named_or_no
         "{metrics}\n{}",
         log.text()
     );
-    proc.signal(nix::sys::signal::Signal::SIGTERM);
-    let status = proc.exit_within(Duration::from_secs(10));
-    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", log.text());
+    proc.stop_cleanly(Duration::from_secs(10));
 }
 
 /// `l4lb run` in `ns` from `file`, serving on a bridge link named `minuteman`.
@@ -301,20 +274,8 @@ fn run_agent(ns: &netns::NetNs, file: &std::path::Path) -> Proc {
 /// [`run_agent`] with `extra` flags.
 fn run_agent_with(ns: &netns::NetNs, file: &std::path::Path, extra: &[&str]) -> Proc {
     let mut cmd = ns.command(BIN);
-    cmd.args([
-        "run",
-        "--apps-file",
-        file.to_str().unwrap(),
-        "--apps-file-poll",
-        "50ms",
-        "--api-listen",
-        "127.0.0.1:0",
-        "--dns-listen",
-        "127.0.0.1:0",
-        "--shutdown-grace",
-        "1s",
-    ])
-    .args(extra);
+    cmd.args(run_args(file, &["--shutdown-grace", "1s"]))
+        .args(extra);
     Proc::spawn("l4lb", &mut cmd)
 }
 
@@ -394,14 +355,7 @@ fn root_a_flushed_link_heals_within_a_second_and_a_second_agent_is_refused() {
     let mut third = run_agent(&ns, &file);
     third.wait_log("first table applied", Duration::from_secs(20));
     assert!(answers(&ns));
-    third.signal(nix::sys::signal::Signal::SIGTERM);
-    let status = third.exit_within(Duration::from_secs(10));
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(0),
-        "{}",
-        third.log_text()
-    );
+    third.stop_cleanly(Duration::from_secs(10));
 }
 
 /// Break 8: SIGHUP (a closed terminal, a stray `kill -HUP`) is a clean stop, never a crash: an

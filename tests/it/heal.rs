@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::common::apps::run_args;
 use crate::common::marathon::{add_task, host_app, task};
 use serde_json::Value;
 
@@ -69,17 +70,7 @@ fn apps_file(dir: &std::path::Path, vips: &[String], backend: SocketAddr) -> std
 /// `l4lb run` in `ns` from `file`, ready (first table applied); returns it with its API.
 fn agent(ns: &NetNs, file: &std::path::Path) -> (Proc, SocketAddr) {
     let mut cmd = ns.command(BIN);
-    cmd.args([
-        "run",
-        "--apps-file",
-        file.to_str().unwrap(),
-        "--api-listen",
-        "127.0.0.1:0",
-        "--dns-listen",
-        "127.0.0.1:0",
-        "--shutdown-grace",
-        "1s",
-    ]);
+    cmd.args(run_args(file, &["--shutdown-grace", "1s"]));
     let proc = Proc::spawn("l4lb", &mut cmd);
     let log = proc.log();
     log.wait_for("first table applied", Duration::from_secs(30));
@@ -244,12 +235,7 @@ fn root_a_flushed_link_is_whole_again_within_100ms() {
         "{}",
         proc.log_text()
     );
-    proc.signal(nix::sys::signal::Signal::SIGTERM);
-    assert_eq!(
-        proc.exit_within(Duration::from_secs(10))
-            .and_then(|s| s.code()),
-        Some(0)
-    );
+    proc.stop_cleanly(Duration::from_secs(10));
     assert!(addrs_on(&ns).is_empty(), "addresses left after SIGTERM");
     assert!(anchors(&ns).is_empty(), "anchor routes left after SIGTERM");
 }
@@ -317,12 +303,7 @@ fn root_clients_through_a_vip_never_fail_across_20_flushes() {
         worst < Duration::from_millis(900),
         "slowest connection {worst:?}"
     );
-    proc.signal(nix::sys::signal::Signal::SIGTERM);
-    assert_eq!(
-        proc.exit_within(Duration::from_secs(10))
-            .and_then(|s| s.code()),
-        Some(0)
-    );
+    proc.stop_cleanly(Duration::from_secs(10));
 }
 
 /// (c) The link deleted is re-created with its addresses; set down, it is brought up again.
@@ -371,12 +352,7 @@ fn root_a_deleted_or_downed_link_comes_back_with_its_vips() {
     assert_eq!(n, 2, "{}", proc.log_text());
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(counter(&ns, api, "l4lb_interface_reconciled_total"), n);
-    proc.signal(nix::sys::signal::Signal::SIGTERM);
-    assert_eq!(
-        proc.exit_within(Duration::from_secs(10))
-            .and_then(|s| s.code()),
-        Some(0)
-    );
+    proc.stop_cleanly(Duration::from_secs(10));
 }
 
 /// (d) 1,000 VIPs flushed at once: 1,000 notifications, one reconcile (a few at most), and
@@ -423,12 +399,7 @@ fn root_a_flush_of_1000_vips_is_one_reconcile() {
         answers(&ns, "198.18.11.250:80"),
         "the last VIP does not answer"
     );
-    proc.signal(nix::sys::signal::Signal::SIGTERM);
-    assert_eq!(
-        proc.exit_within(Duration::from_secs(20))
-            .and_then(|s| s.code()),
-        Some(0)
-    );
+    proc.stop_cleanly(Duration::from_secs(20));
 }
 
 /// Anchor routes follow the table: one per VIP, left by a SIGKILLed agent like its addresses

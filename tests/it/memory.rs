@@ -184,21 +184,10 @@ async fn agent_rss(table: l4lb::model::VipTable) -> (u64, u64, u64) {
     } else {
         Command::new(BIN)
     };
-    cmd.args([
-        "--worker-threads",
-        "2",
-        "agent",
-        "--controller",
-        &format!("http://{ctl}"),
-        "--interface-kind",
-        "none",
-        "--api-listen",
-        "127.0.0.1:0",
-        "--dns-listen",
-        "127.0.0.1:0",
-        "--state-dir",
-    ])
-    .arg(state_dir.path());
+    cmd.args(["--worker-threads", "2"])
+        .args(crate::common::apps::agent_args(&format!("http://{ctl}")))
+        .arg("--state-dir")
+        .arg(state_dir.path());
     let agent = crate::common::process::Proc::spawn("agent", cmd);
     let log = agent.log();
     log.wait_for("first table applied", Duration::from_secs(20));

@@ -15,31 +15,15 @@ use std::time::{Duration, Instant};
 use l4lb::model::status::LabelRejection;
 use serde_json::Value;
 
-use crate::common::marathon::{add_task, host_app, task};
+use crate::common::apps::{labelled_app, write_apps};
 use crate::common::process::{Log, Proc};
 use crate::common::{BIN, backends, netns};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
-/// An app with one port carrying `labels` (`VIP_0`, `VIP_1`, …) and a task per backend.
+/// An app with one TCP port carrying `labels` (`VIP_0`, `VIP_1`, …) and a task per backend.
 fn app(id: &str, labels: &[&str], backends: &[SocketAddr]) -> Value {
-    let mut a = host_app(id, &labels[..1], "tcp");
-    let mut l = serde_json::Map::new();
-    for (i, v) in labels.iter().enumerate() {
-        l.insert(format!("VIP_{i}"), Value::from(*v));
-    }
-    a["portDefinitions"][0]["labels"] = Value::Object(l);
-    for (i, b) in backends.iter().enumerate() {
-        add_task(
-            &mut a,
-            task(id, i, &b.ip().to_string(), &[b.port()], "TASK_RUNNING"),
-        );
-    }
-    a
-}
-
-fn write_apps(path: &Path, apps: Vec<Value>) {
-    std::fs::write(path, serde_json::json!({ "apps": apps }).to_string()).unwrap();
+    labelled_app(id, labels, "tcp", backends)
 }
 
 /// `l4lb <args>` with its API on loopback port 0; returns it with its API address.

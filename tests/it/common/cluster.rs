@@ -70,6 +70,16 @@ pub struct Backend {
 }
 
 impl Backend {
+    fn new(name: &str, host: usize, addr: SocketAddr) -> Self {
+        Backend {
+            name: name.to_string(),
+            host,
+            addr,
+            served: Arc::new(AtomicU64::new(0)),
+            stop: CancellationToken::new(),
+        }
+    }
+
     pub fn port(&self) -> u16 {
         self.addr.port()
     }
@@ -362,23 +372,10 @@ impl Cluster {
     #[track_caller]
     pub fn wait_agent_ready(&mut self, i: usize, within: Duration) {
         let ns = self.hosts[i].name().to_string();
-        let start = Instant::now();
-        loop {
-            if let Ok((200, _)) = http_get_in(&ns, agent_api(), "/ready") {
-                return;
-            }
-            let a = self.agent(i);
-            if let Some(st) = a.try_exit() {
-                panic!("{} exited ({st}):\n{}", a.what, a.log_text());
-            }
-            assert!(
-                start.elapsed() < within,
-                "{} not ready within {within:?}:\n{}",
-                a.what,
-                a.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.agent(i)
+            .wait_alive("ready", within, Duration::from_millis(20), |_| {
+                matches!(http_get_in(&ns, agent_api(), "/ready"), Ok((200, _)))
+            });
     }
 
     // ----- Marathon
@@ -433,10 +430,8 @@ impl Cluster {
             std::net::TcpListener::bind((ip, 0)).unwrap()
         });
         l.set_nonblocking(true).unwrap();
-        let addr = l.local_addr().unwrap();
-        let served = Arc::new(AtomicU64::new(0));
-        let stop = CancellationToken::new();
-        let (n, sv, st) = (name.to_string(), Arc::clone(&served), stop.clone());
+        let b = Backend::new(name, host, l.local_addr().unwrap());
+        let (n, sv, st) = (name.to_string(), Arc::clone(&b.served), b.stop.clone());
         self.rt().spawn(async move {
             let l = tokio::net::TcpListener::from_std(l).unwrap();
             loop {
@@ -453,13 +448,7 @@ impl Cluster {
                 });
             }
         });
-        Backend {
-            name: name.to_string(),
-            host,
-            addr,
-            served,
-            stop,
-        }
+        b
     }
 
     /// An in-process UDP echo backend on host `host`, ephemeral port.
@@ -469,10 +458,8 @@ impl Cluster {
             std::net::UdpSocket::bind((ip, 0)).unwrap()
         });
         s.set_nonblocking(true).unwrap();
-        let addr = s.local_addr().unwrap();
-        let served = Arc::new(AtomicU64::new(0));
-        let stop = CancellationToken::new();
-        let (n, sv, st) = (name.to_string(), Arc::clone(&served), stop.clone());
+        let b = Backend::new(name, host, s.local_addr().unwrap());
+        let (n, sv, st) = (name.to_string(), Arc::clone(&b.served), b.stop.clone());
         self.rt().spawn(async move {
             let s = tokio::net::UdpSocket::from_std(s).unwrap();
             let mut buf = vec![0u8; 2048];
@@ -487,13 +474,7 @@ impl Cluster {
                 let _ = s.send_to(&out, from).await;
             }
         });
-        Backend {
-            name: name.to_string(),
-            host,
-            addr,
-            served,
-            stop,
-        }
+        b
     }
 
     /// A real process backend: `socat` answering HTTP with `name\n` on `host`'s address and

@@ -5,6 +5,7 @@
 
 #[macro_use]
 pub mod netns;
+pub mod apps;
 pub mod backends;
 pub mod cluster;
 pub mod marathon;

@@ -87,6 +87,20 @@ impl Proc {
         self.log.text()
     }
 
+    /// SIGTERM, then require a clean exit (code 0) within `within`, showing the log if not.
+    #[track_caller]
+    pub fn stop_cleanly(&mut self, within: Duration) {
+        self.signal(Signal::SIGTERM);
+        let status = self.exit_within(within);
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(0),
+            "{} after SIGTERM:\n{}",
+            self.what,
+            self.log_text()
+        );
+    }
+
     /// Wait for exit up to `within`; `None` if it is still running then.
     pub fn exit_within(&mut self, within: Duration) -> Option<ExitStatus> {
         let start = Instant::now();
@@ -103,22 +117,38 @@ impl Proc {
 
     #[track_caller]
     pub fn wait_log(&mut self, needle: &str, within: Duration) {
+        let what = format!("logging {needle:?}");
+        self.wait_alive(&what, within, Duration::from_millis(10), |p| {
+            p.log_has(needle)
+        });
+    }
+
+    /// Poll `done` every `every` until it holds; panic with the log if the process exits
+    /// first or `within` passes.
+    #[track_caller]
+    pub fn wait_alive(
+        &mut self,
+        what: &str,
+        within: Duration,
+        every: Duration,
+        mut done: impl FnMut(&Self) -> bool,
+    ) {
         let start = Instant::now();
-        while !self.log_has(needle) {
+        while !done(self) {
             if let Some(st) = self.try_exit() {
                 panic!(
-                    "{} exited ({st}) before logging {needle:?}:\n{}",
+                    "{} exited ({st}) before {what}:\n{}",
                     self.what,
                     self.log_text()
                 );
             }
             assert!(
                 start.elapsed() < within,
-                "{} did not log {needle:?} within {within:?}:\n{}",
+                "{}: not {what} within {within:?}:\n{}",
                 self.what,
                 self.log_text()
             );
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(every);
         }
     }
 }
