@@ -5,6 +5,13 @@
 //! time from publishing a new version of a 10,000-VIP table to every watcher having received
 //! the whole body.
 //!
+//! The first fetch is a resync storm: every watcher asks for the whole table at once, as
+//! after a controller restart. It reports how long until all hold it and how far the
+//! process's peak RSS rose meanwhile, and fails when either passes its bound
+//! (`BENCH_MAX_STORM_MS`, `BENCH_MAX_STORM_MIB`; the defaults hold 10,000 watchers of a
+//! 1,000-VIP table on a 2-core machine: `BENCH_WATCHERS=10000 BENCH_VIPS=1000 cargo bench
+//! --bench watchers`).
+//!
 //! `harness = false`: prints a summary on stderr and one JSON line on stdout.
 //! `BENCH_WATCHERS`, `BENCH_VIPS`, `BENCH_BACKENDS`, `BENCH_ROUNDS` change the sizes.
 
@@ -59,6 +66,18 @@ fn table(version: u64, vips: usize, backends: usize, bump: u16) -> VipTable {
     )
 }
 
+/// This process's peak RSS (`VmHWM`), in KiB.
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -106,6 +125,7 @@ fn main() {
             .timeout(Duration::from_secs(120))
             .build()
             .unwrap();
+        let peak_before = peak_rss_kib();
         let t = Instant::now();
         for _ in 0..watchers {
             let (client, received, target, body_len, errors) = (
@@ -167,11 +187,22 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let initial = t.elapsed();
+        let storm_mib = peak_rss_kib().saturating_sub(peak_before) as f64 / 1024.0;
         let body = body_len.load(Ordering::Relaxed);
         eprintln!(
-            "{watchers} watchers fetched the initial {vips}-VIP x {backends}-backend table ({:.1} MiB) in {:.2} s",
+            "resync storm: {watchers} watchers fetched the whole {vips}-VIP x {backends}-backend table ({:.1} MiB) in {:.2} s; peak RSS +{storm_mib:.0} MiB (server and clients)",
             body as f64 / (1 << 20) as f64,
             initial.as_secs_f64()
+        );
+        let max_ms = env_or("BENCH_MAX_STORM_MS", 60_000);
+        let max_mib = env_or("BENCH_MAX_STORM_MIB", 1_024);
+        assert!(
+            initial.as_millis() <= max_ms as u128,
+            "the resync storm took {initial:?}, over BENCH_MAX_STORM_MS={max_ms}"
+        );
+        assert!(
+            storm_mib <= max_mib as f64,
+            "the resync storm raised peak RSS {storm_mib:.0} MiB, over BENCH_MAX_STORM_MIB={max_mib}"
         );
         // Give every watcher time to park its blocking query.
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -215,6 +246,7 @@ fn main() {
                 "backends_per_vip": backends,
                 "body_bytes": body,
                 "initial_fetch_ms": (initial.as_secs_f64() * 1e3).round(),
+                "storm_peak_rss_mib": storm_mib.round(),
                 "rounds_ms": samples.iter().map(|m| m.round()).collect::<Vec<_>>(),
                 "p50_ms": percentile(&sorted, 0.5).round(),
                 "max_ms": sorted.last().copied().unwrap_or(f64::NAN).round(),

@@ -22,7 +22,10 @@ use crate::agent::forward::{ForwardMetrics, ForwardStats, Forwarder};
 use crate::agent::netif::{InterfaceKind, Netif, NetifError};
 use crate::agent::saved::SavedTable;
 use crate::agent::{Agent, AgentMetrics};
-use crate::api::{self, ApiState, BackendCounters, BackendStats, Readiness, VipCounters};
+use crate::api::limits::ApiRole;
+use crate::api::{
+    self, ApiLimits, ApiMetrics, ApiState, BackendCounters, BackendStats, Readiness, VipCounters,
+};
 use crate::config::{
     AgentConfig, ApiConfig, CheckConfig, CheckFile, Config, ConfigError, ControllerConfig, Mode,
     NodeConfig, RunConfig, SourceConfig, VipsConfig,
@@ -305,9 +308,17 @@ async fn start_api(tasks: &mut Tasks, cfg: &ApiConfig, state: ApiState) -> Resul
     Ok(())
 }
 
-fn api_state(table: TableRx, registry: Registry, ready: &Readiness, api: &ApiConfig) -> ApiState {
+fn api_state(
+    table: TableRx,
+    mut registry: Registry,
+    ready: &Readiness,
+    api: &ApiConfig,
+    role: ApiRole,
+) -> ApiState {
+    let metrics = ApiMetrics::new(&mut registry);
     ApiState::new(table, Arc::new(registry), ready.clone())
         .with_token(api.token.as_ref().map(|t| t.expose().to_string()))
+        .with_limits(ApiLimits::for_role(role, api.max_connections), metrics)
 }
 
 /// Mark `ready` once `table` holds a version (built, or applied), unless shutdown comes first.
@@ -338,7 +349,8 @@ async fn controller(cfg: ControllerConfig) -> Result<(), AppError> {
     start_api(
         &mut tasks,
         &cfg.api,
-        api_state(rx.clone(), reg, &ready, &cfg.api).with_label_errors(rejected),
+        api_state(rx.clone(), reg, &ready, &cfg.api, ApiRole::Controller)
+            .with_label_errors(rejected),
     )
     .await?;
     ready_on_first(&mut tasks, rx, ready.clone(), "built");
@@ -613,9 +625,10 @@ async fn node(
     }
 
     let ready = Readiness::default();
-    let mut state = api_state(applied.clone(), reg, &ready, api_cfg).with_stats(Arc::new(
-        ForwardCounters(stats, (plane == "bpf").then_some(kernel_stats)),
-    ));
+    let mut state =
+        api_state(applied.clone(), reg, &ready, api_cfg, ApiRole::Node).with_stats(Arc::new(
+            ForwardCounters(stats, (plane == "bpf").then_some(kernel_stats)),
+        ));
     if let Some(rx) = rejected {
         state = state.with_label_errors(rx);
     }

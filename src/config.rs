@@ -258,6 +258,12 @@ pub struct ApiArgs {
     /// /metrics; agents send it to their controllers too.
     #[arg(long, env = "L4LB_API_TOKEN_FILE")]
     pub api_token_file: Option<PathBuf>,
+    /// Most API connections at once (each agent's blocking query holds one); past it, health
+    /// is still answered and the rest get a fast 503 with Retry-After. Default: a
+    /// controller's follows the descriptor limit (whose soft value is raised to the hard one
+    /// at start); an agent's takes 1/8 of it, leaving the rest to the data plane.
+    #[arg(long, env = "L4LB_API_MAX_CONNECTIONS")]
+    pub api_max_connections: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -496,9 +502,15 @@ impl BuildArgs {
 
 impl ApiArgs {
     pub fn validate(&self) -> Result<ApiConfig, ConfigError> {
+        if self.api_max_connections == Some(0) {
+            return Err(ConfigError::Invalid(
+                "--api-max-connections must be at least 1".into(),
+            ));
+        }
         Ok(ApiConfig {
             listen: self.api_listen,
             token: token_file(self.api_token_file.as_ref())?,
+            max_connections: self.api_max_connections,
         })
     }
 }
@@ -826,6 +838,8 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
     /// Required (and, by agents, sent) as `Authorization: Bearer`.
     pub token: Option<Secret>,
+    /// `--api-max-connections` (`None`: follow the descriptor limit).
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Clone)]

@@ -27,6 +27,9 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(config.log_format);
+    // A controller's watchers and an agent's proxied connections each hold descriptors.
+    let nofile = l4lb::api::limits::raise_nofile();
+    tracing::debug!(?nofile, "descriptor limit");
     l4lb::tls::init();
     let rt = match runtime(config.worker_threads) {
         Ok(rt) => rt,

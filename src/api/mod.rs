@@ -7,7 +7,7 @@ mod page;
 
 pub mod limits;
 
-pub use limits::ApiLimits;
+pub use limits::{ApiLimits, ApiMetrics};
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -115,6 +115,9 @@ pub struct ApiState {
     pub max_wait: Duration,
     /// Serialised bodies and recent tables, shared by every watcher of a controller.
     cache: Arc<Mutex<BodyCache>>,
+    /// The connection cap and what happens past it.
+    pub limits: ApiLimits,
+    pub metrics: ApiMetrics,
 }
 
 /// A body computed once per key (version, or from→to), however many watchers wait for it.
@@ -200,7 +203,16 @@ impl ApiState {
             token: None,
             max_wait: Duration::from_secs(300),
             cache: Arc::default(),
+            limits: ApiLimits::default(),
+            metrics: ApiMetrics::default(),
         }
+    }
+
+    /// The connection cap, and series (registered by the caller) that show it at work.
+    pub fn with_limits(mut self, limits: ApiLimits, metrics: ApiMetrics) -> Self {
+        self.limits = limits;
+        self.metrics = metrics;
+        self
     }
 
     pub fn with_stats(mut self, stats: Arc<dyn BackendStats>) -> Self {
@@ -224,24 +236,53 @@ pub fn router(state: ApiState) -> Router {
     let protected = Router::new()
         .route("/v1/vips", get(vips))
         .route("/v1/vips/delta", get(vips_delta))
-        .route("/v1/label-errors", get(label_errors))
-        .route("/metrics", get(metrics))
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+        .route("/v1/label-errors", get(label_errors));
     Router::new()
         .route("/", get(page::page))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/ready", get(ready))
-        .merge(protected)
+        .merge(health(protected, &state))
         .with_state(state)
 }
 
-/// Serve on an already-bound listener until `shutdown`, within the default [`ApiLimits`].
+/// `/healthz`, `/ready` and `/metrics`, with `protected` also behind the token.
+fn health(protected: Router<ApiState>, state: &ApiState) -> Router<ApiState> {
+    let protected = protected
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/ready", get(ready))
+        .merge(protected)
+}
+
+/// The routes of a connection past the cap: health as usual, anything else a `503` with
+/// `Retry-After` (an agent then moves on to its next controller).
+pub fn overflow_router(state: ApiState) -> Router {
+    let retry = state.limits.retry_after.as_secs().max(1).to_string();
+    let busy = move || {
+        let retry = retry.clone();
+        async move {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, retry)],
+                "at the connection limit; retry later or elsewhere\n",
+            )
+        }
+    };
+    Router::new()
+        .merge(health(Router::new(), &state))
+        .fallback(busy)
+        .with_state(state)
+}
+
+/// Serve on an already-bound listener until `shutdown`, within `state`'s [`ApiLimits`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: ApiState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    limits::serve(listener, router(state), ApiLimits::default(), shutdown).await
+    let (limits, metrics) = (state.limits, state.metrics.clone());
+    let overflow = overflow_router(state.clone());
+    limits::serve(listener, router(state), overflow, limits, metrics, shutdown).await
 }
 
 async fn auth(State(st): State<ApiState>, req: Request, next: Next) -> Response {
@@ -344,6 +385,22 @@ pub fn parse_wait(s: &str) -> Option<Duration> {
     crate::model::wire::parse_duration(s).ok()
 }
 
+/// One blocking query counted in a gauge for as long as it is alive.
+struct Parked(prometheus_client::metrics::gauge::Gauge);
+
+impl Parked {
+    fn new(g: &prometheus_client::metrics::gauge::Gauge) -> Self {
+        g.inc();
+        Parked(g.clone())
+    }
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// The table to answer with: at once, or (with `index`) once the version differs from it, or
 /// the content at that version changes (an agent binding a VIP it had failed to), or the wait
 /// ends. An index ahead of ours means we restarted: answer at once so the watcher resyncs.
@@ -358,6 +415,8 @@ async fn wait_table(st: &ApiState, q: &VipsQuery) -> Arc<VipTable> {
             .unwrap_or(Duration::from_secs(60))
             .min(st.max_wait);
         if table.version == index {
+            // Counted while parked, also when the client goes away mid-wait.
+            let _parked = Parked::new(&st.metrics.watchers);
             let deadline = tokio::time::Instant::now() + wait;
             while let Ok(Ok(())) = tokio::time::timeout_at(deadline, rx.changed()).await {
                 let next = rx.borrow_and_update().clone();

@@ -9,6 +9,7 @@ pub mod file;
 pub mod marathon;
 pub mod mesos;
 pub mod metrics;
+pub mod rendezvous;
 pub mod state;
 
 use std::collections::HashMap;
