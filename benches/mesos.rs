@@ -75,12 +75,7 @@ fn benches(c: &mut Criterion) {
                     return;
                 };
                 if let (Applied::Tasks(keys), _) = cluster.apply(ev) {
-                    for k in keys {
-                        match cluster.contribution(&k, &mut no_dns) {
-                            Some(a) => st.upsert(a),
-                            None => st.remove(&k),
-                        }
-                    }
+                    st.update(cluster.changed(keys, &mut no_dns));
                 }
                 black_box(st.rebuild(0).table.map(|t| t.version));
             })

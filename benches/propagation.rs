@@ -9,8 +9,11 @@
 
 #![allow(clippy::unwrap_used)] // a bench that fails should stop at once
 
-// The fake Marathon of the integration tests (a bench cannot import a test crate); this
-// bench uses a part of it.
+// The fake Marathon of the integration tests and the server it runs on (a bench cannot
+// import a test crate); this bench uses a part of them.
+#[allow(dead_code, unreachable_pub)]
+#[path = "../tests/it/common/fake.rs"]
+mod fake;
 #[allow(dead_code, unreachable_pub)]
 #[path = "../tests/it/common/marathon.rs"]
 mod marathon;

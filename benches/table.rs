@@ -7,10 +7,11 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use l4lb::model::{Backend, BackendState, Protocol, Vip, VipKey, VipTable, diff};
-use l4lb::source::build::app_vips;
+use l4lb::source::HostCache;
+use l4lb::source::marathon::apps::app_contribution;
+use l4lb::source::marathon::apps::contributions;
 use l4lb::source::marathon::types::{parse_app, parse_apps};
 use l4lb::source::state::{BuildConfig, TableState};
-use l4lb::source::{HostCache, contributions};
 use serde_json::json;
 
 fn app(i: usize, tasks: usize) -> serde_json::Value {
@@ -83,7 +84,7 @@ fn benches(c: &mut Criterion) {
         b.iter(|| {
             flip += 1;
             let a = parse_app(black_box(&versions[flip % 2])).unwrap_or_default();
-            st.upsert(app_vips(&a, &mut |_| None));
+            st.upsert(app_contribution(&a, &mut |_| None));
             let t = st.rebuild(0).table;
             assert!(t.is_some(), "every iteration changes the table");
             black_box(t)

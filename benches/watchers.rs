@@ -1,5 +1,5 @@
 //! Controller fan-out: one controller API (`l4lb::api::serve` over a watch channel, as
-//! tests/it/controller.rs wires it) with 1,000 agents watching it through blocking queries
+//! tests/it/common/ctl.rs wires it) with 1,000 agents watching it through blocking queries
 //! (`GET /v1/vips/delta?index=N&wait=30s` as agents do, or the whole `/v1/vips` with
 //! `BENCH_FULL=1`; one HTTP/1.1 connection each, on loopback). Measures the
 //! time from publishing a new version of a 10,000-VIP table to every watcher having received

@@ -33,7 +33,7 @@ use crate::config::{
 use crate::labels::ReasonLabel;
 use crate::model::wire::{VipJson, table_to_json};
 use crate::model::{VipKey, VipTable};
-use crate::source::marathon::{client, sync};
+use crate::source::marathon::{apps, client, sync};
 use crate::source::metrics::SourceMetrics;
 use crate::source::state::{BuildConfig, TableState};
 use crate::source::{self, LabelErrorsRx, Publisher, TableRx};
@@ -203,7 +203,7 @@ async fn reap(set: &mut JoinSet<Ended>, within: Duration, what: &str, errors: &m
     }
 }
 
-/// Start the configured source (Marathon or apps file) publishing into a new table channel.
+/// Start the configured source (Marathon, Mesos or apps file) publishing into a new table channel.
 fn start_source(
     tasks: &mut Tasks,
     source: SourceConfig,
@@ -221,7 +221,7 @@ fn start_source(
             tasks.spawn(
                 "apps file source",
                 async move {
-                    source::file::run(path, poll, publisher, stop).await;
+                    source::file::run(path, poll, publisher, apps::contributions, stop).await;
                     Ok(())
                 }
                 .instrument(span),
@@ -373,7 +373,7 @@ async fn agent(cfg: AgentConfig) -> Result<(), AppError> {
     tasks.spawn(
         "controller watch",
         async move {
-            source::controller::run(cfg.watch, tx, metrics, stop).await;
+            source::controller_client::run(cfg.watch, tx, metrics, stop).await;
             Ok(())
         }
         .instrument(span),
@@ -708,7 +708,7 @@ fn check(args: CheckConfig) -> Result<ExitCode, AppError> {
         source::mesos::cluster::contributions_of_state(&body, &mut |h| hosts.resolve(h))
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
     } else {
-        source::contributions(&body, &hosts)
+        apps::contributions(&body, &hosts)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
     };
     let mut state = TableState::new(build, 1);

@@ -21,8 +21,8 @@ use crate::agent::netif::InterfaceKind;
 use crate::labels::IpPolicy;
 pub use crate::model::Secret;
 pub use crate::model::wire::parse_duration;
-use crate::source::controller::WatchConfig;
-use crate::source::marathon::client::Auth;
+use crate::source::controller_client::WatchConfig;
+use crate::source::http::Auth;
 use crate::source::state::BuildConfig;
 
 /// A size in bytes: a bare number, or one with `K`/`KiB`, `M`/`MiB`, `G`/`GiB` (powers of
@@ -179,8 +179,9 @@ pub struct VipsArgs {
     pub json: bool,
 }
 
+/// How the source (Marathon or the Mesos master) authenticates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum MarathonAuthKind {
+pub enum SourceAuthKind {
     None,
     Basic,
     Token,
@@ -196,25 +197,26 @@ pub struct SourceArgs {
     pub apps_file: Option<PathBuf>,
     /// Mesos master base URL (repeatable; the leader is followed): every framework's tasks,
     /// Marathon's included, through the operator API. Not with --marathon or --apps-file
-    /// (Mesos already sees Marathon's apps: one app must not become two VIPs). The
-    /// --marathon-auth and credential flags authenticate to Mesos as well.
+    /// (Mesos already sees Marathon's apps: one app must not become two VIPs).
     #[arg(long = "mesos", env = "L4LB_MESOS", value_delimiter = ',', conflicts_with_all = ["marathon", "apps_file"])]
     pub mesos: Vec<Url>,
     /// How often the apps file is checked for changes.
     #[arg(long, env = "L4LB_APPS_FILE_POLL", value_parser = parse_duration, default_value = "500ms")]
     pub apps_file_poll: Duration,
-    /// Marathon authentication.
-    #[arg(long, env = "L4LB_MARATHON_AUTH", value_enum, default_value_t = MarathonAuthKind::None)]
-    pub marathon_auth: MarathonAuthKind,
+    /// How to authenticate to Marathon or the Mesos master (none, basic, token). Default: none.
+    #[arg(long, env = "L4LB_SOURCE_AUTH", value_enum)]
+    pub source_auth: Option<SourceAuthKind>,
     /// File holding `user:password` (basic) or the token (token). Never logged.
-    #[arg(long, env = "L4LB_MARATHON_CREDENTIALS_FILE")]
-    pub marathon_credentials_file: Option<PathBuf>,
+    #[arg(long, env = "L4LB_SOURCE_CREDENTIALS_FILE")]
+    pub source_credentials_file: Option<PathBuf>,
     /// Credentials inline (prefer the env var over the flag: flags show in `ps`). Never logged.
-    #[arg(long, env = "L4LB_MARATHON_CREDENTIALS", hide_env_values = true)]
-    pub marathon_credentials: Option<Secret>,
-    /// Timeout of one Marathon request.
-    #[arg(long, env = "L4LB_MARATHON_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
-    pub marathon_timeout: Duration,
+    #[arg(long, env = "L4LB_SOURCE_CREDENTIALS", hide_env_values = true)]
+    pub source_credentials: Option<Secret>,
+    /// Timeout of one request to Marathon or the Mesos master. Default: 10s.
+    #[arg(long, env = "L4LB_SOURCE_TIMEOUT", value_parser = parse_duration)]
+    pub source_timeout: Option<Duration>,
+    #[command(flatten)]
+    pub old: OldSourceArgs,
     /// Longest Marathon or Mesos answer read (`256MiB`, `64M`, bytes): a longer one is an
     /// error that keeps the last good table. Parsing costs a multiple of the answer in memory,
     /// so this bounds the process's peak too.
@@ -223,6 +225,29 @@ pub struct SourceArgs {
     /// Full re-read of Marathon this often, whatever the event stream says.
     #[arg(long, env = "L4LB_RESYNC_INTERVAL", value_parser = parse_duration, default_value = "30s")]
     pub resync_interval: Duration,
+}
+
+/// The names the source flags had when Marathon was the only source, still read so existing
+/// units keep working; hidden from `--help`. A new name given beside an old one wins.
+#[derive(Debug, Args)]
+pub struct OldSourceArgs {
+    /// Old name of --source-auth.
+    #[arg(long, env = "L4LB_MARATHON_AUTH", value_enum, hide = true)]
+    pub marathon_auth: Option<SourceAuthKind>,
+    /// Old name of --source-credentials-file.
+    #[arg(long, env = "L4LB_MARATHON_CREDENTIALS_FILE", hide = true)]
+    pub marathon_credentials_file: Option<PathBuf>,
+    /// Old name of --source-credentials.
+    #[arg(
+        long,
+        env = "L4LB_MARATHON_CREDENTIALS",
+        hide_env_values = true,
+        hide = true
+    )]
+    pub marathon_credentials: Option<Secret>,
+    /// Old name of --source-timeout.
+    #[arg(long, env = "L4LB_MARATHON_TIMEOUT", value_parser = parse_duration, hide = true)]
+    pub marathon_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Args)]
@@ -387,8 +412,8 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("--marathon-auth {0:?} needs --marathon-credentials-file or L4LB_MARATHON_CREDENTIALS")]
-    MissingCredentials(MarathonAuthKind),
+    #[error("--source-auth {0:?} needs --source-credentials-file or L4LB_SOURCE_CREDENTIALS")]
+    MissingCredentials(SourceAuthKind),
     #[error("basic credentials must look like user:password")]
     BadBasic,
     #[error("{what} {path} is empty")]
@@ -420,14 +445,32 @@ pub enum SourceConfig {
 }
 
 impl SourceArgs {
+    /// The auth kind, credentials file, inline credentials and timeout, each by its new name
+    /// or else its old one.
+    fn access(&self) -> (SourceAuthKind, Option<&PathBuf>, Option<&Secret>, Duration) {
+        let old = &self.old;
+        (
+            self.source_auth
+                .or(old.marathon_auth)
+                .unwrap_or(SourceAuthKind::None),
+            self.source_credentials_file
+                .as_ref()
+                .or(old.marathon_credentials_file.as_ref()),
+            self.source_credentials
+                .as_ref()
+                .or(old.marathon_credentials.as_ref()),
+            self.source_timeout
+                .or(old.marathon_timeout)
+                .unwrap_or(Duration::from_secs(10)),
+        )
+    }
+
     pub fn validate(&self) -> Result<SourceConfig, ConfigError> {
+        let (auth_kind, creds_file, creds_inline, timeout) = self.access();
         if let Some(path) = &self.apps_file {
-            if self.marathon_auth != MarathonAuthKind::None
-                || self.marathon_credentials_file.is_some()
-                || self.marathon_credentials.is_some()
-            {
+            if auth_kind != SourceAuthKind::None || creds_file.is_some() || creds_inline.is_some() {
                 return Err(ConfigError::Invalid(
-                    "Marathon credentials given with --apps-file, which reads no Marathon".into(),
+                    "source credentials given with --apps-file, which needs none".into(),
                 ));
             }
             return Ok(SourceConfig::File {
@@ -438,22 +481,22 @@ impl SourceArgs {
         if self.marathon.is_empty() && self.mesos.is_empty() {
             return Err(ConfigError::NoSource);
         }
-        let creds = match (&self.marathon_credentials_file, &self.marathon_credentials) {
+        let creds = match (creds_file, creds_inline) {
             (Some(p), _) => Some(read_secret(p, "credentials file")?),
             (None, Some(c)) => Some(c.expose().trim().to_string()),
             (None, None) => None,
         };
-        let auth = match (self.marathon_auth, creds) {
-            (MarathonAuthKind::None, _) => Auth::None,
+        let auth = match (auth_kind, creds) {
+            (SourceAuthKind::None, _) => Auth::None,
             (k, None) => return Err(ConfigError::MissingCredentials(k)),
-            (MarathonAuthKind::Basic, Some(c)) => {
+            (SourceAuthKind::Basic, Some(c)) => {
                 let (user, password) = c.split_once(':').ok_or(ConfigError::BadBasic)?;
                 Auth::Basic {
                     user: user.to_string(),
                     password: Secret::from(password),
                 }
             }
-            (MarathonAuthKind::Token, Some(c)) => Auth::Token(Secret::from(c)),
+            (SourceAuthKind::Token, Some(c)) => Auth::Token(Secret::from(c)),
         };
         if !self.mesos.is_empty() {
             for u in &self.mesos {
@@ -462,7 +505,7 @@ impl SourceArgs {
             return Ok(SourceConfig::Mesos {
                 masters: self.mesos.iter().map(with_trailing_slash).collect(),
                 auth,
-                timeout: self.marathon_timeout,
+                timeout,
                 max_answer: self.max_answer_size,
             });
         }
@@ -472,7 +515,7 @@ impl SourceArgs {
         Ok(SourceConfig::Marathon {
             masters: self.marathon.iter().map(with_trailing_slash).collect(),
             auth,
-            timeout: self.marathon_timeout,
+            timeout,
             resync: self.resync_interval,
             max_answer: self.max_answer_size,
         })
@@ -930,6 +973,86 @@ mod tests {
         walk(&Cli::command());
     }
 
+    /// `controller --marathon m1` with `extra` flags: its source's auth and timeout.
+    fn source_access(extra: &[&str]) -> Result<(Auth, Duration), ConfigError> {
+        let mut args = vec!["l4lb", "controller", "--marathon", "http://m1:8080"];
+        args.extend_from_slice(extra);
+        let Command::Controller(c) = Cli::try_parse_from(args).unwrap().command else {
+            panic!()
+        };
+        match c.source.validate()? {
+            SourceConfig::Marathon { auth, timeout, .. } => Ok((auth, timeout)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn source_flags_have_neutral_names_and_still_take_the_old_ones() {
+        let token = |a: &Auth| match a {
+            Auth::Token(t) => t.expose().to_string(),
+            other => panic!("{other:?}"),
+        };
+        let (auth, timeout) = source_access(&[]).unwrap();
+        assert!(matches!(auth, Auth::None));
+        assert_eq!(timeout, Duration::from_secs(10));
+        let new = ["--source-auth", "token", "--source-credentials", "t1"];
+        let (auth, timeout) =
+            source_access(&[&new[..], &["--source-timeout", "3s"]].concat()).unwrap();
+        assert_eq!(
+            (token(&auth), timeout),
+            ("t1".into(), Duration::from_secs(3))
+        );
+        let old = ["--marathon-auth", "token", "--marathon-credentials", "t2"];
+        let (auth, timeout) =
+            source_access(&[&old[..], &["--marathon-timeout", "4s"]].concat()).unwrap();
+        assert_eq!(
+            (token(&auth), timeout),
+            ("t2".into(), Duration::from_secs(4))
+        );
+        // A new name beside an old one wins; the old one fills what the new ones leave out.
+        let (auth, timeout) = source_access(&[
+            "--marathon-auth",
+            "basic",
+            "--source-auth",
+            "token",
+            "--marathon-credentials",
+            "t3",
+            "--marathon-timeout",
+            "5s",
+            "--source-timeout",
+            "6s",
+        ])
+        .unwrap();
+        assert_eq!(
+            (token(&auth), timeout),
+            ("t3".into(), Duration::from_secs(6))
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("creds");
+        std::fs::write(&file, "u:pw\n").unwrap();
+        let file = file.to_str().unwrap();
+        for flag in ["--source-credentials-file", "--marathon-credentials-file"] {
+            let (auth, _) = source_access(&["--source-auth", "basic", flag, file]).unwrap();
+            assert!(
+                matches!(&auth, Auth::Basic { user, password } if user == "u" && password.expose() == "pw"),
+                "{flag}: {auth:?}"
+            );
+        }
+        assert!(matches!(
+            source_access(&["--marathon-auth", "basic"]),
+            Err(ConfigError::MissingCredentials(SourceAuthKind::Basic))
+        ));
+        // The old names are hidden from --help.
+        let help = Cli::command()
+            .find_subcommand_mut("controller")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(help.contains("--source-auth"), "{help}");
+        assert!(!help.contains("--marathon-auth"), "{help}");
+        assert!(!help.contains("L4LB_MARATHON_TIMEOUT"), "{help}");
+    }
+
     #[test]
     fn secrets_never_in_debug() {
         let cli = Cli::try_parse_from([
@@ -937,14 +1060,14 @@ mod tests {
             "controller",
             "--marathon",
             "http://m1:8080",
-            "--marathon-auth",
+            "--source-auth",
             "basic",
-            "--marathon-credentials",
+            "--source-credentials",
             "u:hunter2",
         ])
         .unwrap();
         let shown = format!("{cli:?}");
-        assert!(shown.contains("marathon_credentials"), "{shown}");
+        assert!(shown.contains("source_credentials"), "{shown}");
         assert!(!shown.contains("hunter2"), "{shown}");
         let Command::Controller(c) = cli.command else {
             panic!()

@@ -1,11 +1,19 @@
 //! Where VIP tables come from: Marathon (REST snapshot + SSE invalidation, apps and pods), the
-//! Mesos master (operator API `SUBSCRIBE`), a Marathon-shaped apps file, or, for agents, a
-//! controller's `/v1/vips` watch. Every source publishes whole tables on a
-//! `tokio::sync::watch` channel. Depends on `model`, never on `agent`.
+//! Mesos master (operator API `SUBSCRIBE`), an apps file in Marathon's shape, or, for agents,
+//! a controller's `/v1/vips` watch ([`controller_client`]; [`rendezvous`] ranks controllers
+//! per agent). Every source publishes whole tables on a `tokio::sync::watch` channel. Depends
+//! on `model`, never on `agent`.
+//!
+//! A neutral core serves them all: [`http`] (credentials, errors, capped reads, redaction,
+//! back-off), [`entries`] (labelled ports → VIP entries), [`state`] (contributions → versioned
+//! table), [`metrics`], and here the [`Publisher`], the [`HostCache`] and payload errors.
+//! `marathon`, `mesos`, `file` and `controller_client` depend on that core, never on each
+//! other.
 
-pub mod build;
-pub mod controller;
+pub mod controller_client;
+pub mod entries;
 pub mod file;
+pub mod http;
 pub mod marathon;
 pub mod mesos;
 pub mod metrics;
@@ -19,8 +27,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use self::build::{AppVips, Rejection, app_vips};
-use self::marathon::types::{PayloadError, map_apps, parse_app};
+use serde_json::Value;
+
+use self::entries::{Contribution, Rejection};
 use self::metrics::SourceMetrics;
 use self::state::{BuildConfig, TableState};
 use crate::model::status::{LabelRejection, carry_since};
@@ -113,42 +122,32 @@ impl HostCache {
     }
 }
 
-/// Parse a whole apps payload into per-app contributions (blocking: JSON and DNS).
-pub fn contributions(
-    body: &[u8],
-    hosts: &HostCache,
-) -> Result<(Vec<AppVips>, Vec<String>), PayloadError> {
-    map_apps(body, |a| app_vips(&a, &mut |h| hosts.resolve(h)))
+/// Why a payload was not usable (the last good table stays).
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    #[error("payload is not JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("payload has no {0:?} field of the expected shape")]
+    Shape(&'static str),
 }
 
-/// Why [`read_capped`] stopped.
-#[derive(Debug)]
-pub(crate) enum ReadError {
-    /// The answer is longer than the limit (declared or as read).
-    TooLarge,
-    Http(reqwest::Error),
-}
-
-/// An HTTP answer's body, at most `limit` bytes: refused at once when its declared length is
-/// over, else read chunk by chunk (no extra copy) until it ends or passes the limit. Every
-/// source reads through here (Marathon, Mesos, an agent's controller watch), so one cap
-/// bounds them all.
-pub(crate) async fn read_capped(
-    mut resp: reqwest::Response,
-    limit: usize,
-) -> Result<Vec<u8>, ReadError> {
-    let declared = resp.content_length().unwrap_or(0);
-    if declared > limit as u64 {
-        return Err(ReadError::TooLarge);
-    }
-    let mut out = Vec::with_capacity(declared as usize);
-    while let Some(c) = resp.chunk().await.map_err(ReadError::Http)? {
-        if out.len() + c.len() > limit {
-            return Err(ReadError::TooLarge);
+/// Each element of a list on its own: one that does not parse is returned as an error string
+/// naming it (`<what> <id>: <error>`, the id where `id` finds it) and skipped alone.
+pub fn parse_each<T: serde::de::DeserializeOwned>(
+    raw: Vec<Value>,
+    what: &str,
+    id: impl Fn(&Value) -> Option<&Value>,
+) -> (Vec<T>, Vec<String>) {
+    let mut ok = Vec::with_capacity(raw.len());
+    let mut bad = Vec::new();
+    for v in raw {
+        let name = id(&v).and_then(Value::as_str).unwrap_or("?").to_string();
+        match serde_json::from_value::<T>(v) {
+            Ok(a) => ok.push(a),
+            Err(e) => bad.push(format!("{what} {name}: {e}")),
         }
-        out.extend_from_slice(&c);
     }
-    Ok(out)
+    (ok, bad)
 }
 
 /// Why a source update was not applied. The last good table stays in every case.
@@ -160,9 +159,9 @@ pub enum SourceError {
     Join(#[from] tokio::task::JoinError),
 }
 
-/// Owns the table state and publishes every new version; shared by the Marathon and file
-/// sources. Heavy work (JSON, DNS, merge) runs on the blocking pool so a big cluster never
-/// stalls the data plane sharing the runtime.
+/// Owns the table state and publishes every new version; shared by the Marathon, Mesos and
+/// file sources. Heavy work (JSON, DNS, merge) runs on the blocking pool ([`Publisher::blocking`])
+/// so a big cluster never stalls the data plane sharing the runtime.
 #[derive(Clone)]
 pub struct Publisher {
     state: Arc<Mutex<TableState>>,
@@ -200,94 +199,27 @@ impl Publisher {
             .unwrap_or_default()
     }
 
-    /// Replace every app with those in `body` (a `/v2/apps?embed=apps.tasks` payload).
-    pub async fn snapshot(&self, body: Vec<u8>, changed_at_ms: u64) -> Result<(), SourceError> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let (contribs, bad) = contributions(&body, &this.hosts)?;
-            for b in bad {
-                tracing::warn!(error = %b, "skipping an app that does not parse");
-                this.metrics.sync_error("app_parse");
-            }
-            this.report_hosts(&contribs);
-            this.apply(changed_at_ms, |s| s.replace_all(contribs));
-            this.metrics.last_resync_ms.set(unix_ms_now() as i64);
-            Ok(())
-        })
-        .await?
-    }
-
-    /// Replace every app and pod with those in `apps` and `pods` (a `/v2/pods/::status`
-    /// payload; `None`: a Marathon without pods).
-    pub async fn snapshot_with_pods(
+    /// Run `f` on the blocking pool (JSON, name lookups, the table build) with this
+    /// publisher.
+    pub async fn blocking<T: Send + 'static>(
         &self,
-        apps: Vec<u8>,
-        pods: Option<Vec<u8>>,
-        changed_at_ms: u64,
-    ) -> Result<(), SourceError> {
+        f: impl FnOnce(&Publisher) -> T + Send + 'static,
+    ) -> Result<T, tokio::task::JoinError> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let (mut contribs, mut bad) = contributions(&apps, &this.hosts)?;
-            if let Some(pods) = pods {
-                let (pods, bad_pods) = marathon::pods::parse_pods(&pods)?;
-                bad.extend(bad_pods);
-                contribs.extend(
-                    pods.iter()
-                        .map(|p| marathon::pods::pod_vips(p, &mut |h| this.hosts.resolve(h))),
-                );
-            }
-            for b in bad {
-                tracing::warn!(error = %b, "skipping an app or pod that does not parse");
-                this.metrics.sync_error("app_parse");
-            }
-            this.report_hosts(&contribs);
-            this.apply(changed_at_ms, |s| s.replace_all(contribs));
-            Ok(())
-        })
-        .await?
+        tokio::task::spawn_blocking(move || f(&this)).await
     }
 
-    /// Replace one pod from a `/v2/pods/{id}::status` payload.
-    pub async fn pod(&self, body: Vec<u8>, changed_at_ms: u64) -> Result<(), SourceError> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let pod = marathon::pods::parse_pod(&body)?;
-            let c = marathon::pods::pod_vips(&pod, &mut |h| this.hosts.resolve(h));
-            this.report_hosts(std::slice::from_ref(&c));
-            this.apply(changed_at_ms, |s| s.upsert(c));
-            Ok(())
-        })
-        .await?
-    }
-
-    /// Replace one app from a `/v2/apps/{id}?embed=app.tasks` payload; `None` means the app
-    /// is gone (404).
-    pub async fn app(
-        &self,
-        id: String,
-        body: Option<Vec<u8>>,
-        changed_at_ms: u64,
-    ) -> Result<(), SourceError> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || {
-            match body {
-                None => this.apply(changed_at_ms, |s| s.remove(&id)),
-                Some(body) => {
-                    let app = parse_app(&body)?;
-                    let c = app_vips(&app, &mut |h| this.hosts.resolve(h));
-                    this.report_hosts(std::slice::from_ref(&c));
-                    this.apply(changed_at_ms, |s| s.upsert(c));
-                }
-            }
-            this.metrics.last_event_ms.set(unix_ms_now() as i64);
-            Ok(())
-        })
-        .await?
+    /// Log and count the parts of a payload that did not parse (each skipped alone).
+    pub fn skipped(&self, bad: Vec<String>) {
+        for b in bad {
+            tracing::warn!(error = %b, "skipping an app, pod or task that does not parse");
+            self.metrics.sync_error("app_parse");
+        }
     }
 
     /// Replace every contribution with `contribs` (a source's whole state; blocking: call it
     /// off the async threads).
-    pub fn replace_contributions(&self, contribs: Vec<AppVips>, changed_at_ms: u64) {
+    pub fn replace_contributions(&self, contribs: Vec<Contribution>, changed_at_ms: u64) {
         self.report_hosts(&contribs);
         self.apply(changed_at_ms, |s| s.replace_all(contribs));
     }
@@ -295,19 +227,11 @@ impl Publisher {
     /// Replace (`Some`) or remove (`None`) the contributions named (blocking, as above).
     pub fn update_contributions(
         &self,
-        changes: Vec<(String, Option<AppVips>)>,
+        changes: Vec<(String, Option<Contribution>)>,
         changed_at_ms: u64,
     ) {
-        let seen: Vec<AppVips> = changes.iter().filter_map(|(_, c)| c.clone()).collect();
-        self.report_hosts(&seen);
-        self.apply(changed_at_ms, |s| {
-            for (id, c) in changes {
-                match c {
-                    Some(c) => s.upsert(c),
-                    None => s.remove(&id),
-                }
-            }
-        });
+        self.report_hosts(changes.iter().filter_map(|(_, c)| c.as_ref()));
+        self.apply(changed_at_ms, |s| s.update(changes));
     }
 
     /// The host-name cache every build of this source shares.
@@ -315,7 +239,7 @@ impl Publisher {
         &self.hosts
     }
 
-    fn report_hosts(&self, seen: &[AppVips]) {
+    fn report_hosts<'a>(&self, seen: impl IntoIterator<Item = &'a Contribution>) {
         for c in seen {
             for h in &c.unresolved_hosts {
                 tracing::warn!(host = %h, app = %c.app, "task host does not resolve; its tasks are skipped");
@@ -365,58 +289,5 @@ impl Publisher {
             self.metrics.observe_table(&t);
             self.tx.send_replace(t);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    const TWO_APPS: &str = r#"{"apps":[
-        {"id":"/a","portDefinitions":[{"port":0,"labels":{"VIP_0":"/a:80"}}],"tasks":[
-            {"id":"a1","host":"node-1.example","ports":[31001],"state":"TASK_RUNNING"},
-            {"id":"a2","host":"gone.example","ports":[31002],"state":"TASK_RUNNING"}]},
-        {"id":"/b","portDefinitions":[{"port":0,"labels":{"VIP_0":"/b:80"}}],"tasks":[
-            {"id":"b1","host":"node-1.example","ports":[31003],"state":"TASK_RUNNING"},
-            {"id":"b2","host":"gone.example","ports":[31004],"state":"TASK_RUNNING"}]}]}"#;
-
-    fn counting(ttl: Duration) -> (HostCache, Arc<AtomicUsize>) {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let c = Arc::clone(&calls);
-        let cache = HostCache::with_lookup(
-            move |h| {
-                c.fetch_add(1, Ordering::SeqCst);
-                (h == "node-1.example").then(|| "198.18.0.1".parse().unwrap())
-            },
-            ttl,
-        );
-        (cache, calls)
-    }
-
-    #[test]
-    fn hosts_are_looked_up_once_across_apps_and_builds_failures_included() {
-        let (cache, calls) = counting(Duration::from_secs(30));
-        let (contribs, _) = contributions(TWO_APPS.as_bytes(), &cache).unwrap();
-        // Two names, each looked up once for both apps, the failure too.
-        assert_eq!(calls.load(Ordering::SeqCst), 2);
-        for c in &contribs {
-            assert_eq!(c.unresolved_hosts, ["gone.example"]);
-            assert_eq!(c.entries[0].backends.len(), 1);
-            assert_eq!(c.entries[0].backends[0].addr.ip().to_string(), "198.18.0.1");
-        }
-        // The next build within the TTL asks nothing.
-        contributions(TWO_APPS.as_bytes(), &cache).unwrap();
-        assert_eq!(calls.load(Ordering::SeqCst), 2);
-    }
-
-    #[test]
-    fn expired_answers_are_asked_again() {
-        let (cache, calls) = counting(Duration::ZERO);
-        contributions(TWO_APPS.as_bytes(), &cache).unwrap();
-        contributions(TWO_APPS.as_bytes(), &cache).unwrap();
-        // With no TTL nothing is shared: 2 builds × 2 apps × 2 names (one app asks each of
-        // its names once).
-        assert_eq!(calls.load(Ordering::SeqCst), 8);
     }
 }

@@ -1,6 +1,6 @@
-//! The controller's memory between Marathon reads: each app's contribution, the sticky
-//! allocator, and the last published table. Pure apart from the clock value passed in: a
-//! snapshot replaces every app, an event replaces one, and [`TableState::rebuild`] publishes a
+//! The controller's memory between source reads: each app's, pod's or Mesos task's
+//! contribution, the sticky allocator, and the last published table. Pure apart from the clock
+//! value passed in: a snapshot replaces every contribution, an event replaces one, and [`TableState::rebuild`] publishes a
 //! new version only when the VIPs actually changed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use super::build::{AppVips, Rejection, app_tasks, assemble, tasks_of};
+use super::entries::{Contribution, Rejection, app_tasks, assemble, tasks_of};
 use crate::alloc::{Allocator, Family};
 use crate::labels::{IpPolicy, VipLabel};
 use crate::model::{Backend, Protocol, Vip, VipKey, VipName, VipTable};
@@ -65,14 +65,14 @@ enum Pending {
     /// Every app may have changed (a snapshot, or the first build).
     Full,
     /// These apps changed: (old contribution, new contribution).
-    Apps(Vec<(Option<AppVips>, Option<AppVips>)>),
+    Apps(Vec<(Option<Contribution>, Option<Contribution>)>),
 }
 
 #[derive(Debug)]
 pub struct TableState {
     cfg: BuildConfig,
     alloc: Allocator,
-    apps: BTreeMap<String, AppVips>,
+    apps: BTreeMap<String, Contribution>,
     current: Arc<VipTable>,
     rejections: BTreeSet<Rejection>,
     next_version: u64,
@@ -100,7 +100,7 @@ impl TableState {
     /// Replace every app (a full snapshot). Apps that contribute nothing (no VIP label, no
     /// rejection, no task, no address) are not kept: most apps of a large cluster are such,
     /// and they would cost memory per app for no effect on the table.
-    pub fn replace_all(&mut self, apps: impl IntoIterator<Item = AppVips>) {
+    pub fn replace_all(&mut self, apps: impl IntoIterator<Item = Contribution>) {
         self.apps = apps
             .into_iter()
             .filter(|a| !a.is_empty())
@@ -110,7 +110,7 @@ impl TableState {
     }
 
     /// Replace or add one app (an app that now contributes nothing is forgotten).
-    pub fn upsert(&mut self, app: AppVips) {
+    pub fn upsert(&mut self, app: Contribution) {
         if app.is_empty() {
             return self.remove(&app.app);
         }
@@ -121,14 +121,24 @@ impl TableState {
         self.note(old, Some(app));
     }
 
-    /// Forget one app (deleted in Marathon).
+    /// Forget one contribution (an app deleted in Marathon, a task gone in Mesos).
     pub fn remove(&mut self, app_id: &str) {
         if let Some(old) = self.apps.remove(app_id) {
             self.note(Some(old), None);
         }
     }
 
-    fn note(&mut self, old: Option<AppVips>, new: Option<AppVips>) {
+    /// Replace (`Some`) or remove (`None`) the contributions named.
+    pub fn update(&mut self, changes: impl IntoIterator<Item = (String, Option<Contribution>)>) {
+        for (id, c) in changes {
+            match c {
+                Some(c) => self.upsert(c),
+                None => self.remove(&id),
+            }
+        }
+    }
+
+    fn note(&mut self, old: Option<Contribution>, new: Option<Contribution>) {
         if let Pending::Apps(changes) = &mut self.pending {
             changes.push((old, new));
         }
@@ -231,9 +241,9 @@ impl TableState {
     /// Apply single-app changes to the current table; `None` when the full path is needed.
     fn incremental(
         &mut self,
-        changes: Vec<(Option<AppVips>, Option<AppVips>)>,
+        changes: Vec<(Option<Contribution>, Option<Contribution>)>,
     ) -> Option<(VipTable, Vec<Rejection>)> {
-        let has_ip = |a: &Option<AppVips>| {
+        let has_ip = |a: &Option<Contribution>| {
             a.as_ref().is_some_and(|a| {
                 a.entries
                     .iter()
@@ -386,12 +396,14 @@ impl TableState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::build::app_vips;
+    use crate::source::marathon::apps::app_contribution;
     use crate::source::marathon::types::parse_apps;
 
-    fn contribs(json: &str) -> Vec<AppVips> {
+    fn contribs(json: &str) -> Vec<Contribution> {
         let (apps, _) = parse_apps(json.as_bytes()).unwrap();
-        apps.iter().map(|a| app_vips(a, &mut |_| None)).collect()
+        apps.iter()
+            .map(|a| app_contribution(a, &mut |_| None))
+            .collect()
     }
 
     const ONE: &str = r#"{"apps":[{"id":"/web","portDefinitions":[{"port":0,"labels":{"VIP_0":"/web:80","VIP_1":"bad"}}],
@@ -468,6 +480,15 @@ mod tests {
             .find(|o| slot(o) == slot("db"))
             .unwrap();
         for full in [false, true] {
+            // The incremental path, or the full one.
+            let rebuild = |s: &mut TableState, v: u64| {
+                let r = if full {
+                    s.rebuild_full(v)
+                } else {
+                    s.rebuild(v)
+                };
+                r.table.unwrap()
+            };
             let mut s = TableState::new(cfg.clone(), 1);
             s.replace_all(contribs(&app("db", &["198.18.0.1", "fd00::1"])));
             let first = v6_of(&s.rebuild(1).table.unwrap(), "db").expect("an AAAA address");
@@ -475,23 +496,11 @@ mod tests {
             // when another name that hashes to it arrives meanwhile.
             s.upsert(contribs(&app("db", &["198.18.0.1"])).remove(0));
             s.upsert(contribs(&app(&other, &["fd00::9"])).remove(0));
-            let t = if full {
-                s.rebuild_full(2)
-            } else {
-                s.rebuild(2)
-            }
-            .table
-            .unwrap();
+            let t = rebuild(&mut s, 2);
             assert_eq!(v6_of(&t, "db"), None);
             assert_ne!(v6_of(&t, &other), Some(first), "full path: {full}");
             s.upsert(contribs(&app("db", &["198.18.0.1", "fd00::2"])).remove(0));
-            let t = if full {
-                s.rebuild_full(3)
-            } else {
-                s.rebuild(3)
-            }
-            .table
-            .unwrap();
+            let t = rebuild(&mut s, 3);
             assert_eq!(v6_of(&t, "db"), Some(first), "full path: {full}");
         }
     }

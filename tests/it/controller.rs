@@ -1,68 +1,53 @@
 //! The control plane against a fake Marathon: snapshot, SSE invalidation, blocking watches,
 //! faults that must keep the last good table.
 
-use crate::common::marathon;
-
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use l4lb::api::{self, ApiState, Readiness};
+use crate::common::ctl::Ctl;
+use crate::common::marathon::{FakeMarathon, Fault, add_task, host_app, task};
+use l4lb::api;
 use l4lb::model::wire::VipJson;
-use l4lb::source::marathon::client::{Auth, Client};
-use l4lb::source::marathon::sync::{self, SyncConfig};
-use l4lb::source::metrics::SourceMetrics;
+use l4lb::source::http::Auth;
+use l4lb::source::marathon::client::Client;
 use l4lb::source::state::BuildConfig;
-use l4lb::source::{Publisher, TableRx, table_channel};
-use marathon::{FakeMarathon, Fault, add_task, host_app, task};
-use prometheus_client::registry::Registry;
-use tokio_util::sync::CancellationToken;
+use serde_json::Value;
 
-struct Ctl {
-    api: SocketAddr,
-    rx: TableRx,
-    shutdown: CancellationToken,
-}
+/// (resync interval, request timeout): events alone change the table...
+const QUIET: (Duration, Duration) = (Duration::from_secs(300), Duration::from_secs(2));
+/// ...or a resync every 100 ms, each request given 500 ms.
+const EAGER: (Duration, Duration) = (Duration::from_millis(100), Duration::from_millis(500));
 
-impl Drop for Ctl {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-async fn start_controller(urls: &[String], resync: Duration, timeout: Duration) -> Ctl {
-    let mut reg = Registry::with_prefix("l4lb");
-    let metrics = SourceMetrics::new(&mut reg);
-    let (tx, rx) = table_channel();
-    let cfg = BuildConfig {
+/// A controller following the Marathon masters `urls` with `timing`.
+async fn start_controller(urls: &[String], (resync, timeout): (Duration, Duration)) -> Ctl {
+    let build = BuildConfig {
         vip_cidr: "198.18.128.0/17".parse().unwrap(),
         ..BuildConfig::default()
     };
-    let publisher = Publisher::new(cfg, tx, metrics);
-    let client = Client::new(
-        urls.iter().map(|u| u.parse().unwrap()).collect(),
-        Auth::None,
-        timeout,
-    )
-    .unwrap();
-    let shutdown = CancellationToken::new();
-    let sync_cfg = SyncConfig {
-        resync_interval: resync,
-        backoff_min: Duration::from_millis(20),
-        backoff_max: Duration::from_millis(200),
-        ..SyncConfig::default()
-    };
-    tokio::spawn(sync::run(client, publisher, sync_cfg, shutdown.clone()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api_addr = listener.local_addr().unwrap();
-    let state = ApiState::new(rx.clone(), Arc::new(reg), Readiness::default());
-    tokio::spawn(api::serve(listener, state, shutdown.clone()));
-    Ctl {
-        api: api_addr,
-        rx,
-        shutdown,
+    Ctl::marathon(urls, build, resync, timeout).await
+}
+
+/// A fake Marathon serving `apps` and a controller following `before` (masters tried first)
+/// and then the fake, once its first table is out and the event stream's snapshot settled;
+/// with the version it holds then.
+async fn follow(
+    apps: Vec<Value>,
+    before: &[String],
+    timing: (Duration, Duration),
+) -> (FakeMarathon, Ctl, u64) {
+    l4lb::tls::init();
+    let fake = FakeMarathon::start().await;
+    for app in apps {
+        fake.put_app(app);
     }
+    let mut urls = before.to_vec();
+    urls.push(fake.url());
+    let mut ctl = start_controller(&urls, timing).await;
+    ctl.wait_version(0).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let v = ctl.rx.borrow().version;
+    (fake, ctl, v)
 }
 
 /// GET /v1/vips, optionally blocking; returns the index header and the VIPs.
@@ -80,23 +65,6 @@ async fn get_vips(api: SocketAddr, index: Option<u64>, wait: &str) -> (u64, Vec<
         .parse()
         .unwrap();
     (idx, r.json().await.unwrap())
-}
-
-async fn metrics(api: SocketAddr) -> String {
-    reqwest::get(format!("http://{api}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-async fn wait_version(rx: &mut TableRx, above: u64) -> u64 {
-    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|t| t.version > above))
-        .await
-        .expect("no new table within 10s")
-        .unwrap()
-        .version
 }
 
 fn web_app(n_tasks: usize) -> serde_json::Value {
@@ -124,16 +92,7 @@ fn backends(v: &[VipJson]) -> Vec<String> {
 
 #[tokio::test]
 async fn scale_up_through_the_event_stream_wakes_a_blocked_watcher() {
-    l4lb::tls::init();
-    let fake = FakeMarathon::start().await;
-    fake.put_app(web_app(1));
-    let mut ctl = start_controller(
-        &[fake.url()],
-        Duration::from_secs(300),
-        Duration::from_secs(2),
-    )
-    .await;
-    let v0 = wait_version(&mut ctl.rx, 0).await;
+    let (fake, ctl, v0) = follow(vec![web_app(1)], &[], QUIET).await;
     // Let the stream connect and its reconnect snapshot settle.
     tokio::time::timeout(Duration::from_secs(5), async {
         while fake.event_streams.load(Ordering::SeqCst) == 0
@@ -190,17 +149,7 @@ async fn scale_up_through_the_event_stream_wakes_a_blocked_watcher() {
 
 #[tokio::test]
 async fn a_killed_task_leaves_and_a_deleted_app_goes() {
-    l4lb::tls::init();
-    let fake = FakeMarathon::start().await;
-    fake.put_app(web_app(2));
-    let mut ctl = start_controller(
-        &[fake.url()],
-        Duration::from_secs(300),
-        Duration::from_secs(2),
-    )
-    .await;
-    let v = wait_version(&mut ctl.rx, 0).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (fake, mut ctl, v) = follow(vec![web_app(2)], &[], QUIET).await;
     let (_, vips) = get_vips(ctl.api, None, "").await;
     assert_eq!(backends(&vips).len(), 2);
 
@@ -209,30 +158,20 @@ async fn a_killed_task_leaves_and_a_deleted_app_goes() {
     app["tasks"].as_array_mut().unwrap().remove(1);
     fake.put_app(app);
     fake.emit_status("/web", &killed, "TASK_KILLED");
-    let v2 = wait_version(&mut ctl.rx, v).await;
+    let v2 = ctl.wait_version(v).await;
     let (_, vips) = get_vips(ctl.api, None, "").await;
     assert_eq!(backends(&vips), vec!["198.18.0.1:31000"]);
 
     fake.remove_app("/web");
     fake.emit("app_terminated_event", serde_json::json!({"eventType": "app_terminated_event", "appId": "/web", "timestamp": "2014-03-01T23:29:30.158Z"}));
-    wait_version(&mut ctl.rx, v2).await;
+    ctl.wait_version(v2).await;
     let (_, vips) = get_vips(ctl.api, None, "").await;
     assert!(vips.is_empty());
 }
 
 #[tokio::test]
 async fn faults_keep_the_last_good_table_then_recover() {
-    l4lb::tls::init();
-    let fake = FakeMarathon::start().await;
-    fake.put_app(web_app(1));
-    let mut ctl = start_controller(
-        &[fake.url()],
-        Duration::from_millis(100),
-        Duration::from_millis(500),
-    )
-    .await;
-    wait_version(&mut ctl.rx, 0).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (fake, mut ctl, _) = follow(vec![web_app(1)], &[], EAGER).await;
     let good = ctl.rx.borrow().clone();
 
     for fault in [
@@ -261,26 +200,19 @@ async fn faults_keep_the_last_good_table_then_recover() {
         assert_eq!(backends(&vips), vec!["198.18.0.1:31000"], "{fault:?}");
         fake.put_app(web_app(1));
     }
-    let m = metrics(ctl.api).await;
-    assert!(
-        m.contains("l4lb_sync_errors_total{kind=\"payload\"}"),
-        "{m}"
-    );
-    assert!(
-        m.contains("l4lb_sync_errors_total{kind=\"timeout\"}"),
-        "{m}"
-    );
-    assert!(
-        m.contains("l4lb_sync_errors_total{kind=\"status_5xx\"}"),
-        "{m}"
-    );
+    ctl.assert_metrics(&[
+        "l4lb_sync_errors_total{kind=\"payload\"}",
+        "l4lb_sync_errors_total{kind=\"timeout\"}",
+        "l4lb_sync_errors_total{kind=\"status_5xx\"}",
+    ])
+    .await;
 
     // Recovery: the change made during the outage now lands.
     fake.set_fault(Fault::None);
     let mut app = fake.app("/web").unwrap();
     app["tasks"] = serde_json::json!([]);
     fake.put_app(app);
-    wait_version(&mut ctl.rx, good.version).await;
+    ctl.wait_version(good.version).await;
     let (_, vips) = get_vips(ctl.api, None, "").await;
     assert!(backends(&vips).is_empty());
 }
@@ -313,34 +245,19 @@ async fn marathon_going_away_keeps_the_table_and_failover_finds_another_master()
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    let fake = FakeMarathon::start().await;
-    fake.put_app(web_app(3));
-    let mut ctl = start_controller(
-        &[format!("http://{dead}"), fake.url()],
-        Duration::from_millis(100),
-        Duration::from_millis(500),
-    )
-    .await;
-    let v = wait_version(&mut ctl.rx, 0).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let v = ctl.rx.borrow().version.max(v);
+    let (fake, ctl, v) = follow(vec![web_app(3)], &[format!("http://{dead}")], EAGER).await;
     fake.stop();
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(ctl.rx.borrow().version, v);
     let (idx, vips) = get_vips(ctl.api, None, "").await;
     assert_eq!(idx, v);
     assert_eq!(backends(&vips).len(), 3);
-    let m = metrics(ctl.api).await;
-    assert!(
-        m.contains("l4lb_sync_errors_total{kind=\"connect\"}"),
-        "{m}"
-    );
+    ctl.assert_metrics(&["l4lb_sync_errors_total{kind=\"connect\"}"])
+        .await;
 }
 
 #[tokio::test]
 async fn a_bad_label_drops_only_itself_and_is_counted() {
-    l4lb::tls::init();
-    let fake = FakeMarathon::start().await;
     let mut app = host_app(
         "/mixed",
         &["/good:80", "missing-port", "198.18.0.1:80"],
@@ -356,41 +273,20 @@ async fn a_bad_label_drops_only_itself_and_is_counted() {
             "TASK_RUNNING",
         ),
     );
-    fake.put_app(app);
-    let mut ctl = start_controller(
-        &[fake.url()],
-        Duration::from_secs(300),
-        Duration::from_secs(2),
-    )
-    .await;
-    wait_version(&mut ctl.rx, 0).await;
+    let (_fake, ctl, _) = follow(vec![app], &[], QUIET).await;
     let (_, vips) = get_vips(ctl.api, None, "").await;
     assert_eq!(vips.len(), 1);
     assert_eq!(vips[0].vip, "good.marathon.l4lb.thisdcos.directory:80");
-    let m = metrics(ctl.api).await;
-    assert!(
-        m.contains("l4lb_label_errors_total{reason=\"missing_port\"} 1"),
-        "{m}"
-    );
-    assert!(
-        m.contains("l4lb_label_errors_total{reason=\"cluster_address\"} 1"),
-        "{m}"
-    );
+    ctl.assert_metrics(&[
+        "l4lb_label_errors_total{reason=\"missing_port\"} 1",
+        "l4lb_label_errors_total{reason=\"cluster_address\"} 1",
+    ])
+    .await;
 }
 
 #[tokio::test]
 async fn etag_and_blocking_query_edges() {
-    l4lb::tls::init();
-    let fake = FakeMarathon::start().await;
-    fake.put_app(web_app(1));
-    let mut ctl = start_controller(
-        &[fake.url()],
-        Duration::from_secs(300),
-        Duration::from_secs(2),
-    )
-    .await;
-    wait_version(&mut ctl.rx, 0).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_fake, ctl, _) = follow(vec![web_app(1)], &[], QUIET).await;
     let r = reqwest::get(format!("http://{}/v1/vips", ctl.api))
         .await
         .unwrap();
@@ -432,66 +328,49 @@ async fn apps_file_is_reread_on_change_and_a_bad_edit_keeps_the_table() {
     };
     let write = |n: usize| put(serde_json::json!({ "apps": [web_app(n)] }).to_string());
     write(1);
-    let mut reg = Registry::with_prefix("l4lb");
-    let metrics = SourceMetrics::new(&mut reg);
-    let (tx, mut rx) = table_channel();
-    let publisher = Publisher::new(BuildConfig::default(), tx, metrics);
-    let shutdown = CancellationToken::new();
-    tokio::spawn(l4lb::source::file::run(
-        path.clone(),
-        Duration::from_millis(20),
-        publisher,
-        shutdown.clone(),
-    ));
-    let v1 = wait_version(&mut rx, 0).await;
+    let file = path.clone();
+    let mut ctl = Ctl::start(BuildConfig::default(), |publisher, stop| {
+        l4lb::source::file::run(
+            file,
+            Duration::from_millis(20),
+            publisher,
+            l4lb::source::marathon::apps::contributions,
+            stop,
+        )
+    })
+    .await;
+    let v1 = ctl.wait_version(0).await;
     write(2);
-    let v2 = wait_version(&mut rx, v1).await;
-    assert_eq!(rx.borrow().backend_count(), 2);
+    let v2 = ctl.wait_version(v1).await;
+    assert_eq!(ctl.rx.borrow().backend_count(), 2);
     put("{\"apps\": [ {\"id\": ".to_string());
     tokio::time::sleep(Duration::from_millis(200)).await;
     std::fs::remove_file(&path).unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
-        rx.borrow().version,
+        ctl.rx.borrow().version,
         v2,
         "a bad edit or a missing file replaced the table"
     );
-    assert_eq!(rx.borrow().backend_count(), 2);
+    assert_eq!(ctl.rx.borrow().backend_count(), 2);
     write(3);
-    wait_version(&mut rx, v2).await;
-    assert_eq!(rx.borrow().backend_count(), 3);
-    let mut m = String::new();
-    prometheus_client::encoding::text::encode(&mut m, &reg).unwrap();
-    assert!(
-        m.contains("l4lb_sync_errors_total{kind=\"file_payload\"} 1"),
-        "{m}"
-    );
-    assert!(
-        m.contains("l4lb_sync_errors_total{kind=\"file_read\"} 1"),
-        "{m}"
-    );
-    shutdown.cancel();
+    ctl.wait_version(v2).await;
+    assert_eq!(ctl.rx.borrow().backend_count(), 3);
+    ctl.assert_metrics(&[
+        "l4lb_sync_errors_total{kind=\"file_payload\"} 1",
+        "l4lb_sync_errors_total{kind=\"file_read\"} 1",
+    ])
+    .await;
 }
 
 #[tokio::test]
 async fn delta_watch_carries_only_the_change_and_falls_back_to_full() {
-    l4lb::tls::init();
-    let fake = FakeMarathon::start().await;
-    fake.put_app(web_app(1));
     let mut other = host_app("/other", &["/other:90"], "tcp");
     add_task(
         &mut other,
         task("/other", 0, "198.18.0.9", &[32000], "TASK_RUNNING"),
     );
-    fake.put_app(other);
-    let mut ctl = start_controller(
-        &[fake.url()],
-        Duration::from_secs(300),
-        Duration::from_secs(2),
-    )
-    .await;
-    wait_version(&mut ctl.rx, 0).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (fake, ctl, _) = follow(vec![web_app(1), other], &[], QUIET).await;
     let get_delta = |index: u64| {
         let api = ctl.api;
         async move {

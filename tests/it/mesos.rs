@@ -4,86 +4,46 @@
 //! `/v1/vips` watcher.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::common::BIN;
-use crate::common::mesos::{self, FakeMesos, fixture_lines};
+use crate::common::ctl::Ctl;
+use crate::common::mesos::{FakeMesos, fixture, fixture_lines};
 use crate::common::process::Proc;
-use l4lb::api::{self, ApiState, Readiness};
 use l4lb::model::VipTable;
-use l4lb::model::wire::VipJson;
-use l4lb::source::marathon::client::Auth;
-use l4lb::source::mesos::client::Client;
-use l4lb::source::mesos::sync::{self, SyncConfig};
-use l4lb::source::metrics::SourceMetrics;
-use l4lb::source::state::BuildConfig;
-use l4lb::source::{Publisher, TableRx, table_channel};
-use prometheus_client::registry::Registry;
-use tokio_util::sync::CancellationToken;
+use l4lb::model::wire::{VipJson, table_to_json};
+use l4lb::source::http::Auth;
 
-struct Ctl {
-    api: SocketAddr,
-    rx: TableRx,
-    shutdown: CancellationToken,
-}
-
-impl Drop for Ctl {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-async fn start_controller(masters: &[String], auth: Auth) -> Ctl {
-    let mut reg = Registry::with_prefix("l4lb");
-    let metrics = SourceMetrics::new(&mut reg);
-    let (tx, rx) = table_channel();
-    let publisher = Publisher::new(BuildConfig::default(), tx, metrics);
-    let client = Client::new(
-        masters.iter().map(|u| u.parse().unwrap()).collect(),
-        auth,
-        Duration::from_secs(5),
-    )
-    .unwrap();
-    let shutdown = CancellationToken::new();
-    let cfg = SyncConfig {
-        backoff_min: Duration::from_millis(20),
-        backoff_max: Duration::from_millis(200),
-        ..SyncConfig::default()
-    };
-    tokio::spawn(sync::run(client, publisher, cfg, shutdown.clone()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api_addr = listener.local_addr().unwrap();
-    let state = ApiState::new(rx.clone(), Arc::new(reg), Readiness::default());
-    tokio::spawn(api::serve(listener, state, shutdown.clone()));
-    Ctl {
-        api: api_addr,
-        rx,
-        shutdown,
-    }
-}
-
-/// (name or IP, port/protocol, backends with state), sorted.
+/// (name or IP, port/protocol, backends with state) of each VIP as the API shows it, sorted.
 fn summary(t: &VipTable) -> Vec<(String, String, Vec<String>)> {
-    let mut out: Vec<_> = t
-        .vips
-        .values()
+    let mut out: Vec<_> = table_to_json(t)
+        .into_iter()
         .map(|v| {
-            let name = v
-                .name
-                .as_ref()
-                .map_or_else(|| v.key.ip.to_string(), |n| n.fqdn());
             let backends = v
-                .backends
+                .backend
                 .iter()
-                .map(|b| format!("{} {:?}", b.addr, b.state))
+                .map(|b| format!("{} {:?}", SocketAddr::new(b.ip, b.port), b.state))
                 .collect();
-            (name, format!("{}/{}", v.key.port, v.key.protocol), backends)
+            let name = v.name.unwrap_or_else(|| v.ip.to_string());
+            (name, format!("{}/{}", v.port, v.protocol), backends)
         })
         .collect();
     out.sort();
     out
+}
+
+/// The names the API at `api` serves, sorted.
+async fn vip_names(api: SocketAddr) -> Vec<String> {
+    let vips: Vec<VipJson> = reqwest::get(format!("http://{api}/v1/vips"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut names: Vec<String> = vips.into_iter().filter_map(|v| v.name).collect();
+    names.sort();
+    names
 }
 
 fn s(name: &str, port: &str, backends: &[&str]) -> (String, String, Vec<String>) {
@@ -92,18 +52,6 @@ fn s(name: &str, port: &str, backends: &[&str]) -> (String, String, Vec<String>)
         port.into(),
         backends.iter().map(|b| b.to_string()).collect(),
     )
-}
-
-/// Wait until the published table satisfies `f`.
-async fn wait_table(rx: &mut TableRx, f: impl Fn(&VipTable) -> bool) -> Arc<VipTable> {
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        rx.wait_for(|t| t.version > 0 && f(t)),
-    )
-    .await
-    .expect("no such table within 10 s")
-    .unwrap()
-    .clone()
 }
 
 async fn wait_until(what: &str, f: impl Fn() -> bool) {
@@ -115,6 +63,7 @@ async fn wait_until(what: &str, f: impl Fn() -> bool) {
 }
 
 const API: &str = "api.hello-world.marathon.l4lb.thisdcos.directory";
+const APP: &str = "app.marathon.l4lb.thisdcos.directory";
 
 #[tokio::test]
 async fn follows_the_leader_with_credentials_and_applies_a_stream_event_by_event() {
@@ -123,7 +72,7 @@ async fn follows_the_leader_with_credentials_and_applies_a_stream_event_by_event
     leader.set_script(fixture_lines("hello-overlay.json"));
     let follower = FakeMesos::start().await;
     follower.redirect_to(leader.addr);
-    let mut ctl = start_controller(&[follower.url()], Auth::Token("s3cret".into())).await;
+    let mut ctl = Ctl::mesos(&[follower.url()], Auth::Token("s3cret".into())).await;
     let want = [
         s(API, "80/tcp", &["10.0.0.49:19630 Active"]),
         s(
@@ -137,21 +86,16 @@ async fn follows_the_leader_with_credentials_and_applies_a_stream_event_by_event
             &["9.0.2.3:4044 Active"],
         ),
     ];
-    let t = wait_table(&mut ctl.rx, |t| summary(t) == want).await;
+    let t = ctl.wait(|t| summary(t) == want).await;
     assert_eq!(summary(&t), want);
     assert_eq!(leader.subscribes.load(Ordering::SeqCst), 1);
     assert_eq!(leader.unauthorized.load(Ordering::SeqCst), 0);
     assert!(follower.redirects.load(Ordering::SeqCst) >= 1);
     // The same through the API.
-    let vips: Vec<VipJson> = reqwest::get(format!("http://{}/v1/vips", ctl.api))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let mut names: Vec<_> = vips.iter().filter_map(|v| v.name.clone()).collect();
-    names.sort();
-    assert_eq!(names, want.iter().map(|w| w.0.clone()).collect::<Vec<_>>());
+    assert_eq!(
+        vip_names(ctl.api).await,
+        want.iter().map(|w| w.0.clone()).collect::<Vec<_>>()
+    );
 }
 
 #[tokio::test]
@@ -159,10 +103,8 @@ async fn wrong_credentials_are_refused_and_nothing_is_published() {
     let leader = FakeMesos::start().await;
     leader.require_auth("token=s3cret");
     leader.set_script(fixture_lines("hello-overlay.json"));
-    leader.set_state(
-        std::fs::read_to_string(format!("{}/tcp-and-udp.json", mesos::FIXTURES)).unwrap(),
-    );
-    let ctl = start_controller(&[leader.url()], Auth::Token("wrong".into())).await;
+    leader.set_state(fixture("tcp-and-udp.json"));
+    let ctl = Ctl::mesos(&[leader.url()], Auth::Token("wrong".into())).await;
     wait_until("two refusals", || {
         leader.unauthorized.load(Ordering::SeqCst) >= 2
     })
@@ -189,8 +131,8 @@ async fn an_event_reaches_a_blocked_watcher_within_milliseconds() {
     let lines = fixture_lines("hello-world.json");
     let leader = FakeMesos::start().await;
     leader.set_script(vec![lines[0].clone()]);
-    let mut ctl = start_controller(&[leader.url()], Auth::None).await;
-    let first = wait_table(&mut ctl.rx, |t| !t.vips.is_empty()).await;
+    let mut ctl = Ctl::mesos(&[leader.url()], Auth::None).await;
+    let first = ctl.wait(|t| !t.vips.is_empty()).await;
     assert_eq!(
         summary(&first),
         [s(API, "80/tcp", &["172.17.0.4:21872 Active"])]
@@ -228,11 +170,9 @@ async fn a_stream_dropped_mid_frame_reads_the_state_and_subscribes_again() {
     let lines = fixture_lines("hello-world.json");
     let leader = FakeMesos::start().await;
     leader.set_script(vec![lines[0].clone()]);
-    leader.set_state(
-        std::fs::read_to_string(format!("{}/tcp-and-udp.json", mesos::FIXTURES)).unwrap(),
-    );
-    let mut ctl = start_controller(&[leader.url()], Auth::None).await;
-    wait_table(&mut ctl.rx, |t| !t.vips.is_empty()).await;
+    leader.set_state(fixture("tcp-and-udp.json"));
+    let mut ctl = Ctl::mesos(&[leader.url()], Auth::None).await;
+    ctl.wait(|t| !t.vips.is_empty()).await;
     wait_until("the stream", || leader.open_streams() == 1).await;
     leader.cut();
     // The state is read at once, then the stream is opened again (its SUBSCRIBED wins).
@@ -241,13 +181,12 @@ async fn a_stream_dropped_mid_frame_reads_the_state_and_subscribes_again() {
     })
     .await;
     assert_eq!(leader.subscribes.load(Ordering::SeqCst), 2);
-    let t = wait_table(&mut ctl.rx, |t| {
-        summary(t) == [s(API, "80/tcp", &["172.17.0.4:21872 Active"])]
-    })
-    .await;
+    let t = ctl
+        .wait(|t| summary(t) == [s(API, "80/tcp", &["172.17.0.4:21872 Active"])])
+        .await;
     // Events flow on the new stream.
     leader.emit(&lines[1]);
-    let t = wait_table(&mut ctl.rx, |n| n.version > t.version).await;
+    let t = ctl.wait(|n| n.version > t.version).await;
     assert_eq!(
         summary(&t),
         [s(API, "80/tcp", &["172.17.0.4:21872 Draining"])]
@@ -258,127 +197,107 @@ async fn a_stream_dropped_mid_frame_reads_the_state_and_subscribes_again() {
 async fn get_state_is_the_fallback_when_subscribe_is_refused() {
     let leader = FakeMesos::start().await;
     leader.refuse_subscribe(true);
-    leader.set_state(
-        std::fs::read_to_string(format!("{}/tcp-and-udp.json", mesos::FIXTURES)).unwrap(),
-    );
-    let mut ctl = start_controller(&[leader.url()], Auth::None).await;
-    let t = wait_table(&mut ctl.rx, |t| !t.vips.is_empty()).await;
-    assert_eq!(
-        summary(&t),
-        [
-            s(
-                "app.marathon.l4lb.thisdcos.directory",
-                "80/tcp",
-                &["172.17.0.3:6416 Active"]
-            ),
-            s(
-                "app.marathon.l4lb.thisdcos.directory",
-                "80/udp",
-                &["172.17.0.3:6416 Active"]
-            ),
-        ]
-    );
+    leader.set_state(fixture("tcp-and-udp.json"));
+    let mut ctl = Ctl::mesos(&[leader.url()], Auth::None).await;
+    let t = ctl.wait(|t| !t.vips.is_empty()).await;
+    // One task, its label on a tcp and a udp port: two VIPs of one name.
+    let app = |port| s(APP, port, &["172.17.0.3:6416 Active"]);
+    assert_eq!(summary(&t), [app("80/tcp"), app("80/udp")]);
     // It keeps trying to subscribe; once the master accepts, the stream takes over.
     leader.set_script(fixture_lines("hello-overlay.json"));
     leader.refuse_subscribe(false);
-    wait_table(&mut ctl.rx, |t| summary(t).iter().any(|v| v.0 == API)).await;
+    ctl.wait(|t| summary(t).iter().any(|v| v.0 == API)).await;
     assert_eq!(leader.subscribes.load(Ordering::SeqCst), 1);
+}
+
+/// `l4lb check` with `args`: its exit code, stdout and stderr.
+fn check(args: &[&str]) -> (Option<i32>, Vec<u8>, String) {
+    let out = std::process::Command::new(BIN)
+        .arg("check")
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code(), out.stdout, err)
 }
 
 #[test]
 fn check_reads_a_get_state_file() {
-    let bin = BIN;
-    let file = format!("{}/tcp-and-udp.json", mesos::FIXTURES);
-    let out = std::process::Command::new(bin)
-        .args(["check", "--mesos-state-file", &file])
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let vips: Vec<VipJson> = serde_json::from_slice(&out.stdout).unwrap();
-    let got: Vec<(String, String)> = vips
+    let file = format!("{}/tcp-and-udp.json", crate::common::mesos::FIXTURES);
+    let (code, out, err) = check(&["--mesos-state-file", &file]);
+    assert_eq!(code, Some(0), "{err}");
+    let vips: Vec<VipJson> = serde_json::from_slice(&out).unwrap();
+    let got: Vec<String> = vips
         .iter()
-        .map(|v| (v.vip.clone(), v.protocol.as_str().to_string()))
+        .map(|v| format!("{} {}", v.vip, v.protocol.as_str()))
         .collect();
-    assert_eq!(
-        got,
-        [
-            (
-                "app.marathon.l4lb.thisdcos.directory:80".to_string(),
-                "tcp".to_string()
-            ),
-            (
-                "app.marathon.l4lb.thisdcos.directory:80".to_string(),
-                "udp".to_string()
-            ),
-        ]
-    );
+    assert_eq!(got, [format!("{APP}:80 tcp"), format!("{APP}:80 udp")]);
     // A bad label is reported with its task and reason, and fails the check.
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("state.json");
-    let body = std::fs::read_to_string(&file)
-        .unwrap()
-        .replace("/app:80", "/app:70000");
-    std::fs::write(&bad, body).unwrap();
-    let out = std::process::Command::new(bin)
-        .args(["check", "--mesos-state-file", bad.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    std::fs::write(
+        &bad,
+        fixture("tcp-and-udp.json").replace("/app:80", "/app:70000"),
+    )
+    .unwrap();
+    let (code, _, err) = check(&["--mesos-state-file", bad.to_str().unwrap()]);
+    assert_eq!(code, Some(1));
     assert!(
         err.contains("[bad_port]") && err.contains("app.80eefa01"),
         "{err}"
     );
     // Not both files at once.
-    let out = std::process::Command::new(bin)
-        .args(["check", "--mesos-state-file", &file, "--apps-file", &file])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    let (code, _, _) = check(&["--mesos-state-file", &file, "--apps-file", &file]);
+    assert_ne!(code, Some(0));
 }
 
+/// The real binary follows a Mesos master that demands a token, given by the source flags'
+/// environment variables under their neutral names and under the old Marathon ones.
 #[tokio::test]
-async fn controller_binary_follows_mesos() {
-    let leader = FakeMesos::start().await;
-    leader.set_script(fixture_lines("hello-overlay.json"));
-    let url = leader.url();
-    let (_proc, api) = tokio::task::spawn_blocking(move || {
-        let mut cmd = std::process::Command::new(BIN);
-        cmd.args(["controller", "--mesos", &url, "--api-listen", "127.0.0.1:0"]);
-        let p = Proc::spawn("l4lb", cmd);
-        let addr: SocketAddr = p.log().addr("API listening", Duration::from_secs(20));
-        (p, addr)
-    })
-    .await
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let vips: Vec<VipJson> = reqwest::get(format!("http://{api}/v1/vips"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let mut names: Vec<String> = vips.iter().filter_map(|v| v.name.clone()).collect();
-        names.sort();
-        if names
-            == [
-                API,
-                "host-vip.hello-world.l4lb.thisdcos.directory",
-                "overlay-vip.hello-world.l4lb.thisdcos.directory",
-            ]
-        {
-            break;
+async fn controller_binary_follows_mesos_with_credentials_by_new_or_old_names() {
+    l4lb::tls::init();
+    for env in [
+        [
+            ("L4LB_SOURCE_AUTH", "token"),
+            ("L4LB_SOURCE_CREDENTIALS", "s3cret"),
+        ],
+        [
+            ("L4LB_MARATHON_AUTH", "token"),
+            ("L4LB_MARATHON_CREDENTIALS", "s3cret"),
+        ],
+    ] {
+        let leader = FakeMesos::start().await;
+        leader.require_auth("token=s3cret");
+        leader.set_script(fixture_lines("hello-overlay.json"));
+        let url = leader.url();
+        let (_proc, api) = tokio::task::spawn_blocking(move || {
+            let mut cmd = std::process::Command::new(BIN);
+            cmd.args(["controller", "--mesos", &url, "--api-listen", "127.0.0.1:0"])
+                .envs(env);
+            let p = Proc::spawn("l4lb", cmd);
+            let addr: SocketAddr = p.log().addr("API listening", Duration::from_secs(20));
+            (p, addr)
+        })
+        .await
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let names = vip_names(api).await;
+            if names
+                == [
+                    API,
+                    "host-vip.hello-world.l4lb.thisdcos.directory",
+                    "overlay-vip.hello-world.l4lb.thisdcos.directory",
+                ]
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{env:?}: still {names:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(Instant::now() < deadline, "still {names:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(leader.subscribes.load(Ordering::SeqCst), 1, "{env:?}");
+        assert_eq!(leader.unauthorized.load(Ordering::SeqCst), 0, "{env:?}");
     }
-    assert_eq!(leader.subscribes.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
@@ -388,18 +307,17 @@ async fn a_new_leader_after_fail_over_is_found_through_the_configured_masters() 
     a.set_script(vec![lines[0].clone()]);
     let b = FakeMesos::start().await;
     b.redirect_to(a.addr);
-    let mut ctl = start_controller(&[b.url()], Auth::None).await;
-    wait_table(&mut ctl.rx, |t| !t.vips.is_empty()).await;
+    let mut ctl = Ctl::mesos(&[b.url()], Auth::None).await;
+    ctl.wait(|t| !t.vips.is_empty()).await;
     assert_eq!(a.subscribes.load(Ordering::SeqCst), 1);
     // The leader dies; the other master takes over with the state that has the task killing.
     a.stop();
     a.cut();
     b.set_script(vec![lines[0].clone(), lines[1].clone()]);
     b.lead();
-    let t = wait_table(&mut ctl.rx, |t| {
-        summary(t) == [s(API, "80/tcp", &["172.17.0.4:21872 Draining"])]
-    })
-    .await;
+    let t = ctl
+        .wait(|t| summary(t) == [s(API, "80/tcp", &["172.17.0.4:21872 Draining"])])
+        .await;
     assert!(t.version > 0);
     assert_eq!(b.subscribes.load(Ordering::SeqCst), 1);
 }
@@ -414,8 +332,8 @@ async fn a_silent_stream_is_dropped_after_three_heartbeat_intervals() {
     let leader = FakeMesos::start().await;
     leader.set_script(vec![first.to_string()]);
     let started = Instant::now();
-    let mut ctl = start_controller(&[leader.url()], Auth::None).await;
-    wait_table(&mut ctl.rx, |t| !t.vips.is_empty()).await;
+    let mut ctl = Ctl::mesos(&[leader.url()], Auth::None).await;
+    ctl.wait(|t| !t.vips.is_empty()).await;
     wait_until("a second subscription", || {
         leader.subscribes.load(Ordering::SeqCst) >= 2
     })

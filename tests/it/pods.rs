@@ -3,42 +3,16 @@
 
 use std::time::Duration;
 
+use crate::common::ctl::Ctl;
 use crate::common::marathon::FakeMarathon;
-use l4lb::source::marathon::client::{Auth, Client};
-use l4lb::source::marathon::sync::{self, SyncConfig};
-use l4lb::source::metrics::SourceMetrics;
+use l4lb::source::TableRx;
 use l4lb::source::state::BuildConfig;
-use l4lb::source::{Publisher, TableRx, table_channel};
-use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
 const FIXTURE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/fixtures/marathon/l4lb-pods-status.json"
 );
-
-fn start(url: String) -> (TableRx, CancellationToken) {
-    let mut reg = Registry::with_prefix("l4lb");
-    let (tx, rx) = table_channel();
-    let publisher = Publisher::new(BuildConfig::default(), tx, SourceMetrics::new(&mut reg));
-    let client = Client::new(
-        vec![url.parse().unwrap()],
-        Auth::None,
-        Duration::from_secs(5),
-    )
-    .unwrap();
-    let shutdown = CancellationToken::new();
-    let cfg = SyncConfig {
-        // No resync during the test: only events may change the table.
-        resync_interval: Duration::from_secs(3600),
-        backoff_min: Duration::from_millis(20),
-        backoff_max: Duration::from_millis(200),
-        ..SyncConfig::default()
-    };
-    tokio::spawn(sync::run(client, publisher, cfg, shutdown.clone()));
-    (rx, shutdown)
-}
 
 /// Named VIPs and their backend counts, sorted.
 fn names(rx: &TableRx) -> Vec<(String, usize)> {
@@ -73,8 +47,10 @@ async fn pods_are_read_with_apps_and_followed_by_their_events() {
     for p in &pods {
         fake.put_pod(p.clone());
     }
-    let (mut rx, shutdown) = start(fake.url());
-    wait_names(&mut rx, &[("db", 3), ("web-pod", 1)]).await;
+    // No resync during the test: only events may change the table.
+    let (resync, timeout) = (Duration::from_secs(3600), Duration::from_secs(5));
+    let mut ctl = Ctl::marathon(&[fake.url()], BuildConfig::default(), resync, timeout).await;
+    wait_names(&mut ctl.rx, &[("db", 3), ("web-pod", 1)]).await;
     wait_for_stream(&fake).await;
     // The second instance of /web-pod starts running: an instance event re-reads the pod.
     let mut web = pods[0].clone();
@@ -86,7 +62,7 @@ async fn pods_are_read_with_apps_and_followed_by_their_events() {
                "agentId": "S2", "host": "198.18.0.2", "runSpecVersion": "2026-11-29T10:00:00.000Z",
                "timestamp": "2026-11-29T10:00:01.000Z", "eventType": "instance_changed_event"}),
     );
-    wait_names(&mut rx, &[("db", 3), ("web-pod", 2)]).await;
+    wait_names(&mut ctl.rx, &[("db", 3), ("web-pod", 2)]).await;
     // The db pod is deleted: its name goes.
     fake.remove_pod("/db-pod");
     fake.emit(
@@ -94,8 +70,7 @@ async fn pods_are_read_with_apps_and_followed_by_their_events() {
         json!({"clientIp": "198.18.0.9", "uri": "/v2/pods/db-pod", "eventType": "pod_deleted_event",
                "timestamp": "2026-11-29T10:00:02.000Z"}),
     );
-    wait_names(&mut rx, &[("web-pod", 2)]).await;
-    shutdown.cancel();
+    wait_names(&mut ctl.rx, &[("web-pod", 2)]).await;
 }
 
 async fn wait_for_stream(fake: &FakeMarathon) {

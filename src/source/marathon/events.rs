@@ -85,7 +85,11 @@ impl SseDecoder {
 }
 
 /// The event types that can change a VIP table; the stream is filtered to these.
-pub const RELEVANT_EVENTS: &[&str] = &[
+pub const RELEVANT_EVENTS: &[&str] = COUNTED_EVENTS.split_at(15).0;
+
+/// The event types counted by name in `marathon_events_total{type}` (any other is `other`):
+/// the [`RELEVANT_EVENTS`] first, then the stream's own and `unnamed`.
+pub const COUNTED_EVENTS: &[&str] = &[
     "status_update_event",
     "instance_changed_event",
     "health_status_changed_event",
@@ -101,6 +105,10 @@ pub const RELEVANT_EVENTS: &[&str] = &[
     "pod_created_event",
     "pod_updated_event",
     "pod_deleted_event",
+    "deployment_info",
+    "event_stream_attached",
+    "event_stream_detached",
+    "unnamed",
 ];
 
 /// What an event asks the controller to re-read.
@@ -179,6 +187,12 @@ pub fn invalidation(ev: &SseEvent) -> Invalidation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stream_is_filtered_to_the_counted_events_up_to_pod_deleted() {
+        assert_eq!(RELEVANT_EVENTS.len(), 15);
+        assert_eq!(RELEVANT_EVENTS.last(), Some(&"pod_deleted_event"));
+    }
 
     const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/marathon");
 

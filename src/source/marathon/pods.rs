@@ -10,10 +10,10 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::types::{Network, PayloadError};
-use crate::labels::{self, LabelError};
+use super::types::{Network, label_values};
 use crate::model::{Backend, BackendState};
-use crate::source::build::{AppVips, Rejection, protocols};
+use crate::source::entries::Contribution;
+use crate::source::{PayloadError, parse_each};
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -115,7 +115,7 @@ pub struct Condition {
 /// returned as an error string and skipped alone.
 pub fn parse_pods(body: &[u8]) -> Result<(Vec<PodStatus>, Vec<String>), PayloadError> {
     let raw: Vec<Value> = serde_json::from_slice(body)?;
-    Ok(super::types::parse_each(raw, "pod"))
+    Ok(parse_each(raw, "pod", |v| v.get("id")))
 }
 
 /// One pod from a `GET /v2/pods/{id}::status` body.
@@ -146,10 +146,13 @@ fn container_state(spec: &PodContainer, status: &ContainerStatus) -> Option<Back
 }
 
 /// What one pod contributes, keyed by its id like an app (Marathon's ids are one namespace).
-pub fn pod_vips(pod: &PodStatus, resolve: &mut dyn FnMut(&str) -> Option<IpAddr>) -> AppVips {
-    let mut out = AppVips {
+pub fn pod_contribution(
+    pod: &PodStatus,
+    resolve: &mut dyn FnMut(&str) -> Option<IpAddr>,
+) -> Contribution {
+    let mut out = Contribution {
         app: pod.id.clone(),
-        ..AppVips::default()
+        ..Contribution::default()
     };
     let container_mode = pod
         .spec
@@ -157,21 +160,12 @@ pub fn pod_vips(pod: &PodStatus, resolve: &mut dyn FnMut(&str) -> Option<IpAddr>
         .first()
         .is_some_and(|n| n.mode.as_deref() == Some("container"));
     let pod_id: Arc<str> = pod.id.as_str().into();
-    // Each instance's agent address and own addresses, resolved once.
-    let mut hosts: BTreeMap<&str, Option<IpAddr>> = BTreeMap::new();
-    for i in &pod.instances {
-        if let Some(h) = i.agent_hostname.as_deref() {
-            hosts
-                .entry(h)
-                .or_insert_with(|| h.parse::<IpAddr>().ok().or_else(|| resolve(h)));
-        }
-    }
-    for (h, ip) in &hosts {
-        match ip {
-            Some(ip) => out.cluster_addrs.push(ip.to_canonical()),
-            None => out.unresolved_hosts.push(h.to_string()),
-        }
-    }
+    // Each instance's agent, resolved once.
+    let agents = pod
+        .instances
+        .iter()
+        .filter_map(|i| i.agent_hostname.as_deref());
+    let hosts = out.resolve_hosts(agents, resolve);
     let instance_ips = |i: &PodInstance| -> Vec<IpAddr> {
         i.networks
             .iter()
@@ -189,24 +183,7 @@ pub fn pod_vips(pod: &PodStatus, resolve: &mut dyn FnMut(&str) -> Option<IpAddr>
             index += 1;
             let Some(labels) = &ep.labels else { continue };
             let proto = (!ep.protocol.is_empty()).then(|| ep.protocol.join(","));
-            for (key, value) in labels.iter().filter(|(k, _)| labels::is_vip_key(k)) {
-                let text = value
-                    .as_str()
-                    .map_or_else(|| value.to_string(), str::to_string);
-                let parsed = match value.as_str() {
-                    Some(v) => {
-                        protocols(proto.as_deref()).and_then(|ps| Ok((ps, labels::parse_value(v)?)))
-                    }
-                    None => Err(LabelError::NotAString(text.clone())),
-                };
-                let (protos, target) = match parsed {
-                    Ok(p) => p,
-                    Err(e) => {
-                        out.rejections
-                            .push(Rejection::new(&pod.id, idx, key, &text, &e));
-                        continue;
-                    }
-                };
+            out.add_port(idx, proto.as_deref(), label_values(labels), |out| {
                 let mut backends = Vec::new();
                 for inst in &pod.instances {
                     let Some(status) = inst.containers.iter().find(|s| s.name == c.name) else {
@@ -254,12 +231,11 @@ pub fn pod_vips(pod: &PodStatus, resolve: &mut dyn FnMut(&str) -> Option<IpAddr>
                         });
                     }
                 }
-                out.push_entries(&protos, &target, &backends, idx, key, &text);
-            }
+                backends
+            });
         }
     }
-    out.cluster_addrs.sort();
-    out.cluster_addrs.dedup();
+    out.finish();
     out
 }
 

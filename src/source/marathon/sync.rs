@@ -7,14 +7,17 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use futures::StreamExt;
-use rand::RngExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::apps::{app_contribution, contributions};
 use super::client::Client;
-use super::events::{Invalidation, SseDecoder, invalidation};
+use super::events::{COUNTED_EVENTS, Invalidation, SseDecoder, invalidation};
+use super::pods::{parse_pod, parse_pods, pod_contribution};
+use super::types::parse_app;
 use crate::model::unix_ms_now;
-use crate::source::Publisher;
+use crate::source::http::{Backoff, Error};
+use crate::source::{Publisher, SourceError};
 
 /// How the loop behaves.
 #[derive(Debug, Clone)]
@@ -35,36 +38,6 @@ impl Default for SyncConfig {
             backoff_max: Duration::from_secs(30),
             fetch_concurrency: 8,
         }
-    }
-}
-
-/// Exponential back-off with full jitter.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    current: Duration,
-}
-
-impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Self {
-        Backoff {
-            min,
-            max,
-            current: min,
-        }
-    }
-
-    /// The next wait: uniformly random in [min, current], then `current` doubles up to max.
-    pub fn next_delay(&mut self) -> Duration {
-        let hi = self.current.max(self.min);
-        let ms = rand::rng().random_range(self.min.as_millis() as u64..=hi.as_millis() as u64);
-        self.current = (self.current * 2).min(self.max);
-        Duration::from_millis(ms)
-    }
-
-    pub fn reset(&mut self) {
-        self.current = self.min;
     }
 }
 
@@ -179,8 +152,7 @@ async fn take_snapshot(client: &Client, publisher: &Publisher, changed_at: u64) 
             return Err(());
         }
     };
-    publisher
-        .snapshot_with_pods(body, pods, changed_at)
+    publish_snapshot(publisher, body, pods, changed_at)
         .await
         .map_err(|e| {
             tracing::warn!(error = %e, "Marathon snapshot unusable; keeping the last good table");
@@ -209,7 +181,7 @@ async fn refresh_apps(
         match r {
             Ok(RunSpec::Pod(body)) => {
                 m.request("pod", "ok");
-                if let Err(e) = publisher.pod(body, changed_at).await {
+                if let Err(e) = publish_pod(publisher, body, changed_at).await {
                     tracing::warn!(pod = %id, error = %e, "pod payload unusable; keeping its last good state");
                     m.sync_error("payload");
                     ok = false;
@@ -217,7 +189,7 @@ async fn refresh_apps(
             }
             Ok(RunSpec::App(body)) => {
                 m.request("app", "ok");
-                if let Err(e) = publisher.app(id.clone(), body, changed_at).await {
+                if let Err(e) = publish_app(publisher, id.clone(), body, changed_at).await {
                     tracing::warn!(app = %id, error = %e, "app payload unusable; keeping its last good state");
                     m.sync_error("payload");
                     ok = false;
@@ -234,6 +206,71 @@ async fn refresh_apps(
     if ok { Ok(()) } else { Err(()) }
 }
 
+/// Replace every app and pod with those in `apps` and `pods` (a `/v2/pods/::status`
+/// payload; `None`: a Marathon without pods).
+async fn publish_snapshot(
+    publisher: &Publisher,
+    apps: Vec<u8>,
+    pods: Option<Vec<u8>>,
+    changed_at_ms: u64,
+) -> Result<(), SourceError> {
+    publisher
+        .blocking(move |p| {
+            let (mut contribs, mut bad) = contributions(&apps, p.hosts())?;
+            if let Some(pods) = pods {
+                let (pods, bad_pods) = parse_pods(&pods)?;
+                bad.extend(bad_pods);
+                contribs.extend(
+                    pods.iter()
+                        .map(|pod| pod_contribution(pod, &mut |h| p.hosts().resolve(h))),
+                );
+            }
+            p.skipped(bad);
+            p.replace_contributions(contribs, changed_at_ms);
+            Ok(())
+        })
+        .await?
+}
+
+/// Replace one pod from a `/v2/pods/{id}::status` payload.
+async fn publish_pod(
+    publisher: &Publisher,
+    body: Vec<u8>,
+    changed_at_ms: u64,
+) -> Result<(), SourceError> {
+    publisher
+        .blocking(move |p| {
+            let pod = parse_pod(&body)?;
+            let c = pod_contribution(&pod, &mut |h| p.hosts().resolve(h));
+            p.update_contributions(vec![(pod.id, Some(c))], changed_at_ms);
+            Ok(())
+        })
+        .await?
+}
+
+/// Replace one app from a `/v2/apps/{id}?embed=app.tasks` payload; `None` means the app is
+/// gone (404).
+async fn publish_app(
+    publisher: &Publisher,
+    id: String,
+    body: Option<Vec<u8>>,
+    changed_at_ms: u64,
+) -> Result<(), SourceError> {
+    publisher
+        .blocking(move |p| {
+            let c = match body {
+                Some(body) => Some(app_contribution(&parse_app(&body)?, &mut |h| {
+                    p.hosts().resolve(h)
+                })),
+                None => None,
+            };
+            p.update_contributions(vec![(id, c)], changed_at_ms);
+            p.metrics().last_event_ms.set(unix_ms_now() as i64);
+            Ok(())
+        })
+        .await?
+}
+
 /// What an id names: an app (`None`: neither an app nor a pod, gone) or a pod.
 enum RunSpec {
     App(Option<Vec<u8>>),
@@ -241,7 +278,7 @@ enum RunSpec {
 }
 
 /// Read `id` as an app; when no app has it, as a pod (ids are one namespace in Marathon).
-async fn read_app_or_pod(client: &Client, id: &str) -> Result<RunSpec, super::client::Error> {
+async fn read_app_or_pod(client: &Client, id: &str) -> Result<RunSpec, Error> {
     match client.app(id).await? {
         Some(body) => Ok(RunSpec::App(Some(body))),
         None => Ok(match client.pod(id).await? {
@@ -306,7 +343,7 @@ async fn stream_events(
                         } else {
                             ev.event.as_str()
                         };
-                        m.event(kind);
+                        m.event(kind, COUNTED_EVENTS);
                         m.last_event_ms.set(now as i64);
                         let inv = invalidation(&ev);
                         if inv != Invalidation::None
@@ -327,31 +364,8 @@ async fn stream_events(
                 m.sync_error(e.kind());
             }
         }
-        let wait = backoff.next_delay();
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+        if !backoff.pause(&shutdown).await {
+            return;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_with_jitter_and_caps() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(1600));
-        let mut prev_cap = Duration::from_millis(100);
-        for _ in 0..10 {
-            let d = b.next_delay();
-            assert!(
-                d >= Duration::from_millis(100) && d <= prev_cap,
-                "{d:?} > {prev_cap:?}"
-            );
-            prev_cap = (prev_cap * 2).min(Duration::from_millis(1600));
-        }
-        b.reset();
-        assert_eq!(b.next_delay(), Duration::from_millis(100));
     }
 }

@@ -6,6 +6,9 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::source::PayloadError;
+use crate::source::entries::LabelValue;
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct App {
@@ -111,13 +114,17 @@ pub struct HealthCheckResult {
     pub alive: bool,
 }
 
-/// Why a payload was not usable.
-#[derive(Debug, thiserror::Error)]
-pub enum PayloadError {
-    #[error("payload is not JSON: {0}")]
-    Json(#[from] serde_json::Error),
-    #[error("payload has no {0:?} field of the expected shape")]
-    Shape(&'static str),
+/// A label map's entries as the entry builder reads them (a value that is not a JSON string
+/// is kept as its JSON text, and rejected).
+pub fn label_values(
+    labels: &BTreeMap<String, Value>,
+) -> impl Iterator<Item = (&str, LabelValue<'_>)> {
+    labels.iter().map(|(k, v)| {
+        let value = v
+            .as_str()
+            .map_or_else(|| LabelValue::NotText(v.to_string()), LabelValue::Text);
+        (k.as_str(), value)
+    })
 }
 
 /// Apps from a `GET /v2/apps?embed=apps.tasks` body. The envelope must parse (otherwise the
@@ -161,28 +168,6 @@ pub fn map_apps<T>(
         }
     }
     Ok((out, bad))
-}
-
-/// Each element of a Marathon list on its own: one that does not parse is returned as an
-/// error string naming its `id` (`<what> <id>: <error>`) and skipped alone.
-pub(crate) fn parse_each<T: serde::de::DeserializeOwned>(
-    raw: Vec<Value>,
-    what: &str,
-) -> (Vec<T>, Vec<String>) {
-    let mut ok = Vec::with_capacity(raw.len());
-    let mut bad = Vec::new();
-    for v in raw {
-        let id = v
-            .get("id")
-            .and_then(Value::as_str)
-            .unwrap_or("?")
-            .to_string();
-        match serde_json::from_value::<T>(v) {
-            Ok(a) => ok.push(a),
-            Err(e) => bad.push(format!("{what} {id}: {e}")),
-        }
-    }
-    (ok, bad)
 }
 
 /// The app from a `GET /v2/apps/{id}?embed=app.tasks` body (`{"app": {...}}`).

@@ -1,6 +1,7 @@
 //! What the Mesos master has told us, kept current event by event, and each task's VIP
 //! contribution. Pure: events in, the set of changed tasks out; addresses are resolved through
-//! the function the caller passes. Depends on `labels` and `source::build`'s contribution types.
+//! the function the caller passes. Depends on `labels` and the neutral VIP entry builder
+//! ([`entries`](crate::source::entries)).
 //!
 //! A task is one contribution (its key `<framework id>/<task id>`), so an event costs the
 //! tasks it touches: a task event one task, an agent or framework event the tasks on it.
@@ -12,7 +13,7 @@ use std::sync::Arc;
 use super::types::{Agent, Event, GetState, Labels, Status, Task, parse_tasks};
 use crate::labels::{self, LabelError};
 use crate::model::{Backend, BackendState, TaskPort, TaskRecord};
-use crate::source::build::{AppVips, Entry, Rejection, protocols};
+use crate::source::entries::{Contribution, LabelValue, protocols};
 
 /// What an event changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -336,11 +337,28 @@ impl Cluster {
     }
 
     /// Every task's contribution.
-    pub fn contributions(&self, resolve: &mut dyn FnMut(&str) -> Option<IpAddr>) -> Vec<AppVips> {
+    pub fn contributions(
+        &self,
+        resolve: &mut dyn FnMut(&str) -> Option<IpAddr>,
+    ) -> Vec<Contribution> {
         let mut keys: Vec<&String> = self.tasks.keys().collect();
         keys.sort();
         keys.into_iter()
             .filter_map(|k| self.contribution(k, resolve))
+            .collect()
+    }
+
+    /// The contributions of the tasks `keys` names (`None`: a task no longer known).
+    pub fn changed(
+        &self,
+        keys: BTreeSet<String>,
+        resolve: &mut dyn FnMut(&str) -> Option<IpAddr>,
+    ) -> Vec<(String, Option<Contribution>)> {
+        keys.into_iter()
+            .map(|k| {
+                let c = self.contribution(&k, resolve);
+                (k, c)
+            })
             .collect()
     }
 
@@ -349,11 +367,11 @@ impl Cluster {
         &self,
         key: &str,
         resolve: &mut dyn FnMut(&str) -> Option<IpAddr>,
-    ) -> Option<AppVips> {
+    ) -> Option<Contribution> {
         let t = self.tasks.get(key)?;
-        let mut out = AppVips {
+        let mut out = Contribution {
             app: key.to_string(),
-            ..AppVips::default()
+            ..Contribution::default()
         };
         let agent = self.agents.get(&t.agent_id);
         let agent_ip = agent.and_then(|h| h.parse::<IpAddr>().ok().or_else(|| resolve(h)));
@@ -365,12 +383,12 @@ impl Cluster {
         out.cluster_addrs.extend(t.container_ips.iter().copied());
         // Until its framework is known the task has no names to give (it has its addresses).
         let Some(framework) = self.frameworks.get(&t.framework_id) else {
-            finish(&mut out);
+            out.finish();
             return Some(out);
         };
         out.framework = Some(framework.clone());
         let state = t.backend_state();
-        let backend = |addr: SocketAddr, out: &mut AppVips| -> Option<Backend> {
+        let backend = |addr: SocketAddr, out: &mut Contribution| -> Option<Backend> {
             out.cluster_addrs.push(addr.ip());
             Some(Backend {
                 addr,
@@ -389,79 +407,36 @@ impl Cluster {
                 Some("host") => false,
                 _ => !t.container_ips.is_empty(),
             };
-            for l in port_labels
+            let vip_labels = port_labels
                 .labels
                 .iter()
-                .filter(|l| labels::is_vip_key(&l.key) && !labels::is_legacy_key(&l.key))
-            {
-                let value = l.value.as_deref().unwrap_or_default();
-                let parsed = protocols(protocol.as_deref())
-                    .and_then(|ps| Ok((ps, labels::parse_value(value)?)));
-                let (protos, target) = match parsed {
-                    Ok(p) => p,
-                    Err(e) => {
-                        out.rejections
-                            .push(Rejection::new(key, idx, &l.key, value, &e));
-                        continue;
-                    }
-                };
+                .filter(|l| !labels::is_legacy_key(&l.key))
+                .map(label_value);
+            out.add_port(idx, protocol.as_deref(), vip_labels, |out| {
                 let port = u16::try_from(*number).ok().filter(|p| *p != 0);
                 let ips: Vec<IpAddr> = match (port, container) {
                     (None, _) => Vec::new(),
                     (Some(_), true) => t.container_ips.clone(),
                     (Some(_), false) => agent_ip.into_iter().collect(),
                 };
-                let backends: Vec<Backend> = ips
-                    .into_iter()
-                    .filter_map(|ip| {
-                        backend(SocketAddr::new(ip, port.unwrap_or_default()), &mut out)
-                    })
-                    .collect();
-                out.push_entries(&protos, &target, &backends, idx, &l.key, value);
-            }
-        }
-        // Legacy task labels: the VIP's backend is the agent and the task's n-th port.
-        for l in t
-            .labels
-            .labels
-            .iter()
-            .filter(|l| labels::is_legacy_key(&l.key))
-        {
-            let value = l.value.as_deref().unwrap_or_default();
-            let legacy = match labels::parse_legacy(&l.key, value) {
-                Ok(v) => v,
-                Err(e) => {
-                    out.rejections
-                        .push(Rejection::new(key, 0, &l.key, value, &e));
-                    continue;
-                }
-            };
-            let port = t
-                .port_resources
-                .get(legacy.port_index)
-                .and_then(|p| u16::try_from(*p).ok())
-                .filter(|p| *p != 0);
-            let backends: Vec<Backend> = match (agent_ip, port) {
-                (Some(ip), Some(p)) => backend(SocketAddr::new(ip, p), &mut out)
-                    .into_iter()
-                    .collect(),
-                _ => Vec::new(),
-            };
-            if port.is_none() {
-                let e = LabelError::NoTaskPort(legacy.port_index);
-                out.rejections
-                    .push(Rejection::new(key, legacy.port_index, &l.key, value, &e));
-                continue;
-            }
-            out.entries.push(Entry {
-                target: legacy.target,
-                protocol: legacy.protocol,
-                backends,
-                port_index: legacy.port_index,
-                key: l.key.clone(),
-                value: value.to_string(),
+                ips.into_iter()
+                    .filter_map(|ip| backend(SocketAddr::new(ip, port.unwrap_or_default()), out))
+                    .collect()
             });
         }
+        // Legacy task labels: the VIP's backend is the agent and the task's n-th port.
+        out.add_legacy(t.labels.labels.iter().map(label_value), |n, out| {
+            let port = t
+                .port_resources
+                .get(n)
+                .and_then(|p| u16::try_from(*p).ok())
+                .filter(|p| *p != 0)
+                .ok_or(LabelError::NoTaskPort(n))?;
+            Ok(agent_ip
+                .and_then(|ip| backend(SocketAddr::new(ip, port), out))
+                .into_iter()
+                .collect())
+        });
         // Task names (the Mesos-DNS job): every running task, labelled or not, under its
         // own name and framework; one record per task, merged by name in the DNS.
         if t.state == "TASK_RUNNING" && (agent_ip.is_some() || !t.container_ips.is_empty()) {
@@ -486,7 +461,7 @@ impl Cluster {
                 ports,
             });
         }
-        finish(&mut out);
+        out.finish();
         Some(out)
     }
 }
@@ -496,14 +471,17 @@ impl Cluster {
 pub fn contributions_of_state(
     body: &[u8],
     resolve: &mut dyn FnMut(&str) -> Option<IpAddr>,
-) -> Result<(Vec<AppVips>, Vec<String>), super::types::PayloadError> {
+) -> Result<(Vec<Contribution>, Vec<String>), crate::source::PayloadError> {
     let (c, bad) = Cluster::from_state(super::types::parse_get_state(body)?);
     Ok((c.contributions(resolve), bad))
 }
 
-fn finish(out: &mut AppVips) {
-    out.cluster_addrs.sort();
-    out.cluster_addrs.dedup();
+/// A Mesos label as the entry builder reads it (a label without a value is empty text).
+fn label_value(l: &super::types::Label) -> (&str, LabelValue<'_>) {
+    (
+        l.key.as_str(),
+        LabelValue::Text(l.value.as_deref().unwrap_or_default()),
+    )
 }
 
 #[cfg(test)]

@@ -17,7 +17,20 @@ use super::recordio::RecordIoDecoder;
 use super::types::parse_event;
 use crate::model::unix_ms_now;
 use crate::source::Publisher;
-use crate::source::marathon::sync::Backoff;
+use crate::source::http::{Backoff, MAX_BODY};
+
+/// The event types counted by name in `marathon_events_total{type}` (any other is `other`).
+const EVENTS: &[&str] = &[
+    "SUBSCRIBED",
+    "TASK_ADDED",
+    "TASK_UPDATED",
+    "AGENT_ADDED",
+    "AGENT_REMOVED",
+    "FRAMEWORK_ADDED",
+    "FRAMEWORK_UPDATED",
+    "FRAMEWORK_REMOVED",
+    "HEARTBEAT",
+];
 
 /// How the loop behaves.
 #[derive(Debug, Clone)]
@@ -36,7 +49,7 @@ impl Default for SyncConfig {
         SyncConfig {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
-            max_record: super::client::MAX_BODY,
+            max_record: MAX_BODY,
             // Mesos's default heartbeat is 15 s.
             heartbeat_grace: Duration::from_secs(45),
         }
@@ -99,10 +112,8 @@ pub async fn run(
             }
         }
         read_state(&client, &cluster, &publisher).await;
-        let wait = backoff.next_delay();
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+        if !backoff.pause(&shutdown).await {
+            return;
         }
     }
 }
@@ -202,7 +213,7 @@ pub fn apply_records(
                 continue;
             }
         };
-        m.event(&ev.kind);
+        m.event(&ev.kind, EVENTS);
         if let Some(s) = &ev.subscribed {
             heartbeat = s.heartbeat_interval_seconds;
         }
@@ -226,14 +237,7 @@ pub fn apply_records(
         tracing::info!(tasks = c.task_count(), "Mesos state read");
         publisher.replace_contributions(c.contributions(&mut resolve), now);
     } else if !touched.is_empty() {
-        let changes = touched
-            .into_iter()
-            .map(|k| {
-                let contribution = c.contribution(&k, &mut resolve);
-                (k, contribution)
-            })
-            .collect();
-        publisher.update_contributions(changes, now);
+        publisher.update_contributions(c.changed(touched, &mut resolve), now);
     }
     heartbeat
 }

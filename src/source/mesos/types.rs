@@ -5,6 +5,8 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::source::{PayloadError, parse_each};
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct Id {
     #[serde(default)]
@@ -274,15 +276,6 @@ pub struct FrameworkRemoved {
     pub framework_info: FrameworkInfo,
 }
 
-/// Why a payload was not usable.
-#[derive(Debug, thiserror::Error)]
-pub enum PayloadError {
-    #[error("payload is not JSON of the operator API's shape: {0}")]
-    Json(#[from] serde_json::Error),
-    #[error("payload has no {0:?} field")]
-    Shape(&'static str),
-}
-
 /// Parse one event (or a `GET_STATE` response).
 pub fn parse_event(body: &[u8]) -> Result<Event, PayloadError> {
     Ok(serde_json::from_slice(body)?)
@@ -297,18 +290,5 @@ pub fn parse_get_state(body: &[u8]) -> Result<GetState, PayloadError> {
 
 /// Tasks from raw values; the ones that do not parse are returned as error strings.
 pub fn parse_tasks(raw: Vec<Value>) -> (Vec<Task>, Vec<String>) {
-    let mut tasks = Vec::with_capacity(raw.len());
-    let mut bad = Vec::new();
-    for v in raw {
-        let id = v
-            .pointer("/task_id/value")
-            .and_then(Value::as_str)
-            .unwrap_or("?")
-            .to_string();
-        match serde_json::from_value::<Task>(v) {
-            Ok(t) => tasks.push(t),
-            Err(e) => bad.push(format!("task {id}: {e}")),
-        }
-    }
-    (tasks, bad)
+    parse_each(raw, "task", |v| v.pointer("/task_id/value"))
 }

@@ -3,25 +3,25 @@
 //! `tests/fixtures/marathon/`. The test mutates apps, emits events and injects faults.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Value, json};
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+use super::fake::{self, Events, Fake, next_event};
+
 /// How the fake misbehaves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Fault {
+    #[default]
     None,
     /// 200 with a body that is not JSON.
     Garbage,
@@ -33,6 +33,7 @@ pub enum Fault {
     Hang,
 }
 
+#[derive(Default)]
 struct Inner {
     apps: BTreeMap<String, Value>,
     /// Pod statuses (`/v2/pods/::status` items) by id.
@@ -40,12 +41,14 @@ struct Inner {
     fault: Fault,
 }
 
-/// Handle to a running fake Marathon.
-#[derive(Clone)]
-pub struct FakeMarathon {
-    pub addr: SocketAddr,
+/// A running fake Marathon (stops when the last clone goes).
+pub type FakeMarathon = Fake<Marathon>;
+
+/// The fake's state: what the test changes and the counters it reads.
+#[derive(Clone, Default)]
+pub struct Marathon {
     inner: Arc<Mutex<Inner>>,
-    events: broadcast::Sender<String>,
+    events: Events<String>,
     pub apps_requests: Arc<AtomicU64>,
     pub app_requests: Arc<AtomicU64>,
     pub event_streams: Arc<AtomicU64>,
@@ -54,50 +57,23 @@ pub struct FakeMarathon {
 
 impl FakeMarathon {
     pub async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        Self::start_on(listener).await
+        Self::start_on(fake::listener().await).await
     }
 
     pub async fn start_on(listener: tokio::net::TcpListener) -> Self {
-        let addr = listener.local_addr().unwrap();
-        let (events, _) = broadcast::channel(1024);
-        let fake = FakeMarathon {
-            addr,
-            inner: Arc::new(Mutex::new(Inner {
-                apps: BTreeMap::new(),
-                pods: BTreeMap::new(),
-                fault: Fault::None,
-            })),
-            events,
-            apps_requests: Arc::default(),
-            app_requests: Arc::default(),
-            event_streams: Arc::default(),
-            stop: CancellationToken::new(),
-        };
+        let state = Marathon::default();
         let router = Router::new()
             .route("/v2/apps", get(apps))
             .route("/v2/apps/{*id}", get(app))
             .route("/v2/events", get(events_stream))
             .route("/v2/pods/{*rest}", get(pods))
-            .with_state(fake.clone());
-        let stop = fake.stop.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, router)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-        });
-        fake
+            .with_state(state.clone());
+        let stop = state.stop.clone();
+        Fake::serve(listener, router, state, stop)
     }
+}
 
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Stop serving (open event streams end too).
-    pub fn stop(&self) {
-        self.stop.cancel();
-    }
-
+impl Marathon {
     pub fn set_fault(&self, f: Fault) {
         self.inner.lock().unwrap().fault = f;
     }
@@ -128,7 +104,7 @@ impl FakeMarathon {
     /// Send one SSE event with `data` as its JSON body.
     pub fn emit(&self, event_type: &str, data: Value) {
         let frame = format!("event: {event_type}\ndata: {data}\n\n");
-        let _ = self.events.send(frame);
+        self.events.send(frame);
     }
 
     /// A `status_update_event` in the shape of the fixture stream.
@@ -193,7 +169,7 @@ pub fn add_task(app: &mut Value, task: Value) {
     app["tasksRunning"] = json!(app["tasks"].as_array().unwrap().len());
 }
 
-async fn faulty(m: &FakeMarathon, good: Value) -> Response {
+async fn faulty(m: &Marathon, good: Value) -> Response {
     match m.fault() {
         Fault::None => (
             StatusCode::OK,
@@ -218,13 +194,13 @@ async fn faulty(m: &FakeMarathon, good: Value) -> Response {
     }
 }
 
-async fn apps(State(m): State<FakeMarathon>) -> Response {
+async fn apps(State(m): State<Marathon>) -> Response {
     m.apps_requests.fetch_add(1, Ordering::SeqCst);
     let apps: Vec<Value> = m.inner.lock().unwrap().apps.values().cloned().collect();
     faulty(&m, json!({ "apps": apps })).await
 }
 
-async fn app(State(m): State<FakeMarathon>, Path(id): Path<String>) -> Response {
+async fn app(State(m): State<Marathon>, Path(id): Path<String>) -> Response {
     m.app_requests.fetch_add(1, Ordering::SeqCst);
     let id = format!("/{}", id.trim_start_matches('/'));
     match m.app(&id) {
@@ -238,7 +214,7 @@ async fn app(State(m): State<FakeMarathon>, Path(id): Path<String>) -> Response 
 }
 
 /// `/v2/pods/::status` (every pod) and `/v2/pods/{id}::status` (one).
-async fn pods(State(m): State<FakeMarathon>, Path(rest): Path<String>) -> Response {
+async fn pods(State(m): State<Marathon>, Path(rest): Path<String>) -> Response {
     let Some(id) = rest.trim_start_matches('/').strip_suffix("::status") else {
         return StatusCode::NOT_FOUND.into_response();
     };
@@ -257,43 +233,21 @@ async fn pods(State(m): State<FakeMarathon>, Path(rest): Path<String>) -> Respon
     }
 }
 
-async fn events_stream(State(m): State<FakeMarathon>) -> Response {
+async fn events_stream(State(m): State<Marathon>) -> Response {
     m.event_streams.fetch_add(1, Ordering::SeqCst);
     let mut rx = m.events.subscribe();
-    let stop = m.stop.clone();
-    let attached = "event: event_stream_attached\ndata: {\"remoteAddress\":\"127.0.0.1\",\"eventType\":\"event_stream_attached\",\"timestamp\":\"2015-09-30T12:44:30.061Z\"}\n\n".to_string();
-    let stream = async_stream(attached, move |tx| async move {
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                ev = rx.recv() => match ev {
-                    Ok(frame) => if tx.send(Ok(Bytes::from(frame))).await.is_err() { return },
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(_) => return,
-                }
+    let attached = "event: event_stream_attached\ndata: {\"remoteAddress\":\"127.0.0.1\",\"eventType\":\"event_stream_attached\",\"timestamp\":\"2015-09-30T12:44:30.061Z\"}\n\n";
+    let body = fake::stream(move |tx| async move {
+        let mut frame = Some(attached.to_string());
+        while let Some(f) = frame {
+            if tx.send(Ok(Bytes::from(f))).await.is_err() {
+                return;
             }
+            frame = next_event(&mut rx, &m.stop).await;
         }
     });
     Response::builder()
         .header("content-type", "text/event-stream")
-        .body(stream)
+        .body(body)
         .unwrap()
-}
-
-/// A streaming body fed by a task.
-fn async_stream<F, Fut>(first: String, f: F) -> Body
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Result<Bytes, Infallible>>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let _ = tx.try_send(Ok(Bytes::from(first)));
-    tokio::spawn(f(tx));
-    Body::from_stream(tokio_stream_from(rx))
-}
-
-fn tokio_stream_from(
-    mut rx: tokio::sync::mpsc::Receiver<Result<Bytes, Infallible>>,
-) -> impl futures::Stream<Item = Result<Bytes, Infallible>> {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }

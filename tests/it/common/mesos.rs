@@ -10,25 +10,30 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::Value;
-use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
+
+use super::fake::{self, Events, Fake, Sink, next_event};
 
 pub const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/mesos");
 
 /// The lines of a fixture (one JSON document a line).
 pub fn fixture_lines(file: &str) -> Vec<String> {
-    std::fs::read_to_string(format!("{FIXTURES}/{file}"))
-        .unwrap()
+    fixture(file)
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(str::to_string)
         .collect()
+}
+
+/// A fixture's text.
+pub fn fixture(file: &str) -> String {
+    std::fs::read_to_string(format!("{FIXTURES}/{file}")).unwrap()
 }
 
 /// RecordIO framing, as a master writes it.
@@ -45,6 +50,7 @@ enum Msg {
     Cut,
 }
 
+#[derive(Default)]
 struct Inner {
     /// Sent on every subscription, one event at a time (the first is the `SUBSCRIBED`).
     script: Vec<String>,
@@ -57,11 +63,14 @@ struct Inner {
     refuse_subscribe: bool,
 }
 
-#[derive(Clone)]
-pub struct FakeMesos {
-    pub addr: SocketAddr,
+/// A running fake Mesos master (stops when the last clone goes).
+pub type FakeMesos = Fake<Mesos>;
+
+/// The fake's state: what the test changes and the counters it reads.
+#[derive(Clone, Default)]
+pub struct Mesos {
     inner: Arc<Mutex<Inner>>,
-    events: broadcast::Sender<Msg>,
+    events: Events<Msg>,
     pub subscribes: Arc<AtomicU64>,
     pub get_states: Arc<AtomicU64>,
     pub redirects: Arc<AtomicU64>,
@@ -71,45 +80,16 @@ pub struct FakeMesos {
 
 impl FakeMesos {
     pub async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (events, _) = broadcast::channel(4096);
-        let fake = FakeMesos {
-            addr,
-            inner: Arc::new(Mutex::new(Inner {
-                script: Vec::new(),
-                state: None,
-                leader: None,
-                auth: None,
-                refuse_subscribe: false,
-            })),
-            events,
-            subscribes: Arc::default(),
-            get_states: Arc::default(),
-            redirects: Arc::default(),
-            unauthorized: Arc::default(),
-            stop: CancellationToken::new(),
-        };
+        let state = Mesos::default();
         let router = Router::new()
             .route("/api/v1", post(api))
-            .with_state(fake.clone());
-        let stop = fake.stop.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, router)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-        });
-        fake
+            .with_state(state.clone());
+        let stop = state.stop.clone();
+        Fake::serve(fake::listener().await, router, state, stop)
     }
+}
 
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    pub fn stop(&self) {
-        self.stop.cancel();
-    }
-
+impl Mesos {
     /// Events every subscription starts with.
     pub fn set_script(&self, lines: Vec<String>) {
         self.inner.lock().unwrap().script = lines;
@@ -139,21 +119,21 @@ impl FakeMesos {
 
     /// Send one event on every open stream.
     pub fn emit(&self, line: &str) {
-        let _ = self.events.send(Msg::Event(line.to_string()));
+        self.events.send(Msg::Event(line.to_string()));
     }
 
     /// Break every open stream in the middle of a frame.
     pub fn cut(&self) {
-        let _ = self.events.send(Msg::Cut);
+        self.events.send(Msg::Cut);
     }
 
     pub fn open_streams(&self) -> usize {
-        self.events.receiver_count()
+        self.events.receivers()
     }
 }
 
 /// Send `bytes` in three chunks, pausing between them so they travel separately.
-async fn send_chunked(tx: &mpsc::Sender<Result<Bytes, std::io::Error>>, bytes: Vec<u8>) -> bool {
+async fn send_chunked(tx: &Sink, bytes: Vec<u8>) -> bool {
     let n = bytes.len();
     let cuts = [0, n / 3, 2 * n / 3, n];
     for w in cuts.windows(2) {
@@ -172,7 +152,7 @@ async fn send_chunked(tx: &mpsc::Sender<Result<Bytes, std::io::Error>>, bytes: V
     true
 }
 
-async fn api(State(fake): State<FakeMesos>, headers: HeaderMap, body: Bytes) -> Response {
+async fn api(State(fake): State<Mesos>, headers: HeaderMap, body: Bytes) -> Response {
     let call: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(_) => return StatusCode::BAD_REQUEST.into_response(),
@@ -217,14 +197,14 @@ async fn api(State(fake): State<FakeMesos>, headers: HeaderMap, body: Bytes) -> 
         Some("SUBSCRIBE") => {
             fake.subscribes.fetch_add(1, Ordering::SeqCst);
             let mut events = fake.events.subscribe();
-            let (tx, mut rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
-            tokio::spawn(async move {
+            let stop = fake.stop.clone();
+            let body = fake::stream(move |tx| async move {
                 for line in script {
                     if !send_chunked(&tx, frame(&line)).await {
                         return;
                     }
                 }
-                while let Ok(msg) = events.recv().await {
+                while let Some(msg) = next_event(&mut events, &stop).await {
                     match msg {
                         Msg::Event(line) => {
                             if !send_chunked(&tx, frame(&line)).await {
@@ -242,12 +222,7 @@ async fn api(State(fake): State<FakeMesos>, headers: HeaderMap, body: Bytes) -> 
                     }
                 }
             });
-            let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
-            (
-                [(header::CONTENT_TYPE, "application/recordio")],
-                Body::from_stream(stream),
-            )
-                .into_response()
+            ([(header::CONTENT_TYPE, "application/recordio")], body).into_response()
         }
         _ => StatusCode::BAD_REQUEST.into_response(),
     }

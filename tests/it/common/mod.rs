@@ -1,13 +1,17 @@
-//! The integration tests' harness, shared by every module of the one test crate: a fake
-//! Marathon on the real payloads ([`marathon`]), a fake Mesos master ([`mesos`]), small real backends ([`backends`]), child
-//! processes killed by PID on drop ([`process`]), throw-away network namespaces ([`netns`]) and
-//! a whole cluster in them ([`cluster`]).
+//! The integration tests' harness, shared by every module of the one test crate: fake sources
+//! on the real payloads (a Marathon in [`marathon`], a Mesos master in [`mesos`], both served
+//! by [`fake`]), a controller in the test's process following one ([`ctl`]), apps files
+//! ([`apps`]), small real backends ([`backends`]), child processes killed by PID on drop
+//! ([`process`]), throw-away network namespaces ([`netns`]) and a whole cluster in them
+//! ([`cluster`]).
 
 #[macro_use]
 pub mod netns;
 pub mod apps;
 pub mod backends;
 pub mod cluster;
+pub mod ctl;
+pub mod fake;
 pub mod marathon;
 pub mod mesos;
 pub mod process;

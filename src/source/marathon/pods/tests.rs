@@ -1,7 +1,8 @@
 use super::*;
 use crate::alloc::Allocator;
 use crate::labels::IpPolicy;
-use crate::source::build::assemble;
+use crate::source::entries::assemble;
+use crate::source::entries::test_util::{s, summary};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/marathon");
 
@@ -14,36 +15,16 @@ fn pods_publish_endpoint_labels_with_each_instances_backends() {
     let body = std::fs::read(format!("{FIXTURES}/l4lb-pods-status.json")).unwrap();
     let (pods, bad) = parse_pods(&body).unwrap();
     assert!(bad.is_empty(), "{bad:?}");
-    let contribs: Vec<AppVips> = pods.iter().map(|p| pod_vips(p, &mut resolve)).collect();
+    let contribs: Vec<Contribution> = pods
+        .iter()
+        .map(|p| pod_contribution(p, &mut resolve))
+        .collect();
     let mut alloc = Allocator::new(
         "11.0.0.0/8".parse().unwrap(),
         "fd01:c::/64".parse().unwrap(),
     );
     let b = assemble(&contribs, "marathon", &IpPolicy::default(), &mut alloc);
-    let mut got: Vec<(String, String, Vec<String>)> = b
-        .vips
-        .iter()
-        .map(|v| {
-            let name = v
-                .name
-                .as_ref()
-                .map_or_else(|| v.key.ip.to_string(), |n| n.fqdn());
-            let backends = v
-                .backends
-                .iter()
-                .map(|b| format!("{} {:?} {}", b.addr, b.state, b.task))
-                .collect();
-            (name, format!("{}/{}", v.key.port, v.key.protocol), backends)
-        })
-        .collect();
-    got.sort();
-    let s = |n: &str, p: &str, b: &[&str]| {
-        (
-            n.to_string(),
-            p.to_string(),
-            b.iter().map(|x| x.to_string()).collect::<Vec<_>>(),
-        )
-    };
+    let got = summary(&b.vips, true);
     assert_eq!(
         got,
         [
@@ -86,7 +67,7 @@ fn pods_publish_endpoint_labels_with_each_instances_backends() {
     // The single-pod answer parses the same way.
     let one = serde_json::to_vec(&serde_json::from_slice::<Vec<Value>>(&body).unwrap()[1]).unwrap();
     assert_eq!(
-        pod_vips(&parse_pod(&one).unwrap(), &mut resolve),
+        pod_contribution(&parse_pod(&one).unwrap(), &mut resolve),
         contribs[1]
     );
 }

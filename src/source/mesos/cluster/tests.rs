@@ -1,5 +1,7 @@
 use super::*;
 use crate::model::VipTable;
+use crate::source::entries::Rejection;
+use crate::source::entries::test_util::{self, Summary, s};
 use crate::source::mesos::types::parse_event;
 use crate::source::state::{BuildConfig, TableState};
 
@@ -17,6 +19,16 @@ fn no_dns(_: &str) -> Option<IpAddr> {
     None
 }
 
+/// Publish what `applied` changed, as the sync loop does, and rebuild.
+fn fold(c: &Cluster, st: &mut TableState, applied: Applied) {
+    match applied {
+        Applied::Full => st.replace_all(c.contributions(&mut no_dns)),
+        Applied::Tasks(keys) => st.update(c.changed(keys, &mut no_dns)),
+        Applied::Nothing => {}
+    }
+    st.rebuild(0);
+}
+
 /// The table of the cluster after every event of `file`, built twice: event by event through
 /// the incremental path (only the tasks each event names), and once from scratch. Both must
 /// agree; the incremental one is returned.
@@ -30,19 +42,7 @@ fn replay_events(file: &str, events: Vec<Event>) -> (Cluster, Arc<VipTable>, Vec
     for ev in events {
         let (applied, bad) = c.apply(ev);
         assert!(bad.is_empty(), "{bad:?}");
-        match applied {
-            Applied::Full => inc.replace_all(c.contributions(&mut no_dns)),
-            Applied::Tasks(keys) => {
-                for k in keys {
-                    match c.contribution(&k, &mut no_dns) {
-                        Some(a) => inc.upsert(a),
-                        None => inc.remove(&k),
-                    }
-                }
-            }
-            Applied::Nothing => {}
-        }
-        inc.rebuild(0);
+        fold(&c, &mut inc, applied);
     }
     let mut full = TableState::new(BuildConfig::default(), 1);
     full.replace_all(c.contributions(&mut no_dns));
@@ -57,35 +57,9 @@ fn replay_events(file: &str, events: Vec<Event>) -> (Cluster, Arc<VipTable>, Vec
     (c, Arc::clone(inc.current()), rejections)
 }
 
-/// (fqdn or IP, key, backends with states), sorted.
-fn summary(t: &VipTable) -> Vec<(String, String, Vec<String>)> {
-    let mut out: Vec<_> = t
-        .vips
-        .values()
-        .map(|v| {
-            let name = v
-                .name
-                .as_ref()
-                .map_or_else(|| v.key.ip.to_string(), |n| n.fqdn());
-            let port = format!("{}/{}", v.key.port, v.key.protocol);
-            let backends = v
-                .backends
-                .iter()
-                .map(|b| format!("{} {:?}", b.addr, b.state))
-                .collect();
-            (name, port, backends)
-        })
-        .collect();
-    out.sort();
-    out
-}
-
-fn s(name: &str, port: &str, backends: &[&str]) -> (String, String, Vec<String>) {
-    (
-        name.to_string(),
-        port.to_string(),
-        backends.iter().map(|b| b.to_string()).collect(),
-    )
+/// The table's VIPs as text.
+fn summary(t: &VipTable) -> Vec<Summary> {
+    test_util::summary(t.vips.values().map(|v| &**v), false)
 }
 
 fn get_state(file: &str) -> Arc<VipTable> {
@@ -209,24 +183,13 @@ fn every_networking_mode_of_a_marathon_task() {
 }
 
 /// The table after each event of `file`.
-fn tables(file: &str) -> Vec<Vec<(String, String, Vec<String>)>> {
+fn tables(file: &str) -> Vec<Vec<Summary>> {
     let mut c = Cluster::default();
     let mut st = TableState::new(BuildConfig::default(), 1);
     let mut out = Vec::new();
     for ev in events(file) {
-        match c.apply(ev).0 {
-            Applied::Full => st.replace_all(c.contributions(&mut no_dns)),
-            Applied::Tasks(keys) => {
-                for k in keys {
-                    match c.contribution(&k, &mut no_dns) {
-                        Some(a) => st.upsert(a),
-                        None => st.remove(&k),
-                    }
-                }
-            }
-            Applied::Nothing => {}
-        }
-        st.rebuild(0);
+        let applied = c.apply(ev).0;
+        fold(&c, &mut st, applied);
         out.push(summary(st.current()));
     }
     out
@@ -506,19 +469,8 @@ mod properties {
             let mut inc = TableState::new(cfg.clone(), 1);
             inc.rebuild(0);
             for ev in &evs {
-                match c.apply(to_event(ev)).0 {
-                    Applied::Full => inc.replace_all(c.contributions(&mut no_dns)),
-                    Applied::Tasks(keys) => {
-                        for k in keys {
-                            match c.contribution(&k, &mut no_dns) {
-                                Some(a) => inc.upsert(a),
-                                None => inc.remove(&k),
-                            }
-                        }
-                    }
-                    Applied::Nothing => {}
-                }
-                inc.rebuild(0);
+                let applied = c.apply(to_event(ev)).0;
+                fold(&c, &mut inc, applied);
                 let mut full = TableState::new(cfg.clone(), 1);
                 full.replace_all(c.contributions(&mut no_dns));
                 full.rebuild(0);

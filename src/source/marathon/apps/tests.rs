@@ -3,6 +3,11 @@ use std::collections::HashMap;
 use serde_json::json;
 
 use super::*;
+use crate::alloc::Allocator;
+use crate::labels::IpPolicy;
+use crate::model::{Protocol, Vip};
+use crate::source::HostCache;
+use crate::source::entries::{Built, app_tasks, assemble, task_name};
 use crate::source::marathon::types::parse_apps;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/marathon");
@@ -28,8 +33,16 @@ fn build(apps_json: serde_json::Value) -> Built {
     let (apps, bad) = parse_apps(&body).unwrap();
     assert!(bad.is_empty(), "{bad:?}");
     let mut r = resolver();
-    let contribs: Vec<AppVips> = apps.iter().map(|a| app_vips(a, &mut r)).collect();
+    let contribs: Vec<Contribution> = apps.iter().map(|a| app_contribution(a, &mut r)).collect();
     assemble(&contribs, "marathon", &IpPolicy::default(), &mut alloc())
+}
+
+/// Each rejected label's key and reason.
+fn reasons(b: &Built) -> Vec<(&str, &str)> {
+    b.rejections
+        .iter()
+        .map(|r| (r.key.as_str(), r.reason))
+        .collect()
 }
 
 fn backends(v: &Vip) -> Vec<(String, BackendState)> {
@@ -53,7 +66,7 @@ fn every_fixture_parses_and_builds() {
         let (apps, bad) = parse_apps(&body).unwrap();
         assert!(!apps.is_empty() && bad.is_empty(), "{f}");
         let mut r = resolver();
-        let c: Vec<_> = apps.iter().map(|a| app_vips(a, &mut r)).collect();
+        let c: Vec<_> = apps.iter().map(|a| app_contribution(a, &mut r)).collect();
         // No VIP labels in the raw fixtures: nothing built, nothing rejected.
         let b = assemble(&c, "marathon", &IpPolicy::default(), &mut alloc());
         assert!(b.vips.is_empty() && b.rejections.is_empty(), "{f}");
@@ -264,11 +277,7 @@ fn bad_labels_drop_only_themselves() {
                    "state": "TASK_STAGING"}]
     }]}));
     assert_eq!(b.vips.len(), 1);
-    let reasons: Vec<_> = b
-        .rejections
-        .iter()
-        .map(|r| (r.key.as_str(), r.reason))
-        .collect();
+    let reasons = reasons(&b);
     assert_eq!(
         reasons,
         vec![
@@ -309,7 +318,7 @@ fn hostnames_resolve_once_and_unresolvable_hosts_are_skipped() {
         calls += 1;
         inner(h)
     };
-    let c = app_vips(&apps[0], &mut counting);
+    let c = app_contribution(&apps[0], &mut counting);
     assert_eq!(calls, 2, "one lookup per distinct host");
     assert_eq!(c.unresolved_hosts, vec!["nowhere.invalid".to_string()]);
     let b = assemble([&c], "marathon", &IpPolicy::default(), &mut alloc());
@@ -344,7 +353,7 @@ fn unexpected_fields_and_broken_apps() {
 #[test]
 fn named_vip_addresses_are_stable_across_builds() {
     let mut a = alloc();
-    let mk = |names: &[&str]| -> Vec<AppVips> {
+    let mk = |names: &[&str]| -> Vec<Contribution> {
         let apps: Vec<serde_json::Value> = names
             .iter()
             .map(|n| json!({"id": format!("/{n}"), "portDefinitions": [{"port": 0, "labels": {"VIP_0": format!("/{n}:80")}}],
@@ -353,7 +362,7 @@ fn named_vip_addresses_are_stable_across_builds() {
         let body = serde_json::to_vec(&json!({"apps": apps})).unwrap();
         let (apps, _) = parse_apps(&body).unwrap();
         let mut r = resolver();
-        apps.iter().map(|x| app_vips(x, &mut r)).collect()
+        apps.iter().map(|x| app_contribution(x, &mut r)).collect()
     };
     let first = assemble(&mk(&["a", "b"]), "marathon", &IpPolicy::default(), &mut a);
     let second = assemble(
@@ -386,7 +395,10 @@ fn ipv6_exhaustion_keeps_the_names_ipv4_vips() {
         .collect();
     let body = serde_json::to_vec(&json!({ "apps": apps })).unwrap();
     let (apps, _) = parse_apps(&body).unwrap();
-    let contribs: Vec<AppVips> = apps.iter().map(|a| app_vips(a, &mut resolver())).collect();
+    let contribs: Vec<Contribution> = apps
+        .iter()
+        .map(|a| app_contribution(a, &mut resolver()))
+        .collect();
     let mut a = Allocator::new(
         "198.18.128.0/24".parse().unwrap(),
         "fd01:c::/126".parse().unwrap(),
@@ -621,7 +633,7 @@ mod fuzz {
         ) {
             let body = serde_json::to_vec(&serde_json::json!({ "apps": apps })).unwrap();
             let Ok((apps, _bad)) = parse_apps(&body) else { return Ok(()) };
-            let contribs: Vec<AppVips> = apps.iter().map(|a| app_vips(a, &mut |_| None)).collect();
+            let contribs: Vec<Contribution> = apps.iter().map(|a| app_contribution(a, &mut |_| None)).collect();
             // A tiny pool, so exhaustion is exercised too.
             let mut a = Allocator::new("11.0.0.0/30".parse().unwrap(), "fd01:c::/126".parse().unwrap());
             let b = assemble(&contribs, "marathon", &IpPolicy::default(), &mut a);
@@ -691,11 +703,7 @@ fn legacy_app_labels_use_each_tasks_nth_port() {
         .find(|v| v.name.as_ref().is_some_and(|n| n.label == "far"))
         .unwrap();
     assert!(far.backends.is_empty());
-    let reasons: Vec<_> = b
-        .rejections
-        .iter()
-        .map(|r| (r.key.as_str(), r.reason))
-        .collect();
+    let reasons = reasons(&b);
     assert_eq!(
         reasons,
         [("VIP_PORT2", "legacy_scheme"), ("VIP_PORTx", "legacy_key")]
@@ -714,7 +722,10 @@ fn apps_of_other_frameworks_get_their_own_names() {
     ]}))
     .unwrap();
     let (apps, _) = parse_apps(&body).unwrap();
-    let mut contribs: Vec<AppVips> = apps.iter().map(|a| app_vips(a, &mut |_| None)).collect();
+    let mut contribs: Vec<Contribution> = apps
+        .iter()
+        .map(|a| app_contribution(a, &mut |_| None))
+        .collect();
     contribs[1].framework = Some("cassandra".into());
     let b = assemble(&contribs, "marathon", &IpPolicy::default(), &mut alloc());
     let mut names: Vec<(String, usize)> = b
@@ -765,7 +776,7 @@ fn running_tasks_of_every_app_become_task_records() {
     let (apps, bad) = parse_apps(&body).unwrap();
     assert!(bad.is_empty(), "{bad:?}");
     let mut r = resolver();
-    let contribs: Vec<AppVips> = apps.iter().map(|a| app_vips(a, &mut r)).collect();
+    let contribs: Vec<Contribution> = apps.iter().map(|a| app_contribution(a, &mut r)).collect();
     let tasks = app_tasks(&contribs, "marathon");
     assert_eq!(
         tasks.keys().collect::<Vec<_>>(),
@@ -791,29 +802,21 @@ fn running_tasks_of_every_app_become_task_records() {
     );
     // Running only (staging and killing are not instances to list), sorted by id; an
     // unresolvable host leaves the task out; "udp,tcp" is two ports.
+    let record = |id: &str, host: &str, first: u16| TaskRecord {
+        id: id.into(),
+        host: Some(host.parse().unwrap()),
+        container: vec![],
+        ports: vec![
+            port(first, Protocol::Udp, "dns"),
+            port(first, Protocol::Tcp, "dns"),
+            port(first + 1, Protocol::Tcp, "http"),
+        ],
+    };
     assert_eq!(
         web.tasks,
         vec![
-            TaskRecord {
-                id: "a_b_web.1".into(),
-                host: Some("198.18.1.2".parse().unwrap()),
-                container: vec![],
-                ports: vec![
-                    port(31000, Protocol::Udp, "dns"),
-                    port(31000, Protocol::Tcp, "dns"),
-                    port(31001, Protocol::Tcp, "http"),
-                ],
-            },
-            TaskRecord {
-                id: "a_b_web.2".into(),
-                host: Some("198.18.1.1".parse().unwrap()),
-                container: vec![],
-                ports: vec![
-                    port(31002, Protocol::Udp, "dns"),
-                    port(31002, Protocol::Tcp, "dns"),
-                    port(31003, Protocol::Tcp, "http"),
-                ],
-            },
+            record("a_b_web.1", "198.18.1.2", 31000),
+            record("a_b_web.2", "198.18.1.1", 31002),
         ]
     );
     // Container networking: container addresses, and only the mapping with a host port.
@@ -829,4 +832,54 @@ fn running_tasks_of_every_app_become_task_records() {
     assert_eq!(task_name("/"), "");
     assert_eq!(task_name("web"), "web");
     assert_eq!(task_name("/x/y/z/"), "z.y.x");
+}
+
+const TWO_APPS: &str = r#"{"apps":[
+    {"id":"/a","portDefinitions":[{"port":0,"labels":{"VIP_0":"/a:80"}}],"tasks":[
+        {"id":"a1","host":"node-1.example","ports":[31001],"state":"TASK_RUNNING"},
+        {"id":"a2","host":"gone.example","ports":[31002],"state":"TASK_RUNNING"}]},
+    {"id":"/b","portDefinitions":[{"port":0,"labels":{"VIP_0":"/b:80"}}],"tasks":[
+        {"id":"b1","host":"node-1.example","ports":[31003],"state":"TASK_RUNNING"},
+        {"id":"b2","host":"gone.example","ports":[31004],"state":"TASK_RUNNING"}]}]}"#;
+
+fn counting(ttl: std::time::Duration) -> (HostCache, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = Arc::clone(&calls);
+    let cache = HostCache::with_lookup(
+        move |h| {
+            c.fetch_add(1, Ordering::SeqCst);
+            (h == "node-1.example").then(|| "198.18.0.1".parse().unwrap())
+        },
+        ttl,
+    );
+    (cache, calls)
+}
+
+#[test]
+fn hosts_are_looked_up_once_across_apps_and_builds_failures_included() {
+    use std::sync::atomic::Ordering;
+    let (cache, calls) = counting(std::time::Duration::from_secs(30));
+    let (contribs, _) = contributions(TWO_APPS.as_bytes(), &cache).unwrap();
+    // Two names, each looked up once for both apps, the failure too.
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    for c in &contribs {
+        assert_eq!(c.unresolved_hosts, ["gone.example"]);
+        assert_eq!(c.entries[0].backends.len(), 1);
+        assert_eq!(c.entries[0].backends[0].addr.ip().to_string(), "198.18.0.1");
+    }
+    // The next build within the TTL asks nothing.
+    contributions(TWO_APPS.as_bytes(), &cache).unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn expired_answers_are_asked_again() {
+    use std::sync::atomic::Ordering;
+    let (cache, calls) = counting(std::time::Duration::ZERO);
+    contributions(TWO_APPS.as_bytes(), &cache).unwrap();
+    contributions(TWO_APPS.as_bytes(), &cache).unwrap();
+    // With no TTL nothing is shared: 2 builds × 2 apps × 2 names (one app asks each of
+    // its names once).
+    assert_eq!(calls.load(Ordering::SeqCst), 8);
 }

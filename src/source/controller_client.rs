@@ -1,4 +1,4 @@
-//! An agent's source: follow one or more controllers with Consul-style blocking queries on
+//! The agent's client of its controllers (not the controller): follow one or more controllers with Consul-style blocking queries on
 //! `GET /v1/vips/delta?index=N&wait=…` (only what changed since the version held), failing
 //! over between them. When every controller is down
 //! the last table stays published, so the data plane keeps forwarding.
@@ -11,11 +11,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::{StatusCode, Url, header};
+use reqwest::{StatusCode, Url};
 use tokio_util::sync::CancellationToken;
 
 use super::TableTx;
-use super::marathon::sync::Backoff;
+use super::http::{Auth, Backoff, ReadError, read_capped};
 use super::metrics::SourceMetrics;
 use crate::model::Secret;
 use crate::model::delta_in::Delta;
@@ -115,13 +115,6 @@ pub async fn run(
     // The controller's own table at `index` (in its numbering), which deltas apply to.
     let mut mirror = VipTable::default();
     let mut resynced = false;
-    let pause = async |backoff: &mut Backoff| {
-        let wait = backoff.next_delay();
-        tokio::select! {
-            _ = shutdown.cancelled() => false,
-            _ = tokio::time::sleep(wait) => true,
-        }
-    };
     loop {
         let base = &cfg.controllers[idx % cfg.controllers.len()];
         let fut = poll(&http, base, index, &cfg);
@@ -158,7 +151,7 @@ pub async fn run(
                         index = 0;
                         mirror = VipTable::default();
                         resynced = true;
-                        if again && !pause(&mut backoff).await {
+                        if again && !backoff.pause(&shutdown).await {
                             return;
                         }
                         continue;
@@ -191,7 +184,7 @@ pub async fn run(
                     metrics.last_event_ms.set(unix_ms_now() as i64);
                     tx.send_replace(t);
                 }
-                if wait_after && !pause(&mut backoff).await {
+                if wait_after && !backoff.pause(&shutdown).await {
                     return;
                 }
             }
@@ -204,7 +197,7 @@ pub async fn run(
                 index = 0;
                 mirror = VipTable::default();
                 resynced = false;
-                if !pause(&mut backoff).await {
+                if !backoff.pause(&shutdown).await {
                     return;
                 }
             }
@@ -227,11 +220,8 @@ async fn poll(
         "index={index}&wait={}s",
         cfg.wait.as_secs().max(1)
     )));
-    let mut rb = http.get(url);
-    if let Some(t) = &cfg.token {
-        rb = rb.header(header::AUTHORIZATION, format!("Bearer {}", t.expose()));
-    }
-    let resp = rb.send().await?;
+    let auth = cfg.token.clone().map_or(Auth::None, Auth::Bearer);
+    let resp = auth.apply(http.get(url)).send().await?;
     if !resp.status().is_success() {
         return Err(WatchError::Status(resp.status()));
     }
@@ -246,9 +236,9 @@ async fn poll(
     let new_index = num(INDEX_HEADER).ok_or(WatchError::NoIndex)?;
     let changed_at = num(CHANGED_AT_HEADER).unwrap_or(0);
     let limit = cfg.max_answer;
-    let body = super::read_capped(resp, limit).await.map_err(|e| match e {
-        super::ReadError::TooLarge => WatchError::TooLarge(limit),
-        super::ReadError::Http(e) => WatchError::Http(e),
+    let body = read_capped(resp, limit).await.map_err(|e| match e {
+        ReadError::TooLarge => WatchError::TooLarge(limit),
+        ReadError::Http(e) => WatchError::Http(e),
     })?;
     // Straight into model types (the body's strings borrowed while read); the body goes as
     // soon as it is parsed.
@@ -265,71 +255,34 @@ mod tests {
 
     #[test]
     fn judge_cases() {
-        let a = |asked, index, full, from, quick| Answer {
-            asked,
-            index,
-            full,
-            from,
-            quick,
-        };
+        use Verdict::{Apply, Resync};
+        // ((asked, index, full, from, quick), held, resynced, verdict)
         let cases = [
-            // (answer, held, resynced, verdict)
-            (
-                a(0, 5, true, 0, true),
-                0,
-                false,
-                Verdict::Apply { pause: false },
-            ),
-            (
-                a(5, 6, false, 5, true),
-                5,
-                false,
-                Verdict::Apply { pause: false },
-            ),
-            // A blocking query that returned at once with nothing new.
-            (
-                a(5, 5, false, 5, true),
-                5,
-                false,
-                Verdict::Apply { pause: true },
-            ),
+            ((0, 5, true, 0, true), 0, false, Apply { pause: false }),
+            ((5, 6, false, 5, true), 5, false, Apply { pause: false }),
+            // A blocking query that returned at once with nothing new...
+            ((5, 5, false, 5, true), 5, false, Apply { pause: true }),
             // ...or after the wait: a normal timeout.
-            (
-                a(5, 5, false, 5, false),
-                5,
-                false,
-                Verdict::Apply { pause: false },
-            ),
+            ((5, 5, false, 5, false), 5, false, Apply { pause: false }),
             // A controller restarted behind us answers at once with a lower index.
-            (
-                a(9, 2, true, 0, true),
-                9,
-                false,
-                Verdict::Apply { pause: false },
-            ),
+            ((9, 2, true, 0, true), 9, false, Apply { pause: false }),
             // A delta from a version not held: resync at once, then back off.
-            (
-                a(5, 6, false, 3, true),
-                5,
-                false,
-                Verdict::Resync { pause: false },
-            ),
-            (
-                a(0, 6, false, 3, true),
-                0,
-                true,
-                Verdict::Resync { pause: true },
-            ),
+            ((5, 6, false, 3, true), 5, false, Resync { pause: false }),
+            ((0, 6, false, 3, true), 0, true, Resync { pause: true }),
             // A full answer applies whatever its `from`.
-            (
-                a(0, 6, true, 3, true),
-                0,
-                true,
-                Verdict::Apply { pause: false },
-            ),
+            ((0, 6, true, 3, true), 0, true, Apply { pause: false }),
         ];
-        for (i, (ans, held, resynced, want)) in cases.into_iter().enumerate() {
-            assert_eq!(judge(ans, held, resynced), want, "case {i}: {ans:?}");
+        for (i, ((asked, index, full, from, quick), held, resynced, want)) in
+            cases.into_iter().enumerate()
+        {
+            let a = Answer {
+                asked,
+                index,
+                full,
+                from,
+                quick,
+            };
+            assert_eq!(judge(a, held, resynced), want, "case {i}: {a:?}");
         }
     }
 

@@ -1,0 +1,131 @@
+//! What the fake sources share (the fake Marathon in [`super::marathon`], the fake Mesos
+//! master in [`super::mesos`]): a server on a port-0 listener that stops when the test stops
+//! it or drops its last handle ([`Fake`]), streaming answers fed by a task (Marathon's SSE,
+//! Mesos's chunked RecordIO; [`stream`]), and the events a test emits to every open stream
+//! ([`Events`]).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::ops::Deref;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+/// A running fake: its address, and its state (what the test reads and changes, through
+/// `Deref`). Clones share the server; it stops with [`Fake::stop`] or when the last clone
+/// goes.
+#[derive(Clone)]
+pub struct Fake<S> {
+    pub addr: SocketAddr,
+    state: S,
+    stop: CancellationToken,
+    _stop_on_drop: Arc<DropGuard>,
+}
+
+impl<S> Fake<S> {
+    /// Serve `router` (built over `state`) on `listener` until `stop` fires; `state` should
+    /// end its open streams on `stop` too.
+    pub fn serve(
+        listener: tokio::net::TcpListener,
+        router: Router,
+        state: S,
+        stop: CancellationToken,
+    ) -> Self {
+        let addr = listener.local_addr().unwrap();
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { stopped.cancelled().await })
+                .await;
+        });
+        Fake {
+            addr,
+            state,
+            _stop_on_drop: Arc::new(stop.clone().drop_guard()),
+            stop,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stop serving (open streams end too).
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl<S> Deref for Fake<S> {
+    type Target = S;
+
+    fn deref(&self) -> &S {
+        &self.state
+    }
+}
+
+/// A listener on a free loopback port.
+pub async fn listener() -> tokio::net::TcpListener {
+    tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()
+}
+
+/// Where a streaming answer's task sends its chunks (an error breaks the connection).
+pub type Sink = mpsc::Sender<Result<Bytes, std::io::Error>>;
+
+/// A streaming answer body, fed by `feed` on a task of its own until it returns or the client
+/// goes away.
+pub fn stream<F, Fut>(feed: F) -> Body
+where
+    F: FnOnce(Sink) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (tx, mut rx) = mpsc::channel(64);
+    tokio::spawn(feed(tx));
+    Body::from_stream(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+}
+
+/// What a test emits to every open stream of a fake.
+#[derive(Clone)]
+pub struct Events<T>(broadcast::Sender<T>);
+
+impl<T: Clone> Default for Events<T> {
+    fn default() -> Self {
+        Events(broadcast::channel(4096).0)
+    }
+}
+
+impl<T: Clone> Events<T> {
+    pub fn send(&self, ev: T) {
+        let _ = self.0.send(ev);
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<T> {
+        self.0.subscribe()
+    }
+
+    /// Streams open.
+    pub fn receivers(&self) -> usize {
+        self.0.receiver_count()
+    }
+}
+
+/// The next event the test emitted, or `None` once the fake stops (a stream that fell behind
+/// skips what it missed).
+pub async fn next_event<T: Clone>(
+    rx: &mut broadcast::Receiver<T>,
+    stop: &CancellationToken,
+) -> Option<T> {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            ev = rx.recv() => match ev {
+                Ok(ev) => return Some(ev),
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+}
