@@ -132,6 +132,15 @@ pub struct AgentCmdArgs {
     /// keeps the last table.
     #[arg(long, env = "L4LB_MAX_ANSWER_SIZE", value_parser = parse_size, default_value = "128MiB")]
     pub max_answer_size: usize,
+    /// This agent's name for spreading agents over the controllers (rendezvous hashing):
+    /// agents with different names given the same --controller list divide evenly over it,
+    /// and each comes back to the same one. Default: the hostname.
+    #[arg(long, env = "L4LB_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// When a controller this agent prefers comes back, return to it after a delay of this
+    /// agent's own within this window, so its agents do not all return in the same second.
+    #[arg(long, env = "L4LB_CONTROLLER_RETURN_SPREAD", value_parser = parse_duration, default_value = "30s")]
+    pub controller_return_spread: Duration,
     #[command(flatten)]
     pub agent: AgentArgs,
     #[command(flatten)]
@@ -759,6 +768,19 @@ impl AgentCmdArgs {
                 backoff_min: Duration::from_millis(100),
                 backoff_max: Duration::from_secs(2),
                 max_answer: self.max_answer_size,
+                identity: match &self.node_name {
+                    Some(n) if !n.is_empty() => n.clone(),
+                    Some(_) => return Err(ConfigError::Invalid("--node-name is empty".into())),
+                    // The kernel's hostname (uname), as `hostname` prints it.
+                    None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                        .map(|h| h.trim().to_string())
+                        .unwrap_or_default(),
+                },
+                return_spread: self.controller_return_spread,
+                return_check: Duration::from_secs(5).min(
+                    self.controller_return_spread
+                        .max(Duration::from_millis(500)),
+                ),
             },
             node,
             api,

@@ -3,6 +3,13 @@
 //! over between them. When every controller is down
 //! the last table stays published, so the data plane keeps forwarding.
 //!
+//! Agents spread over the controllers: each orders the list by rendezvous hashing of its
+//! identity ([`super::rendezvous`]), so thousands of agents given the same list divide evenly
+//! and each comes back to the same controller. On failure an agent moves down its order; while
+//! it is away from its first choice it asks the ones above it for `/ready` every
+//! `return_check`, and once one is back it returns after a delay of its own within
+//! `return_spread`, so a controller that comes back is not hit by all its agents at once.
+//!
 //! A broken controller never makes the agent spin: an answer without a valid index is an
 //! error (backed off), an answer that came back early without advancing the index backs off,
 //! and a delta that does not apply to the table held asks for the full table once, then backs
@@ -33,6 +40,12 @@ pub struct WatchConfig {
     /// Longest answer read (`--max-answer-size`); a longer one is an error that keeps the
     /// last table.
     pub max_answer: usize,
+    /// This agent's name for rendezvous hashing (`--node-name`, default the hostname).
+    pub identity: String,
+    /// Returns to a recovered controller are spread over this long (`--controller-return-spread`).
+    pub return_spread: Duration,
+    /// How often an agent away from its first choice asks the ones above for `/ready`.
+    pub return_check: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,19 +122,52 @@ pub async fn run(
     if cfg.controllers.is_empty() {
         return;
     }
+    let controllers: Vec<Url> = super::rendezvous::order(&cfg.identity, &cfg.controllers)
+        .into_iter()
+        .map(|i| cfg.controllers[i].clone())
+        .collect();
+    tracing::info!(
+        first = %controllers[0],
+        identity = %cfg.identity,
+        "controllers ordered by rendezvous hashing"
+    );
     let mut backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max);
-    let mut idx = 0usize;
+    // Where in `controllers` this agent is now (0: its first choice).
+    let mut pos = 0usize;
     let mut index = 0u64;
     // The controller's own table at `index` (in its numbering), which deltas apply to.
     let mut mirror = VipTable::default();
     let mut resynced = false;
+    let mut returning = Returning::default();
     loop {
-        let base = &cfg.controllers[idx % cfg.controllers.len()];
+        let base = &controllers[pos];
         let fut = poll(&http, base, index, &cfg);
+        tokio::pin!(fut);
         let started = tokio::time::Instant::now();
-        let res = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = fut => r,
+        let res = loop {
+            let due = returning.due(pos, &cfg);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = &mut fut => break Some(r),
+                () = tokio::time::sleep_until(due), if pos > 0 => {
+                    if returning.check(&http, &controllers[..pos], &cfg).await {
+                        break None;
+                    }
+                }
+            }
+        };
+        let Some(res) = res else {
+            let back = returning.take().unwrap_or(0);
+            tracing::info!(
+                from = %controllers[pos],
+                to = %controllers[back],
+                "returning to a controller that is back"
+            );
+            pos = back;
+            index = 0;
+            mirror = VipTable::default();
+            resynced = false;
+            continue;
         };
         match res {
             Ok((new_index, changed_at, delta)) => {
@@ -193,7 +239,8 @@ pub async fn run(
                 metrics.request("vips_watch", "error");
                 metrics.sync_error("controller");
                 metrics.set_connected(false);
-                idx += 1;
+                pos = (pos + 1) % controllers.len();
+                returning = Returning::default();
                 index = 0;
                 mirror = VipTable::default();
                 resynced = false;
@@ -202,6 +249,73 @@ pub async fn run(
                 }
             }
         }
+    }
+}
+
+/// The way back to a controller above the one followed now: when to ask next, and which one
+/// answered ready and when to go to it.
+#[derive(Debug, Default)]
+struct Returning {
+    next_check: Option<tokio::time::Instant>,
+    /// (position in the order, when to switch).
+    to: Option<(usize, tokio::time::Instant)>,
+}
+
+impl Returning {
+    /// When the watch should next be interrupted (a check, or the switch).
+    fn due(&mut self, pos: usize, cfg: &WatchConfig) -> tokio::time::Instant {
+        if pos == 0 {
+            return tokio::time::Instant::now() + cfg.return_check;
+        }
+        if let Some((p, at)) = self.to
+            && p < pos
+        {
+            return at;
+        }
+        *self
+            .next_check
+            .get_or_insert_with(|| tokio::time::Instant::now() + cfg.return_check)
+    }
+
+    /// At a due time: true when it is time to switch (see [`Returning::take`]); otherwise ask
+    /// the controllers `above` for `/ready` and, when one is, set when to go back to it.
+    async fn check(&mut self, http: &reqwest::Client, above: &[Url], cfg: &WatchConfig) -> bool {
+        let now = tokio::time::Instant::now();
+        if self.to.is_some_and(|(_, at)| at <= now) {
+            return true;
+        }
+        self.next_check = Some(now + cfg.return_check);
+        for (p, base) in above.iter().enumerate() {
+            let Ok(url) = base.join("ready") else {
+                continue;
+            };
+            let ready = http
+                .get(url)
+                .timeout(Duration::from_secs(1))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ready {
+                if self.to.is_none_or(|(q, _)| p < q) {
+                    let spread = super::rendezvous::spread_ms(
+                        &cfg.identity,
+                        u64::try_from(cfg.return_spread.as_millis()).unwrap_or(u64::MAX),
+                    );
+                    let at = now + Duration::from_millis(spread);
+                    tracing::info!(controller = %base, after_ms = spread, "a preferred controller is back");
+                    self.to = Some((p, at));
+                }
+                return false;
+            }
+        }
+        false
+    }
+
+    /// The position to go back to, resetting the state for the next time away.
+    fn take(&mut self) -> Option<usize> {
+        let to = self.to.take().map(|(p, _)| p);
+        self.next_check = None;
+        to
     }
 }
 
@@ -340,6 +454,9 @@ mod tests {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_millis(400),
             max_answer,
+            identity: "test-agent".into(),
+            return_spread: Duration::from_secs(1),
+            return_check: Duration::from_secs(1),
         };
         let metrics = SourceMetrics::new(&mut prometheus_client::registry::Registry::default());
         let stop = CancellationToken::new();
