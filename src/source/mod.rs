@@ -234,6 +234,11 @@ impl Publisher {
         self.apply(changed_at_ms, |s| s.update(changes));
     }
 
+    /// Whether the last state published holds a contribution by `id`.
+    pub fn holds(&self, id: &str) -> bool {
+        self.state.lock().is_ok_and(|s| s.holds(id))
+    }
+
     /// The host-name cache every build of this source shares.
     pub fn hosts(&self) -> &HostCache {
         &self.hosts

@@ -121,6 +121,11 @@ impl TableState {
         self.note(old, Some(app));
     }
 
+    /// Whether the current state holds a contribution by `app_id`.
+    pub fn holds(&self, app_id: &str) -> bool {
+        self.apps.contains_key(app_id)
+    }
+
     /// Forget one contribution (an app deleted in Marathon, a task gone in Mesos).
     pub fn remove(&mut self, app_id: &str) {
         if let Some(old) = self.apps.remove(app_id) {

@@ -413,3 +413,50 @@ async fn delta_watch_carries_only_the_change_and_falls_back_to_full() {
     let (_, again) = get_delta(v1 - 1).await;
     assert!(again.full);
 }
+
+/// Marathon answers 404 on the single read of a live app during a deployment: the app's VIPs
+/// stay until a full read says otherwise, a storm of such 404s costs about one full read a
+/// second, and an app really gone is still dropped.
+#[tokio::test]
+async fn a_404_for_a_held_app_is_confirmed_by_a_full_read_before_anything_is_dropped() {
+    let (fake, mut ctl, v) = follow(vec![web_app(2)], &[], QUIET).await;
+    fake.set_single_404(true);
+    let before = fake.apps_requests.load(Ordering::SeqCst);
+    let task = fake.app("/web").unwrap()["tasks"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // 60 events over 3 s, each naming the live app.
+    let start = Instant::now();
+    for _ in 0..60 {
+        fake.emit_status("/web", &task, "TASK_RUNNING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (_, vips) = get_vips(ctl.api, None, "").await;
+        assert_eq!(
+            backends(&vips).len(),
+            2,
+            "a 404 dropped a live app's backends"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, vips) = get_vips(ctl.api, None, "").await;
+    assert_eq!(backends(&vips).len(), 2);
+    let full_reads = fake.apps_requests.load(Ordering::SeqCst) - before;
+    let secs = start.elapsed().as_secs() + 1;
+    println!(
+        "60 events answered 404 over {:?}: {full_reads} full reads",
+        start.elapsed()
+    );
+    assert!(full_reads >= 1, "no full read confirmed the 404");
+    assert!(
+        full_reads <= secs + 1,
+        "{full_reads} full reads in {secs} s"
+    );
+    assert_eq!(ctl.rx.borrow().version, v, "the table changed");
+    // Gone for real: the confirming read drops it.
+    fake.remove_app("/web");
+    fake.emit("app_terminated_event", serde_json::json!({"eventType": "app_terminated_event", "appId": "/web", "timestamp": "2014-03-01T23:29:30.158Z"}));
+    ctl.wait_version(v).await;
+    let (_, vips) = get_vips(ctl.api, None, "").await;
+    assert!(vips.is_empty());
+}

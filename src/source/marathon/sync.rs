@@ -1,7 +1,9 @@
 //! The Marathon sync loop: a full snapshot at start, on every (re)connect of the event stream
 //! and every resync interval; in between, the SSE stream invalidates single apps, which are
 //! re-read alone. Bursts coalesce: while one round of fetches runs, new invalidations collect
-//! into the next round. Every failure keeps the last good table.
+//! into the next round. Every failure keeps the last good table, and an app the table holds
+//! is dropped only by a full read: a 404 on its single read (Marathon gives one for a moment
+//! during a deployment) schedules that read instead, at most one per `confirm_gap`.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -28,6 +30,9 @@ pub struct SyncConfig {
     pub backoff_max: Duration,
     /// Apps re-read at once after a burst of events.
     pub fetch_concurrency: usize,
+    /// Least time between two full reads that confirm a held app's 404 (a 404 storm costs
+    /// one full read per gap, however many apps and events).
+    pub confirm_gap: Duration,
 }
 
 impl Default for SyncConfig {
@@ -37,6 +42,7 @@ impl Default for SyncConfig {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
             fetch_concurrency: 8,
+            confirm_gap: Duration::from_secs(1),
         }
     }
 }
@@ -71,6 +77,8 @@ pub async fn run(
     let mut snapshot_changed_at = unix_ms_now();
     let mut dirty: BTreeSet<String> = BTreeSet::new();
     let mut dirty_since = 0u64;
+    // When the last full read to confirm a 404 was scheduled.
+    let mut last_confirm: Option<tokio::time::Instant> = None;
 
     loop {
         tokio::select! {
@@ -117,10 +125,21 @@ pub async fn run(
                 }
                 let apps = std::mem::take(&mut dirty);
                 let at = std::mem::replace(&mut dirty_since, 0);
-                if refresh_apps(&client, &publisher, apps, at, cfg.fetch_concurrency).await.is_err() {
+                match refresh_apps(&client, &publisher, apps, at, cfg.fetch_concurrency).await {
+                    Refreshed::All => {}
                     // An app could not be read: fall back to a snapshot soon.
-                    snapshot_changed_at = at;
-                    snapshot_at = tokio::time::Instant::now() + backoff.next_delay();
+                    Refreshed::Failed => {
+                        snapshot_changed_at = at;
+                        snapshot_at = tokio::time::Instant::now() + backoff.next_delay();
+                    }
+                    // A held app answered 404: only a full read may drop it. However many
+                    // such 404s come, at most one such read per `confirm_gap`.
+                    Refreshed::Confirm => {
+                        snapshot_changed_at = at;
+                        let soonest = last_confirm.map_or_else(tokio::time::Instant::now, |t| t + cfg.confirm_gap);
+                        snapshot_at = snapshot_at.min(soonest.max(tokio::time::Instant::now()));
+                        last_confirm = Some(snapshot_at);
+                    }
                 }
             }
         }
@@ -160,13 +179,24 @@ async fn take_snapshot(client: &Client, publisher: &Publisher, changed_at: u64) 
         })
 }
 
+/// How re-reading the apps an event named went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refreshed {
+    All,
+    /// One could not be read or used: its last good state stays until a snapshot.
+    Failed,
+    /// One the table holds answered 404 (Marathon does so for a moment during a
+    /// deployment): kept until a full read confirms it is gone.
+    Confirm,
+}
+
 async fn refresh_apps(
     client: &Client,
     publisher: &Publisher,
     apps: BTreeSet<String>,
     changed_at: u64,
     concurrency: usize,
-) -> Result<(), ()> {
+) -> Refreshed {
     let m = publisher.metrics();
     let results: Vec<_> = futures::stream::iter(apps)
         .map(|id| async move {
@@ -177,8 +207,14 @@ async fn refresh_apps(
         .collect()
         .await;
     let mut ok = true;
+    let mut confirm = false;
     for (id, r) in results {
         match r {
+            Ok(RunSpec::App(None)) if publisher.holds(&id) => {
+                tracing::info!(app = %id, "a held app answered 404; keeping it until a full read confirms");
+                m.request("app", "not_found");
+                confirm = true;
+            }
             Ok(RunSpec::Pod(body)) => {
                 m.request("pod", "ok");
                 if let Err(e) = publish_pod(publisher, body, changed_at).await {
@@ -203,7 +239,11 @@ async fn refresh_apps(
             }
         }
     }
-    if ok { Ok(()) } else { Err(()) }
+    match (ok, confirm) {
+        (false, _) => Refreshed::Failed,
+        (true, true) => Refreshed::Confirm,
+        (true, false) => Refreshed::All,
+    }
 }
 
 /// Replace every app and pod with those in `apps` and `pods` (a `/v2/pods/::status`

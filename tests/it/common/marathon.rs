@@ -39,6 +39,9 @@ struct Inner {
     /// Pod statuses (`/v2/pods/::status` items) by id.
     pods: BTreeMap<String, Value>,
     fault: Fault,
+    /// Single reads (`/v2/apps/{id}`, `/v2/pods/{id}::status`) answer 404 even for a live
+    /// app, as Marathon does for a moment during a deployment.
+    single_404: bool,
 }
 
 /// A running fake Marathon (stops when the last clone goes).
@@ -76,6 +79,11 @@ impl FakeMarathon {
 impl Marathon {
     pub fn set_fault(&self, f: Fault) {
         self.inner.lock().unwrap().fault = f;
+    }
+
+    /// Make single app and pod reads answer 404 whether or not the app exists.
+    pub fn set_single_404(&self, on: bool) {
+        self.inner.lock().unwrap().single_404 = on;
     }
 
     pub fn put_app(&self, app: Value) {
@@ -203,7 +211,8 @@ async fn apps(State(m): State<Marathon>) -> Response {
 async fn app(State(m): State<Marathon>, Path(id): Path<String>) -> Response {
     m.app_requests.fetch_add(1, Ordering::SeqCst);
     let id = format!("/{}", id.trim_start_matches('/'));
-    match m.app(&id) {
+    let hidden = m.inner.lock().unwrap().single_404;
+    match m.app(&id).filter(|_| !hidden) {
         Some(a) => faulty(&m, json!({ "app": a })).await,
         None => (
             StatusCode::NOT_FOUND,
@@ -222,7 +231,11 @@ async fn pods(State(m): State<Marathon>, Path(rest): Path<String>) -> Response {
         let pods: Vec<Value> = m.inner.lock().unwrap().pods.values().cloned().collect();
         return faulty(&m, json!(pods)).await;
     }
-    let pod = m.inner.lock().unwrap().pods.get(&format!("/{id}")).cloned();
+    let pod = {
+        let inner = m.inner.lock().unwrap();
+        let pod = inner.pods.get(&format!("/{id}")).cloned();
+        pod.filter(|_| !inner.single_404)
+    };
     match pod {
         Some(p) => faulty(&m, p).await,
         None => (
