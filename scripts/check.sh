@@ -1,22 +1,18 @@
 #!/usr/bin/env bash
-# What CI runs: formatting, lints, every test (unit, integration, root end-to-end when run as
-# root, doc tests). Usage: scripts/check.sh
+# What CI runs: formatting, lints (clippy, shellcheck), every test (unit, integration, root
+# end-to-end when run as root, doc tests). Usage: scripts/check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# As root on Debian, install what the end-to-end tests use when it is missing (the list
-# .ci/run installs), so this one command runs the whole suite on a fresh machine.
+# As root on Debian, install what the end-to-end tests use when it is missing (the list in
+# scripts/packages, which .ci/run installs whole), so this one command runs the whole suite on
+# a fresh machine.
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
   need=()
-  for want in ip:iproute2 dig:bind9-dnsutils curl:curl socat:socat capsh:libcap2-bin \
-    ps:procps dnsmasq:dnsmasq-base unbound:unbound named:bind9 clang:clang llvm-strip:llvm \
-    bpftool:bpftool chromium:chromium chromedriver:chromium-driver promtool:prometheus \
-    /usr/include/bpf/bpf_helpers.h:libbpf-dev /usr/include/linux/bpf.h:linux-libc-dev \
-    /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf:fonts-dejavu-core; do
-    what=${want%%:*}
+  while IFS=: read -r what package; do
     if [ "${what#/}" != "$what" ]; then [ -e "$what" ] && continue
     else command -v "$what" >/dev/null && continue; fi
-    need+=("${want#*:}")
-  done
+    need+=("$package")
+  done < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' scripts/packages)
   if [ ${#need[@]} -gt 0 ]; then
     echo "check.sh: installing ${need[*]}" >&2
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
@@ -24,6 +20,14 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
   fi
 fi
 cargo fmt --all --check
+# The shell: every script and the CI entry point, warnings and errors.
+if command -v shellcheck >/dev/null; then
+  shellcheck -S warning scripts/*.sh .ci/run
+elif [ -n "${CI:-}" ]; then
+  echo "check.sh: shellcheck is missing (apt-get install shellcheck)" >&2; exit 1
+else
+  echo "check.sh: no shellcheck: scripts not linted" >&2
+fi
 # The BPF object is committed (cargo build needs no clang); where clang is, rebuild it and prove
 # the committed bytes are what the source compiles to.
 if command -v clang >/dev/null && command -v llvm-strip >/dev/null; then

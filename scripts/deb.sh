@@ -10,7 +10,7 @@
 #   /lib/systemd/system/l4lb-agent.service, l4lb-controller.service
 #   /etc/default/l4lb-agent, l4lb-controller            (conffiles: kept on upgrade)
 #   /usr/share/l4lb/grafana/l4lb.json, prometheus/l4lb-rules.yml
-#   /usr/share/doc/l4lb/README.md, copyright
+#   /usr/share/doc/l4lb/README.md, docs/, copyright
 # Install: dpkg -i l4lb_<version>_<arch>.deb; edit /etc/default/l4lb-agent;
 #          systemctl enable --now l4lb-agent
 set -euo pipefail
@@ -48,6 +48,10 @@ done
 install -D -m 0644 deploy/grafana/l4lb.json "$root/usr/share/l4lb/grafana/l4lb.json"
 install -D -m 0644 deploy/prometheus/l4lb-rules.yml "$root/usr/share/l4lb/prometheus/l4lb-rules.yml"
 install -D -m 0644 README.md "$root/usr/share/doc/l4lb/README.md"
+# The pages the README links to, beside it, so its relative links hold.
+for page in docs/*; do
+  install -D -m 0644 "$page" "$root/usr/share/doc/l4lb/$page"
+done
 cat > "$root/usr/share/doc/l4lb/copyright" <<EOF
 Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
 Upstream-Name: l4lb

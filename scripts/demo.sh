@@ -12,10 +12,10 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "Run: sudo scripts/demo.sh" >&2
   exit 2
 fi
-# Install what the tour uses (Debian/Ubuntu), as scripts/bench.sh does.
+# Install what the tour uses (Debian/Ubuntu): its packages are named in scripts/packages.
 missing=()
-for tool in ip:iproute2 dig:bind9-dnsutils curl:curl socat:socat; do
-  command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
+for tool in ip dig curl socat; do
+  command -v "$tool" >/dev/null || missing+=("$(sed -n "s/^$tool://p" scripts/packages)")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null; then

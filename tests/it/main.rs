@@ -11,6 +11,7 @@ mod cli;
 mod cluster;
 mod controller;
 mod dns;
+mod docs;
 mod fleet;
 mod follow;
 mod harden;

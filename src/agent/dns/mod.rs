@@ -1,6 +1,7 @@
-//! The embedded DNS: authoritative for the VIP zone and its aliases, answering
-//! A/AAAA/SRV/SOA/NS for live named VIPs from a map swapped atomically with each table, and
-//! forwarding everything else to upstream resolvers (or refusing it).
+//! The embedded DNS (as the original specification's DNS section asks): authoritative for
+//! the VIP zone and its aliases, answering A/AAAA/SRV/SOA/NS for live named VIPs from a map
+//! swapped atomically with each table, and forwarding everything else to upstream resolvers
+//! (or refusing it).
 //!
 //! - `catalog`: the name map ([`DnsCatalog`], published by the agent).
 //! - `answer`: pure: parsed query + catalog snapshot → response (the reference path).
