@@ -12,9 +12,12 @@ use futures::future::{BoxFuture, FutureExt};
 use prometheus_client::registry::Registry;
 use tracing::Instrument;
 
+use crate::agent::netif::Netif;
 use crate::api::limits::ApiRole;
 use crate::cli;
-use crate::config::{AgentConfig, Config, ControllerConfig, Mode, RunConfig, SourceConfig};
+use crate::config::{
+    AgentConfig, Config, ControllerConfig, Mode, NodeConfig, RunConfig, SourceConfig,
+};
 pub use crate::exit::AppError;
 use crate::node::{self, NodeBuilder, Takeover};
 use crate::source::marathon::{apps, client, sync};
@@ -141,14 +144,43 @@ async fn controller(cfg: ControllerConfig) -> Result<(), AppError> {
     Ok(tasks.drain(Duration::from_secs(2)).await?)
 }
 
+/// What every node starts from: its tasks, registry and source metrics, the sockets it takes
+/// over, and its VIP link.
+struct NodeStart {
+    tasks: Tasks,
+    reg: Registry,
+    metrics: SourceMetrics,
+    takeover: Takeover,
+    netif: Netif,
+}
+
+impl NodeStart {
+    /// The privileged step first: without CAP_NET_ADMIN, fail before anything else starts.
+    async fn new(cfg: &NodeConfig) -> Result<Self, AppError> {
+        let tasks = tasks()?;
+        let mut reg = registry();
+        let metrics = SourceMetrics::new(&mut reg);
+        let takeover = Takeover::start(cfg).await?;
+        let netif = node::open_netif(cfg, &takeover).await?;
+        Ok(NodeStart {
+            tasks,
+            reg,
+            metrics,
+            takeover,
+            netif,
+        })
+    }
+}
+
 async fn agent(cfg: AgentConfig) -> Result<(), AppError> {
-    let mut tasks = tasks()?;
-    let mut reg = registry();
-    let metrics = SourceMetrics::new(&mut reg);
+    let NodeStart {
+        mut tasks,
+        reg,
+        metrics,
+        takeover,
+        netif,
+    } = NodeStart::new(&cfg.node).await?;
     let label_errors = metrics.label_errors.clone();
-    // The privileged step first: without CAP_NET_ADMIN, fail before anything else starts.
-    let takeover = Takeover::start(&cfg.node).await?;
-    let netif = node::open_netif(&cfg.node, &takeover).await?;
     let (tx, rx) = source::table_channel();
     let stop = tasks.shutdown();
     let span = tracing::info_span!("source", controllers = cfg.watch.controllers.len());
@@ -166,12 +198,14 @@ async fn agent(cfg: AgentConfig) -> Result<(), AppError> {
 }
 
 async fn run(cfg: RunConfig) -> Result<(), AppError> {
-    let mut tasks = tasks()?;
-    let mut reg = registry();
-    let metrics = SourceMetrics::new(&mut reg);
+    let NodeStart {
+        mut tasks,
+        reg,
+        metrics,
+        takeover,
+        netif,
+    } = NodeStart::new(&cfg.node).await?;
     let label_errors = metrics.label_errors.clone();
-    let takeover = Takeover::start(&cfg.node).await?;
-    let netif = node::open_netif(&cfg.node, &takeover).await?;
     let (rx, rejected) = start_source(&mut tasks, cfg.source, cfg.build, metrics)?;
     NodeBuilder::new(&cfg.node, &cfg.api, reg, label_errors)
         .rejected_labels(rejected)

@@ -370,7 +370,8 @@ impl Steps<'_> {
             "DNS server",
             async move {
                 let (udp, tcp) = (sockets.udp, sockets.tcp);
-                crate::agent::dns::serve(config, catalog, udp, tcp, metrics, stop).await?;
+                let limits = crate::agent::dns::ServerLimits::default();
+                crate::agent::dns::serve(config, catalog, udp, tcp, metrics, stop, limits).await?;
                 Ok(())
             }
             .instrument(tracing::info_span!("dns")),

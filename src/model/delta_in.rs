@@ -146,16 +146,7 @@ impl VipIn<'_> {
                 }
             })
             .collect();
-        let mut v = Vip {
-            key: VipKey {
-                ip: self.ip,
-                port: self.port,
-                protocol: self.protocol,
-            },
-            name,
-            backends,
-        };
-        v.normalize();
+        let v = Vip::normalized((self.ip, self.port, self.protocol), name, backends);
         if let Some(ip6) = self.ip6 {
             let mut six = v.clone();
             six.key.ip = ip6;

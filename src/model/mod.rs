@@ -138,6 +138,21 @@ pub struct Vip {
 }
 
 impl Vip {
+    /// A VIP read from the wire: its key's parts, name and backends, normalized.
+    pub fn normalized(
+        (ip, port, protocol): (IpAddr, u16, Protocol),
+        name: Option<VipName>,
+        backends: Vec<Backend>,
+    ) -> Vip {
+        let mut v = Vip {
+            key: VipKey { ip, port, protocol },
+            name,
+            backends,
+        };
+        v.normalize();
+        v
+    }
+
     /// The DC/OS `vip` string: `<name>:<port>` for named VIPs, `<ip>:<port>` (or `[v6]:port`)
     /// for IP VIPs.
     pub fn vip_string(&self) -> String {

@@ -138,26 +138,17 @@ impl VipJson {
             (_, _, Some(fqdn)) => split_fqdn(&fqdn),
             _ => None,
         };
-        let mut v = Vip {
-            key: VipKey {
-                ip: self.ip,
-                port: self.port,
-                protocol: self.protocol,
-            },
-            name,
-            backends: self
-                .backend
-                .into_iter()
-                .map(|b| Backend {
-                    addr: SocketAddr::new(b.ip, b.port),
-                    state: b.state,
-                    app: b.app.into(),
-                    task: b.task.into(),
-                })
-                .collect(),
-        };
-        v.normalize();
-        v
+        let backends = self
+            .backend
+            .into_iter()
+            .map(|b| Backend {
+                addr: SocketAddr::new(b.ip, b.port),
+                state: b.state,
+                app: b.app.into(),
+                task: b.task.into(),
+            })
+            .collect();
+        Vip::normalized((self.ip, self.port, self.protocol), name, backends)
     }
 
     /// Back to its VIPs: one, or two for a named entry with `ip6`.

@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Edns, Message, MessageType, Query, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{Name, RData, Record, RecordType};
-use l4lb::agent::dns::{
-    CacheConfig, DnsCatalog, DnsConfig, DnsMetrics, ServerLimits, serve_with_limits,
-};
+use l4lb::agent::dns::{CacheConfig, DnsCatalog, DnsConfig, DnsMetrics, ServerLimits, serve};
 use l4lb::model::{Protocol, Vip, VipKey, VipName};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -64,7 +62,7 @@ impl Server {
         ]);
         let metrics = DnsMetrics::new(&mut Registry::default());
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(serve_with_limits(
+        let task = tokio::spawn(serve(
             cfg,
             catalog.clone(),
             vec![udp],
@@ -805,6 +803,7 @@ async fn serve_needs_a_socket() {
         vec![],
         DnsMetrics::new(&mut Registry::default()),
         CancellationToken::new(),
+        ServerLimits::default(),
     )
     .await
     .expect_err("no sockets");

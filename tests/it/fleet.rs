@@ -41,6 +41,14 @@ fn fleet_apps(path: &Path, n: usize, extra: usize) {
     write_apps(path, apps);
 }
 
+/// A temporary apps file of 10 apps (the directory goes with the returned guard).
+fn small_fleet() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("apps.json");
+    fleet_apps(&file, 10, 0);
+    (dir, file)
+}
+
 fn controller(file: &Path, extra: &[&str]) -> (Proc, SocketAddr) {
     let mut cmd = Command::new(BIN);
     cmd.args(["controller", "--apps-file"])
@@ -293,9 +301,7 @@ fn ten_thousand_parked_watches_are_answered_after_one_change_and_health_never_wa
 #[test]
 fn past_the_cap_a_watcher_gets_a_fast_503_and_health_is_still_answered() {
     const CAP: usize = 20;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("apps.json");
-    fleet_apps(&file, 10, 0);
+    let (_dir, file) = small_fleet();
     let (ctl, api) = controller(&file, &["--api-max-connections", &CAP.to_string()]);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -366,9 +372,7 @@ async fn spread_until(
 #[test]
 fn agents_spread_over_controllers_fail_over_and_return_gradually() {
     const AGENTS: usize = 30;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("apps.json");
-    fleet_apps(&file, 10, 0);
+    let (_dir, file) = small_fleet();
     let mut ctls: Vec<(Proc, SocketAddr)> = (0..3).map(|_| controller(&file, &[])).collect();
     let apis: Vec<SocketAddr> = ctls.iter().map(|c| c.1).collect();
     let list = apis

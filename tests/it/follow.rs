@@ -68,10 +68,7 @@ struct Node {
 
 impl Node {
     fn start(prefix: &str, plane: Plane, extra: &[&str]) -> (Node, impl Fn(&NetNs, &str) -> Value) {
-        let ns = NetNs::new(prefix);
-        ns.exec_ok(&["ip", "link", "add", "eth0", "type", "bridge"]);
-        ns.exec_ok(&["ip", "addr", "add", &format!("{HOST}/15"), "dev", "eth0"]);
-        ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
+        let ns = NetNs::with_eth0(prefix, &format!("{HOST}/15"));
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("apps.json");
         write_apps(&file, vec![]);

@@ -63,13 +63,7 @@ fn sockets_in(ns: &netns::NetNs, state: &str) -> Vec<String> {
 fn root_a_removed_vip_drains_its_connections_then_closes_them() {
     skip_unless_root!();
     const N: usize = 100;
-    let ns = netns::NetNs::new("drain");
-    ns.exec_ok(&["ip", "link", "add", "eth0", "type", "bridge"]);
-    ns.exec_ok(&["ip", "addr", "add", "198.18.0.1/15", "dev", "eth0"]);
-    ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
-    let listener = ns.run(|| async { std::net::TcpListener::bind("198.18.0.1:0").unwrap() });
-    let backend = listener.local_addr().unwrap();
-    line_echo(listener);
+    let (ns, backend) = host_with_echo("drain");
 
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("apps.json");
@@ -212,10 +206,7 @@ fn fake_controller(listener: std::net::TcpListener, vips: Vec<Value>) {
 #[test]
 fn root_an_agent_refuses_host_loopback_link_local_and_broadcast_vips_named_or_not() {
     skip_unless_root!();
-    let ns = netns::NetNs::new("refuse");
-    ns.exec_ok(&["ip", "link", "add", "eth0", "type", "bridge"]);
-    ns.exec_ok(&["ip", "addr", "add", "198.18.0.1/15", "dev", "eth0"]);
-    ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
+    let ns = netns::NetNs::with_eth0("refuse", "198.18.0.1/15");
     let listener = ns.run(|| async { std::net::TcpListener::bind("127.0.0.1:0").unwrap() });
     let ctl = listener.local_addr().unwrap();
     fake_controller(
@@ -279,16 +270,19 @@ fn run_agent_with(ns: &netns::NetNs, file: &std::path::Path, extra: &[&str]) -> 
     Proc::spawn("l4lb", &mut cmd)
 }
 
-/// A namespace with a bridge `eth0` (198.18.0.1/15), a line-echo backend on it, and an apps
-/// file (`apps.json` in the returned directory) giving app `id` the IP VIP `vip` on it.
-fn host_with_ip_vip(name: &str, id: &str, vip: &str) -> (netns::NetNs, tempfile::TempDir) {
-    let ns = netns::NetNs::new(name);
-    ns.exec_ok(&["ip", "link", "add", "eth0", "type", "bridge"]);
-    ns.exec_ok(&["ip", "addr", "add", "198.18.0.1/15", "dev", "eth0"]);
-    ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
+/// A namespace with a bridge `eth0` (198.18.0.1/15) and a line-echo backend on it.
+fn host_with_echo(name: &str) -> (netns::NetNs, SocketAddr) {
+    let ns = netns::NetNs::with_eth0(name, "198.18.0.1/15");
     let listener = ns.run(|| async { std::net::TcpListener::bind("198.18.0.1:0").unwrap() });
     let backend = listener.local_addr().unwrap();
     line_echo(listener);
+    (ns, backend)
+}
+
+/// A namespace with a bridge `eth0` (198.18.0.1/15), a line-echo backend on it, and an apps
+/// file (`apps.json` in the returned directory) giving app `id` the IP VIP `vip` on it.
+fn host_with_ip_vip(name: &str, id: &str, vip: &str) -> (netns::NetNs, tempfile::TempDir) {
+    let (ns, backend) = host_with_echo(name);
     let dir = tempfile::tempdir().unwrap();
     let apps = serde_json::json!({ "apps": [app(id, vip, &[backend])] });
     std::fs::write(dir.path().join("apps.json"), apps.to_string()).unwrap();

@@ -24,10 +24,7 @@ const LINK: &str = "minuteman";
 /// A namespace with a bridge `eth0` on 198.18.0.1/15 and a line echo server on it (the
 /// backend of every VIP here); returns it with the backend's address.
 fn host(prefix: &str) -> (NetNs, SocketAddr) {
-    let ns = NetNs::new(prefix);
-    ns.exec_ok(&["ip", "link", "add", "eth0", "type", "bridge"]);
-    ns.exec_ok(&["ip", "addr", "add", "198.18.0.1/15", "dev", "eth0"]);
-    ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
+    let ns = NetNs::with_eth0(prefix, "198.18.0.1/15");
     let listener = ns.run(|| async { std::net::TcpListener::bind("198.18.0.1:0").unwrap() });
     let backend = listener.local_addr().unwrap();
     std::thread::spawn(move || {

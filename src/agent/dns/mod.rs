@@ -42,7 +42,7 @@ use prometheus_client::registry::Registry;
 
 pub use cache::CacheConfig;
 pub use catalog::{DnsCatalog, ZONE_ALIASES};
-pub use server::{ServerLimits, serve, serve_with_limits};
+pub use server::{ServerLimits, serve};
 
 /// DNS settings.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -168,31 +168,10 @@ impl Drop for Flight<'_> {
     }
 }
 
-/// Serve UDP and TCP DNS on already-bound sockets until `shutdown` is cancelled, with the
-/// default [`ServerLimits`].
+/// Serve UDP and TCP DNS on already-bound sockets within `limits` until `shutdown` is
+/// cancelled. Returns once every socket loop and connection has stopped; fails at once
+/// (InvalidInput) if given no socket at all.
 pub async fn serve(
-    cfg: DnsConfig,
-    catalog: DnsCatalog,
-    udp: Vec<UdpSocket>,
-    tcp: Vec<TcpListener>,
-    metrics: DnsMetrics,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    serve_with_limits(
-        cfg,
-        catalog,
-        udp,
-        tcp,
-        metrics,
-        shutdown,
-        ServerLimits::default(),
-    )
-    .await
-}
-
-/// [`serve`] with explicit limits. Returns once every socket loop and connection has stopped;
-/// fails at once (InvalidInput) if given no socket at all.
-pub async fn serve_with_limits(
     cfg: DnsConfig,
     catalog: DnsCatalog,
     udp: Vec<UdpSocket>,

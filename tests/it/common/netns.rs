@@ -73,6 +73,16 @@ impl NetNs {
         ns
     }
 
+    /// A namespace whose host address `cidr` (e.g. `198.18.0.1/15`) is on a bridge `eth0`,
+    /// up (a bridge, because this kernel has no dummy links).
+    pub(crate) fn with_eth0(prefix: &str, cidr: &str) -> NetNs {
+        let ns = NetNs::new(prefix);
+        ns.exec_ok(&["ip", "link", "add", "eth0", "type", "bridge"]);
+        ns.exec_ok(&["ip", "addr", "add", cidr, "dev", "eth0"]);
+        ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
+        ns
+    }
+
     pub(crate) fn name(&self) -> &str {
         &self.name
     }
