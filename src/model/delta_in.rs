@@ -13,9 +13,7 @@ use serde::de::{Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, de};
 
 use super::wire::{KeyJson, split_fqdn};
-use super::{
-    AppTasks, Backend, BackendState, Protocol, TaskRecord, Vip, VipKey, VipName, VipTable,
-};
+use super::{AppTasks, Backend, BackendState, Protocol, TaskRecord, Vip, VipName, VipTable};
 
 /// A delta as an agent applies it: the same fields as the wire's `DeltaJson`, its VIPs and
 /// apps already model values.

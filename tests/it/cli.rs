@@ -487,9 +487,12 @@ fn data_plane_bpf_that_cannot_load_exits_1_and_auto_falls_back() {
     skip_unless_root!();
     let agent = |plane: &str| {
         let mut cmd = Command::new("unshare");
+        // An instance of its own: pins another test left at `default` would be taken over
+        // (a killed agent's successor adopts them), and nothing would be attached anew.
+        let instance = format!("cli-cannot-load-{}", std::process::id());
         cmd.args(["-m", "--propagation", "private", BIN])
             .args(bpf_agent_args(plane))
-            .args(["--cgroup", "/proc"]);
+            .args(["--cgroup", "/proc", "--bpf-instance", &instance]);
         cmd
     };
     let out = agent("bpf").output().unwrap();
