@@ -26,7 +26,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use l4lb::api::{self, ApiState, INDEX_HEADER, Readiness};
+use l4lb::api::limits::ApiRole;
+use l4lb::api::{self, ApiLimits, ApiMetrics, ApiState, INDEX_HEADER, Readiness};
 use l4lb::model::{Backend, BackendState, Protocol, Vip, VipKey, VipName, VipTable};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
@@ -113,7 +114,12 @@ fn main() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let state = ApiState::new(rx, Arc::new(Registry::default()), Readiness::default());
+        // A controller's API: its cap follows the descriptor limit (a node's takes 1/8).
+        let state = ApiState::new(rx, Arc::new(Registry::default()), Readiness::default())
+            .with_limits(
+                ApiLimits::for_role(ApiRole::Controller, None),
+                ApiMetrics::default(),
+            );
         tokio::spawn(api::serve(listener, state, shutdown.clone()));
 
         // Every watcher records the highest version it has fully received.
