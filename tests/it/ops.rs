@@ -774,8 +774,12 @@ fn debian_package_installs_and_the_agent_unit_starts_with_its_defaults() {
     cmd.args(&exec[1..])
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    let agent = Proc::spawn("packaged agent", cmd);
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        // The default data plane (auto) attaches to the cgroup2 root, which is the host's:
+        // act only on this namespace's sockets, and stop cleanly below so the programs are
+        // detached and unpinned (a killed agent's pins keep them attached on purpose).
+        .env("L4LB_BPF_NETNS_ONLY", "true");
+    let mut agent = Proc::spawn("packaged agent", cmd);
     let log = agent.log();
     // --log-format json: the address is a field.
     log.wait_for("API listening", Duration::from_secs(20));
@@ -790,4 +794,5 @@ fn debian_package_installs_and_the_agent_unit_starts_with_its_defaults() {
     assert!(String::from_utf8_lossy(&page.stdout).contains("<title>l4lb status</title>"));
     // The VIP link named by the defaults (minuteman) exists in the namespace.
     ns.exec_ok(&["ip", "link", "show", "minuteman"]);
+    agent.stop_cleanly(Duration::from_secs(20));
 }
