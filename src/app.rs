@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures::future::{BoxFuture, FutureExt};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tracing::Instrument;
 
@@ -16,9 +18,10 @@ use crate::agent::netif::Netif;
 use crate::api::limits::ApiRole;
 use crate::cli;
 use crate::config::{
-    AgentConfig, Config, ControllerConfig, Mode, NodeConfig, RunConfig, SourceConfig,
+    AgentConfig, ApiConfig, Config, ControllerConfig, Mode, NodeConfig, RunConfig, SourceConfig,
 };
 pub use crate::exit::AppError;
+use crate::labels::ReasonLabel;
 use crate::node::{self, NodeBuilder, Takeover};
 use crate::source::marathon::{apps, client, sync};
 use crate::source::metrics::SourceMetrics;
@@ -144,47 +147,59 @@ async fn controller(cfg: ControllerConfig) -> Result<(), AppError> {
     Ok(tasks.drain(Duration::from_secs(2)).await?)
 }
 
-/// What every node starts from: its tasks, registry and source metrics, the sockets it takes
-/// over, and its VIP link.
+/// What every node starts from: its tasks, registry, the sockets it takes over and its VIP
+/// link; [`NodeStart::run`] builds the node around a source's tables.
 struct NodeStart {
     tasks: Tasks,
     reg: Registry,
-    metrics: SourceMetrics,
+    label_errors: Family<ReasonLabel, Counter>,
     takeover: Takeover,
     netif: Netif,
 }
 
 impl NodeStart {
     /// The privileged step first: without CAP_NET_ADMIN, fail before anything else starts.
-    async fn new(cfg: &NodeConfig) -> Result<Self, AppError> {
+    /// Also the metrics for the node's source.
+    async fn new(cfg: &NodeConfig) -> Result<(Self, SourceMetrics), AppError> {
         let tasks = tasks()?;
         let mut reg = registry();
         let metrics = SourceMetrics::new(&mut reg);
         let takeover = Takeover::start(cfg).await?;
         let netif = node::open_netif(cfg, &takeover).await?;
-        Ok(NodeStart {
+        let label_errors = metrics.label_errors.clone();
+        let start = NodeStart {
             tasks,
             reg,
-            metrics,
+            label_errors,
             takeover,
             netif,
-        })
+        };
+        Ok((start, metrics))
+    }
+
+    /// Serve `tables` as a node until shutdown; `rejected`: the labels a source in this
+    /// process rejected.
+    async fn run(
+        self,
+        cfg: &NodeConfig,
+        api: &ApiConfig,
+        tables: TableRx,
+        rejected: Option<LabelErrorsRx>,
+    ) -> Result<(), AppError> {
+        let mut b = NodeBuilder::new(cfg, api, self.reg, self.label_errors);
+        if let Some(rx) = rejected {
+            b = b.rejected_labels(rx);
+        }
+        b.run(self.tasks, self.netif, tables, self.takeover).await
     }
 }
 
 async fn agent(cfg: AgentConfig) -> Result<(), AppError> {
-    let NodeStart {
-        mut tasks,
-        reg,
-        metrics,
-        takeover,
-        netif,
-    } = NodeStart::new(&cfg.node).await?;
-    let label_errors = metrics.label_errors.clone();
+    let (mut node, metrics) = NodeStart::new(&cfg.node).await?;
     let (tx, rx) = source::table_channel();
-    let stop = tasks.shutdown();
+    let stop = node.tasks.shutdown();
     let span = tracing::info_span!("source", controllers = cfg.watch.controllers.len());
-    tasks.spawn(
+    node.tasks.spawn(
         "controller watch",
         async move {
             source::controller_client::run(cfg.watch, tx, metrics, stop).await;
@@ -192,23 +207,11 @@ async fn agent(cfg: AgentConfig) -> Result<(), AppError> {
         }
         .instrument(span),
     );
-    NodeBuilder::new(&cfg.node, &cfg.api, reg, label_errors)
-        .run(tasks, netif, rx, takeover)
-        .await
+    node.run(&cfg.node, &cfg.api, rx, None).await
 }
 
 async fn run(cfg: RunConfig) -> Result<(), AppError> {
-    let NodeStart {
-        mut tasks,
-        reg,
-        metrics,
-        takeover,
-        netif,
-    } = NodeStart::new(&cfg.node).await?;
-    let label_errors = metrics.label_errors.clone();
-    let (rx, rejected) = start_source(&mut tasks, cfg.source, cfg.build, metrics)?;
-    NodeBuilder::new(&cfg.node, &cfg.api, reg, label_errors)
-        .rejected_labels(rejected)
-        .run(tasks, netif, rx, takeover)
-        .await
+    let (mut node, metrics) = NodeStart::new(&cfg.node).await?;
+    let (rx, rejected) = start_source(&mut node.tasks, cfg.source, cfg.build, metrics)?;
+    node.run(&cfg.node, &cfg.api, rx, Some(rejected)).await
 }
