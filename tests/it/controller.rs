@@ -93,10 +93,11 @@ fn backends(v: &[VipJson]) -> Vec<String> {
 #[tokio::test]
 async fn scale_up_through_the_event_stream_wakes_a_blocked_watcher() {
     let (fake, ctl, v0) = follow(vec![web_app(1)], &[], QUIET).await;
-    // Let the stream connect and its reconnect snapshot settle.
-    tokio::time::timeout(Duration::from_secs(5), async {
+    // Let the stream connect and its reconnect snapshot settle. The start snapshot and the
+    // reconnect one may be one read when the stream attaches first.
+    tokio::time::timeout(Duration::from_secs(15), async {
         while fake.event_streams.load(Ordering::SeqCst) == 0
-            || fake.apps_requests.load(Ordering::SeqCst) < 2
+            || fake.apps_since_stream.load(Ordering::SeqCst) == 0
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -55,6 +55,8 @@ pub struct Marathon {
     pub apps_requests: Arc<AtomicU64>,
     pub app_requests: Arc<AtomicU64>,
     pub event_streams: Arc<AtomicU64>,
+    /// `/v2/apps` reads since the last event stream attached (the reconnect snapshot).
+    pub apps_since_stream: Arc<AtomicU64>,
     stop: CancellationToken,
 }
 
@@ -204,6 +206,7 @@ async fn faulty(m: &Marathon, good: Value) -> Response {
 
 async fn apps(State(m): State<Marathon>) -> Response {
     m.apps_requests.fetch_add(1, Ordering::SeqCst);
+    m.apps_since_stream.fetch_add(1, Ordering::SeqCst);
     let apps: Vec<Value> = m.inner.lock().unwrap().apps.values().cloned().collect();
     faulty(&m, json!({ "apps": apps })).await
 }
@@ -247,6 +250,7 @@ async fn pods(State(m): State<Marathon>, Path(rest): Path<String>) -> Response {
 }
 
 async fn events_stream(State(m): State<Marathon>) -> Response {
+    m.apps_since_stream.store(0, Ordering::SeqCst);
     m.event_streams.fetch_add(1, Ordering::SeqCst);
     let mut rx = m.events.subscribe();
     let attached = "event: event_stream_attached\ndata: {\"remoteAddress\":\"127.0.0.1\",\"eventType\":\"event_stream_attached\",\"timestamp\":\"2015-09-30T12:44:30.061Z\"}\n\n";
