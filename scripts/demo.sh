@@ -28,25 +28,18 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-BIN=${L4LB_BIN:-target/release/l4lb}
-if [ ! -x "$BIN" ]; then
-  echo "==> building l4lb (cargo build --release)"
-  cargo build --release --locked -q
-fi
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+BIN=$(l4lb_bin)
 NS=l4lb-demo-$$
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() {
   # SIGTERM first (l4lb drains and removes its addresses), then whatever is left in the netns.
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  sleep 0.5
-  ip netns pids "$NS" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
-  ip netns del "$NS" 2>/dev/null || true
-  mountpoint -q "$WORK/bpffs" 2>/dev/null && umount "$WORK/bpffs"
-  rm -rf "$WORK"
+  ns_teardown "$NS" "$WORK"
 }
 trap cleanup EXIT INT TERM
-in_ns() { ip netns exec "$NS" "$@"; }
 say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
 say "network namespace $NS (VIPs from 198.18.128.0/17, never routed out)"

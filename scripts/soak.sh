@@ -26,12 +26,9 @@ for tool in ip socat curl python3; do
   command -v "$tool" >/dev/null || { echo "soak.sh needs $tool" >&2; exit 2; }
 done
 DURATION=${1:-120}
-BIN=${L4LB_BIN:-target/release/l4lb}
-if [ ! -x "$BIN" ]; then
-  echo "==> building l4lb (cargo build --release)"
-  cargo build --release --locked -q
-fi
-BIN=$(realpath "$BIN")
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+BIN=$(l4lb_bin)
 NS=l4lb-soak-$$
 WORK=$(mktemp -d)
 PLANE=${SOAK_DATA_PLANE:-auto}
@@ -47,15 +44,9 @@ cleanup() {
     tail -n 5 "$WORK"/agent.log "$WORK"/controller.log >&2 || true
   fi
   for p in "${PIDS[@]}" "$CTL" "$AGENT"; do [ "$p" -gt 0 ] && kill "$p" 2>/dev/null || true; done
-  sleep 0.5
-  ip netns pids "$NS" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
-  ip netns del "$NS" 2>/dev/null || true
-  # A killed agent's pins (and programs) go with their file system.
-  mountpoint -q "$WORK/bpffs" 2>/dev/null && umount "$WORK/bpffs"
-  rm -rf "$WORK"
+  ns_teardown "$NS" "$WORK"
 }
 trap cleanup EXIT INT TERM
-in_ns() { ip netns exec "$NS" "$@"; }
 now_ms() { date +%s%3N; }
 event() { echo "$(now_ms) $*" >>"$WORK/events"; }
 

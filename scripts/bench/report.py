@@ -11,31 +11,37 @@ import platform
 import subprocess
 import sys
 
+
+def busy_rows(key):
+    """The two CPU-busy rows under a workload's headline row."""
+    return [
+        (f"{key}_busy_proxy", "  proxy CPU busy (median)", False, None),
+        (f"{key}_busy_load", "  load CPU busy (median)", False, None),
+    ]
+
+
+def cpu_rows(key, unit, kernel=True):
+    """CPU per unit of work (and the kernel's share), then the busy rows."""
+    rows = [(f"{key}_cpu", f"  proxy CPU per {unit} (median)", False, None)]
+    if kernel:
+        rows.append((f"{key}_cpu_kernel", "    of which kernel (median)", False, None))
+    return rows + busy_rows(key)
+
+
 ROWS = [
     # key, label, higher is better, (compare to, minimum ratio) target
     ("tcp_stream_x1", "iperf3 TCP, 1 stream", True, ("direct", 0.8)),
-    ("tcp_stream_x1_busy_proxy", "  proxy CPU busy (median)", False, None),
-    ("tcp_stream_x1_busy_load", "  load CPU busy (median)", False, None),
+    *busy_rows("tcp_stream_x1"),
     ("tcp_stream_x8", "iperf3 TCP, 8 streams", True, None),
     ("new_conns", "new TCP conns (wrk, Connection: close)", True, ("haproxy", 1.2)),
-    ("new_conns_cpu", "  proxy CPU per new conn (median)", False, None),
-    ("new_conns_cpu_kernel", "    of which kernel (median)", False, None),
-    ("new_conns_busy_proxy", "  proxy CPU busy (median)", False, None),
-    ("new_conns_busy_load", "  load CPU busy (median)", False, None),
+    *cpu_rows("new_conns", "new conn"),
     ("udp_req_resp", "UDP req/resp (dnsperf -> dnsmasq)", True, ("nginx", 2.0)),
-    ("udp_req_resp_cpu", "  proxy CPU per UDP query (median)", False, None),
-    ("udp_req_resp_cpu_kernel", "    of which kernel (median)", False, None),
-    ("udp_req_resp_busy_proxy", "  proxy CPU busy (median)", False, None),
-    ("udp_req_resp_busy_load", "  load CPU busy (median)", False, None),
+    *cpu_rows("udp_req_resp", "UDP query"),
     ("dns_server", "DNS server (dnsperf)", True, ("dnsmasq", 1.0)),
     ("dns_forward", "DNS forwarded to an upstream, no caches (dnsperf)", True, None),
-    ("dns_forward_cpu", "  proxy CPU per query (median)", False, None),
-    ("dns_forward_busy_proxy", "  proxy CPU busy (median)", False, None),
-    ("dns_forward_busy_load", "  load CPU busy (median)", False, None),
+    *cpu_rows("dns_forward", "query", kernel=False),
     ("dns_forward_cached", "DNS forwarded, 1,000 names, caches on (dnsperf)", True, None),
-    ("dns_forward_cached_cpu", "  proxy CPU per query (median)", False, None),
-    ("dns_forward_cached_busy_proxy", "  proxy CPU busy (median)", False, None),
-    ("dns_forward_cached_busy_load", "  load CPU busy (median)", False, None),
+    *cpu_rows("dns_forward_cached", "query", kernel=False),
     ("idle_conns_held", "idle TCP conns held (reached the backend)", True, None),
     ("idle_conn_mem", "memory (RSS) per idle TCP conn", False, None),
     ("idle_conn_fds", "descriptors per idle TCP conn", False, None),
