@@ -47,18 +47,8 @@ ip netns add "$NS"
 in_ns ip link set lo up
 
 say "backends: three HTTP tasks on 127.0.0.1:18081-18083, two UDP tasks on 18091-18092"
-# Each task is a small HTTP server: it reads the whole request (up to the blank line) and
-# only then answers, with a length and a close, so no client ever sees a reset.
 for i in 1 2 3; do
-  cat >"$WORK/task$i.sh" <<TASK
-#!/bin/sh
-cr=\$(printf '\\r')
-while IFS= read -r line; do
-  [ -z "\$line" ] || [ "\$line" = "\$cr" ] && break
-done
-body="hello from task $i (127.0.0.1:1808$i)"
-printf 'HTTP/1.1 200 OK\\r\\nContent-Type: text/plain\\r\\nContent-Length: %d\\r\\nConnection: close\\r\\n\\r\\n%s\\n' \$((\${#body} + 1)) "\$body"
-TASK
+  http_task "$WORK/task$i.sh" "hello from task $i (127.0.0.1:1808$i)"
   ip netns exec "$NS" socat TCP-LISTEN:1808$i,bind=127.0.0.1,fork,reuseaddr EXEC:"/bin/sh $WORK/task$i.sh" &
   PIDS+=($!)
 done

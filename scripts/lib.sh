@@ -26,3 +26,17 @@ ns_teardown() {
   mountpoint -q "$work/bpffs" 2>/dev/null && umount "$work/bpffs"
   rm -rf "$work"
 }
+
+# Write to $1 a one-connection HTTP task for socat's EXEC: it reads the whole request (up to
+# the blank line) and only then answers $2 with a length and a close, so no client sees a reset.
+http_task() {
+  local body=$2
+  cat >"$1" <<TASK
+#!/bin/sh
+cr=\$(printf '\\r')
+while IFS= read -r line; do
+  [ -z "\$line" ] || [ "\$line" = "\$cr" ] && break
+done
+printf 'HTTP/1.1 200 OK\\r\\nContent-Type: text/plain\\r\\nContent-Length: %d\\r\\nConnection: close\\r\\n\\r\\n%s\\n' $((${#body} + 1)) "$body"
+TASK
+}

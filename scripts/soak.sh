@@ -62,14 +62,7 @@ in_ns ip link set eth0 up
 
 # Three backends that read the request, then answer and close.
 for i in 1 2 3; do
-  cat >"$WORK/task$i.sh" <<TASK
-#!/bin/sh
-cr=\$(printf '\\r')
-while IFS= read -r line; do
-  [ -z "\$line" ] || [ "\$line" = "\$cr" ] && break
-done
-printf 'HTTP/1.1 200 OK\\r\\nContent-Length: 7\\r\\nConnection: close\\r\\n\\r\\ntask $i\\n'
-TASK
+  http_task "$WORK/task$i.sh" "task $i"
   ip netns exec "$NS" socat TCP-LISTEN:1808$i,bind=127.0.0.1,fork,reuseaddr EXEC:"/bin/sh $WORK/task$i.sh" &
   PIDS+=($!)
 done
