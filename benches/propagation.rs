@@ -92,6 +92,10 @@ fn start_l4lb(marathon: &str) -> Proc {
             "run",
             "--marathon",
             marathon,
+            // The proxy: the kernel path would attach to the host's cgroup2 root and act on
+            // every socket of the machine (and a killed agent's pins keep it attached).
+            "--data-plane",
+            "proxy",
             "--interface-kind",
             "none",
             "--allow-loopback-vips",

@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::common::BIN;
 use crate::common::process::{Log, Proc};
+use crate::common::{BIN, get_json};
 use serde_json::Value;
 
 use crate::common::apps::{ON_LOOPBACK, agent_args, apps_json, labelled_app as app, run_args};
@@ -163,12 +163,7 @@ async fn run_on_loopback_serves_tcp_udp_dns_and_follows_the_file() {
     }
 
     // The agent's /v1/vips shows counters.
-    let vips: Value = reqwest::get(format!("http://{api}/v1/vips"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let vips: Value = get_json(&format!("http://{api}/v1/vips")).await;
     let total: u64 = vips
         .as_array()
         .unwrap()
@@ -204,12 +199,7 @@ async fn run_on_loopback_serves_tcp_udp_dns_and_follows_the_file() {
     // Scale one backend away by editing the file: traffic stops going there.
     write(&web[..2]);
     wait_until("two backends", Duration::from_secs(10), || async {
-        let v: Value = reqwest::get(format!("http://{api}/v1/vips"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = get_json(&format!("http://{api}/v1/vips")).await;
         v.as_array().unwrap().iter().any(|v| {
             v["vip"].as_str().unwrap().starts_with("web.")
                 && v["backend"].as_array().unwrap().len() == 2

@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::common::BIN;
 use crate::common::process::Proc;
+use crate::common::{BIN, get_json, get_text};
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/apps.json");
 
 /// Start `l4lb args…` and wait for its "API listening" log line; return the API address.
@@ -239,24 +239,10 @@ async fn controller_binary_serves_marathon_vips_and_stops_on_sigterm() {
         assert!(Instant::now() < deadline, "never ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let vips: serde_json::Value = client
-        .get(format!("http://{api}/v1/vips"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let vips: serde_json::Value = get_json(&format!("http://{api}/v1/vips")).await;
     assert_eq!(vips[0]["vip"], "web.marathon.l4lb.thisdcos.directory:80");
     assert_eq!(vips[0]["backend"][0]["port"], 31000);
-    let m = client
-        .get(format!("http://{api}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = get_text(&format!("http://{api}/metrics")).await;
     assert!(m.contains("l4lb_vips 1"), "{m}");
     assert!(
         m.contains("l4lb_marathon_requests_total{kind=\"apps\",outcome=\"ok\"}"),

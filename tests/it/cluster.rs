@@ -619,11 +619,13 @@ fn s09a_agent_restart_clears_leftovers() {
     let vip = named("r", 80);
     c.wait_backends(&vip, &[(b.addr, "active")]);
     let addr = c.vip_addr(1, &vip);
+    // The agent dies; a stranger's address is on its link (added after the kill: a live agent
+    // removes it at once, which is another scenario).
+    c.agent(1).kill();
+    c.hosts[1].agent = None;
     c.hosts[1]
         .ns
         .exec_ok(&["ip", "addr", "add", "198.18.200.200/32", "dev", "minuteman"]);
-    c.agent(1).kill();
-    c.hosts[1].agent = None;
     assert!(c.minuteman_addrs(1).contains("198.18.200.200/32"));
     let t0 = Instant::now();
     c.start_agent(1);

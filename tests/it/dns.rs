@@ -47,6 +47,18 @@ impl Server {
         Server::start_with(cfg, ServerLimits::default()).await
     }
 
+    /// A server forwarding to `upstreams` with `timeout`, its cache off: the forwarding path
+    /// itself, every query going upstream (the cache has its own tests).
+    async fn forwarding(upstreams: &[SocketAddr], timeout: Duration) -> Server {
+        Server::start(DnsConfig {
+            upstreams: upstreams.to_vec(),
+            upstream_timeout: timeout,
+            cache: CacheConfig::off(),
+            ..DnsConfig::default()
+        })
+        .await
+    }
+
     async fn start_with(cfg: DnsConfig, limits: ServerLimits) -> Server {
         let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind udp");
         let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind tcp");
@@ -156,6 +168,38 @@ async fn tcp_query(server: SocketAddr, q: &Message) -> Message {
 
 fn a_records(m: &Message) -> Vec<String> {
     m.answers.iter().map(|r| r.data.to_string()).collect()
+}
+
+/// A TCP client whose connection was accepted just before shutdown (as during a take-over,
+/// when the old agent stops) still gets its answer; the connection then closes and `serve`
+/// returns within the drain window, however the client lingers.
+#[tokio::test]
+async fn a_tcp_query_sent_just_after_shutdown_is_answered() {
+    let s = Server::start(DnsConfig::default()).await;
+    let mut conn = TcpStream::connect(s.tcp).await.expect("connect");
+    // The connection is accepted and its task waiting for a query.
+    let q = query(1, "web.marathon.l4lb.thisdcos.directory.", RecordType::A);
+    tcp_send(&mut conn, &q).await;
+    assert_eq!(a_records(&tcp_recv(&mut conn).await), ["11.0.0.1"]);
+    s.shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let q = query(2, "web.marathon.l4lb.thisdcos.directory.", RecordType::A);
+    tcp_send(&mut conn, &q).await;
+    let r = tcp_recv(&mut conn).await;
+    assert_eq!(
+        (r.metadata.id, a_records(&r)),
+        (2, vec!["11.0.0.1".to_string()])
+    );
+    let t0 = Instant::now();
+    // Idle now: closed at the end of the drain window, and serve is done.
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(2), conn.read_to_end(&mut rest))
+        .await
+        .expect("closed within the drain window")
+        .expect("read");
+    assert_eq!(n, 0);
+    s.stop().await;
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
 }
 
 #[tokio::test]
@@ -383,14 +427,7 @@ async fn upstream(up: Up) -> (SocketAddr, CancellationToken) {
 #[tokio::test]
 async fn forwards_to_upstream_and_retries_over_tcp() {
     let (good, _g) = upstream(Up::Answer).await;
-    let s = Server::start(DnsConfig {
-        upstreams: vec![good],
-        upstream_timeout: Duration::from_secs(2),
-        // The forwarding path itself: every query goes upstream (the cache has its own tests).
-        cache: CacheConfig::off(),
-        ..DnsConfig::default()
-    })
-    .await;
+    let s = Server::forwarding(&[good], Duration::from_secs(2)).await;
     let r = udp_query(s.udp, &query(0xbeef, "example.com.", RecordType::A)).await;
     assert_eq!(r.metadata.response_code, ResponseCode::NoError);
     assert_eq!(a_records(&r), ["192.0.2.1"]);
@@ -406,13 +443,7 @@ async fn forwards_to_upstream_and_retries_over_tcp() {
     // An upstream that truncates over UDP: a TCP client gets the full answer via TCP retry, a
     // UDP client gets TC (and would retry over TCP itself).
     let (trunc, _t) = upstream(Up::Truncate).await;
-    let s = Server::start(DnsConfig {
-        upstreams: vec![trunc],
-        // The forwarding path itself: every query goes upstream (the cache has its own tests).
-        cache: CacheConfig::off(),
-        ..DnsConfig::default()
-    })
-    .await;
+    let s = Server::forwarding(&[trunc], DnsConfig::default().upstream_timeout).await;
     let r = tcp_query(s.tcp, &query(7, "example.org.", RecordType::A)).await;
     assert!(!r.metadata.truncation);
     assert_eq!(a_records(&r), ["192.0.2.1"]);
@@ -426,14 +457,7 @@ async fn silent_upstream_gives_servfail_and_a_live_one_wins() {
     // Bound but never read: queries to it vanish.
     let silent = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
     let silent_addr = silent.local_addr().expect("addr");
-    let s = Server::start(DnsConfig {
-        upstreams: vec![silent_addr],
-        upstream_timeout: Duration::from_millis(300),
-        // The forwarding path itself: every query goes upstream (the cache has its own tests).
-        cache: CacheConfig::off(),
-        ..DnsConfig::default()
-    })
-    .await;
+    let s = Server::forwarding(&[silent_addr], Duration::from_millis(300)).await;
     let t0 = Instant::now();
     let r = udp_query(s.udp, &query(9, "example.net.", RecordType::A)).await;
     assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
@@ -465,14 +489,7 @@ async fn silent_upstream_gives_servfail_and_a_live_one_wins() {
 
     // Two upstreams at once: the silent one does not delay the live one.
     let (good, _g) = upstream(Up::Answer).await;
-    let s = Server::start(DnsConfig {
-        upstreams: vec![silent_addr, good],
-        upstream_timeout: Duration::from_secs(5),
-        // The forwarding path itself: every query goes upstream (the cache has its own tests).
-        cache: CacheConfig::off(),
-        ..DnsConfig::default()
-    })
-    .await;
+    let s = Server::forwarding(&[silent_addr, good], Duration::from_secs(5)).await;
     for id in 0..4 {
         let t0 = Instant::now();
         let r = udp_query(s.udp, &query(id, "example.net.", RecordType::A)).await;
@@ -511,25 +528,23 @@ async fn a_large_forwarded_answer_is_truncated_to_what_the_client_can_take() {
     s.stop().await;
 }
 
+/// `n` queries for example.net. A to `s` over UDP, each answered with `rcode`.
+async fn ask_example_net(s: &Server, n: u16, rcode: ResponseCode) -> Vec<Message> {
+    let mut answers = Vec::new();
+    for id in 0..n {
+        let r = udp_query(s.udp, &query(id, "example.net.", RecordType::A)).await;
+        assert_eq!(r.metadata.response_code, rcode, "query {id}");
+        answers.push(r);
+    }
+    answers
+}
 #[tokio::test]
 async fn a_refusing_upstream_does_not_beat_one_that_answers() {
     let (refusing, _r) = upstream(Up::Refuse).await;
     let (slow, _s) = upstream(Up::AnswerAfter(Duration::from_millis(150))).await;
-    let s = Server::start(DnsConfig {
-        upstreams: vec![refusing, slow],
-        upstream_timeout: Duration::from_secs(3),
-        cache: CacheConfig::off(),
-        ..DnsConfig::default()
-    })
-    .await;
+    let s = Server::forwarding(&[refusing, slow], Duration::from_secs(3)).await;
     // Both are asked every time; the REFUSED arrives first and the answer wins anyway.
-    for id in 0..4 {
-        let r = udp_query(s.udp, &query(id, "example.net.", RecordType::A)).await;
-        assert_eq!(
-            r.metadata.response_code,
-            ResponseCode::NoError,
-            "query {id}"
-        );
+    for r in ask_example_net(&s, 4, ResponseCode::NoError).await {
         assert_eq!(a_records(&r), ["192.0.2.1"]);
     }
     s.stop().await;
@@ -555,14 +570,7 @@ async fn a_refusing_upstream_does_not_beat_one_that_answers() {
         ..DnsConfig::default()
     })
     .await;
-    for id in 0..2 {
-        let r = udp_query(s.udp, &query(id, "example.net.", RecordType::A)).await;
-        assert_eq!(
-            r.metadata.response_code,
-            ResponseCode::Refused,
-            "query {id}"
-        );
-    }
+    ask_example_net(&s, 2, ResponseCode::Refused).await;
     s.stop().await;
 }
 

@@ -329,13 +329,7 @@ fn root_a_flushed_link_heals_within_a_second_and_a_second_agent_is_refused() {
 
     // A second agent on the same link is refused before it touches anything.
     let mut second = run_agent(&ns, &file);
-    let status = second.exit_within(Duration::from_secs(10));
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(1),
-        "{}",
-        second.log_text()
-    );
+    second.expect_exit(1, Duration::from_secs(10));
     let err = second.log_text();
     assert!(
         err.contains("managed by another running l4lb") && err.contains(&first.pid().to_string()),
@@ -385,13 +379,7 @@ fn root_sighup_drains_and_leaves_nothing() {
     // Draining: the open connection still works.
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(echo(&mut conn, b"during\n").unwrap(), b"during\n");
-    let status = agent.exit_within(Duration::from_secs(10));
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(0),
-        "{}",
-        agent.log_text()
-    );
+    agent.expect_exit(0, Duration::from_secs(10));
     assert!(agent.log_text().contains("SIGHUP"), "{}", agent.log_text());
     assert!(
         !addrs_on(&ns, "minuteman").contains("198.18.5.6"),

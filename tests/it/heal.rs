@@ -75,6 +75,16 @@ fn agent(ns: &NetNs, file: &std::path::Path) -> (Proc, SocketAddr) {
     (proc, api)
 }
 
+/// A host `prefix` with a backend, an apps file naming it under `vips` (in the returned
+/// directory) and an agent that applied it, with its API address.
+fn serving(prefix: &str, vips: &[String]) -> (NetNs, tempfile::TempDir, (Proc, SocketAddr)) {
+    let (ns, backend) = host(prefix);
+    let dir = tempfile::tempdir().unwrap();
+    let file = apps_file(dir.path(), vips, backend);
+    let agent = agent(&ns, &file);
+    (ns, dir, agent)
+}
+
 /// The IPv4 addresses on the link (`addr/prefix`); empty when the link is missing.
 fn addrs_on(ns: &NetNs) -> BTreeSet<String> {
     let out = ns.exec(&["ip", "-o", "-4", "addr", "show", "dev", LINK]);
@@ -197,11 +207,8 @@ fn absences(
 #[test]
 fn root_a_flushed_link_is_whole_again_within_100ms() {
     skip_unless_root!();
-    let (ns, backend) = host("flush");
-    let dir = tempfile::tempdir().unwrap();
     let vips: Vec<String> = (1..=3).map(|i| format!("198.18.5.{i}:80")).collect();
-    let file = apps_file(dir.path(), &vips, backend);
-    let (mut proc, api) = agent(&ns, &file);
+    let (ns, _dir, (mut proc, api)) = serving("flush", &vips);
     let want = set(&["198.18.5.1/32", "198.18.5.2/32", "198.18.5.3/32"]);
     assert_eq!(addrs_on(&ns), want);
     assert_eq!(
@@ -242,10 +249,7 @@ fn root_a_flushed_link_is_whole_again_within_100ms() {
 #[test]
 fn root_clients_through_a_vip_never_fail_across_20_flushes() {
     skip_unless_root!();
-    let (ns, backend) = host("flushload");
-    let dir = tempfile::tempdir().unwrap();
-    let file = apps_file(dir.path(), &["198.18.5.5:80".to_string()], backend);
-    let (mut proc, _api) = agent(&ns, &file);
+    let (ns, _dir, (mut proc, _api)) = serving("flushload", &["198.18.5.5:80".to_string()]);
     let vip: SocketAddr = "198.18.5.5:80".parse().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let ns = Arc::new(ns);
@@ -307,10 +311,7 @@ fn root_clients_through_a_vip_never_fail_across_20_flushes() {
 #[test]
 fn root_a_deleted_or_downed_link_comes_back_with_its_vips() {
     skip_unless_root!();
-    let (ns, backend) = host("linkdel");
-    let dir = tempfile::tempdir().unwrap();
-    let file = apps_file(dir.path(), &["198.18.5.5:80".to_string()], backend);
-    let (mut proc, api) = agent(&ns, &file);
+    let (ns, _dir, (mut proc, api)) = serving("linkdel", &["198.18.5.5:80".to_string()]);
     let want = set(&["198.18.5.5/32"]);
     let answers = |ns: &NetNs| answers(ns, "198.18.5.5:80");
     let index = |ns: &NetNs| {
@@ -405,9 +406,9 @@ fn root_a_flush_of_1000_vips_is_one_reconcile() {
 #[test]
 fn root_anchor_routes_follow_the_table_across_a_crash() {
     skip_unless_root!();
+    let two = ["198.18.5.1:80".to_string(), "198.18.5.2:80".to_string()];
     let (ns, backend) = host("anchors");
     let dir = tempfile::tempdir().unwrap();
-    let two = ["198.18.5.1:80".to_string(), "198.18.5.2:80".to_string()];
     let file = apps_file(dir.path(), &two, backend);
     let (mut first, _) = agent(&ns, &file);
     assert_eq!(anchors(&ns), set(&["198.18.5.1", "198.18.5.2"]));

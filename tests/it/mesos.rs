@@ -7,10 +7,10 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::common::BIN;
 use crate::common::ctl::Ctl;
 use crate::common::mesos::{FakeMesos, fixture, fixture_lines};
 use crate::common::process::Proc;
+use crate::common::{BIN, get_json};
 use l4lb::model::VipTable;
 use l4lb::model::wire::{VipJson, table_to_json};
 use l4lb::source::http::Auth;
@@ -35,12 +35,7 @@ fn summary(t: &VipTable) -> Vec<(String, String, Vec<String>)> {
 
 /// The names the API at `api` serves, sorted.
 async fn vip_names(api: SocketAddr) -> Vec<String> {
-    let vips: Vec<VipJson> = reqwest::get(format!("http://{api}/v1/vips"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let vips: Vec<VipJson> = get_json(&format!("http://{api}/v1/vips")).await;
     let mut names: Vec<String> = vips.into_iter().filter_map(|v| v.name).collect();
     names.sort();
     names
@@ -118,12 +113,7 @@ async fn wrong_credentials_are_refused_and_nothing_is_published() {
 
 /// GET /v1/vips blocking on `index`.
 async fn blocking_vips(api: SocketAddr, index: u64) -> Vec<VipJson> {
-    reqwest::get(format!("http://{api}/v1/vips?index={index}&wait=10s"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    get_json(&format!("http://{api}/v1/vips?index={index}&wait=10s")).await
 }
 
 #[tokio::test]

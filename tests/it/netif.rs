@@ -182,18 +182,11 @@ fn sync_removes_leftovers_and_clear_empties() {
             .await
             .expect("add");
         // Adding what exists and removing what is gone are fine.
-        netif
-            .add(&["198.18.6.3".parse().expect("ip")])
-            .await
-            .expect("add again");
-        netif
-            .remove(&["198.18.6.1".parse().expect("ip")])
-            .await
-            .expect("remove");
-        netif
-            .remove(&["198.18.6.1".parse().expect("ip")])
-            .await
-            .expect("remove again");
+        let one = |ip: &str| [ip.parse::<IpAddr>().expect("ip")];
+        netif.add(&one("198.18.6.3")).await.expect("add again");
+        for what in ["remove", "remove again"] {
+            netif.remove(&one("198.18.6.1")).await.expect(what);
+        }
     });
     assert_eq!(
         addrs_on(&ns, LINK),
@@ -214,14 +207,12 @@ fn sync_removes_leftovers_and_clear_empties() {
 #[test]
 fn kept_addresses_survive_sync_and_go_on_clear() {
     skip_unless_root!();
+    let kept = ["198.51.100.1".parse::<IpAddr>().expect("ip")];
     let ns = NetNs::new("netifkeep");
-    ns.run(|| async {
+    ns.run(move || async move {
         let mut netif = Netif::open(LINK, InterfaceKind::Auto).await.expect("open");
         // The DC/OS DNS addresses: installed at once and bindable on port 53.
-        netif
-            .keep(&["198.51.100.1".parse().expect("ip")])
-            .await
-            .expect("keep");
+        netif.keep(&kept).await.expect("keep");
         let sock = tokio::net::UdpSocket::bind("198.51.100.1:53")
             .await
             .expect("bind the kept address");
@@ -233,12 +224,9 @@ fn kept_addresses_survive_sync_and_go_on_clear() {
         assert_eq!(removed, vec!["198.18.6.1".parse::<IpAddr>().expect("ip")]);
     });
     assert_eq!(addrs_on(&ns, LINK), set(&["198.51.100.1/32"]));
-    ns.run(|| async {
+    ns.run(move || async move {
         let mut netif = Netif::open(LINK, InterfaceKind::Auto).await.expect("open");
-        netif
-            .keep(&["198.51.100.1".parse().expect("ip")])
-            .await
-            .expect("keep");
+        netif.keep(&kept).await.expect("keep");
         netif.clear().await.expect("clear");
     });
     assert!(addrs_on(&ns, LINK).is_empty());

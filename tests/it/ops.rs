@@ -770,15 +770,18 @@ fn debian_package_installs_and_the_agent_unit_starts_with_its_defaults() {
 
     // In a namespace of its own: the agent creates its VIP link there, not on this host.
     let ns = netns::NetNs::new("deb");
+    let bpffs = tempfile::tempdir().unwrap();
     let mut cmd = ns.command(exec[0]);
     cmd.args(&exec[1..])
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         // The default data plane (auto) attaches to the cgroup2 root, which is the host's:
-        // act only on this namespace's sockets, and stop cleanly below so the programs are
-        // detached and unpinned (a killed agent's pins keep them attached on purpose).
-        .env("L4LB_BPF_NETNS_ONLY", "true");
+        // act only on this namespace's sockets, and pin into a BPF file system the agent
+        // mounts in its own mount namespace (`ip netns exec` makes one), so that even a killed
+        // agent's programs go with it. The clean stop below detaches them anyway.
+        .env("L4LB_BPF_NETNS_ONLY", "true")
+        .env("L4LB_BPFFS", bpffs.path());
     let mut agent = Proc::spawn("packaged agent", cmd);
     let log = agent.log();
     // --log-format json: the address is a field.

@@ -116,6 +116,38 @@ fn wait_answering(ns: &NetNs, server: &str, probe: &str, what: &str) {
     }
 }
 
+/// dnsmasq in the foreground in `ns`, listening on `server` (`addr` or `addr:port`), with
+/// `extra` options, its pid file and log (`<name>.log`) in `dir`; once it answers `probe`.
+fn dnsmasq(
+    ns: &NetNs,
+    dir: &Path,
+    name: &'static str,
+    (server, probe): (&str, &str),
+    extra: &[String],
+) -> (Daemon, PathBuf) {
+    let (addr, port) = server.split_once(':').unwrap_or((server, "53"));
+    let log = dir.join(format!("{name}.log"));
+    let mut cmd = ns.command("dnsmasq");
+    cmd.args([
+        "--keep-in-foreground",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--user=root",
+        "--log-facility=-",
+    ])
+    .arg(format!("--listen-address={addr}"))
+    .arg(format!("--port={port}"))
+    .arg(format!(
+        "--pid-file={}",
+        dir.join(format!("{name}.pid")).display()
+    ))
+    .args(extra);
+    let daemon = Daemon::spawn(ns, name, &mut cmd, &log);
+    wait_answering(ns, server, probe, name);
+    (daemon, log)
+}
+
 /// `getent ahosts name` inside `ns` (glibc's resolver reading the namespace's resolv.conf),
 /// with `RES_OPTIONS` when given: the addresses, sorted and unique.
 fn getent(ns: &NetNs, name: &str, res_options: Option<&str>) -> Vec<String> {
@@ -188,29 +220,19 @@ fn stock_resolvers_use_l4lb_unchanged() {
     );
 
     // The internet.
-    let inet_log = d.join("internet.log");
-    let _internet = Daemon::spawn(
+    let (_internet, inet_log) = dnsmasq(
         &ns,
-        "dnsmasq (internet)",
-        ns.command("dnsmasq").args([
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            &format!("--listen-address={INTERNET}"),
-            "--port=53",
-            "--user=root",
-            &format!("--pid-file={}", d.join("internet.pid").display()),
-            &format!("--host-record={UPSTREAM_NAME},{UPSTREAM_ADDR}"),
+        d,
+        "internet",
+        (INTERNET, UPSTREAM_NAME),
+        &[
+            format!("--host-record={UPSTREAM_NAME},{UPSTREAM_ADDR}"),
             // A TTL, as a real upstream gives (dnsmasq's own default is 0, never cached),
             // and a log line per query, to count what reaches the internet.
-            "--local-ttl=60",
-            "--log-queries",
-            "--log-facility=-",
-        ]),
-        &inet_log,
+            "--local-ttl=60".into(),
+            "--log-queries".into(),
+        ],
     );
-    wait_answering(&ns, INTERNET, UPSTREAM_NAME, "the internet dnsmasq");
 
     // l4lb, managing the namespace's resolv.conf.
     let apps = d.join("apps.json");
@@ -430,27 +452,17 @@ fn stock_resolvers_use_l4lb_unchanged() {
     }
 
     // dnsmasq: l4lb's zones by server=/…/, the rest to the internet.
-    let dnsmasq_log = d.join("dnsmasq.log");
-    let _dnsmasq = Daemon::spawn(
+    let (_dnsmasq, dnsmasq_log) = dnsmasq(
         &ns,
-        "dnsmasq (client)",
-        ns.command("dnsmasq").args([
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--listen-address=127.0.0.1",
-            "--port=5303",
-            "--user=root",
-            &format!("--pid-file={}", d.join("dnsmasq.pid").display()),
-            &format!("--server=/l4lb.thisdcos.directory/{L4LB}"),
-            &format!("--server=/mesos/{L4LB}"),
-            &format!("--server={INTERNET}"),
-            "--log-facility=-",
-        ]),
-        &dnsmasq_log,
+        d,
+        "dnsmasq",
+        ("127.0.0.1:5303", UPSTREAM_NAME),
+        &[
+            format!("--server=/l4lb.thisdcos.directory/{L4LB}"),
+            format!("--server=/mesos/{L4LB}"),
+            format!("--server={INTERNET}"),
+        ],
     );
-    wait_answering(&ns, "127.0.0.1:5303", UPSTREAM_NAME, "dnsmasq");
 
     for (server, what, log) in [
         ("127.0.0.1:5301", "unbound", &unbound_log),

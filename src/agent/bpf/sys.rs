@@ -45,24 +45,21 @@ pub(crate) fn is_bpffs(path: &Path) -> bool {
 
 /// Mount a BPF filesystem at `path` (created if missing).
 pub(crate) fn mount_bpffs(path: &Path) -> io::Result<()> {
-    std::fs::create_dir_all(path)?;
-    nix::mount::mount(
-        Some("bpf"),
-        path,
-        Some("bpf"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .map_err(io::Error::from)
+    mount_fs("bpf", path)
 }
 
 /// Mount the cgroup2 hierarchy at `path` (created if missing).
 pub(crate) fn mount_cgroup2(path: &Path) -> io::Result<()> {
+    mount_fs("cgroup2", path)
+}
+
+/// Mount a file system of type `kind` (source named the same) at `path`, created if missing.
+fn mount_fs(kind: &str, path: &Path) -> io::Result<()> {
     std::fs::create_dir_all(path)?;
     nix::mount::mount(
-        Some("cgroup2"),
+        Some(kind),
         path,
-        Some("cgroup2"),
+        Some(kind),
         nix::mount::MsFlags::empty(),
         None::<&str>,
     )

@@ -37,6 +37,12 @@ fn unique(what: &str) -> String {
     )
 }
 
+/// As root, a host (cgroup, BPF file system) and a network namespace for one test; `None`
+/// (the test is skipped) otherwise.
+fn root_host() -> Option<(Host, Netns)> {
+    is_root().then(|| (Host::new(), Netns::new()))
+}
+
 /// A network namespace of the test's, entered by a thread per call.
 struct Netns {
     fd: std::fs::File,
@@ -245,11 +251,9 @@ const A: BackendState = BackendState::Active;
 
 #[test]
 fn tcp_udp_ipv6_translated_and_the_vip_is_the_peer() {
-    if !is_root() {
+    let Some((host, ns)) = root_host() else {
         return;
-    }
-    let host = Host::new();
-    let ns = Netns::new();
+    };
     let (b1, _l1) = tcp_backend(&ns, "127.0.0.1:0", "b1");
     let (b2, _l2) = tcp_backend(&ns, "127.0.0.1:0", "b2");
     let (b6, _l6) = tcp_backend(&ns, "[::1]:0", "b6");
@@ -351,11 +355,9 @@ fn tcp_udp_ipv6_translated_and_the_vip_is_the_peer() {
 
 #[test]
 fn backend_change_and_vip_removal_while_connections_are_open() {
-    if !is_root() {
+    let Some((host, ns)) = root_host() else {
         return;
-    }
-    let host = Host::new();
-    let ns = Netns::new();
+    };
     // The VIP address is local, with a listener standing in for the proxy (the fallback).
     ns.ip(&["addr", "add", "198.18.0.2/32", "dev", "lo"]);
     let vip = key("198.18.0.2:80", Protocol::Tcp);
@@ -421,11 +423,9 @@ fn aborted<T>(r: &std::io::Result<T>) -> bool {
 
 #[test]
 fn sockets_translated_to_a_gone_backend_are_destroyed_and_direct_ones_kept() {
-    if !is_root() {
+    let Some((host, ns)) = root_host() else {
         return;
-    }
-    let host = Host::new();
-    let ns = Netns::new();
+    };
     let (b1, _l1) = tcp_backend(&ns, "127.0.0.1:0", "b1");
     let u1 = udp_backend(&ns, "127.0.0.1:0", "u1");
     let tvip = key("198.18.0.7:80", Protocol::Tcp);
@@ -489,11 +489,9 @@ fn sockets_translated_to_a_gone_backend_are_destroyed_and_direct_ones_kept() {
 
 #[test]
 fn a_dead_backend_stops_getting_connections_within_2s() {
-    if !is_root() {
+    let Some((host, ns)) = root_host() else {
         return;
-    }
-    let host = Host::new();
-    let ns = Netns::new();
+    };
     let vip = key("198.18.0.3:80", Protocol::Tcp);
     let (b1, l1) = tcp_backend(&ns, "127.0.0.1:0", "b1");
     let (b2, _l2) = tcp_backend(&ns, "127.0.0.1:0", "b2");
@@ -555,11 +553,9 @@ fn a_dead_backend_stops_getting_connections_within_2s() {
 
 #[test]
 fn restart_after_kill_takes_over_without_a_gap() {
-    if !is_root() {
+    let Some((host, ns)) = root_host() else {
         return;
-    }
-    let host = Host::new();
-    let ns = Netns::new();
+    };
     let vip = key("198.18.0.4:80", Protocol::Tcp);
     let (b1, _l1) = tcp_backend(&ns, "127.0.0.1:0", "b1");
     let (b2, _l2) = tcp_backend(&ns, "127.0.0.1:0", "b2");
@@ -669,11 +665,9 @@ fn restart_after_kill_takes_over_without_a_gap() {
 
 #[test]
 fn stopped_before_taking_over_removes_the_old_path_too() {
-    if !is_root() {
+    let Some((host, ns)) = root_host() else {
         return;
-    }
-    let host = Host::new();
-    let ns = Netns::new();
+    };
     let vip = key("198.18.0.5:80", Protocol::Tcp);
     let (b1, _l1) = tcp_backend(&ns, "127.0.0.1:0", "b1");
     let cfg = host.config(&unique("agent"));
@@ -740,11 +734,9 @@ fn two_agents_in_two_namespaces_serve_their_own() {
 
 #[test]
 fn one_backend_change_on_10000_vips_applies_under_1ms() {
-    if !is_root() {
+    let Some((host, ns)) = root_host() else {
         return;
-    }
-    let host = Host::new();
-    let ns = Netns::new();
+    };
     let backends: Vec<SocketAddr> = (0..3)
         .map(|i| format!("198.19.0.{}:8080", i + 1).parse().unwrap())
         .collect();
@@ -819,11 +811,9 @@ fn one_backend_change_on_10000_vips_applies_under_1ms() {
 /// the mercy of TIME_WAIT collisions between the direct and the translated runs.)
 #[test]
 fn every_short_connection_via_the_vip_is_translated_and_counted() {
-    if !is_root() {
+    let Some((host, ns)) = root_host() else {
         return;
-    }
-    let host = Host::new();
-    let ns = Netns::new();
+    };
     let vip = key("198.18.0.6:80", Protocol::Tcp);
     // A backend that accepts and closes.
     let l = ns.run(|| TcpListener::bind("127.0.0.1:0").expect("bind"));
@@ -891,11 +881,9 @@ fn child_agent_process() {
 #[test]
 fn restart_after_sigkill_of_a_real_process() {
     use std::io::BufRead;
-    if !is_root() {
+    let Some((host, ns)) = root_host() else {
         return;
-    }
-    let host = Host::new();
-    let ns = Netns::new();
+    };
     let vip = key("198.18.0.7:80", Protocol::Tcp);
     let (b1, _l1) = tcp_backend(&ns, "127.0.0.1:0", "b1");
     let instance = unique("agent");
@@ -970,11 +958,9 @@ fn restart_after_sigkill_of_a_real_process() {
 
 #[test]
 fn mounts_a_bpf_filesystem_where_none_is_and_unmounts_it() {
-    if !is_root() {
+    let Some((host, ns)) = root_host() else {
         return;
-    }
-    let host = Host::new();
-    let ns = Netns::new();
+    };
     let dir = std::env::temp_dir().join(unique("nobpffs"));
     std::fs::create_dir(&dir).unwrap();
     assert!(!sys::is_bpffs(&dir));

@@ -654,14 +654,21 @@ mod tests {
             Box<dyn FnOnce(&mut Message)>,
             Result<u32, NotCached>,
         );
+        // An answer of one A record for www.example. with `ttl`.
+        fn www_a(ttl: u32) -> Box<dyn FnOnce(&mut Message)> {
+            Box::new(move |m| {
+                m.add_answer(a("www.example.", ttl, 1));
+            })
+        }
+        // NXDOMAIN with an SOA of `ttl` and `minimum` in the authority section.
+        fn nx_soa(ttl: u32, minimum: u32) -> Box<dyn FnOnce(&mut Message)> {
+            Box::new(move |m| {
+                m.metadata.response_code = ResponseCode::NXDomain;
+                m.add_authority(soa(ttl, minimum));
+            })
+        }
         let cases: Vec<Case> = vec![
-            (
-                "one A",
-                Box::new(|m| {
-                    m.add_answer(a("www.example.", 60, 1));
-                }),
-                Ok(60),
-            ),
+            ("one A", www_a(60), Ok(60)),
             (
                 "least TTL of answer and authority",
                 Box::new(|m| {
@@ -691,27 +698,13 @@ mod tests {
                 }),
                 Ok(45),
             ),
-            (
-                "capped at max_ttl",
-                Box::new(|m| {
-                    m.add_answer(a("www.example.", 86400, 1));
-                }),
-                Ok(3600),
-            ),
+            ("capped at max_ttl", www_a(86400), Ok(3600)),
             (
                 "a TTL with the top bit set is 0",
-                Box::new(|m| {
-                    m.add_answer(a("www.example.", 0x8000_0000, 1));
-                }),
+                www_a(0x8000_0000),
                 Err(NotCached::ZeroTtl),
             ),
-            (
-                "TTL 0",
-                Box::new(|m| {
-                    m.add_answer(a("www.example.", 0, 1));
-                }),
-                Err(NotCached::ZeroTtl),
-            ),
+            ("TTL 0", www_a(0), Err(NotCached::ZeroTtl)),
             (
                 "one TTL 0 among others",
                 Box::new(|m| {
@@ -722,26 +715,13 @@ mod tests {
             ),
             (
                 "NXDOMAIN: the SOA's MINIMUM when lower",
-                Box::new(|m| {
-                    m.metadata.response_code = ResponseCode::NXDomain;
-                    m.add_authority(soa(900, 60));
-                }),
+                nx_soa(900, 60),
                 Ok(60),
             ),
-            (
-                "NXDOMAIN: the SOA's TTL when lower",
-                Box::new(|m| {
-                    m.metadata.response_code = ResponseCode::NXDomain;
-                    m.add_authority(soa(30, 60));
-                }),
-                Ok(30),
-            ),
+            ("NXDOMAIN: the SOA's TTL when lower", nx_soa(30, 60), Ok(30)),
             (
                 "NXDOMAIN: capped at max_negative_ttl",
-                Box::new(|m| {
-                    m.metadata.response_code = ResponseCode::NXDomain;
-                    m.add_authority(soa(86400, 86400));
-                }),
+                nx_soa(86400, 86400),
                 Ok(300),
             ),
             (
@@ -776,10 +756,7 @@ mod tests {
             ),
             (
                 "NXDOMAIN with SOA minimum 0",
-                Box::new(|m| {
-                    m.metadata.response_code = ResponseCode::NXDomain;
-                    m.add_authority(soa(900, 0));
-                }),
+                nx_soa(900, 0),
                 Err(NotCached::ZeroTtl),
             ),
             (

@@ -550,7 +550,13 @@ async fn tcp_accept_loop(
 /// until one completes.
 const MAX_TCP_PIPELINE: usize = 16;
 
-/// Serve one TCP connection until EOF, idle timeout, an error or shutdown: read
+/// How long an open TCP connection is still served after shutdown: a client whose
+/// connection was accepted just before (by this agent, or by the one handing its sockets to a
+/// successor) gets the answer to the query it is sending rather than an EOF.
+const TCP_DRAIN: Duration = Duration::from_millis(500);
+
+/// Serve one TCP connection until EOF, idle timeout, an error or shutdown (then at most
+/// [`TCP_DRAIN`] more, answering what arrives, never resetting the deadline): read
 /// length-prefixed queries, answer local ones at once in arrival order, and write forwarded
 /// ones as their upstream answers arrive (RFC 7766 §6.2.1.1 allows out-of-order answers), so
 /// a slow upstream does not hold up answers from the catalog.
@@ -564,12 +570,15 @@ async fn tcp_conn(
     let mut pending = FuturesUnordered::new();
     let idle_timer = tokio::time::sleep(idle);
     tokio::pin!(idle_timer);
+    let mut draining = false;
     loop {
         // Answer every complete query already buffered.
         while let Some(frame) = next_frame(&mut inbuf) {
-            idle_timer
-                .as_mut()
-                .reset(tokio::time::Instant::now() + idle);
+            if !draining {
+                idle_timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + idle);
+            }
             if let Some(out) = shared.cached_wire(&frame, Transport::Tcp) {
                 write_framed(&mut stream, &out).await?;
                 continue;
@@ -592,7 +601,11 @@ async fn tcp_conn(
             }
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+                let deadline = tokio::time::Instant::now() + idle.min(TCP_DRAIN);
+                idle_timer.as_mut().reset(deadline);
+            }
             Some(out) = pending.next(), if !pending.is_empty() => {
                 if let Some(out) = out {
                     write_framed(&mut stream, &out).await?;

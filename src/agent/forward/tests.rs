@@ -1588,13 +1588,7 @@ async fn a_successor_serves_from_the_inherited_sockets_while_the_old_connections
     let (mut conn, _) = open(tk).await;
     echo(&mut conn, b"before\n").await;
     let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    client.send_to(b"x", uk.socket_addr()).await.unwrap();
-    let mut buf = [0u8; 64];
-    let (n, _) = timeout(T, client.recv_from(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&buf[..n], b"b1:x");
+    assert_eq!(udp_ask(&client, uk, "x").await, "b1:x");
 
     // The successor binds nothing: both VIPs are served from the old sockets.
     let passed = book.passed_on();
@@ -1610,12 +1604,7 @@ async fn a_successor_serves_from_the_inherited_sockets_while_the_old_connections
     echo(&mut fresh, b"after\n").await;
     assert_eq!(new.m.connections.get(), 1);
     echo(&mut conn, b"still\n").await;
-    client.send_to(b"y", uk.socket_addr()).await.unwrap();
-    let (n, _) = timeout(T, client.recv_from(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&buf[..n], b"b1:y");
+    assert_eq!(udp_ask(&client, uk, "y").await, "b1:y");
 
     // The old forwarder ends once its connection closed and its UDP session went idle,
     // without closing what the successor serves.

@@ -237,12 +237,7 @@ impl Netif {
             Some(msg) => me.check_existing(name, kind, &msg).await?,
             None => me.create(name, kind).await?,
         };
-        me.handle
-            .link()
-            .set(LinkUnspec::new_with_index(index).up().build())
-            .execute()
-            .await
-            .map_err(|e| nl_err(format!("bringing {name} up"), e))?;
+        me.bring_up(index, name).await?;
         me.kind = actual;
         me.link = Some(Link {
             name: name.to_string(),
@@ -318,12 +313,7 @@ impl Netif {
             index,
         });
         if !up {
-            self.handle
-                .link()
-                .set(LinkUnspec::new_with_index(index).up().build())
-                .execute()
-                .await
-                .map_err(|e| nl_err(format!("bringing {name} up"), e))?;
+            self.bring_up(index, &name).await?;
         }
         Ok(changed)
     }
@@ -477,6 +467,16 @@ impl Netif {
     /// itself stays.
     pub async fn clear(&self) -> Result<(), NetifError> {
         self.sync_exact(&BTreeSet::new()).await.map(drop)
+    }
+
+    /// Set the link `name` (index `index`) administratively up.
+    async fn bring_up(&self, index: u32, name: &str) -> Result<(), NetifError> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(|e| nl_err(format!("bringing {name} up"), e))
     }
 
     async fn find_link(&self, name: &str) -> Result<Option<LinkMessage>, NetifError> {

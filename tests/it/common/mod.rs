@@ -46,6 +46,24 @@ pub fn state_dir() -> &'static std::path::Path {
     })
 }
 
+/// GET `url` and parse its JSON body; panics on any failure (the tests' one-line fetch).
+pub async fn get_json<T: serde::de::DeserializeOwned>(url: &str) -> T {
+    let r = reqwest::get(url)
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    r.json()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"))
+}
+
+/// GET `url`: its body as text; panics on any failure.
+pub async fn get_text(url: &str) -> String {
+    let r = reqwest::get(url)
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    r.text().await.unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
 /// Make `cmd` run the proxy data plane unless it asks for one (`--data-plane` or
 /// `L4LB_DATA_PLANE`): the default (`auto`) would attach the kernel path to the host's cgroup2
 /// root for every socket on the machine, under one pin directory that concurrent tests share.

@@ -5,6 +5,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -50,6 +51,9 @@ impl Proc {
     pub fn try_exit(&mut self) -> Option<ExitStatus> {
         if self.exited.is_none() {
             self.exited = self.child.try_wait().unwrap();
+            if self.exited.is_some() {
+                self.log.wait_end(Duration::from_secs(2));
+            }
         }
         self.exited
     }
@@ -92,11 +96,17 @@ impl Proc {
     #[track_caller]
     pub fn stop_cleanly(&mut self, within: Duration) {
         self.signal(Signal::SIGTERM);
+        self.expect_exit(0, within);
+    }
+
+    /// Require an exit with `code` within `within`, showing the log if not.
+    #[track_caller]
+    pub fn expect_exit(&mut self, code: i32, within: Duration) {
         let status = self.exit_within(within);
         assert_eq!(
             status.and_then(|s| s.code()),
-            Some(0),
-            "{} after SIGTERM:\n{}",
+            Some(code),
+            "{}:\n{}",
             self.what,
             self.log_text()
         );
@@ -164,15 +174,16 @@ impl Drop for Proc {
 }
 
 /// Lines a child writes to stderr, collected by a thread, searchable while it runs.
+/// (The second field is set once the child's stderr reached its end.)
 #[derive(Clone, Default)]
-pub struct Log(Arc<Mutex<Vec<String>>>);
+pub struct Log(Arc<Mutex<Vec<String>>>, Arc<AtomicBool>);
 
 impl Log {
     /// Start collecting `child`'s stderr (which must be piped).
     pub fn capture(child: &mut Child) -> Log {
         let log = Log::default();
         let stderr = child.stderr.take().expect("stderr piped");
-        let lines = log.0.clone();
+        let (lines, ended) = (log.0.clone(), log.1.clone());
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if std::env::var_os("L4LB_TEST_ECHO").is_some() {
@@ -180,8 +191,19 @@ impl Log {
                 }
                 lines.lock().expect("log lock").push(line);
             }
+            ended.store(true, Ordering::SeqCst);
         });
         log
+    }
+
+    /// Wait up to `within` for the end of the child's stderr: after its exit, what it wrote
+    /// last may still be on its way through the pipe. (A grandchild holding the pipe keeps it
+    /// open; the wait is bounded for that.)
+    fn wait_end(&self, within: Duration) {
+        let start = Instant::now();
+        while !self.1.load(Ordering::SeqCst) && start.elapsed() < within {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// The `addr=` value of the first line containing `marker`, waiting up to `within`.
