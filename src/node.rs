@@ -201,8 +201,17 @@ impl<'a> NodeBuilder<'a> {
             node.agent(netif, catalog.clone(), self.label_errors, sockets.clone());
         let applied = agent.applied();
         let kernel = node.kernel_path(&applied)?;
-        let managed = node.serve_dns(dns, catalog);
         let (restored, saved) = node.saved_table(applied.clone());
+        if successor.is_some()
+            && let Some(t) = &restored
+        {
+            // Taking over: the DNS sockets are the running agent's, and clients keep asking
+            // through them. Answer from the table the data path is restored to from the first
+            // query, never NXDOMAIN until the agent applied it.
+            catalog.publish(t.vips.values().map(|v| &**v));
+            catalog.publish_tasks(&t.apps);
+        }
+        let managed = node.serve_dns(dns, catalog);
         // Every part has registered its metrics: the API takes the registry.
         let Steps {
             mut tasks,
@@ -265,11 +274,13 @@ impl<'a> NodeBuilder<'a> {
         }
         // The host's programs go back to their own resolvers before l4lb stops answering
         // (after a hand-over the successor answers them: the file stays).
-        if let Some(guard) = managed.filter(|_| !handed_over) {
-            match guard.restore() {
+        match managed {
+            Some(guard) if handed_over => guard.hand_over(),
+            Some(guard) => match guard.restore() {
                 Ok(()) => tracing::info!("resolv.conf restored"),
                 Err(e) => tracing::error!(error = %e, "cannot restore resolv.conf"),
-            }
+            },
+            None => {}
         }
         // The agent's own drain is bounded by `grace`; give it a little more before aborting.
         Ok(tasks.drain(grace + Duration::from_secs(5)).await?)

@@ -246,6 +246,12 @@ impl ManagedResolvConf {
         self.put_back()
     }
 
+    /// Leave the file and its backup as they are: a successor that took over this agent's
+    /// sockets manages them now (and restores the original when it stops).
+    pub fn hand_over(mut self) {
+        self.restored = true;
+    }
+
     fn put_back(&self) -> Result<(), ResolvError> {
         if self.in_place {
             let orig = std::fs::read(&self.backup)
@@ -392,6 +398,29 @@ garbage line here
         ));
         let wild = parse(&render(&[sa("[::]:53")], &ResolvConf::default()).expect("renders"));
         assert_eq!(wild.nameservers, vec![sa("[::1]:53")]);
+    }
+
+    #[test]
+    fn a_handed_over_file_stays_for_the_successor_to_restore() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("resolv.conf");
+        std::fs::write(&path, "nameserver 192.0.2.53\nsearch example.com\n").expect("write");
+        let listen: Vec<SocketAddr> = vec!["127.0.0.1:53".parse().expect("addr")];
+        let (old, _) = ManagedResolvConf::install(&path, &listen).expect("install");
+        // The successor installs over the running agent's file: the original stays the one
+        // backed up, read as the upstreams.
+        let (new, original) = ManagedResolvConf::install(&path, &listen).expect("successor");
+        assert_eq!(
+            original.nameservers,
+            ["192.0.2.53:53".parse::<SocketAddr>().expect("a")]
+        );
+        old.hand_over();
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(text.starts_with(MARKER), "{text}");
+        new.restore().expect("restore");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(text, "nameserver 192.0.2.53\nsearch example.com\n");
+        assert!(!backup_path(&path).exists());
     }
 
     #[test]
