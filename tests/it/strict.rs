@@ -144,6 +144,10 @@ async fn marathon_over_tls_is_served_across_token_expiries() {
     wait_backends(&w).await;
     let lived = started.elapsed();
     let logins = acs.logins();
+    eprintln!(
+        "{logins} logins over {lived:?} of 2 s tokens, {} Marathon requests refused",
+        fake.gate.refused.load(Ordering::SeqCst)
+    );
     assert!(logins >= 4, "{logins} logins in {lived:?} of 2 s tokens");
     assert_eq!(acs.bad_logins(), 0);
     assert_eq!(
