@@ -189,7 +189,7 @@ pub struct Acs(Arc<Inner>);
 struct Inner {
     public: Vec<u8>,
     /// Life of the tokens it issues, whole seconds (as `exp` is).
-    life: u64,
+    life: AtomicU64,
     /// Every token issued, with its `exp`; a revoked one is gone.
     live: Mutex<HashMap<String, u64>>,
     issued: Mutex<Vec<String>>,
@@ -202,7 +202,7 @@ impl Acs {
     pub fn new(life: u64) -> Self {
         Acs(Arc::new(Inner {
             public: pki().account_public.clone(),
-            life,
+            life: AtomicU64::new(life),
             live: Mutex::default(),
             issued: Mutex::default(),
             logins: AtomicU64::new(0),
@@ -228,6 +228,11 @@ impl Acs {
         };
         let exp = self.0.live.lock().unwrap().get(t).copied();
         exp.is_some_and(|exp| now() < exp as f64)
+    }
+
+    /// Issue tokens living `secs` from now on.
+    pub fn set_life(&self, secs: u64) {
+        self.0.life.store(secs, Ordering::SeqCst);
     }
 
     /// Forget every token issued (an ACS restart, a revocation): the next request is refused.
@@ -278,7 +283,7 @@ async fn login(State(acs): State<Acs>, Json(body): Json<Value>) -> Response {
         return (StatusCode::UNAUTHORIZED, Json(why)).into_response();
     }
     acs.0.logins.fetch_add(1, Ordering::SeqCst);
-    let exp = now() as u64 + acs.0.life;
+    let exp = now() as u64 + acs.0.life.load(Ordering::SeqCst);
     let token = format!(
         "{}.{}.{}",
         B64.encode(r#"{"alg":"RS256","typ":"JWT"}"#),
