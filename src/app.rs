@@ -76,11 +76,12 @@ fn start_source(
             timeout,
             resync,
             max_answer,
+            ca,
         } => {
             let shown = hosts(&masters);
             let span = tracing::info_span!("source", marathon = ?shown);
             span.in_scope(|| tracing::info!(auth = ?auth, "following Marathon"));
-            let c = client::Client::new(masters, auth, timeout)
+            let c = client::Client::new_with_ca(masters, auth, timeout, ca.as_ref())
                 .context("HTTP client")?
                 .with_max_body(max_answer);
             let cfg = sync::SyncConfig {
@@ -98,12 +99,13 @@ fn start_source(
             auth,
             timeout,
             max_answer,
+            ca,
         } => {
             use crate::source::mesos;
             let shown = hosts(&masters);
             let span = tracing::info_span!("source", mesos = ?shown);
             span.in_scope(|| tracing::info!(auth = ?auth, "following Mesos"));
-            let c = mesos::client::Client::new(masters, auth, timeout)
+            let c = mesos::client::Client::new_with_ca(masters, auth, timeout, ca.as_ref())
                 .context("HTTP client")?
                 .with_max_body(max_answer);
             let cfg = mesos::sync::SyncConfig {

@@ -22,9 +22,11 @@ use crate::agent::netif::InterfaceKind;
 use crate::labels::IpPolicy;
 pub use crate::model::Secret;
 pub use crate::model::wire::parse_duration;
+use crate::source::acs::ServiceAccount;
 use crate::source::controller_client::WatchConfig;
 use crate::source::http::Auth;
 use crate::source::state::BuildConfig;
+use crate::tls::CaBundle;
 
 /// A size in bytes: a bare number, or one with `K`/`KiB`, `M`/`MiB`, `G`/`GiB` (powers of
 /// 1024), at least 1 KiB.
@@ -195,6 +197,8 @@ pub enum SourceAuthKind {
     None,
     Basic,
     Token,
+    /// DC/OS strict mode: log in with a service account's secret.
+    ServiceAccount,
 }
 
 #[derive(Debug, Args)]
@@ -213,10 +217,13 @@ pub struct SourceArgs {
     /// How often the apps file is checked for changes.
     #[arg(long, env = "L4LB_APPS_FILE_POLL", value_parser = parse_duration, default_value = "500ms")]
     pub apps_file_poll: Duration,
-    /// How to authenticate to Marathon or the Mesos master (none, basic, token). Default: none.
+    /// How to authenticate to Marathon or the Mesos master (none, basic, token,
+    /// service-account: DC/OS strict mode, logging in to the ACS). Default: none.
     #[arg(long, env = "L4LB_SOURCE_AUTH", value_enum)]
     pub source_auth: Option<SourceAuthKind>,
-    /// File holding `user:password` (basic) or the token (token). Never logged.
+    /// File holding `user:password` (basic), the token (token) or a DC/OS service-account
+    /// secret (service-account: JSON with uid, private_key, scheme RS256, login_endpoint).
+    /// Never logged.
     #[arg(long, env = "L4LB_SOURCE_CREDENTIALS_FILE")]
     pub source_credentials_file: Option<PathBuf>,
     /// Credentials inline (prefer the env var over the flag: flags show in `ps`). Never logged.
@@ -225,6 +232,10 @@ pub struct SourceArgs {
     /// Timeout of one request to Marathon or the Mesos master. Default: 10s.
     #[arg(long, env = "L4LB_SOURCE_TIMEOUT", value_parser = parse_duration)]
     pub source_timeout: Option<Duration>,
+    /// PEM bundle of CA certificates trusted for https:// masters and the service-account
+    /// login, beside the system's (DC/OS serves https://master.mesos with its own CA).
+    #[arg(long, env = "L4LB_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     #[command(flatten)]
     pub old: OldSourceArgs,
     /// Longest Marathon or Mesos answer read (`256MiB`, `64M`, bytes): a longer one is an
@@ -428,6 +439,14 @@ pub enum ConfigError {
     MissingCredentials(SourceAuthKind),
     #[error("basic credentials must look like user:password")]
     BadBasic,
+    #[error("service-account secret {what}: {source}")]
+    ServiceAccount {
+        what: String,
+        #[source]
+        source: crate::source::acs::SecretError,
+    },
+    #[error("--ca-file {0}")]
+    Ca(#[source] crate::tls::CaError),
     #[error("{what} {path} is empty")]
     EmptySecret { what: &'static str, path: PathBuf },
     #[error("{0}")]
@@ -443,6 +462,7 @@ pub enum SourceConfig {
         timeout: Duration,
         resync: Duration,
         max_answer: usize,
+        ca: Option<CaBundle>,
     },
     File {
         path: PathBuf,
@@ -453,6 +473,7 @@ pub enum SourceConfig {
         auth: Auth,
         timeout: Duration,
         max_answer: usize,
+        ca: Option<CaBundle>,
     },
 }
 
@@ -485,6 +506,11 @@ impl SourceArgs {
                     "source credentials given with --apps-file, which needs none".into(),
                 ));
             }
+            if self.ca_file.is_some() {
+                return Err(ConfigError::Invalid(
+                    "--ca-file given with --apps-file, which makes no request".into(),
+                ));
+            }
             return Ok(SourceConfig::File {
                 path: path.clone(),
                 poll: self.apps_file_poll,
@@ -494,22 +520,35 @@ impl SourceArgs {
             return Err(ConfigError::NoSource);
         }
         let creds = match (creds_file, creds_inline) {
-            (Some(p), _) => Some(read_secret(p, "credentials file")?),
-            (None, Some(c)) => Some(c.expose().trim().to_string()),
+            (Some(p), _) => Some((read_secret(p, "credentials file")?, p.display().to_string())),
+            (None, Some(c)) => Some((
+                c.expose().trim().to_string(),
+                "L4LB_SOURCE_CREDENTIALS".to_string(),
+            )),
             (None, None) => None,
         };
         let auth = match (auth_kind, creds) {
             (SourceAuthKind::None, _) => Auth::None,
             (k, None) => return Err(ConfigError::MissingCredentials(k)),
-            (SourceAuthKind::Basic, Some(c)) => {
+            (SourceAuthKind::Basic, Some((c, _))) => {
                 let (user, password) = c.split_once(':').ok_or(ConfigError::BadBasic)?;
                 Auth::Basic {
                     user: user.to_string(),
                     password: Secret::from(password),
                 }
             }
-            (SourceAuthKind::Token, Some(c)) => Auth::Token(Secret::from(c)),
+            (SourceAuthKind::Token, Some((c, _))) => Auth::Token(Secret::from(c)),
+            (SourceAuthKind::ServiceAccount, Some((c, what))) => Auth::ServiceAccount(
+                ServiceAccount::from_secret(&c)
+                    .map_err(|source| ConfigError::ServiceAccount { what, source })?,
+            ),
         };
+        let ca = self
+            .ca_file
+            .as_deref()
+            .map(CaBundle::read)
+            .transpose()
+            .map_err(ConfigError::Ca)?;
         if !self.mesos.is_empty() {
             for u in &self.mesos {
                 http_url("--mesos", u)?;
@@ -519,6 +558,7 @@ impl SourceArgs {
                 auth,
                 timeout,
                 max_answer: self.max_answer_size,
+                ca,
             });
         }
         for u in &self.marathon {
@@ -530,6 +570,7 @@ impl SourceArgs {
             timeout,
             resync: self.resync_interval,
             max_answer: self.max_answer_size,
+            ca,
         })
     }
 }
@@ -1012,6 +1053,38 @@ mod tests {
             SourceConfig::Marathon { auth, timeout, .. } => Ok((auth, timeout)),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn service_account_is_an_auth_kind_by_either_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret.json");
+        std::fs::write(
+            &secret,
+            r#"{"scheme": "RS256", "private_key": "x", "login_endpoint": "https://m/acs"}"#,
+        )
+        .unwrap();
+        let file = secret.to_str().unwrap();
+        for (auth, creds) in [
+            ("--source-auth", "--source-credentials-file"),
+            ("--marathon-auth", "--marathon-credentials-file"),
+        ] {
+            let e = source_access(&[auth, "service-account", creds, file]).unwrap_err();
+            assert!(
+                matches!(&e, ConfigError::ServiceAccount { .. }),
+                "{auth}: {e}"
+            );
+            assert_eq!(
+                e.to_string(),
+                format!("service-account secret {file}: missing field \"uid\"")
+            );
+        }
+        let e = source_access(&["--ca-file", "/nonexistent/ca.pem"]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("--ca-file cannot read /nonexistent/ca.pem"),
+            "{e}"
+        );
     }
 
     #[test]

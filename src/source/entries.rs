@@ -111,6 +111,10 @@ pub struct Contribution {
     /// The Mesos task name these tasks are served under; `None`: derived from the Marathon
     /// app id ([`task_name`]). The Mesos source sets each task's own name.
     pub task_name: Option<String>,
+    /// Tasks served under names of their own beside [`Contribution::tasks`], as
+    /// `(task name, tasks sorted by id)`: a Marathon pod's containers, each a Mesos task
+    /// named after its container, as Mesos-DNS serves them.
+    pub named_tasks: Vec<(String, Vec<TaskRecord>)>,
 }
 
 impl Contribution {
@@ -258,14 +262,34 @@ pub fn task_name(app_id: &str) -> String {
     parts.into_iter().rev().collect::<Vec<_>>().join(".")
 }
 
-/// Every app's running tasks, keyed by app id (apps without one left out).
+/// Every app's running tasks, keyed by app id (apps without one left out; a pod's
+/// containers under `<pod id>::<container>`).
 pub fn app_tasks<'a>(
     apps: impl IntoIterator<Item = &'a Contribution>,
     framework: &str,
 ) -> BTreeMap<String, Arc<AppTasks>> {
     apps.into_iter()
-        .filter_map(|a| Some((a.app.clone(), tasks_of(a, framework)?)))
+        .flat_map(|a| all_tasks_of(a, framework))
         .collect()
+}
+
+/// One app's running tasks under their keys in [`app_tasks`]: its own ([`tasks_of`]) under
+/// the app id, and each of its [`Contribution::named_tasks`] under `<app id>::<name>`.
+pub fn all_tasks_of(a: &Contribution, framework: &str) -> Vec<(String, Arc<AppTasks>)> {
+    let own = tasks_of(a, framework).map(|t| (a.app.clone(), t));
+    let named = a
+        .named_tasks
+        .iter()
+        .filter(|(_, tasks)| !tasks.is_empty())
+        .map(|(name, tasks)| {
+            let t = AppTasks {
+                name: name.clone(),
+                framework: a.framework_or(framework).to_string(),
+                tasks: tasks.clone(),
+            };
+            (format!("{}::{name}", a.app), Arc::new(t))
+        });
+    own.into_iter().chain(named).collect()
 }
 
 /// One app's running tasks; `None` when it has none.

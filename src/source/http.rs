@@ -2,18 +2,24 @@
 //! the credentials a request carries ([`Auth`]), one error type with its metric label
 //! ([`Error::kind`]), the request and stream clients with answers read under a cap
 //! ([`Transport`], [`read_capped`]), URLs fit for logs ([`redact`]) and the back-off between
-//! failed attempts ([`Backoff`]). Neutral: it knows no source, and no source imports another.
+//! failed attempts ([`Backoff`]). A service account's token comes from its login
+//! ([`super::acs`]), which [`Transport::send`] asks and renews. Neutral: it knows no source,
+//! and no source imports another.
 
 use std::time::Duration;
+
+use std::sync::Arc;
 
 use rand::RngExt;
 use reqwest::{RequestBuilder, Response, StatusCode, Url, header};
 use tokio_util::sync::CancellationToken;
 
+use super::acs::{self, Login, LoginError, ServiceAccount};
 use crate::model::Secret;
+use crate::tls::CaBundle;
 
-/// How a source authenticates. `Debug` shows no secret. A login that obtains its token (a
-/// DC/OS service account) would be one more variant; callers only ever call [`Auth::apply`].
+/// How a source authenticates. `Debug` shows no secret. The static kinds are added by
+/// [`Auth::apply`]; a service account's token by [`Transport::send`], which logs in.
 #[derive(Debug, Clone, Default)]
 pub enum Auth {
     #[default]
@@ -24,13 +30,17 @@ pub enum Auth {
     Token(Secret),
     /// Sent as `Authorization: Bearer <token>` (an l4lb controller's `--api-token-file`).
     Bearer(Secret),
+    /// DC/OS strict mode: a token obtained by logging in, sent as `Authorization:
+    /// token=<token>`.
+    ServiceAccount(ServiceAccount),
 }
 
 impl Auth {
-    /// `rb` carrying these credentials.
+    /// `rb` carrying these credentials (a service account's: none; its login is
+    /// [`Transport`]'s).
     pub fn apply(&self, rb: RequestBuilder) -> RequestBuilder {
         match self {
-            Auth::None => rb,
+            Auth::None | Auth::ServiceAccount(_) => rb,
             Auth::Basic { user, password } => rb.basic_auth(user, Some(password.expose())),
             Auth::Token(t) => rb.header(header::AUTHORIZATION, format!("token={}", t.expose())),
             Auth::Bearer(t) => rb.header(header::AUTHORIZATION, format!("Bearer {}", t.expose())),
@@ -58,6 +68,8 @@ pub enum Error {
     NoMasters(&'static str),
     #[error("{url} sent more than {limit} bytes")]
     TooLarge { url: String, limit: usize },
+    #[error("service-account {0}")]
+    Login(#[from] LoginError),
 }
 
 impl Error {
@@ -72,6 +84,8 @@ impl Error {
             Error::BadRedirect { .. } | Error::TooManyRedirects(_) => "redirect",
             Error::NoMasters(_) => "config",
             Error::TooLarge { .. } => "too_large",
+            Error::Login(e) if e.is_transport() => "login_http",
+            Error::Login(_) => "login",
         }
     }
 
@@ -100,31 +114,34 @@ pub const MAX_BODY: usize = 1 << 30;
 
 /// What a source client holds whatever its API: the servers it may ask (the masters), the two
 /// clients (one for requests, bounded by the timeout; one for streams that stay open, bounded
-/// only on connect), its credentials and its answer cap. `Debug` shows the masters as in logs
-/// and no secret.
+/// only on connect), its credentials (with a service account, its one [`Login`], shared by
+/// every clone) and its answer cap. `Debug` shows the masters as in logs and no secret.
 #[derive(Clone)]
 pub struct Transport {
     masters: Vec<Url>,
     request: reqwest::Client,
     stream: reqwest::Client,
     auth: Auth,
+    login: Option<Arc<Login>>,
     max_body: usize,
 }
 
 impl Transport {
     /// Clients for `masters` (given as `flag`) with `timeout` per request (and on connect, at
     /// most 5 s); redirects are followed by reqwest unless `follow_redirects` is false (the
-    /// caller follows them). A password in a master's URL is warned about.
+    /// caller follows them); `ca`'s roots are trusted beside the system's (for the masters
+    /// and the login). A password in a master's URL is warned about.
     pub fn new(
         flag: &str,
         masters: Vec<Url>,
         auth: Auth,
         timeout: Duration,
         follow_redirects: bool,
+        ca: Option<&CaBundle>,
     ) -> Result<Self, reqwest::Error> {
         warn_passwords(flag, &masters);
         let base = || {
-            let b = crate::tls::client_builder()
+            let b = crate::tls::client_builder_with(ca)
                 .connect_timeout(timeout.min(Duration::from_secs(5)))
                 .tcp_keepalive(Duration::from_secs(30));
             if follow_redirects {
@@ -133,11 +150,19 @@ impl Transport {
                 b.redirect(reqwest::redirect::Policy::none())
             }
         };
+        let login = match &auth {
+            Auth::ServiceAccount(account) => {
+                let http = base().timeout(timeout).build()?;
+                Some(Arc::new(Login::new(account.clone(), http)))
+            }
+            _ => None,
+        };
         Ok(Transport {
             masters,
             request: base().timeout(timeout).build()?,
             stream: base().build()?,
             auth,
+            login,
             max_body: MAX_BODY,
         })
     }
@@ -158,15 +183,37 @@ impl Transport {
         self.max_body
     }
 
-    /// A request builder (`stream`: for an answer that stays open) with the credentials.
+    /// A request builder (`stream`: for an answer that stays open) with the static
+    /// credentials; a service account's token is added by [`Transport::send`].
     pub fn request(&self, method: reqwest::Method, url: Url, stream: bool) -> RequestBuilder {
         let client = if stream { &self.stream } else { &self.request };
         self.auth.apply(client.request(method, url))
     }
 
-    /// Send `rb` (built by [`Transport::request`] for `url`).
+    /// Send `rb` (built by [`Transport::request`] for `url`). With a service account: with
+    /// its token (logging in when there is none or it is old), and when the master refuses
+    /// it (401, `WWW-Authenticate: acsjwt`), once more after a new login.
     pub async fn send(&self, url: &Url, rb: RequestBuilder) -> Result<Response, Error> {
-        rb.send().await.map_err(|e| Error::http(url, e))
+        let Some(login) = &self.login else {
+            return rb.send().await.map_err(|e| Error::http(url, e));
+        };
+        let again = rb.try_clone();
+        let (token, generation) = login.token().await?;
+        let resp = rb
+            .header(header::AUTHORIZATION, token)
+            .send()
+            .await
+            .map_err(|e| Error::http(url, e))?;
+        let Some(again) = again.filter(|_| acs::refuses_token(&resp)) else {
+            return Ok(resp);
+        };
+        tracing::info!(url = %redact(url), "token refused (401 acsjwt); logging in again");
+        let (token, _) = login.renew(Some(generation)).await?;
+        again
+            .header(header::AUTHORIZATION, token)
+            .send()
+            .await
+            .map_err(|e| Error::http(url, e))
     }
 
     /// `resp`'s whole body, at most [`Transport::max_body`] bytes.
@@ -318,6 +365,12 @@ mod tests {
         assert!(!format!("{a:?}").contains("hunter2"));
         assert!(!format!("{:?}", Auth::Token(Secret::from("tok"))).contains("tok"));
         assert!(!format!("{:?}", Auth::Bearer(Secret::from("tok"))).contains("tok"));
+    }
+
+    #[test]
+    fn login_errors_have_their_kind() {
+        let e = Error::Login(LoginError::NoToken { url: "u".into() });
+        assert_eq!(e.kind(), "login");
     }
 
     #[test]

@@ -5,11 +5,13 @@
 //! on `model`, never on `agent`.
 //!
 //! A neutral core serves them all: [`http`] (credentials, errors, capped reads, redaction,
-//! back-off), [`entries`] (labelled ports → VIP entries), [`state`] (contributions → versioned
+//! back-off), [`acs`] (a DC/OS service account's login), [`entries`] (labelled ports → VIP
+//! entries), [`state`] (contributions → versioned
 //! table), [`metrics`], and here the [`Publisher`], the [`HostCache`] and payload errors.
 //! `marathon`, `mesos`, `file` and `controller_client` depend on that core, never on each
 //! other.
 
+pub mod acs;
 pub mod controller_client;
 pub mod entries;
 pub mod file;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use super::entries::{Contribution, Rejection, app_tasks, assemble, tasks_of};
+use super::entries::{Contribution, Rejection, all_tasks_of, app_tasks, assemble};
 use crate::labels::{IpPolicy, VipLabel};
 use crate::model::{Backend, Protocol, Vip, VipKey, VipName, VipTable};
 use crate::vip_alloc::{Family, VipAllocator};
@@ -364,12 +364,12 @@ impl TableState {
         let mut apps = self.current.apps.clone();
         for (old, new) in &changes {
             if let Some(old) = old {
-                apps.remove(&old.app);
+                for (key, _) in all_tasks_of(old, &self.cfg.framework) {
+                    apps.remove(&key);
+                }
             }
-            if let Some(new) = new
-                && let Some(t) = tasks_of(new, &self.cfg.framework)
-            {
-                apps.insert(new.app.clone(), t);
+            if let Some(new) = new {
+                apps.extend(all_tasks_of(new, &self.cfg.framework));
             }
         }
         let mut new_rejections = Vec::new();

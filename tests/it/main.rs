@@ -22,4 +22,5 @@ mod netif;
 mod ops;
 mod pods;
 mod resolvers;
+mod strict;
 mod takeover;

@@ -1,7 +1,12 @@
 //! Marathon pods against the fake Marathon: the snapshot reads `/v2/pods/::status`, a pod event
-//! re-reads that pod alone (`/v2/pods/{id}::status`), and a deleted pod's VIPs go.
+//! re-reads that pod alone (`/v2/pods/{id}::status`), and a deleted pod's VIPs go; each
+//! running container is answered in `.mesos` under its container's name, as Mesos-DNS does.
 
 use std::time::Duration;
+
+use hickory_proto::op::{Message, Query, ResponseCode};
+use hickory_proto::rr::{Name, RecordType};
+use l4lb::agent::dns::{DnsCatalog, DnsConfig, answer_packet};
 
 use crate::common::ctl::Ctl;
 use crate::common::marathon::FakeMarathon;
@@ -81,4 +86,71 @@ async fn wait_for_stream(fake: &FakeMarathon) {
     }
     // The stream is counted when requested; give it a moment to be attached.
     tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+/// `name`'s answer from `catalog`: the code and the records' data, sorted.
+fn ask(catalog: &DnsCatalog, name: &str, t: RecordType) -> (ResponseCode, Vec<String>) {
+    let mut q = Message::query();
+    q.add_query(Query::query(Name::from_ascii(name).unwrap(), t));
+    let a = answer_packet(catalog, &q.to_vec().unwrap(), false).expect("an answer");
+    let a = Message::from_vec(&a).unwrap();
+    let mut data: Vec<String> = a.answers.iter().map(|r| r.data.to_string()).collect();
+    data.sort();
+    (a.metadata.response_code, data)
+}
+
+/// Pods' running containers are Mesos tasks named after their container: the DNS answers
+/// `<container>.marathon.mesos` (the instance's address in container networking, else its
+/// agent) and the SRV of their host ports; a staging or killing container is no name.
+#[tokio::test]
+async fn pod_containers_are_answered_under_their_names_in_mesos() {
+    let fake = FakeMarathon::start().await;
+    let pods: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(FIXTURE).unwrap()).unwrap();
+    for p in &pods {
+        fake.put_pod(p.clone());
+    }
+    let (resync, timeout) = (Duration::from_secs(3600), Duration::from_secs(5));
+    let mut ctl = Ctl::marathon(&[fake.url()], BuildConfig::default(), resync, timeout).await;
+    let t = ctl.wait(|t| t.apps.contains_key("/db-pod::db")).await;
+    let catalog = DnsCatalog::new(&DnsConfig {
+        mesos: true,
+        ..DnsConfig::default()
+    });
+    catalog.publish_tasks(&t.apps);
+    let ok = |d: &[&str]| {
+        (
+            ResponseCode::NoError,
+            d.iter().map(|s| s.to_string()).collect(),
+        )
+    };
+    assert_eq!(
+        ask(&catalog, "web.marathon.mesos.", RecordType::A),
+        ok(&["198.18.0.1"])
+    );
+    assert_eq!(
+        ask(&catalog, "sidecar.marathon.mesos.", RecordType::A),
+        ok(&["198.18.0.1"])
+    );
+    assert_eq!(
+        ask(&catalog, "db.marathon.mesos.", RecordType::A),
+        ok(&["9.0.1.5", "9.0.1.6", "9.0.1.7"])
+    );
+    assert_eq!(
+        ask(&catalog, "_web._tcp.marathon.mesos.", RecordType::SRV),
+        ok(&["0 0 31001 web-pod-instance-1-web.web.marathon.mesos."])
+    );
+    assert_eq!(
+        ask(&catalog, "dns.marathon.mesos.", RecordType::A).0,
+        ResponseCode::NXDomain
+    );
+    // The DC/OS zone too.
+    assert_eq!(
+        ask(
+            &catalog,
+            "db.marathon.containerip.dcos.thisdcos.directory.",
+            RecordType::A
+        ),
+        ok(&["9.0.1.5", "9.0.1.6", "9.0.1.7"])
+    );
 }

@@ -9,6 +9,7 @@ use reqwest::{Method, StatusCode, Url, header};
 
 use super::events::RELEVANT_EVENTS;
 use crate::source::http::{Auth, Error, Transport};
+use crate::tls::CaBundle;
 
 /// A client over one or more Marathon masters. Requests go to the master that last answered;
 /// on failure the next ones are tried in turn. `Debug` shows no secret.
@@ -20,8 +21,18 @@ pub struct Client {
 
 impl Client {
     pub fn new(masters: Vec<Url>, auth: Auth, timeout: Duration) -> Result<Self, reqwest::Error> {
+        Self::new_with_ca(masters, auth, timeout, None)
+    }
+
+    /// As [`Client::new`], trusting `ca`'s roots too (`--ca-file`).
+    pub fn new_with_ca(
+        masters: Vec<Url>,
+        auth: Auth,
+        timeout: Duration,
+        ca: Option<&CaBundle>,
+    ) -> Result<Self, reqwest::Error> {
         Ok(Client {
-            http: Transport::new("--marathon", masters, auth, timeout, true)?,
+            http: Transport::new("--marathon", masters, auth, timeout, true, ca)?,
             preferred: Arc::default(),
         })
     }

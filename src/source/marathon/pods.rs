@@ -1,7 +1,10 @@
 //! Marathon pods (`GET /v2/pods/::status`, `GET /v2/pods/{id}::status`): the VIP labels on
 //! `spec.containers[].endpoints[].labels`, and each instance's backends — the agent and the
 //! endpoint's allocated host port, or (container networking without a host port) each of the
-//! instance's addresses and the endpoint's container port. Pure, read leniently like apps.
+//! instance's addresses and the endpoint's container port. Each running container is also a
+//! Mesos task named after its container (as Marathon launches it), which Mesos-DNS serves as
+//! `<container>.<framework>.mesos`: [`Contribution::named_tasks`]. Pure, read leniently like
+//! apps.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -11,8 +14,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::types::{Network, label_values};
-use crate::model::{Backend, BackendState};
-use crate::source::entries::Contribution;
+use crate::model::{Backend, BackendState, TaskPort, TaskRecord};
+use crate::source::entries::{Contribution, Hosts, protocols};
 use crate::source::{PayloadError, parse_each};
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -235,8 +238,80 @@ pub fn pod_contribution(
             });
         }
     }
+    out.named_tasks = container_tasks(pod, container_mode, &hosts, &instance_ips);
     out.finish();
     out
+}
+
+/// The running containers of `pod` as Mesos tasks, by container name (each list sorted by
+/// id): id `<instance>.<container>`, the instance's agent, its addresses in container
+/// networking, and the container's allocated host ports.
+fn container_tasks(
+    pod: &PodStatus,
+    container_mode: bool,
+    hosts: &Hosts<'_>,
+    instance_ips: &dyn Fn(&PodInstance) -> Vec<IpAddr>,
+) -> Vec<(String, Vec<TaskRecord>)> {
+    let mut by_name: BTreeMap<String, Vec<TaskRecord>> = BTreeMap::new();
+    for inst in &pod.instances {
+        let host = inst
+            .agent_hostname
+            .as_deref()
+            .and_then(|h| hosts.get(h).copied().flatten());
+        let mut container = if container_mode {
+            instance_ips(inst)
+        } else {
+            Vec::new()
+        };
+        container.sort();
+        container.dedup();
+        for status in &inst.containers {
+            if status.name.is_empty() || status.status.as_deref() != Some("TASK_RUNNING") {
+                continue;
+            }
+            if host.is_none() && container.is_empty() {
+                continue;
+            }
+            let spec = pod.spec.containers.iter().find(|c| c.name == status.name);
+            let mut ports = Vec::new();
+            for e in &status.endpoints {
+                let Some(port) = e
+                    .allocated_host_port
+                    .and_then(|p| u16::try_from(p).ok())
+                    .filter(|p| *p != 0)
+                else {
+                    continue;
+                };
+                let proto = spec
+                    .and_then(|c| c.endpoints.iter().find(|ep| ep.name == e.name))
+                    .filter(|ep| !ep.protocol.is_empty())
+                    .map(|ep| ep.protocol.join(","));
+                for protocol in protocols(proto.as_deref()).unwrap_or_default() {
+                    ports.push(TaskPort {
+                        port,
+                        protocol,
+                        name: (!e.name.is_empty()).then(|| e.name.clone()),
+                    });
+                }
+            }
+            by_name
+                .entry(status.name.clone())
+                .or_default()
+                .push(TaskRecord {
+                    id: format!("{}.{}", inst.id, status.name),
+                    host,
+                    container: container.clone(),
+                    ports,
+                });
+        }
+    }
+    by_name
+        .into_iter()
+        .map(|(name, mut tasks)| {
+            tasks.sort();
+            (name, tasks)
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use std::time::Duration;
 use reqwest::{Method, Url, header};
 
 use crate::source::http::{self, Auth, Error, Transport};
+use crate::tls::CaBundle;
 
 /// Redirects followed per request (a leader change mid-request may add one).
 const MAX_REDIRECTS: usize = 3;
@@ -26,8 +27,18 @@ impl Client {
     /// `masters` are base URLs (`http://m1:5050/`); `timeout` bounds each request except the
     /// open stream (whose connect it bounds).
     pub fn new(masters: Vec<Url>, auth: Auth, timeout: Duration) -> Result<Self, reqwest::Error> {
+        Self::new_with_ca(masters, auth, timeout, None)
+    }
+
+    /// As [`Client::new`], trusting `ca`'s roots too (`--ca-file`).
+    pub fn new_with_ca(
+        masters: Vec<Url>,
+        auth: Auth,
+        timeout: Duration,
+        ca: Option<&CaBundle>,
+    ) -> Result<Self, reqwest::Error> {
         Ok(Client {
-            http: Transport::new("--mesos", masters, auth, timeout, false)?,
+            http: Transport::new("--mesos", masters, auth, timeout, false, ca)?,
             leader: Arc::default(),
         })
     }

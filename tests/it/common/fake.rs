@@ -1,16 +1,22 @@
 //! What the fake sources share (the fake Marathon in [`super::marathon`], the fake Mesos
 //! master in [`super::mesos`]): a server on a port-0 listener that stops when the test stops
 //! it or drops its last handle ([`Fake`]), streaming answers fed by a task (Marathon's SSE,
-//! Mesos's chunked RecordIO; [`stream`]), and the events a test emits to every open stream
-//! ([`Events`]).
+//! Mesos's chunked RecordIO; [`stream`]), the events a test emits to every open stream
+//! ([`Events`]), and for DC/OS strict mode a [`Gate`] in front of a fake's API and serving
+//! over TLS ([`Fake::serve_tls`]; the fake ACS is [`super::acs`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::ops::Deref;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -20,6 +26,8 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 #[derive(Clone)]
 pub struct Fake<S> {
     pub addr: SocketAddr,
+    /// Served over TLS ([`Fake::serve_tls`]).
+    tls: bool,
     state: S,
     stop: CancellationToken,
     _stop_on_drop: Arc<DropGuard>,
@@ -43,6 +51,53 @@ impl<S> Fake<S> {
         });
         Fake {
             addr,
+            tls: false,
+            state,
+            _stop_on_drop: Arc::new(stop.clone().drop_guard()),
+            stop,
+        }
+    }
+
+    /// As [`Fake::serve`], over TLS with `tls` (HTTP/1.1).
+    pub fn serve_tls(
+        listener: tokio::net::TcpListener,
+        router: Router,
+        state: S,
+        stop: CancellationToken,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> Self {
+        let addr = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let tcp = tokio::select! {
+                    _ = stopped.cancelled() => return,
+                    c = listener.accept() => match c {
+                        Ok((tcp, _)) => tcp,
+                        Err(_) => continue,
+                    },
+                };
+                let (acceptor, router, stopped) =
+                    (acceptor.clone(), router.clone(), stopped.clone());
+                tokio::spawn(async move {
+                    let Ok(stream) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let conn = hyper::server::conn::http1::Builder::new().serve_connection(
+                        hyper_util::rt::TokioIo::new(stream),
+                        hyper_util::service::TowerToHyperService::new(router),
+                    );
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = stopped.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Fake {
+            addr,
+            tls: true,
             state,
             _stop_on_drop: Arc::new(stop.clone().drop_guard()),
             stop,
@@ -50,7 +105,8 @@ impl<S> Fake<S> {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Stop serving (open streams end too).
@@ -128,4 +184,42 @@ pub async fn next_event<T: Clone>(
             }
         }
     }
+}
+
+/// What a fake asks of every request before answering it: none (the default) lets all in;
+/// with a check ([`Gate::require`]), a request that fails it is answered 401 with
+/// `WWW-Authenticate: acsjwt`, as DC/OS's Admin Router answers a missing, unknown or expired
+/// token, and counted.
+#[derive(Clone, Default)]
+pub struct Gate {
+    check: Arc<Mutex<Option<Check>>>,
+    pub refused: Arc<AtomicU64>,
+}
+
+type Check = Arc<dyn Fn(&HeaderMap) -> bool + Send + Sync>;
+
+impl Gate {
+    pub fn require(&self, check: impl Fn(&HeaderMap) -> bool + Send + Sync + 'static) {
+        *self.check.lock().unwrap() = Some(Arc::new(check));
+    }
+
+    /// `router` behind this gate (routes merged later are not).
+    pub fn guard(&self, router: Router) -> Router {
+        router.layer(axum::middleware::from_fn_with_state(self.clone(), gated))
+    }
+}
+
+async fn gated(State(gate): State<Gate>, req: Request, next: Next) -> Response {
+    let check = gate.check.lock().unwrap().clone();
+    if let Some(check) = check
+        && !check(req.headers())
+    {
+        gate.refused.fetch_add(1, Ordering::SeqCst);
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "acsjwt")],
+        )
+            .into_response();
+    }
+    next.run(req).await
 }

@@ -16,7 +16,7 @@ use axum::routing::get;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::fake::{self, Events, Fake, next_event};
+use super::fake::{self, Events, Fake, Gate, next_event};
 
 /// How the fake misbehaves.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -57,6 +57,8 @@ pub struct Marathon {
     pub event_streams: Arc<AtomicU64>,
     /// `/v2/apps` reads since the last event stream attached (the reconnect snapshot).
     pub apps_since_stream: Arc<AtomicU64>,
+    /// What every request must carry (nothing unless the test says).
+    pub gate: Gate,
     stop: CancellationToken,
 }
 
@@ -66,15 +68,29 @@ impl FakeMarathon {
     }
 
     pub async fn start_on(listener: tokio::net::TcpListener) -> Self {
+        Self::start_with(listener, Router::new(), None)
+    }
+
+    /// On `listener`, over TLS when `tls` is given, with the `extra` routes (a fake ACS's
+    /// login) beside the API and outside its [`Gate`].
+    pub fn start_with(
+        listener: tokio::net::TcpListener,
+        extra: Router,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Self {
         let state = Marathon::default();
-        let router = Router::new()
+        let api = Router::new()
             .route("/v2/apps", get(apps))
             .route("/v2/apps/{*id}", get(app))
             .route("/v2/events", get(events_stream))
             .route("/v2/pods/{*rest}", get(pods))
             .with_state(state.clone());
+        let router = state.gate.guard(api).merge(extra);
         let stop = state.stop.clone();
-        Fake::serve(listener, router, state, stop)
+        match tls {
+            Some(tls) => Fake::serve_tls(listener, router, state, stop, tls),
+            None => Fake::serve(listener, router, state, stop),
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use axum::routing::post;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::fake::{self, Events, Fake, Sink, next_event};
+use super::fake::{self, Events, Fake, Gate, Sink, next_event};
 
 pub const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/mesos");
 
@@ -75,17 +75,33 @@ pub struct Mesos {
     pub get_states: Arc<AtomicU64>,
     pub redirects: Arc<AtomicU64>,
     pub unauthorized: Arc<AtomicU64>,
+    /// What every call must carry (nothing unless the test says; see also `require_auth`).
+    pub gate: Gate,
     stop: CancellationToken,
 }
 
 impl FakeMesos {
     pub async fn start() -> Self {
+        Self::start_with(fake::listener().await, Router::new(), None)
+    }
+
+    /// On `listener`, over TLS when `tls` is given, with the `extra` routes (a fake ACS's
+    /// login) beside the API and outside its [`Gate`].
+    pub fn start_with(
+        listener: tokio::net::TcpListener,
+        extra: Router,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Self {
         let state = Mesos::default();
-        let router = Router::new()
+        let api = Router::new()
             .route("/api/v1", post(api))
             .with_state(state.clone());
+        let router = state.gate.guard(api).merge(extra);
         let stop = state.stop.clone();
-        Fake::serve(fake::listener().await, router, state, stop)
+        match tls {
+            Some(tls) => Fake::serve_tls(listener, router, state, stop, tls),
+            None => Fake::serve(listener, router, state, stop),
+        }
     }
 }
 

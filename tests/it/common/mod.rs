@@ -2,11 +2,12 @@
 //! on the real payloads (a Marathon in [`marathon`], a Mesos master in [`mesos`], both served
 //! by [`fake`]), a controller in the test's process following one ([`ctl`]), apps files
 //! ([`apps`]), small real backends ([`backends`]), child processes killed by PID on drop
-//! ([`process`]), throw-away network namespaces ([`netns`]) and a whole cluster in them
-//! ([`cluster`]).
+//! ([`process`]), throw-away network namespaces ([`netns`]), a whole cluster in them
+//! ([`cluster`]), and DC/OS strict mode's fake ACS, keys and CA ([`acs`]).
 
 #[macro_use]
 pub mod netns;
+pub mod acs;
 pub mod apps;
 pub mod backends;
 pub mod cluster;

@@ -81,3 +81,85 @@ fn broken_pods_are_skipped_alone() {
     assert_eq!(bad.len(), 2);
     assert!(parse_pods(b"{}").is_err());
 }
+
+/// Each running container is a Mesos task named after its container: task names the DNS
+/// serves as `<container>.marathon.mesos` (host ports from its endpoints, container
+/// addresses in container networking); staging and killing containers are none.
+#[test]
+fn running_containers_are_tasks_named_after_their_container() {
+    let body = std::fs::read(format!("{FIXTURES}/l4lb-pods-status.json")).unwrap();
+    let (pods, _) = parse_pods(&body).unwrap();
+    let contribs: Vec<Contribution> = pods
+        .iter()
+        .map(|p| pod_contribution(p, &mut resolve))
+        .collect();
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let task = |id: &str, host: &str, container: &[&str], ports: Vec<TaskPort>| TaskRecord {
+        id: id.into(),
+        host: Some(ip(host)),
+        container: container.iter().map(|c| ip(c)).collect(),
+        ports,
+    };
+    let http = TaskPort {
+        port: 31001,
+        protocol: crate::model::Protocol::Tcp,
+        name: Some("http".into()),
+    };
+    assert_eq!(
+        contribs[0].named_tasks,
+        [
+            (
+                "sidecar".to_string(),
+                vec![task(
+                    "web-pod.instance-1.sidecar",
+                    "198.18.0.1",
+                    &[],
+                    vec![]
+                )]
+            ),
+            (
+                "web".to_string(),
+                vec![task(
+                    "web-pod.instance-1.web",
+                    "198.18.0.1",
+                    &[],
+                    vec![http]
+                )]
+            ),
+        ]
+    );
+    assert_eq!(
+        contribs[1].named_tasks,
+        [(
+            "db".to_string(),
+            vec![
+                task("db-pod.instance-1.db", "198.18.0.1", &["9.0.1.5"], vec![]),
+                task("db-pod.instance-2.db", "198.18.0.2", &["9.0.1.6"], vec![]),
+                task("db-pod.instance-3.db", "198.18.0.3", &["9.0.1.7"], vec![]),
+            ]
+        )]
+    );
+    assert!(
+        contribs[2].named_tasks.is_empty(),
+        "a killing container is no task name"
+    );
+    assert!(
+        contribs
+            .iter()
+            .all(|c| c.tasks.is_empty() && c.task_name.is_none())
+    );
+    // In the table: under `<pod>::<container>`, with the container's name.
+    let apps = crate::source::entries::app_tasks(&contribs, "marathon");
+    let keys: Vec<(&str, &str)> = apps
+        .iter()
+        .map(|(k, t)| (k.as_str(), t.name.as_str()))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("/db-pod::db", "db"),
+            ("/web-pod::sidecar", "sidecar"),
+            ("/web-pod::web", "web")
+        ]
+    );
+}
