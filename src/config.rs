@@ -25,7 +25,7 @@ pub use crate::model::wire::parse_duration;
 use crate::source::acs::ServiceAccount;
 use crate::source::controller_client::WatchConfig;
 use crate::source::http::Auth;
-use crate::source::state::BuildConfig;
+use crate::source::state::{BuildConfig, DEFAULT_MAX_BACKENDS_PER_VIP};
 use crate::tls::CaBundle;
 
 /// A size in bytes: a bare number, or one with `K`/`KiB`, `M`/`MiB`, `G`/`GiB` (powers of
@@ -54,6 +54,15 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
 }
 
 /// A DNS server: `ip:port`, `[v6]:port`, or a bare address (port 53).
+/// A count of at least one.
+fn parse_count(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 pub fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
     let s = s.trim();
     if let Ok(a) = s.parse::<SocketAddr>() {
@@ -144,6 +153,11 @@ pub struct AgentCmdArgs {
     /// agent's own within this window, so its agents do not all return in the same second.
     #[arg(long, env = "L4LB_CONTROLLER_RETURN_SPREAD", value_parser = parse_duration, default_value = "30s")]
     pub controller_return_spread: Duration,
+    /// Most backends one VIP may have in a controller's answer: an answer with more is an
+    /// error that keeps the last table (controllers leave such VIPs out by their own
+    /// --max-backends-per-vip, so only a broken or hostile one sends it).
+    #[arg(long, env = "L4LB_MAX_BACKENDS_PER_VIP", default_value_t = DEFAULT_MAX_BACKENDS_PER_VIP, value_parser = parse_count)]
+    pub max_backends_per_vip: usize,
     #[command(flatten)]
     pub agent: AgentArgs,
     #[command(flatten)]
@@ -293,6 +307,11 @@ pub struct BuildArgs {
     /// Accept IP VIPs in 127.0.0.0/8 and ::1 (tests, single-host setups).
     #[arg(long, env = "L4LB_ALLOW_LOOPBACK_VIPS")]
     pub allow_loopback_vips: bool,
+    /// Most backends one VIP may have: a VIP with more is left out of the table and each
+    /// label claiming it is rejected (shown in /v1/label-errors, counted as
+    /// too_many_backends); the rest of the table is served.
+    #[arg(long, env = "L4LB_MAX_BACKENDS_PER_VIP", default_value_t = DEFAULT_MAX_BACKENDS_PER_VIP, value_parser = parse_count)]
+    pub max_backends_per_vip: usize,
 }
 
 #[derive(Debug, Args)]
@@ -592,6 +611,7 @@ impl BuildArgs {
             },
             vip_cidr: self.vip_cidr,
             vip_cidr6: self.vip_cidr6,
+            max_backends_per_vip: self.max_backends_per_vip,
         })
     }
 }
@@ -816,6 +836,7 @@ impl AgentCmdArgs {
                 backoff_min: Duration::from_millis(100),
                 backoff_max: Duration::from_secs(2),
                 max_answer: self.max_answer_size,
+                max_backends_per_vip: self.max_backends_per_vip,
                 identity: match &self.node_name {
                     Some(n) if !n.is_empty() => n.clone(),
                     Some(_) => return Err(ConfigError::Invalid("--node-name is empty".into())),

@@ -55,6 +55,8 @@ pub enum LabelError {
     LegacyKey(String),
     #[error("legacy label value {0:?} does not start with tcp:// or udp://")]
     LegacyScheme(String),
+    #[error("VIP {0} would have {1} backends, over --max-backends-per-vip {2}")]
+    TooManyBackends(String, usize, usize),
 }
 
 /// The label set of `l4lb_label_errors_total`, `[("reason", …)]`: one counter family that
@@ -88,6 +90,7 @@ impl LabelError {
             LabelError::NoTaskPort(_) => "no_task_port",
             LabelError::LegacyKey(_) => "legacy_key",
             LabelError::LegacyScheme(_) => "legacy_scheme",
+            LabelError::TooManyBackends(..) => "too_many_backends",
         }
     }
 }

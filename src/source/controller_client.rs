@@ -40,6 +40,9 @@ pub struct WatchConfig {
     /// Longest answer read (`--max-answer-size`); a longer one is an error that keeps the
     /// last table.
     pub max_answer: usize,
+    /// Most backends one VIP of an answer may have (`--max-backends-per-vip`); an answer
+    /// with more is an error that keeps the last table.
+    pub max_backends_per_vip: usize,
     /// This agent's name for rendezvous hashing (`--node-name`, default the hostname).
     pub identity: String,
     /// Returns to a recovered controller are spread over this long (`--controller-return-spread`).
@@ -60,6 +63,8 @@ enum WatchError {
     TooLarge(usize),
     #[error("missing or invalid {INDEX_HEADER} header")]
     NoIndex,
+    #[error("VIP {0} has {1} backends, over --max-backends-per-vip {2}")]
+    TooManyBackends(String, usize, usize),
 }
 
 /// One successful answer, as [`judge`] sees it.
@@ -358,6 +363,14 @@ async fn poll(
     // soon as it is parsed.
     let delta = Delta::from_slice(&body).map_err(WatchError::Body)?;
     drop(body);
+    let max = cfg.max_backends_per_vip;
+    if let Some(v) = delta.upsert.iter().find(|v| v.backends.len() > max) {
+        return Err(WatchError::TooManyBackends(
+            v.vip_string(),
+            v.backends.len(),
+            max,
+        ));
+    }
     Ok((new_index, changed_at, delta))
 }
 
@@ -436,7 +449,7 @@ mod tests {
     /// Requests `run` sends to a controller answering `head`/`body` in `secs` seconds, and
     /// the table it published.
     async fn requests_in(head: &'static str, body: String, secs: u64) -> (usize, Arc<VipTable>) {
-        requests_in_capped(head, body, secs, 1 << 20).await
+        requests_in_capped(head, body, secs, 1 << 20, 10_000).await
     }
 
     async fn requests_in_capped(
@@ -444,6 +457,7 @@ mod tests {
         body: String,
         secs: u64,
         max_answer: usize,
+        max_backends_per_vip: usize,
     ) -> (usize, Arc<VipTable>) {
         let (url, hits) = fake_controller(head, body).await;
         let (tx, rx) = tokio::sync::watch::channel(Arc::new(VipTable::default()));
@@ -454,6 +468,7 @@ mod tests {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_millis(400),
             max_answer,
+            max_backends_per_vip,
             identity: "test-agent".into(),
             return_spread: Duration::from_secs(1),
             return_check: Duration::from_secs(1),
@@ -514,10 +529,28 @@ mod tests {
     async fn an_answer_over_the_cap_keeps_the_last_table() {
         let body = delta(0, 7, true);
         let head = "HTTP/1.1 200 OK\r\nx-l4lb-index: 7";
-        let (n, t) = requests_in_capped(head, body.clone(), 1, body.len() - 1).await;
+        let (n, t) = requests_in_capped(head, body.clone(), 1, body.len() - 1, 10).await;
         assert!(t.vips.is_empty(), "a table over the cap was taken");
         assert!((1..=25).contains(&n), "{n} requests in 1 s");
-        let (_, t) = requests_in_capped(head, body.clone(), 1, body.len()).await;
+        let (_, t) = requests_in_capped(head, body.clone(), 1, body.len(), 10).await;
         assert_eq!(t.vips.len(), 1, "at the cap the answer is read");
+    }
+
+    /// A VIP with more backends than `--max-backends-per-vip` makes the whole answer an
+    /// error that keeps the last table (here: none), retried with back-off; at the limit it
+    /// is taken.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_vip_over_the_backend_limit_keeps_the_last_table() {
+        let vip = r#"{"vip":"198.18.5.5:80","protocol":"tcp","name":null,"ip":"198.18.5.5",
+            "port":80,"backend":[{"ip":"198.18.0.1","port":8080,"state":"active"},
+            {"ip":"198.18.0.2","port":8080,"state":"active"}]}"#;
+        let body = format!(r#"{{"from":0,"to":7,"full":true,"upsert":[{vip}],"remove":[]}}"#);
+        let head = "HTTP/1.1 200 OK\r\nx-l4lb-index: 7";
+        let (n, t) = requests_in_capped(head, body.clone(), 1, 1 << 20, 1).await;
+        assert!(t.vips.is_empty(), "a VIP over the limit was taken");
+        assert!((1..=25).contains(&n), "{n} requests in 1 s");
+        let (_, t) = requests_in_capped(head, body, 1, 1 << 20, 2).await;
+        assert_eq!(t.vips.len(), 1, "at the limit the answer is taken");
+        assert_eq!(t.vips.values().next().unwrap().backends.len(), 2);
     }
 }

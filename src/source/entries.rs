@@ -467,6 +467,57 @@ pub fn assemble<'a>(
     Built { vips, rejections }
 }
 
+/// The reason of a VIP left out for having more than `--max-backends-per-vip` backends.
+pub const TOO_MANY_BACKENDS: &str = "too_many_backends";
+
+/// Leave out of `built` every VIP with more than `max` backends, rejecting each label that
+/// claims it (its app, port and label, with the count): a label that would make one VIP of
+/// a hundred thousand tasks is shown and counted like any other bad label, and the rest of
+/// the table is kept.
+pub fn limit_backends<'a>(
+    built: &mut Built,
+    apps: impl IntoIterator<Item = &'a Contribution>,
+    framework: &str,
+    max: usize,
+) {
+    if built.vips.iter().all(|v| v.backends.len() <= max) {
+        return;
+    }
+    let (over, kept): (Vec<Vip>, Vec<Vip>) = std::mem::take(&mut built.vips)
+        .into_iter()
+        .partition(|v| v.backends.len() > max);
+    built.vips = kept;
+    let apps: Vec<&Contribution> = apps.into_iter().collect();
+    for v in &over {
+        let claims = |app: &Contribution, e: &Entry| {
+            e.protocol == v.key.protocol
+                && match (&e.target, &v.name) {
+                    (VipLabel::Ip { ip, port }, None) => *ip == v.key.ip && *port == v.key.port,
+                    (VipLabel::Named { label, port }, Some(n)) => {
+                        *port == v.key.port
+                            && *label == n.label
+                            && app.framework_or(framework) == n.framework
+                    }
+                    _ => false,
+                }
+        };
+        let err = LabelError::TooManyBackends(v.vip_string(), v.backends.len(), max);
+        for app in &apps {
+            for e in app.entries.iter().filter(|e| claims(app, e)) {
+                built.rejections.push(Rejection::new(
+                    &app.app,
+                    e.port_index,
+                    &e.key,
+                    &e.value,
+                    &err,
+                ));
+            }
+        }
+    }
+    built.rejections.sort();
+    built.rejections.dedup();
+}
+
 /// Test helpers of the sources: VIPs as text a test can compare.
 #[cfg(test)]
 pub(crate) mod test_util {

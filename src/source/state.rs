@@ -9,7 +9,10 @@ use std::sync::Arc;
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use super::entries::{Contribution, Rejection, all_tasks_of, app_tasks, assemble};
+use super::entries::{
+    Contribution, Rejection, TOO_MANY_BACKENDS, all_tasks_of, app_tasks, assemble,
+    limit_backends,
+};
 use crate::labels::{IpPolicy, VipLabel};
 use crate::model::{Backend, Protocol, Vip, VipKey, VipName, VipTable};
 use crate::vip_alloc::{Family, VipAllocator};
@@ -21,7 +24,14 @@ pub struct BuildConfig {
     pub policy: IpPolicy,
     pub vip_cidr: Ipv4Net,
     pub vip_cidr6: Ipv6Net,
+    /// A VIP with more backends than this is left out and its labels rejected
+    /// (`--max-backends-per-vip`).
+    pub max_backends_per_vip: usize,
 }
+
+/// `--max-backends-per-vip` by default: far above any real service, far below what would
+/// let one label take an agent's memory or the kernel path's backend map (262,144 slots).
+pub const DEFAULT_MAX_BACKENDS_PER_VIP: usize = 10_000;
 
 impl Default for BuildConfig {
     fn default() -> Self {
@@ -31,6 +41,7 @@ impl Default for BuildConfig {
             vip_cidr: Ipv4Net::new(std::net::Ipv4Addr::new(11, 0, 0, 0), 8).unwrap_or_default(),
             vip_cidr6: Ipv6Net::new(std::net::Ipv6Addr::new(0xfd01, 0xc, 0, 0, 0, 0, 0, 0), 64)
                 .unwrap_or_default(),
+            max_backends_per_vip: DEFAULT_MAX_BACKENDS_PER_VIP,
         }
     }
 }
@@ -197,11 +208,17 @@ impl TableState {
     }
 
     fn full(&mut self) -> (VipTable, Vec<Rejection>) {
-        let built = assemble(
+        let mut built = assemble(
             self.apps.values(),
             &self.cfg.framework,
             &self.cfg.policy,
             &mut self.alloc,
+        );
+        limit_backends(
+            &mut built,
+            self.apps.values(),
+            &self.cfg.framework,
+            self.cfg.max_backends_per_vip,
         );
         let now: BTreeSet<Rejection> = built.rejections.into_iter().collect();
         let new_rejections = now.difference(&self.rejections).cloned().collect();
@@ -255,10 +272,19 @@ impl TableState {
                     .any(|e| matches!(e.target, VipLabel::Ip { .. }))
             })
         };
+        // An app whose VIP was left out for its size: whether it fits now is the full
+        // path's to judge (it also withdraws the rejection).
+        let over_limit = |a: &Option<Contribution>| {
+            a.as_ref().is_some_and(|a| {
+                self.rejections
+                    .iter()
+                    .any(|r| r.reason == TOO_MANY_BACKENDS && r.app == a.app)
+            })
+        };
         let mut labels: BTreeSet<VipName> = BTreeSet::new();
         let mut cluster_moved = false;
         for (old, new) in &changes {
-            if has_ip(old) || has_ip(new) {
+            if has_ip(old) || has_ip(new) || over_limit(old) || over_limit(new) {
                 return None;
             }
             for (a, delta) in [(old, -1i64), (new, 1i64)] {
@@ -314,6 +340,20 @@ impl TableState {
                             .extend(e.backends.iter().cloned());
                     }
                 }
+            }
+            // Too many backends for one VIP (counted by address, as a VIP keeps them): the
+            // full path leaves it out and rejects its labels.
+            let max = self.cfg.max_backends_per_vip;
+            let too_many = groups.values().any(|b| {
+                b.len() > max && {
+                    let mut addrs: Vec<_> = b.iter().map(|b| b.addr).collect();
+                    addrs.sort_unstable();
+                    addrs.dedup();
+                    addrs.len() > max
+                }
+            });
+            if too_many {
+                return None;
             }
             let wants_v6 = groups.values().flatten().any(|b| b.addr.is_ipv6());
             if groups.is_empty() {
@@ -510,6 +550,110 @@ mod tests {
         }
     }
 
+    /// A VIP over `--max-backends-per-vip` is left out and every label claiming it is
+    /// rejected with its app and the count; the rest of the table stays; once it fits again
+    /// it is back and the rejection gone. On the incremental path as on the full one.
+    #[test]
+    fn a_vip_over_the_backend_limit_is_left_out_and_its_labels_rejected() {
+        let app = |id: &str, label: &str, hosts: std::ops::Range<u8>| {
+            let tasks: Vec<String> = hosts
+                .map(|h| {
+                    format!(r#"{{"id":"{id}.{h}","host":"198.18.0.{h}","ports":[31000],"state":"TASK_RUNNING"}}"#)
+                })
+                .collect();
+            let json = format!(
+                r#"{{"apps":[{{"id":"/{id}","portDefinitions":[{{"port":0,"labels":{{"VIP_0":"{label}"}}}}],"tasks":[{}]}}]}}"#,
+                tasks.join(",")
+            );
+            contribs(&json).remove(0)
+        };
+        let over = |s: &TableState| -> Vec<(String, String)> {
+            s.rejections()
+                .filter(|r| r.reason == TOO_MANY_BACKENDS)
+                .map(|r| (r.app.clone(), r.error.clone()))
+                .collect()
+        };
+        let big = "VIP big.marathon.l4lb.thisdcos.directory:80 would have 3 backends, \
+                   over --max-backends-per-vip 2";
+        let ip = "VIP 198.18.5.5:80 would have 3 backends, over --max-backends-per-vip 2";
+        type Case = (
+            &'static str,
+            Vec<Contribution>,
+            Vec<&'static str>,
+            Vec<(&'static str, &'static str)>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "one app's VIP over the limit",
+                vec![app("a", "/big:80", 1..4), app("s", "/small:80", 1..2)],
+                vec!["small"],
+                vec![("/a", big)],
+            ),
+            (
+                "two apps that together pass it",
+                vec![
+                    app("a", "/big:80", 1..3),
+                    app("c", "/big:80", 3..4),
+                    app("s", "/small:80", 1..2),
+                ],
+                vec!["small"],
+                vec![("/a", big), ("/c", big)],
+            ),
+            (
+                "the same backend twice counts once",
+                vec![app("a", "/big:80", 1..3), app("c", "/big:80", 2..3)],
+                vec!["big"],
+                vec![],
+            ),
+            (
+                "an IP VIP",
+                vec![app("a", "198.18.5.5:80", 1..4), app("s", "/small:80", 1..2)],
+                vec!["small"],
+                vec![("/a", ip)],
+            ),
+        ];
+        for (what, apps, want_vips, want_over) in cases {
+            let cfg = BuildConfig {
+                max_backends_per_vip: 2,
+                ..BuildConfig::default()
+            };
+            let mut s = TableState::new(cfg, 1);
+            s.replace_all(apps);
+            s.rebuild(0);
+            let names: Vec<String> = s
+                .current()
+                .vips
+                .values()
+                .map(|v| v.name.as_ref().map_or(String::new(), |n| n.label.clone()))
+                .collect();
+            assert_eq!(names, want_vips, "{what}");
+            let want: Vec<(String, String)> = want_over
+                .iter()
+                .map(|(a, e)| (a.to_string(), e.to_string()))
+                .collect();
+            assert_eq!(over(&s), want, "{what}");
+        }
+
+        // Incremental: a task leaves and the VIP fits, one comes back and it is out again.
+        let cfg = BuildConfig {
+            max_backends_per_vip: 2,
+            ..BuildConfig::default()
+        };
+        let mut s = TableState::new(cfg, 1);
+        s.replace_all([app("a", "/big:80", 1..4), app("s", "/small:80", 1..2)]);
+        s.rebuild(0);
+        assert_eq!(s.current().vips.len(), 1);
+        s.upsert(app("a", "/big:80", 1..3));
+        let r = s.rebuild(0);
+        assert_eq!(r.table.unwrap().vips.len(), 2);
+        assert!(over(&s).is_empty());
+        s.upsert(app("a", "/big:80", 1..4));
+        let r = s.rebuild(0);
+        assert_eq!(r.table.unwrap().vips.len(), 1);
+        assert_eq!(r.new_rejections.len(), 1, "counted once as new");
+        assert_eq!(over(&s), vec![("/a".to_string(), big.to_string())]);
+    }
+
     #[test]
     fn first_build_publishes_even_when_empty() {
         let mut s = TableState::new(BuildConfig::default(), 1);
@@ -563,7 +707,12 @@ mod tests {
         /// table the full path would.
         #[test]
         fn incremental_equals_full(steps in prop::collection::vec((arb_app(), prop::bool::weighted(0.2)), 1..25)) {
-            let cfg = BuildConfig { vip_cidr: "198.18.128.0/26".parse().unwrap(), ..BuildConfig::default() };
+            // A small backend limit, so that shared names pass it and fall back under it.
+            let cfg = BuildConfig {
+                vip_cidr: "198.18.128.0/26".parse().unwrap(),
+                max_backends_per_vip: 4,
+                ..BuildConfig::default()
+            };
             let mut inc = TableState::new(cfg.clone(), 1);
             let mut full = TableState::new(cfg, 1);
             inc.rebuild(0);

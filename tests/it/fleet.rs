@@ -456,3 +456,105 @@ fn agents_spread_over_controllers_fail_over_and_return_gradually() {
     });
     drop(agents);
 }
+
+/// An apps file with `/big` (a named VIP of `big` tasks) and `/small` (one task).
+fn big_and_small(path: &Path, big: usize) {
+    let at = |i: usize| SocketAddr::from(([198, 18, 7, i as u8], 31000));
+    let big: Vec<SocketAddr> = (1..=big).map(at).collect();
+    write_apps(
+        path,
+        vec![
+            labelled_app("/big", &["/big:80"], "tcp", &big),
+            labelled_app("/small", &["/small:80"], "tcp", &[at(100)]),
+        ],
+    );
+}
+
+/// `GET path` on `api`: status and body.
+async fn get_text(api: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(api).await.unwrap();
+    let (status, _, body) = get_on(&mut s, path).await.unwrap();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Issue 21: a label that would make one VIP of more backends than the controller's
+/// `--max-backends-per-vip` is rejected with its app in `/v1/label-errors` and counted, and
+/// the rest of the table is served; an agent whose own limit a controller's answer passes
+/// refuses that answer, says why, and keeps serving its last table.
+#[test]
+fn a_vip_over_the_backend_limit_is_a_label_error_and_an_agent_keeps_its_last_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("apps.json");
+    big_and_small(&file, 3);
+    let (limited, api) = controller(&file, &["--max-backends-per-vip", "2"]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (status, errors) = get_text(api, "/v1/label-errors").await;
+        assert_eq!(status, 200);
+        let errors: Value = serde_json::from_str(&errors).unwrap();
+        let errors = errors.as_array().unwrap();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0]["app"], "/big");
+        assert_eq!(errors[0]["reason"], "too_many_backends");
+        assert_eq!(
+            errors[0]["error"],
+            "VIP big.marathon.l4lb.thisdcos.directory:80 would have 3 backends, \
+             over --max-backends-per-vip 2"
+        );
+        let (_, vips) = get_text(api, "/v1/vips").await;
+        assert!(
+            vips.contains("small.marathon") && !vips.contains("big.marathon"),
+            "{vips}"
+        );
+        let (_, metrics) = get_text(api, "/metrics").await;
+        assert!(
+            metrics.contains("l4lb_label_errors_total{reason=\"too_many_backends\"} 1"),
+            "{metrics}"
+        );
+    });
+    drop(limited);
+
+    // A controller without that limit, an agent with it: first a table that fits.
+    // (VIPs on loopback, which an agent without a VIP interface serves as they are.)
+    big_and_small(&file, 2);
+    let (_ctl, api) = controller(&file, &["--vip-cidr", "127.128.0.0/16"]);
+    let state = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(crate::common::apps::agent_args(&format!("http://{api}")))
+        .args(["--max-backends-per-vip", "2"])
+        .arg("--state-dir")
+        .arg(state.path());
+    let agent = Proc::spawn("agent", cmd);
+    let log = agent.log();
+    let agent_api = log.addr("API listening", Duration::from_secs(20));
+    let served = |api| {
+        rt.block_on(async {
+            let (status, vips) = get_text(api, "/v1/vips").await;
+            assert_eq!(status, 200);
+            serde_json::from_str::<Vec<l4lb::model::wire::VipJson>>(&vips).unwrap()
+        })
+    };
+    let t = Instant::now();
+    while served(agent_api).len() < 2 {
+        assert!(t.elapsed() < Duration::from_secs(20), "{}", log.text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Then one past it: refused, the last table kept.
+    big_and_small(&file, 3);
+    log.wait_for(
+        "VIP big.marathon.l4lb.thisdcos.directory:80 has 3 backends, over --max-backends-per-vip 2",
+        Duration::from_secs(20),
+    );
+    {
+        let vips = served(agent_api);
+        let big = vips
+            .iter()
+            .find(|v| v.vip.starts_with("big."))
+            .unwrap_or_else(|| panic!("big kept: {vips:?}"));
+        assert_eq!(big.backend.len(), 2, "the last table is kept");
+        assert!(vips.iter().any(|v| v.vip.starts_with("small.")));
+    }
+}

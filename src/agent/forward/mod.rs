@@ -296,8 +296,8 @@ impl ForwardMetrics {
         self.local_errors.get_or_create(&KindLabels { kind }).inc();
     }
 
-    /// The series of one backend; they live until the last [`BackendSeries`] of that
-    /// address is dropped.
+    /// The series of one backend; they live until the last [`BackendSeries`] of that address
+    /// is released.
     fn backend_series(&self, addr: SocketAddr) -> BackendSeries {
         let l = BackendLabels {
             backend: AddrLabel(addr),
@@ -309,7 +309,6 @@ impl ForwardMetrics {
             ejections: f.ejections.get_or_create_owned(&l),
             connect_seconds: std::sync::OnceLock::new(),
             families: Arc::clone(f),
-            labels: l,
         }
     }
 
@@ -333,8 +332,9 @@ impl ForwardMetrics {
     }
 }
 
-/// A backend's metric handles (no label lookup per connection); dropping the last one of an
-/// address removes its series.
+/// A backend's metric handles (no label lookup per connection). Its address is its
+/// [`state::BackendShared`]'s (not held twice: 32 bytes of each backend), which releases
+/// the series when it is dropped; the last release of an address removes them.
 #[derive(Debug)]
 pub(crate) struct BackendSeries {
     pub(crate) connect_failures: Counter,
@@ -345,7 +345,6 @@ pub(crate) struct BackendSeries {
     /// Not the whole [`ForwardMetrics`]: a clone of it per backend was 22 handles, ~180
     /// bytes of each of 80,000 backends.
     families: Arc<BackendFamilies>,
-    labels: BackendLabels,
 }
 
 /// The per-backend metric families and who uses each label value.
@@ -358,13 +357,16 @@ struct BackendFamilies {
 }
 
 impl BackendSeries {
-    /// Record one successful connect (one atomic load once the histogram exists).
-    pub(crate) fn observe_connect(&self, took: Duration) {
+    /// Record one successful connect to `addr`, this series' backend (one atomic load once
+    /// the histogram exists).
+    pub(crate) fn observe_connect(&self, addr: SocketAddr, took: Duration) {
         self.connect_seconds
             .get_or_init(|| {
                 self.families
                     .connect_seconds
-                    .get_or_create_owned(&self.labels)
+                    .get_or_create_owned(&BackendLabels {
+                        backend: AddrLabel(addr),
+                    })
             })
             .observe(took);
     }
@@ -378,13 +380,17 @@ impl BackendSeries {
     }
 }
 
-impl Drop for BackendSeries {
-    fn drop(&mut self) {
+impl BackendSeries {
+    /// This holder of `addr`'s series lets go (its backend is dropped).
+    pub(crate) fn release(&self, addr: SocketAddr) {
         let m = &self.families;
-        if series_release(&m.refs, &self.labels.backend.0) {
-            m.connect_failures.remove(&self.labels);
-            m.ejections.remove(&self.labels);
-            m.connect_seconds.remove(&self.labels);
+        if series_release(&m.refs, &addr) {
+            let l = BackendLabels {
+                backend: AddrLabel(addr),
+            };
+            m.connect_failures.remove(&l);
+            m.ejections.remove(&l);
+            m.connect_seconds.remove(&l);
         }
     }
 }

@@ -78,7 +78,7 @@ impl BackendShared {
 
     /// A connect that took `took` succeeded.
     pub(crate) fn record_success(&self, took: std::time::Duration) {
-        self.series.observe_connect(took);
+        self.series.observe_connect(self.addr, took);
         self.connects.fetch_add(1, Ordering::Relaxed);
         lock(&self.health).record_success();
     }
@@ -142,6 +142,12 @@ impl BackendShared {
         if k.as_ref().is_some_and(CancellationToken::is_cancelled) {
             *k = None;
         }
+    }
+}
+
+impl Drop for BackendShared {
+    fn drop(&mut self) {
+        self.series.release(self.addr);
     }
 }
 
