@@ -221,8 +221,8 @@ fn dual_stack(prefix: &str, bpf: bool) {
     );
 
     // DNS: one A, one AAAA, the addresses of /v1/vips.
-    assert_eq!(dig(&ns, NAME, "A"), [a.clone()]);
-    assert_eq!(dig(&ns, NAME, "AAAA"), [aaaa.clone()]);
+    assert_eq!(dig(&ns, NAME, "A"), std::slice::from_ref(&a));
+    assert_eq!(dig(&ns, NAME, "AAAA"), std::slice::from_ref(&aaaa));
 
     // Each address reaches its own family's backend, every time.
     let mapped = format!("::ffff:{a}");

@@ -585,6 +585,16 @@ mod tests {
         assert_eq!(reply(&snap, &req, true).answers.len(), 2);
     }
 
+    /// [`OwnedCase`] with a name built at run time.
+    type FamilyCase = (
+        String,
+        RecordType,
+        ResponseCode,
+        Vec<String>,
+        Vec<String>,
+        Vec<String>,
+    );
+
     /// A table built by the controller's own path from Marathon apps: `dual` a container
     /// app whose task has an IPv4 and an IPv6 address, `six` one with IPv6 only, `four` one
     /// on a host with IPv4 only.
@@ -647,7 +657,7 @@ mod tests {
         let l4lb = soa("l4lb.thisdcos.directory", 3);
         let rec = |owner: &str, t: &str, a: &[String]| format!("{owner} 5 {t} {}", a[0]);
         #[rustfmt::skip]
-        let cases: Vec<(String, RecordType, ResponseCode, Vec<String>, Vec<String>, Vec<String>)> = vec![
+        let cases: Vec<FamilyCase> = vec![
             (vip("dual"), RecordType::A, ResponseCode::NoError,
              vec![rec(&vip("dual"), "A", &dual4)], vec![], vec![]),
             (vip("dual"), RecordType::AAAA, ResponseCode::NoError,

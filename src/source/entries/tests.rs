@@ -102,8 +102,11 @@ fn legacy_labels_are_served_or_rejected_at_their_port() {
     );
 }
 
+/// An app id, its one label and its backends.
+type FamilyApp<'a> = (&'a str, &'a str, &'a [&'a str]);
+
 /// One contribution per `(app, label, backends)`, each label on port 0 over TCP.
-fn family_apps(apps: &[(&str, &str, &[&str])]) -> Vec<Contribution> {
+fn family_apps(apps: &[FamilyApp]) -> Vec<Contribution> {
     apps.iter()
         .map(|(app, label, backends)| {
             let mut c = Contribution {
@@ -121,7 +124,7 @@ fn family_apps(apps: &[(&str, &str, &[&str])]) -> Vec<Contribution> {
 #[test]
 fn every_vip_address_serves_only_its_own_family() {
     // (apps as (id, label, backends)) → VIPs as "family or IP: backends", sorted.
-    let cases: &[(&[(&str, &str, &[&str])], &[&str])] = &[
+    let cases: &[(&[FamilyApp], &[&str])] = &[
         // IP VIPs take only backends of their own family.
         (
             &[("/a", "198.18.5.5:80", &["198.18.0.1:1", "[fd00::1]:1"])],
