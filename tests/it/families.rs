@@ -3,8 +3,8 @@
 //! each serving its own family: curl to the A address reaches the IPv4 backend, to the AAAA
 //! address the IPv6 one, and an IPv6 socket to the A address written IPv4-mapped
 //! (`::ffff:a.b.c.d`) the IPv4 one. Its IP VIPs, one per family, serve their own family only.
-//! Under `--data-plane proxy` and `--data-plane bpf` alike. Root only: each test has its own
-//! network namespace and, for the kernel path, its own BPF filesystem.
+//! Under `--data-plane proxy` and `--data-plane bpf` alike (root only: each has its own network
+//! namespace and, for the kernel path, its own BPF filesystem); `l4lb check` lists the same.
 
 use std::time::Duration;
 
@@ -36,6 +36,63 @@ fn a_dual_stack_task_under_the_proxy() {
 fn a_dual_stack_task_under_the_kernel_path() {
     skip_unless_root!();
     dual_stack("famb", true);
+}
+
+/// `l4lb check` categorizes as the controller does: each address of the dual-stack name and
+/// each IP VIP lists only its own family's backend; a name with only IPv6 backends has no
+/// IPv4 address.
+#[test]
+fn check_lists_each_address_with_its_own_family() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("apps.json");
+    let mut six = dual_app();
+    six["id"] = json!("/six");
+    six["container"]["portMappings"][0]["labels"] = json!({"VIP_0": "/six:80"});
+    six["tasks"][0]["id"] = json!("six.1");
+    six["tasks"][0]["ipAddresses"] = json!([{"ipAddress": "fd00:18::2", "protocol": "IPv6"}]);
+    write_apps(&file, vec![dual_app(), six]);
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--apps-file"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let vips: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows: Vec<String> = vips
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            let ip: std::net::IpAddr = v["ip"].as_str().unwrap().parse().unwrap();
+            let backends: Vec<&str> = v["backend"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b["ip"].as_str().unwrap())
+                .collect();
+            let family = if ip.is_ipv4() { "v4" } else { "v6" };
+            format!(
+                "{} {family} {}",
+                v["vip"].as_str().unwrap(),
+                backends.join(",")
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            format!("{IP4}:81 v4 {V4}"),
+            format!("[{IP6}]:81 v6 {V6}"),
+            format!("{NAME}:80 v4 {V4}"),
+            format!("{NAME}:80 v6 {V6}"),
+            "six.marathon.l4lb.thisdcos.directory:80 v6 fd00:18::2".to_string(),
+        ]
+    );
 }
 
 /// A Marathon app on a container network (`dcos6`) whose task has both addresses.
