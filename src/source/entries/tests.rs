@@ -214,3 +214,41 @@ fn a_name_keeps_its_address_in_a_family_while_it_has_backends_of_the_other() {
     assert_eq!(build(&["198.18.0.2:1"]), [both[0]]);
     assert_eq!(build(&["198.18.0.1:1", "[fd00::1]:1"]), both);
 }
+
+#[test]
+fn a_range_that_runs_out_refuses_the_name_in_that_family_only() {
+    // Five dual-stack names, three IPv6 addresses (a /126): every name keeps its A address,
+    // three have an AAAA, the other two a rejection naming --vip-cidr6.
+    let labels: Vec<String> = (0..5).map(|i| format!("/n{i}:80")).collect();
+    let apps: Vec<FamilyApp> = labels
+        .iter()
+        .map(|l| ("/a", l.as_str(), &["198.18.0.1:1", "[fd00::1]:1"][..]))
+        .collect();
+    let mut alloc = VipAllocator::new(
+        "198.18.128.0/24".parse().unwrap(),
+        "fd01:c::/126".parse().unwrap(),
+    );
+    let b = assemble(
+        &family_apps(&apps),
+        "marathon",
+        &IpPolicy::default(),
+        &mut alloc,
+    );
+    let v4: Vec<_> = b.vips.iter().filter(|v| v.key.ip.is_ipv4()).collect();
+    let v6: Vec<_> = b.vips.iter().filter(|v| v.key.ip.is_ipv6()).collect();
+    assert_eq!((v4.len(), v6.len()), (5, 3));
+    assert!(
+        v4.iter()
+            .all(|v| v.backends.len() == 1 && v.backends[0].addr.is_ipv4())
+    );
+    assert!(
+        v6.iter()
+            .all(|v| v.backends.len() == 1 && v.backends[0].addr.is_ipv6())
+    );
+    let reasons: Vec<(&str, bool)> = b
+        .rejections
+        .iter()
+        .map(|r| (r.reason, r.error.contains("--vip-cidr6")))
+        .collect();
+    assert_eq!(reasons, [("exhausted", true), ("exhausted", true)]);
+}
