@@ -8,11 +8,30 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
-/// Address family a named VIP needs an address in.
+/// An address family: of a VIP address, of a backend, of the range a named VIP's address
+/// comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Family {
     V4,
     V6,
+}
+
+impl Family {
+    /// The family of `ip`; an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) is IPv4.
+    pub fn of(ip: IpAddr) -> Family {
+        match ip.to_canonical() {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    /// The other family.
+    pub fn other(self) -> Family {
+        match self {
+            Family::V4 => Family::V6,
+            Family::V6 => Family::V4,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -152,17 +171,17 @@ impl VipAllocator {
 
     /// Assign addresses for exactly `wants`. Names already assigned keep their address; names
     /// no longer wanted free theirs; new names are placed in sorted order, skipping `reserved`
-    /// (addresses used by IP VIPs). A name that does not fit fails alone. A name's IPv6
-    /// address is kept while the name is (its IPv4 is wanted), even when no IPv6 is wanted
-    /// for a while: IPv6 backends that leave and come back find the same AAAA.
+    /// (addresses used by IP VIPs). A name that does not fit fails alone. A name keeps its
+    /// address in one family while it wants an address in either, even when it wants none
+    /// in that family for a while: backends of a family that leave and come back find the
+    /// same A or AAAA.
     pub fn assign(
         &mut self,
         wants: &BTreeSet<(String, Family)>,
         reserved: &HashSet<IpAddr>,
     ) -> Assignment {
-        self.assigned.retain(|k, _| {
-            wants.contains(k) || (k.1 == Family::V6 && wants.contains(&(k.0.clone(), Family::V4)))
-        });
+        self.assigned
+            .retain(|k, _| wants.contains(k) || wants.contains(&(k.0.clone(), k.1.other())));
         self.used = self.assigned.values().copied().collect();
         let used = &mut self.used;
         let mut out = Assignment::default();

@@ -513,7 +513,7 @@ fn agent_body(table: &VipTable, stats: &dyn LiveStats) -> Vec<u8> {
             j
         })
         .collect();
-    serde_json::to_vec(&crate::model::wire::merge_families(vips)).unwrap_or_default()
+    serde_json::to_vec(&vips).unwrap_or_default()
 }
 
 fn with_headers(status: StatusCode, body: Body, table: &VipTable, etag: &str) -> Response {

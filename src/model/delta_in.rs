@@ -115,7 +115,7 @@ struct BackendIn<'a> {
 }
 
 impl VipIn<'_> {
-    /// Its VIPs (one, or two for a named entry with `ip6`) onto `out`. A named VIP without
+    /// Its VIPs (one, or two for an older controller's entry with `ip6`) onto `out`. A named VIP without
     /// `label`/`framework` (a plain DC/OS payload) recovers them from `name`, as
     /// `VipJson::into_vip` does.
     fn push_into(self, out: &mut Vec<Vip>) {
@@ -144,10 +144,15 @@ impl VipIn<'_> {
                 }
             })
             .collect();
-        let v = Vip::normalized((self.ip, self.port, self.protocol), name, backends);
+        let mut v = Vip::normalized((self.ip, self.port, self.protocol), name, backends);
         if let Some(ip6) = self.ip6 {
+            // An older controller's dual-stack entry: each address its own family's backends.
             let mut six = v.clone();
             six.key.ip = ip6;
+            let v4 = |b: &Backend| b.addr.ip().to_canonical().is_ipv4();
+            let first_v4 = self.ip.to_canonical().is_ipv4();
+            v.backends.retain(|b| v4(b) == first_v4);
+            six.backends.retain(|b| v4(b) != first_v4);
             out.push(v);
             out.push(six);
         } else {

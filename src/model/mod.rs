@@ -310,10 +310,11 @@ impl VipTable {
         self
     }
 
-    /// The VIPs in API order: by `vip` string, then protocol.
+    /// The VIPs in API order: by `vip` string, then protocol, then address (a dual-stack
+    /// name's IPv4 address before its IPv6 one).
     pub fn sorted_for_api(&self) -> Vec<&Arc<Vip>> {
         let mut v: Vec<_> = self.vips.values().collect();
-        v.sort_by_cached_key(|vip| (vip.vip_string(), vip.key.protocol));
+        v.sort_by_cached_key(|vip| (vip.vip_string(), vip.key.protocol, vip.key.ip));
         v
     }
 

@@ -39,9 +39,10 @@ pub struct VipJson {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub framework: Option<String>,
     pub ip: IpAddr,
-    /// A named VIP's IPv6 address when it has one besides `ip` (extra field): `/v1/vips` lists
-    /// a name once per `vip` and `protocol`, as dcos-net does (see [`merge_families`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Read, never written: controllers before l4lb listed a dual-stack name once, its IPv6
+    /// address here and both families' backends together. Now each address is its own
+    /// entry with its own family's backends; an entry with `ip6` is read as those two.
+    #[serde(default, skip_serializing)]
     pub ip6: Option<IpAddr>,
     pub port: u16,
     /// Agent only: `bpf` when the kernel path translates this VIP, `proxy` otherwise.
@@ -151,120 +152,21 @@ impl VipJson {
         Vip::normalized((self.ip, self.port, self.protocol), name, backends)
     }
 
-    /// Back to its VIPs: one, or two for a named entry with `ip6`.
+    /// Back to its VIPs: one, or two for an entry with `ip6`, each with the backends of its
+    /// own family.
     pub fn into_vips(mut self) -> Vec<Vip> {
         match self.ip6.take() {
             None => vec![self.into_vip()],
             Some(ip6) => {
                 let mut six = self.clone();
                 six.ip = ip6;
+                let v4 = self.ip.to_canonical().is_ipv4();
+                self.backend.retain(|b| b.ip.to_canonical().is_ipv4() == v4);
+                six.backend.retain(|b| b.ip.to_canonical().is_ipv4() != v4);
                 vec![self.into_vip(), six.into_vip()]
             }
         }
     }
-}
-
-/// One entry per `vip` and `protocol`: a named VIP's IPv4 and IPv6 entries (adjacent in API
-/// order) become one, `ip` the IPv4 address and `ip6` the IPv6 one. Their backends are the
-/// same set (both addresses forward to every backend); an agent's counters are summed per
-/// backend and `ejected` is true if either says so. IP VIPs are never merged.
-pub fn merge_families(list: Vec<VipJson>) -> Vec<VipJson> {
-    let mut out: Vec<VipJson> = Vec::with_capacity(list.len());
-    for j in list {
-        let rest = match out.last_mut() {
-            Some(prev) => merge_pair(prev, j),
-            None => Some(j),
-        };
-        out.extend(rest);
-    }
-    out
-}
-
-/// [`merge_families`] as an iterator: one entry held at a time.
-struct Merged<I> {
-    inner: I,
-    pending: Option<VipJson>,
-}
-
-impl<I: Iterator<Item = VipJson>> Iterator for Merged<I> {
-    type Item = VipJson;
-
-    fn next(&mut self) -> Option<VipJson> {
-        loop {
-            let Some(j) = self.inner.next() else {
-                return self.pending.take();
-            };
-            match self.pending.take() {
-                None => self.pending = Some(j),
-                Some(mut prev) => match merge_pair(&mut prev, j) {
-                    None => self.pending = Some(prev),
-                    Some(j) => {
-                        self.pending = Some(j);
-                        return Some(prev);
-                    }
-                },
-            }
-        }
-    }
-}
-
-/// Merge `j` into `prev` if they are the two families of one named VIP; else give it back.
-fn merge_pair(prev: &mut VipJson, j: VipJson) -> Option<VipJson> {
-    if prev.name.is_some()
-        && prev.name == j.name
-        && prev.vip == j.vip
-        && prev.protocol == j.protocol
-        && prev.ip6.is_none()
-        && prev.ip.is_ipv4() != j.ip.is_ipv4()
-    {
-        // The kernel path may translate one family and not the other (an IPv4 socket
-        // is never sent to an IPv6 backend): say bpf if it translates either.
-        if j.data_plane == Some(Plane::Kernel) {
-            prev.data_plane = j.data_plane;
-            prev.data_plane_reason = None;
-        }
-        if prev.ip.is_ipv6() {
-            prev.ip6 = Some(prev.ip);
-            prev.ip = j.ip;
-        } else {
-            prev.ip6 = Some(j.ip);
-        }
-        let sum = |a: Option<u64>, b: Option<u64>| match (a, b) {
-            (None, None) => None,
-            (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
-        };
-        prev.connections_ok = sum(prev.connections_ok, j.connections_ok);
-        prev.connections_failed = sum(prev.connections_failed, j.connections_failed);
-        for b in j.backend {
-            match prev
-                .backend
-                .iter_mut()
-                .find(|p| p.ip == b.ip && p.port == b.port)
-            {
-                Some(p) => {
-                    let sum = |a: Option<u64>, b: Option<u64>| match (a, b) {
-                        (None, None) => None,
-                        (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
-                    };
-                    p.connections = sum(p.connections, b.connections);
-                    p.bytes = sum(p.bytes, b.bytes);
-                    p.kernel_connections = sum(p.kernel_connections, b.kernel_connections);
-                    p.connects = sum(p.connects, b.connects);
-                    p.connect_failures = sum(p.connect_failures, b.connect_failures);
-                    // Latency is kept per backend address: both families show the same.
-                    p.connect_p50_seconds = p.connect_p50_seconds.or(b.connect_p50_seconds);
-                    p.connect_p99_seconds = p.connect_p99_seconds.or(b.connect_p99_seconds);
-                    p.ejected = match (p.ejected, b.ejected) {
-                        (None, None) => None,
-                        (a, b) => Some(a.unwrap_or(false) || b.unwrap_or(false)),
-                    };
-                }
-                None => prev.backend.push(b),
-            }
-        }
-        return None;
-    }
-    Some(j)
 }
 
 pub(super) fn split_fqdn(fqdn: &str) -> Option<VipName> {
@@ -276,14 +178,13 @@ pub(super) fn split_fqdn(fqdn: &str) -> Option<VipName> {
     })
 }
 
-/// The whole table in API order.
+/// The whole table in API order: one entry per VIP address, so a dual-stack name is two
+/// entries with the same `vip`, each with its own family's backends.
 pub fn table_to_json(t: &VipTable) -> Vec<VipJson> {
-    merge_families(
-        t.sorted_for_api()
-            .into_iter()
-            .map(|v| VipJson::from_vip(v))
-            .collect(),
-    )
+    t.sorted_for_api()
+        .into_iter()
+        .map(|v| VipJson::from_vip(v))
+        .collect()
 }
 
 /// Parse an API body back into a table with the given version.
@@ -339,14 +240,12 @@ impl Serialize for FullDelta<'_> {
         struct Upsert<'a>(&'a VipTable);
         impl Serialize for Upsert<'_> {
             fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.collect_seq(Merged {
-                    inner: self
-                        .0
+                s.collect_seq(
+                    self.0
                         .sorted_for_api()
                         .into_iter()
                         .map(|v| VipJson::from_vip(v)),
-                    pending: None,
-                })
+                )
             }
         }
         #[derive(Serialize)]
@@ -468,50 +367,76 @@ mod tests {
     use crate::model::{TaskPort, TaskRecord};
     use std::sync::Arc;
 
-    /// One name, `db.cassandra`, on an IPv4 and an IPv6 VIP with the same two backends.
+    /// One name, `db.cassandra`, on an IPv4 and an IPv6 VIP, each with its family's backend.
     fn dual_stack_db() -> (Vip, Vip) {
         let name = Some(VipName {
             label: "db".into(),
             framework: "cassandra".into(),
         });
-        let backends = ["198.18.1.2:9042", "[fd00::2]:9042"];
-        let mut v4 = vip("11.1.2.3", 9042, &backends);
-        let mut v6 = vip("fd01:c::7", 9042, &backends);
+        let mut v4 = vip("11.1.2.3", 9042, &["198.18.1.2:9042"]);
+        let mut v6 = vip("fd01:c::7", 9042, &["[fd00::2]:9042"]);
         v4.name = name.clone();
         v6.name = name;
         (v4, v6)
     }
 
     #[test]
-    fn a_dual_stack_name_is_listed_once_per_vip_and_protocol() {
+    fn a_dual_stack_name_is_listed_once_per_address_with_its_family_backends() {
         let (v4, v6) = dual_stack_db();
-        let t = VipTable::new(7, [v4, v6, vip("198.18.5.5", 80, &["198.18.1.3:31002"])]);
+        let t = VipTable::new(7, [v6, v4, vip("198.18.5.5", 80, &["198.18.1.3:31002"])]);
         let json = table_to_json(&t);
         let entries: Vec<String> = json
             .iter()
             .map(|j| {
-                format!(
-                    "{} {:?} {} {:?} {}",
-                    j.vip,
-                    j.name,
-                    j.ip,
-                    j.ip6,
-                    j.backend.len()
-                )
+                let backends: Vec<String> = j
+                    .backend
+                    .iter()
+                    .map(|b| SocketAddr::new(b.ip, b.port).to_string())
+                    .collect();
+                format!("{} {} {}", j.vip, j.ip, backends.join(","))
             })
             .collect();
         assert_eq!(
             entries,
             [
-                "198.18.5.5:80 None 198.18.5.5 None 1",
-                "db.cassandra.l4lb.thisdcos.directory:9042 Some(\"db.cassandra.l4lb.thisdcos.directory\") 11.1.2.3 Some(fd01:c::7) 2",
+                "198.18.5.5:80 198.18.5.5 198.18.1.3:31002",
+                "db.cassandra.l4lb.thisdcos.directory:9042 11.1.2.3 198.18.1.2:9042",
+                "db.cassandra.l4lb.thisdcos.directory:9042 fd01:c::7 [fd00::2]:9042",
             ]
         );
+        let text = serde_json::to_string(&json).unwrap();
+        assert!(!text.contains("ip6"), "{text}");
         // An agent or a full delta reads both VIPs back.
         let back = table_from_json(7, json);
         assert!(back.same_content(&t));
         let full = DeltaJson::between(None, &t).apply(&VipTable::default());
         assert!(full.same_content(&t));
+    }
+
+    #[test]
+    fn an_old_merged_entry_is_read_as_one_vip_per_family() {
+        // What controllers wrote before: one entry, `ip6` beside `ip`, both families' backends.
+        let body = r#"[{"vip":"db.cassandra.l4lb.thisdcos.directory:9042","protocol":"tcp",
+            "name":"db.cassandra.l4lb.thisdcos.directory","ip":"11.1.2.3","ip6":"fd01:c::7",
+            "port":9042,"backend":[{"ip":"198.18.1.2","port":9042,"state":"active"},
+            {"ip":"fd00::2","port":9042,"state":"active"}]}]"#;
+        let vips: Vec<VipJson> = serde_json::from_str(body).unwrap();
+        let t = table_from_json(1, vips);
+        let got: Vec<(String, Vec<String>)> = t
+            .vips
+            .values()
+            .map(|v| {
+                let b = v.backends.iter().map(|b| b.addr.to_string()).collect();
+                (v.key.ip.to_string(), b)
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("11.1.2.3".to_string(), vec!["198.18.1.2:9042".to_string()]),
+                ("fd01:c::7".to_string(), vec!["[fd00::2]:9042".to_string()]),
+            ]
+        );
     }
 
     #[test]
@@ -547,71 +472,6 @@ mod tests {
                 serde_json::to_string(&DeltaJson::between(None, &t)).unwrap()
             );
         }
-    }
-
-    #[test]
-    fn agent_counters_of_both_families_are_summed() {
-        let entry = |ip: &str, conns: u64, ejected: bool| VipJson {
-            vip: "db.marathon.l4lb.thisdcos.directory:5432".into(),
-            protocol: crate::model::Protocol::Tcp,
-            name: Some("db.marathon.l4lb.thisdcos.directory".into()),
-            label: Some("db".into()),
-            framework: Some("marathon".into()),
-            ip: ip.parse().unwrap(),
-            ip6: None,
-            port: 5432,
-            data_plane: None,
-            data_plane_reason: None,
-            backend: vec![BackendJson {
-                ip: "198.18.1.2".parse().unwrap(),
-                port: 5432,
-                state: BackendState::Active,
-                app: "/db".into(),
-                task: "db.1".into(),
-                connections: Some(conns),
-                bytes: Some(conns * 10),
-                ejected: Some(ejected),
-                kernel_connections: None,
-                connects: Some(conns * 100),
-                connect_failures: Some(1),
-                connect_p50_seconds: Some(1e-4),
-                connect_p99_seconds: Some(1e-3),
-            }],
-            connections_ok: Some(conns * 100),
-            connections_failed: Some(1),
-        };
-        let merged = merge_families(vec![
-            entry("fd01:c::1", 2, false),
-            entry("11.0.0.1", 3, true),
-        ]);
-        assert_eq!(merged.len(), 1);
-        let m = &merged[0];
-        assert_eq!(
-            (m.ip.to_string(), m.ip6.map(|i| i.to_string())),
-            ("11.0.0.1".into(), Some("fd01:c::1".into()))
-        );
-        let b = &m.backend[0];
-        assert_eq!(
-            (b.connections, b.bytes, b.ejected),
-            (Some(5), Some(50), Some(true))
-        );
-        assert_eq!(
-            (b.connects, b.connect_failures, b.connect_p99_seconds),
-            (Some(500), Some(2), Some(1e-3))
-        );
-        assert_eq!(
-            (m.connections_ok, m.connections_failed),
-            (Some(500), Some(2))
-        );
-        // Two IPv4 entries of one name (two ports share a `vip` string only if equal) stay apart.
-        assert_eq!(
-            merge_families(vec![
-                entry("11.0.0.1", 1, false),
-                entry("11.0.0.2", 1, false)
-            ])
-            .len(),
-            2
-        );
     }
 
     #[test]

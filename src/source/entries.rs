@@ -320,6 +320,35 @@ pub fn protocols(p: Option<&str>) -> Result<Vec<Protocol>, LabelError> {
     Ok(out)
 }
 
+/// The families a named VIP has an address in, from all its backends (draining ones too):
+/// each family among them, IPv4 from `--vip-cidr`, IPv6 from `--vip-cidr6`. A name with no
+/// backend at all has IPv4 alone, so an app scaled to zero keeps its A address.
+pub fn name_families<'b>(backends: impl IntoIterator<Item = &'b Backend>) -> Vec<Family> {
+    let (mut v4, mut v6) = (false, false);
+    for b in backends {
+        match Family::of(b.addr.ip()) {
+            Family::V4 => v4 = true,
+            Family::V6 => v6 = true,
+        }
+        if v4 && v6 {
+            break;
+        }
+    }
+    match (v4, v6) {
+        (false, true) => vec![Family::V6],
+        (true, true) => vec![Family::V4, Family::V6],
+        _ => vec![Family::V4],
+    }
+}
+
+/// The backends of `family` among `backends`: a VIP address, named or not, serves only
+/// backends of its own family (as dcos-net categorizes them).
+pub fn of_family(backends: &[Backend], family: Family) -> impl Iterator<Item = &Backend> {
+    backends
+        .iter()
+        .filter(move |b| Family::of(b.addr.ip()) == family)
+}
+
 /// The result of merging every app's contribution.
 #[derive(Debug, Default)]
 pub struct Built {
@@ -328,8 +357,9 @@ pub struct Built {
 }
 
 /// Merge apps into VIPs: the same VIP claimed by several apps is one VIP with the union of
-/// their backends; named VIPs get addresses from `alloc`; IP VIPs pass `policy` and must not
-/// be an address the cluster already uses.
+/// their backends; named VIPs get an address from `alloc` per family among their backends
+/// ([`name_families`]); IP VIPs pass `policy` and must not be an address the cluster already
+/// uses. Every VIP address keeps only the backends of its own family ([`of_family`]).
 pub fn assemble<'a>(
     apps: impl IntoIterator<Item = &'a Contribution>,
     framework: &str,
@@ -386,17 +416,13 @@ pub fn assemble<'a>(
     let mut wants = BTreeSet::new();
     for (name, uses) in &named {
         let key = format!("{}.{}", name.label, name.framework);
-        wants.insert((key.clone(), Family::V4));
-        if uses
-            .iter()
-            .any(|(_, e, _)| e.backends.iter().any(|b| b.addr.is_ipv6()))
-        {
-            wants.insert((key, Family::V6));
+        for fam in name_families(uses.iter().flat_map(|(_, e, _)| &e.backends)) {
+            wants.insert((key.clone(), fam));
         }
     }
     let assignment = alloc.assign(&wants, &reserved);
-    // Names that got no address, per family: without IPv4 the name is rejected; without
-    // IPv6 it keeps its IPv4 VIPs (and the rejection says IPv6 ran out).
+    // Names that got no address in a family they want: the rejection says which range ran
+    // out, and the name keeps its address in the other family if it has one.
     let exhausted: HashSet<(&str, Family)> = assignment
         .failed
         .iter()
@@ -410,7 +436,8 @@ pub fn assemble<'a>(
             name: name.clone(),
             backends: Vec::new(),
         });
-        v.backends.extend_from_slice(backends);
+        v.backends
+            .extend(of_family(backends, Family::of(key.ip)).cloned());
     };
     for (_, e, ip, port) in &ip_vips {
         let key = VipKey {
@@ -436,15 +463,12 @@ pub fn assemble<'a>(
                 }
             }
         }
-        if exhausted.contains(&(key.as_str(), Family::V4)) {
-            // A rejected name holds no address at all.
-            alloc.release(&key, Family::V6);
-            continue;
-        }
+        let mut served = false;
         for fam in [Family::V4, Family::V6] {
             let Some(ip) = assignment.addrs.get(&(key.clone(), fam)) else {
                 continue;
             };
+            served = true;
             for (_, e, port) in uses {
                 let vk = VipKey {
                     ip: *ip,
@@ -453,6 +477,11 @@ pub fn assemble<'a>(
                 };
                 add(vk, Some(name.clone()), &e.backends);
             }
+        }
+        if !served {
+            // A name with no address in any family it wants holds none at all.
+            alloc.release(&key, Family::V4);
+            alloc.release(&key, Family::V6);
         }
     }
     let vips = vips

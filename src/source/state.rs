@@ -11,7 +11,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::entries::{
     Contribution, Rejection, TOO_MANY_BACKENDS, all_tasks_of, app_tasks, assemble,
-    limit_backends,
+    limit_backends, name_families, of_family,
 };
 use crate::labels::{IpPolicy, VipLabel};
 use crate::model::{Backend, Protocol, Vip, VipKey, VipName, VipTable};
@@ -355,33 +355,28 @@ impl TableState {
             if too_many {
                 return None;
             }
-            let wants_v6 = groups.values().flatten().any(|b| b.addr.is_ipv6());
             if groups.is_empty() {
-                // The name is gone: both its addresses are free. (While it exists its IPv6
-                // address is kept, wanted or not, as on the full path.)
+                // The name is gone: both its addresses are free. (While it exists it keeps
+                // its address in a family it has no backend of, as on the full path.)
                 self.index.label_apps.remove(name);
                 self.alloc.release(&name_key, Family::V4);
                 self.alloc.release(&name_key, Family::V6);
-            }
-            if !groups.is_empty() {
-                merged.push((name, name_key, groups, wants_v6));
+            } else {
+                let families = name_families(groups.values().flatten());
+                merged.push((name, name_key, groups, families));
             }
         }
-        for (name, name_key, groups, wants_v6) in merged {
-            let mut ips = vec![
-                self.alloc
-                    .assign_one(&name_key, Family::V4, &self.index.reserved)
-                    .ok()?,
-            ];
-            if wants_v6 {
-                ips.push(
-                    self.alloc
-                        .assign_one(&name_key, Family::V6, &self.index.reserved)
-                        .ok()?,
-                );
+        for (name, name_key, groups, families) in merged {
+            let mut ips = Vec::new();
+            for fam in families {
+                let ip = self
+                    .alloc
+                    .assign_one(&name_key, fam, &self.index.reserved)
+                    .ok()?;
+                ips.push((ip, fam));
             }
             let mut keys = Vec::new();
-            for ip in ips {
+            for (ip, fam) in ips {
                 for ((port, protocol), backends) in &groups {
                     let key = VipKey {
                         ip,
@@ -391,7 +386,7 @@ impl TableState {
                     let mut v = Vip {
                         key,
                         name: Some(name.clone()),
-                        backends: backends.clone(),
+                        backends: of_family(backends, fam).cloned().collect(),
                     };
                     v.normalize();
                     keys.push(key);

@@ -1114,3 +1114,99 @@ fn third_backend_arrives(
     let hit = (0..60).any(|i| c.get(i % 3, addr).as_deref() == Ok(last.as_str()));
     assert!(hit, "{last} was never reached {when}");
 }
+
+/// Scenario 13: a container-network app whose one task, on host 2, has an IPv4 and an IPv6
+/// address (a `dcos6`-style overlay; the hosts reach each other over IPv6 too), no IPv6 flag
+/// given anywhere. Every agent lists its name once per address, each with its own family's
+/// backend, and answers A and AAAA; from every host curl to the A address reaches the IPv4
+/// backend and curl to the AAAA address the IPv6 one, across hosts, with the proxy or the
+/// kernel path (`L4LB_TEST_DATA_PLANE=bpf`) alike.
+#[test]
+fn s13_a_dual_stack_task_is_reached_per_family_across_hosts() {
+    skip_unless_root!();
+    let mut c = Cluster::start("s13", ClusterSpec::new(3, 1));
+    let six = |h: usize| format!("fd00:18::{}", h + 1);
+    for (h, host) in c.hosts.iter().enumerate() {
+        // nodad: usable at once, not "tentative" for a second.
+        let addr = format!("{}/64", six(h));
+        host.ns
+            .exec_ok(&["ip", "-6", "addr", "add", &addr, "dev", &host.link, "nodad"]);
+    }
+    let (v4, v6): (SocketAddr, SocketAddr) = (
+        SocketAddr::from((c.hosts[1].ip, 8080)),
+        SocketAddr::new(six(1).parse().unwrap(), 8080),
+    );
+    let p = c.socat_backend_at(1, v4, "four");
+    c.keep(p);
+    let p = c.socat_backend_at(1, v6, "six");
+    c.keep(p);
+    let no = c.next_task_no();
+    c.deploy(json!({
+        "id": "/dual",
+        "networks": [{"mode": "container", "name": "dcos6"}],
+        "container": {"type": "MESOS", "portMappings": [
+            {"containerPort": 8080, "protocol": "tcp", "labels": {"VIP_0": "/dual:80"}}]},
+        "tasks": [{
+            "id": task_id("/dual", no), "host": c.hosts[1].ip.to_string(), "ports": [],
+            "state": "TASK_RUNNING",
+            "ipAddresses": [{"ipAddress": v4.ip().to_string(), "protocol": "IPv4"},
+                            {"ipAddress": v6.ip().to_string(), "protocol": "IPv6"}]
+        }]
+    }));
+    let vip = named("dual", 80);
+    let of_family = |t: &[serde_json::Value], backend: SocketAddr| -> Option<SocketAddr> {
+        t.iter()
+            .filter(|v| v["vip"].as_str() == Some(vip.as_str()))
+            .find(|v| {
+                let b = v["backend"].as_array();
+                b.map(Vec::len) == Some(1)
+                    && b.and_then(|b| b[0]["ip"].as_str())
+                        == Some(backend.ip().to_string().as_str())
+            })
+            .map(cluster::vip_socket)
+    };
+    c.wait_agents("the name once per family", 30 * SEC, |t| {
+        t.iter()
+            .filter(|v| v["vip"].as_str() == Some(vip.as_str()))
+            .count()
+            == 2
+            && of_family(t, v4).is_some()
+            && of_family(t, v6).is_some()
+    });
+    let t = c.agent_vips(0).unwrap();
+    let (a, aaaa) = (of_family(&t, v4).unwrap(), of_family(&t, v6).unwrap());
+    assert!(a.is_ipv4() && aaaa.is_ipv6(), "{a} {aaaa}");
+    let a4 = match a.ip() {
+        std::net::IpAddr::V4(ip) => ip,
+        ip => panic!("{ip} is no IPv4 address"),
+    };
+    // An IPv6 socket to the A address, written IPv4-mapped, reaches the IPv4 backend too.
+    let mapped = SocketAddr::from((a4.to_ipv6_mapped(), 80));
+    for h in 0..3 {
+        // The same addresses on every agent, and in its DNS.
+        let t = c.agent_vips(h).unwrap();
+        assert_eq!(
+            (of_family(&t, v4), of_family(&t, v6)),
+            (Some(a), Some(aaaa))
+        );
+        assert_eq!(c.dig(h, &format!("dual.{ZONE}")), [a4]);
+        let out = c.hosts[h].ns.exec_ok(&[
+            "dig",
+            "@127.0.0.1",
+            "-p",
+            &cluster::DNS_PORT.to_string(),
+            "+short",
+            &format!("dual.{ZONE}"),
+            "AAAA",
+        ]);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            aaaa.ip().to_string()
+        );
+        for (to, want) in [(a, "four"), (aaaa, "six"), (mapped, "four")] {
+            for _ in 0..3 {
+                assert_eq!(c.curl(h, to).as_deref(), Ok(want), "host {} to {to}", h + 1);
+            }
+        }
+    }
+}

@@ -27,10 +27,10 @@ const HOST: &str = "198.18.0.1";
 const TAG: &str = "follow-client:";
 
 /// A BPF filesystem of the test's, unmounted (and removed) on drop.
-struct Bpffs(tempfile::TempDir);
+pub(crate) struct Bpffs(pub(crate) tempfile::TempDir);
 
 impl Bpffs {
-    fn new() -> Bpffs {
+    pub(crate) fn new() -> Bpffs {
         let dir = tempfile::tempdir().unwrap();
         let st = Command::new("mount")
             .args(["-t", "bpf", "bpf"])

@@ -12,6 +12,7 @@ mod cluster;
 mod controller;
 mod dns;
 mod docs;
+mod families;
 mod fleet;
 mod follow;
 mod harden;

@@ -585,6 +585,118 @@ mod tests {
         assert_eq!(reply(&snap, &req, true).answers.len(), 2);
     }
 
+    /// [`OwnedCase`] with a name built at run time.
+    type FamilyCase = (
+        String,
+        RecordType,
+        ResponseCode,
+        Vec<String>,
+        Vec<String>,
+        Vec<String>,
+    );
+
+    /// A table built by the controller's own path from Marathon apps: `dual` a container
+    /// app whose task has an IPv4 and an IPv6 address, `six` one with IPv6 only, `four` one
+    /// on a host with IPv4 only.
+    fn families_catalog() -> DnsCatalog {
+        use crate::source::marathon::apps::app_contribution;
+        use crate::source::state::{BuildConfig, TableState};
+        let body = r#"{"apps":[
+            {"id":"/dual","networks":[{"mode":"container","name":"dcos6"}],
+             "container":{"type":"MESOS","portMappings":[{"containerPort":80,"labels":{"VIP_0":"/dual:80"}}]},
+             "tasks":[{"id":"dual.1","host":"198.18.1.1","ports":[],"state":"TASK_RUNNING",
+                       "ipAddresses":[{"ipAddress":"9.0.0.1","protocol":"IPv4"},{"ipAddress":"fd00::1","protocol":"IPv6"}]}]},
+            {"id":"/six","networks":[{"mode":"container","name":"dcos6"}],
+             "container":{"type":"MESOS","portMappings":[{"containerPort":80,"labels":{"VIP_0":"/six:80"}}]},
+             "tasks":[{"id":"six.1","host":"198.18.1.2","ports":[],"state":"TASK_RUNNING",
+                       "ipAddresses":[{"ipAddress":"fd00::2","protocol":"IPv6"}]}]},
+            {"id":"/four","portDefinitions":[{"port":0,"labels":{"VIP_0":"/four:80"}}],
+             "tasks":[{"id":"four.1","host":"198.18.1.3","ports":[31000],"state":"TASK_RUNNING"}]}
+        ]}"#;
+        let (apps, bad) =
+            crate::source::marathon::types::parse_apps(body.as_bytes()).expect("apps");
+        assert!(bad.is_empty(), "{bad:?}");
+        let cfg = BuildConfig {
+            vip_cidr: "11.0.0.0/30".parse().expect("net"),
+            vip_cidr6: "fd01:c::/126".parse().expect("net"),
+            ..BuildConfig::default()
+        };
+        let mut state = TableState::new(cfg, 1);
+        state.replace_all(apps.iter().map(|a| app_contribution(a, &mut |_| None)));
+        let table = state.rebuild(0).table.expect("a table");
+        let cat = DnsCatalog::new(&DnsConfig::default());
+        cat.publish(table.vips.values().map(|v| &**v));
+        cat.publish_tasks(&table.apps);
+        cat
+    }
+
+    #[test]
+    fn a_and_aaaa_follow_the_families_of_the_backends() {
+        let cat = families_catalog();
+        let snap = cat.load();
+        // The addresses the allocator gave, by name and family.
+        let addr = |name: &str, t: RecordType| -> Vec<String> {
+            let resp = reply(&snap, &query(name, t), false);
+            resp.answers.iter().map(|r| r.data.to_string()).collect()
+        };
+        let vip = |label: &str| format!("{label}.marathon.l4lb.thisdcos.directory.");
+        let (dual4, dual6) = (
+            addr(&vip("dual"), RecordType::A),
+            addr(&vip("dual"), RecordType::AAAA),
+        );
+        let (four, six) = (
+            addr(&vip("four"), RecordType::A),
+            addr(&vip("six"), RecordType::AAAA),
+        );
+        for a in [&dual4, &dual6, &four, &six] {
+            assert_eq!(a.len(), 1, "{dual4:?} {dual6:?} {four:?} {six:?}");
+        }
+        let soa = |zone: &str, serial: u32| {
+            format!("{zone}. 5 SOA ns.{zone}. hostmaster.{zone}. {serial} 60 30 86400 1")
+        };
+        let l4lb = soa("l4lb.thisdcos.directory", 3);
+        let rec = |owner: &str, t: &str, a: &[String]| format!("{owner} 5 {t} {}", a[0]);
+        #[rustfmt::skip]
+        let cases: Vec<FamilyCase> = vec![
+            (vip("dual"), RecordType::A, ResponseCode::NoError,
+             vec![rec(&vip("dual"), "A", &dual4)], vec![], vec![]),
+            (vip("dual"), RecordType::AAAA, ResponseCode::NoError,
+             vec![rec(&vip("dual"), "AAAA", &dual6)], vec![], vec![]),
+            // IPv6 backends only: no A (NOERROR, no data); IPv4 only: no AAAA.
+            (vip("six"), RecordType::A, ResponseCode::NoError,
+             vec![], vec![l4lb.clone()], vec![]),
+            (vip("four"), RecordType::AAAA, ResponseCode::NoError,
+             vec![], vec![l4lb.clone()], vec![]),
+            // SRV targets resolve to every family the name has.
+            ("_dual._tcp.marathon.l4lb.thisdcos.directory.".into(), RecordType::SRV, ResponseCode::NoError,
+             vec![format!("_dual._tcp.marathon.l4lb.thisdcos.directory. 5 SRV 0 0 80 {}", vip("dual"))],
+             vec![], vec![rec(&vip("dual"), "A", &dual4), rec(&vip("dual"), "AAAA", &dual6)]),
+            ("_six._tcp.marathon.l4lb.thisdcos.directory.".into(), RecordType::SRV, ResponseCode::NoError,
+             vec![format!("_six._tcp.marathon.l4lb.thisdcos.directory. 5 SRV 0 0 80 {}", vip("six"))],
+             vec![], vec![rec(&vip("six"), "AAAA", &six)]),
+            // Task names: a container's IPv6 address answers AAAA (Mesos-DNS).
+            ("dual.marathon.mesos.".into(), RecordType::A, ResponseCode::NoError,
+             vec!["dual.marathon.mesos. 5 A 9.0.0.1".into()], vec![], vec![]),
+            ("dual.marathon.mesos.".into(), RecordType::AAAA, ResponseCode::NoError,
+             vec!["dual.marathon.mesos. 5 AAAA fd00::1".into()], vec![], vec![]),
+            ("six.marathon.containerip.dcos.thisdcos.directory.".into(), RecordType::AAAA, ResponseCode::NoError,
+             vec!["six.marathon.containerip.dcos.thisdcos.directory. 5 AAAA fd00::2".into()], vec![], vec![]),
+            ("six.marathon.mesos.".into(), RecordType::A, ResponseCode::NoError,
+             vec![], vec![soa("mesos", 3)], vec![]),
+        ];
+        for (name, t, rcode, ans, auth, add) in &cases {
+            let req = query(name, *t);
+            let resp = reply(&snap, &req, false);
+            let ctx = format!("{name} {t}");
+            assert_eq!(resp.metadata.response_code, *rcode, "{ctx}");
+            assert_eq!(show(&resp.answers), *ans, "{ctx}");
+            assert_eq!(show(&resp.authorities), *auth, "{ctx}");
+            assert_eq!(show(&resp.additionals), *add, "{ctx}");
+            let bytes = req.to_vec().expect("encodes");
+            super::super::fast::check_against_slow(&snap, &bytes, false);
+        }
+    }
+
     #[test]
     fn outside_zone_forwards_when_upstreams_exist() {
         let cat = catalog();

@@ -225,7 +225,7 @@ fn task_addrs(
                 .iter()
                 .flatten()
                 .filter_map(|a| a.ip_address.as_deref()?.parse::<IpAddr>().ok())
-                .map(|ip| SocketAddr::new(ip, cport))
+                .map(|ip| SocketAddr::new(ip.to_canonical(), cport))
                 .collect())
         }
     }

@@ -143,6 +143,8 @@ async fn serve_tcp_conn(
 pub struct Host {
     pub ns: NetNs,
     pub ip: Ipv4Addr,
+    /// The host's end of its link to the switch (holds `ip`).
+    pub link: String,
     pub agent: Option<Proc>,
 }
 
@@ -215,10 +217,11 @@ impl Cluster {
         for i in 1..=spec.hosts {
             let ns = NetNs::new(&format!("{prefix}h{i}"));
             let ip = Ipv4Addr::new(198, 18, 0, i as u8);
-            switch.attach(&ns, &format!("{ip}/15"));
+            let link = switch.attach(&ns, &format!("{ip}/15"));
             hosts.push(Host {
                 ns,
                 ip,
+                link,
                 agent: None,
             });
         }
@@ -500,7 +503,12 @@ impl Cluster {
     /// A real process backend: `socat` answering HTTP with `name\n` on `host`'s address and
     /// `port`. Returns once it accepts connections.
     pub fn socat_backend(&self, host: usize, port: u16, name: &str) -> Proc {
-        let ip = self.hosts[host].ip;
+        self.socat_backend_at(host, SocketAddr::from((self.hosts[host].ip, port)), name)
+    }
+
+    /// Like [`Cluster::socat_backend`], on `addr` (an IPv6 one too) of host `host`.
+    pub fn socat_backend_at(&self, host: usize, addr: SocketAddr, name: &str) -> Proc {
+        let port = addr.port();
         let body = format!("{name}\n");
         // A script, so that neither socat's nor the shell's quoting gets in the way. It reads
         // the request head first (no reset for unread bytes), then answers.
@@ -514,11 +522,19 @@ impl Cluster {
             ),
         )
         .unwrap();
+        let listen = match addr {
+            SocketAddr::V4(a) => format!("TCP4-LISTEN:{port},bind={},fork,reuseaddr", a.ip()),
+            SocketAddr::V6(a) => {
+                format!(
+                    "TCP6-LISTEN:{port},bind=[{}],fork,reuseaddr,ipv6only=1",
+                    a.ip()
+                )
+            }
+        };
         let mut cmd = self.hosts[host].ns.command("socat");
-        cmd.arg(format!("TCP-LISTEN:{port},bind={ip},fork,reuseaddr"))
+        cmd.arg(listen)
             .arg(format!("EXEC:/bin/sh {}", script.display()));
         let mut p = Proc::spawn(&format!("socat {name}"), cmd);
-        let addr = SocketAddr::from((ip, port));
         let ns = self.host_ns(host);
         let start = Instant::now();
         while http_get_in(&ns, addr, "/").is_err() {

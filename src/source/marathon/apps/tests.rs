@@ -195,18 +195,14 @@ fn container_networking_modes() {
     let active = BackendState::Active;
     assert_eq!(by_label["c1"], vec![("9.0.0.1:8080".into(), active)]);
     assert_eq!(by_label["c2"], vec![("198.18.1.2:31555".into(), active)]);
-    assert_eq!(
-        by_label["c3"],
-        vec![
-            ("9.0.0.3:9090".into(), active),
-            ("[fd00::3]:9090".into(), active)
-        ]
-    );
+    assert_eq!(by_label["c3"], vec![("9.0.0.3:9090".into(), active)]);
     assert_eq!(by_label["c4"], vec![("198.18.1.1:31444".into(), active)]);
-    // c3 has an IPv6 backend, so it also gets an address from the v6 pool.
+    // c3 has an IPv6 backend, so it also gets an address from the v6 pool, which serves
+    // that backend alone.
     let v6: Vec<_> = b.vips.iter().filter(|v| v.key.ip.is_ipv6()).collect();
     assert_eq!(v6.len(), 1);
     assert_eq!(v6[0].name.as_ref().unwrap().label, "c3");
+    assert_eq!(backends(v6[0]), vec![("[fd00::3]:9090".into(), active)]);
 }
 
 #[test]
@@ -382,7 +378,7 @@ fn named_vip_addresses_are_stable_across_builds() {
 }
 
 #[test]
-fn ipv6_exhaustion_keeps_the_names_ipv4_vips() {
+fn ipv6_exhaustion_rejects_the_ipv6_only_names_that_ran_out() {
     // Five names with IPv6 backends, a /126 for their IPv6 addresses: some run out.
     let apps: Vec<serde_json::Value> = (0..5)
         .map(|i| {
@@ -406,8 +402,9 @@ fn ipv6_exhaustion_keeps_the_names_ipv4_vips() {
     let b = assemble(&contribs, "marathon", &IpPolicy::default(), &mut a);
     let v4 = b.vips.iter().filter(|v| v.key.ip.is_ipv4()).count();
     let v6 = b.vips.iter().filter(|v| v.key.ip.is_ipv6()).count();
-    assert_eq!(v4, 5, "every name keeps its IPv4 VIP");
-    assert!((1..5).contains(&v6), "{v6} IPv6 VIPs");
+    // IPv6 backends only: no name has an IPv4 address, and a /126 lends three IPv6 ones.
+    assert_eq!(v4, 0, "no IPv4 VIP for IPv6-only names");
+    assert_eq!(v6, 3, "{v6} IPv6 VIPs");
     assert_eq!(b.rejections.len(), 5 - v6);
     for r in &b.rejections {
         assert_eq!(r.reason, "exhausted");

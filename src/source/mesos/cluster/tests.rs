@@ -137,7 +137,6 @@ fn every_networking_mode_of_a_marathon_task() {
     assert_eq!(c.task_count(), 12);
     assert!(r.is_empty(), "{r:?}");
     let m = |n: &str| format!("{n}.marathon.l4lb.thisdcos.directory");
-    let v6 = ["172.19.0.2:8080 Active", "[fd01:b::2:8000:0:2]:8080 Active"];
     assert_eq!(
         summary(&t),
         [
@@ -164,9 +163,18 @@ fn every_networking_mode_of_a_marathon_task() {
                 "80/tcp",
                 &["172.17.0.4:31168 Active"]
             ),
-            // Dual-stack overlay: both addresses, so the name has an IPv4 and an IPv6 VIP.
-            s(&m("docker-on-ipv6-0"), "80/tcp", &v6),
-            s(&m("docker-on-ipv6-0"), "80/tcp", &v6),
+            // Dual-stack overlay: both addresses, so the name has an IPv4 and an IPv6 VIP,
+            // each serving its own family.
+            s(
+                &m("docker-on-ipv6-0"),
+                "80/tcp",
+                &["172.19.0.2:8080 Active"]
+            ),
+            s(
+                &m("docker-on-ipv6-0"),
+                "80/tcp",
+                &["[fd01:b::2:8000:0:2]:8080 Active"]
+            ),
             // A container port 0 (none given): no backend.
             s(&m("none-on-dcos-0"), "80/tcp", &[]),
             s(&m("none-on-host-0"), "80/tcp", &["172.17.0.4:13977 Active"]),
@@ -180,6 +188,15 @@ fn every_networking_mode_of_a_marathon_task() {
             s(&m("ucr-on-host-0"), "80/tcp", &["172.17.0.3:10323 Active"]),
         ]
     );
+    // The dual-stack task's addresses, both families, are its task name's A and AAAA.
+    let ipv6_task = t
+        .apps
+        .values()
+        .flat_map(|a| &a.tasks)
+        .find(|t| t.container.iter().any(|ip| ip.is_ipv6()))
+        .expect("a task with an IPv6 container address");
+    let ips: Vec<String> = ipv6_task.container.iter().map(|i| i.to_string()).collect();
+    assert_eq!(ips, ["172.19.0.2", "fd01:b::2:8000:0:2"]);
 }
 
 /// The table after each event of `file`.
