@@ -25,9 +25,10 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
+#include "shared.h"
+
 #define MAX_SERVICES 65536
 #define MAX_BACKENDS 262144
-#define MAX_REVNAT 65536
 #define MAX_COUNTERS 65536
 
 /* What a cgroup sock_addr program returns: go on with the (possibly rewritten) call, or fail
@@ -35,13 +36,6 @@
 enum verdict {
 	VERDICT_REJECT = 0,
 	VERDICT_PROCEED = 1,
-};
-
-struct svc_key {
-	__u32 ip[4];   /* network order; IPv4 as ::ffff:a.b.c.d */
-	__u16 port;    /* network order */
-	__u8 proto;    /* IPPROTO_TCP / IPPROTO_UDP */
-	__u8 pad;
 };
 
 struct svc_val {
@@ -59,19 +53,6 @@ struct be_val {
 	__u16 port;
 	__u16 pad;
 	__u32 counter; /* index into counters */
-};
-
-struct nat_key {
-	__u64 cookie;
-	__u32 ip[4];   /* backend */
-	__u16 port;
-	__u16 pad[3];
-};
-
-struct nat_val {
-	__u32 ip[4];   /* VIP */
-	__u16 port;
-	__u16 pad;
 };
 
 struct counters {
@@ -96,13 +77,6 @@ struct {
 } backends SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, MAX_REVNAT);
-	__type(key, struct nat_key);
-	__type(value, struct nat_val);
-} revnat SEC(".maps");
-
-struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, MAX_COUNTERS);
 	__type(key, __u32);
@@ -120,14 +94,6 @@ static __always_inline int in_scope(struct bpf_sock_addr *ctx)
 static __always_inline int is_v4mapped(const __u32 *ip)
 {
 	return ip[0] == 0 && ip[1] == 0 && ip[2] == bpf_htonl(0xffff);
-}
-
-static __always_inline void set_v4mapped(__u32 *ip, __u32 v4)
-{
-	ip[0] = 0;
-	ip[1] = 0;
-	ip[2] = bpf_htonl(0xffff);
-	ip[3] = v4;
 }
 
 static __always_inline int same_ip(const __u32 *a, const __u32 *b)

@@ -14,7 +14,7 @@
 // (the license declared below), the rest of l4lb under its own license.
 //
 // Maps (their Rust side: src/agent/bpf/layout.rs, checked against this object's BTF by a test):
-//   revnat    l4lb.bpf.c's map, reused by the loader (same layout as there)
+//   revnat    l4lb.bpf.c's map, reused by the loader (one layout, in shared.h)
 //   destroy   (VIP, backend) -> 1: the pairs whose sockets the next run closes
 //
 // Build: scripts/build-bpf.sh, as l4lb.bpf.c.
@@ -25,28 +25,9 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#define MAX_REVNAT 65536
+#include "shared.h"
+
 #define MAX_DESTROY 65536
-
-struct svc_key {
-	__u32 ip[4];   /* network order; IPv4 as ::ffff:a.b.c.d */
-	__u16 port;    /* network order */
-	__u8 proto;    /* IPPROTO_TCP / IPPROTO_UDP */
-	__u8 pad;
-};
-
-struct nat_key {
-	__u64 cookie;
-	__u32 ip[4];   /* backend */
-	__u16 port;
-	__u16 pad[3];
-};
-
-struct nat_val {
-	__u32 ip[4];   /* VIP */
-	__u16 port;
-	__u16 pad;
-};
 
 struct destroy_key {
 	struct svc_key vip;
@@ -56,27 +37,12 @@ struct destroy_key {
 };
 
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, MAX_REVNAT);
-	__type(key, struct nat_key);
-	__type(value, struct nat_val);
-} revnat SEC(".maps");
-
-struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, MAX_DESTROY);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct destroy_key);
 	__type(value, __u8);
 } destroy SEC(".maps");
-
-static __always_inline void set_v4mapped(__u32 *ip, __u32 v4)
-{
-	ip[0] = 0;
-	ip[1] = 0;
-	ip[2] = bpf_htonl(0xffff);
-	ip[3] = v4;
-}
 
 /* The kernel types below hold only the fields read; their offsets come
  * from the running kernel's BTF (CO-RE relocations, applied by the loader). */
