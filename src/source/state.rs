@@ -10,8 +10,8 @@ use std::sync::Arc;
 use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::entries::{
-    Contribution, Rejection, TOO_MANY_BACKENDS, all_tasks_of, app_tasks, assemble,
-    limit_backends, name_families, of_family,
+    Contribution, Rejection, TOO_MANY_BACKENDS, all_tasks_of, app_tasks, assemble, limit_backends,
+    name_families, of_family,
 };
 use crate::labels::{IpPolicy, VipLabel};
 use crate::model::{Backend, Protocol, Vip, VipKey, VipName, VipTable};
