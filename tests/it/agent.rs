@@ -490,17 +490,9 @@ fn root_run_in_a_namespace_installs_follows_and_removes_vip_addresses() {
         "{metrics}"
     );
     // The real dig resolves the named VIP to an address on the interface; curl reaches it.
-    let dig = ns.exec_ok(&[
-        "dig",
-        "+short",
-        "+tries=1",
-        "+time=2",
-        "-p",
-        "5454",
-        "@127.0.0.1",
-        "web.marathon.l4lb.thisdcos.directory",
-    ]);
-    let vip_ip = String::from_utf8_lossy(&dig.stdout).trim().to_string();
+    let vip_ip = ns
+        .dig_short(5454, "web.marathon.l4lb.thisdcos.directory", "A")
+        .join("\n");
     assert!(
         vip_ip.starts_with("198.18.1") || vip_ip.starts_with("198.18.2"),
         "{vip_ip:?}"

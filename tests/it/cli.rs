@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::common::process::Proc;
-use crate::common::{BIN, get_json, get_text};
+use crate::common::{BIN, check_ok, get_json, get_text};
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/apps.json");
 
 /// Start `l4lb args…` and wait for its "API listening" log line; return the API address.
@@ -22,17 +22,7 @@ fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (Proc, SocketAddr) {
 
 #[test]
 fn check_prints_the_table_and_fails_on_rejected_labels() {
-    let out = Command::new(BIN)
-        .args(["check", "--apps-file", EXAMPLE])
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let vips: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let vips = check_ok(&["--apps-file", EXAMPLE]);
     let names: Vec<&str> = vips
         .as_array()
         .unwrap()

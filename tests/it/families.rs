@@ -51,18 +51,7 @@ fn check_lists_each_address_with_its_own_family() {
     six["tasks"][0]["id"] = json!("six.1");
     six["tasks"][0]["ipAddresses"] = json!([{"ipAddress": "fd00:18::2", "protocol": "IPv6"}]);
     write_apps(&file, vec![dual_app(), six]);
-    let out = std::process::Command::new(BIN)
-        .args(["check", "--apps-file"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let vips: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let vips = crate::common::check_ok(&[std::ffi::OsStr::new("--apps-file"), file.as_os_str()]);
     let rows: Vec<String> = vips
         .as_array()
         .unwrap()
@@ -159,22 +148,7 @@ fn get(ns: &NetNs, url: &str) -> Option<String> {
 
 /// The addresses dig finds for `name` of type `qtype` at the agent's DNS.
 fn dig(ns: &NetNs, name: &str, qtype: &str) -> Vec<String> {
-    let out = ns.exec_ok(&[
-        "dig",
-        "+short",
-        "+tries=1",
-        "+time=2",
-        "-p",
-        "5454",
-        "@127.0.0.1",
-        name,
-        qtype,
-    ]);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
-        .collect()
+    ns.dig_short(5454, name, qtype)
 }
 
 fn dual_stack(prefix: &str, bpf: bool) {
@@ -232,14 +206,7 @@ fn dual_stack(prefix: &str, bpf: bool) {
         Duration::from_secs(10),
         Duration::from_millis(50),
         || {
-            let out = ns.exec(&[
-                "curl",
-                "-sS",
-                "--max-time",
-                "2",
-                &format!("http://{api}/v1/vips"),
-            ]);
-            let all: Value = serde_json::from_slice(&out.stdout).ok()?;
+            let all: Value = ns.get_json(&format!("http://{api}/v1/vips"))?;
             let rows: Vec<(String, String, String, String)> = all
                 .as_array()?
                 .iter()
@@ -307,14 +274,7 @@ fn dual_stack(prefix: &str, bpf: bool) {
             Duration::from_secs(5),
             Duration::from_millis(100),
             || {
-                let out = ns.exec(&[
-                    "curl",
-                    "-sS",
-                    "--max-time",
-                    "2",
-                    &format!("http://{api}/v1/vips"),
-                ]);
-                let all: Value = serde_json::from_slice(&out.stdout).ok()?;
+                let all: Value = ns.get_json(&format!("http://{api}/v1/vips"))?;
                 all.as_array()?
                     .iter()
                     .all(|v| {

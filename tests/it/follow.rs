@@ -96,14 +96,8 @@ impl Node {
         let api = log.addr("API listening", Duration::from_secs(20));
         log.wait_for("first table applied", Duration::from_secs(20));
         let vips = |ns: &NetNs, api: &str| -> Value {
-            let out = ns.exec(&[
-                "curl",
-                "-sS",
-                "--max-time",
-                "2",
-                &format!("http://{api}/v1/vips"),
-            ]);
-            serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+            ns.get_json(&format!("http://{api}/v1/vips"))
+                .unwrap_or(Value::Null)
         };
         let node = Node {
             ns,

@@ -44,14 +44,20 @@ async fn wait_names(rx: &mut TableRx, want: &[(&str, usize)]) {
     }
 }
 
-#[tokio::test]
-async fn pods_are_read_with_apps_and_followed_by_their_events() {
+/// A fake Marathon serving the pods of [`FIXTURE`], and those pods.
+async fn fake_with_fixture_pods() -> (FakeMarathon, Vec<Value>) {
     let fake = FakeMarathon::start().await;
     let pods: Vec<Value> =
         serde_json::from_str(&std::fs::read_to_string(FIXTURE).unwrap()).unwrap();
     for p in &pods {
         fake.put_pod(p.clone());
     }
+    (fake, pods)
+}
+
+#[tokio::test]
+async fn pods_are_read_with_apps_and_followed_by_their_events() {
+    let (fake, pods) = fake_with_fixture_pods().await;
     // No resync during the test: only events may change the table.
     let (resync, timeout) = (Duration::from_secs(3600), Duration::from_secs(5));
     let mut ctl = Ctl::marathon(&[fake.url()], BuildConfig::default(), resync, timeout).await;
@@ -104,12 +110,7 @@ fn ask(catalog: &DnsCatalog, name: &str, t: RecordType) -> (ResponseCode, Vec<St
 /// agent) and the SRV of their host ports; a staging or killing container is no name.
 #[tokio::test]
 async fn pod_containers_are_answered_under_their_names_in_mesos() {
-    let fake = FakeMarathon::start().await;
-    let pods: Vec<Value> =
-        serde_json::from_str(&std::fs::read_to_string(FIXTURE).unwrap()).unwrap();
-    for p in &pods {
-        fake.put_pod(p.clone());
-    }
+    let (fake, _) = fake_with_fixture_pods().await;
     let (resync, timeout) = (Duration::from_secs(3600), Duration::from_secs(5));
     let mut ctl = Ctl::marathon(&[fake.url()], BuildConfig::default(), resync, timeout).await;
     let t = ctl.wait(|t| t.apps.contains_key("/db-pod::db")).await;

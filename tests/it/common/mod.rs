@@ -47,6 +47,22 @@ pub fn state_dir() -> &'static std::path::Path {
     })
 }
 
+/// `l4lb check <args>`: it must exit 0; the table it prints, as JSON.
+pub fn check_ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> serde_json::Value {
+    let out = std::process::Command::new(BIN)
+        .arg("check")
+        .args(args)
+        .output()
+        .expect("run l4lb check");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("check prints JSON")
+}
+
 /// GET `url` and parse its JSON body; panics on any failure (the tests' one-line fetch).
 pub async fn get_json<T: serde::de::DeserializeOwned>(url: &str) -> T {
     let r = reqwest::get(url)

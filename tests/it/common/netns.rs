@@ -97,6 +97,34 @@ impl NetNs {
             .unwrap_or_else(|e| panic!("spawning {args:?} in {}: {e}", self.name))
     }
 
+    /// GET `url` with curl inside the namespace (2 s at most): the JSON body, if any.
+    pub(crate) fn get_json(&self, url: &str) -> Option<serde_json::Value> {
+        let out = self.exec(&["curl", "-sS", "--max-time", "2", url]);
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// `dig +short` inside the namespace for `name` of `qtype` at 127.0.0.1:`port`: the
+    /// answer's lines.
+    pub(crate) fn dig_short(&self, port: u16, name: &str, qtype: &str) -> Vec<String> {
+        let port = port.to_string();
+        let out = self.exec_ok(&[
+            "dig",
+            "+short",
+            "+tries=1",
+            "+time=2",
+            "-p",
+            &port,
+            "@127.0.0.1",
+            name,
+            qtype,
+        ]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect()
+    }
+
     /// Like [`NetNs::exec`] but panics, with the output, unless the command succeeds.
     #[track_caller]
     pub(crate) fn exec_ok(&self, args: &[&str]) -> Output {
