@@ -117,6 +117,14 @@ pub struct VipName {
 }
 
 impl VipName {
+    /// The name `label` in `framework`.
+    pub fn new(label: impl Into<String>, framework: impl Into<String>) -> VipName {
+        VipName {
+            label: label.into(),
+            framework: framework.into(),
+        }
+    }
+
     /// The fully qualified name in `zone`, without a trailing dot.
     pub fn fqdn_in(&self, zone: &str) -> String {
         format!("{}.{}.{}", self.label, self.framework, zone)
@@ -368,18 +376,8 @@ pub(crate) mod test_util {
 
     /// A named VIP (framework `marathon`) without backends.
     pub(crate) fn named(label: &str, ip: &str, port: u16, protocol: Protocol) -> Vip {
-        Vip {
-            key: VipKey {
-                ip: ip.parse().unwrap(),
-                port,
-                protocol,
-            },
-            name: Some(VipName {
-                label: label.into(),
-                framework: "marathon".into(),
-            }),
-            backends: vec![],
-        }
+        let name = VipName::new(label, "marathon");
+        Vip::normalized((ip.parse().unwrap(), port, protocol), Some(name), vec![])
     }
 
     pub(crate) fn vip(ip: &str, port: u16, backends: &[&str]) -> Vip {

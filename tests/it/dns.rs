@@ -9,7 +9,7 @@ use hickory_proto::op::{Edns, Message, MessageType, Query, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use l4lb::agent::dns::{CacheConfig, DnsCatalog, DnsConfig, DnsMetrics, ServerLimits, serve};
-use l4lb::model::{Protocol, Vip, VipKey, VipName};
+use l4lb::model::{Protocol, Vip, VipName};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -19,18 +19,12 @@ use tokio_util::sync::CancellationToken;
 const WEB: &str = "web.marathon.l4lb.thisdcos.directory.";
 
 fn named(label: &str, ip: &str, port: u16, protocol: Protocol) -> Vip {
-    Vip {
-        key: VipKey {
-            ip: ip.parse().expect("ip"),
-            port,
-            protocol,
-        },
-        name: Some(VipName {
-            label: label.into(),
-            framework: "marathon".into(),
-        }),
-        backends: vec![],
-    }
+    let name = VipName::new(label, "marathon");
+    Vip::normalized(
+        (ip.parse().expect("ip"), port, protocol),
+        Some(name),
+        vec![],
+    )
 }
 
 struct Server {

@@ -104,6 +104,22 @@ impl<S> Fake<S> {
         }
     }
 
+    /// Serve `api` behind `gate` with the `extra` routes (a fake ACS's login) beside it and
+    /// outside the gate, over TLS when `tls` is given; as [`Fake::serve`] otherwise.
+    pub fn serve_gated(
+        listener: tokio::net::TcpListener,
+        (api, gate, extra): (Router, &Gate, Router),
+        state: S,
+        stop: CancellationToken,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Self {
+        let router = gate.guard(api).merge(extra);
+        match tls {
+            Some(tls) => Fake::serve_tls(listener, router, state, stop, tls),
+            None => Fake::serve(listener, router, state, stop),
+        }
+    }
+
     pub fn url(&self) -> String {
         let scheme = if self.tls { "https" } else { "http" };
         format!("{scheme}://{}", self.addr)

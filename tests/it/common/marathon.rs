@@ -85,12 +85,8 @@ impl FakeMarathon {
             .route("/v2/events", get(events_stream))
             .route("/v2/pods/{*rest}", get(pods))
             .with_state(state.clone());
-        let router = state.gate.guard(api).merge(extra);
-        let stop = state.stop.clone();
-        match tls {
-            Some(tls) => Fake::serve_tls(listener, router, state, stop, tls),
-            None => Fake::serve(listener, router, state, stop),
-        }
+        let (gate, stop) = (state.gate.clone(), state.stop.clone());
+        Fake::serve_gated(listener, (api, &gate, extra), state, stop, tls)
     }
 }
 

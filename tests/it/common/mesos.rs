@@ -96,12 +96,8 @@ impl FakeMesos {
         let api = Router::new()
             .route("/api/v1", post(api))
             .with_state(state.clone());
-        let router = state.gate.guard(api).merge(extra);
-        let stop = state.stop.clone();
-        match tls {
-            Some(tls) => Fake::serve_tls(listener, router, state, stop, tls),
-            None => Fake::serve(listener, router, state, stop),
-        }
+        let (gate, stop) = (state.gate.clone(), state.stop.clone());
+        Fake::serve_gated(listener, (api, &gate, extra), state, stop, tls)
     }
 }
 
