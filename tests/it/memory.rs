@@ -171,6 +171,16 @@ const APPLIED: &str = "l4lb::agent: table applied";
 /// RSS of a real `l4lb agent` following a real controller API that publishes an empty table,
 /// then `table`: (before `table`, peak since, after it was applied, saved and settled), KiB.
 async fn agent_rss(table: l4lb::model::VipTable) -> (u64, u64, u64) {
+    agent_rss_on(table, None).await
+}
+
+/// As [`agent_rss`], with the kernel path when `kernel` names a namespace: the agent and the
+/// controller API in it, `--data-plane bpf` acting on its sockets only, pins in a BPF file
+/// system of the agent's own mount namespace (gone with the agent, however it ends).
+async fn agent_rss_on(
+    table: l4lb::model::VipTable,
+    kernel: Option<&crate::common::netns::NetNs>,
+) -> (u64, u64, u64) {
     use l4lb::api::{self, ApiState, Readiness};
     use l4lb::model::VipTable;
     use std::sync::Arc;
@@ -180,7 +190,14 @@ async fn agent_rss(table: l4lb::model::VipTable) -> (u64, u64, u64) {
     // Its own state directory: no table saved by another agent is served first.
     let state_dir = tempfile::tempdir().unwrap();
     let (tx, rx) = tokio::sync::watch::channel(Arc::new(VipTable::new(1, [])));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = match kernel {
+        None => tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        Some(ns) => {
+            let l = ns.run(|| async { std::net::TcpListener::bind("127.0.0.1:0").unwrap() });
+            l.set_nonblocking(true).unwrap();
+            tokio::net::TcpListener::from_std(l).unwrap()
+        }
+    };
     let ctl = listener.local_addr().unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
     let state = ApiState::new(
@@ -190,20 +207,30 @@ async fn agent_rss(table: l4lb::model::VipTable) -> (u64, u64, u64) {
     );
     tokio::spawn(api::serve(listener, state, stop.clone()));
     let ht = std::env::var_os("HT").is_some();
-    let mut cmd = if ht {
-        let mut c = Command::new("heaptrack");
-        c.args(["-o", "/tmp/ht/agent", BIN]);
-        c
-    } else {
-        Command::new(BIN)
+    let bpffs = tempfile::tempdir().unwrap();
+    let mut cmd = match kernel {
+        _ if ht => {
+            let mut c = Command::new("heaptrack");
+            c.args(["-o", "/tmp/ht/agent", BIN]);
+            c
+        }
+        None => Command::new(BIN),
+        Some(ns) => ns.command(BIN),
     };
     cmd.args(["--worker-threads", "2"])
         .args(crate::common::apps::agent_args(&format!("http://{ctl}")))
         .arg("--state-dir")
         .arg(state_dir.path());
+    if kernel.is_some() {
+        cmd.args(["--data-plane", "bpf", "--bpf-netns-only", "--bpffs"])
+            .arg(bpffs.path());
+    }
     let agent = crate::common::process::Proc::spawn("agent", cmd);
     let log = agent.log();
     log.wait_for("first table applied", Duration::from_secs(20));
+    if kernel.is_some() {
+        assert!(log.text().contains("data_plane=\"bpf\""), "{}", log.text());
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pid = agent.pid();
     let (base, _) = rss_kib(pid);
@@ -310,13 +337,17 @@ async fn a_controller_delta_costs_an_agent_a_small_multiple_of_its_size() {
 /// 400 VIPs x 250 backends (100,000), with their apps' task records (as a Marathon
 /// controller sends them, for task names) or without; the RSS it keeps once the table is
 /// applied, saved and the heap trimmed, above what it had with an empty table, per backend.
-/// Measured (debug build): 606 bytes a backend without task records, 1,661 with them (633
-/// and 1,687 while a backend's metric labels held its address a second time).
+/// Measured (debug build), proxy: 586 bytes a backend without task records, 1,639 with them
+/// (606 and 1,661 before a backend's health and kill token shared one lock and its open count
+/// became 32 bits; 633 and 1,687 while its metric labels held its address a second time).
+/// The kernel path: 2,283 without task records.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_an_agent_keeps_per_backend() {
-    /// Kept bytes per backend allowed, without and with task records: the measured values
-    /// with ~10% for other allocators and page sizes.
-    const MAX_KEPT: [(bool, f64); 2] = [(false, 670.0), (true, 1_850.0)];
+    /// Kept bytes per backend allowed, without and with task records: the issue's 600 (measured
+    /// 586), and the measured 1,639 with ~10% for other allocators and page sizes.
+    const MAX_KEPT: [(bool, f64); 2] = [(false, 600.0), (true, 1_800.0)];
+    /// The kernel path, without task records: measured 2,283, ~10% margin.
+    const KERNEL_MAX_KEPT: f64 = 2_500.0;
     const VIPS: usize = 400;
     const PER: usize = 250;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -324,20 +355,35 @@ async fn what_an_agent_keeps_per_backend() {
         .local_addr()
         .unwrap()
         .port();
-    for (with_tasks, max) in MAX_KEPT {
+    let ns = nix::unistd::geteuid()
+        .is_root()
+        .then(|| crate::common::netns::NetNs::new("membpf"));
+    let mut cases: Vec<(&str, bool, f64, Option<&crate::common::netns::NetNs>)> = MAX_KEPT
+        .iter()
+        .map(|&(tasks, max)| ("proxy", tasks, max, None))
+        .collect();
+    // The kernel path (root only): the same forwarder state (its listeners stay, the
+    // fallback), plus what its planner keeps to diff the maps (per backend address a set of
+    // its VIPs, per pair a counter slot), the counters snapshot the API reads and the TCP
+    // prober's health: measured 2,283 bytes, over the issue's 600 (not yet met).
+    if let Some(ns) = &ns {
+        cases.push(("kernel path", false, KERNEL_MAX_KEPT, Some(ns)));
+    }
+    for (plane, with_tasks, max, ns) in cases {
         let big = big_table_of(2, VIPS, PER, port, with_tasks);
-        let (base, peak, after) = agent_rss(big).await;
+        let (base, peak, after) = agent_rss_on(big, ns).await;
         let n = (VIPS * PER) as f64;
         let kept = (after.saturating_sub(base) * 1024) as f64 / n;
         let peak_per = (peak.saturating_sub(base) * 1024) as f64 / n;
         eprintln!(
-            "{} backends, task records {with_tasks}: agent RSS {base} KiB before, peak {peak} \
-             KiB, {after} KiB settled: {kept:.0} bytes kept per backend, peak {peak_per:.0}",
+            "{plane}: {} backends, task records {with_tasks}: agent RSS {base} KiB before, \
+             peak {peak} KiB, {after} KiB settled: {kept:.0} bytes kept per backend, peak \
+             {peak_per:.0}",
             VIPS * PER
         );
         assert!(
             kept <= max,
-            "{kept:.0} bytes kept per backend (tasks: {with_tasks})"
+            "{plane}: {kept:.0} bytes kept per backend (tasks: {with_tasks})"
         );
     }
 }

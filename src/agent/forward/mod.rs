@@ -481,7 +481,7 @@ impl ForwardStats {
         let (b, _) = set.get(backend)?;
         let lat = b.connect_latency();
         Some(BackendStats {
-            active_connections: b.active.load(Ordering::Relaxed),
+            active_connections: u64::from(b.active.load(Ordering::Relaxed)),
             bytes: b.bytes.load(Ordering::Relaxed),
             ejected: b.is_ejected(Instant::now()),
             connects: b.connects(),
