@@ -1027,6 +1027,15 @@ pub fn with_trailing_slash(u: &Url) -> Url {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `l4lb controller <args>` parsed: the controller's arguments.
+    fn controller(args: &[&str]) -> ControllerArgs {
+        let argv = ["l4lb", "controller"].iter().chain(args);
+        let Command::Controller(c) = Cli::try_parse_from(argv).unwrap().command else {
+            panic!("not the controller")
+        };
+        c
+    }
     use clap::CommandFactory;
 
     #[test]
@@ -1337,18 +1346,7 @@ mod tests {
             ("data.Cassandra", Some("data.cassandra")),
             ("___", None),
         ] {
-            let cli = Cli::try_parse_from([
-                "l4lb",
-                "controller",
-                "--marathon",
-                "http://m1",
-                "--framework",
-                given,
-            ])
-            .unwrap();
-            let Command::Controller(c) = cli.command else {
-                panic!()
-            };
+            let c = controller(&["--marathon", "http://m1", "--framework", given]);
             let got = c.build.validate().ok().map(|b| b.framework);
             assert_eq!(got.as_deref(), want, "{given}");
         }
@@ -1356,56 +1354,35 @@ mod tests {
 
     #[test]
     fn sources() {
-        let cli = Cli::try_parse_from([
-            "l4lb",
-            "controller",
+        let c = controller(&[
             "--marathon",
             "http://m1:8080",
             "--marathon",
             "http://m2:8080/marathon",
-        ])
-        .unwrap();
-        let Command::Controller(c) = cli.command else {
-            panic!()
-        };
+        ]);
         let SourceConfig::Marathon { masters, .. } = c.source.validate().unwrap() else {
             panic!()
         };
         assert_eq!(masters[1].as_str(), "http://m2:8080/marathon/");
-        let cli = Cli::try_parse_from(["l4lb", "controller"]).unwrap();
-        let Command::Controller(c) = cli.command else {
-            panic!()
-        };
+        let c = controller(&[]);
         assert!(matches!(c.source.validate(), Err(ConfigError::NoSource)));
-        let cli = Cli::try_parse_from([
-            "l4lb",
-            "controller",
+        let c = controller(&[
             "--marathon",
             "http://m1",
             "--marathon-auth",
             "basic",
             "--marathon-credentials",
             "nocolon",
-        ])
-        .unwrap();
-        let Command::Controller(c) = cli.command else {
-            panic!()
-        };
+        ]);
         assert!(matches!(c.source.validate(), Err(ConfigError::BadBasic)));
-        let cli = Cli::try_parse_from([
-            "l4lb",
-            "controller",
+        let c = controller(&[
             "--mesos",
             "http://m1:5050,http://m2:5050",
             "--marathon-auth",
             "token",
             "--marathon-credentials",
             "t0k",
-        ])
-        .unwrap();
-        let Command::Controller(c) = cli.command else {
-            panic!()
-        };
+        ]);
         let SourceConfig::Mesos { masters, auth, .. } = c.source.validate().unwrap() else {
             panic!()
         };

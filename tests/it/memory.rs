@@ -165,6 +165,12 @@ fn big_table_of(
     table.with_apps(apps)
 }
 
+/// A TCP port free on loopback a moment ago (the VIPs' port in the big tables).
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
 /// The agent's log line for each table it applied (not the readiness line).
 const APPLIED: &str = "l4lb::agent: table applied";
 
@@ -301,11 +307,7 @@ async fn a_controller_delta_costs_an_agent_a_small_multiple_of_its_size() {
     /// agent kept less per backend and task, 11.6-11.8 before the first fix; the margin,
     /// ~10%, is for other machines' allocators and page sizes).
     const MAX_PER_BYTE: f64 = 7.4;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let big = big_table(2, 320, 250, port);
     // What the agent reads: the controller's own serialisation of a full delta.
     let body = serde_json::to_vec(&DeltaJson::between(None, &big))
@@ -350,11 +352,7 @@ async fn what_an_agent_keeps_per_backend() {
     const KERNEL_MAX_KEPT: f64 = 2_400.0;
     const VIPS: usize = 400;
     const PER: usize = 250;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let ns = nix::unistd::geteuid()
         .is_root()
         .then(|| crate::common::netns::NetNs::new("membpf"));

@@ -37,6 +37,22 @@ fn start(args: &[&str]) -> (Proc, Log, SocketAddr) {
 }
 
 /// `l4lb run` from an apps file, unprivileged.
+/// A controller on the apps file `apps` (polled every 50 ms) whose API wants the token in
+/// `token`, with `extra` flags.
+fn start_controller(apps: &Path, token: &Path, extra: &[&str]) -> (Proc, Log, SocketAddr) {
+    let (apps, token) = (apps.to_str().unwrap(), token.to_str().unwrap());
+    let mut args = vec![
+        "controller",
+        "--apps-file",
+        apps,
+        "--apps-file-poll",
+        "50ms",
+    ];
+    args.extend(extra);
+    args.extend(["--api-token-file", token]);
+    start(&args)
+}
+
 fn start_run(apps: &Path) -> (Proc, Log, SocketAddr) {
     start(&[
         "run",
@@ -171,15 +187,7 @@ fn label_errors_api_and_check_use_the_same_words_and_honour_the_token() {
         .collect();
     assert_eq!(check_lines.len(), 2, "{check_lines:?}");
 
-    let (_c, _log, api) = start(&[
-        "controller",
-        "--apps-file",
-        apps.to_str().unwrap(),
-        "--apps-file-poll",
-        "50ms",
-        "--api-token-file",
-        token.to_str().unwrap(),
-    ]);
+    let (_c, _log, api) = start_controller(&apps, &token, &[]);
     // The data needs the token; the page (which holds none) does not.
     wait_until("the controller's API", Duration::from_secs(10), || {
         get(&rt, &format!("http://{api}/v1/label-errors"), None).is_some_and(|a| a.status == 401)
@@ -634,16 +642,7 @@ fn status_page_in_headless_chromium_shows_vips_traffic_and_rejected_labels() {
     // label with its app, value and reason.
     let token = dir.path().join("token");
     std::fs::write(&token, "s3cret").unwrap();
-    let (_c, _clog, capi) = start(&[
-        "controller",
-        "--apps-file",
-        apps.to_str().unwrap(),
-        "--apps-file-poll",
-        "50ms",
-        "--allow-loopback-vips",
-        "--api-token-file",
-        token.to_str().unwrap(),
-    ]);
+    let (_c, _clog, capi) = start_controller(&apps, &token, &["--allow-loopback-vips"]);
     wait_until("the controller's table", Duration::from_secs(10), || {
         get(
             &rt,

@@ -143,8 +143,19 @@ fn dnsmasq(
         dir.join(format!("{name}.pid")).display()
     ))
     .args(extra);
-    let daemon = Daemon::spawn(ns, name, &mut cmd, &log);
-    wait_answering(ns, server, probe, name);
+    answering(ns, name, &mut cmd, log, (server, probe))
+}
+
+/// Spawn `cmd` as the DNS server `what` logging to `log`; once `server` answers `probe`.
+fn answering(
+    ns: &NetNs,
+    what: &'static str,
+    cmd: &mut Command,
+    log: PathBuf,
+    (server, probe): (&str, &str),
+) -> (Daemon, PathBuf) {
+    let daemon = Daemon::spawn(ns, what, cmd, &log);
+    wait_answering(ns, server, probe, what);
     (daemon, log)
 }
 
@@ -401,14 +412,13 @@ fn stock_resolvers_use_l4lb_unchanged() {
         ),
     )
     .expect("unbound.conf");
-    let unbound_log = d.join("unbound.log");
-    let mut unbound = Daemon::spawn(
+    let (mut unbound, unbound_log) = answering(
         &ns,
         "unbound",
         ns.command("unbound").arg("-d").arg("-c").arg(&unbound_conf),
-        &unbound_log,
+        d.join("unbound.log"),
+        ("127.0.0.1:5301", "localhost"),
     );
-    wait_answering(&ns, "127.0.0.1:5301", "localhost", "unbound");
     unbound.alive(&unbound_log);
 
     // BIND: stub zones (refreshed from l4lb, which must answer its NS name), forwarding
@@ -429,16 +439,15 @@ fn stock_resolvers_use_l4lb_unchanged() {
         ),
     )
     .expect("named.conf");
-    let named_log = d.join("named.log");
-    let mut named = Daemon::spawn(
+    let (mut named, named_log) = answering(
         &ns,
         "named",
         ns.command("named")
             .args(["-g", "-n", "1", "-c"])
             .arg(&named_conf),
-        &named_log,
+        d.join("named.log"),
+        ("127.0.0.1:5302", "localhost"),
     );
-    wait_answering(&ns, "127.0.0.1:5302", "localhost", "named");
     // Ready once both stub zones are refreshed from l4lb (named writes their files then).
     let deadline = Instant::now() + Duration::from_secs(20);
     while !(d.join("l4lb.stub").exists() && d.join("mesos.stub").exists()) {
