@@ -142,6 +142,19 @@ pub fn mangle(name: &str) -> String {
 /// Longest DNS label (RFC 1035).
 const MAX_LABEL: usize = 63;
 
+/// The characters of [`rfc1123`], neither trimmed nor cut: lower-case ASCII letters and
+/// digits kept, `-` `_` `.` as `-`, everything else dropped.
+pub(crate) fn rfc1123_chars(name: &str) -> String {
+    name.chars()
+        .filter_map(|c| match c {
+            'A'..='Z' => Some(c.to_ascii_lowercase()),
+            'a'..='z' | '0'..='9' => Some(c),
+            '-' | '_' | '.' => Some('-'),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Mesos-DNS's `RFC1123(name)`: lower-case ASCII letters and digits kept, `-` `_` (and `.`)
 /// become `-`, everything else dropped; leading dashes trimmed; cut at 63. A dash run at the
 /// cut is dropped and the label keeps filling from what follows the run, up to 63 characters
@@ -151,15 +164,7 @@ const MAX_LABEL: usize = 63;
 /// dash (`a{61}--b-c` would give `a{61}b-`) loses its trailing dashes. (Mesos-DNS slices past
 /// the end of a short tail there, which its Go runtime may refuse; we take what there is.)
 pub fn rfc1123(part: &str) -> String {
-    let mapped: String = part
-        .chars()
-        .filter_map(|c| match c {
-            'A'..='Z' => Some(c.to_ascii_lowercase()),
-            'a'..='z' | '0'..='9' => Some(c),
-            '-' | '_' | '.' => Some('-'),
-            _ => None,
-        })
-        .collect();
+    let mapped = rfc1123_chars(part);
     let trimmed = mapped.trim_start_matches('-');
     let size = trimmed.len().min(MAX_LABEL);
     // ASCII only from here: byte indices are character indices.

@@ -47,16 +47,9 @@ pub fn label(name: &str) -> String {
 
 /// [`label`] without the length limit.
 fn mangle(name: &str) -> String {
-    let mapped: String = name
-        .chars()
-        .filter_map(|c| match c {
-            'A'..='Z' => Some(c.to_ascii_lowercase()),
-            'a'..='z' | '0'..='9' => Some(c),
-            '-' | '.' | '_' => Some('-'),
-            _ => None,
-        })
-        .collect();
-    mapped.trim_matches('-').to_string()
+    crate::labels::rfc1123_chars(name)
+        .trim_matches('-')
+        .to_string()
 }
 
 /// The label of a task id in SRV targets: [`label`], keeping the end when too long (a
