@@ -135,95 +135,37 @@ mod tests {
 
     #[test]
     fn cases() {
-        struct Case {
-            name: &'static str,
-            old: Vec<Vip>,
-            new: Vec<Vip>,
-            added: usize,
-            removed: usize,
-            changed: usize,
-        }
-        let mut draining = vip("11.0.0.1", 80, &[]);
+        // The VIP most cases start from, and one without backends.
+        let one = || vip("11.0.0.1", 80, &["10.0.0.1:1"]);
+        let bare = |port| vip("11.0.0.1", port, &[]);
+        let two = vip("11.0.0.1", 80, &["10.0.0.1:1", "10.0.0.2:1"]);
+        let mut draining = bare(80);
         draining.backends = vec![backend("10.0.0.1:1", BackendState::Draining)];
-        let mut renamed = vip("11.0.0.1", 80, &["10.0.0.1:1"]);
+        let mut renamed = one();
         renamed.name = Some(VipName {
             label: "x".into(),
             framework: "marathon".into(),
         });
-        let cases = vec![
-            Case {
-                name: "empty",
-                old: vec![],
-                new: vec![],
-                added: 0,
-                removed: 0,
-                changed: 0,
-            },
-            Case {
-                name: "add",
-                old: vec![],
-                new: vec![vip("11.0.0.1", 80, &[])],
-                added: 1,
-                removed: 0,
-                changed: 0,
-            },
-            Case {
-                name: "remove",
-                old: vec![vip("11.0.0.1", 80, &[])],
-                new: vec![],
-                added: 0,
-                removed: 1,
-                changed: 0,
-            },
-            Case {
-                name: "same",
-                old: vec![vip("11.0.0.1", 80, &["10.0.0.1:1"])],
-                new: vec![vip("11.0.0.1", 80, &["10.0.0.1:1"])],
-                added: 0,
-                removed: 0,
-                changed: 0,
-            },
-            Case {
-                name: "backend added",
-                old: vec![vip("11.0.0.1", 80, &["10.0.0.1:1"])],
-                new: vec![vip("11.0.0.1", 80, &["10.0.0.1:1", "10.0.0.2:1"])],
-                added: 0,
-                removed: 0,
-                changed: 1,
-            },
-            Case {
-                name: "state change",
-                old: vec![vip("11.0.0.1", 80, &["10.0.0.1:1"])],
-                new: vec![draining],
-                added: 0,
-                removed: 0,
-                changed: 1,
-            },
-            Case {
-                name: "rename",
-                old: vec![vip("11.0.0.1", 80, &["10.0.0.1:1"])],
-                new: vec![renamed],
-                added: 0,
-                removed: 0,
-                changed: 1,
-            },
-            Case {
-                name: "port differs is a different vip",
-                old: vec![vip("11.0.0.1", 80, &[])],
-                new: vec![vip("11.0.0.1", 81, &[])],
-                added: 1,
-                removed: 1,
-                changed: 0,
-            },
+        // name, old, new → added, removed, changed.
+        let cases = [
+            ("empty", vec![], vec![], (0, 0, 0)),
+            ("add", vec![], vec![bare(80)], (1, 0, 0)),
+            ("remove", vec![bare(80)], vec![], (0, 1, 0)),
+            ("same", vec![one()], vec![one()], (0, 0, 0)),
+            ("backend added", vec![one()], vec![two], (0, 0, 1)),
+            ("state change", vec![one()], vec![draining], (0, 0, 1)),
+            ("rename", vec![one()], vec![renamed], (0, 0, 1)),
+            (
+                "port differs is a different vip",
+                vec![bare(80)],
+                vec![bare(81)],
+                (1, 1, 0),
+            ),
         ];
-        for c in cases {
-            let d = diff(&t(c.old), &t(c.new));
-            assert_eq!(
-                (d.added.len(), d.removed.len(), d.changed.len()),
-                (c.added, c.removed, c.changed),
-                "{}",
-                c.name
-            );
+        for (name, old, new, want) in cases {
+            let d = diff(&t(old), &t(new));
+            let got = (d.added.len(), d.removed.len(), d.changed.len());
+            assert_eq!(got, want, "{name}");
         }
     }
 
