@@ -29,88 +29,65 @@ pub struct PodStatus {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(default, rename_all = "camelCase")]
 pub struct PodSpec {
-    #[serde(default)]
     pub containers: Vec<PodContainer>,
-    #[serde(default)]
     pub networks: Vec<Network>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(default, rename_all = "camelCase")]
 pub struct PodContainer {
-    #[serde(default)]
     pub name: String,
-    #[serde(default)]
     pub endpoints: Vec<Endpoint>,
-    #[serde(default)]
     pub health_check: Option<Value>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(default, rename_all = "camelCase")]
 pub struct Endpoint {
-    #[serde(default)]
     pub name: String,
-    #[serde(default)]
     pub container_port: Option<u32>,
-    #[serde(default)]
     pub host_port: Option<u32>,
-    #[serde(default)]
     pub protocol: Vec<String>,
-    #[serde(default)]
     pub labels: Option<BTreeMap<String, Value>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(default, rename_all = "camelCase")]
 pub struct PodInstance {
-    #[serde(default)]
     pub id: String,
-    #[serde(default)]
     pub agent_hostname: Option<String>,
-    #[serde(default)]
     pub networks: Vec<InstanceNetwork>,
-    #[serde(default)]
     pub containers: Vec<ContainerStatus>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(default, rename_all = "camelCase")]
 pub struct InstanceNetwork {
-    #[serde(default)]
     pub addresses: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(default, rename_all = "camelCase")]
 pub struct ContainerStatus {
-    #[serde(default)]
     pub name: String,
-    #[serde(default)]
     pub status: Option<String>,
-    #[serde(default)]
     pub endpoints: Vec<EndpointStatus>,
-    #[serde(default)]
     pub conditions: Vec<Condition>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(default, rename_all = "camelCase")]
 pub struct EndpointStatus {
-    #[serde(default)]
     pub name: String,
-    #[serde(default)]
     pub allocated_host_port: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(default, rename_all = "camelCase")]
 pub struct Condition {
-    #[serde(default)]
     pub name: String,
-    #[serde(default)]
     pub value: Option<String>,
 }
 

@@ -9,108 +9,82 @@ use serde_json::Value;
 use crate::source::PayloadError;
 use crate::source::entries::LabelValue;
 
+/// An app: `id` is required; a missing `Option` field reads as `None`, and the structs below
+/// default every missing field.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct App {
     pub id: String,
-    #[serde(default)]
     pub port_definitions: Option<Vec<PortDefinition>>,
-    #[serde(default)]
     pub container: Option<Container>,
-    #[serde(default)]
     pub networks: Option<Vec<Network>>,
-    #[serde(default)]
     pub health_checks: Option<Vec<Value>>,
-    #[serde(default)]
     pub tasks: Option<Vec<Task>>,
     /// App-level labels: the legacy `VIP_PORT<n>` ones are read from here.
-    #[serde(default)]
     pub labels: Option<BTreeMap<String, Value>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(default, rename_all = "camelCase")]
 pub struct PortDefinition {
-    #[serde(default)]
     pub port: Option<u32>,
-    #[serde(default)]
     pub name: Option<String>,
-    #[serde(default)]
     pub protocol: Option<String>,
-    #[serde(default)]
     pub labels: Option<BTreeMap<String, Value>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(default, rename_all = "camelCase")]
 pub struct Container {
-    #[serde(default, rename = "type")]
+    #[serde(rename = "type")]
     pub kind: Option<String>,
-    #[serde(default)]
     pub docker: Option<Docker>,
-    #[serde(default)]
     pub port_mappings: Option<Vec<PortMapping>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(default, rename_all = "camelCase")]
 pub struct Docker {
-    #[serde(default)]
     pub network: Option<String>,
-    #[serde(default)]
     pub port_mappings: Option<Vec<PortMapping>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(default, rename_all = "camelCase")]
 pub struct PortMapping {
-    #[serde(default)]
     pub container_port: Option<u32>,
-    #[serde(default)]
     pub host_port: Option<u32>,
-    #[serde(default)]
     pub name: Option<String>,
-    #[serde(default)]
     pub protocol: Option<String>,
-    #[serde(default)]
     pub labels: Option<BTreeMap<String, Value>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(default, rename_all = "camelCase")]
 pub struct Network {
-    #[serde(default)]
     pub mode: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(default, rename_all = "camelCase")]
 pub struct Task {
-    #[serde(default)]
     pub id: String,
-    #[serde(default)]
     pub host: Option<String>,
-    #[serde(default)]
     pub ports: Option<Vec<u32>>,
-    #[serde(default)]
     pub state: Option<String>,
-    #[serde(default)]
     pub ip_addresses: Option<Vec<IpAddressEntry>>,
-    #[serde(default)]
     pub health_check_results: Option<Vec<HealthCheckResult>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(default, rename_all = "camelCase")]
 pub struct IpAddressEntry {
-    #[serde(default)]
     pub ip_address: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(default, rename_all = "camelCase")]
 pub struct HealthCheckResult {
-    #[serde(default)]
     pub alive: bool,
 }
 
