@@ -246,93 +246,70 @@ impl Cluster {
                 let (c, b) = Cluster::from_state(state);
                 *self = c;
                 bad = b;
-                Applied::Full
+                Some(Applied::Full)
             }
-            "TASK_ADDED" => match ev.task_added.map(|a| parse_tasks(vec![a.task])) {
-                Some((mut tasks, b)) => {
+            "TASK_ADDED" => ev
+                .task_added
+                .and_then(|a| {
+                    let (mut tasks, b) = parse_tasks(vec![a.task]);
                     bad = b;
-                    match tasks.pop() {
-                        Some(t) => {
-                            let t = TaskState::from_task(t);
-                            let key = t.key();
-                            self.insert(t);
-                            Applied::Tasks([key].into())
-                        }
-                        None => Applied::Nothing,
-                    }
+                    tasks.pop()
+                })
+                .map(|t| {
+                    let t = TaskState::from_task(t);
+                    let key = t.key();
+                    self.insert(t);
+                    Applied::Tasks([key].into())
+                }),
+            "TASK_UPDATED" => ev.task_updated.and_then(|u| {
+                let key = task_key(&u.framework_id.value, &u.status.task_id.value);
+                // An update of a task we never saw added (or already forgot): nothing.
+                let mut t = self.tasks.get(&key).cloned()?;
+                if let Some(s) = u.state.or_else(|| u.status.state.clone()) {
+                    t.state = s;
                 }
-                None => Applied::Nothing,
-            },
-            "TASK_UPDATED" => match ev.task_updated {
-                Some(u) => {
-                    let key = task_key(&u.framework_id.value, &u.status.task_id.value);
-                    match self.tasks.get(&key).cloned() {
-                        Some(mut t) => {
-                            if let Some(s) = u.state.or_else(|| u.status.state.clone()) {
-                                t.state = s;
-                            }
-                            if let Some(h) = u.status.healthy {
-                                t.healthy = Some(h);
-                            }
-                            let ips = container_ips(&u.status);
-                            if !ips.is_empty() {
-                                t.container_ips = ips;
-                            }
-                            self.insert(t);
-                            Applied::Tasks([key].into())
-                        }
-                        // An update of a task we never saw added (or already forgot).
-                        None => Applied::Nothing,
-                    }
+                if let Some(h) = u.status.healthy {
+                    t.healthy = Some(h);
                 }
-                None => Applied::Nothing,
-            },
-            "AGENT_ADDED" => match ev.agent_added {
-                Some(a) => {
-                    let addr = agent_address(&a.agent);
-                    let id = a.agent.agent_info.id.value;
-                    self.agents.insert(id.clone(), addr);
-                    Applied::Tasks(Self::tasks_of(&self.by_agent, &id))
+                let ips = container_ips(&u.status);
+                if !ips.is_empty() {
+                    t.container_ips = ips;
                 }
-                None => Applied::Nothing,
-            },
-            "AGENT_REMOVED" => match ev.agent_removed {
-                Some(a) => {
-                    self.agents.remove(&a.agent_id.value);
-                    Applied::Tasks(Self::tasks_of(&self.by_agent, &a.agent_id.value))
-                }
-                None => Applied::Nothing,
-            },
+                self.insert(t);
+                Some(Applied::Tasks([key].into()))
+            }),
+            "AGENT_ADDED" => ev.agent_added.map(|a| {
+                let addr = agent_address(&a.agent);
+                let id = a.agent.agent_info.id.value;
+                self.agents.insert(id.clone(), addr);
+                Applied::Tasks(Self::tasks_of(&self.by_agent, &id))
+            }),
+            "AGENT_REMOVED" => ev.agent_removed.map(|a| {
+                self.agents.remove(&a.agent_id.value);
+                Applied::Tasks(Self::tasks_of(&self.by_agent, &a.agent_id.value))
+            }),
             "FRAMEWORK_ADDED" | "FRAMEWORK_UPDATED" => {
-                match ev.framework_added.or(ev.framework_updated) {
-                    Some(f) => {
-                        let info = f.framework.framework_info;
-                        let name = labels::mangle(&info.name);
-                        let old = self.frameworks.insert(info.id.value.clone(), name.clone());
-                        if old.as_ref() == Some(&name) {
-                            Applied::Nothing
-                        } else {
-                            Applied::Tasks(Self::tasks_of(&self.by_framework, &info.id.value))
-                        }
-                    }
-                    None => Applied::Nothing,
-                }
+                ev.framework_added.or(ev.framework_updated).and_then(|f| {
+                    let info = f.framework.framework_info;
+                    let name = labels::mangle(&info.name);
+                    let old = self.frameworks.insert(info.id.value.clone(), name.clone());
+                    (old.as_ref() != Some(&name))
+                        .then(|| Applied::Tasks(Self::tasks_of(&self.by_framework, &info.id.value)))
+                })
             }
-            "FRAMEWORK_REMOVED" => match ev.framework_removed {
-                Some(f) => {
-                    // A framework torn down loses its tasks (Mesos kills them).
-                    let id = f.framework_info.id.value;
-                    self.frameworks.remove(&id);
-                    let keys = Self::tasks_of(&self.by_framework, &id);
-                    for k in &keys {
-                        self.remove(k);
-                    }
-                    Applied::Tasks(keys)
+            "FRAMEWORK_REMOVED" => ev.framework_removed.map(|f| {
+                // A framework torn down loses its tasks (Mesos kills them).
+                let id = f.framework_info.id.value;
+                self.frameworks.remove(&id);
+                let keys = Self::tasks_of(&self.by_framework, &id);
+                for k in &keys {
+                    self.remove(k);
                 }
-                None => Applied::Nothing,
-            },
-            _ => Applied::Nothing,
-        };
+                Applied::Tasks(keys)
+            }),
+            _ => None,
+        }
+        .unwrap_or(Applied::Nothing);
         (applied, bad)
     }
 
