@@ -168,6 +168,13 @@ struct Fake {
     live: Arc<Mutex<Vec<(String, u64)>>>,
 }
 
+impl Fake {
+    /// What it counted: `[logins, bad logins, refused requests]`.
+    fn counts(&self) -> [u64; 3] {
+        [&self.logins, &self.bad_logins, &self.refused].map(|c| c.load(Ordering::SeqCst))
+    }
+}
+
 async fn login(State(f): State<Fake>, Json(body): Json<Value>) -> Response {
     // Slow enough that concurrent requests pile up behind one login.
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -237,9 +244,10 @@ async fn serve(life: u64) -> (Fake, Url) {
     (f, base)
 }
 
-fn transport(base: &Url) -> Transport {
+/// A transport to `base` logging in with the account of key `pem`.
+fn transport(base: &Url, pem: &str) -> Transport {
     let endpoint = base.join("acs/api/v1/auth/login").unwrap();
-    let a = ServiceAccount::from_secret(&secret(key_pem(false), endpoint.as_str())).unwrap();
+    let a = ServiceAccount::from_secret(&secret(pem, endpoint.as_str())).unwrap();
     Transport::new(
         "--marathon",
         vec![base.clone()],
@@ -257,40 +265,40 @@ async fn get_apps(t: &Transport, base: &Url) -> StatusCode {
     t.send(&url, rb).await.unwrap().status()
 }
 
+/// `n` concurrent [`get_apps`], each of which must succeed.
+async fn get_apps_concurrently(t: &Transport, base: &Url, n: usize) {
+    let all = futures::future::join_all((0..n).map(|_| get_apps(t, base))).await;
+    assert!(all.iter().all(|s| *s == StatusCode::OK), "{all:?}");
+}
+
 #[tokio::test]
 async fn concurrent_requests_share_one_login() {
     let (f, base) = serve(3600).await;
-    let t = transport(&base);
-    let all = futures::future::join_all((0..20).map(|_| get_apps(&t, &base))).await;
-    assert!(all.iter().all(|s| *s == StatusCode::OK), "{all:?}");
+    let t = transport(&base, key_pem(false));
+    get_apps_concurrently(&t, &base, 20).await;
     assert_eq!(f.logins.load(Ordering::SeqCst), 1);
     // Clones share the login too.
     assert_eq!(get_apps(&t.clone(), &base).await, StatusCode::OK);
-    assert_eq!(f.logins.load(Ordering::SeqCst), 1);
-    assert_eq!(f.refused.load(Ordering::SeqCst), 0);
-    assert_eq!(f.bad_logins.load(Ordering::SeqCst), 0);
+    assert_eq!(f.counts(), [1, 0, 0], "logins, bad logins, refused");
 }
 
 #[tokio::test]
 async fn a_refused_token_means_one_new_login_and_one_retry() {
     let (f, base) = serve(3600).await;
-    let t = transport(&base);
+    let t = transport(&base, key_pem(false));
     assert_eq!(get_apps(&t, &base).await, StatusCode::OK);
     // The master forgets every token (an ACS restart, a revocation).
     f.live.lock().unwrap().clear();
-    let all = futures::future::join_all((0..10).map(|_| get_apps(&t, &base))).await;
-    assert!(all.iter().all(|s| *s == StatusCode::OK), "{all:?}");
+    get_apps_concurrently(&t, &base, 10).await;
     // Ten refusals, one new login between them.
-    assert_eq!(f.refused.load(Ordering::SeqCst), 10);
-    assert_eq!(f.logins.load(Ordering::SeqCst), 2);
-    assert_eq!(f.bad_logins.load(Ordering::SeqCst), 0);
+    assert_eq!(f.counts(), [2, 0, 10], "logins, bad logins, refused");
 }
 
 #[tokio::test]
 async fn tokens_are_renewed_before_they_expire() {
     // Tokens live 2 s (exp in whole seconds: 1-2 s left at login); renewal at 80%.
     let (f, base) = serve(2).await;
-    let t = transport(&base);
+    let t = transport(&base, key_pem(false));
     let start = std::time::Instant::now();
     while start.elapsed() < Duration::from_secs(5) {
         assert_eq!(get_apps(&t, &base).await, StatusCode::OK);
@@ -309,18 +317,8 @@ async fn tokens_are_renewed_before_they_expire() {
 #[tokio::test]
 async fn a_refused_login_is_an_error_without_secrets() {
     let (f, base) = serve(3600).await;
-    let endpoint = base.join("acs/api/v1/auth/login").unwrap();
     // Signed with another key than the one the ACS knows.
-    let a = ServiceAccount::from_secret(&secret(key_pem(true), endpoint.as_str())).unwrap();
-    let t = Transport::new(
-        "--marathon",
-        vec![base.clone()],
-        Auth::ServiceAccount(a),
-        Duration::from_secs(5),
-        true,
-        None,
-    )
-    .unwrap();
+    let t = transport(&base, key_pem(true));
     let url = base.join("v2/apps").unwrap();
     let e = t
         .send(&url, t.request(reqwest::Method::GET, url.clone(), false))
