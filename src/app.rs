@@ -23,6 +23,7 @@ use crate::config::{
 pub use crate::exit::AppError;
 use crate::labels::ReasonLabel;
 use crate::node::{self, NodeBuilder, Takeover};
+use crate::source::http::SourceClient;
 use crate::source::marathon::{apps, client, sync};
 use crate::source::metrics::SourceMetrics;
 use crate::source::state::BuildConfig;

@@ -230,6 +230,52 @@ impl Transport {
     }
 }
 
+/// A source's client of its masters: a [`Transport`] and what it learns between requests
+/// (the master that last answered, the leader). Each source names its flag and whether reqwest
+/// follows redirects; the constructors are shared.
+pub trait SourceClient: Sized {
+    /// The flag naming the masters (in the warning about a password in a URL).
+    const FLAG: &'static str;
+    /// Whether reqwest follows redirects (false: the client follows them itself).
+    const FOLLOW_REDIRECTS: bool;
+
+    /// A client over `http` that has learnt nothing yet.
+    fn over(http: Transport) -> Self;
+
+    /// The transport it sends with.
+    fn transport_mut(&mut self) -> &mut Transport;
+
+    /// A client of `masters`, base URLs (`http://m1:5050/`); `timeout` bounds each request
+    /// except an open stream (whose connect it bounds).
+    fn new(masters: Vec<Url>, auth: Auth, timeout: Duration) -> Result<Self, reqwest::Error> {
+        Self::new_with_ca(masters, auth, timeout, None)
+    }
+
+    /// As [`SourceClient::new`], trusting `ca`'s roots too (`--ca-file`).
+    fn new_with_ca(
+        masters: Vec<Url>,
+        auth: Auth,
+        timeout: Duration,
+        ca: Option<&CaBundle>,
+    ) -> Result<Self, reqwest::Error> {
+        let http = Transport::new(
+            Self::FLAG,
+            masters,
+            auth,
+            timeout,
+            Self::FOLLOW_REDIRECTS,
+            ca,
+        )?;
+        Ok(Self::over(http))
+    }
+
+    /// Refuse answers (and stream records) longer than `bytes` (default [`MAX_BODY`]).
+    fn with_max_body(mut self, bytes: usize) -> Self {
+        self.transport_mut().max_body = bytes;
+        self
+    }
+}
+
 /// Why [`read_capped`] stopped.
 #[derive(Debug)]
 pub(crate) enum ReadError {

@@ -9,7 +9,7 @@ use crate::common::ctl::Ctl;
 use crate::common::marathon::{FakeMarathon, Fault, add_task, host_app, task};
 use l4lb::api;
 use l4lb::model::wire::VipJson;
-use l4lb::source::http::Auth;
+use l4lb::source::http::{Auth, SourceClient};
 use l4lb::source::marathon::client::Client;
 use l4lb::source::state::BuildConfig;
 use serde_json::Value;

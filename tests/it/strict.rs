@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use l4lb::source::acs::ServiceAccount;
-use l4lb::source::http::Auth;
+use l4lb::source::http::{Auth, SourceClient};
 use l4lb::source::marathon::client::Client;
 use l4lb::tls::CaBundle;
 use serde_json::Value;

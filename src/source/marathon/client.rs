@@ -3,13 +3,11 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
-use reqwest::{Method, StatusCode, Url, header};
+use reqwest::{Method, StatusCode, header};
 
 use super::events::RELEVANT_EVENTS;
-use crate::source::http::{Auth, Error, Transport};
-use crate::tls::CaBundle;
+use crate::source::http::{Error, SourceClient, Transport};
 
 /// A client over one or more Marathon masters. Requests go to the master that last answered;
 /// on failure the next ones are tried in turn. `Debug` shows no secret.
@@ -19,30 +17,23 @@ pub struct Client {
     preferred: Arc<AtomicUsize>,
 }
 
-impl Client {
-    pub fn new(masters: Vec<Url>, auth: Auth, timeout: Duration) -> Result<Self, reqwest::Error> {
-        Self::new_with_ca(masters, auth, timeout, None)
-    }
+impl SourceClient for Client {
+    const FLAG: &'static str = "--marathon";
+    const FOLLOW_REDIRECTS: bool = true;
 
-    /// As [`Client::new`], trusting `ca`'s roots too (`--ca-file`).
-    pub fn new_with_ca(
-        masters: Vec<Url>,
-        auth: Auth,
-        timeout: Duration,
-        ca: Option<&CaBundle>,
-    ) -> Result<Self, reqwest::Error> {
-        Ok(Client {
-            http: Transport::new("--marathon", masters, auth, timeout, true, ca)?,
+    fn over(http: Transport) -> Self {
+        Client {
+            http,
             preferred: Arc::default(),
-        })
+        }
     }
 
-    /// Refuse answers longer than `bytes` (default [`MAX_BODY`](crate::source::http::MAX_BODY)).
-    pub fn with_max_body(mut self, bytes: usize) -> Self {
-        self.http = self.http.with_max_body(bytes);
-        self
+    fn transport_mut(&mut self) -> &mut Transport {
+        &mut self.http
     }
+}
 
+impl Client {
     /// Send `path_and_query` to each master in turn, starting with the preferred one; return the
     /// first response that is a success or a 404 (`Ok(None)` for 404).
     async fn get(
@@ -135,8 +126,13 @@ impl Client {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use reqwest::Url;
+
     use super::*;
     use crate::model::Secret;
+    use crate::source::http::Auth;
 
     #[test]
     fn secrets_never_in_debug() {

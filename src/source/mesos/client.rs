@@ -6,12 +6,10 @@
 //! shared ones ([`crate::source::http`]).
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use reqwest::{Method, Url, header};
 
-use crate::source::http::{self, Auth, Error, Transport};
-use crate::tls::CaBundle;
+use crate::source::http::{self, Error, SourceClient, Transport};
 
 /// Redirects followed per request (a leader change mid-request may add one).
 const MAX_REDIRECTS: usize = 3;
@@ -23,32 +21,24 @@ pub struct Client {
     leader: Arc<Mutex<Option<Url>>>,
 }
 
-impl Client {
-    /// `masters` are base URLs (`http://m1:5050/`); `timeout` bounds each request except the
-    /// open stream (whose connect it bounds).
-    pub fn new(masters: Vec<Url>, auth: Auth, timeout: Duration) -> Result<Self, reqwest::Error> {
-        Self::new_with_ca(masters, auth, timeout, None)
-    }
+impl SourceClient for Client {
+    const FLAG: &'static str = "--mesos";
+    /// Not followed by reqwest: [`Client`] follows a master's redirect to the leader itself.
+    const FOLLOW_REDIRECTS: bool = false;
 
-    /// As [`Client::new`], trusting `ca`'s roots too (`--ca-file`).
-    pub fn new_with_ca(
-        masters: Vec<Url>,
-        auth: Auth,
-        timeout: Duration,
-        ca: Option<&CaBundle>,
-    ) -> Result<Self, reqwest::Error> {
-        Ok(Client {
-            http: Transport::new("--mesos", masters, auth, timeout, false, ca)?,
+    fn over(http: Transport) -> Self {
+        Client {
+            http,
             leader: Arc::default(),
-        })
+        }
     }
 
-    /// Refuse answers (and stream records) longer than `bytes` (default [`http::MAX_BODY`]).
-    pub fn with_max_body(mut self, bytes: usize) -> Self {
-        self.http = self.http.with_max_body(bytes);
-        self
+    fn transport_mut(&mut self) -> &mut Transport {
+        &mut self.http
     }
+}
 
+impl Client {
     /// The longest answer or record read.
     pub fn max_body(&self) -> usize {
         self.http.max_body()

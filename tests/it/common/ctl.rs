@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use l4lb::api::{self, ApiState, Readiness};
 use l4lb::model::VipTable;
-use l4lb::source::http::Auth;
+use l4lb::source::http::{Auth, SourceClient};
 use l4lb::source::metrics::SourceMetrics;
 use l4lb::source::state::BuildConfig;
 use l4lb::source::{Publisher, TableRx, table_channel};
