@@ -8,13 +8,12 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use l4lb::source::acs::ServiceAccount;
 use l4lb::source::http::{Auth, SourceClient};
 use l4lb::source::marathon::client::Client;
 use l4lb::tls::CaBundle;
 use serde_json::Value;
 
-use crate::common::acs::{self, Acs, LOGIN_PATH};
+use crate::common::acs::{self, Acs};
 use crate::common::ctl::Ctl;
 use crate::common::marathon::{self, FakeMarathon};
 use crate::common::mesos::{FakeMesos, fixture, fixture_lines};
@@ -55,13 +54,7 @@ const WEB: &str = "web.marathon.l4lb.thisdcos.directory:80";
 async fn marathon_over_tls_is_served_across_token_expiries() {
     let pki = acs::pki();
     let acs = Acs::new(2);
-    let fake = FakeMarathon::start_with(
-        fake::listener().await,
-        acs.router(),
-        Some(pki.server.clone()),
-    );
-    let gate = acs.clone();
-    fake.gate.require(move |h| gate.admits(h));
+    let fake = acs.front(true, FakeMarathon::start_with, |m| &m.gate).await;
     let mut app = marathon::host_app("/web", &["/web:80"], "tcp");
     marathon::add_task(
         &mut app,
@@ -71,8 +64,7 @@ async fn marathon_over_tls_is_served_across_token_expiries() {
 
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret.json");
-    let endpoint = format!("{}{LOGIN_PATH}", fake.url());
-    std::fs::write(&secret, acs::secret_json(&pki.account_pem, &endpoint)).unwrap();
+    std::fs::write(&secret, acs::secret_at(&pki.account_pem, &fake.url())).unwrap();
     // The flag names (kept as hidden aliases of --source-*).
     let args = [
         "controller",
@@ -226,22 +218,13 @@ async fn marathon_over_tls_is_served_across_token_expiries() {
 async fn mesos_subscribes_with_renewed_tokens() {
     let pki = acs::pki();
     let acs = Acs::new(2);
-    let leader = FakeMesos::start_with(
-        fake::listener().await,
-        acs.router(),
-        Some(pki.server.clone()),
-    );
-    let gate = acs.clone();
-    leader.gate.require(move |h| gate.admits(h));
+    let leader = acs.front(true, FakeMesos::start_with, |m| &m.gate).await;
     leader.set_script(fixture_lines("hello-overlay.json"));
     leader.set_state(fixture("tcp-and-udp.json"));
-    let endpoint = format!("{}{LOGIN_PATH}", leader.url());
-    let account =
-        ServiceAccount::from_secret(&acs::secret_json(&pki.account_pem, &endpoint)).unwrap();
     let ca = CaBundle::read(&pki.ca_file).unwrap();
     let client = l4lb::source::mesos::client::Client::new_with_ca(
         vec![leader.url().parse().unwrap()],
-        Auth::ServiceAccount(account),
+        acs::account(&pki.account_pem, &leader.url()),
         Duration::from_secs(5),
         Some(&ca),
     )
@@ -284,15 +267,12 @@ async fn mesos_subscribes_with_renewed_tokens() {
 async fn a_stranger_key_gets_no_token_and_no_table() {
     let pki = acs::pki();
     let acs = Acs::new(60);
-    let fake = FakeMarathon::start_with(fake::listener().await, acs.router(), None);
-    let gate = acs.clone();
-    fake.gate.require(move |h| gate.admits(h));
-    let endpoint = format!("{}{LOGIN_PATH}", fake.url());
-    let account =
-        ServiceAccount::from_secret(&acs::secret_json(&pki.stranger_pem, &endpoint)).unwrap();
+    let fake = acs
+        .front(false, FakeMarathon::start_with, |m| &m.gate)
+        .await;
     let client = Client::new(
         vec![fake.url().parse().unwrap()],
-        Auth::ServiceAccount(account),
+        acs::account(&pki.stranger_pem, &fake.url()),
         Duration::from_secs(5),
     )
     .unwrap();

@@ -19,10 +19,16 @@ use axum::routing::post;
 use axum::{Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use l4lb::source::acs::ServiceAccount;
+use l4lb::source::http::Auth;
 use ring::signature::{KeyPair, RSA_PKCS1_2048_8192_SHA256, RsaKeyPair, UnparsedPublicKey};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
+
+use tokio::net::TcpListener;
+
+use super::fake::{Fake, Gate};
 
 /// Where the ACS takes logins (DC/OS's path).
 pub const LOGIN_PATH: &str = "/acs/api/v1/auth/login";
@@ -175,6 +181,16 @@ pub fn secret_json(pem: &str, login_endpoint: &str) -> String {
         .to_string()
 }
 
+/// [`secret_json`] logging in at [`LOGIN_PATH`] of `master` (`scheme://host:port`).
+pub fn secret_at(pem: &str, master: &str) -> String {
+    secret_json(pem, &format!("{master}{LOGIN_PATH}"))
+}
+
+/// The service account of key `pem` logging in at `master`'s ACS, as a client's [`Auth`].
+pub fn account(pem: &str, master: &str) -> Auth {
+    Auth::ServiceAccount(ServiceAccount::from_secret(&secret_at(pem, master)).unwrap())
+}
+
 fn now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -215,6 +231,22 @@ impl Acs {
         Router::new()
             .route(LOGIN_PATH, post(login))
             .with_state(self.clone())
+    }
+
+    /// A fake started by `start(listener, extra routes, TLS)` with this ACS's login beside its
+    /// API, which (its [`Gate`], from `gate`) refuses every request without a live token of
+    /// this ACS; over TLS with [`pki`]'s server certificate when `tls`.
+    pub async fn front<S>(
+        &self,
+        tls: bool,
+        start: impl FnOnce(TcpListener, Router, Option<Arc<rustls::ServerConfig>>) -> Fake<S>,
+        gate: impl FnOnce(&S) -> &Gate,
+    ) -> Fake<S> {
+        let tls = tls.then(|| pki().server.clone());
+        let fake = start(super::fake::listener().await, self.router(), tls);
+        let acs = self.clone();
+        gate(&fake).require(move |h| acs.admits(h));
+        fake
     }
 
     /// Whether `headers` carry `Authorization: token=<a live token>`.
