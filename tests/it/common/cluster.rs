@@ -11,6 +11,7 @@ use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -446,16 +447,35 @@ impl Cluster {
         self.hosts[host].name().to_string()
     }
 
+    /// Starts in-process backend `name` on host `host`: `bind` binds its socket to the host's
+    /// address (port 0) inside the host's namespace, and `serve(socket, name, served, stop)`
+    /// serves it, non-blocking, on the cluster's runtime.
+    fn backend<S, F>(
+        &self,
+        host: usize,
+        name: &str,
+        bind: impl FnOnce(Ipv4Addr) -> std::io::Result<S> + Send,
+        serve: impl FnOnce(S, String, Arc<AtomicU64>, CancellationToken) -> F,
+    ) -> Backend
+    where
+        S: AsFd + Send,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let ip = self.hosts[host].ip;
+        let s = in_ns(&self.host_ns(host), || bind(ip).unwrap());
+        let sock = socket2::SockRef::from(&s);
+        sock.set_nonblocking(true).unwrap();
+        let addr = sock.local_addr().unwrap().as_socket().unwrap();
+        let b = Backend::new(name, host, addr);
+        let serving = serve(s, name.to_string(), Arc::clone(&b.served), b.stop.clone());
+        self.rt().spawn(serving);
+        b
+    }
+
     /// An in-process TCP backend (HTTP + line echo) on host `host` (0-based), ephemeral port.
     pub fn tcp_backend(&self, host: usize, name: &str) -> Backend {
-        let ip = self.hosts[host].ip;
-        let l = in_ns(&self.host_ns(host), || {
-            std::net::TcpListener::bind((ip, 0)).unwrap()
-        });
-        l.set_nonblocking(true).unwrap();
-        let b = Backend::new(name, host, l.local_addr().unwrap());
-        let (n, sv, st) = (name.to_string(), Arc::clone(&b.served), b.stop.clone());
-        self.rt().spawn(async move {
+        let bind = |ip| std::net::TcpListener::bind((ip, 0));
+        self.backend(host, name, bind, |l, n, sv, st| async move {
             let l = tokio::net::TcpListener::from_std(l).unwrap();
             loop {
                 let (s, _) = tokio::select! {
@@ -470,20 +490,13 @@ impl Cluster {
                     }
                 });
             }
-        });
-        b
+        })
     }
 
     /// An in-process UDP echo backend on host `host`, ephemeral port.
     pub fn udp_backend(&self, host: usize, name: &str) -> Backend {
-        let ip = self.hosts[host].ip;
-        let s = in_ns(&self.host_ns(host), || {
-            std::net::UdpSocket::bind((ip, 0)).unwrap()
-        });
-        s.set_nonblocking(true).unwrap();
-        let b = Backend::new(name, host, s.local_addr().unwrap());
-        let (n, sv, st) = (name.to_string(), Arc::clone(&b.served), b.stop.clone());
-        self.rt().spawn(async move {
+        let bind = |ip| std::net::UdpSocket::bind((ip, 0));
+        self.backend(host, name, bind, |s, n, sv, st| async move {
             let s = tokio::net::UdpSocket::from_std(s).unwrap();
             let mut buf = vec![0u8; 2048];
             loop {
@@ -496,8 +509,7 @@ impl Cluster {
                 out.extend_from_slice(&buf[..len]);
                 let _ = s.send_to(&out, from).await;
             }
-        });
-        b
+        })
     }
 
     /// A real process backend: `socat` answering HTTP with `name\n` on `host`'s address and
