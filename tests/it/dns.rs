@@ -121,6 +121,15 @@ async fn udp_raw(server: SocketAddr, bytes: &[u8]) -> Option<Vec<u8>> {
     udp_raw_wait(server, bytes, Duration::from_secs(5)).await
 }
 
+/// The answer to `q` over UDP, checked to fit in `limit` bytes.
+async fn udp_query_within(server: SocketAddr, q: &Message, limit: usize) -> Message {
+    let raw = udp_raw(server, &q.to_vec().expect("encode"))
+        .await
+        .expect("an answer");
+    assert!(raw.len() <= limit, "{} bytes", raw.len());
+    Message::from_vec(&raw).expect("parse")
+}
+
 /// Whether the server stays silent (drops the packet).
 async fn udp_dropped(server: SocketAddr, bytes: &[u8]) -> bool {
     udp_raw_wait(server, bytes, Duration::from_millis(300))
@@ -138,11 +147,19 @@ async fn udp_query(server: SocketAddr, q: &Message) -> Message {
     resp
 }
 
+/// Messages as DNS over TCP sends them: each after its length (one write for them all).
+fn framed<'a>(messages: impl IntoIterator<Item = &'a Message>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for m in messages {
+        let bytes = m.to_vec().expect("encode");
+        out.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+        out.extend_from_slice(&bytes);
+    }
+    out
+}
+
 async fn tcp_send(stream: &mut TcpStream, q: &Message) {
-    let bytes = q.to_vec().expect("encode");
-    let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
-    framed.extend_from_slice(&bytes);
-    stream.write_all(&framed).await.expect("write");
+    stream.write_all(&framed([q])).await.expect("write");
 }
 
 async fn tcp_recv(stream: &mut TcpStream) -> Message {
@@ -223,13 +240,7 @@ async fn udp_and_pipelined_tcp() {
             RecordType::SRV,
         ),
     ];
-    let mut all = Vec::new();
-    for q in &qs {
-        let b = q.to_vec().expect("encode");
-        all.extend_from_slice(&(b.len() as u16).to_be_bytes());
-        all.extend_from_slice(&b);
-    }
-    conn.write_all(&all).await.expect("write");
+    conn.write_all(&framed(&qs)).await.expect("write");
     let r10 = tcp_recv(&mut conn).await;
     let r11 = tcp_recv(&mut conn).await;
     let r12 = tcp_recv(&mut conn).await;
@@ -244,9 +255,7 @@ async fn udp_and_pipelined_tcp() {
     // The connection stays usable, also when a query arrives in pieces.
     tcp_send(&mut conn, &query(13, WEB, RecordType::A)).await;
     assert_eq!(tcp_recv(&mut conn).await.metadata.id, 13);
-    let b = query(14, WEB, RecordType::A).to_vec().expect("encode");
-    let mut framed = (b.len() as u16).to_be_bytes().to_vec();
-    framed.extend_from_slice(&b);
+    let framed = framed([&query(14, WEB, RecordType::A)]);
     for piece in [&framed[..1], &framed[1..7], &framed[7..]] {
         conn.write_all(piece).await.expect("write");
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -293,11 +302,7 @@ async fn truncated_over_udp_full_over_tcp() {
         "_big._tcp.marathon.l4lb.thisdcos.directory.",
         RecordType::SRV,
     );
-    let raw = udp_raw(s.udp, &q.to_vec().expect("encode"))
-        .await
-        .expect("answer");
-    assert!(raw.len() <= 512);
-    let r = Message::from_vec(&raw).expect("parse");
+    let r = udp_query_within(s.udp, &q, 512).await;
     assert!(r.metadata.truncation);
     let r = tcp_query(s.tcp, &q).await;
     assert!(!r.metadata.truncation);
@@ -308,11 +313,7 @@ async fn truncated_over_udp_full_over_tcp() {
     let mut e = Edns::new();
     e.set_max_payload(4096);
     qe.set_edns(e);
-    let raw = udp_raw(s.udp, &qe.to_vec().expect("encode"))
-        .await
-        .expect("answer");
-    assert!(raw.len() <= 1232);
-    let r = Message::from_vec(&raw).expect("parse");
+    let r = udp_query_within(s.udp, &qe, 1232).await;
     assert!(r.edns.is_some());
     // 20 ports fit in an EDNS answer but not in 512 bytes.
     s.catalog.publish(&vips[..20]);
@@ -406,10 +407,8 @@ async fn upstream(up: Up) -> (SocketAddr, CancellationToken) {
                         let len = s.read_u16().await.expect("len") as usize;
                         let mut b = vec![0u8; len];
                         s.read_exact(&mut b).await.expect("body");
-                        let out = answer(&b).expect("answer").to_vec().expect("encode");
-                        let mut framed = (out.len() as u16).to_be_bytes().to_vec();
-                        framed.extend_from_slice(&out);
-                        s.write_all(&framed).await.expect("write");
+                        let out = answer(&b).expect("answer");
+                        s.write_all(&framed([&out])).await.expect("write");
                     });
                 }
             }
@@ -463,16 +462,11 @@ async fn silent_upstream_gives_servfail_and_a_live_one_wins() {
 
     // Pipelined over TCP: the local answer is not held up behind the slow forwarded one.
     let mut conn = TcpStream::connect(s.tcp).await.expect("connect");
-    let mut both = Vec::new();
-    for q in [
+    let both = [
         query(20, "example.net.", RecordType::A),
         query(21, WEB, RecordType::A),
-    ] {
-        let b = q.to_vec().expect("encode");
-        both.extend_from_slice(&(b.len() as u16).to_be_bytes());
-        both.extend_from_slice(&b);
-    }
-    conn.write_all(&both).await.expect("write");
+    ];
+    conn.write_all(&framed(&both)).await.expect("write");
     let first = tcp_recv(&mut conn).await;
     let second = tcp_recv(&mut conn).await;
     assert_eq!(first.metadata.id, 21);
@@ -504,11 +498,7 @@ async fn a_large_forwarded_answer_is_truncated_to_what_the_client_can_take() {
     .await;
     // No EDNS: at most 512 bytes, with TC so the client retries over TCP.
     let q = query(1, "example.com.", RecordType::A);
-    let raw = udp_raw(s.udp, &q.to_vec().unwrap())
-        .await
-        .expect("an answer");
-    assert!(raw.len() <= 512, "{} bytes", raw.len());
-    let r = Message::from_vec(&raw).unwrap();
+    let r = udp_query_within(s.udp, &q, 512).await;
     assert!(r.metadata.truncation);
     assert_eq!(r.metadata.id, 1);
     // With EDNS 4096 the whole answer fits.
@@ -655,47 +645,47 @@ async fn tcp_connection_cap_and_idle_timeout() {
     s.stop().await;
 }
 
+const DIG: &str = "/usr/bin/dig";
+
+/// Whether `dig` is installed (the tests that use it skip otherwise, saying so).
+fn have_dig() -> bool {
+    let there = std::path::Path::new(DIG).exists();
+    if !there {
+        eprintln!("dig not installed; skipping");
+    }
+    there
+}
+
+/// `dig`'s output for `args`, asking 127.0.0.1 on `port` once, 2 s at the most.
+async fn dig(port: u16, args: &[&str]) -> String {
+    let out = tokio::process::Command::new(DIG)
+        .args(["@127.0.0.1", "-p", &port.to_string(), "+time=2", "+tries=1"])
+        .args(args)
+        .output()
+        .await
+        .expect("run dig");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
 #[tokio::test]
 async fn dig_against_the_server() {
-    if !std::path::Path::new("/usr/bin/dig").exists() {
-        eprintln!("dig not installed; skipping");
+    if !have_dig() {
         return;
     }
     let s = Server::start(DnsConfig::default()).await;
-    let dig = |args: Vec<String>| async move {
-        let out = tokio::process::Command::new("/usr/bin/dig")
-            .args(args)
-            .output()
-            .await
-            .expect("run dig");
-        String::from_utf8_lossy(&out.stdout).to_string()
-    };
-    let base = |port: u16| {
-        vec![
-            "@127.0.0.1".to_string(),
-            "-p".into(),
-            port.to_string(),
-            "+time=2".into(),
-            "+tries=1".into(),
-        ]
-    };
-    let mut a = base(s.udp.port());
-    a.extend(["+short".into(), WEB.into(), "A".into()]);
-    assert_eq!(dig(a).await.trim(), "11.0.0.1");
-    let mut srv = base(s.tcp.port());
-    srv.extend([
-        "+tcp".into(),
-        "+short".into(),
-        "_web._tcp.marathon.l4lb.thisdcos.directory".into(),
-        "SRV".into(),
-    ]);
+    let a = dig(s.udp.port(), &["+short", WEB, "A"]).await;
+    assert_eq!(a.trim(), "11.0.0.1");
+    let srv_name = "_web._tcp.marathon.l4lb.thisdcos.directory";
+    let srv = dig(s.tcp.port(), &["+tcp", "+short", srv_name, "SRV"]).await;
     assert_eq!(
-        dig(srv).await.trim(),
+        srv.trim(),
         "0 0 80 web.marathon.l4lb.thisdcos.directory.\n0 0 443 web.marathon.l4lb.thisdcos.directory."
     );
-    let mut nx = base(s.udp.port());
-    nx.extend(["nope.marathon.dclb.thisdcos.directory".into(), "A".into()]);
-    let out = dig(nx).await;
+    let out = dig(
+        s.udp.port(),
+        &["nope.marathon.dclb.thisdcos.directory", "A"],
+    )
+    .await;
     assert!(out.contains("status: NXDOMAIN"), "{out}");
     assert!(out.contains("flags: qr aa rd"), "{out}");
     assert!(out.contains("SOA\tns.dclb.thisdcos.directory."), "{out}");
@@ -1084,11 +1074,7 @@ async fn a_cached_answer_is_truncated_for_a_small_udp_client() {
     let r = tcp_query(s.tcp, &edns(1, 1232)).await;
     assert_eq!(r.answers.len(), 40);
     // A UDP client that takes 512 bytes gets TC from the cache; one that takes 1232, all.
-    let raw = udp_raw(s.udp, &edns(2, 512).to_vec().unwrap())
-        .await
-        .expect("an answer");
-    assert!(raw.len() <= 512, "{} bytes", raw.len());
-    let r = Message::from_vec(&raw).unwrap();
+    let r = udp_query_within(s.udp, &edns(2, 512), 512).await;
     assert!(r.metadata.truncation);
     assert_eq!(r.metadata.id, 2);
     let r = udp_query(s.udp, &edns(3, 1232)).await;
@@ -1101,24 +1087,19 @@ async fn a_cached_answer_is_truncated_for_a_small_udp_client() {
 
 #[tokio::test]
 async fn dig_gets_cached_answers() {
-    if !std::path::Path::new("/usr/bin/dig").exists() {
-        eprintln!("dig not installed; skipping");
+    if !have_dig() {
         return;
     }
     let up = Counting::start().await;
     let s = with_upstream(&up, 100).await;
-    let dig = |name: &'static str, tcp: bool| {
-        let port = if tcp { s.tcp.port() } else { s.udp.port() };
-        async move {
-            let mut cmd = tokio::process::Command::new("/usr/bin/dig");
-            cmd.args(["@127.0.0.1", "-p", &port.to_string(), "+time=2", "+tries=1"])
-                .args(["+noall", "+answer", "+comments", name, "A"]);
-            if tcp {
-                cmd.arg("+tcp");
-            }
-            let out = cmd.output().await.expect("run dig");
-            String::from_utf8_lossy(&out.stdout).to_string()
-        }
+    // `name A` over TCP or UDP.
+    let dig_a = |name: &'static str, tcp: bool| {
+        let (port, over) = if tcp {
+            (s.tcp.port(), "+tcp")
+        } else {
+            (s.udp.port(), "+notcp")
+        };
+        async move { dig(port, &["+noall", "+answer", "+comments", name, "A", over]).await }
     };
     // `name. TTL IN A addr` lines: (TTL, addr).
     let answers = |out: &str| -> Vec<(u32, String)> {
@@ -1130,19 +1111,19 @@ async fn dig_gets_cached_answers() {
             })
             .collect()
     };
-    let first = dig("long.example.", false).await;
+    let first = dig_a("long.example.", false).await;
     assert!(first.contains("status: NOERROR"), "{first}");
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let second = dig("long.example.", false).await;
-    let third = dig("long.example.", true).await;
+    let second = dig_a("long.example.", false).await;
+    let third = dig_a("long.example.", true).await;
     let (a, b, c) = (answers(&first), answers(&second), answers(&third));
     assert_eq!(a, [(60, "192.0.2.1".to_string())], "{first}");
     assert_eq!(b.len(), 1, "{second}");
     assert!(b[0].0 < 60 && b[0].1 == "192.0.2.1", "{second}");
     assert!(c[0].0 <= b[0].0, "{third}");
     assert_eq!(up.asked("long.example."), 1);
-    let nx = dig("gone.example.", false).await;
-    let nx2 = dig("gone.example.", false).await;
+    let nx = dig_a("gone.example.", false).await;
+    let nx2 = dig_a("gone.example.", false).await;
     assert!(
         nx.contains("status: NXDOMAIN") && nx2.contains("status: NXDOMAIN"),
         "{nx2}"
