@@ -3,14 +3,13 @@
 //! The programs are attached to a cgroup this bench creates and no process joins, and
 //! restricted to this process's network namespace, so nothing on the host is affected.
 
-use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use l4lb::agent::bpf::{BpfConfig, KernelPath};
+use l4lb::agent::bpf::{BpfConfig, Ejected, KernelPath};
 use l4lb::model::{Backend, BackendState, Protocol, Vip, VipKey, VipTable};
 
 fn backend(addr: SocketAddr) -> Backend {
@@ -89,7 +88,7 @@ fn bench(c: &mut Criterion) {
             ..BpfConfig::default()
         };
         let mut kp = KernelPath::load(&cfg).map_err(|e| e.to_string())?;
-        let none = BTreeSet::new();
+        let none = Ejected::default();
         let mut current = Arc::new(table());
         let started = Instant::now();
         kp.apply(&current, &none).map_err(|e| e.to_string())?;

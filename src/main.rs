@@ -11,6 +11,7 @@ use l4lb::app;
 use l4lb::config::{Cli, LogFormat};
 
 fn main() -> ExitCode {
+    l4lb::heap::configure();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

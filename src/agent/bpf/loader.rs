@@ -9,7 +9,7 @@
 //! the other, so nothing is translated twice), then unpins the old links (they detach),
 //! carries the old reverse-translation entries over and renames its directory into place.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -23,9 +23,9 @@ use aya::{Ebpf, EbpfLoader};
 
 use super::layout::{self, BeKey, BeVal, Counters, DestroyKey, NatKey, NatVal, SvcKey, SvcVal};
 use super::object;
-use super::plan::{Op, Planner};
+use super::plan::{Ejected, Op, Planner};
 use super::sys;
-use super::{BpfConfig, BpfError, KernelCounters};
+use super::{BpfConfig, BpfError, Counts, KernelCounters};
 use crate::model::{VipKey, VipTable};
 
 /// The compiled programs (`progs/l4lb.bpf.c`, built by `scripts/build-bpf.sh`).
@@ -207,11 +207,7 @@ impl KernelPath {
 
     /// Make the maps follow `table`, leaving `ejected` backends out. On a failed map write the
     /// maps are cleared (every VIP goes to the proxy) and the next apply rewrites them whole.
-    pub fn apply(
-        &mut self,
-        table: &Arc<VipTable>,
-        ejected: &BTreeSet<SocketAddr>,
-    ) -> Result<usize, BpfError> {
+    pub fn apply(&mut self, table: &Arc<VipTable>, ejected: &Ejected) -> Result<usize, BpfError> {
         let ops = self.planner.plan(table, ejected);
         let n = ops.len();
         for op in &ops {
@@ -384,7 +380,7 @@ impl KernelPath {
     }
 
     /// The backends `vip` is translated to now (empty: served by the proxy).
-    pub fn installed(&self, vip: &VipKey) -> &[SocketAddr] {
+    pub fn installed(&self, vip: &VipKey) -> Vec<SocketAddr> {
         self.planner.installed(vip)
     }
 
@@ -414,31 +410,31 @@ impl KernelPath {
     }
 
     /// Distinct backend addresses of the TCP VIPs applied last (what health probes).
-    pub fn tcp_backends(&self) -> std::collections::HashSet<SocketAddr> {
+    pub fn tcp_backends(&self) -> Vec<SocketAddr> {
         self.planner.tcp_backends()
     }
 
-    /// The kernel's per-backend counters, summed over CPUs.
-    pub fn counters(&self) -> BTreeMap<(VipKey, SocketAddr), KernelCounters> {
-        self.planner
-            .counters()
-            .filter_map(|(k, a, idx)| {
-                let per_cpu = self.counters.get(&idx, 0).ok()?;
-                let (mut connections, mut datagrams) = (0, 0);
-                for v in per_cpu.iter() {
-                    let (c, d) = layout::parse_counters(v);
-                    connections += c;
-                    datagrams += d;
-                }
-                Some((
-                    (*k, a),
-                    KernelCounters {
-                        connections,
-                        datagrams,
-                    },
-                ))
-            })
-            .collect()
+    /// The kernel's per-backend counters, summed over CPUs, with the table and counter ids
+    /// that name them.
+    pub fn counters(&self) -> Counts {
+        let (table, ids) = self.planner.counter_ids();
+        let mut values = vec![KernelCounters::default(); self.planner.counter_ids_issued()];
+        for (_, _, idx) in self.planner.counters() {
+            let (Ok(per_cpu), Some(v)) = (self.counters.get(&idx, 0), values.get_mut(idx as usize))
+            else {
+                continue;
+            };
+            for c in per_cpu.iter() {
+                let (connections, datagrams) = layout::parse_counters(c);
+                v.connections += connections;
+                v.datagrams += datagrams;
+            }
+        }
+        Counts {
+            table,
+            ids,
+            values: Arc::new(values),
+        }
     }
 
     /// Let go without detaching, unpinning or unmounting anything: a successor

@@ -23,13 +23,12 @@ mod sys;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -40,6 +39,7 @@ use crate::model::status::Plane;
 use crate::model::{VipKey, VipTable};
 
 pub use loader::KernelPath;
+pub use plan::Ejected;
 
 /// Where and how to attach.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,46 +141,46 @@ impl DataPlane {
     }
 }
 
-/// `[("vip", …), ("backend", …)]`: the labels of the kernel path's per-backend counters.
-type VipBackendLabels = [(&'static str, String); 2];
-
-/// The kernel path's metrics: what the kernel counted.
-#[derive(Debug, Clone)]
-struct KernelMetrics {
-    connections: Family<VipBackendLabels, Counter>,
-    datagrams: Family<VipBackendLabels, Counter>,
-    translated: Gauge,
+/// What the kernel counted per (VIP, backend), as of one read: the values by counter id, named
+/// through the table and counter ids the planner made for them (shared with it, not copied:
+/// ~16 bytes a counted backend).
+#[derive(Debug, Clone, Default)]
+pub struct Counts {
+    pub(crate) table: Arc<VipTable>,
+    pub(crate) ids: Arc<plan::CounterIds>,
+    pub(crate) values: Arc<Vec<KernelCounters>>,
 }
 
-impl KernelMetrics {
-    fn new(registry: &mut Registry) -> Self {
-        let m = KernelMetrics {
-            connections: Family::default(),
-            datagrams: Family::default(),
-            translated: Gauge::default(),
-        };
-        registry.register(
-            "bpf_connections",
-            "Connections (TCP, connected UDP) the kernel path sent to a backend",
-            m.connections.clone(),
-        );
-        registry.register(
-            "bpf_datagrams",
-            "Unconnected UDP datagrams the kernel path sent to a backend",
-            m.datagrams.clone(),
-        );
-        registry.register(
-            "bpf_vips_translated",
-            "VIPs the kernel path translates (the others go to the proxy)",
-            m.translated.clone(),
-        );
-        m
+impl Counts {
+    /// What was counted for `backend` of `vip` (`None`: it has no counter).
+    pub fn get(&self, vip: &VipKey, backend: SocketAddr) -> Option<KernelCounters> {
+        let id = plan::counter_of(&self.table, &self.ids, vip, backend)?;
+        self.values.get(id as usize).copied()
+    }
+
+    /// Every counted (VIP, backend), in table order.
+    pub fn iter(&self) -> impl Iterator<Item = (&VipKey, SocketAddr, KernelCounters)> {
+        self.table
+            .vips
+            .iter()
+            .filter_map(|(k, v)| Some((k, v, self.ids.get(k)?)))
+            .flat_map(move |(k, v, ids)| {
+                v.backends
+                    .iter()
+                    .zip(ids.iter())
+                    .filter_map(move |(b, id)| Some((k, b.addr, *self.values.get(*id as usize)?)))
+            })
+    }
+
+    /// Every counted pair, keyed (for tests and small tables).
+    pub fn by_pair(&self) -> BTreeMap<(VipKey, SocketAddr), KernelCounters> {
+        self.iter().map(|(k, a, c)| ((*k, a), c)).collect()
     }
 }
 
 #[derive(Debug, Default)]
 struct Snapshot {
-    counters: BTreeMap<(VipKey, SocketAddr), KernelCounters>,
+    counts: Counts,
     translated: BTreeSet<VipKey>,
     /// Why the VIPs of the last applied table that have no service entry have none.
     not_translated: BTreeMap<VipKey, plan::NotTranslated>,
@@ -251,7 +251,8 @@ impl PlaneOf {
 #[derive(Debug, Clone, Default)]
 pub struct KernelStats {
     inner: Arc<std::sync::RwLock<Snapshot>>,
-    metrics: Option<KernelMetrics>,
+    /// `l4lb_bpf_vips_translated`, when registered.
+    translated: Option<Gauge>,
     /// Why the proxy serves every VIP (`None`: the kernel path runs).
     off: Option<Arc<str>>,
 }
@@ -305,15 +306,22 @@ impl KernelStats {
         off: Option<String>,
         table: watch::Receiver<Arc<VipTable>>,
     ) -> Self {
+        let translated = Gauge::default();
+        registry.register(
+            "bpf_vips_translated",
+            "VIPs the kernel path translates (the others go to the proxy)",
+            translated.clone(),
+        );
         let stats = KernelStats {
             inner: Arc::default(),
-            metrics: Some(KernelMetrics::new(registry)),
+            translated: Some(translated),
             off: off.map(Arc::from),
         };
         registry.register_collector(Box::new(PlaneCollector {
             stats: stats.clone(),
             table,
         }));
+        registry.register_collector(Box::new(CountsCollector(stats.clone())));
         stats
     }
 
@@ -366,38 +374,18 @@ impl KernelStats {
     /// apply failed so.
     fn refresh(&self, kp: &KernelPath, map_error: Option<String>) {
         let now = Snapshot {
-            counters: kp.counters(),
+            counts: kp.counters(),
             translated: kp.translated().copied().collect(),
             not_translated: kp.not_translated(),
             map_error,
         };
-        let mut snap = self
+        if let Some(g) = &self.translated {
+            g.set(now.translated.len() as i64);
+        }
+        *self
             .inner
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(m) = &self.metrics {
-            for ((k, a), c) in &now.counters {
-                let old = snap.counters.get(&(*k, *a)).copied().unwrap_or_default();
-                // A counter that went down was reused for a new backend: count it from 0.
-                let delta = |new: u64, old: u64| if new >= old { new - old } else { new };
-                let labels = [("vip", k.to_string()), ("backend", a.to_string())];
-                m.connections
-                    .get_or_create(&labels)
-                    .inc_by(delta(c.connections, old.connections));
-                m.datagrams
-                    .get_or_create(&labels)
-                    .inc_by(delta(c.datagrams, old.datagrams));
-            }
-            for (k, a) in snap.counters.keys() {
-                if !now.counters.contains_key(&(*k, *a)) {
-                    let labels = [("vip", k.to_string()), ("backend", a.to_string())];
-                    m.connections.remove(&labels);
-                    m.datagrams.remove(&labels);
-                }
-            }
-            m.translated.set(now.translated.len() as i64);
-        }
-        *snap = now;
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = now;
     }
 
     /// The counters of `backend` of `vip`, if the kernel path knows them.
@@ -405,9 +393,56 @@ impl KernelStats {
         self.inner
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .counters
-            .get(&(*vip, backend))
-            .copied()
+            .counts
+            .get(vip, backend)
+    }
+}
+
+/// `l4lb_bpf_connections` and `l4lb_bpf_datagrams{vip, backend}`: the kernel's counters as of
+/// the last read, written at every scrape (no series kept between scrapes). A backend's
+/// counter is zeroed when it is given to the backend, so a series starts from 0.
+#[derive(Debug)]
+struct CountsCollector(KernelStats);
+
+/// Which count of a backend's a family writes.
+type CountOf = fn(&KernelCounters) -> u64;
+
+impl prometheus_client::collector::Collector for CountsCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::NoLabelSet;
+        use prometheus_client::metrics::MetricType;
+        // The snapshot's shared parts, so the lock is not held while writing.
+        let counts = self
+            .0
+            .inner
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .counts
+            .clone();
+        let families: [(&str, &str, CountOf); 2] = [
+            (
+                "bpf_connections",
+                "Connections (TCP, connected UDP) the kernel path sent to a backend",
+                |c| c.connections,
+            ),
+            (
+                "bpf_datagrams",
+                "Unconnected UDP datagrams the kernel path sent to a backend",
+                |c| c.datagrams,
+            ),
+        ];
+        for (name, help, value) in families {
+            let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (k, a, c) in counts.iter() {
+                let labels = [("vip", k.to_string()), ("backend", a.to_string())];
+                m.encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, _, u64>(&value(&c), None)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -432,6 +467,9 @@ pub struct KernelCounters {
     pub datagrams: u64,
 }
 
+/// An apply of at least this many map operations is followed by [`crate::heap::release`].
+const TRIM_AFTER_OPS: usize = 8192;
+
 /// How often [`run`] reads the kernel's counters into [`KernelStats`].
 const STATS_EVERY: Duration = Duration::from_secs(1);
 
@@ -447,8 +485,8 @@ pub async fn run(
     handed: crate::agent::handoff::HandedOver,
 ) -> Result<(), BpfError> {
     let mut refresh = tokio::time::interval(STATS_EVERY);
-    let (targets_tx, targets_rx) = watch::channel(HashSet::new());
-    let (ejected_tx, mut ejected_rx) = watch::channel(BTreeSet::new());
+    let (targets_tx, targets_rx) = watch::channel(Arc::<Vec<SocketAddr>>::default());
+    let (ejected_tx, mut ejected_rx) = watch::channel(plan::Ejected::default());
     let probe_stop = shutdown.child_token();
     let prober = tokio::spawn(probe::run(
         targets_rx,
@@ -472,6 +510,11 @@ pub async fn run(
                 "kernel maps full: these VIPs stay with the proxy"
             );
         }
+        if applied.as_ref().is_ok_and(|ops| *ops >= TRIM_AFTER_OPS) {
+            // The plan's operations and the maps' writes of a large change stay in glibc's
+            // arenas otherwise (~250 bytes a backend of a 100,000-backend table).
+            tokio::task::spawn_blocking(crate::heap::release);
+        }
         match applied {
             Ok(ops) => tracing::debug!(
                 version = table.version,
@@ -484,9 +527,9 @@ pub async fn run(
         }
         targets_tx.send_if_modified(|t| {
             let now = kp.tcp_backends();
-            let changed = *t != now;
+            let changed = **t != *now;
             if changed {
-                *t = now;
+                *t = Arc::new(now);
             }
             changed
         });

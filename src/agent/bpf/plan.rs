@@ -12,7 +12,7 @@
 //! its port. Each plan also records which (VIP, backend) pairs left (and came back), so the
 //! sockets connected through them can follow ([`Moves`]).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -89,12 +89,21 @@ impl IdPool {
     }
 }
 
-/// What the maps hold for one VIP with a service entry.
-#[derive(Debug, Clone)]
+/// What the maps hold for one VIP with a service entry. Its backends are not kept: they are
+/// the table's eligible ones (see [`Planner::installed`]), 32 bytes a backend saved.
+#[derive(Debug, Clone, Copy)]
 struct Installed {
     set: u32,
-    backends: Vec<SocketAddr>,
+    count: u32,
 }
+
+/// The backends health has ejected: shared by the prober's channel, the kernel path's loop and
+/// the planner (one copy, however many backends failed).
+pub type Ejected = Arc<BTreeSet<SocketAddr>>;
+
+/// The counter id of each backend of each VIP of a table, in the VIP's backend order
+/// ([`NO_COUNTER`]: none left). Shared, not copied, with the stats snapshot.
+pub(crate) type CounterIds = HashMap<VipKey, Arc<[u32]>>;
 
 /// How many entries the maps take. A VIP that does not fit stays with the proxy (no service
 /// entry) instead of failing the writes of every VIP.
@@ -124,11 +133,10 @@ pub(crate) struct Planner {
     /// again by every plan, so they move in when room is made.
     waiting: BTreeSet<VipKey>,
     table: Arc<VipTable>,
-    ejected: BTreeSet<SocketAddr>,
+    ejected: Ejected,
     installed: HashMap<VipKey, Installed>,
-    /// VIPs of `table` by backend address, to find the VIPs an ejection change touches.
-    by_backend: HashMap<SocketAddr, Vec<VipKey>>,
-    counters: HashMap<(VipKey, SocketAddr), u32>,
+    /// Per VIP of `table`, its backends' counter ids (4 bytes a backend).
+    counters: Arc<CounterIds>,
     sets: IdPool,
     counter_ids: IdPool,
     /// What the plans since the last [`Planner::take_moves`] moved.
@@ -158,17 +166,15 @@ impl Planner {
     /// The counter index of `backend` of `vip`, if it has one.
     #[cfg(test)]
     pub(crate) fn counter(&self, vip: &VipKey, backend: SocketAddr) -> Option<u32> {
-        self.counters
-            .get(&(*vip, backend))
-            .copied()
-            .filter(|c| *c != NO_COUNTER)
+        counter_of(&self.table, &self.counters, vip, backend)
     }
 
     /// The backends `vip` is translated to now, in slot order (empty: not translated).
-    pub(crate) fn installed(&self, vip: &VipKey) -> &[SocketAddr] {
-        self.installed
-            .get(vip)
-            .map_or(&[], |i| i.backends.as_slice())
+    pub(crate) fn installed(&self, vip: &VipKey) -> Vec<SocketAddr> {
+        match self.installed.get(vip) {
+            Some(_) => eligible_of(&self.table, vip, &self.ejected),
+            None => Vec::new(),
+        }
     }
 
     /// The VIPs with a service entry.
@@ -183,38 +189,34 @@ impl Planner {
 
     /// The operations that turn the maps from the last planned state into `table` with
     /// `ejected` backends left out, and record that state as planned.
-    pub(crate) fn plan(
-        &mut self,
-        table: &Arc<VipTable>,
-        ejected: &BTreeSet<SocketAddr>,
-    ) -> Vec<Op> {
+    pub(crate) fn plan(&mut self, table: &Arc<VipTable>, ejected: &Ejected) -> Vec<Op> {
         let prev = Arc::clone(&self.table);
         let d = diff(&prev, table);
         let mut touched: BTreeSet<VipKey> = BTreeSet::new();
-        let mut gone: Vec<(VipKey, SocketAddr)> = Vec::new();
+        let mut freed_ids: Vec<u32> = Vec::new();
         let mut ops = Vec::new();
+        let mut counters = Arc::clone(&self.counters);
+        let ids = Arc::make_mut(&mut counters);
 
         for k in &d.removed {
             touched.insert(*k);
+            freed_ids.extend(ids.remove(k).iter().flat_map(|c| c.iter().copied()));
             if let Some(v) = prev.vips.get(k) {
-                for b in &v.backends {
-                    self.unindex(b.addr, k);
-                    gone.push((*k, b.addr));
-                    if b.state == BackendState::Active {
-                        self.moves.left_table.push((*k, b.addr));
-                    }
-                }
+                let left = v.active_backends().map(|b| (*k, b.addr));
+                self.moves.left_table.extend(left);
             }
         }
         for k in &d.added {
             touched.insert(*k);
             if let Some(v) = table.vips.get(k) {
-                for b in &v.backends {
-                    self.index(b.addr, *k, &mut ops);
-                    if b.state == BackendState::Active {
-                        self.moves.back.push((*k, b.addr));
-                    }
-                }
+                let new = v
+                    .backends
+                    .iter()
+                    .map(|_| self.new_counter(&mut ops))
+                    .collect();
+                ids.insert(*k, new);
+                let back = v.active_backends().map(|b| (*k, b.addr));
+                self.moves.back.extend(back);
             }
         }
         for c in &d.changed {
@@ -225,13 +227,29 @@ impl Planner {
                 continue; // a new name changes nothing in the kernel
             }
             touched.insert(c.key);
+            if !(c.backends_added.is_empty() && c.backends_removed.is_empty())
+                && let (Some(was), Some(now)) = (prev.vips.get(&c.key), table.vips.get(&c.key))
+            {
+                let old_ids = ids.get(&c.key).cloned().unwrap_or_default();
+                let new: Arc<[u32]> = now
+                    .backends
+                    .iter()
+                    .map(|b| match position(&was.backends, b.addr) {
+                        Some(i) => old_ids.get(i).copied().unwrap_or(NO_COUNTER),
+                        None => self.new_counter(&mut ops),
+                    })
+                    .collect();
+                for (i, b) in was.backends.iter().enumerate() {
+                    if position(&now.backends, b.addr).is_none() {
+                        freed_ids.extend(old_ids.get(i).copied());
+                    }
+                }
+                ids.insert(c.key, new);
+            }
             for a in &c.backends_removed {
-                self.unindex(*a, &c.key);
-                gone.push((c.key, *a));
                 self.moves.left_table.push((c.key, *a));
             }
             for a in &c.backends_added {
-                self.index(*a, c.key, &mut ops);
                 self.moves.back.push((c.key, *a));
             }
             for (a, state) in &c.state_changed {
@@ -241,29 +259,36 @@ impl Planner {
                 }
             }
         }
-        for a in self.ejected.symmetric_difference(ejected) {
-            if let Some(keys) = self.by_backend.get(a) {
-                touched.extend(keys.iter().copied());
-            }
+        // An ejection change touches the TCP VIPs that hold the address (a scan of the
+        // table: rarer than table changes, and no index of VIPs by backend to keep).
+        let flipped: BTreeSet<SocketAddr> = self
+            .ejected
+            .symmetric_difference(ejected)
+            .copied()
+            .collect();
+        if !flipped.is_empty() {
+            let holds = |v: &crate::model::Vip| {
+                v.key.protocol == crate::model::Protocol::Tcp
+                    && v.backends.iter().any(|b| flipped.contains(&b.addr))
+            };
+            touched.extend(table.vips.values().filter(|v| holds(v)).map(|v| v.key));
         }
 
         touched.extend(std::mem::take(&mut self.waiting));
         let mut free_sets = Vec::new();
         for k in touched {
-            let want: Vec<SocketAddr> = table.vips.get(&k).map_or_else(Vec::new, |v| {
-                v.backends
-                    .iter()
-                    .filter(|b| eligible(&k, b, ejected))
-                    .map(|b| b.addr)
-                    .collect()
-            });
-            let old = self.installed.get(&k);
-            if old.is_some_and(|o| o.backends == want) || (old.is_none() && want.is_empty()) {
+            let want = eligible_of(table, &k, ejected);
+            // What the maps hold: the eligible backends of the table and ejections planned last.
+            let old = self
+                .installed
+                .get(&k)
+                .map(|i| (*i, eligible_of(&prev, &k, &self.ejected)));
+            if old.as_ref().is_some_and(|(_, b)| *b == want) || (old.is_none() && want.is_empty()) {
                 continue;
             }
-            let old = self.installed.remove(&k);
-            if let Some(o) = &old {
-                let left = o.backends.iter().filter(|a| !want.contains(a));
+            self.installed.remove(&k);
+            if let Some((_, backends)) = &old {
+                let left = backends.iter().filter(|a| want.binary_search(a).is_err());
                 self.moves.left_kernel.extend(left.map(|a| (k, *a)));
             }
             // The new set is written while the old one still stands.
@@ -282,11 +307,7 @@ impl Planner {
                         set,
                         slot: slot as u32,
                         addr: *addr,
-                        counter: self
-                            .counters
-                            .get(&(k, *addr))
-                            .copied()
-                            .unwrap_or(NO_COUNTER),
+                        counter: counter_of(table, &counters, &k, *addr).unwrap_or(NO_COUNTER),
                     });
                 }
                 ops.push(Op::PutService {
@@ -296,19 +317,16 @@ impl Planner {
                 });
                 Some(Installed {
                     set,
-                    backends: want,
+                    count: want.len() as u32,
                 })
             } else {
                 ops.push(Op::DelService { vip: k }); // 2^32 sets in use: serve by proxy
                 None
             };
-            if let Some(o) = old {
-                self.slots -= o.backends.len();
-                for slot in 0..o.backends.len() {
-                    ops.push(Op::DelBackend {
-                        set: o.set,
-                        slot: slot as u32,
-                    });
+            if let Some((o, _)) = old {
+                self.slots -= o.count as usize;
+                for slot in 0..o.count {
+                    ops.push(Op::DelBackend { set: o.set, slot });
                 }
                 free_sets.push(o.set);
             }
@@ -318,39 +336,21 @@ impl Planner {
         }
         // Ids are reused only by later plans, after these operations have been applied.
         self.sets.free.extend(free_sets);
-        for g in gone {
-            if let Some(c) = self.counters.remove(&g)
-                && c != NO_COUNTER
-            {
-                self.counter_ids.free.push(c);
-            }
-        }
+        let freed = freed_ids.into_iter().filter(|c| *c != NO_COUNTER);
+        self.counter_ids.free.extend(freed);
+        self.counters = counters;
         self.table = Arc::clone(table);
-        self.ejected = ejected.clone();
+        self.ejected = Arc::clone(ejected);
         ops
     }
 
-    fn index(&mut self, addr: SocketAddr, k: VipKey, ops: &mut Vec<Op>) {
-        // A `Vec`: most addresses back one VIP or a few, and an empty `BTreeSet`'s first
-        // node alone is ~300 bytes (per backend address, on an agent with 100,000).
-        let keys = self.by_backend.entry(addr).or_default();
-        if !keys.contains(&k) {
-            keys.push(k);
-        }
+    /// A counter id for a backend new to a VIP, zeroed before use ([`NO_COUNTER`]: none left).
+    fn new_counter(&mut self, ops: &mut Vec<Op>) -> u32 {
         let counter = self.counter_ids.take(MAX_COUNTERS).unwrap_or(NO_COUNTER);
         if counter != NO_COUNTER {
             ops.push(Op::ResetCounter { counter });
         }
-        self.counters.insert((k, addr), counter);
-    }
-
-    fn unindex(&mut self, addr: SocketAddr, k: &VipKey) {
-        if let Some(keys) = self.by_backend.get_mut(&addr) {
-            keys.retain(|x| x != k);
-            if keys.is_empty() {
-                self.by_backend.remove(&addr);
-            }
-        }
+        counter
     }
 
     /// The pairs moved since the last call.
@@ -384,22 +384,79 @@ impl Planner {
     }
 
     /// Every counter index in use, with its VIP and backend.
-    pub(crate) fn counters(&self) -> impl Iterator<Item = (&VipKey, SocketAddr, u32)> {
-        self.counters
+    pub(crate) fn counters<'a>(&'a self) -> impl Iterator<Item = (&'a VipKey, SocketAddr, u32)> {
+        let with_ids =
+            |(k, v): (&'a VipKey, &'a Arc<crate::model::Vip>)| Some((k, v, self.counters.get(k)?));
+        self.table
+            .vips
             .iter()
-            .filter(|(_, c)| **c != NO_COUNTER)
-            .map(|((k, a), c)| (k, *a, *c))
+            .filter_map(with_ids)
+            .flat_map(|(k, v, ids)| {
+                v.backends
+                    .iter()
+                    .zip(ids.iter().copied())
+                    .filter(|(_, c)| *c != NO_COUNTER)
+                    .map(move |(b, c)| (k, b.addr, c))
+            })
     }
 
-    /// Distinct backend addresses of TCP VIPs in the planned table (what health probes).
-    pub(crate) fn tcp_backends(&self) -> HashSet<SocketAddr> {
-        self.table
+    /// One more than the highest counter id handed out (what the counters map holds).
+    pub(crate) fn counter_ids_issued(&self) -> usize {
+        self.counter_ids.next as usize
+    }
+
+    /// The table planned last and its backends' counter ids (shared, not copied).
+    pub(crate) fn counter_ids(&self) -> (Arc<VipTable>, Arc<CounterIds>) {
+        (Arc::clone(&self.table), Arc::clone(&self.counters))
+    }
+
+    /// Distinct backend addresses of TCP VIPs in the planned table (what health probes),
+    /// sorted.
+    pub(crate) fn tcp_backends(&self) -> Vec<SocketAddr> {
+        let mut all: Vec<SocketAddr> = self
+            .table
             .vips
             .values()
             .filter(|v| v.key.protocol == crate::model::Protocol::Tcp)
             .flat_map(|v| v.backends.iter().map(|b| b.addr))
-            .collect()
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all.shrink_to_fit();
+        all
     }
+}
+
+/// The backends of `vip` in `table` that are translated to with `ejected` out, in the table's
+/// (address) order.
+fn eligible_of(table: &VipTable, vip: &VipKey, ejected: &BTreeSet<SocketAddr>) -> Vec<SocketAddr> {
+    table.vips.get(vip).map_or_else(Vec::new, |v| {
+        v.backends
+            .iter()
+            .filter(|b| eligible(vip, b, ejected))
+            .map(|b| b.addr)
+            .collect()
+    })
+}
+
+/// Where `addr` is among `backends` (sorted by address in every normalized table; a linear
+/// search covers one that is not).
+pub(crate) fn position(backends: &[crate::model::Backend], addr: SocketAddr) -> Option<usize> {
+    backends
+        .binary_search_by(|b| b.addr.cmp(&addr))
+        .ok()
+        .or_else(|| backends.iter().position(|b| b.addr == addr))
+}
+
+/// The counter id of `backend` of `vip`, by `ids` made for `table`.
+pub(crate) fn counter_of(
+    table: &VipTable,
+    ids: &CounterIds,
+    vip: &VipKey,
+    backend: SocketAddr,
+) -> Option<u32> {
+    let i = position(&table.vips.get(vip)?.backends, backend)?;
+    ids.get(vip)?.get(i).copied().filter(|c| *c != NO_COUNTER)
 }
 
 #[cfg(test)]

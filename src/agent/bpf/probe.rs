@@ -7,19 +7,32 @@
 //! The probes are the cost: per agent, one handshake per backend per `interval` (2/s at the
 //! default 500 ms), which the backend sees as an accepted-then-closed connection.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::forward::balancer::{Failure, Health};
 
+/// Probes in flight at once. It bounds the descriptors a round holds (shared with the proxy
+/// under one limit) and its memory, whatever the number of backends: 100,000 backends are
+/// probed in rounds of this many, not with 100,000 sockets at once.
+pub(crate) const IN_FLIGHT: usize = 256;
+
+/// How often a round publishes the ejected set while ejections change: soon after a change,
+/// but not once per backend (each publication is a set of every ejected backend, and a plan).
+const PUBLISH_EVERY: Duration = Duration::from_millis(100);
+
 /// Probe results folded into ejection state, per backend address.
 #[derive(Debug, Default)]
 pub(crate) struct Prober {
+    /// Backends whose last probes failed; a healthy backend has no entry (nothing kept for
+    /// the many that answer).
     health: HashMap<SocketAddr, Health>,
 }
 
@@ -28,34 +41,65 @@ pub(crate) struct Prober {
 pub(crate) enum Outcome {
     Up,
     Down(Failure),
+    /// This host could not try (out of descriptors, memory or ports): says nothing of the
+    /// backend.
+    Local,
 }
 
 impl Prober {
-    /// Fold one round of results in (backends not in `results` are forgotten) and return the
-    /// backends ejected at `now`.
-    pub(crate) fn record(
+    /// Fold one probe of `addr` in: `Some(ejected)` when it changed whether `addr` is
+    /// ejected at `now`.
+    pub(crate) fn record_one(
         &mut self,
-        results: &[(SocketAddr, Outcome)],
+        addr: SocketAddr,
+        outcome: Outcome,
         now: Instant,
-    ) -> BTreeSet<SocketAddr> {
-        let seen: HashSet<SocketAddr> = results.iter().map(|(a, _)| *a).collect();
-        self.health.retain(|a, _| seen.contains(a));
-        for (a, o) in results {
-            let h = self.health.entry(*a).or_default();
-            match o {
-                Outcome::Up => h.record_success(),
-                Outcome::Down(kind) => {
-                    if h.record_failure(now, *kind) {
-                        tracing::warn!(backend = %a, "backend ejected: probe failed");
-                    }
-                }
+    ) -> Option<bool> {
+        let (was, is) = match outcome {
+            Outcome::Up => {
+                let was = self.health.remove(&addr).is_some_and(|h| h.is_ejected(now));
+                (was, false)
             }
-        }
+            Outcome::Down(kind) => {
+                let h = self.health.entry(addr).or_default();
+                let was = h.is_ejected(now);
+                h.record_failure(now, kind);
+                (was, h.is_ejected(now))
+            }
+            Outcome::Local => return None,
+        };
+        (was != is).then_some(is)
+    }
+
+    /// Forget the backends not in `targets` (sorted).
+    pub(crate) fn retain(&mut self, targets: &[SocketAddr]) {
+        self.health.retain(|a, _| targets.binary_search(a).is_ok());
+    }
+
+    /// The backends ejected at `now`.
+    pub(crate) fn ejected(&self, now: Instant) -> BTreeSet<SocketAddr> {
         self.health
             .iter()
             .filter(|(_, h)| h.is_ejected(now))
             .map(|(a, _)| *a)
             .collect()
+    }
+
+    /// Fold one whole round in (backends not in `results` are forgotten) and return the
+    /// backends ejected at `now`.
+    #[cfg(test)]
+    pub(crate) fn record(
+        &mut self,
+        results: &[(SocketAddr, Outcome)],
+        now: Instant,
+    ) -> BTreeSet<SocketAddr> {
+        let mut seen: Vec<SocketAddr> = results.iter().map(|(a, _)| *a).collect();
+        seen.sort_unstable();
+        self.retain(&seen);
+        for (a, o) in results {
+            self.record_one(*a, *o, now);
+        }
+        self.ejected(now)
     }
 }
 
@@ -66,15 +110,17 @@ pub(crate) async fn probe(addr: SocketAddr, timeout: Duration) -> Outcome {
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
             Outcome::Down(Failure::Refused)
         }
+        Ok(Err(e)) if crate::agent::forward::local_kind(&e).is_some() => Outcome::Local,
         Ok(Err(_)) | Err(_) => Outcome::Down(Failure::Other),
     }
 }
 
-/// Probe the addresses `targets` names every `interval` and publish the ejected set whenever
-/// it changes, until `shutdown`.
+/// Probe the addresses `targets` names (sorted, distinct) every `interval`, [`IN_FLIGHT`] at
+/// a time, and publish the ejected set whenever it changes (within [`PUBLISH_EVERY`] of a
+/// probe that changed it, not at the end of a round), until `shutdown`.
 pub(crate) async fn run(
-    mut targets: watch::Receiver<HashSet<SocketAddr>>,
-    ejected: watch::Sender<BTreeSet<SocketAddr>>,
+    mut targets: watch::Receiver<Arc<Vec<SocketAddr>>>,
+    ejected: watch::Sender<super::plan::Ejected>,
     interval: Duration,
     timeout: Duration,
     shutdown: CancellationToken,
@@ -82,22 +128,56 @@ pub(crate) async fn run(
     let mut prober = Prober::default();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let publish = |prober: &Prober| {
+        let now_ejected = prober.ejected(Instant::now());
+        ejected.send_if_modified(|e| {
+            let changed = **e != now_ejected;
+            if changed {
+                *e = Arc::new(now_ejected);
+            }
+            changed
+        });
+    };
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let addrs: Vec<SocketAddr> = targets.borrow_and_update().iter().copied().collect();
-        let outcomes = futures::future::join_all(addrs.iter().map(|a| probe(*a, timeout))).await;
-        let results: Vec<_> = addrs.into_iter().zip(outcomes).collect();
-        let now_ejected = prober.record(&results, Instant::now());
-        ejected.send_if_modified(|e| {
-            let changed = *e != now_ejected;
-            if changed {
-                *e = now_ejected;
+        let round = Arc::clone(&targets.borrow_and_update());
+        prober.retain(&round);
+        let mut results = futures::stream::iter(round.iter().copied())
+            .map(|a| async move { (a, probe(a, timeout).await) })
+            .buffer_unordered(IN_FLIGHT);
+        // One line a round, not one per backend: a partition that takes 100,000 backends
+        // away must not write 100,000 lines at every ejection.
+        let (mut out, mut first) = (0usize, None);
+        let (mut dirty, mut published) = (false, Instant::now());
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = results.next() => match r {
+                    Some((a, o)) => {
+                        if let Some(ejected) = prober.record_one(a, o, Instant::now()) {
+                            if ejected {
+                                out += 1;
+                                first.get_or_insert(a);
+                            }
+                            dirty = true;
+                        }
+                        if dirty && published.elapsed() >= PUBLISH_EVERY {
+                            publish(&prober);
+                            (dirty, published) = (false, Instant::now());
+                        }
+                    }
+                    None => break,
+                },
             }
-            changed
-        });
+        }
+        if let Some(first) = first {
+            tracing::warn!(backends = out, first = %first, "backends ejected: probe failed");
+        }
+        // Ejections that ended during the round.
+        publish(&prober);
     }
 }
 
@@ -131,7 +211,7 @@ mod tests {
         assert_eq!(p.record(&a_slow, Instant::now()), BTreeSet::from([a]));
         // A backend that leaves is forgotten.
         assert!(p.record(&[(b, Outcome::Up)], Instant::now()).is_empty());
-        assert_eq!(p.health.len(), 1);
+        assert!(p.health.is_empty(), "a healthy backend keeps no entry");
     }
 
     #[tokio::test]
@@ -145,5 +225,56 @@ mod tests {
         let t = Duration::from_secs(1);
         assert_eq!(probe(up, t).await, Outcome::Up);
         assert_eq!(probe(closed, t).await, Outcome::Down(Failure::Refused));
+    }
+
+    /// A round over more targets than [`IN_FLIGHT`]: every refusing backend is ejected, the
+    /// one that answers is not, and a target that leaves is forgotten.
+    #[tokio::test]
+    async fn run_ejects_the_refusing_of_many_and_forgets_the_gone() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up = l.local_addr().unwrap();
+        let closed: Vec<SocketAddr> = (0..IN_FLIGHT * 2 + 10)
+            .map(|_| {
+                let s = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                s.local_addr().unwrap()
+            })
+            .collect();
+        let mut all: Vec<SocketAddr> = closed.iter().copied().chain([up]).collect();
+        all.sort_unstable();
+        let (targets_tx, targets_rx) = watch::channel(Arc::new(all));
+        let (ejected_tx, mut ejected_rx) = watch::channel(super::super::plan::Ejected::default());
+        let stop = CancellationToken::new();
+        let t = Duration::from_secs(1);
+        let task = tokio::spawn(run(
+            targets_rx,
+            ejected_tx,
+            Duration::from_millis(50),
+            t,
+            stop.clone(),
+        ));
+        let want: BTreeSet<SocketAddr> = closed.iter().copied().collect();
+        let got = tokio::time::timeout(
+            Duration::from_secs(20),
+            ejected_rx.wait_for(|e| **e == want),
+        )
+        .await
+        .map(|r| r.is_ok());
+        assert_eq!(got, Ok(true), "ejected: {}", ejected_rx.borrow().len());
+        // Only `up` is probed now: the others leave the ejected set.
+        targets_tx.send_replace(Arc::new(vec![up]));
+        let got = tokio::time::timeout(
+            Duration::from_secs(20),
+            ejected_rx.wait_for(|e| e.is_empty()),
+        )
+        .await
+        .map(|r| r.is_ok());
+        assert_eq!(
+            got,
+            Ok(true),
+            "still ejected: {}",
+            ejected_rx.borrow().len()
+        );
+        stop.cancel();
+        task.await.unwrap();
     }
 }

@@ -5,7 +5,9 @@
 //! the test process joins for the test's length) and its own BPF filesystem mount, and
 //! removes them all. Tests run one at a time (they move the whole process between cgroups).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
+
+use super::plan::Ejected;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
@@ -272,7 +274,7 @@ fn tcp_udp_ipv6_translated_and_the_vip_is_the_peer() {
     );
     let (kp, ops) = ns.run(move || {
         let mut kp = KernelPath::load(&cfg).expect("load");
-        let ops = kp.apply(&t, &BTreeSet::new()).expect("apply");
+        let ops = kp.apply(&t, &Ejected::default()).expect("apply");
         (kp, ops)
     });
     assert!(ops > 0);
@@ -297,11 +299,16 @@ fn tcp_udp_ipv6_translated_and_the_vip_is_the_peer() {
     let counted: u64 = kp
         .counters()
         .iter()
-        .filter(|((k, _), _)| *k == vip)
-        .map(|(_, c)| c.connections)
+        .filter(|(k, _, _)| **k == vip)
+        .map(|(_, _, c)| c.connections)
         .sum();
     assert_eq!(counted, 200, "the kernel counted every connection");
-    for ((_, b), c) in kp.counters().iter().filter(|((k, _), _)| *k == vip) {
+    for ((_, b), c) in kp
+        .counters()
+        .by_pair()
+        .iter()
+        .filter(|((k, _), _)| *k == vip)
+    {
         let name = if *b == b1 { "b1" } else { "b2" };
         assert_eq!(c.connections as usize, seen[name], "{b}");
     }
@@ -338,7 +345,7 @@ fn tcp_udp_ipv6_translated_and_the_vip_is_the_peer() {
     });
     assert_eq!(connected, ("u1ping".to_string(), uv));
     assert_eq!(unconnected, ("u1pong".to_string(), uv));
-    let c = kp.counters()[&(uvip, u1)];
+    let c = kp.counters().by_pair()[&(uvip, u1)];
     assert_eq!((c.connections, c.datagrams), (1, 1));
 
     // A socket of another namespace, in the same cgroup, is left alone: it reaches what
@@ -366,7 +373,7 @@ fn backend_change_and_vip_removal_while_connections_are_open() {
     let (b2, _l2) = tcp_backend(&ns, "127.0.0.1:0", "b2");
     let cfg = host.config(&unique("agent"));
     let mut kp = ns.run(move || KernelPath::load(&cfg).expect("load"));
-    let none = BTreeSet::new();
+    let none = Ejected::default();
     kp.apply(&table(1, &[(vip, vec![(b1, A)])]), &none).unwrap();
 
     // An open connection to b1 (direct: the kernel translated it once).
@@ -440,7 +447,7 @@ fn sockets_translated_to_a_gone_backend_are_destroyed_and_direct_ones_kept() {
             Ok(()),
             "this kernel runs the socket iterators"
         );
-        kp.apply(&t, &BTreeSet::new()).expect("apply");
+        kp.apply(&t, &Ejected::default()).expect("apply");
         let udp = |to: SocketAddr| {
             let s = UdpSocket::bind("127.0.0.1:0").unwrap();
             s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -566,7 +573,7 @@ fn restart_after_kill_takes_over_without_a_gap() {
     let (cfg1, t) = (cfg.clone(), Arc::clone(&t1));
     let first = ns.run(move || {
         let mut kp = KernelPath::load(&cfg1).expect("load");
-        kp.apply(&t, &BTreeSet::new()).unwrap();
+        kp.apply(&t, &Ejected::default()).unwrap();
         kp
     });
     let old_ids = first.prog_ids();
@@ -594,7 +601,7 @@ fn restart_after_kill_takes_over_without_a_gap() {
     let ids = |h: &Host| -> Vec<u32> { h.attached().iter().map(|(id, _)| *id as u32).collect() };
     assert_eq!(ids(&host), old_ids, "the old programs still serve");
     assert_eq!(tcp_get(&ns, vip.socket_addr()).unwrap().0, "b1");
-    second.apply(&table(0, &[]), &BTreeSet::new()).unwrap();
+    second.apply(&table(0, &[]), &Ejected::default()).unwrap();
     assert!(
         second.taking_over(),
         "the empty startup table does not take over"
@@ -604,7 +611,7 @@ fn restart_after_kill_takes_over_without_a_gap() {
 
     // Its first table (now b2) goes into its maps, then it serves and the old ones go.
     second
-        .apply(&table(2, &[(vip, vec![(b2, A)])]), &BTreeSet::new())
+        .apply(&table(2, &[(vip, vec![(b2, A)])]), &Ejected::default())
         .unwrap();
     assert!(!second.taking_over());
     assert_eq!(second.pin_dir(), home.as_path());
@@ -675,7 +682,7 @@ fn stopped_before_taking_over_removes_the_old_path_too() {
     let cfg1 = cfg.clone();
     let first = ns.run(move || {
         let mut kp = KernelPath::load(&cfg1).expect("load");
-        kp.apply(&t, &BTreeSet::new()).unwrap();
+        kp.apply(&t, &Ejected::default()).unwrap();
         kp
     });
     first.abandon();
@@ -714,8 +721,8 @@ fn two_agents_in_two_namespaces_serve_their_own() {
     let t2 = table(1, &[(vip, vec![(b2, A)])]);
     let mut k1 = ns1.run(move || KernelPath::load(&c1).expect("load 1"));
     let mut k2 = ns2.run(move || KernelPath::load(&c2).expect("load 2"));
-    k1.apply(&t1, &BTreeSet::new()).unwrap();
-    k2.apply(&t2, &BTreeSet::new()).unwrap();
+    k1.apply(&t1, &Ejected::default()).unwrap();
+    k2.apply(&t2, &Ejected::default()).unwrap();
     assert_eq!(host.attached().len(), 16);
     for _ in 0..10 {
         assert_eq!(tcp_get(&ns1, vip.socket_addr()).unwrap().0, "ns1");
@@ -755,7 +762,7 @@ fn one_backend_change_on_10000_vips_applies_under_1ms() {
     let cfg = host.config(&unique("agent"));
     let mut kp = ns.run(move || KernelPath::load(&cfg).expect("load"));
     let started = Instant::now();
-    kp.apply(&t0, &BTreeSet::new()).unwrap();
+    kp.apply(&t0, &Ejected::default()).unwrap();
     let full = started.elapsed();
     assert_eq!(kp.installed_count(), 10_000);
 
@@ -787,7 +794,7 @@ fn one_backend_change_on_10000_vips_applies_under_1ms() {
         next.vips.insert(k, Arc::new(v));
         let next = Arc::new(next);
         let started = Instant::now();
-        let ops = kp.apply(&next, &BTreeSet::new()).unwrap();
+        let ops = kp.apply(&next, &Ejected::default()).unwrap();
         times.push(started.elapsed());
         assert!(ops <= 1 + 4 + 1 + 4, "O(change) map operations, got {ops}");
         assert_eq!(kp.installed(&k).len(), next.vips[&k].backends.len());
@@ -825,7 +832,7 @@ fn every_short_connection_via_the_vip_is_translated_and_counted() {
     });
     let cfg = host.config(&unique("agent"));
     let mut kp = ns.run(move || KernelPath::load(&cfg).expect("load"));
-    kp.apply(&table(1, &[(vip, vec![(b, A)])]), &BTreeSet::new())
+    kp.apply(&table(1, &[(vip, vec![(b, A)])]), &Ejected::default())
         .unwrap();
     let n = 2000;
     let started = Instant::now();
@@ -845,7 +852,7 @@ fn every_short_connection_via_the_vip_is_translated_and_counted() {
         "{n} connections via the VIP in {:?} (information only; scripts/bench.sh measures)",
         started.elapsed()
     );
-    assert_eq!(kp.counters()[&(vip, b)].connections, n);
+    assert_eq!(kp.counters().by_pair()[&(vip, b)].connections, n);
     kp.close().unwrap();
 }
 
@@ -873,7 +880,7 @@ fn child_agent_process() {
         1,
         &[(key(vip, Protocol::Tcp), vec![(backend.parse().unwrap(), A)])],
     );
-    kp.apply(&t, &BTreeSet::new()).expect("child apply");
+    kp.apply(&t, &Ejected::default()).expect("child apply");
     eprintln!("L4LB_CHILD_READY {}", kp.prog_ids().len());
     std::thread::sleep(Duration::from_secs(60));
 }
@@ -941,7 +948,7 @@ fn restart_after_sigkill_of_a_real_process() {
     let t = table(1, &[(vip, vec![(b1, A)])]);
     let kp = ns.run(move || {
         let mut kp = KernelPath::load(&cfg).expect("restart");
-        kp.apply(&t, &BTreeSet::new()).expect("take over");
+        kp.apply(&t, &Ejected::default()).expect("take over");
         kp
     });
     let after = host.attached();

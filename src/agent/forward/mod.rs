@@ -8,11 +8,13 @@
 //! no sockets; [`tcp`] and `udp::io` are the I/O shells. Depends on `model` only, never on
 //! `source`.
 
+mod backend_series;
 pub mod balancer;
 mod latency;
 mod splice;
 mod state;
 mod tcp;
+pub(crate) use tcp::local_kind;
 pub mod udp;
 
 #[cfg(test)]
@@ -38,6 +40,7 @@ use tracing::Instrument;
 
 use crate::agent::handoff::{Kind, Name, Sockets};
 use crate::model::{Protocol, VipKey, VipTable, diff};
+use backend_series::{BackendFamilies, BackendSeries};
 use state::VipShared;
 
 /// How long a removed VIP's address stays after its last connection ended, so that a client
@@ -107,6 +110,14 @@ struct BackendLabels {
     backend: AddrLabel,
 }
 
+impl BackendLabels {
+    fn of(addr: SocketAddr) -> Self {
+        BackendLabels {
+            backend: AddrLabel(addr),
+        }
+    }
+}
+
 /// A backend address as a label value, written out only at scrape time. A `String` label
 /// was a 24-byte header and a 32-byte allocation in four places per backend (two family
 /// keys, the reference count, the series handle): ~9 MiB of an agent with 80,000 backends.
@@ -166,8 +177,8 @@ pub struct ForwardMetrics {
     connections_retried: Counter,
     bytes_c2b: Counter,
     bytes_b2c: Counter,
-    /// Per-backend families, behind one `Arc`: every backend holds a handle to them.
-    backend: Arc<BackendFamilies>,
+    /// Per-backend-address series; every backend holds a handle to its address's.
+    backend: BackendFamilies,
     vip_connections: Family<VipLabels, Counter>,
     vip_bytes: Family<VipOnly, Counter>,
     vip_backends_active: Family<VipOnly, Gauge>,
@@ -201,7 +212,7 @@ impl ForwardMetrics {
             connections_retried: Counter::default(),
             bytes_c2b: bytes.get_or_create_owned(&C2B),
             bytes_b2c: bytes.get_or_create_owned(&B2C),
-            backend: Arc::default(),
+            backend: BackendFamilies::default(),
             vip_connections: Family::default(),
             vip_bytes: Family::default(),
             vip_backends_active: Family::default(),
@@ -240,21 +251,7 @@ impl ForwardMetrics {
             m.connections_retried.clone(),
         );
         registry.register("bytes", "Bytes forwarded over TCP", bytes);
-        registry.register(
-            "backend_connect_failures",
-            "Failed or timed-out connects per backend",
-            m.backend.connect_failures.clone(),
-        );
-        registry.register(
-            "backend_ejections",
-            "Passive-health ejections per backend",
-            m.backend.ejections.clone(),
-        );
-        registry.register(
-            "backend_connect_seconds",
-            "Time to connect to a backend (successful connects), per backend",
-            m.backend.connect_seconds.clone(),
-        );
+        registry.register_collector(m.backend.collector());
         registry.register(
             "vip_connections",
             "TCP connections per VIP by result: ok (forwarded to a backend) or failed (no \
@@ -296,20 +293,9 @@ impl ForwardMetrics {
         self.local_errors.get_or_create(&KindLabels { kind }).inc();
     }
 
-    /// The series of one backend; they live until the last [`BackendSeries`] of that address
-    /// is released.
+    /// The series of one backend address; they live until its last holder releases them.
     fn backend_series(&self, addr: SocketAddr) -> BackendSeries {
-        let l = BackendLabels {
-            backend: AddrLabel(addr),
-        };
-        let f = &self.backend;
-        series_acquire(&f.refs, addr);
-        BackendSeries {
-            connect_failures: f.connect_failures.get_or_create_owned(&l),
-            ejections: f.ejections.get_or_create_owned(&l),
-            connect_seconds: std::sync::OnceLock::new(),
-            families: Arc::clone(f),
-        }
+        self.backend.acquire(addr)
     }
 
     /// The ok/failed counters of one VIP, removed when the last holder is dropped.
@@ -328,69 +314,6 @@ impl ForwardMetrics {
             backends_active: self.vip_backends_active.get_or_create_owned(&only),
             metrics: self.clone(),
             vip,
-        }
-    }
-}
-
-/// A backend's metric handles (no label lookup per connection). Its address is its
-/// [`state::BackendShared`]'s (not held twice: 32 bytes of each backend), which releases
-/// the series when it is dropped; the last release of an address removes them.
-#[derive(Debug)]
-pub(crate) struct BackendSeries {
-    pub(crate) connect_failures: Counter,
-    pub(crate) ejections: Counter,
-    /// Created at the first successful connect: a backend never connected to exports no
-    /// histogram (20 lines per backend on a large agent's `/metrics` otherwise).
-    connect_seconds: std::sync::OnceLock<latency::ConnectLatency>,
-    /// Not the whole [`ForwardMetrics`]: a clone of it per backend was 22 handles, ~180
-    /// bytes of each of 80,000 backends.
-    families: Arc<BackendFamilies>,
-}
-
-/// The per-backend metric families and who uses each label value.
-#[derive(Debug, Default)]
-struct BackendFamilies {
-    connect_failures: Family<BackendLabels, Counter>,
-    ejections: Family<BackendLabels, Counter>,
-    connect_seconds: Family<BackendLabels, latency::ConnectLatency>,
-    refs: SeriesRefs<SocketAddr>,
-}
-
-impl BackendSeries {
-    /// Record one successful connect to `addr`, this series' backend (one atomic load once
-    /// the histogram exists).
-    pub(crate) fn observe_connect(&self, addr: SocketAddr, took: Duration) {
-        self.connect_seconds
-            .get_or_init(|| {
-                self.families
-                    .connect_seconds
-                    .get_or_create_owned(&BackendLabels {
-                        backend: AddrLabel(addr),
-                    })
-            })
-            .observe(took);
-    }
-
-    /// Connect latency so far (empty before the first connect).
-    pub(crate) fn connect_latency(&self) -> latency::Snapshot {
-        self.connect_seconds
-            .get()
-            .map(latency::ConnectLatency::snapshot)
-            .unwrap_or_default()
-    }
-}
-
-impl BackendSeries {
-    /// This holder of `addr`'s series lets go (its backend is dropped).
-    pub(crate) fn release(&self, addr: SocketAddr) {
-        let m = &self.families;
-        if series_release(&m.refs, &addr) {
-            let l = BackendLabels {
-                backend: AddrLabel(addr),
-            };
-            m.connect_failures.remove(&l);
-            m.ejections.remove(&l);
-            m.connect_seconds.remove(&l);
         }
     }
 }

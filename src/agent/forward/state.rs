@@ -15,8 +15,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::backend_series::BackendSeries;
 use super::balancer::{self, Candidate, Failure, Health};
-use super::{BackendSeries, ForwardMetrics, VipSeries};
+use super::{ForwardMetrics, VipSeries};
 use crate::model::{BackendState, Vip, VipKey};
 
 /// One backend of one VIP, shared by the set, its connections and the stats handle.
@@ -74,17 +75,17 @@ impl BackendShared {
     }
 
     pub(crate) fn record_failure(&self, now: Instant, kind: Failure) {
-        self.series.connect_failures.inc();
+        self.series.connect_failed();
         self.failures.fetch_add(1, Ordering::Relaxed);
         if lock(&self.guarded).health.record_failure(now, kind) {
-            self.series.ejections.inc();
+            self.series.ejected();
             tracing::info!(backend = %self.addr, "backend ejected after connect failure");
         }
     }
 
     /// A connect that took `took` succeeded.
     pub(crate) fn record_success(&self, took: std::time::Duration) {
-        self.series.observe_connect(self.addr, took);
+        self.series.observe_connect(took);
         self.connects.fetch_add(1, Ordering::Relaxed);
         lock(&self.guarded).health.record_success();
     }

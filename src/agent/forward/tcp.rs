@@ -70,7 +70,7 @@ pub(super) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 
 /// The `kind` label of an error that is this host's fault, not a backend's: out of
 /// descriptors, memory or local addresses/ports.
-pub(super) fn local_kind(e: &io::Error) -> Option<&'static str> {
+pub(crate) fn local_kind(e: &io::Error) -> Option<&'static str> {
     match e.raw_os_error().map(Errno::from_raw)? {
         Errno::EMFILE => Some("emfile"),
         Errno::ENFILE => Some("enfile"),

@@ -978,13 +978,7 @@ async fn tcp_connect_timeouts_are_retried_and_eject() {
     let st = fwd.stats().backend(&key, hole).unwrap();
     assert!(st.ejected, "{st:?}");
     assert_eq!(
-        fwd.m
-            .backend
-            .connect_failures
-            .get_or_create(&BackendLabels {
-                backend: AddrLabel(hole)
-            })
-            .get(),
+        fwd.m.backend.connect_failures(hole),
         u64::from(balancer::FAILURES_TO_EJECT)
     );
     assert_eq!(
@@ -1212,10 +1206,7 @@ async fn out_of_descriptors() {
         "{:?}",
         r.map(|_| ())
     );
-    let l = BackendLabels {
-        backend: AddrLabel(b.addr),
-    };
-    assert_eq!(fwd.m.backend.connect_failures.get_or_create(&l).get(), 0);
+    assert_eq!(fwd.m.backend.connect_failures(b.addr), 0);
     assert_eq!(fwd.m.connections_retried.get(), 0);
     let stats = fwd.stats().backend(&key, b.addr).unwrap();
     assert!(!stats.ejected, "healthy backend was ejected");
@@ -1244,7 +1235,7 @@ async fn out_of_descriptors() {
     assert_eq!(&id, b"b0\n");
     echo(&mut c, b"after").await;
     assert_eq!(fwd.m.connections_no_backend.get(), 0);
-    assert_eq!(fwd.m.backend.connect_failures.get_or_create(&l).get(), 0);
+    assert_eq!(fwd.m.backend.connect_failures(b.addr), 0);
 
     // No descriptor for a UDP session's upstream socket: the datagram is dropped and
     // counted, the backend not blamed; the next datagram makes the session.
@@ -1255,10 +1246,7 @@ async fn out_of_descriptors() {
     drop(filler);
     assert_eq!(emfile(), before + 1);
     assert_eq!(udp_ask(&uc, ukey, "hi").await, "b5:hi");
-    let ul = BackendLabels {
-        backend: AddrLabel(ub.addr),
-    };
-    assert_eq!(fwd.m.backend.connect_failures.get_or_create(&ul).get(), 0);
+    assert_eq!(fwd.m.backend.connect_failures(ub.addr), 0);
 }
 
 /// A client-first backend: reads one request (up to `\n`), answers `b<id>:<request>`, then

@@ -181,10 +181,10 @@ fn cases() {
         let mut maps = Maps::default();
         let before = Arc::new(VipTable::new(1, c.before));
         let any = |_: &VipKey, _: &SocketAddr| true;
-        maps.apply(&p.plan(&before, &BTreeSet::new()), &any);
+        maps.apply(&p.plan(&before, &Ejected::default()), &any);
         let after = Arc::new(VipTable::new(2, c.after));
         let ejected: BTreeSet<SocketAddr> = c.ejected.iter().map(|a| a.parse().unwrap()).collect();
-        let ops = p.plan(&after, &ejected);
+        let ops = p.plan(&after, &Arc::new(ejected.clone()));
         let n = ops
             .iter()
             .filter(|o| !matches!(o, Op::ResetCounter { .. }))
@@ -203,7 +203,7 @@ fn counters_survive_state_changes_and_are_freed_with_their_backend() {
     let t = key(1, Protocol::Tcp);
     let mut p = Planner::default();
     let one = Arc::new(VipTable::new(1, [vip(t, &[(A, Active), (B, Active)])]));
-    let ops = p.plan(&one, &BTreeSet::new());
+    let ops = p.plan(&one, &Ejected::default());
     assert_eq!(
         ops.iter()
             .filter(|o| matches!(o, Op::ResetCounter { .. }))
@@ -212,7 +212,7 @@ fn counters_survive_state_changes_and_are_freed_with_their_backend() {
     );
     let ca = p.counter(&t, A.parse().unwrap()).unwrap();
     let two = Arc::new(VipTable::new(2, [vip(t, &[(A, Draining), (B, Active)])]));
-    let ops = p.plan(&two, &BTreeSet::new());
+    let ops = p.plan(&two, &Ejected::default());
     assert!(!ops.iter().any(|o| matches!(o, Op::ResetCounter { .. })));
     assert_eq!(
         p.counter(&t, A.parse().unwrap()),
@@ -220,10 +220,10 @@ fn counters_survive_state_changes_and_are_freed_with_their_backend() {
         "a draining backend keeps its count"
     );
     let three = Arc::new(VipTable::new(3, [vip(t, &[(B, Active)])]));
-    p.plan(&three, &BTreeSet::new());
+    p.plan(&three, &Ejected::default());
     assert_eq!(p.counter(&t, A.parse().unwrap()), None);
     let four = Arc::new(VipTable::new(4, [vip(t, &[(B, Active), (C, Active)])]));
-    let ops = p.plan(&four, &BTreeSet::new());
+    let ops = p.plan(&four, &Ejected::default());
     assert_eq!(
         ops[0],
         Op::ResetCounter { counter: ca },
@@ -244,7 +244,7 @@ fn vips_that_do_not_fit_stay_with_the_proxy_until_room_is_made() {
     });
     let mut maps = Maps::default();
     let any = |_: &VipKey, _: &SocketAddr| true;
-    let none = BTreeSet::new();
+    let none = Ejected::default();
     let three = Arc::new(VipTable::new(
         1,
         [
@@ -322,7 +322,7 @@ proptest! {
             table = table.share_with(&p.table);
             let table = Arc::new(table);
             let now_want = want(&table, &ejected);
-            let ops = p.plan(&table, &ejected);
+            let ops = p.plan(&table, &Arc::new(ejected.clone()));
             let allowed = |k: &VipKey, a: &SocketAddr| {
                 prev_want.get(k).is_some_and(|v| v.contains(a))
                     || now_want.get(k).is_some_and(|v| v.contains(a))
@@ -357,7 +357,7 @@ proptest! {
         for (i, (vips, ejected)) in steps.into_iter().enumerate() {
             let table = Arc::new(VipTable::new(i as u64 + 1, vips).share_with(&p.table));
             let now_want = want(&table, &ejected);
-            let ops = p.plan(&table, &ejected);
+            let ops = p.plan(&table, &Arc::new(ejected.clone()));
             let mut peak = maps.backends.len();
             for op in &ops {
                 maps.apply(std::slice::from_ref(op), &|_, _| true);
@@ -378,7 +378,7 @@ fn moves_name_the_pairs_that_left_and_came_back() {
     let (t, u) = (key(1, Protocol::Tcp), key(1, Protocol::Udp));
     let (a, b): (SocketAddr, SocketAddr) = (A.parse().unwrap(), B.parse().unwrap());
     let mut p = Planner::default();
-    let none = BTreeSet::new();
+    let none = Ejected::default();
     let one = Arc::new(VipTable::new(
         1,
         [
@@ -392,7 +392,7 @@ fn moves_name_the_pairs_that_left_and_came_back() {
     assert_eq!(m.back.len(), 4, "every backend of a new VIP arrives");
 
     // A is ejected: it leaves the TCP VIP's set (not the table), and the UDP VIP keeps it.
-    p.plan(&one, &BTreeSet::from([a]));
+    p.plan(&one, &Arc::new(BTreeSet::from([a])));
     let m = p.take_moves();
     assert_eq!(m.left_kernel, vec![(t, a)]);
     assert!(m.left_table.is_empty());
@@ -403,7 +403,7 @@ fn moves_name_the_pairs_that_left_and_came_back() {
         2,
         [vip(t, &[(A, Active)]), vip(u, &[(A, Draining)])],
     ));
-    p.plan(&two, &BTreeSet::from([a]));
+    p.plan(&two, &Arc::new(BTreeSet::from([a])));
     let mut m = p.take_moves();
     m.left_kernel.sort();
     m.left_table.sort();
