@@ -180,6 +180,25 @@ async fn agent_rss(table: l4lb::model::VipTable) -> (u64, u64, u64) {
     agent_rss_on(table, None).await
 }
 
+/// Wait (up to 2 minutes) until a line of `log` satisfies `is`.
+async fn log_line(
+    log: &crate::common::process::Log,
+    what: &'static str,
+    is: impl Fn(&str) -> bool + Send + 'static,
+) {
+    let l = log.clone();
+    tokio::task::spawn_blocking(move || {
+        crate::common::wait_for(
+            what,
+            std::time::Duration::from_secs(120),
+            std::time::Duration::from_millis(20),
+            || l.text().lines().any(&is).then_some(()),
+        )
+    })
+    .await
+    .unwrap();
+}
+
 /// The kernel path in a namespace of the test's, and whether its health probes run.
 #[derive(Clone, Copy)]
 struct Kernel<'a> {
@@ -253,38 +272,16 @@ async fn agent_rss_on(table: l4lb::model::VipTable, kernel: Option<Kernel<'_>>) 
     // From here VmHWM is the peak since now.
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
     tx.send_replace(Arc::new(table));
-    let l = log.clone();
-    tokio::task::spawn_blocking(move || {
-        crate::common::wait_for(
-            "the table applied",
-            Duration::from_secs(60),
-            Duration::from_millis(20),
-            || {
-                let line = format!("live={vips} ");
-                l.text()
-                    .lines()
-                    .any(|x| x.contains(APPLIED) && x.contains(&line))
-                    .then_some(())
-            },
-        )
+    let applied = format!("live={vips} ");
+    log_line(&log, "the table applied", move |x| {
+        x.contains(APPLIED) && x.contains(&applied)
     })
-    .await
-    .unwrap();
+    .await;
     if kernel.is_some_and(|k| k.probes) {
         // Every backend of the table fails its probe (no route to any): wait until the round
         // that ejects them all.
-        let all = format!("backends={} ", table_backends);
-        let l = log.clone();
-        tokio::task::spawn_blocking(move || {
-            crate::common::wait_for(
-                "every backend ejected",
-                Duration::from_secs(120),
-                Duration::from_millis(50),
-                || l.text().contains(&all).then_some(()),
-            )
-        })
-        .await
-        .unwrap();
+        let all = format!("backends={table_backends} ");
+        log_line(&log, "every backend ejected", move |x| x.contains(&all)).await;
     }
     // Let whatever follows an apply (DNS records, the forwarder's listeners, the saved copy,
     // the trim) settle.
