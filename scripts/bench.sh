@@ -24,6 +24,8 @@
 #                   and UDP workloads: an A/B on a noisy machine, under the same scheduler
 #                   group as everything else (start the two side by side by hand and the
 #                   session's autogroup alone skews a stream by ~20%)
+#   BENCH_AB_PLANE  the data plane of columns "l4lb" and "base" (default auto): `proxy` makes
+#                   the A/B one of the splice proxy (a change to its connect path)
 #   BENCH_HOLD      set to keep the lab up after the workloads (with BENCH_ONLY=none: set it up
 #                   only) until interrupted, for perf/strace by hand; prints the namespaces
 #   BENCH_PERF      set to `perf record -g` l4lb during its TCP, new-connection, UDP and DNS
@@ -227,7 +229,7 @@ start l4lb-nocache "$NSC" "$PROXY_CPU" env RUST_LOG=warn,l4lb=info "$L4LB" --wor
 # root, acting only on this client namespace's sockets: --bpf-netns-only, as any lab with
 # several agents on one kernel needs); where they cannot, the proxy does, and the log says why.
 # The auto-or-not choice is the flag's default: the other flags only scope the kernel path.
-AUTO_FLAGS=(--bpf-netns-only)
+AUTO_FLAGS=(--bpf-netns-only --data-plane "${BENCH_AB_PLANE:-auto}")
 sed 's/198\.18\.5\.5/198.18.5.7/g' "$WORK/apps.json" >"$WORK/apps-auto.json"
 start l4lb-auto "$NSC" "$PROXY_CPU" env RUST_LOG=warn,l4lb=info "$L4LB" --worker-threads 1 run \
     --apps-file "$WORK/apps-auto.json" --interface l4lbauto --interface-kind auto \
@@ -245,11 +247,11 @@ BASE=${BENCH_BASE:-}
 if [ -n "$BASE" ]; then
     [ -x "$BASE" ] || die "BENCH_BASE: no executable $BASE"
     sed 's/198\.18\.5\.5/198.18.5.6/g' "$WORK/apps.json" >"$WORK/apps-base.json"
-    # The base runs with the default data plane too, whatever its own default (explicit auto).
+    # The base runs with column l4lb's data plane, whatever its own default (explicit).
     start l4lb-base "$NSC" "$PROXY_CPU" env RUST_LOG=warn,l4lb=info "$BASE" --worker-threads 1 run \
         --apps-file "$WORK/apps-base.json" --interface l4lbbase --interface-kind auto \
         --api-listen 127.0.0.1:62081 --dns-listen 127.0.0.1:5464 --vip-cidr 198.18.64.0/18 \
-        --data-plane auto "${AUTO_FLAGS[@]}" --bpf-instance "bench-base-$$"
+        "${AUTO_FLAGS[@]}" --bpf-instance "bench-base-$$"
     for _ in $(seq 1 100); do
         grep -q "first table applied; ready" "$WORK/l4lb-base.log" 2>/dev/null && break
         sleep 0.1
