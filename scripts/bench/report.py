@@ -210,11 +210,16 @@ def main() -> int:
     lines.append("DNS row: 'dnsmasq' is dnsmasq serving the same names; its l4lb/direct column is l4lb/dnsmasq.")
     if has_base:
         lines.append("'base' is the BENCH_BASE binary, measured in the same rounds as l4lb.")
-    lines.append(
-        "'l4lb' is l4lb as installed (--data-plane auto: the kernel path translates the VIP in "
-        "connect()/sendmsg() where it loads, no proxy in the path; its cpu rows measure the proxy "
-        "CPU, where nothing runs per connection then)."
-    )
+    if os.environ.get("BENCH_AB_PLANE", "auto") == "proxy":
+        lines.append(
+            "'l4lb' and 'base' run --data-plane proxy (BENCH_AB_PLANE=proxy): an A/B of the proxy."
+        )
+    else:
+        lines.append(
+            "'l4lb' is l4lb as installed (--data-plane auto: the kernel path translates the VIP in "
+            "connect()/sendmsg() where it loads, no proxy in the path; its cpu rows measure the "
+            "proxy CPU, where nothing runs per connection then)."
+        )
     if has_proxy:
         lines.append("'proxy' is l4lb --data-plane proxy (the splice forwarder); idle rows are its.")
     table = "\n".join(lines)
