@@ -452,6 +452,7 @@ impl KernelPath {
             predecessors,
             pin_dir,
             mounted,
+            cgroup,
             ..
         } = self;
         let mut first_err = None;
@@ -470,8 +471,11 @@ impl KernelPath {
         drop(ebpf);
         for m in mounted.iter().rev() {
             // A BPF filesystem another instance still pins into stays mounted.
-            if !m.join("l4lb").exists() && sys::unmount(m).is_ok() {
-                // The mount point was made for it (fails harmlessly where it was not ours).
+            if !m.join("l4lb").exists() && sys::unmount(m).is_ok() && *m != cgroup {
+                // The mount point was made for it (fails harmlessly where it was not ours). The
+                // cgroup2 mount point (`/run/l4lb/cgroup2`) stays: another agent, in a mount
+                // namespace of its own, may be about to mount there, and removing the directory
+                // would also detach its mount.
                 let _ = std::fs::remove_dir(m);
             }
         }
