@@ -527,6 +527,7 @@ fn the_link_checker_reads_markdown_as_github_does() {
 /// projects' files, and what the scripts write.
 const EXTERNAL: &[&str] = &[
     "asm-generic/socket.h",
+    "linux/bpf.h",
     "linux/magic.h",
     "bpf_sock.c",
     "bench-results/latest.json",

@@ -287,6 +287,22 @@ async fn agent_rss_on(table: l4lb::model::VipTable, kernel: Option<Kernel<'_>>) 
     // the trim) settle.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (rss, peak) = rss_kib(pid);
+    if std::env::var_os("MEM_CPU").is_some() {
+        // `MEM_CPU=1`: the agent's CPU time over 10 s of idling with this table.
+        let ticks = || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+            let f: Vec<&str> = stat
+                .rsplit(')')
+                .next()
+                .unwrap()
+                .split_whitespace()
+                .collect();
+            f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+        };
+        let t0 = ticks();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        eprintln!("idle CPU: {} ms in 10 s", (ticks() - t0) * 10);
+    }
     if std::env::var_os("MEM_SMAPS").is_some() {
         // `MEM_SMAPS=1`: the agent's mappings over 1 MiB of RSS (arenas, heap, text).
         let top = format!(

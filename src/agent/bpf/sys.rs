@@ -2,13 +2,14 @@
 //! and a cgroup2 mount (found, or mounted where there is none: `ip netns exec` remounts `/sys`,
 //! so an agent started that way sees neither).
 //!
-//! The one `unsafe` call of the kernel path lives here: `getsockopt(SO_NETNS_COOKIE)`, which
-//! neither nix nor socket2 wraps. It writes at most `size_of::<u64>()` bytes into a `u64` we
-//! own, with the length passed alongside.
+//! The kernel path's two `unsafe` calls live here, neither wrapped by nix, socket2 or aya:
+//! `getsockopt(SO_NETNS_COOKIE)`, which writes at most `size_of::<u64>()` bytes into a `u64` we
+//! own, with the length passed alongside; and `bpf(BPF_MAP_LOOKUP_BATCH)` on an array map,
+//! which writes at most `count` keys and values into buffers sized for `count`.
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 /// `BPF_FS_MAGIC` from `linux/magic.h`.
@@ -35,6 +36,89 @@ pub(crate) fn netns_cookie() -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(cookie)
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` from `linux/bpf.h` (Linux 5.6; per-CPU arrays since 5.13).
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Entries read per system call by [`array_lookup_batch`].
+const BATCH: usize = 1024;
+
+/// Entries `0..n` of the array map `fd`, each `value_size` bytes as the kernel copies them out
+/// (for a per-CPU map, `round_up(size, 8)` times the possible CPUs), handed to `each` with
+/// their index, in index order: one system call per [`BATCH`] entries instead of one per
+/// entry, through one buffer of [`BATCH`] values. Stops early where the map ends.
+pub(crate) fn array_lookup_batch(
+    fd: BorrowedFd<'_>,
+    n: usize,
+    value_size: usize,
+    mut each: impl FnMut(usize, &[u8]),
+) -> io::Result<()> {
+    let mut values = vec![0u8; n.min(BATCH) * value_size];
+    let mut keys = vec![0u32; BATCH];
+    let (mut read, mut last) = (0usize, None::<u32>);
+    while read < n {
+        let want = (n - read).min(BATCH);
+        let mut next: u32 = 0;
+        let mut attr = BatchAttr {
+            in_batch: last.as_ref().map_or(0, |k| std::ptr::from_ref(k) as u64),
+            out_batch: (&raw mut next) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: want as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `keys` holds BATCH >= count u32 keys (the map's key size), `values`
+        // count * value_size bytes, `next` one key; the kernel writes at most that much
+        // into each and reads `last`, a live u32, or nothing when it is 0.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &raw mut attr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        let err = (rc != 0).then(io::Error::last_os_error);
+        let end = err
+            .as_ref()
+            .is_some_and(|e| e.raw_os_error() == Some(libc::ENOENT));
+        if let Some(e) = err.filter(|_| !end) {
+            return Err(e);
+        }
+        let got = (attr.count as usize).min(want);
+        for (i, (k, v)) in keys[..got]
+            .iter()
+            .zip(values.chunks(value_size))
+            .enumerate()
+        {
+            if *k as usize != read + i {
+                return Err(io::Error::other("batch lookup out of index order"));
+            }
+            each(read + i, v);
+        }
+        read += got;
+        if end || got == 0 {
+            break;
+        }
+        last = Some(next);
+    }
+    Ok(())
 }
 
 /// Whether `path` is a mounted BPF filesystem.

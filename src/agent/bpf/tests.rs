@@ -303,6 +303,14 @@ fn tcp_udp_ipv6_translated_and_the_vip_is_the_peer() {
         .map(|(_, _, c)| c.connections)
         .sum();
     assert_eq!(counted, 200, "the kernel counted every connection");
+    // The batched read (what `counters` uses) agrees with one lookup per counter.
+    let n = kp.planner_counter_ids_issued();
+    let batched = kp.counters_batched(n).expect("batched per-CPU array read");
+    let each = kp.counters_each(n);
+    for (_, _, id) in kp.planner_counters() {
+        assert_eq!(batched[id as usize], each[id as usize], "counter {id}");
+    }
+    assert!(each.iter().any(|c| c.connections > 0));
     for ((_, b), c) in kp
         .counters()
         .by_pair()
