@@ -288,7 +288,10 @@ impl Planner {
             }
             self.installed.remove(&k);
             if let Some((_, backends)) = &old {
-                let left = backends.iter().filter(|a| want.binary_search(a).is_err());
+                // `want` is in address order in a normalized table; `contains` covers one
+                // that is not, and runs only for a backend that seems to have left.
+                let kept = |a: &SocketAddr| want.binary_search(a).is_ok() || want.contains(a);
+                let left = backends.iter().filter(|a| !kept(a));
                 self.moves.left_kernel.extend(left.map(|a| (k, *a)));
             }
             // The new set is written while the old one still stands.
