@@ -303,14 +303,6 @@ async fn agent_rss_on(table: l4lb::model::VipTable, kernel: Option<Kernel<'_>>) 
         tokio::time::sleep(Duration::from_secs(10)).await;
         eprintln!("idle CPU: {} ms in 10 s", (ticks() - t0) * 10);
     }
-    if std::env::var_os("MEM_SMAPS").is_some() {
-        // `MEM_SMAPS=1`: the agent's mappings over 1 MiB of RSS (arenas, heap, text).
-        let top = format!(
-            "awk '/^[0-9a-f]+-/{{m=$0}} /^Rss:/{{if($2>1024)print $2, m}}' /proc/{pid}/smaps \
-             | sort -rn | head -20 >&2"
-        );
-        let _ = Command::new("sh").arg("-c").arg(top).status();
-    }
     if ht {
         let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
         for k in kids.split_whitespace() {
@@ -391,7 +383,7 @@ async fn a_controller_delta_costs_an_agent_a_small_multiple_of_its_size() {
 /// 1,661 before a backend's health and kill token shared one lock and its open count became
 /// 32 bits). The kernel path: 505 without task records (2,149 while the planner indexed VIPs
 /// by backend and kept a counter per pair in a map, the stats a labelled series per pair and
-/// the prober a record per backend; 613-749 before glibc's mmap threshold was fixed), 687-734
+/// the prober a record per backend; 613-749 before glibc's mmap threshold was fixed), 664-736
 /// while every backend fails its probe.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_an_agent_keeps_per_backend() {
@@ -400,7 +392,7 @@ async fn what_an_agent_keeps_per_backend() {
     const MAX_KEPT: [(bool, f64); 2] = [(false, 600.0), (true, 1_700.0)];
     /// The kernel path, without task records: backends that answer their probes (the
     /// issue's 600; measured 504-505), and every backend failing them (its health record and
-    /// the ejected set; measured 687-734, ~10% margin).
+    /// the ejected set; measured 664-736, ~10% margin).
     const KERNEL_MAX_KEPT: [(bool, f64); 2] = [(false, 600.0), (true, 820.0)];
     const VIPS: usize = 400;
     const PER: usize = 250;

@@ -677,7 +677,6 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupS
         .map_err(|source| BpfError::Program { name, source })
 }
 
-/// Attach the loaded programs to `cgroup` with links pinned in `pin_dir`.
 /// Add one CPU's counters to `v`.
 fn add_counters(v: &mut KernelCounters, c: &Counters) {
     let (connections, datagrams) = layout::parse_counters(c);
@@ -685,6 +684,7 @@ fn add_counters(v: &mut KernelCounters, c: &Counters) {
     v.datagrams += datagrams;
 }
 
+/// Attach the loaded programs to `cgroup` with links pinned in `pin_dir`.
 fn attach(ebpf: &mut Ebpf, pin_dir: &Path, cgroup: &Path) -> Result<Vec<PinnedLink>, BpfError> {
     let cg = File::open(cgroup).map_err(|source| BpfError::Io {
         path: cgroup.to_path_buf(),

@@ -158,7 +158,8 @@ impl Counts {
         self.values.get(id as usize).copied()
     }
 
-    /// Every counted (VIP, backend), in table order.
+    /// Every counted (VIP, backend), in table order (a backend without a counter,
+    /// [`plan::NO_COUNTER`], is past the end of `values` and left out).
     pub fn iter(&self) -> impl Iterator<Item = (&VipKey, SocketAddr, KernelCounters)> {
         self.table
             .vips
@@ -467,9 +468,6 @@ pub struct KernelCounters {
     pub datagrams: u64,
 }
 
-/// An apply of at least this many map operations is followed by [`crate::heap::release`].
-const TRIM_AFTER_OPS: usize = 8192;
-
 /// How often [`run`] reads the kernel's counters into [`KernelStats`].
 const STATS_EVERY: Duration = Duration::from_secs(1);
 
@@ -509,11 +507,6 @@ pub async fn run(
                 vips = kp.over_capacity(),
                 "kernel maps full: these VIPs stay with the proxy"
             );
-        }
-        if applied.as_ref().is_ok_and(|ops| *ops >= TRIM_AFTER_OPS) {
-            // The plan's operations and the maps' writes of a large change stay in glibc's
-            // arenas otherwise (~250 bytes a backend of a 100,000-backend table).
-            tokio::task::spawn_blocking(crate::heap::release);
         }
         match applied {
             Ok(ops) => tracing::debug!(

@@ -10,15 +10,15 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 
-use super::BackendLabels;
 use super::latency::{self, ConnectLatency};
+use super::{BackendLabels, lock};
 
 /// The series of one backend address.
 #[derive(Debug, Default)]
@@ -35,15 +35,12 @@ struct AddrSeries {
 pub(crate) struct BackendFamilies(Arc<Mutex<HashMap<SocketAddr, Held>>>);
 
 /// An address's series and how many backends (one per VIP it backs) hold them. Counted
-/// here rather than read from the `Arc`, which a scrape in progress also holds.
+/// here rather than read from the `Arc`, which a scrape in progress also holds, and beside
+/// the series rather than in a [`super::SeriesRefs`] map: one entry per address, not two.
 #[derive(Debug, Default)]
 struct Held {
     holders: u32,
     series: Arc<AddrSeries>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl BackendFamilies {
@@ -107,9 +104,7 @@ impl BackendSeries {
             .map(ConnectLatency::snapshot)
             .unwrap_or_default()
     }
-}
 
-impl BackendSeries {
     /// This holder of `addr`'s series (its backend's address, not kept twice) lets go;
     /// the last holder of an address removes its series.
     pub(crate) fn release(&self, addr: SocketAddr) {

@@ -146,14 +146,19 @@ struct VipLabels {
 /// the last user leaves and label sets stay bounded by what is served.
 type SeriesRefs<K> = Arc<std::sync::Mutex<HashMap<K, usize>>>;
 
+/// `m` locked, whether or not a holder panicked (what it guards stays consistent).
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 fn series_acquire<K: std::hash::Hash + Eq>(refs: &SeriesRefs<K>, label: K) {
-    let mut m = refs.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut m = lock(refs);
     *m.entry(label).or_default() += 1;
 }
 
 /// True when `label` has no user left (its series are to be removed).
 fn series_release<K: std::hash::Hash + Eq>(refs: &SeriesRefs<K>, label: &K) -> bool {
-    let mut m = refs.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut m = lock(refs);
     match m.get_mut(label) {
         Some(n) if *n > 1 => {
             *n -= 1;

@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use prometheus_client::metrics::counter::Counter;
@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use super::backend_series::BackendSeries;
 use super::balancer::{self, Candidate, Failure, Health};
-use super::{ForwardMetrics, VipSeries};
+use super::{ForwardMetrics, VipSeries, lock};
 use crate::model::{BackendState, Vip, VipKey};
 
 /// One backend of one VIP, shared by the set, its connections and the stats handle.
@@ -49,10 +49,6 @@ struct Guarded {
     /// Made by the first connection that needs it: a child token is ~150 bytes, and most
     /// backends of a large agent (80,000 in `memory::a_controller`) never carry a connection.
     kill: Option<CancellationToken>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl BackendShared {
